@@ -1,0 +1,530 @@
+"""Tests of the durable job store (orchestrator/store.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+
+from orchestrator.store import (
+    ALLOWED_TRANSITIONS,
+    SCHEMA_VERSION,
+    AmbiguousJobError,
+    DuplicateJobError,
+    InvalidTransitionError,
+    JobState,
+    JobStore,
+    JobStoreError,
+    SchemaVersionError,
+    StaleStateError,
+    UnknownJobError,
+)
+
+S = JobState
+REPO = Path(__file__).resolve().parents[2]
+
+# The lifecycle as specified, written out independently of the module's table.
+EXPECTED = {
+    S.QUEUED: {S.PROFILING, S.RUNNING, S.CANCELLED, S.FAILED},
+    S.PROFILING: {S.RUNNING, S.QUEUED, S.FAILED, S.CANCELLED, S.PREEMPTED},
+    S.RUNNING: {S.SUCCEEDED, S.FAILED, S.CANCELLED, S.PREEMPTED, S.QUEUED},
+    S.PREEMPTED: {S.QUEUED, S.CANCELLED, S.FAILED},
+    S.SUCCEEDED: set(),
+    S.FAILED: set(),
+    S.CANCELLED: set(),
+}
+# How to reach each state from QUEUED.
+PATH_TO = {
+    S.QUEUED: [],
+    S.PROFILING: [S.PROFILING],
+    S.RUNNING: [S.RUNNING],
+    S.SUCCEEDED: [S.RUNNING, S.SUCCEEDED],
+    S.FAILED: [S.FAILED],
+    S.CANCELLED: [S.CANCELLED],
+    S.PREEMPTED: [S.RUNNING, S.PREEMPTED],
+}
+PAIRS = [(a, b) for a in S for b in S]
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    with JobStore(tmp_path / "jobs.db") as s:
+        yield s
+
+
+def make(store: JobStore, name: str = "job", owner: str = "alice", priority: int = 0, **kw):
+    return store.create_job(spec={"name": name, "lr": 2e-4}, name=name, owner=owner, priority=priority, **kw)
+
+
+def reach(store: JobStore, state: JobState, name: str = "job"):
+    job = make(store, name)
+    for step in PATH_TO[state]:
+        job = store.transition(job.id, step)
+    assert job.state is state
+    return job
+
+
+# ---- transition table ------------------------------------------------------------------
+
+
+def test_module_table_matches_spec():
+    assert {k: set(v) for k, v in ALLOWED_TRANSITIONS.items()} == EXPECTED
+    assert {s for s in S if s.is_terminal()} == {S.SUCCEEDED, S.FAILED, S.CANCELLED}
+
+
+@pytest.mark.parametrize(("src", "dst"), PAIRS, ids=[f"{a.value}->{b.value}" for a, b in PAIRS])
+def test_every_pair(store: JobStore, src: JobState, dst: JobState):
+    job = reach(store, src)
+    n_events = len(store.events(job.id))
+    if dst in EXPECTED[src]:
+        out = store.transition(job.id, dst, reason="table")
+        assert out.state is dst
+        assert store.get(job.id).state is dst
+        last = store.events(job.id)[-1]
+        assert (last.from_state, last.to_state, last.reason) == (src, dst, "table")
+    else:
+        with pytest.raises(InvalidTransitionError) as e:
+            store.transition(job.id, dst)
+        msg = str(e.value)
+        assert job.id in msg and src.value in msg and dst.value in msg
+        assert store.get(job.id).state is src
+        assert len(store.events(job.id)) == n_events
+
+
+def test_refusal_names_allowed_targets_and_terminal(store: JobStore):
+    job = reach(store, S.PREEMPTED)
+    with pytest.raises(InvalidTransitionError, match=r"allowed from PREEMPTED: CANCELLED, FAILED, QUEUED"):
+        store.transition(job.id, S.SUCCEEDED)
+    done = reach(store, S.SUCCEEDED, name="done")
+    with pytest.raises(InvalidTransitionError, match=r"SUCCEEDED \(a terminal state\).*none \(terminal\)"):
+        store.transition(done.id, "QUEUED")
+
+
+def test_unknown_state_and_field(store: JobStore):
+    job = make(store)
+    with pytest.raises(ValueError, match=r"unknown job state 'DONE'.*QUEUED"):
+        store.transition(job.id, "DONE")
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['gpu'\].*allowed"):
+        store.transition(job.id, S.RUNNING, gpu=3)
+    with pytest.raises(ValueError, match=r"attempts: must be an integer >= 0 \(got -1\)"):
+        store.transition(job.id, S.RUNNING, attempts=-1)
+    with pytest.raises(UnknownJobError, match="lf-nope"):
+        store.transition("lf-nope", S.RUNNING)
+    assert store.get(job.id).state is S.QUEUED and len(store.events(job.id)) == 1
+
+
+# ---- create ------------------------------------------------------------------------------
+
+
+def test_create_job(store: JobStore):
+    job = store.create_job(spec={"a": [1, 2], "b": {"c": None}}, name="rev", owner="bob", priority=3,
+                           total_steps=100)
+    assert job.id.startswith("lf-") and len(job.id) == 13 and int(job.id[3:], 16) >= 0
+    assert (job.name, job.owner, job.priority, job.state) == ("rev", "bob", 3, S.QUEUED)
+    assert job.spec == {"a": [1, 2], "b": {"c": None}}
+    assert job.total_steps == 100 and job.step == 0 and job.attempts == 0
+    assert job.start_time is None and job.end_time is None and job.submit_time > 0
+    assert store.get(job.id) == job
+    (ev,) = store.events(job.id)
+    assert (ev.from_state, ev.to_state, ev.reason) == (None, S.QUEUED, "submitted")
+    assert len({make(store, name=f"n{i}").id for i in range(50)}) == 50
+
+
+def test_duplicate_name_rules(store: JobStore):
+    first = make(store, "x", owner="alice")
+    with pytest.raises(DuplicateJobError, match=rf"{first.id}.*'x'.*QUEUED"):
+        make(store, "x", owner="alice")
+    make(store, "x", owner="bob")  # another owner: fine
+    store.transition(first.id, S.RUNNING)
+    store.transition(first.id, S.PREEMPTED)  # still live
+    with pytest.raises(DuplicateJobError):
+        make(store, "x", owner="alice")
+    store.transition(first.id, S.CANCELLED)
+    second = make(store, "x", owner="alice")  # the old one is terminal now
+    assert second.id != first.id
+    assert len(store.list(owner="alice")) == 2
+
+
+@pytest.mark.parametrize(("kwargs", "pattern"), [
+    ({"name": ""}, r"name: must be a non-empty string"),
+    ({"owner": "  "}, r"owner: must be a non-empty string"),
+    ({"priority": True}, r"priority: must be an integer"),
+    ({"priority": 1.5}, r"priority: must be an integer"),
+    ({"total_steps": 0}, r"total_steps: must be an integer >= 1 \(got 0\)"),
+    ({"spec": {"f": {1, 2}}}, r"spec: must be JSON-serialisable"),
+    ({"spec": {"x": float("nan")}}, r"spec: must be JSON-serialisable"),
+    ({"spec": [1]}, r"spec: must be a dict"),
+])
+def test_create_validation(store: JobStore, kwargs, pattern):
+    args = {"spec": {}, "name": "n", "owner": "o", "priority": 0, **kwargs}
+    with pytest.raises(ValueError, match=pattern):
+        store.create_job(**args)
+    assert store.list() == []
+
+
+# ---- transition details -------------------------------------------------------------------
+
+
+def test_transition_side_effects_and_fields(store: JobStore):
+    job = make(store)
+    run = store.transition(job.id, S.RUNNING, worker="w1", reason="placed")
+    assert run.attempts == 1 and run.worker == "w1" and run.start_time is not None
+    requeued = store.transition(job.id, S.QUEUED, reason="OOM", error="CUDA OOM")
+    assert requeued.worker is None and requeued.error == "CUDA OOM"
+    assert requeued.start_time == run.start_time  # first start is kept
+    run2 = store.transition(job.id, S.RUNNING, worker="w2", checkpoint_step=40, step=40)
+    assert run2.attempts == 2 and (run2.worker, run2.checkpoint_step, run2.step) == ("w2", 40, 40)
+    done = store.transition(job.id, S.SUCCEEDED, output="/out/job", error=None)
+    assert done.end_time is not None and done.end_time >= done.start_time
+    assert (done.output, done.error, done.worker) == ("/out/job", None, "w2")
+    assert [(e.from_state, e.to_state, e.reason) for e in store.events(job.id)] == [
+        (None, S.QUEUED, "submitted"), (S.QUEUED, S.RUNNING, "placed"), (S.RUNNING, S.QUEUED, "OOM"),
+        (S.QUEUED, S.RUNNING, None), (S.RUNNING, S.SUCCEEDED, None)]
+    explicit = store.transition(make(store, "other").id, S.RUNNING, attempts=7)
+    assert explicit.attempts == 7
+
+
+def test_expect_compare_and_set(store: JobStore):
+    job = make(store)
+    assert store.transition(job.id, S.RUNNING, expect=S.QUEUED).state is S.RUNNING
+    with pytest.raises(StaleStateError, match=rf"{job.id}: expected state QUEUED but it is RUNNING"):
+        store.transition(job.id, S.CANCELLED, expect=S.QUEUED)
+    with pytest.raises(StaleStateError, match="expected state PREEMPTED, QUEUED"):
+        store.transition(job.id, S.CANCELLED, expect={"QUEUED", S.PREEMPTED})
+    assert store.get(job.id).state is S.RUNNING and len(store.events(job.id)) == 2
+    assert store.transition(job.id, S.CANCELLED, expect={S.RUNNING, S.PROFILING}).state is S.CANCELLED
+
+
+# ---- progress --------------------------------------------------------------------------------
+
+
+def test_update_progress(store: JobStore):
+    job = store.transition(make(store).id, S.RUNNING, worker="w1")
+    assert store.update_progress(job.id, step=5, total_steps=100, loss=2.5, tokens_per_s=900.0,
+                                 extra={"lr": 1e-4})
+    assert store.update_progress(job.id, step=6, loss=2.4, checkpoint_step=5, extra={"gpu_mem": 3})
+    got = store.get(job.id)
+    assert (got.step, got.total_steps, got.loss, got.tokens_per_s) == (6, 100, 2.4, 900.0)
+    assert got.checkpoint_step == 5 and got.worker == "w1"
+    assert got.extra == {"lr": 1e-4, "gpu_mem": 3}
+    assert got.updated_time >= job.updated_time
+    assert len(store.events(job.id)) == 2  # progress writes no events
+    with pytest.raises(ValueError, match=r"loss: must be a number or None \(got 'x'\)"):
+        store.update_progress(job.id, step=7, loss="x")
+    with pytest.raises(ValueError, match=r"step: must be an integer >= 0"):
+        store.update_progress(job.id, step=-1)
+    with pytest.raises(ValueError, match="extra: must be JSON-serialisable"):
+        store.update_progress(job.id, step=7, extra={"o": object()})
+    assert store.get(job.id).step == 6
+    with pytest.raises(UnknownJobError, match="lf-0000000000"):
+        store.update_progress("lf-0000000000", step=1)
+
+
+def test_update_progress_ignored_when_terminal(store: JobStore):
+    job = store.transition(make(store).id, S.CANCELLED)
+    assert store.update_progress(job.id, step=99, loss=0.1) is False
+    assert store.get(job.id) == job
+
+
+# ---- reads ----------------------------------------------------------------------------------
+
+
+def test_get_and_find(store: JobStore):
+    with pytest.raises(UnknownJobError, match="lf-abc"):
+        store.get("lf-abc")
+    old = make(store, "train", owner="alice")
+    store.transition(old.id, S.FAILED)
+    new = make(store, "train", owner="alice")
+    assert store.find(old.id) == store.get(old.id)
+    assert store.find("train").id == new.id  # newest of that name
+    assert store.find("train", owner="alice").id == new.id
+    bob = make(store, "train", owner="bob")
+    with pytest.raises(AmbiguousJobError, match=r"owners \['alice', 'bob'\]"):
+        store.find("train")
+    assert store.find("train", owner="bob").id == bob.id
+    with pytest.raises(UnknownJobError, match="of owner 'carol' with id or name 'train'"):
+        store.find("train", owner="carol")
+    with pytest.raises(UnknownJobError, match="'nothing'"):
+        store.find("nothing")
+
+
+def test_list_and_counts_and_recover(store: JobStore):
+    jobs = [make(store, f"j{i}", owner="alice" if i % 2 else "bob") for i in range(6)]
+    store.transition(jobs[0].id, S.RUNNING)
+    store.transition(jobs[1].id, S.PROFILING)
+    store.transition(jobs[2].id, S.CANCELLED)
+    store.transition(jobs[3].id, S.RUNNING)
+    store.transition(jobs[3].id, S.SUCCEEDED)
+    assert [j.id for j in store.list()] == [j.id for j in reversed(jobs)]
+    assert [j.id for j in store.list(limit=2)] == [jobs[5].id, jobs[4].id]
+    assert {j.id for j in store.list(owner="alice")} == {jobs[1].id, jobs[3].id, jobs[5].id}
+    assert {j.id for j in store.list(states=["RUNNING", S.PROFILING])} == {jobs[0].id, jobs[1].id}
+    assert store.list(states=[S.QUEUED], owner="bob") == [store.get(jobs[4].id)]
+    assert store.list(states=[]) == []
+    with pytest.raises(ValueError, match="unknown job state 'RUN'"):
+        store.list(states=["RUN"])
+    counts = store.counts()
+    assert set(counts) == set(S)
+    assert counts == {S.QUEUED: 2, S.RUNNING: 1, S.PROFILING: 1, S.CANCELLED: 1, S.SUCCEEDED: 1,
+                      S.FAILED: 0, S.PREEMPTED: 0}
+    before = store.list()
+    assert [j.id for j in store.recover()] == [jobs[0].id, jobs[1].id, jobs[4].id, jobs[5].id]
+    assert store.list() == before  # recover changes nothing
+
+
+def test_to_dict_is_json(store: JobStore):
+    job = store.transition(make(store).id, S.RUNNING)
+    store.update_progress(job.id, step=1, loss=1.0, extra={"k": [1]})
+    d = store.get(job.id).to_dict()
+    assert d["state"] == "RUNNING" and d["extra"] == {"k": [1]} and d["spec"]["name"] == "job"
+    assert json.loads(json.dumps(d)) == d
+
+
+def test_many_jobs_listing(store: JobStore):
+    for i in range(1000):
+        store.create_job(spec={"i": i}, name=f"job-{i}", owner=f"u{i % 7}", priority=i % 3)
+    assert len(store.list()) == 1000
+    assert sum(store.counts().values()) == 1000
+    assert len(store.list(owner="u3", states=[S.QUEUED])) == len(range(3, 1000, 7))
+    with sqlite3.connect(store.path) as c:
+        idx = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert {"jobs_state", "jobs_owner", "jobs_name", "events_job"} <= idx
+
+
+# ---- file, schema, lifecycle -----------------------------------------------------------------
+
+
+def test_creates_directory_and_pragmas(tmp_path: Path):
+    path = tmp_path / "a" / "b" / "jobs.db"
+    with JobStore(path) as s:
+        make(s)
+        assert s._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert s._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    with sqlite3.connect(path) as c:
+        assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == (str(SCHEMA_VERSION),)
+
+
+def test_refuses_newer_schema(tmp_path: Path):
+    path = tmp_path / "jobs.db"
+    JobStore(path).close()
+    with sqlite3.connect(path) as c:
+        c.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION + 1),))
+    with pytest.raises(SchemaVersionError, match=rf"version {SCHEMA_VERSION + 1} is newer.*\({SCHEMA_VERSION}\)"):
+        JobStore(path)
+
+
+def test_refuses_foreign_files(tmp_path: Path):
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(SchemaVersionError, match="not a lorafleet job store"):
+        JobStore(junk)
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as c:
+        c.execute("CREATE TABLE things (x)")
+    with pytest.raises(SchemaVersionError, match=r"\['things'\].*not a lorafleet job store"):
+        JobStore(other)
+
+
+def test_close_and_reopen(tmp_path: Path):
+    path = tmp_path / "jobs.db"
+    s = JobStore(path)
+    job = make(s)
+    s.transition(job.id, S.RUNNING, worker="w")
+    s.close()
+    s.close()  # idempotent
+    with pytest.raises(JobStoreError, match="closed"):
+        s.get(job.id)
+    with pytest.raises(JobStoreError, match="closed"):
+        make(s, "again")
+    with JobStore(path) as again:
+        assert again.get(job.id).state is S.RUNNING and again.get(job.id).worker == "w"
+        assert len(again.events(job.id)) == 2
+
+
+def test_second_store_sees_commits_and_name_rule(tmp_path: Path):
+    path = tmp_path / "jobs.db"
+    with JobStore(path) as a, JobStore(path) as b:
+        job = make(a, "shared")
+        assert b.get(job.id) == job
+        with pytest.raises(DuplicateJobError, match=job.id):
+            make(b, "shared")
+        b.transition(job.id, S.RUNNING)
+        assert a.get(job.id).state is S.RUNNING
+
+
+def test_backup(tmp_path: Path, store: JobStore):
+    jobs = [make(store, f"b{i}") for i in range(5)]
+    store.transition(jobs[0].id, S.RUNNING)
+    dest = store.backup(tmp_path / "backups" / "copy.db")
+    make(store, "after-backup")
+    with JobStore(dest) as copy:
+        assert {j.id for j in copy.list()} == {j.id for j in jobs}
+        assert copy.get(jobs[0].id).state is S.RUNNING
+        assert len(copy.events(jobs[0].id)) == 2
+    with pytest.raises(ValueError, match="is the store file itself"):
+        store.backup(store.path)
+    memory = JobStore(":memory:")
+    make(memory)
+    with JobStore(memory.backup(tmp_path / "mem.db")) as copy:
+        assert len(copy.list()) == 1
+    memory.close()
+
+
+# ---- concurrency and crashes -------------------------------------------------------------------
+
+
+def run_threads(n: int, target) -> list[BaseException]:
+    errors: list[BaseException] = []
+
+    def wrapped(i: int) -> None:
+        try:
+            target(i)
+        except BaseException as e:  # collected and re-checked by the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=wrapped, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+def test_threads_never_lose_updates(store: JobStore):
+    shared = store.transition(make(store, "shared").id, S.RUNNING)
+
+    def work(i: int) -> None:
+        for k in range(15):
+            job = store.create_job(spec={"t": i, "k": k}, name=f"t{i}-{k}", owner=f"o{i}", priority=k)
+            store.transition(job.id, S.RUNNING, worker=f"w{i}")
+            store.update_progress(job.id, step=k + 1, loss=float(k))
+            store.update_progress(shared.id, step=k, extra={f"t{i}_{k}": k})
+            store.transition(job.id, S.SUCCEEDED if k % 2 else S.FAILED, expect=S.RUNNING)
+            store.list(states=[S.RUNNING])
+
+    assert run_threads(8, work) == []
+    counts = store.counts()
+    assert counts[S.SUCCEEDED] == 8 * 7 and counts[S.FAILED] == 8 * 8 and counts[S.RUNNING] == 1
+    assert store.get(shared.id).extra == {f"t{i}_{k}": k for i in range(8) for k in range(15)}
+    for job in store.list(states=[S.SUCCEEDED, S.FAILED]):
+        assert job.step == job.spec["k"] + 1 and job.worker == f"w{job.spec['t']}"
+        assert [e.to_state for e in store.events(job.id)] == [S.QUEUED, S.RUNNING, job.state]
+    with sqlite3.connect(store.path) as c:
+        assert c.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_threads_compare_and_set_has_one_winner(store: JobStore):
+    job = make(store)
+    winners: list[int] = []
+
+    def claim(i: int) -> None:
+        try:
+            store.transition(job.id, S.RUNNING, expect=S.QUEUED, worker=f"w{i}")
+            winners.append(i)
+        except StaleStateError:
+            pass
+
+    assert run_threads(10, claim) == []
+    assert len(winners) == 1
+    assert store.get(job.id).worker == f"w{winners[0]}" and len(store.events(job.id)) == 2
+
+
+def test_threads_duplicate_names_have_one_winner(store: JobStore):
+    created: list[str] = []
+
+    def submit(i: int) -> None:
+        try:
+            created.append(make(store, "same").id)
+        except DuplicateJobError:
+            pass
+
+    assert run_threads(10, submit) == []
+    assert len(created) == 1 and [j.id for j in store.list()] == created
+
+
+def test_two_connections_race_safely(tmp_path: Path):
+    """Two stores on one file (like two processes): writers serialise, no busy errors, one winner."""
+    path = tmp_path / "jobs.db"
+    with JobStore(path) as a, JobStore(path) as b:
+        job = make(a)
+        winners: list[int] = []
+        created: list[str] = []
+
+        def race(i: int) -> None:
+            s = a if i % 2 else b
+            for k in range(10):
+                s.update_progress(job.id, step=k, extra={f"t{i}_{k}": k})
+            try:
+                s.transition(job.id, S.RUNNING, expect=S.QUEUED, worker=f"w{i}")
+                winners.append(i)
+            except StaleStateError:
+                pass
+            try:
+                created.append(make(s, "dup").id)
+            except DuplicateJobError:
+                pass
+
+        assert run_threads(8, race) == []
+        assert len(winners) == 1 and len(created) == 1
+        assert b.get(job.id).extra == {f"t{i}_{k}": k for i in range(8) for k in range(10)}
+        assert [e.to_state for e in a.events(job.id)] == [S.QUEUED, S.RUNNING]
+
+
+CHILD = textwrap.dedent("""
+    import sys
+    from orchestrator.store import JobStore
+    store = JobStore(sys.argv[1])  # never closed: the parent kills this process
+    i = 0
+    while True:
+        job = store.create_job(spec={"i": i}, name=f"c{i}", owner="crash", priority=0)
+        print("C", job.id, flush=True)
+        for state in ("RUNNING", "PREEMPTED", "QUEUED", "RUNNING", "SUCCEEDED"):
+            store.transition(job.id, state, reason=f"r{i}")
+            print("T", job.id, state, flush=True)
+            if state == "RUNNING":
+                store.update_progress(job.id, step=i + 1, loss=0.5)
+                print("P", job.id, i + 1, flush=True)
+        i += 1
+""")
+
+
+def test_acknowledged_writes_survive_sigkill(tmp_path: Path):
+    path = tmp_path / "jobs.db"
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path)], stdout=subprocess.PIPE,
+                             text=True, env=env, cwd=REPO)
+    acked: dict[str, list[str]] = {}
+    steps: dict[str, int] = {}
+    try:
+        for _ in range(400):
+            line = child.stdout.readline()
+            assert line, "child exited early"
+            kind, job_id, *rest = line.split()
+            acked.setdefault(job_id, ["QUEUED"])
+            if kind == "T":
+                acked[job_id].append(rest[0])
+            elif kind == "P":
+                steps[job_id] = int(rest[0])
+        child.send_signal(signal.SIGKILL)  # mid-stream: it is still writing
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+    assert child.returncode == -signal.SIGKILL
+    with JobStore(path) as store:
+        for job_id, states in acked.items():
+            stored = [e.to_state.value for e in store.events(job_id)]
+            assert stored[: len(states)] == states, job_id  # every acknowledged step is there
+            assert store.get(job_id).state.value == stored[-1]
+        for job_id, step in steps.items():
+            assert store.get(job_id).step == step and store.get(job_id).loss == 0.5
+        assert len(store.list()) >= len(acked)
+        assert store._conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
