@@ -1,0 +1,247 @@
+"""Training data: records from a file, prompt templates, tokenisation with loss masks, batch plans.
+
+Formats (``data.format``):
+
+* ``alpaca``: ``{instruction, input?, output}``; the prompt is ``PROMPT_TEMPLATE`` filled in,
+  the completion ``output`` + EOS.
+* ``text``: ``{text}`` (every token trained) or ``{prompt, completion}``.
+* ``chat``: ``{messages: [{role, content}, ...]}`` through the tokenizer's chat template;
+  assistant turns are the completion.
+* ``tokens``: ``{input_ids: [int], labels?: [int]}`` (-100 = ignored; no labels = input_ids).
+* ``auto``: chosen from the first record's keys.
+
+Labels are -100 on prompt tokens (unless ``train_on_inputs``) and on pads, in every format.
+The order of examples is a pure function of (seed, epoch), so a step's batch is known from the
+step number alone: resume needs no iterator state.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from actors.config import DataSettings, TrainSettings
+
+IGNORE_INDEX = -100
+SUPPORTED_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
+PROMPT_TEMPLATE_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+
+
+class DataError(ValueError):
+    """The data file or a record is unusable; the message names the file, record and field."""
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def num_label_tokens(self) -> int:
+        # Token t's label is predicted from position t-1, so the first label never counts.
+        return sum(1 for t in self.labels[1:] if t != IGNORE_INDEX)
+
+
+def load_records(path: str) -> list[dict[str, Any]]:
+    """Read every record of a json/jsonl/csv/parquet file through ``datasets``."""
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"data.path: file not found: {path}")
+    kind = SUPPORTED_SUFFIXES.get(file.suffix.lower())
+    if kind is None:
+        raise DataError(
+            f"data.path: unsupported file type {file.suffix!r}; allowed: {', '.join(sorted(SUPPORTED_SUFFIXES))}"
+        )
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(kind, data_files=str(file), split="train", keep_in_memory=True)
+    except Exception as exc:  # datasets raises many types for a malformed file
+        raise DataError(f"data.path: cannot read {path} as {kind}: {exc}") from exc
+    records = ds.to_list()
+    if not records:
+        raise DataError(f"data.path: {path} has no records")
+    return records
+
+
+def detect_format(record: dict[str, Any]) -> str:
+    keys = set(record)
+    if "input_ids" in keys:
+        return "tokens"
+    if "messages" in keys:
+        return "chat"
+    if {"instruction", "output"} <= keys:
+        return "alpaca"
+    if "text" in keys or {"prompt", "completion"} <= keys:
+        return "text"
+    raise DataError(
+        f"data.format: cannot detect the format from record keys {sorted(keys)}; use alpaca "
+        "{instruction, input, output}, text {text} or {prompt, completion}, chat {messages}, "
+        "tokens {input_ids, labels}, or set data.format"
+    )
+
+
+def build_prompt(record: dict[str, Any], fmt: str, tokenizer: Any = None) -> tuple[str, str]:
+    """(prompt, completion) text of one record; the completion is what the model must produce.
+
+    Used for training and for generation-based evaluation, so both see the same template.
+    """
+    if fmt == "alpaca":
+        instruction = str(record.get("instruction") or "")
+        extra = record.get("input")
+        template = PROMPT_TEMPLATE_WITH_INPUT if extra else PROMPT_TEMPLATE
+        return template.format(instruction=instruction, input=extra), str(record.get("output", ""))
+    if fmt == "text":
+        if "prompt" in record and "completion" in record:
+            return str(record["prompt"]), str(record["completion"])
+        return "", str(record["text"])
+    if fmt == "chat":
+        messages = record["messages"]
+        if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+            prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        else:
+            prompt = "".join(f"{m['role']}: {m['content']}\n" for m in messages[:-1]) + "assistant: "
+        return prompt, str(messages[-1]["content"])
+    raise DataError(f"data.format: {fmt!r} has no text prompt")
+
+
+def _check_fields(record: dict[str, Any], fmt: str, index: int, path: str) -> None:
+    required = {"alpaca": ("instruction", "output"), "chat": ("messages",), "tokens": ("input_ids",)}.get(fmt, ())
+    if fmt == "text" and "text" not in record and not {"prompt", "completion"} <= set(record):
+        required = ("text",)
+    for key in required:
+        if record.get(key) is None:
+            raise DataError(f"{path}: record {index}: field {key!r} is missing (data.format: {fmt})")
+    if fmt == "chat":
+        msgs = record["messages"]
+        if not isinstance(msgs, list) or not msgs or msgs[-1].get("role") != "assistant":
+            raise DataError(f"{path}: record {index}: 'messages' must be a list ending with an assistant turn")
+
+
+def tokenize_record(record: dict[str, Any], fmt: str, tokenizer: Any, settings: DataSettings) -> Example:
+    """One record as input ids and labels, truncated to ``max_seq_len``."""
+    max_len = settings.max_seq_len
+    if fmt == "tokens":
+        ids = [int(t) for t in record["input_ids"]][:max_len]
+        labels_src = record.get("labels")
+        labels = list(ids) if labels_src is None else [int(t) for t in labels_src][:max_len]
+        if len(labels) != len(ids):
+            raise DataError(f"labels has {len(labels)} tokens but input_ids has {len(ids)}")
+        return Example(ids, labels)
+    if fmt == "chat":
+        return _tokenize_chat(record["messages"], tokenizer, settings)
+    prompt, completion = build_prompt(record, fmt, tokenizer)
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else _bos(tokenizer)
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        completion_ids = [*completion_ids, tokenizer.eos_token_id]
+    ids = (prompt_ids + completion_ids)[:max_len]
+    prompt_labels = list(prompt_ids) if settings.train_on_inputs else [IGNORE_INDEX] * len(prompt_ids)
+    labels = (prompt_labels + completion_ids)[:max_len]
+    return Example(ids, labels)
+
+
+def _bos(tokenizer: Any) -> list[int]:
+    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+
+def _tokenize_chat(messages: list[dict[str, str]], tokenizer: Any, settings: DataSettings) -> Example:
+    if not getattr(tokenizer, "chat_template", None):
+        prompt, completion = build_prompt({"messages": messages}, "chat", None)
+        return tokenize_record({"prompt": prompt, "completion": completion}, "text", tokenizer, settings)
+    ids: list[int] = []
+    labels: list[int] = []
+    for i, msg in enumerate(messages):
+        full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=True, add_generation_prompt=False)
+        full = list(full["input_ids"] if isinstance(full, dict) else full)
+        new = full[len(ids) :]
+        trained = msg.get("role") == "assistant" or settings.train_on_inputs
+        ids.extend(new)
+        labels.extend(new if trained else [IGNORE_INDEX] * len(new))
+    return Example(ids[: settings.max_seq_len], labels[: settings.max_seq_len])
+
+
+def load_examples(settings: DataSettings, tokenizer: Any) -> list[Example]:
+    """Read, validate and tokenise the whole data file.
+
+    Raises:
+        DataError: missing or unreadable file, unknown format, a record missing a field.
+    """
+    records = load_records(settings.path)
+    fmt = settings.format if settings.format != "auto" else detect_format(records[0])
+    examples = []
+    for index, record in enumerate(records):
+        _check_fields(record, fmt, index, settings.path)
+        try:
+            examples.append(tokenize_record(record, fmt, tokenizer, settings))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{settings.path}: record {index}: {exc}") from exc
+    if not any(ex.num_label_tokens for ex in examples):
+        raise DataError(f"{settings.path}: no record has a token to train on (check data.format / max_seq_len)")
+    return examples
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """Which examples form each micro-batch of each optimizer step.
+
+    An epoch has ``ceil(N / batch_size)`` steps; the last step of an epoch may be smaller (it
+    then has fewer micro-batches). The order of epoch ``e`` is a seeded shuffle.
+    """
+
+    num_examples: int
+    batch_size: int
+    micro_batch_size: int
+    total_steps: int
+    shuffle: bool
+    seed: int
+
+    @classmethod
+    def create(cls, num_examples: int, train: TrainSettings, shuffle: bool) -> DataPlan:
+        per_epoch = math.ceil(num_examples / train.batch_size)
+        total = train.max_steps if train.max_steps is not None else train.epochs * per_epoch
+        return cls(num_examples, train.batch_size, train.micro_batch_size, total, shuffle, train.seed)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.num_examples / self.batch_size)
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        order = list(range(self.num_examples))
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """Example indices of each micro-batch of optimizer step ``step`` (0-based)."""
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        order = self.epoch_order(epoch)
+        chunk = order[pos * self.batch_size : (pos + 1) * self.batch_size]
+        m = self.micro_batch_size
+        return [chunk[i : i + m] for i in range(0, len(chunk), m)]
+
+
+def collate(
+    examples: Sequence[Example], pad_id: int, length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad to ``length`` (default: the longest). Returns input_ids, labels, attention_mask (n, L)."""
+    length = length or max(len(ex.input_ids) for ex in examples)
+    n = len(examples)
+    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
+    labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((n, length), dtype=torch.long)
+    for i, ex in enumerate(examples):
+        k = len(ex.input_ids)
+        input_ids[i, :k] = torch.tensor(ex.input_ids)
+        labels[i, :k] = torch.tensor(ex.labels)
+        mask[i, :k] = 1
+    return input_ids, labels, mask

@@ -1,0 +1,254 @@
+"""The fused multi-adapter training engine.
+
+``FusedEngine`` holds ONE frozen base model and any number of ``TrainingJob``s. Each call to
+``step()`` takes the next micro-batch of every active job, concatenates them into one batch
+(right-padded to the longest row), runs the base model once, computes each job's loss on its
+own rows, and runs one backward over the sum: job ``j``'s parameters touch only job ``j``'s
+rows, so each job receives exactly the gradient it would get alone. Then every job whose
+accumulation window closed steps its own optimizer.
+
+Jobs join (``add_job``) and leave (``remove_job``) between steps; the base model is never
+reloaded. A job that fails (bad data, non-finite loss, full disk) is removed and reported; the
+others continue.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from actors import checkpoint as ckpt
+from actors.adapter import JobAdapter, LoraJobAdapter
+from actors.checkpoint import read_adapter
+from actors.config import AdapterSettings, JobConfig
+from actors.data import Example, collate, load_examples
+from actors.fused_model import FusedModel
+from actors.job import JobFailed, StepReport, TrainingJob
+from actors.lora import BatchLayout, Segment
+
+log = logging.getLogger(__name__)
+
+# adapter kind -> factory(fused model, job name, settings, init generator). MixLoRA registers itself.
+AdapterFactory = Callable[[FusedModel, str, AdapterSettings, torch.Generator], JobAdapter]
+ADAPTER_KINDS: dict[str, AdapterFactory] = {"lora": LoraJobAdapter}
+
+
+@dataclass
+class JobEvent:
+    """Something that happened to a job during ``step()``: ``finished`` or ``failed``."""
+
+    job: str
+    kind: str  # "finished" | "failed"
+    message: str = ""
+    output: str | None = None
+
+
+@dataclass
+class StepResult:
+    reports: list[StepReport]  # optimizer steps completed in this fused step
+    events: list[JobEvent]
+    seconds: float  # wall time of the fused forward + backward + optimizer steps
+    rows: int
+    tokens: int  # real (non-pad) tokens processed
+    padded_tokens: int  # rows * padded length
+
+
+def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+class FusedEngine:
+    """Many jobs' adapters trained together on one frozen base model."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, *, base_model_id: str = ""):
+        self.fused = FusedModel(model, name=base_model_id)
+        self.tokenizer = tokenizer
+        self.base_model_id = base_model_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.jobs: dict[str, TrainingJob] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.fused.device
+
+    # ---------------------------------------------------------------- membership
+
+    def add_job(
+        self, config: JobConfig, *, examples: list[Example] | None = None, resume: bool = True
+    ) -> TrainingJob:
+        """Attach a job's adapter to the shared model and prepare its training state.
+
+        With ``resume``, a job continues from the newest checkpoint in its output directory.
+        Nothing is attached if anything fails.
+
+        Raises:
+            ValueError: duplicate name, bad target modules, unusable data, ``init_from`` mismatch
+                (subclasses ``DataError``, ``TargetError``, ``AdapterLoadError``).
+        """
+        if config.name in self.jobs:
+            raise ValueError(f"name: a job named {config.name!r} is already training in this engine")
+        factory = ADAPTER_KINDS.get(config.adapter.kind)
+        if factory is None:
+            raise ValueError(
+                f"adapter.type: {config.adapter.kind!r} is not available; allowed: {', '.join(sorted(ADAPTER_KINDS))}"
+            )
+        if examples is None:
+            examples = load_examples(config.data, self.tokenizer)
+        seed = config.train.seed
+        adapter = factory(self.fused, config.name, config.adapter, seeded_generator(seed))
+        try:
+            if config.adapter.init_from:
+                state, _ = read_adapter(config.adapter.init_from)
+                adapter.load_state(state, config.adapter.init_from)
+            job = TrainingJob(
+                config,
+                adapter,
+                examples,
+                dropout_generator=seeded_generator(seed + 1, self.device),
+                base_model_id=self.base_model_id or config.base_model,
+            )
+            latest = ckpt.latest_checkpoint(config.output) if resume else None
+            if latest is not None:
+                job.restore(latest)
+                log.info("%s: resumed from %s (step %d/%d)", config.name, latest, job.step, job.total_steps)
+        except BaseException:
+            adapter.detach()
+            raise
+        self.jobs[config.name] = job
+        return job
+
+    def remove_job(self, name: str) -> TrainingJob:
+        """Detach a job between steps (its files stay); returns its final state."""
+        job = self.jobs.pop(name)
+        job.adapter.detach()
+        return job
+
+    # ---------------------------------------------------------------- training
+
+    def step(self) -> StepResult:
+        """One fused forward/backward over the next micro-batch of every active job."""
+        active = [job for job in self.jobs.values() if not job.done]
+        if not active:
+            return StepResult([], [], 0.0, 0, 0, 0)
+        start = time.perf_counter()
+        picked = [(job, *job.next_micro_batch()) for job in active]
+        length = max(len(ex.input_ids) for _, batch, _ in picked for ex in batch)
+        segments, id_parts, label_parts, mask_parts = [], [], [], []
+        row = 0
+        for job, batch, _ in picked:
+            ids, labels, mask = collate(batch, self.pad_id, length)
+            segments.append(Segment(job.name, row, row + len(batch)))
+            row += len(batch)
+            id_parts.append(ids)
+            label_parts.append(labels)
+            mask_parts.append(mask)
+        device = self.device
+        input_ids = torch.cat(id_parts).to(device)  # (N, L)
+        labels = torch.cat(label_parts).to(device)  # (N, L)
+        attention_mask = torch.cat(mask_parts).to(device)  # (N, L)
+        layout = BatchLayout(
+            segments=tuple(segments),
+            training=True,
+            generators={job.name: job.dropout_generator for job in active},
+            padding_mask=attention_mask.bool(),
+        )
+        hidden = self.fused.hidden_states(input_ids, attention_mask, layout)  # (N, L, H)
+
+        events: list[JobEvent] = []
+        total: torch.Tensor | None = None
+        per_job: list[tuple[TrainingJob, float, int, dict]] = []
+        for (job, _batch, step_tokens), seg in zip(picked, segments, strict=True):
+            loss_sum, count = self.fused.token_loss_sum(hidden[seg.start : seg.stop], labels[seg.start : seg.stop])
+            loss = loss_sum / step_tokens
+            aux_info: dict = {}
+            aux = job.adapter.aux_loss(layout)
+            if aux is not None:
+                aux_share = aux / len(job._step_micro_batches or [None])
+                aux_info = {"aux_loss": float(aux.detach())}
+                loss = loss + aux_share
+            value = float(loss.detach())
+            if not torch.isfinite(loss):
+                self._fail(job, f"loss is {value} at step {job.step + 1}; lower train.learning_rate", events)
+                continue
+            total = loss if total is None else total + loss
+            per_job.append((job, value, count, aux_info))
+        if total is not None and total.requires_grad:
+            total.backward()
+        seconds = time.perf_counter() - start
+        reports = self._finish_micro(per_job, seconds, events)
+        real = int(attention_mask.sum())
+        return StepResult(reports, events, time.perf_counter() - start, row, real, row * length)
+
+    def _finish_micro(
+        self, per_job: list[tuple[TrainingJob, float, int, dict]], seconds: float, events: list[JobEvent]
+    ) -> list[StepReport]:
+        reports = []
+        for job, value, count, aux_info in per_job:
+            try:
+                report = job.after_backward(value, count, seconds, aux_info)
+            except (JobFailed, OSError) as exc:
+                self._fail(job, str(exc), events)
+                continue
+            if report is None:
+                continue
+            reports.append(report)
+            if job.step >= job.total_steps:
+                try:
+                    out = job.export()
+                except OSError as exc:
+                    self._fail(job, f"cannot write the adapter: {exc}", events)
+                    continue
+                events.append(JobEvent(job.name, "finished", output=str(out)))
+        return reports
+
+    def _fail(self, job: TrainingJob, message: str, events: list[JobEvent]) -> None:
+        job.error = message
+        job.optimizer.zero_grad(set_to_none=True)
+        try:
+            job.write_summary("failed")
+        except OSError:
+            log.exception("%s: cannot write job.json", job.name)
+        events.append(JobEvent(job.name, "failed", message=message))
+        log.error("%s failed: %s", job.name, message)
+
+    def run(self, callback: Callable[[StepResult], None] | None = None) -> None:
+        """Step until every job is done, calling ``callback`` after each fused step."""
+        while any(not job.done for job in self.jobs.values()):
+            result = self.step()
+            if callback is not None:
+                callback(result)
+
+    # ---------------------------------------------------------------- inspection
+
+    @torch.no_grad()
+    def logits(self, job: str | None, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits (n, L, V) of these rows under one job's adapter (``None``: the base model), no dropout."""
+        n = input_ids.shape[0]
+        segments = (Segment(job, 0, n),) if job is not None else ()
+        layout = BatchLayout(segments, training=False, padding_mask=attention_mask.bool())
+        hidden = self.fused.hidden_states(input_ids.to(self.device), attention_mask.to(self.device), layout)
+        return self.fused.logits(hidden).float()
+
+    @torch.no_grad()
+    def eval_loss(self, job: str, examples: list[Example], micro_batch_size: int = 8) -> float:
+        """Mean token loss of one job's adapter on ``examples`` (no dropout, no gradient)."""
+        seg_sum, seg_count = 0.0, 0
+        for i in range(0, len(examples), micro_batch_size):
+            batch = examples[i : i + micro_batch_size]
+            ids, labels, mask = collate(batch, self.pad_id)
+            layout = BatchLayout((Segment(job, 0, len(batch)),), training=False, padding_mask=mask.bool())
+            hidden = self.fused.hidden_states(ids.to(self.device), mask.to(self.device), layout)
+            loss_sum, count = self.fused.token_loss_sum(hidden, labels.to(self.device))
+            seg_sum += float(loss_sum)
+            seg_count += count
+        return seg_sum / max(1, seg_count)
+
+    def output_of(self, name: str) -> Path:
+        return Path(self.jobs[name].config.output)

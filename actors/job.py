@@ -1,0 +1,252 @@
+"""One job's training state inside the fused engine: optimizer, schedule, data position, metrics.
+
+The engine owns the forward/backward; a ``TrainingJob`` decides which examples go next,
+turns token-summed losses into the job's loss, steps its own optimizer at the end of each
+accumulation window, writes its metrics and checkpoints, and can be restored from one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from actors import checkpoint as ckpt
+from actors.adapter import JobAdapter
+from actors.config import JobConfig, TrainSettings
+from actors.data import DataPlan, Example
+
+
+def lr_lambda(train: TrainSettings, total_steps: int):
+    """The LR multiplier at optimizer step ``s``, as transformers' schedules define it."""
+    warmup, kind = train.warmup_steps, train.lr_scheduler
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))  # cosine, half a cycle
+
+    return factor
+
+
+def make_optimizer(train: TrainSettings, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if train.optimizer == "adamw":
+        return torch.optim.AdamW(
+            params, lr=train.learning_rate, betas=train.betas, eps=train.eps, weight_decay=train.weight_decay
+        )
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=train.learning_rate, momentum=train.momentum, weight_decay=train.weight_decay)
+    raise ValueError(f"train.optimizer: must be one of adamw, sgd (got {train.optimizer!r})")
+
+
+@dataclass
+class StepReport:
+    """One finished optimizer step of one job (also one line of ``metrics.jsonl``)."""
+
+    job: str
+    step: int
+    total_steps: int
+    loss: float
+    lr: float
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    grad_norm: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("extra")
+        out.update(self.extra)
+        return out
+
+
+class JobFailed(RuntimeError):
+    """This job cannot go on; the others keep training."""
+
+
+class TrainingJob:
+    """Per-job state. Created by the engine (``FusedEngine.add_job``), never shared between jobs."""
+
+    def __init__(
+        self,
+        config: JobConfig,
+        adapter: JobAdapter,
+        examples: list[Example],
+        *,
+        dropout_generator: torch.Generator,
+        base_model_id: str,
+    ):
+        self.config = config
+        self.name = config.name
+        self.adapter = adapter
+        self.examples = examples
+        self.plan = DataPlan.create(len(examples), config.train, config.data.shuffle)
+        self.params = adapter.parameters()
+        self.optimizer = make_optimizer(config.train, self.params)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(config.train, self.plan.total_steps)
+        )
+        self.dropout_generator = dropout_generator
+        self.base_model_id = base_model_id
+        self.output = Path(config.output)
+        self.step = 0  # optimizer steps done
+        self.micro = 0  # micro-batches done within the current step
+        self.tokens_seen = 0
+        self.last_loss: float | None = None
+        self.error: str | None = None
+        self._window_loss = 0.0
+        self._window_tokens = 0
+        self._window_seconds = 0.0
+        self._step_micro_batches: list[list[int]] | None = None
+        self._step_tokens = 0
+
+    # ---------------------------------------------------------------- progress
+
+    @property
+    def total_steps(self) -> int:
+        return self.plan.total_steps
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps or self.error is not None
+
+    def next_micro_batch(self) -> tuple[list[Example], int]:
+        """The examples of the next micro-batch and the label-token count of its whole optimizer step."""
+        if self._step_micro_batches is None:
+            self._step_micro_batches = self.plan.micro_batches(self.step)
+            self._step_tokens = sum(
+                self.examples[i].num_label_tokens for mb in self._step_micro_batches for i in mb
+            )
+        indices = self._step_micro_batches[self.micro]
+        return [self.examples[i] for i in indices], max(1, self._step_tokens)
+
+    def after_backward(self, loss_value: float, tokens: int, seconds: float, aux: dict[str, Any]) -> StepReport | None:
+        """Record one micro-batch; at the end of the accumulation window step the optimizer.
+
+        ``loss_value`` is this micro-batch's share of the step loss (already divided by the
+        step's label-token count). Returns a report when an optimizer step finished.
+        """
+        if not math.isfinite(loss_value):
+            raise JobFailed(
+                f"loss is {loss_value} at step {self.step + 1}; lower train.learning_rate or set train.max_grad_norm"
+            )
+        self._window_loss += loss_value
+        self._window_tokens += tokens
+        self._window_seconds += seconds
+        self.micro += 1
+        if self.micro < len(self._step_micro_batches or ()):
+            return None
+        grad_norm = None
+        if self.config.train.max_grad_norm is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.train.max_grad_norm))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += self._window_tokens
+        report = StepReport(
+            job=self.name,
+            step=self.step,
+            total_steps=self.total_steps,
+            loss=self._window_loss,
+            lr=lr,
+            tokens=self._window_tokens,
+            seconds=self._window_seconds,
+            tokens_per_s=self._window_tokens / self._window_seconds if self._window_seconds > 0 else 0.0,
+            grad_norm=grad_norm,
+            extra={**aux, **self.adapter.step_metrics()},
+        )
+        self.last_loss = report.loss
+        self._window_loss = 0.0
+        self._window_tokens = 0
+        self._window_seconds = 0.0
+        self._step_micro_batches = None
+        self.micro = 0
+        if self.step % self.config.train.log_every == 0 or self.step == self.total_steps:
+            self._append_metrics(report)
+        if self.step % self.config.train.checkpoint_every == 0 and self.step < self.total_steps:
+            self.save_checkpoint()
+        return report
+
+    # ---------------------------------------------------------------- files
+
+    def _append_metrics(self, report: StepReport) -> None:
+        self.output.mkdir(parents=True, exist_ok=True)
+        with open(self.output / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(report.to_json()) + "\n")
+
+    def _truncate_metrics(self, last_step: int) -> None:
+        """Drop metric lines past ``last_step`` (written after the checkpoint we resume from)."""
+        path = self.output / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+        ckpt.atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
+
+    def save_checkpoint(self) -> Path:
+        return ckpt.save_checkpoint(
+            self.output,
+            self.step,
+            adapter_state=self.adapter.export_state(),
+            adapter_config=self.adapter.export_config(self.base_model_id),
+            optimizer_state=self.optimizer.state_dict(),
+            tensors={
+                "scheduler": self.scheduler.state_dict(),
+                "dropout_rng": self.dropout_generator.get_state(),
+            },
+            trainer_state={
+                "job": self.name,
+                "step": self.step,
+                "total_steps": self.total_steps,
+                "tokens_seen": self.tokens_seen,
+                "last_loss": self.last_loss,
+                "time": time.time(),
+            },
+        )
+
+    def restore(self, path: Path) -> None:
+        """Continue from checkpoint ``path``: adapter, optimizer, schedule, data position, dropout RNG."""
+        state = ckpt.load_checkpoint(path)
+        self.adapter.load_state(state["adapter_state"], str(path))
+        self.optimizer.load_state_dict(state["optimizer_state"])
+        self.scheduler.load_state_dict(state["tensors"]["scheduler"])
+        self.dropout_generator.set_state(state["tensors"]["dropout_rng"])
+        trainer = state["trainer_state"]
+        self.step = int(trainer["step"])
+        self.tokens_seen = int(trainer.get("tokens_seen", 0))
+        self.last_loss = trainer.get("last_loss")
+        self._truncate_metrics(self.step)
+
+    def export(self) -> Path:
+        """Write the final adapter and ``job.json`` into the output directory."""
+        ckpt.write_adapter(self.output, self.adapter.export_state(), self.adapter.export_config(self.base_model_id))
+        self.write_summary("succeeded")
+        return self.output
+
+    def write_summary(self, state: str) -> None:
+        ckpt.atomic_write_json(
+            self.output / "job.json",
+            {
+                "name": self.name,
+                "state": state,
+                "step": self.step,
+                "total_steps": self.total_steps,
+                "final_loss": self.last_loss,
+                "tokens_seen": self.tokens_seen,
+                "error": self.error,
+                "base_model": self.config.base_model,
+                "adapter_type": self.config.adapter.kind,
+            },
+        )

@@ -1,0 +1,231 @@
+"""Fused multi-adapter LoRA on a frozen linear layer.
+
+One ``MultiLoraLinear`` wraps one frozen ``nn.Linear`` of the base model. Its forward runs the
+base GEMM once over the whole fused batch, then adds each adapter's update to the rows of the
+batch that belong to that adapter's job, and to no other row::
+
+    y[rows_j] = W x[rows_j] + b + s_j * B_j A_j drop_j(x[rows_j])          (LoRA)
+
+Which rows belong to which job is described by a ``BatchLayout`` that the engine puts on the
+shared ``ForwardContext`` for the duration of one forward call (never a module-level global).
+
+Gradients are plain autograd, so dropout gradients are exact: the mask that scaled the input
+in forward scales the gradient in backward (mLoRA's fused op forgot it). Each job draws its
+dropout masks from its own ``torch.Generator``, so a job's masks are the same whether it trains
+alone or beside others, and resume reproduces them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from actors.config import LoraSettings
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows ``[start, stop)`` of the fused batch belong to job ``job``."""
+
+    job: str
+    start: int
+    stop: int
+
+
+@dataclass
+class BatchLayout:
+    """Which rows of a fused batch belong to which job, plus per-forward scratch.
+
+    ``generators`` maps a job to the generator that draws its dropout masks (training only).
+    ``aux`` collects per-job extras that layers produce during forward (MixLoRA router logits).
+    """
+
+    segments: tuple[Segment, ...]
+    training: bool = True
+    generators: dict[str, torch.Generator] = field(default_factory=dict)
+    padding_mask: torch.Tensor | None = None  # (B, L) bool, True at real tokens
+    aux: dict[str, list] = field(default_factory=dict)
+
+    @property
+    def num_rows(self) -> int:
+        return self.segments[-1].stop if self.segments else 0
+
+    def segment_of(self, job: str) -> Segment | None:
+        for seg in self.segments:
+            if seg.job == job:
+                return seg
+        return None
+
+
+class ForwardContext:
+    """Shared by the engine and every wrapped layer: the layout of the forward in flight."""
+
+    def __init__(self) -> None:
+        self.layout: BatchLayout | None = None
+
+
+def dropout_with(x: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Inverted dropout whose mask comes from ``generator`` (exact gradient through autograd)."""
+    if p <= 0.0:
+        return x
+    mask = torch.empty(x.shape, device=x.device, dtype=x.dtype).bernoulli_(1.0 - p, generator=generator)
+    return x * mask / (1.0 - p)
+
+
+class LoraWeights(nn.Module):
+    """The trainable weights of one job's LoRA (or DoRA) on one linear layer.
+
+    Parameter names follow PEFT (``lora_A``, ``lora_B``, ``lora_magnitude_vector``) so export is a
+    rename of prefixes. ``A`` is Kaiming-uniform initialised and ``B`` zero, as PEFT does.
+    DoRA keeps a magnitude vector initialised to the row norms of ``W`` (PEFT's definition).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        settings: LoraSettings,
+        *,
+        base_weight: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        self.settings = settings
+        self.scaling = settings.scaling
+        self.lora_A = nn.Parameter(torch.empty(settings.r, in_features))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(out_features, settings.r))  # (out, r)
+        bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5)) on an (r, in) matrix
+        with torch.no_grad():
+            self.lora_A.uniform_(-bound, bound, generator=generator)
+        self.lora_magnitude_vector: nn.Parameter | None = None
+        if settings.use_dora:
+            if base_weight is None:
+                raise ValueError("DoRA needs the base weight to initialise its magnitude vector")
+            self.lora_magnitude_vector = nn.Parameter(base_weight.detach().float().norm(p=2, dim=1))  # (out,)
+
+    def delta(
+        self,
+        x: torch.Tensor,
+        base_out: torch.Tensor,
+        base: nn.Linear,
+        generator: torch.Generator | None,
+        training: bool,
+    ) -> torch.Tensor:
+        """The update to add to ``base_out`` (= ``base(x)``) for these rows.
+
+        ``x``: (n, ..., in) in the base dtype; the adapter computes in fp32 and returns the
+        base dtype. Dropout applies in training only.
+        """
+        p = self.settings.dropout if training else 0.0
+        xf = x.to(self.lora_A.dtype)
+        dropped = dropout_with(xf, p, generator)
+        lora = F.linear(F.linear(dropped, self.lora_A), self.lora_B)  # (n, ..., out)
+        if self.lora_magnitude_vector is None:
+            return (lora * self.scaling).to(base_out.dtype)
+        return self._dora_delta(xf, dropped, p, lora, base_out, base).to(base_out.dtype)
+
+    def _dora_delta(
+        self,
+        xf: torch.Tensor,
+        dropped: torch.Tensor,
+        p: float,
+        lora: torch.Tensor,
+        base_out: torch.Tensor,
+        base: nn.Linear,
+    ) -> torch.Tensor:
+        # DoRA (Liu et al. 2024) as PEFT computes it: y = m / ||W + s B A||_row * (W drop(x) + s B A drop(x)),
+        # with the norm detached from the graph (section 4.3 of the paper), expressed as a delta on base(x).
+        weight = base.weight.to(self.lora_A.dtype)
+        combined = weight + self.scaling * (self.lora_B @ self.lora_A)  # (out, in)
+        norm = combined.norm(p=2, dim=1).detach()  # (out,)
+        mag_scale = self.lora_magnitude_vector / norm  # (out,)
+        if p > 0.0:
+            base_part = F.linear(dropped, weight)  # W drop(x), no bias
+        else:
+            base_part = base_out.to(xf.dtype)
+            if base.bias is not None:
+                base_part = base_part - base.bias.to(xf.dtype)
+        return (mag_scale - 1.0) * base_part + mag_scale * lora * self.scaling
+
+
+class MultiLoraLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus any number of jobs' adapters, applied per row segment."""
+
+    def __init__(self, base: nn.Linear, context: ForwardContext):
+        super().__init__()
+        self.base = base
+        self.context = context
+        self.adapters = nn.ModuleDict()
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:  # some model code reads .weight of its projections
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def add_adapter(self, job: str, settings: LoraSettings, generator: torch.Generator | None) -> LoraWeights:
+        if job in self.adapters:
+            raise KeyError(f"job {job!r} already has an adapter on this layer")
+        weights = LoraWeights(
+            self.base.in_features,
+            self.base.out_features,
+            settings,
+            base_weight=self.base.weight if settings.use_dora else None,
+            generator=generator,
+        ).to(self.base.weight.device)
+        self.adapters[job] = weights
+        return weights
+
+    def remove_adapter(self, job: str) -> None:
+        self.adapters.pop(job, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base_out = self.base(x)  # (N, L, out): one GEMM for every row of every job
+        layout = self.context.layout
+        if layout is None or len(self.adapters) == 0:
+            return base_out
+        return apply_segments(x, base_out, self.base, self.adapters, layout)
+
+
+def apply_segments(
+    x: torch.Tensor,
+    base_out: torch.Tensor,
+    base: nn.Linear,
+    adapters: nn.ModuleDict,
+    layout: BatchLayout,
+    segments: Sequence[Segment] | None = None,
+) -> torch.Tensor:
+    """``base_out`` with each segment's adapter update added to that segment's rows only.
+
+    Rows whose job has no adapter in ``adapters`` pass through unchanged. The result is built
+    by concatenation (no in-place writes), so autograd sees every row's own graph.
+    """
+    segments = layout.segments if segments is None else segments
+    pieces: list[torch.Tensor] = []
+    touched = False
+    for seg in segments:
+        rows_out = base_out[seg.start : seg.stop]
+        weights = adapters[seg.job] if seg.job in adapters else None
+        if weights is not None:
+            gen = layout.generators.get(seg.job)
+            rows_out = rows_out + weights.delta(x[seg.start : seg.stop], rows_out, base, gen, layout.training)
+            touched = True
+        pieces.append(rows_out)
+    if not touched:
+        return base_out
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
