@@ -1,0 +1,132 @@
+"""The built-in policies: ``fifo``, ``priority``, ``sjf`` and ``aspen``, as plugin profiles.
+
+All four admit jobs by the same memory model (the engine's fixed filters, see
+:mod:`policies.framework`); they differ in order, worker choice, margin, backfill and preemption.
+
+* ``fifo``: first come, first served, strictly in order: the head job goes to the feasible worker
+  with the most free predicted memory (ties: first listed); when the head fits nowhere, nothing
+  behind it starts (head-of-line blocking). Several jobs share a worker when memory allows. No
+  preference for workers holding the model, no grouping by length, margin 0, never preempts.
+* ``priority``: like ``fifo`` but ordered by priority (highest first; FCFS within a priority),
+  and preemptive: when the head fits nowhere, strictly lower-priority running jobs are preempted
+  (at their next checkpoint) on the worker needing the fewest victims.
+* ``sjf``: like ``fifo`` but ordered by least remaining work (non-preemptive).
+* ``aspen``: multifactor priority (age, fair share, size, priority class; admin weights), owner
+  quotas, backfill (a job that cannot start is skipped), starvation guard (jobs waiting more than
+  ``starvation_s`` go first), EASY-style reservations (the first ``reservations`` jobs that cannot
+  start each hold back the worker expected to drain soonest for them), a cap on a group's fused
+  tokens (``max_group_tokens``: past GPU saturation, joining a group only slows its members),
+  memory margin (default 0.15), and weighted worker scores: model locality, sequence-length
+  affinity (less padding), load (the job's share of the fused step). Preemption off by default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from policies.framework import ProfilePolicy
+from policies.interface import PreemptRule
+from policies.plugins import (
+    AgeFactor,
+    FairShareFactor,
+    FirstComeFirstServed,
+    GroupTokenCap,
+    LeastLoaded,
+    LengthAffinity,
+    LowerPriorityPreemption,
+    ModelLocality,
+    MostFreeMemory,
+    Multifactor,
+    OwnerQuota,
+    PriorityClassFactor,
+    ShortestRemainingWork,
+    SizeFactor,
+    StaticPriority,
+)
+
+PRIORITY_FACTORS = ("age", "fairshare", "size", "priority")
+WORKER_SCORES = ("locality", "length", "load", "free_memory")
+DEFAULT_WEIGHTS: Mapping[str, float] = {
+    "age": 1000.0, "fairshare": 500.0, "size": 2000.0, "priority": 1000.0,
+    "locality": 1.0, "length": 2.0, "load": 1.0, "free_memory": 0.0,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CommonSettings:
+    """Settings every built-in takes (see docs/policies.md for each one's meaning)."""
+
+    margin: float = 0.0
+    preemption: str = "never"  # never | lower_priority
+    backfill: bool = False
+    queue_depth: int = 0
+    max_candidates: int = 64
+
+
+@dataclass(frozen=True)
+class AspenSettings:
+    """aspen's knobs; every field has the documented default."""
+
+    margin: float = 0.15
+    preemption: str = "never"
+    backfill: bool = True
+    queue_depth: int = 0
+    max_candidates: int = 64
+    weights: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
+    max_age_s: float = 4 * 3600.0
+    size_half_s: float = 3600.0
+    starvation_s: float | None = 4 * 3600.0
+    reservations: int = 4
+    shares: Mapping[str, float] = field(default_factory=dict)
+    quotas: Mapping[str, int] = field(default_factory=dict)  # owner -> max running jobs; "default" key
+    max_group_tokens: int | None = 8192
+
+
+def _preempt_rule(name: str) -> PreemptRule | None:
+    return LowerPriorityPreemption() if name == "lower_priority" else None
+
+
+def fifo(settings: CommonSettings | None = None) -> ProfilePolicy:
+    s = settings or CommonSettings()
+    return ProfilePolicy("fifo", FirstComeFirstServed(), scores=((MostFreeMemory(), 1.0),), margin=s.margin,
+                         backfill=s.backfill, preempt=_preempt_rule(s.preemption), queue_depth=s.queue_depth,
+                         max_candidates=s.max_candidates)  # fmt: skip
+
+
+def priority(settings: CommonSettings | None = None) -> ProfilePolicy:
+    s = settings or CommonSettings(preemption="lower_priority")
+    return ProfilePolicy("priority", StaticPriority(), scores=((MostFreeMemory(), 1.0),), margin=s.margin,
+                         backfill=s.backfill, preempt=_preempt_rule(s.preemption), queue_depth=s.queue_depth,
+                         max_candidates=s.max_candidates)  # fmt: skip
+
+
+def sjf(settings: CommonSettings | None = None) -> ProfilePolicy:
+    s = settings or CommonSettings()
+    return ProfilePolicy("sjf", ShortestRemainingWork(), scores=((MostFreeMemory(), 1.0),), margin=s.margin,
+                         backfill=s.backfill, preempt=_preempt_rule(s.preemption), queue_depth=s.queue_depth,
+                         max_candidates=s.max_candidates)  # fmt: skip
+
+
+def aspen(settings: AspenSettings | None = None) -> ProfilePolicy:
+    s = settings or AspenSettings()
+    w = {**DEFAULT_WEIGHTS, **s.weights}
+    factors = (
+        (AgeFactor(s.max_age_s), w["age"]),
+        (FairShareFactor(dict(s.shares)), w["fairshare"]),
+        (SizeFactor(s.size_half_s), w["size"]),
+        (PriorityClassFactor(), w["priority"]),
+    )
+    scores = ((ModelLocality(), w["locality"]), (LengthAffinity(), w["length"]), (LeastLoaded(), w["load"]),
+              (MostFreeMemory(), w["free_memory"]))  # fmt: skip
+    quotas = {k: v for k, v in s.quotas.items() if k != "default"}
+    filters: tuple = (OwnerQuota(quotas, s.quotas.get("default")),) if s.quotas else ()
+    if s.max_group_tokens:
+        filters += (GroupTokenCap(s.max_group_tokens),)
+    return ProfilePolicy("aspen", Multifactor(factors), filters=filters, scores=scores, margin=s.margin,
+                         backfill=s.backfill, preempt=_preempt_rule(s.preemption), queue_depth=s.queue_depth,
+                         max_candidates=s.max_candidates, starvation_s=s.starvation_s,
+                         reservations=s.reservations)  # fmt: skip
+
+
+BUILTINS = ("fifo", "priority", "sjf", "aspen")

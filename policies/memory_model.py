@@ -1,0 +1,366 @@
+"""The memory model, pure Python: what a fused group of jobs needs on one GPU.
+
+A worker holds one frozen base model and trains a *group* of jobs whose micro-batches are
+fused into one batch (rows padded to the longest sequence in the group). Its peak memory is
+
+    peak = static + (1 + margin) * sum_j [ adapter_bytes_j + activation_j(B_j, L_pad) ]
+
+* ``static``: the base weights (``num_parameters * dtype_bytes``) plus a fixed CUDA context
+  reserve; loaded once per worker whatever the group size (:func:`static_bytes`).
+* ``adapter_bytes``: the job's trainable state in fp32: weights 4 + gradients 4 + AdamW's two
+  moments 8 = 16 bytes per parameter, with the parameter count exact from the shapes
+  (:func:`adapter_param_count`).
+* ``activation(B, L) = b0 + b1*B*L + b2*B*L*L``: bytes kept for backward for a micro-batch of B
+  rows of length L (:class:`ActivationFit`). Fitted by non-negative least squares on profiler
+  samples (:func:`fit_activation`); :func:`analytic_activation` gives a documented default when
+  no profile exists.
+* ``margin``: a fraction of the dynamic part held back for the prediction's error.
+
+For profiling code (on torch, elsewhere): measure ``(B, L, peak - static - adapter_bytes)``
+for a few shapes, call ``fit_activation(samples)``, store the result with
+``ProfileCache.put(key, fit)`` and ``ProfileCache.save(path)``. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GIB = 1 << 30
+ALL_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FFN_TARGETS = frozenset({"gate_proj", "up_proj", "down_proj"})
+ADAPTER_BYTES_PER_PARAM = 16  # fp32 weight 4 + grad 4 + AdamW exp_avg 4 + exp_avg_sq 4
+CONTEXT_RESERVE_BYTES = 1 * GIB  # CUDA context, cuBLAS workspaces, allocator slack: once per worker
+ACTIVATION_B0_BYTES = 256 * (1 << 20)  # analytic default: per-job fixed buffers (loss, optimizer scratch)
+
+
+class MemoryModelError(ValueError):
+    """A shape or sample is invalid; the message names the field and what is allowed."""
+
+
+def _positive_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise MemoryModelError(f"{name}: must be an integer >= 1 (got {value!r})")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A decoder-only transformer, with the field names of its transformers ``config.json``.
+
+    ``num_key_value_heads`` of 0 means "same as num_attention_heads" (no grouped-query attention).
+    ``dtype_bytes`` is the storage width of the frozen weights (2 for bf16/fp16).
+    """
+
+    num_parameters: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    vocab_size: int
+    num_key_value_heads: int = 0
+    dtype_bytes: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("num_parameters", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "intermediate_size", "vocab_size"):  # fmt: skip
+            _positive_int(name, getattr(self, name))
+        if not isinstance(self.num_key_value_heads, int) or self.num_key_value_heads < 0:
+            raise MemoryModelError(f"num_key_value_heads: must be an integer >= 0 (got {self.num_key_value_heads!r})")
+        if self.dtype_bytes not in (1, 2, 4):
+            raise MemoryModelError(f"dtype_bytes: must be one of 1, 2, 4 (got {self.dtype_bytes!r})")
+        if self.hidden_size % self.num_attention_heads:
+            raise MemoryModelError(
+                f"hidden_size: must be a multiple of num_attention_heads ({self.num_attention_heads}) "
+                f"(got {self.hidden_size})"
+            )
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads; ``num_attention_heads`` when ``num_key_value_heads`` is 0."""
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def linear_dims(self, module: str) -> tuple[int, int]:
+        """(in_features, out_features) of one projection of a LLaMA-style layer.
+
+        Raises MemoryModelError for a name outside :data:`ALL_TARGETS`.
+        """
+        h, kv = self.hidden_size, self.kv_heads * self.head_dim
+        dims = {
+            "q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+            "gate_proj": (h, self.intermediate_size), "up_proj": (h, self.intermediate_size),
+            "down_proj": (self.intermediate_size, h),
+        }  # fmt: skip
+        if module not in dims:
+            raise MemoryModelError(f"target_modules: {module!r} is not one of {', '.join(ALL_TARGETS)}")
+        return dims[module]
+
+
+@dataclass(frozen=True)
+class AdapterShape:
+    """The trainable adapter of one job.
+
+    kind: ``lora`` or ``mixlora``. For ``mixlora`` the FFN projections (gate/up/down) become
+    ``num_experts`` LoRA experts of rank ``expert_r`` (0: same as ``r``) behind a router
+    (hidden x num_experts, no bias); attention projections in ``target_modules`` get plain LoRA.
+    """
+
+    kind: str = "lora"
+    r: int = 8
+    target_modules: tuple[str, ...] = ALL_TARGETS
+    num_experts: int = 0
+    top_k: int = 2
+    expert_r: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("lora", "mixlora"):
+            raise MemoryModelError(f"kind: must be one of lora, mixlora (got {self.kind!r})")
+        _positive_int("r", self.r)
+        if not self.target_modules:
+            raise MemoryModelError("target_modules: must name at least one module")
+        for m in self.target_modules:
+            if m not in ALL_TARGETS:
+                raise MemoryModelError(f"target_modules: {m!r} is not one of {', '.join(ALL_TARGETS)}")
+        if self.kind == "lora" and self.num_experts != 0:
+            raise MemoryModelError(f"num_experts: must be 0 for kind lora (got {self.num_experts})")
+        if self.kind == "mixlora":
+            _positive_int("num_experts", self.num_experts)
+            _positive_int("top_k", self.top_k)
+            if self.top_k > self.num_experts:
+                raise MemoryModelError(f"top_k: must be <= num_experts ({self.num_experts}) (got {self.top_k})")
+        if not isinstance(self.expert_r, int) or self.expert_r < 0:
+            raise MemoryModelError(f"expert_r: must be an integer >= 0 (got {self.expert_r!r})")
+
+    def key(self) -> str:
+        """A stable string for cache keys, e.g. ``mixlora:r16:e8:k2:er16:q_proj,v_proj``."""
+        if self.kind == "lora":
+            return f"lora:r{self.r}:{','.join(self.target_modules)}"
+        return (f"mixlora:r{self.r}:e{self.num_experts}:k{self.top_k}:er{self.expert_r or self.r}:"
+                f"{','.join(self.target_modules)}")  # fmt: skip
+
+
+def adapter_param_count(model: ModelShape, adapter: AdapterShape) -> int:
+    """Exact number of trainable parameters.
+
+    LoRA on a linear ``in -> out`` with rank r has ``r * (in + out)`` parameters (A: r x in,
+    B: out x r). MixLoRA per layer adds a router ``hidden * num_experts`` and, on each of
+    gate/up/down, ``num_experts`` expert LoRAs of rank ``expert_r``.
+    """
+    per_layer = 0
+    for module in adapter.target_modules:
+        if adapter.kind == "mixlora" and module in FFN_TARGETS:
+            continue
+        d_in, d_out = model.linear_dims(module)
+        per_layer += adapter.r * (d_in + d_out)
+    if adapter.kind == "mixlora":
+        er = adapter.expert_r or adapter.r
+        per_layer += model.hidden_size * adapter.num_experts
+        for module in sorted(FFN_TARGETS):
+            d_in, d_out = model.linear_dims(module)
+            per_layer += adapter.num_experts * er * (d_in + d_out)
+    return per_layer * model.num_hidden_layers
+
+
+def adapter_bytes(model: ModelShape, adapter: AdapterShape) -> int:
+    """Bytes of the adapter's fp32 weights, gradients and AdamW states (16 per parameter)."""
+    return adapter_param_count(model, adapter) * ADAPTER_BYTES_PER_PARAM
+
+
+def static_bytes(model: ModelShape) -> int:
+    """Bytes a worker holds for a base model whatever its group: weights plus context reserve."""
+    return model.num_parameters * model.dtype_bytes + CONTEXT_RESERVE_BYTES
+
+
+@dataclass(frozen=True)
+class ActivationFit:
+    """Activation bytes of one job's micro-batch: ``b0 + b1*B*L + b2*B*L*L`` (all >= 0)."""
+
+    b0: float
+    b1: float
+    b2: float
+
+    def __post_init__(self) -> None:
+        for name in ("b0", "b1", "b2"):
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+                raise MemoryModelError(f"{name}: must be a finite number >= 0 (got {v!r})")
+
+    def predict(self, batch: int, seq_len: int) -> float:
+        """Predicted bytes for ``batch`` rows of ``seq_len`` tokens."""
+        bl = batch * seq_len
+        return self.b0 + self.b1 * bl + self.b2 * bl * seq_len
+
+    def scaled(self, factor: float) -> ActivationFit:
+        """Every coefficient times ``factor`` (>= 0)."""
+        return ActivationFit(self.b0 * factor, self.b1 * factor, self.b2 * factor)
+
+
+def analytic_activation(model: ModelShape, adapter: AdapterShape, *, flash_attention: bool = True) -> ActivationFit:
+    """Default activation estimate from the shapes, for when no profile exists.
+
+    Per token, per layer, ``34 * hidden * dtype_bytes / 2`` bytes (Korthikanti et al. 2022,
+    "Reducing activation recomputation", no recomputation, no sequence parallelism); MixLoRA
+    adds ``top_k * 3 * intermediate * dtype_bytes`` for the experts' FFN intermediates. The
+    logits add ``vocab * (dtype_bytes + 8)`` per token (the logits plus fp32 softmax and its
+    gradient). Without flash attention the attention scores add ``5 * heads * dtype_bytes / 2``
+    per token per key per layer (the b2 term); with it, b2 = 0. b0 is a fixed 256 MiB.
+    """
+    d = model.dtype_bytes
+    per_layer = 34 * model.hidden_size * d / 2
+    if adapter.kind == "mixlora":
+        per_layer += adapter.top_k * 3 * model.intermediate_size * d
+    b1 = model.num_hidden_layers * per_layer + model.vocab_size * (d + 8)
+    b2 = 0.0 if flash_attention else model.num_hidden_layers * 5 * model.num_attention_heads * d / 2
+    return ActivationFit(float(ACTIVATION_B0_BYTES), float(b1), float(b2))
+
+
+def job_dynamic_bytes(adapter_bytes_: float, activation: ActivationFit, batch: int, seq_len: int) -> float:
+    """Adapter state plus activations of one job at padded length ``seq_len`` (no margin)."""
+    return adapter_bytes_ + activation.predict(batch, seq_len)
+
+
+def group_peak_bytes(
+    static: float,
+    jobs: Iterable[tuple[float, ActivationFit, int, int]],
+    margin: float,
+) -> float:
+    """Predicted peak of a fused group.
+
+    ``jobs`` holds ``(adapter_bytes, activation_fit, micro_batch_size, seq_len)`` per job; rows
+    are padded to the longest ``seq_len`` of the group. Returns
+    ``static + (1 + margin) * sum(adapter_bytes + activation(B, L_pad))``. An empty group costs
+    ``static``. Raises MemoryModelError for a negative margin.
+    """
+    if margin < 0:
+        raise MemoryModelError(f"margin: must be >= 0 (got {margin})")
+    members = list(jobs)
+    if not members:
+        return float(static)
+    l_pad = max(m[3] for m in members)
+    dynamic = sum(job_dynamic_bytes(a, fit, b, l_pad) for a, fit, b, _ in members)
+    return static + (1.0 + margin) * dynamic
+
+
+# --- non-negative least squares for three coefficients -------------------------------------------
+
+
+def _lstsq(columns: Sequence[Sequence[float]], y: Sequence[float]) -> list[float] | None:
+    """Least squares by modified Gram-Schmidt QR; None when the columns are dependent."""
+    n = len(y)
+    q = [list(c) for c in columns]
+    k = len(q)
+    r = [[0.0] * k for _ in range(k)]
+    for j in range(k):
+        for i in range(j):
+            r[i][j] = sum(q[i][t] * q[j][t] for t in range(n))
+            q[j] = [q[j][t] - r[i][j] * q[i][t] for t in range(n)]
+        norm = math.sqrt(sum(v * v for v in q[j]))
+        original = math.sqrt(sum(v * v for v in columns[j]))
+        if norm <= 1e-10 * max(original, 1e-300):
+            return None
+        r[j][j] = norm
+        q[j] = [v / norm for v in q[j]]
+    qty = [sum(q[j][t] * y[t] for t in range(n)) for j in range(k)]
+    x = [0.0] * k
+    for j in reversed(range(k)):
+        x[j] = (qty[j] - sum(r[j][i] * x[i] for i in range(j + 1, k))) / r[j][j]
+    return x
+
+
+def fit_activation(samples: Sequence[tuple[int, int, float]]) -> ActivationFit:
+    """Non-negative least-squares fit of ``bytes = b0 + b1*B*L + b2*B*L*L``.
+
+    ``samples``: ``(B, L, bytes)`` measurements. With three unknowns the exact NNLS optimum is
+    the best of the least-squares solutions over the 7 non-empty sets of free coefficients (the
+    others held at 0) that come out non-negative (and all-zero); columns are scaled to unit
+    size first so B*L*L does not swamp the constant. Raises MemoryModelError for fewer than one
+    sample or a sample with B < 1, L < 1 or negative bytes.
+    """
+    if not samples:
+        raise MemoryModelError("samples: need at least one (B, L, bytes) measurement")
+    for i, (b, seq, v) in enumerate(samples):
+        if b < 1 or seq < 1 or v < 0 or not math.isfinite(v):
+            raise MemoryModelError(f"samples[{i}]: need B >= 1, L >= 1, bytes >= 0 (got {(b, seq, v)})")
+    raw = [[1.0] * len(samples), [float(b * s) for b, s, _ in samples], [float(b * s * s) for b, s, _ in samples]]
+    scale = [max(abs(v) for v in col) for col in raw]
+    cols = [[v / sc for v in col] for col, sc in zip(raw, scale, strict=True)]
+    y = [float(v) for _, _, v in samples]
+    best, best_err = [0.0, 0.0, 0.0], sum(v * v for v in y)
+    for size in (1, 2, 3):
+        for active in itertools.combinations(range(3), size):
+            x = _lstsq([cols[j] for j in active], y)
+            if x is None or min(x) < 0:
+                continue
+            coef = [0.0, 0.0, 0.0]
+            for j, v in zip(active, x, strict=True):
+                coef[j] = v
+            err = sum((y[t] - sum(coef[j] * cols[j][t] for j in range(3))) ** 2 for t in range(len(y)))
+            if err < best_err * (1 - 1e-12):
+                best, best_err = coef, err
+    return ActivationFit(*(c / sc for c, sc in zip(best, scale, strict=True)))
+
+
+# --- profile cache ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProfileKey:
+    """What a fitted profile is valid for."""
+
+    base_model: str
+    adapter: str  # AdapterShape.key()
+    device_kind: str  # e.g. "NVIDIA H100 80GB HBM3"
+    dtype: str  # e.g. "bfloat16"
+
+    def as_str(self) -> str:
+        return "|".join((self.base_model, self.adapter, self.device_kind, self.dtype))
+
+
+@dataclass
+class ProfileCache:
+    """Fitted activation profiles keyed by (base model, adapter shape, device kind, dtype).
+
+    ``get`` returns None for a missing key (callers fall back to :func:`analytic_activation`).
+    ``save``/``load`` use a JSON object ``{"version": 1, "profiles": [{key fields, b0, b1, b2}]}``.
+    """
+
+    entries: dict[ProfileKey, ActivationFit] = field(default_factory=dict)
+
+    def get(self, key: ProfileKey) -> ActivationFit | None:
+        return self.entries.get(key)
+
+    def put(self, key: ProfileKey, fit: ActivationFit) -> None:
+        self.entries[key] = fit
+
+    def save(self, path: str | Path) -> None:
+        rows = [
+            {"base_model": k.base_model, "adapter": k.adapter, "device_kind": k.device_kind, "dtype": k.dtype,
+             "b0": f.b0, "b1": f.b1, "b2": f.b2}
+            for k, f in sorted(self.entries.items(), key=lambda kv: kv[0].as_str())
+        ]  # fmt: skip
+        Path(path).write_text(json.dumps({"version": 1, "profiles": rows}, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ProfileCache:
+        """Read a file written by :meth:`save`. Raises MemoryModelError naming the bad entry."""
+        try:
+            doc = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise MemoryModelError(f"{path}: cannot read profile cache: {err}") from err
+        if not isinstance(doc, Mapping) or doc.get("version") != 1 or not isinstance(doc.get("profiles"), list):
+            raise MemoryModelError(f"{path}: not a profile cache (want {{'version': 1, 'profiles': [...]}})")
+        cache = cls()
+        for i, row in enumerate(doc["profiles"]):
+            try:
+                key = ProfileKey(str(row["base_model"]), str(row["adapter"]), str(row["device_kind"]), str(row["dtype"]))
+                cache.put(key, ActivationFit(float(row["b0"]), float(row["b1"]), float(row["b2"])))
+            except (KeyError, TypeError, ValueError) as err:
+                raise MemoryModelError(f"{path}: profiles[{i}]: {err}") from err
+        return cache

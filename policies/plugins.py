@@ -1,0 +1,276 @@
+"""The built-in plugins: queue orders, priority factors, filters, scores and preemption rules.
+
+Every factor is normalised to [0, 1] and every score to [0, 100], so admin weights compare
+like with like (Slurm multifactor priority; kube-scheduler score plugins).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from policies.framework import Cycle, Slot
+from policies.interface import FactorLine, PriorityFactor
+from policies.snapshot import ClusterView, JobView
+
+# --- queue orders ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FirstComeFirstServed:
+    """Submit time, then job id."""
+
+    def order(self, queued: Sequence[JobView], view: ClusterView) -> list[JobView]:
+        return sorted(queued, key=lambda j: (j.submit_time_s, j.job_id))
+
+    def breakdown(self, job: JobView, view: ClusterView) -> tuple[tuple[FactorLine, ...], float]:
+        return (FactorLine("submit_s", job.submit_time_s, 1.0),), -job.submit_time_s
+
+
+@dataclass(frozen=True)
+class StaticPriority:
+    """Higher ``priority`` first; first come, first served within a priority."""
+
+    def order(self, queued: Sequence[JobView], view: ClusterView) -> list[JobView]:
+        return sorted(queued, key=lambda j: (-j.priority, j.submit_time_s, j.job_id))
+
+    def breakdown(self, job: JobView, view: ClusterView) -> tuple[tuple[FactorLine, ...], float]:
+        return (FactorLine("priority", float(job.priority), 1.0),), float(job.priority)
+
+
+@dataclass(frozen=True)
+class ShortestRemainingWork:
+    """Least ``remaining_work_s`` first; submit time breaks ties."""
+
+    def order(self, queued: Sequence[JobView], view: ClusterView) -> list[JobView]:
+        return sorted(queued, key=lambda j: (j.remaining_work_s, j.submit_time_s, j.job_id))
+
+    def breakdown(self, job: JobView, view: ClusterView) -> tuple[tuple[FactorLine, ...], float]:
+        return (FactorLine("remaining_s", job.remaining_work_s, 1.0),), -job.remaining_work_s
+
+
+@dataclass(frozen=True)
+class Multifactor:
+    """Slurm-style: ``priority = sum(weight_f * factor_f(job))``, highest first, then submit time."""
+
+    factors: tuple[tuple[PriorityFactor, float], ...]
+
+    def _totals(self, jobs: Sequence[JobView], view: ClusterView) -> list[float]:
+        totals = [0.0] * len(jobs)
+        for factor, weight in self.factors:
+            if weight:
+                totals = [t + weight * v for t, v in zip(totals, factor.values(jobs, view), strict=True)]
+        return totals
+
+    def order(self, queued: Sequence[JobView], view: ClusterView) -> list[JobView]:
+        totals = self._totals(queued, view)
+        idx = sorted(range(len(queued)), key=lambda i: (-totals[i], queued[i].submit_time_s, queued[i].job_id))
+        return [queued[i] for i in idx]
+
+    def breakdown(self, job: JobView, view: ClusterView) -> tuple[tuple[FactorLine, ...], float]:
+        # Factors normalise over the queue (e.g. priority class), so evaluate the job among it.
+        others = [j for j in view.queued if j.job_id != job.job_id]
+        jobs = [job, *others]
+        lines = tuple(FactorLine(f.name, f.values(jobs, view)[0], w) for f, w in self.factors)
+        return lines, sum(line.weighted for line in lines)
+
+
+# --- priority factors (each in [0, 1]) ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AgeFactor:
+    """``min(1, waited / max_age_s)``: grows while a job waits (Slurm PriorityMaxAge)."""
+
+    max_age_s: float = 4 * 3600.0
+    name: str = "age"
+
+    def values(self, jobs: Sequence[JobView], view: ClusterView) -> list[float]:
+        now, cap = view.now_s, self.max_age_s
+        return [min(1.0, max(0.0, now - j.submit_time_s) / cap) for j in jobs]
+
+
+@dataclass(frozen=True)
+class SizeFactor:
+    """``half_s / (half_s + remaining_work_s)``: short jobs near 1, a job of ``half_s`` at 0.5."""
+
+    half_s: float = 3600.0
+    name: str = "size"
+
+    def values(self, jobs: Sequence[JobView], view: ClusterView) -> list[float]:
+        h = self.half_s
+        return [h / (h + max(0.0, j.remaining_work_s)) for j in jobs]
+
+
+@dataclass(frozen=True)
+class PriorityClassFactor:
+    """``(priority - lowest) / (highest - lowest)`` over the queued and running jobs; 0 if all equal."""
+
+    name: str = "priority"
+
+    def values(self, jobs: Sequence[JobView], view: ClusterView) -> list[float]:
+        prios = [j.priority for j in jobs] + [j.priority for j in view.running]
+        if not prios:
+            return []
+        lo, hi = min(prios), max(prios)
+        if hi == lo:
+            return [0.0] * len(jobs)
+        span = hi - lo
+        return [(j.priority - lo) / span for j in jobs]
+
+
+@dataclass(frozen=True)
+class FairShareFactor:
+    """Slurm's classic fair share: ``2 ** -(usage_fraction / share_fraction)``.
+
+    ``usage_fraction``: the owner's part of all GPU-seconds used (``view.owner_usage_s``);
+    ``share_fraction``: the owner's ``shares`` (``default_share`` when unlisted) over the shares of
+    every owner in the view. An owner who used nothing gets 1; one who used exactly its share 0.5.
+    """
+
+    shares: Mapping[str, float] = field(default_factory=dict)
+    default_share: float = 1.0
+    name: str = "fairshare"
+
+    def values(self, jobs: Sequence[JobView], view: ClusterView) -> list[float]:
+        usage = view.owner_usage_s
+        owners = {j.owner for j in jobs} | {j.owner for j in view.running} | set(usage)
+        total_share = sum(self.shares.get(o, self.default_share) for o in owners) or 1.0
+        total_use = sum(usage.values())
+        cache: dict[str, float] = {}
+        for o in {j.owner for j in jobs}:
+            if total_use <= 0:
+                cache[o] = 1.0
+                continue
+            share = self.shares.get(o, self.default_share) / total_share
+            used = usage.get(o, 0.0) / total_use
+            cache[o] = 0.0 if share <= 0 else 2.0 ** (-used / share)
+        return [cache[j.owner] for j in jobs]
+
+
+# --- filters ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OwnerQuota:
+    """At most ``max_running[owner]`` (else ``default``; None: unlimited) running jobs per owner."""
+
+    max_running: Mapping[str, int] = field(default_factory=dict)
+    default: int | None = None
+    name: str = "quota"
+
+    def filter(self, job: JobView, slot: Slot, cycle: Cycle) -> str | None:
+        cap = self.max_running.get(job.owner, self.default)
+        if cap is None:
+            return None
+        running = cycle.running_by_owner.get(job.owner, 0)
+        return f"owner {job.owner} at quota ({running}/{cap} running)" if running >= cap else None
+
+
+@dataclass(frozen=True)
+class GroupTokenCap:
+    """A busy worker's fused micro-batch may not exceed ``max_tokens`` padded tokens with the job.
+
+    Past the point where the GPU is saturated, joining a group only time-shares it: every job
+    of the group slows down. An idle worker always passes.
+    """
+
+    max_tokens: int = 16384
+    name: str = "token_cap"
+
+    def filter(self, job: JobView, slot: Slot, cycle: Cycle) -> str | None:
+        if slot.idle:
+            return None
+        _, padded = slot.padded_tokens_with(job)
+        return f"group would have {padded} tokens > {self.max_tokens}" if padded > self.max_tokens else None
+
+
+# --- scores (each in [0, 100]) ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MostFreeMemory:
+    """``100 * free_after / capacity``: spreads jobs (kube's LeastAllocated)."""
+
+    name: str = "free_memory"
+
+    def score(self, job: JobView, slot: Slot, cycle: Cycle) -> float:
+        cap = slot.worker.memory_bytes
+        return max(0.0, 100.0 * (cap - slot.peak_with(job, cycle.margin)) / cap)
+
+
+@dataclass(frozen=True)
+class ModelLocality:
+    """100 when the worker already holds the job's base model (no load), else 0."""
+
+    name: str = "locality"
+
+    def score(self, job: JobView, slot: Slot, cycle: Cycle) -> float:
+        return 100.0 if slot.worker.loaded_model == job.base_model else 0.0
+
+
+@dataclass(frozen=True)
+class LengthAffinity:
+    """``100 * useful / padded`` tokens of the fused micro-batch with the job added (100: no padding)."""
+
+    name: str = "length"
+
+    def score(self, job: JobView, slot: Slot, cycle: Cycle) -> float:
+        useful, padded = slot.padded_tokens_with(job)
+        return 100.0 * useful / padded
+
+
+@dataclass(frozen=True)
+class LeastLoaded:
+    """``100 * job_tokens / group_padded_tokens``: the job's share of the fused step (100: alone)."""
+
+    name: str = "load"
+
+    def score(self, job: JobView, slot: Slot, cycle: Cycle) -> float:
+        lp = max(slot.lmax, job.seq_len)
+        return 100.0 * job.micro_batch_size / (slot.rows + job.micro_batch_size) * job.seq_len / lp
+
+
+# --- preemption -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LowerPriorityPreemption:
+    """Preempt strictly lower-priority running jobs so that ``job`` fits on one worker.
+
+    Nothing is preempted when the jobs already pending preemption will make room. Otherwise, on
+    each accepting worker, victims are taken lowest priority first (latest started first among
+    equals) until the job fits (a worker of another model must be emptied entirely); the worker
+    needing the fewest victims wins (ties: lowest index). No worker possible: no victims.
+    """
+
+    min_priority_gap: int = 1
+
+    def victims(self, job: JobView, cycle: Cycle) -> list[str]:
+        pending = cycle.pending
+        best: list[str] | None = None
+        for slot in cycle.slots:
+            if not slot.worker.accepting:
+                continue
+            keep = [j for j in slot.jobs if j.job_id not in pending]
+            if self._fits(job, slot, keep, cycle):
+                return []  # pending preemptions will make room: wait for them
+            lower = [j for j in keep if j.priority <= job.priority - self.min_priority_gap]
+            lower.sort(key=lambda j: (j.priority, -(j.start_time_s or 0.0), j.job_id))
+            chosen: list[str] = []
+            for victim in lower:
+                keep = [j for j in keep if j.job_id != victim.job_id]
+                chosen.append(victim.job_id)
+                if self._fits(job, slot, keep, cycle):
+                    if best is None or len(chosen) < len(best):
+                        best = list(chosen)
+                    break
+        return best or []
+
+    @staticmethod
+    def _fits(job: JobView, slot: Slot, keep: list[JobView], cycle: Cycle) -> bool:
+        if keep and keep[0].base_model != job.base_model:
+            return False
+        trial = Slot(slot.worker, slot.index, keep)
+        return trial.peak_with(job, cycle.margin) <= slot.worker.memory_bytes
+

@@ -1,0 +1,363 @@
+"""Discrete-event replay of a trace on a described cluster, driving any :class:`Policy`.
+
+The simulator keeps its own mutable state, builds a :class:`ClusterView` at every event (a job
+arrives, finishes, reaches the checkpoint it was preempted at, a worker comes back after an
+OOM), asks the policy for decisions and applies them. Between events every worker's group runs
+fused iterations at the cost model's rate (:mod:`policies.costmodel`); each job advances one
+micro-batch per iteration.
+
+Accounting rules:
+
+* **Load.** Workers start empty. Starting a job on an idle worker that holds another (or no)
+  base model loads it first: the group makes no progress for ``cost.load_time_s(model)``.
+* **Memory truth and OOM.** Policies see the memory model's prediction (analytic activation
+  estimate plus exact adapter bytes). The *true* dynamic bytes of job j are its prediction times
+  ``1 + e_j``, ``e_j`` uniform in ``[-memory_noise, +memory_noise]`` drawn from ``(seed, job_id)``:
+  the prediction error that a margin exists for. When a Start makes a group's true peak exceed
+  the worker's memory, the group's next step fails: one OOM is counted, every job of the group
+  rolls back to its last checkpoint and is queued again, and the worker restarts (empty, no model
+  loaded, not accepting for ``oom_restart_s``). The jobs' predictions are then corrected to the
+  truth (the controller re-profiles after an OOM), so the same mistake is not repeated.
+* **Checkpoints** every ``cluster.checkpoint_every_steps`` optimizer steps. ``Preempt`` lets the
+  job run to its next checkpoint, then queues it with that progress kept.
+* **Usage** for fair share: a worker's busy time is split across its group by rows.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from policies.cluster import ClusterSpec
+from policies.costmodel import Member
+from policies.interface import Policy, Preempt, Start
+from policies.memory_model import (
+    ActivationFit,
+    adapter_bytes,
+    adapter_param_count,
+    analytic_activation,
+    static_bytes,
+)
+from policies.snapshot import ClusterView, JobView, WorkerView
+from policies.trace import TraceJob
+
+EPS = 1e-9
+
+
+class SimulationError(RuntimeError):
+    """The trace cannot be simulated (unknown model, a job too big for every worker) or a policy
+    returned an invalid decision or stalled; the message says which job/worker/decision."""
+
+
+@dataclass
+class JobRecord:
+    """The outcome of one job."""
+
+    job_id: str
+    owner: str
+    priority: int
+    submit_s: float
+    first_start_s: float
+    finish_s: float
+    solo_s: float  # load + all iterations alone on the fastest worker
+
+    @property
+    def jct_s(self) -> float:
+        return self.finish_s - self.submit_s
+
+    @property
+    def queue_s(self) -> float:
+        return self.first_start_s - self.submit_s
+
+
+@dataclass
+class SimResult:
+    policy: str
+    jobs: list[JobRecord]
+    num_workers: int
+    busy_s: float  # worker-seconds spent computing
+    oom_count: int
+    preemptions: int
+    useful_tokens: float = 0.0  # tokens of real rows processed (per iteration summed)
+    padded_tokens: float = 0.0  # tokens including padding to the group's longest row
+    decisions_s: list[float] = field(default_factory=list)
+
+
+class _Job:
+    __slots__ = ("adapter_bytes", "adapter_params", "ckpt_iters", "done", "finish", "first_start", "iter_ref_s",
+                 "model", "pred_act", "pred_adapter", "preempt_pending", "solo_s", "start", "static", "t",
+                 "total", "true_act", "true_adapter", "worker")  # fmt: skip
+
+
+class _Worker:
+    __slots__ = ("device", "down_until", "iter_s", "jobs", "loaded", "memory", "ready_at", "tflops", "version", "wid")
+
+    def __init__(self, wid: str, memory: int, tflops: float, device: str):
+        self.wid, self.memory, self.tflops, self.device = wid, memory, tflops, device
+        self.loaded: str | None = None
+        self.jobs: list[_Job] = []
+        self.ready_at = 0.0
+        self.down_until = 0.0
+        self.iter_s = 0.0
+        self.version = 0
+
+
+class Simulator:
+    """One run of one policy over one trace. Use :func:`simulate`."""
+
+    def __init__(self, trace: Sequence[TraceJob], cluster: ClusterSpec, policy: Policy, *, seed: int = 0,
+                 memory_noise: float = 0.10, oom_restart_s: float = 30.0):  # fmt: skip
+        if not 0 <= memory_noise < 1:
+            raise SimulationError(f"memory_noise: must be in [0, 1) (got {memory_noise})")
+        self.cluster, self.policy, self.cost = cluster, policy, cluster.cost
+        self.oom_restart_s = oom_restart_s
+        self.workers = [_Worker(*w) for w in cluster.worker_list()]
+        self.by_wid = {w.wid: w for w in self.workers}
+        fastest = max(w.tflops for w in self.workers)
+        biggest = max(w.memory for w in self.workers)
+        self.jobs: dict[str, _Job] = {}
+        for t in trace:
+            self.jobs[t.job_id] = self._make_job(t, seed, memory_noise, fastest, biggest)
+        self.arrivals = sorted(self.jobs.values(), key=lambda j: (j.t.submit_time_s, j.t.job_id))
+        self.queued: dict[str, _Job] = {}
+        self.usage: dict[str, float] = {}
+        self.events: list[tuple[float, int, str]] = []  # (time, version, worker id)
+        self.now = 0.0
+        self.busy_s = 0.0
+        self.useful_tokens = 0.0
+        self.padded_tokens = 0.0
+        self.oom_count = 0
+        self.preemptions = 0
+        self.finished: list[JobRecord] = []
+
+    def _make_job(self, t: TraceJob, seed: int, noise: float, fastest: float, biggest: int) -> _Job:
+        model = self.cluster.model(t.base_model)
+        if model is None:
+            raise SimulationError(f"job {t.job_id}: base_model {t.base_model!r} is neither in the cluster's "
+                                  f"models nor in the catalogue")  # fmt: skip
+        shape = t.adapter_shape()
+        j = _Job()
+        j.t, j.model, j.worker = t, model, None
+        j.static = static_bytes(model)
+        j.adapter_params = adapter_param_count(model, shape)
+        j.pred_adapter = adapter_bytes(model, shape)
+        j.pred_act = analytic_activation(model, shape)
+        factor = 1.0 + random.Random(f"{seed}:{t.job_id}").uniform(-noise, noise)
+        j.true_adapter = j.pred_adapter * factor
+        j.true_act = j.pred_act.scaled(factor)
+        j.total = t.iterations
+        j.ckpt_iters = self.cluster.checkpoint_every_steps * (t.batch_size // t.micro_batch_size)
+        j.done = 0.0
+        j.start = j.first_start = j.finish = None
+        j.preempt_pending = False
+        member = Member(t.micro_batch_size, t.seq_len, j.adapter_params)
+        j.iter_ref_s = self.cost.iteration_time_s(model, [member], fastest)
+        j.solo_s = self.cost.load_time_s(model) + j.total * j.iter_ref_s
+        solo_peak = j.static + j.true_adapter + j.true_act.predict(t.micro_batch_size, t.seq_len)
+        if solo_peak > biggest:
+            raise SimulationError(f"job {t.job_id}: needs {solo_peak / 2**30:.1f} GiB alone, more than any "
+                                  f"worker has ({biggest / 2**30:.1f} GiB)")  # fmt: skip
+        return j
+
+    # --- views ----------------------------------------------------------------------------------
+
+    def _job_view(self, j: _Job) -> JobView:
+        t = j.t
+        return JobView(t.job_id, t.owner, t.priority, t.submit_time_s, t.base_model, j.static,
+                       math.ceil(j.pred_adapter), j.pred_act, t.micro_batch_size, t.seq_len,
+                       (j.total - j.done) * j.iter_ref_s, j.total * j.iter_ref_s,
+                       j.worker.wid if j.worker else None, j.start, j.preempt_pending)  # fmt: skip
+
+    def view(self) -> ClusterView:
+        """The snapshot the policy sees now."""
+        running = [j for w in self.workers for j in w.jobs]
+        workers = tuple(
+            WorkerView(w.wid, w.memory, w.tflops, w.loaded, tuple(j.t.job_id for j in w.jobs),
+                       accepting=w.down_until <= self.now)
+            for w in self.workers
+        )
+        queued = tuple(self._job_view(j) for j in self.queued.values())
+        return ClusterView(self.now, queued, tuple(self._job_view(j) for j in running), workers, dict(self.usage))
+
+    # --- time -----------------------------------------------------------------------------------
+
+    def _target(self, j: _Job) -> float:
+        if not j.preempt_pending:
+            return j.total
+        return min(j.total, math.ceil(j.done / j.ckpt_iters - EPS) * j.ckpt_iters)
+
+    def _reschedule(self, w: _Worker) -> None:
+        """Recompute the group's iteration time and push the worker's next event."""
+        w.version += 1
+        if not w.jobs:
+            w.iter_s = 0.0
+            if w.down_until > self.now:
+                heapq.heappush(self.events, (w.down_until, w.version, w.wid))
+            return
+        lp = max(j.t.seq_len for j in w.jobs)
+        members = [Member(j.t.micro_batch_size, lp, j.adapter_params) for j in w.jobs]
+        w.iter_s = self.cost.iteration_time_s(w.jobs[0].model, members, w.tflops)
+        begin = max(self.now, w.ready_at)
+        left = min(self._target(j) - j.done for j in w.jobs)
+        heapq.heappush(self.events, (begin + max(0.0, left) * w.iter_s, w.version, w.wid))
+
+    def _advance(self, t1: float) -> None:
+        for w in self.workers:
+            if not w.jobs:
+                continue
+            dt = t1 - max(self.now, w.ready_at)
+            if dt <= 0:
+                continue
+            self.busy_s += dt
+            iters = dt / w.iter_s
+            rows = sum(j.t.micro_batch_size for j in w.jobs)
+            lp = max(j.t.seq_len for j in w.jobs)
+            self.padded_tokens += iters * rows * lp
+            self.useful_tokens += iters * sum(j.t.micro_batch_size * j.t.seq_len for j in w.jobs)
+            for j in w.jobs:
+                j.done = min(self._target(j), j.done + iters)
+                self.usage[j.t.owner] = self.usage.get(j.t.owner, 0.0) + dt * j.t.micro_batch_size / rows
+        self.now = t1
+
+    def _worker_event(self, w: _Worker) -> None:
+        still = []
+        for j in w.jobs:
+            if j.done >= self._target(j) - 1e-6:
+                if j.done >= j.total - 1e-6:
+                    j.finish = self.now
+                    self.finished.append(JobRecord(j.t.job_id, j.t.owner, j.t.priority, j.t.submit_time_s,
+                                                   j.first_start, self.now, j.solo_s))  # fmt: skip
+                else:  # reached the checkpoint it was preempted at
+                    j.done = self._target(j)
+                    self._requeue(j)
+                j.worker = None
+            else:
+                still.append(j)
+        w.jobs = still
+
+    def _requeue(self, j: _Job) -> None:
+        j.worker, j.start, j.preempt_pending = None, None, False
+        self.queued[j.t.job_id] = j
+
+    # --- decisions ----------------------------------------------------------------------------
+
+    def _apply(self, decisions: list) -> None:
+        touched: list[_Worker] = []
+        for d in decisions:
+            if isinstance(d, Start):
+                j, w = self.queued.get(d.job_id), self.by_wid.get(d.worker_id)
+                if j is None or w is None:
+                    raise SimulationError(f"{self.policy.name}: {d}: job not queued or worker unknown")
+                if w.down_until > self.now:
+                    raise SimulationError(f"{self.policy.name}: {d}: worker is restarting")
+                if w.jobs and w.jobs[0].t.base_model != j.t.base_model:
+                    raise SimulationError(f"{self.policy.name}: {d}: worker runs {w.jobs[0].t.base_model}")
+                if not w.jobs:
+                    w.ready_at = self.now
+                    if w.loaded != j.t.base_model:
+                        w.loaded = j.t.base_model
+                        w.ready_at = self.now + self.cost.load_time_s(j.model)
+                del self.queued[d.job_id]
+                j.worker, j.start = w, self.now
+                if j.first_start is None:
+                    j.first_start = self.now
+                w.jobs.append(j)
+                if w not in touched:
+                    touched.append(w)
+            elif isinstance(d, Preempt):
+                j = self.jobs.get(d.job_id)
+                if j is None or j.worker is None:
+                    raise SimulationError(f"{self.policy.name}: {d}: job is not running")
+                if not j.preempt_pending:
+                    j.preempt_pending = True
+                    self.preemptions += 1
+                    if j.worker not in touched:
+                        touched.append(j.worker)
+            else:
+                raise SimulationError(f"{self.policy.name}: {d!r} is not a decision (Start or Preempt)")
+        for w in touched:
+            self._check_memory(w)
+            self._reschedule(w)
+
+    def _check_memory(self, w: _Worker) -> None:
+        if not w.jobs:
+            return
+        lp = max(j.t.seq_len for j in w.jobs)
+        peak = w.jobs[0].static + sum(j.true_adapter + j.true_act.predict(j.t.micro_batch_size, lp) for j in w.jobs)
+        if peak <= w.memory:
+            return
+        self.oom_count += 1
+        for j in w.jobs:
+            j.done = math.floor(j.done / j.ckpt_iters + EPS) * j.ckpt_iters
+            j.pred_adapter = max(j.pred_adapter, j.true_adapter)
+            j.pred_act = ActivationFit(max(j.pred_act.b0, j.true_act.b0), max(j.pred_act.b1, j.true_act.b1),
+                                       max(j.pred_act.b2, j.true_act.b2))  # fmt: skip
+            self._requeue(j)
+        w.jobs, w.loaded = [], None
+        w.down_until = self.now + self.oom_restart_s
+
+    # --- main loop --------------------------------------------------------------------------------
+
+    def run(self, *, time_decisions: bool = False) -> SimResult:
+        """Replay the whole trace. Raises SimulationError on an invalid decision or a stall."""
+        import time
+
+        timings: list[float] = []
+        next_arrival = 0
+        n = len(self.arrivals)
+        while len(self.finished) < n:
+            t_arr = self.arrivals[next_arrival].t.submit_time_s if next_arrival < n else math.inf
+            while self.events and self.events[0][1] != self.by_wid[self.events[0][2]].version:
+                heapq.heappop(self.events)
+            t_ev = self.events[0][0] if self.events else math.inf
+            t_next = min(t_arr, t_ev)
+            if t_next == math.inf:
+                raise SimulationError(self._stall_message())
+            self._advance(max(self.now, t_next))
+            while next_arrival < n and self.arrivals[next_arrival].t.submit_time_s <= self.now + EPS:
+                j = self.arrivals[next_arrival]
+                self.queued[j.t.job_id] = j
+                next_arrival += 1
+            while self.events and self.events[0][0] <= self.now + EPS:
+                _, version, wid = heapq.heappop(self.events)
+                w = self.by_wid[wid]
+                if version != w.version:
+                    continue
+                self._worker_event(w)
+                self._reschedule(w)
+            if self.queued:
+                start = time.perf_counter() if time_decisions else 0.0
+                decisions = self.policy.schedule(self.view())
+                if time_decisions:
+                    timings.append(time.perf_counter() - start)
+                self._apply(decisions)
+        self.finished.sort(key=lambda r: r.job_id)
+        return SimResult(self.policy.name, self.finished, len(self.workers), self.busy_s, self.oom_count,
+                         self.preemptions, self.useful_tokens, self.padded_tokens, timings)  # fmt: skip
+
+    def _stall_message(self) -> str:
+        stuck = sorted(self.queued)[:3]
+        detail = ""
+        if stuck:
+            try:
+                lines = self.policy.explain(self.view(), stuck[0]).workers[:2]
+                detail = "; ".join(f"{w.worker_id}: {w.rejected_by or 'feasible'}" for w in lines)
+            except Exception as err:  # explain is best effort in an error message
+                detail = f"(explain failed: {err})"
+        return (f"{self.policy.name}: stalled at t={self.now:.0f}s with {len(self.queued)} job(s) queued "
+                f"({', '.join(stuck)}...) and nothing running or arriving; {detail}")  # fmt: skip
+
+
+def simulate(trace: Sequence[TraceJob], cluster: ClusterSpec, policy: Policy, *, seed: int = 0,
+             memory_noise: float = 0.10, oom_restart_s: float = 30.0) -> SimResult:  # fmt: skip
+    """Replay ``trace`` on ``cluster`` under ``policy``; see the module docstring for the rules.
+
+    ``seed`` fixes the per-job memory prediction errors (``memory_noise``: their bound as a
+    fraction). Raises SimulationError for an unknown model, a job that fits no worker alone,
+    an invalid decision, or a policy that leaves jobs queued with nothing running.
+    """
+    return Simulator(trace, cluster, policy, seed=seed, memory_noise=memory_noise,
+                     oom_restart_s=oom_restart_s).run()  # fmt: skip
