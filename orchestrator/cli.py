@@ -22,6 +22,8 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("orchestrator.commands.train", "train one or more jobs together in this process (no cluster)"),
     "validate": ("orchestrator.commands.validate", "check job spec files and print every error"),
+    "simulate": ("orchestrator.commands.simulate", "compare scheduling policies on a job trace (simulated)"),
+    "trace": ("orchestrator.commands.trace", "job traces for the simulator: 'trace synth' writes one"),
 }
 
 

@@ -1,0 +1,44 @@
+"""``lorafleet trace synth``: write a synthetic job trace (see policies.trace.synth_trace)."""
+
+from __future__ import annotations
+
+import argparse
+
+from orchestrator.cli import UserError
+
+HELP = "job traces for the simulator: 'trace synth' writes a synthetic one"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="trace_command", metavar="ACTION", required=True)
+    synth = sub.add_parser("synth", help="write a synthetic trace (Poisson arrivals, heavy-tailed lengths)")
+    synth.add_argument("--jobs", type=int, required=True, help="number of jobs")
+    synth.add_argument("--seed", type=int, default=0, help="random seed [0]")
+    synth.add_argument("-o", "--output", required=True, help="CSV file to write")
+    synth.add_argument("--load", type=float, default=2.0,
+                       help="offered work / what --workers GPUs can do running jobs alone [2.0]")  # fmt: skip
+    synth.add_argument("--workers", type=int, default=8, help="GPUs the load is relative to [8]")
+    synth.add_argument("--gpu-memory-gib", type=float, default=80.0, help="every job fits alone on this [80]")
+    synth.add_argument("--tflops", type=float, default=312.0, help="peak TFLOP/s of those GPUs [312]")
+    synth.add_argument("--mixlora-share", type=float, default=0.25, help="fraction of MixLoRA jobs [0.25]")
+
+
+def run(args: argparse.Namespace) -> int:
+    from policies.trace import synth_trace, write_trace
+
+    if args.jobs < 1:
+        raise UserError(f"--jobs: must be >= 1 (got {args.jobs})")
+    if args.load <= 0 or args.workers < 1 or args.gpu_memory_gib <= 0 or args.tflops <= 0:
+        raise UserError("--load, --workers, --gpu-memory-gib and --tflops must be > 0")
+    if not 0 <= args.mixlora_share <= 1:
+        raise UserError(f"--mixlora-share: must be in [0, 1] (got {args.mixlora_share})")
+    jobs = synth_trace(args.jobs, args.seed, load=args.load, workers=args.workers,
+                       gpu_memory_gib=args.gpu_memory_gib, tflops=args.tflops,
+                       mixlora_share=args.mixlora_share)  # fmt: skip
+    try:
+        write_trace(jobs, args.output)
+    except OSError as err:
+        raise UserError(f"-o: cannot write {args.output}: {err.strerror or err}") from None
+    span = jobs[-1].submit_time_s / 3600.0
+    print(f"wrote {len(jobs)} jobs over {span:.1f} h to {args.output}")
+    return 0

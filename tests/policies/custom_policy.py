@@ -1,0 +1,15 @@
+"""A custom policy for the import-path test: start every queued job on the first idle worker."""
+
+from policies.interface import Explanation, Start
+
+
+class FirstIdle:
+    def __init__(self, label: str = "first-idle"):
+        self.name = label
+
+    def schedule(self, view):
+        idle = [w.worker_id for w in view.workers if not w.running and w.accepting]
+        return [Start(j.job_id, w) for j, w in zip(sorted(view.queued, key=lambda j: j.submit_time_s), idle, strict=False)]
+
+    def explain(self, view, job_id):
+        return Explanation(job_id, self.name, (), 0.0, 0, ())

@@ -1,0 +1,124 @@
+import json
+
+import pytest
+import yaml
+
+from orchestrator.cli import main
+from policies.cluster import ClusterError, parse_cluster
+from policies.config import PolicyConfigError, parse_policy_config, resolve_policy
+from policies.trace import TraceError, format_trace, parse_trace, synth_trace
+
+
+def test_aspen_config_fields_reach_the_policy():
+    p = parse_policy_config({"policy": "aspen", "margin": 0.3, "weights": {"size": 7}, "quotas": {"default": 2},
+                             "starvation_s": None, "max_group_tokens": None})  # fmt: skip
+    assert p.name == "aspen" and p.margin == 0.3 and p.starvation_s is None
+    assert dict((f.name, w) for f, w in p.order.factors)["size"] == 7
+    assert [f.name for f in p.filters] == ["quota"]
+
+
+def test_priority_defaults_to_preemption():
+    assert parse_policy_config({"policy": "priority"}).preempt is not None
+    assert parse_policy_config({"policy": "priority", "preemption": "never"}).preempt is None
+    assert parse_policy_config({"policy": "fifo"}).backfill is False
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ({"policy": "lifo"}, "policy: must be one of fifo, priority, sjf, aspen"),
+        ({}, "policy: required"),
+        ({"policy": "aspen", "margin": -1}, "margin: must be a number >= 0"),
+        ({"policy": "aspen", "weights": {"speed": 1}}, "weights.speed: unknown weight"),
+        ({"policy": "aspen", "preemption": "always"}, "preemption: must be one of never, lower_priority"),
+        ({"policy": "fifo", "weights": {"age": 1}}, "weights: unknown field for policy fifo (only for aspen)"),
+        ({"policy": "aspen", "colour": 1}, "colour: unknown field"),
+        ({"policy": "aspen", "quotas": {"bob": 1.5}}, "quotas.bob: must be an integer"),
+        ({"policy": "aspen", "backfill": "yes"}, "backfill: must be true or false"),
+        ({"policy": "nosuch.module:X"}, "cannot import module 'nosuch.module'"),
+        ({"policy": "tests.policies.custom_policy:Nope"}, "has no attribute 'Nope'"),
+        ({"policy": "tests.policies.custom_policy:FirstIdle", "options": {"bad": 1}}, "options:"),
+    ],
+)
+def test_invalid_config_errors(doc, message):
+    with pytest.raises(PolicyConfigError, match=None) as info:
+        parse_policy_config(doc, "p.yaml")
+    assert str(info.value).startswith("p.yaml: ")
+    assert message in str(info.value)
+
+
+def test_custom_policy_by_import_path():
+    p = parse_policy_config({"policy": "tests.policies.custom_policy:FirstIdle", "options": {"label": "mine"}})
+    assert p.name == "mine"
+    assert resolve_policy("tests.policies.custom_policy:FirstIdle").name == "first-idle"
+
+
+def test_bundled_policy_yaml_loads():
+    p = resolve_policy("examples/policy.yaml")
+    assert p.name == "aspen" and p.margin == 0.15
+
+
+def test_cluster_errors_and_models():
+    spec = parse_cluster({"workers": [{"count": 2, "gpu_memory_gib": 40, "tflops": 100}],
+                          "models": {"tiny": {"num_parameters": 1e6, "hidden_size": 64, "num_hidden_layers": 2,
+                                              "num_attention_heads": 4, "intermediate_size": 128,
+                                              "vocab_size": 100}}})  # fmt: skip
+    assert len(spec.worker_list()) == 2 and spec.model("tiny").hidden_size == 64
+    assert spec.model("llama-2-7b") is not None
+    with pytest.raises(ClusterError, match=r"workers\[0\].count: must be an integer > 0"):
+        parse_cluster({"workers": [{"count": 0, "gpu_memory_gib": 40, "tflops": 100}]})
+    with pytest.raises(ClusterError, match="unknown key"):
+        parse_cluster({"workers": [{"count": 1, "gpu_memory_gib": 40, "tflops": 1, "gpus": 2}]})
+    with pytest.raises(ClusterError, match=r"models\.bad\.dtype_bytes"):
+        parse_cluster({"workers": [{"count": 1, "gpu_memory_gib": 40, "tflops": 1}],
+                       "models": {"bad": {"num_parameters": 1, "hidden_size": 64, "num_hidden_layers": 1,
+                                          "num_attention_heads": 4, "intermediate_size": 8, "vocab_size": 8,
+                                          "dtype_bytes": 3}}})  # fmt: skip
+
+
+def test_trace_round_trip_and_errors():
+    jobs = synth_trace(30, 5)
+    assert parse_trace(format_trace(jobs)) == jobs
+    assert synth_trace(30, 5) == jobs and synth_trace(30, 6) != jobs
+    assert {j.adapter for j in synth_trace(100, 1)} == {"lora", "mixlora"}
+    header = "job_id,submit_time_s,owner,base_model,adapter,rank,num_experts,batch_size,micro_batch_size,seq_len,steps,priority\n"
+    with pytest.raises(TraceError, match=r"t\.csv:2: rank: must be an integer"):
+        parse_trace(header + "a,0,o,llama-2-7b,lora,x,0,8,4,512,10,0\n", "t.csv")
+    with pytest.raises(TraceError, match=r"t\.csv:2: adapter: must be one of lora, mixlora"):
+        parse_trace(header + "a,0,o,llama-2-7b,dora,8,0,8,4,512,10,0\n", "t.csv")
+    with pytest.raises(TraceError, match="batch_size: must be a multiple"):
+        parse_trace(header + "a,0,o,llama-2-7b,lora,8,0,6,4,512,10,0\n", "t.csv")
+    with pytest.raises(TraceError, match="missing column"):
+        parse_trace("job_id,owner\na,b\n", "t.csv")
+
+
+def test_cli_synth_and_simulate_json(tmp_path, capsys):
+    trace = tmp_path / "t.csv"
+    assert main(["trace", "synth", "--jobs", "25", "--seed", "3", "-o", str(trace)]) == 0
+    cluster = tmp_path / "c.yaml"
+    cluster.write_text(yaml.safe_dump({"workers": [{"count": 2, "gpu_memory_gib": 80, "tflops": 312}]}))
+    capsys.readouterr()
+    plot = tmp_path / "jct.png"
+    rc = main(["simulate", "--trace", str(trace), "--cluster", str(cluster), "--policy", "fifo,aspen", "--json",
+               "--plot", str(plot)])  # fmt: skip
+    assert rc == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["policy"] for r in rows] == ["fifo", "aspen"]
+    for r in rows:
+        for key in ("policy", "mean_jct_s", "p50_jct_s", "p99_jct_s", "mean_queue_s", "makespan_s", "utilisation",
+                    "oom_count"):  # fmt: skip
+            assert key in r
+        assert r["mean_jct_s"] > 0 and 0 < r["utilisation"] <= 1
+    assert plot.stat().st_size > 1000
+
+
+def test_cli_table_and_user_errors(tmp_path, capsys):
+    trace = tmp_path / "t.csv"
+    main(["trace", "synth", "--jobs", "10", "-o", str(trace)])
+    assert main(["simulate", "--trace", str(trace), "--cluster", "examples/cluster.yaml", "--policy", "fifo,sjf"]) == 0
+    out = capsys.readouterr().out
+    assert "fifo" in out and "sjf" in out and "priority 0" in out
+    assert main(["simulate", "--trace", str(trace), "--cluster", "examples/cluster.yaml", "--policy", "lifo"]) == 2
+    assert "lifo" in capsys.readouterr().err
+    assert main(["simulate", "--trace", str(tmp_path / "none.csv"), "--cluster", "examples/cluster.yaml"]) == 2
+    assert "cannot read trace" in capsys.readouterr().err

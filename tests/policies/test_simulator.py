@@ -1,0 +1,145 @@
+import pytest
+
+from policies.builtin import CommonSettings, aspen, fifo
+from policies.catalogue import CATALOGUE
+from policies.cluster import default_cluster
+from policies.costmodel import CostModel, Member
+from policies.interface import Start
+from policies.memory_model import GIB, adapter_bytes, adapter_param_count, analytic_activation, static_bytes
+from policies.metrics import percentile, summarise
+from policies.simulator import SimulationError, simulate
+from policies.trace import TraceJob
+
+SMOL = CATALOGUE["smollm2-135m"]
+LLAMA = CATALOGUE["llama-2-7b"]
+
+
+def tj(job_id="a", submit=0.0, model="smollm2-135m", steps=10, batch=8, mbs=4, seq=512, prio=0, rank=8,
+       owner="alice") -> TraceJob:  # fmt: skip
+    return TraceJob(job_id, submit, owner, model, "lora", rank, 0, batch, mbs, seq, steps, prio)
+
+
+def test_one_job_finishes_exactly_when_cost_model_says():
+    job = tj(submit=5.0, model="llama-2-7b", steps=30, batch=16, mbs=4, seq=1024)
+    cost = CostModel()
+    member = Member(4, 1024, adapter_param_count(LLAMA, job.adapter_shape()))
+    # finish = submit + load + steps * (batch / mbs) iterations * iteration time
+    expected = 5.0 + cost.load_time_s(LLAMA) + 30 * 4 * cost.iteration_time_s(LLAMA, [member], 312.0)
+    result = simulate([job], default_cluster(count=1), fifo())
+    (rec,) = result.jobs
+    assert rec.finish_s == pytest.approx(expected, rel=1e-9)
+    assert rec.first_start_s == 5.0
+    m = summarise(result)
+    assert m.mean_jct_s == pytest.approx(expected - 5.0, rel=1e-9)
+    assert m.oom_count == 0
+    # busy time = iterations only (load excluded): utilisation = busy / makespan
+    busy = expected - 5.0 - cost.load_time_s(LLAMA)
+    assert m.utilisation == pytest.approx(busy / (expected - 5.0), rel=1e-9)
+
+
+def test_cost_model_arithmetic():
+    cost = CostModel(mfu=0.5, half_tokens=0.0, launch_s_per_layer=0.0, adapter_overhead_s=0.01)
+    # 2 rows x 100 tokens; per token 4 * 134,515,008 + 12 * 30 * 576 * 100 + 6 * 1000
+    per_token = 4 * 134_515_008 + 12 * 30 * 576 * 100 + 6 * 1000
+    flops = 200 * per_token
+    t = cost.iteration_time_s(SMOL, [Member(2, 100, 1000)], 100.0)
+    assert t == pytest.approx(flops / (100e12 * 0.5) + 0.01)
+
+
+def test_fusion_is_cheaper_than_running_alone():
+    cost = CostModel()
+    m = Member(1, 256, 1_000_000)
+    together = cost.iteration_time_s(LLAMA, [m, m, m, m], 312.0)
+    alone = 4 * cost.iteration_time_s(LLAMA, [m], 312.0)
+    assert together < alone
+
+
+def test_padding_costs_compute():
+    cost = CostModel()
+    short, long_ = Member(1, 256, 0), Member(1, 4096, 0)
+    assert cost.iteration_flops(LLAMA, [short, long_]) == cost.iteration_flops(LLAMA, [Member(1, 4096, 0)] * 2)
+
+
+def test_two_jobs_share_a_worker_and_the_second_waits_when_memory_is_short():
+    # two llama-2-7b jobs of ~50 GiB each cannot share an 80 GiB worker: the second queues
+    jobs = [tj("a", model="llama-2-7b", mbs=4, batch=4, seq=2048, steps=5),
+            tj("b", submit=1.0, model="llama-2-7b", mbs=4, batch=4, seq=2048, steps=5)]  # fmt: skip
+    result = simulate(jobs, default_cluster(count=1), fifo())
+    a, b = result.jobs
+    assert b.first_start_s == pytest.approx(a.finish_s)
+
+
+def test_oom_rolls_back_to_checkpoint_and_is_counted():
+    # three jobs whose predicted group peak is 1% under the worker's memory: fifo (margin 0) packs
+    # them; a true error of up to +-10% per job makes some seeds OOM
+    shape = tj().adapter_shape()
+    dyn = adapter_bytes(LLAMA, shape) + analytic_activation(LLAMA, shape).predict(2, 2048)
+    gib = (static_bytes(LLAMA) + 3 * dyn * 1.01) / GIB
+    cluster = default_cluster(count=1, gpu_memory_gib=gib)
+    jobs = [tj(x, model="llama-2-7b", mbs=2, batch=2, seq=2048, steps=200, submit=i * 100.0)
+            for i, x in enumerate("abc")]  # fmt: skip
+    noisy = [simulate(jobs, cluster, fifo(), seed=s, memory_noise=0.1) for s in range(8)]
+    assert sum(r.oom_count > 0 for r in noisy) >= 2
+    for r in noisy:
+        assert sorted(j.job_id for j in r.jobs) == ["a", "b", "c"]  # every job still finishes
+    clean = simulate(jobs, cluster, fifo(), seed=0, memory_noise=0.0)
+    assert clean.oom_count == 0
+    oom = next(r for r in noisy if r.oom_count)
+    # an OOM costs time: lost progress since the checkpoint plus a 30 s restart and a reload
+    assert max(j.finish_s for j in oom.jobs) > max(j.finish_s for j in clean.jobs)
+    # aspen's 0.15 margin covers a 10% error: never an OOM
+    assert all(simulate(jobs, cluster, aspen(), seed=s).oom_count == 0 for s in range(8))
+
+
+def test_preempted_job_stops_at_checkpoint_and_resumes():
+    from policies.builtin import priority
+
+    # a: low priority, 200 steps, checkpoint every 50; h arrives later with high priority and needs w0
+    jobs = [tj("a", model="llama-2-7b", mbs=4, batch=4, seq=2048, steps=200),
+            tj("h", submit=60.0, model="llama-2-7b", mbs=4, batch=4, seq=2048, steps=10, prio=5)]  # fmt: skip
+    result = simulate(jobs, default_cluster(count=1), priority(CommonSettings(preemption="lower_priority")))
+    assert result.preemptions == 1
+    a = next(j for j in result.jobs if j.job_id == "a")
+    h = next(j for j in result.jobs if j.job_id == "h")
+    assert h.finish_s < a.finish_s
+    assert len(result.jobs) == 2
+
+
+def test_unknown_model_is_an_error():
+    with pytest.raises(SimulationError, match="base_model 'nope'"):
+        simulate([tj(model="nope")], default_cluster(), fifo())
+
+
+def test_job_too_big_for_every_worker():
+    with pytest.raises(SimulationError, match=r"needs .* GiB alone"):
+        simulate([tj(model="llama-2-13b", mbs=32, batch=32, seq=4096)], default_cluster(), fifo())
+
+
+class _Bad:
+    name = "bad"
+
+    def schedule(self, view):
+        return [Start(j.job_id, "nowhere") for j in view.queued]
+
+    def explain(self, view, job_id):
+        raise KeyError(job_id)
+
+
+class _Idle(_Bad):
+    name = "idle"
+
+    def schedule(self, view):
+        return []
+
+
+def test_invalid_decision_and_stall_are_reported():
+    with pytest.raises(SimulationError, match="worker unknown"):
+        simulate([tj()], default_cluster(), _Bad())
+    with pytest.raises(SimulationError, match="stalled"):
+        simulate([tj()], default_cluster(), _Idle())
+
+
+def test_percentile_interpolates():
+    assert percentile([1, 2, 3, 4], 50) == 2.5
+    assert percentile([10], 99) == 10
+    assert percentile([0, 100], 99) == 99
