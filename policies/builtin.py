@@ -71,8 +71,8 @@ class AspenSettings:
     margin: float = 0.15
     preemption: str = "never"
     backfill: bool = True
-    queue_depth: int = 0
-    max_candidates: int = 64
+    queue_depth: int = 256
+    max_candidates: int = 16
     weights: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     max_age_s: float = 4 * 3600.0
     size_half_s: float = 3600.0
