@@ -23,19 +23,21 @@ from pathlib import Path
 import torch
 
 from actors import checkpoint as ckpt
-from actors.adapter import JobAdapter, LoraJobAdapter
+from actors.adapter import AdapterLoadError, JobAdapter, LoraJobAdapter
 from actors.checkpoint import read_adapter
 from actors.config import AdapterSettings, JobConfig
 from actors.data import Example, collate, load_examples
 from actors.fused_model import FusedModel
 from actors.job import JobFailed, StepReport, TrainingJob
 from actors.lora import BatchLayout, Segment
+from actors.mixlora import MixLoraJobAdapter, settings_from_export
 
 log = logging.getLogger(__name__)
 
 # adapter kind -> factory(fused model, job name, settings, init generator). MixLoRA registers itself.
 AdapterFactory = Callable[[FusedModel, str, AdapterSettings, torch.Generator], JobAdapter]
 ADAPTER_KINDS: dict[str, AdapterFactory] = {"lora": LoraJobAdapter}
+ADAPTER_KINDS["mixlora"] = MixLoraJobAdapter
 
 
 @dataclass
@@ -73,6 +75,7 @@ class FusedEngine:
         self.base_model_id = base_model_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.jobs: dict[str, TrainingJob] = {}
+        self.inference: dict[str, JobAdapter] = {}  # exported adapters attached for evaluation
 
     @property
     def device(self) -> torch.device:
@@ -144,7 +147,8 @@ class FusedEngine:
         row = 0
         for job, batch, _ in picked:
             ids, labels, mask = collate(batch, self.pad_id, length)
-            segments.append(Segment(job.name, row, row + len(batch)))
+            own_length = max(len(ex.input_ids) for ex in batch)
+            segments.append(Segment(job.name, row, row + len(batch), own_length))
             row += len(batch)
             id_parts.append(ids)
             label_parts.append(labels)
@@ -249,6 +253,68 @@ class FusedEngine:
             seg_sum += float(loss_sum)
             seg_count += count
         return seg_sum / max(1, seg_count)
+
+    # ---------------------------------------------------------------- evaluation of exported adapters
+
+    def attach_adapter(self, name: str, directory: str | Path) -> JobAdapter:
+        """Attach an exported adapter directory (PEFT LoRA or MixLoRA) under ``name``, for inference.
+
+        Raises:
+            FileNotFoundError: no adapter files in ``directory``.
+            ValueError: duplicate name, or the adapter does not fit the base model (``AdapterLoadError``,
+                ``TargetError``, ``MlpStructureError``); nothing stays attached.
+        """
+        if name in self.inference or name in self.jobs:
+            raise ValueError(f"an adapter named {name!r} is already attached")
+        state, config = read_adapter(directory)
+        settings = settings_from_export(config, str(directory))
+        adapter = ADAPTER_KINDS[settings.kind](self.fused, name, settings, seeded_generator(0))
+        try:
+            adapter.load_state(state, str(directory))
+        except BaseException:
+            adapter.detach()
+            raise
+        for param in adapter.parameters():
+            param.requires_grad_(False)
+        self.inference[name] = adapter
+        return adapter
+
+    def detach_adapter(self, name: str) -> None:
+        self.inference.pop(name).detach()
+
+    @torch.no_grad()
+    def evaluate(
+        self, names: list[str | None], examples: list[Example], micro_batch_size: int = 8
+    ) -> list[tuple[float, int]]:
+        """(mean token loss, label tokens) of each adapter on ``examples``; ``None`` is the base model.
+
+        Every forward carries ``micro_batch_size`` examples once per adapter (rows of all adapters
+        fused in one batch, ``training=False``): one pass of the base model serves all adapters.
+        """
+        missing = [n for n in names if n is not None and n not in self.inference and n not in self.jobs]
+        if missing:
+            raise AdapterLoadError(f"no adapter attached under {missing[0]!r}")
+        keys = [n if n is not None else "@base" for n in names]  # "@base" is never a module name
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # less padding
+        sums = [0.0] * len(names)
+        counts = [0] * len(names)
+        for i in range(0, len(order), micro_batch_size):
+            batch = [examples[j] for j in order[i : i + micro_batch_size]]
+            ids, labels, mask = collate(batch, self.pad_id)
+            n = len(batch)
+            segments = tuple(Segment(key, k * n, (k + 1) * n) for k, key in enumerate(keys))
+            input_ids = ids.repeat(len(keys), 1).to(self.device)  # (A*n, L)
+            attention_mask = mask.repeat(len(keys), 1).to(self.device)
+            all_labels = labels.repeat(len(keys), 1).to(self.device)
+            layout = BatchLayout(segments, training=False, padding_mask=attention_mask.bool())
+            hidden = self.fused.hidden_states(input_ids, attention_mask, layout)  # (A*n, L, H)
+            for k, seg in enumerate(segments):
+                loss_sum, count = self.fused.token_loss_sum(
+                    hidden[seg.start : seg.stop], all_labels[seg.start : seg.stop]
+                )
+                sums[k] += float(loss_sum)
+                counts[k] += count
+        return [(s / max(1, c), c) for s, c in zip(sums, counts, strict=True)]
 
     def output_of(self, name: str) -> Path:
         return Path(self.jobs[name].config.output)

@@ -30,11 +30,16 @@ from actors.config import LoraSettings
 
 @dataclass(frozen=True)
 class Segment:
-    """Rows ``[start, stop)`` of the fused batch belong to job ``job``."""
+    """Rows ``[start, stop)`` of the fused batch belong to job ``job``.
+
+    ``length`` is the job's own padded sequence length (the fused batch may be longer): dropout
+    masks are drawn at this length, so a job's masks never depend on which jobs it shares a batch with.
+    """
 
     job: str
     start: int
     stop: int
+    length: int | None = None
 
 
 @dataclass
@@ -69,11 +74,22 @@ class ForwardContext:
         self.layout: BatchLayout | None = None
 
 
-def dropout_with(x: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Inverted dropout whose mask comes from ``generator`` (exact gradient through autograd)."""
+def dropout_with(
+    x: torch.Tensor, p: float, generator: torch.Generator | None, length: int | None = None
+) -> torch.Tensor:
+    """Inverted dropout whose mask comes from ``generator`` (exact gradient through autograd).
+
+    With ``length`` (for ``x`` of shape (n, L, ...)), the mask is drawn for the first ``length``
+    positions only and the rest (padding of the fused batch) is zeroed.
+    """
     if p <= 0.0:
         return x
-    mask = torch.empty(x.shape, device=x.device, dtype=x.dtype).bernoulli_(1.0 - p, generator=generator)
+    if length is None or x.dim() < 3 or length >= x.shape[1]:
+        mask = torch.empty(x.shape, device=x.device, dtype=x.dtype).bernoulli_(1.0 - p, generator=generator)
+    else:
+        mask = x.new_zeros(x.shape)
+        drawn = torch.empty((x.shape[0], length, *x.shape[2:]), device=x.device, dtype=x.dtype)
+        mask[:, :length] = drawn.bernoulli_(1.0 - p, generator=generator)
     return x * mask / (1.0 - p)
 
 
@@ -115,15 +131,16 @@ class LoraWeights(nn.Module):
         base: nn.Linear,
         generator: torch.Generator | None,
         training: bool,
+        length: int | None = None,
     ) -> torch.Tensor:
         """The update to add to ``base_out`` (= ``base(x)``) for these rows.
 
-        ``x``: (n, ..., in) in the base dtype; the adapter computes in fp32 and returns the
-        base dtype. Dropout applies in training only.
+        ``x``: (n, L, in) in the base dtype; the adapter computes in fp32 and returns the
+        base dtype. Dropout applies in training only, with masks drawn for ``length`` positions.
         """
         p = self.settings.dropout if training else 0.0
         xf = x.to(self.lora_A.dtype)
-        dropped = dropout_with(xf, p, generator)
+        dropped = dropout_with(xf, p, generator, length)
         lora = F.linear(F.linear(dropped, self.lora_A), self.lora_B)  # (n, ..., out)
         if self.lora_magnitude_vector is None:
             return (lora * self.scaling).to(base_out.dtype)
@@ -192,7 +209,8 @@ class MultiLoraLinear(nn.Module):
         return weights
 
     def remove_adapter(self, job: str) -> None:
-        self.adapters.pop(job, None)
+        if job in self.adapters:
+            del self.adapters[job]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base_out = self.base(x)  # (N, L, out): one GEMM for every row of every job
@@ -223,7 +241,9 @@ def apply_segments(
         weights = adapters[seg.job] if seg.job in adapters else None
         if weights is not None:
             gen = layout.generators.get(seg.job)
-            rows_out = rows_out + weights.delta(x[seg.start : seg.stop], rows_out, base, gen, layout.training)
+            rows_out = rows_out + weights.delta(
+                x[seg.start : seg.stop], rows_out, base, gen, layout.training, seg.length
+            )
             touched = True
         pieces.append(rows_out)
     if not touched:

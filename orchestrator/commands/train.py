@@ -1,0 +1,147 @@
+"""``lorafleet train A.yaml B.yaml ...``: train jobs together in this process, no cluster needed.
+
+Jobs that share a base model train fused on one copy of it; jobs on different base models
+train one group after another. A job whose spec, data or adapter is broken fails alone with
+its error; the others still finish, and the exit code is 1. Rerunning the same command resumes
+every job from its newest checkpoint (``--no-resume`` starts over); finished jobs are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+from rich.console import Console
+
+from orchestrator.progress import JobProgress, ProgressView, summary_table
+from orchestrator.spec import JobSpec, SpecError, load_spec
+
+HELP = "train one or more jobs together in this process (no cluster)"
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("specs", nargs="+", metavar="SPEC", help="job spec files (YAML or JSON)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="[auto: cuda if present]")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="base model dtype [auto: bfloat16 on cuda, float32 on cpu]; adapters stay fp32")
+    parser.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints and start over")
+    parser.add_argument("--plain", action="store_true", help="log lines instead of live progress bars")
+
+
+def finished_before(spec: JobSpec) -> dict | None:
+    """The ``job.json`` of a job whose final adapter is already written, else None."""
+    summary = Path(spec.output_dir()) / "job.json"
+    if not summary.is_file():
+        return None
+    data = json.loads(summary.read_text())
+    done = data.get("state") == "succeeded" and (Path(spec.output_dir()) / "adapter_config.json").is_file()
+    return data if done else None
+
+
+def run(args: argparse.Namespace) -> int:
+    console = Console(stderr=True)
+    results: list[JobProgress] = []
+    groups: dict[str, list[JobSpec]] = defaultdict(list)
+    seen: dict[str, str] = {}
+    for path in args.specs:
+        try:
+            spec = load_spec(path)
+        except SpecError as err:
+            for line in err.errors:
+                console.print(f"[red]spec error[/] {line}", highlight=False)
+            results.append(JobProgress(Path(path).stem, 0, state="failed", message=f"invalid spec {path}"))
+            continue
+        if spec.name in seen:
+            msg = f"name: {spec.name!r} is used by both {seen[spec.name]} and {path}"
+            console.print(f"[red]spec error[/] {path}: {msg}", highlight=False)
+            results.append(JobProgress(spec.name, 0, state="failed", message=msg))
+            continue
+        seen[spec.name] = path
+        groups[spec.base_model].append(spec)
+
+    with ProgressView(console, live=False if args.plain else None) as view:
+        for base_model, specs in groups.items():
+            results.extend(train_group(base_model, specs, args, view, console))
+    console.print(summary_table(results))
+    return 1 if any(r.state != "succeeded" for r in results) else 0
+
+
+def _device_and_dtype(device: str, dtype: str):
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        from orchestrator.cli import UserError
+
+        raise UserError("--device cuda: no CUDA device is visible to torch")
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    return device, getattr(torch, dtype)
+
+
+def train_group(
+    base_model: str, specs: list[JobSpec], args: argparse.Namespace, view: ProgressView, console: Console
+) -> list[JobProgress]:
+    """Train every job of one base model fused; returns one final ``JobProgress`` per job."""
+    from actors.engine import FusedEngine
+    from actors.models import load_base_model
+
+    results: dict[str, JobProgress] = {}
+    pending = []
+    for spec in specs:
+        done = finished_before(spec) if not args.no_resume else None
+        if done is not None:
+            results[spec.name] = JobProgress(
+                spec.name, done.get("total_steps", 0), step=done.get("step", 0), loss=done.get("final_loss"),
+                state="succeeded", output=spec.output_dir(), message="already finished",
+            )
+            continue
+        pending.append(spec)
+    if not pending:
+        return list(results.values())
+
+    device, dtype = _device_and_dtype(args.device, args.dtype)
+    console.print(f"loading base model {base_model} on {device} ({str(dtype).removeprefix('torch.')})")
+    try:
+        model, tokenizer = load_base_model(base_model, device=device, dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as exc:
+        for spec in pending:
+            results[spec.name] = JobProgress(spec.name, 0, state="failed", message=f"base_model: {exc}")
+        return list(results.values())
+    engine = FusedEngine(model, tokenizer, base_model_id=base_model)
+
+    for spec in pending:
+        try:
+            job = engine.add_job(spec.to_job_config(), resume=not args.no_resume)
+        except (ValueError, OSError) as exc:
+            results[spec.name] = JobProgress(spec.name, 0, state="failed", message=str(exc))
+            console.print(f"[red]{spec.name} failed[/]: {exc}", highlight=False)
+            continue
+        view.add(spec.name, job.total_steps, step=job.step)
+        if job.step:
+            view.update(spec.name, message=f"resumed at step {job.step}")
+
+    def on_step(result) -> None:
+        for report in result.reports:
+            view.update(report.job, step=report.step, loss=report.loss, tokens_per_s=report.tokens_per_s)
+        for event in result.events:
+            if event.kind == "finished":
+                view.update(event.job, state="succeeded", output=event.output)
+            else:
+                view.update(event.job, state="failed", message=event.message)
+
+    engine.run(on_step)
+    for name in list(engine.jobs):
+        job = engine.remove_job(name)
+        progress = view.jobs[name]
+        if job.error is None and progress.state != "succeeded":
+            progress.state = "succeeded"
+        progress.output = str(job.output)
+        progress.loss = job.last_loss if progress.loss is None else progress.loss
+        results[name] = progress
+    return [results[s.name] for s in specs if s.name in results]
