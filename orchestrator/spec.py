@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -250,7 +251,8 @@ def _format_error(err: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
     if kind == "missing":
         return loc, "required field is missing"
     if kind == "literal_error":
-        return loc, f"must be one of {ctx.get('expected')} (got {given!r})"
+        allowed = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
+        return loc, f"must be one of {', '.join(allowed)} (got {given!r})"
     if kind in ("greater_than_equal", "greater_than", "less_than", "less_than_equal"):
         op = {"greater_than_equal": ">=", "greater_than": ">", "less_than": "<", "less_than_equal": "<="}[kind]
         bound = next(iter(ctx.values()))

@@ -100,6 +100,7 @@ def train_group(
                 spec.name, done.get("total_steps", 0), step=done.get("step", 0), loss=done.get("final_loss"),
                 state="succeeded", output=spec.output_dir(), message="already finished",
             )
+            console.print(f"{spec.name}: already finished in {spec.output_dir()} (--no-resume trains it again)")
             continue
         pending.append(spec)
     if not pending:

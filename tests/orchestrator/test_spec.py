@@ -1,0 +1,108 @@
+"""Every malformed spec field gets a specific error naming the field, the problem and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.spec import SpecError, load_spec, parse_spec
+
+GOOD = {"name": "job-1", "data": {"path": "d.jsonl"}}
+
+
+def spec_with(**changes):
+    out = {"name": "job-1", "data": {"path": "d.jsonl"}, "adapter": {}, "train": {}}
+    for dotted, value in changes.items():
+        section, _, key = dotted.partition("__")
+        if key:
+            out.setdefault(section, {})[key] = value
+        else:
+            out[section] = value
+    return out
+
+
+CASES = [
+    # (field=value, the field named in the error, words the message must contain)
+    ({"name": "has space"}, "name", "must match"),
+    ({"name": "x" * 65}, "name", "must match"),
+    ({"adapter__type": "qlora"}, "adapter.type", "one of lora, mixlora (got 'qlora')"),
+    ({"adapter__r": 0}, "adapter.r", "must be >= 1 (got 0)"),
+    ({"adapter__r": "eight"}, "adapter.r", "integer"),
+    ({"adapter__alpha": -1}, "adapter.alpha", "must be > 0"),
+    ({"adapter__dropout": 1.0}, "adapter.dropout", "must be < 1"),
+    ({"adapter__target_modules": []}, "adapter.target_modules", "at least 1"),
+    ({"adapter__target_modules": ["q_proj", "q_proj"]}, "adapter.target_modules", "twice"),
+    ({"adapter__target_modules": ["q proj"]}, "adapter.target_modules", "not a module name"),
+    ({"adapter__num_experts": 4}, "adapter.num_experts", "only valid with type: mixlora"),
+    ({"adapter__lerning": 1}, "adapter.lerning", "unknown field"),
+    ({"data__format": "xml"}, "data.format", "one of auto, alpaca, text, chat, tokens"),
+    ({"data__max_seq_len": 1}, "data.max_seq_len", ">= 2"),
+    ({"data": {}}, "data.path", "required"),
+    ({"train__batch_size": 10, "train__micro_batch_size": 4}, "train.batch_size", "multiple of micro_batch_size"),
+    ({"train__batch_size": 2, "train__micro_batch_size": 4}, "train.micro_batch_size", "<= batch_size"),
+    ({"train__learning_rate": 0}, "train.learning_rate", "> 0"),
+    ({"train__optimizer": "adam"}, "train.optimizer", "one of adamw, sgd"),
+    ({"train__lr_scheduler": "step"}, "train.lr_scheduler", "one of constant, linear, cosine"),
+    ({"train__epochs": 0}, "train.epochs", ">= 1"),
+    ({"train__max_steps": 0}, "train.max_steps", ">= 1"),
+    ({"train__warmup_steps": -1}, "train.warmup_steps", ">= 0"),
+    ({"train__max_grad_norm": 0}, "train.max_grad_norm", "> 0"),
+    ({"train__betas": [0.9, 1.5]}, "train.betas", "[0, 1)"),
+    ({"train__checkpoint_every": 0}, "train.checkpoint_every", ">= 1"),
+    ({"train__learning_rat": 1e-3}, "train.learning_rat", "did you mean 'learning_rate'"),
+    ({"priority": 5000}, "priority", "<= 1000"),
+    ({"colour": "red"}, "colour", "unknown field"),
+]
+
+
+@pytest.mark.parametrize(("changes", "field", "words"), CASES, ids=[c[1] + ":" + c[2][:12] for c in CASES])
+def test_each_bad_field_gets_a_specific_error(changes, field, words):
+    base = spec_with()
+    for dotted, value in changes.items():
+        section, _, key = dotted.partition("__")
+        if key:
+            base[section][key] = value
+        else:
+            base[section] = value
+    with pytest.raises(SpecError) as info:
+        parse_spec(base, source="job.yaml")
+    text = str(info.value)
+    assert f"job.yaml: {field}: " in text, text
+    assert words in text, text
+
+
+def test_mixlora_top_k_cannot_exceed_experts():
+    with pytest.raises(SpecError, match=r"adapter.top_k: must be <= num_experts \(4\) \(got 5\)"):
+        parse_spec({**GOOD, "adapter": {"type": "mixlora", "num_experts": 4, "top_k": 5}})
+
+
+def test_all_errors_are_reported_at_once_with_lines(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: ok\ndata:\n  path: d.jsonl\ntrain:\n  epochs: 0\n  optimizer: adam\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert info.value.errors == [
+        f"{path}:5: train.epochs: must be >= 1 (got 0)",
+        f"{path}:6: train.optimizer: must be one of adamw, sgd (got 'adam')",
+    ]
+
+
+def test_unreadable_and_non_mapping_files(tmp_path):
+    with pytest.raises(SpecError, match="cannot read spec file"):
+        load_spec(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(SpecError, match="must be a mapping"):
+        load_spec(tmp_path / "list.yaml")
+    (tmp_path / "broken.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(tmp_path / "broken.yaml")
+
+
+def test_defaults_and_conversion():
+    spec = parse_spec({"name": "j", "data": {"path": "d.jsonl"}, "adapter": {"type": "mixlora", "expert": {"r": 4}}})
+    cfg = spec.to_job_config()
+    assert cfg.output == "out/j"
+    assert cfg.adapter.lora.r == 8 and cfg.adapter.lora.scaling == 2.0
+    assert cfg.adapter.mixlora.num_experts == 8 and cfg.adapter.mixlora.top_k == 2
+    assert cfg.adapter.mixlora.expert.r == 4 and cfg.adapter.mixlora.expert.alpha == 16
+    assert cfg.train.accumulation == 4
+    assert cfg.adapter.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

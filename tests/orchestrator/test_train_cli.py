@@ -1,0 +1,83 @@
+"""``lorafleet train``: several jobs together, a broken one fails alone, rerun resumes/skips."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from orchestrator.cli import main
+from tests.conftest import WORDS, write_jsonl
+
+
+def alpaca_records(n: int, seed: int) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(2, 5))]
+        out.append({"instruction": " ".join(words), "input": "", "output": " ".join(reversed(words))})
+    return out
+
+
+def write_spec(tmp_path, name, model_dir, data, **train):
+    spec = {
+        "name": name,
+        "base_model": str(model_dir),
+        "adapter": {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
+        "data": {"path": str(data), "format": "alpaca", "max_seq_len": 32},
+        "train": {"max_steps": 3, "batch_size": 4, "micro_batch_size": 2, "learning_rate": 1e-2,
+                  "checkpoint_every": 1, **train},
+        "output": str(tmp_path / "out" / name),
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_train_many_jobs_one_broken(tmp_path, tiny_model_dir, capsys):
+    data = write_jsonl(tmp_path / "rev.jsonl", alpaca_records(12, seed=1))
+    a = write_spec(tmp_path, "a", tiny_model_dir, data)
+    b = write_spec(tmp_path, "b", tiny_model_dir, data, learning_rate=5e-3, seed=3)
+    broken = write_spec(tmp_path, "broken", tiny_model_dir, tmp_path / "missing.jsonl")
+    bad_spec = tmp_path / "bad.yaml"
+    bad_spec.write_text("name: bad\ndata: {path: x.jsonl}\ntrain: {epochs: 0}\n")
+
+    code = main(["train", str(a), str(b), str(broken), str(bad_spec), "--plain"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "data.path: file not found" in err and str(tmp_path / "missing.jsonl") in err
+    assert "train.epochs: must be >= 1 (got 0)" in err
+    for name in ("a", "b"):
+        out = tmp_path / "out" / name
+        summary = json.loads((out / "job.json").read_text())
+        assert summary["state"] == "succeeded" and summary["step"] == 3
+        assert (out / "adapter_model.safetensors").is_file()
+        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [x["step"] for x in lines] == [1, 2, 3]
+        assert all(x["tokens"] > 0 and x["loss"] > 0 for x in lines)
+
+    # Rerunning the good jobs skips them (already finished) and exits 0.
+    assert main(["train", str(a), str(b), "--plain"]) == 0
+    assert "already finished" in capsys.readouterr().err
+
+
+def test_resume_after_interruption_via_cli(tmp_path, tiny_model_dir, capsys):
+    data = write_jsonl(tmp_path / "rev.jsonl", alpaca_records(16, seed=2))
+    spec = write_spec(tmp_path, "r", tiny_model_dir, data, max_steps=4, checkpoint_every=2)
+    assert main(["train", str(spec), "--plain"]) == 0
+    final = (tmp_path / "out" / "r" / "adapter_model.safetensors").read_bytes()
+    # Simulate a crash after step 2: drop the final outputs and the step-4 state, keep checkpoint 2.
+    out = tmp_path / "out" / "r"
+    for f in ("job.json", "adapter_model.safetensors", "adapter_config.json"):
+        (out / f).unlink()
+    capsys.readouterr()
+    assert main(["train", str(spec), "--plain"]) == 0
+    assert "resumed at step 2" in capsys.readouterr().err
+    import torch
+    from safetensors.torch import load
+
+    want, got = load(final), load((out / "adapter_model.safetensors").read_bytes())
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-7)
