@@ -28,6 +28,7 @@ class FusedModel:
         self.name = name
         self.context = ForwardContext()
         self.linears: dict[str, MultiLoraLinear] = {}
+        self.mlps: dict[int, nn.Module] = {}  # decoder layer index -> MultiMixMLP (MixLoRA)
         self.model.requires_grad_(False)
 
     @property
@@ -83,6 +84,59 @@ class FusedModel:
         setattr(parent, child, wrapped)
         self.linears[path] = wrapped
         return wrapped
+
+    def decoder_layers_path(self) -> str:
+        """Module path of the decoder's list of layers (``model.layers`` for LLaMA).
+
+        Raises:
+            TargetError: the decoder has no ``layers`` list.
+        """
+        layers = getattr(self.model.get_decoder(), "layers", None)
+        for path, module in self.model.named_modules():
+            if module is layers and isinstance(module, nn.ModuleList):
+                return path
+        raise TargetError(f"{self.name or 'the base model'}: cannot find the decoder layers")
+
+    def activation_name(self) -> str:
+        """The ACT2FN name of the FFN activation (``config.hidden_act`` or ``hidden_activation``)."""
+        from transformers.activations import ACT2FN
+
+        names = [n for n in (getattr(self.config, a, None) for a in ("hidden_act", "hidden_activation")) if n]
+        if not names:
+            raise TargetError(f"{self.name or 'the base model'}: config names no hidden activation")
+        mlp = getattr(self.model.get_submodule(self.decoder_layers_path())[0], "mlp", None)
+        if self.mlps:
+            mlp = self.mlps[0].original
+        act = getattr(mlp, "act_fn", None)
+        for name in names:  # the one the model's MLP really uses
+            if name in ACT2FN and act is not None and type(ACT2FN[name]) is type(act):
+                return name
+        return names[0]
+
+    def wrap_mlps(self) -> dict[int, nn.Module]:
+        """Wrap (once) every decoder layer's MLP in a ``MultiMixMLP`` and return them by layer index.
+
+        Its gate/up/down projections are wrapped in ``MultiLoraLinear`` first, so plain LoRA jobs
+        and MixLoRA jobs share them and module paths stay as they were.
+
+        Raises:
+            MlpStructureError: the MLPs are not gated gate_proj/up_proj/down_proj blocks.
+        """
+        from actors.mixlora import MultiMixMLP, gated_mlp_of
+
+        if self.mlps:
+            return self.mlps
+        prefix = self.decoder_layers_path()
+        layers = self.model.get_submodule(prefix)
+        model_type = getattr(self.config, "model_type", type(self.model).__name__)
+        mlps = [gated_mlp_of(layer, model_type) for layer in layers]  # check all before changing any
+        for index, (layer, mlp) in enumerate(zip(layers, mlps, strict=True)):
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                self._wrap(f"{prefix}.{index}.mlp.{name}", getattr(mlp, name))
+            wrapped = MultiMixMLP(mlp, self.context, index)
+            layer.mlp = wrapped
+            self.mlps[index] = wrapped
+        return self.mlps
 
     def hidden_states(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layout: BatchLayout

@@ -22,8 +22,10 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("orchestrator.commands.train", "train one or more jobs together in this process (no cluster)"),
     "validate": ("orchestrator.commands.validate", "check job spec files and print every error"),
+    "estimate": ("orchestrator.commands.estimate", "predict the peak memory of jobs trained together"),
     "simulate": ("orchestrator.commands.simulate", "compare scheduling policies on a job trace (simulated)"),
     "trace": ("orchestrator.commands.trace", "job traces for the simulator: 'trace synth' writes one"),
+    "eval": ("orchestrator.commands.eval", "mean token loss and perplexity of adapters or the base model on a data file"),
 }
 
 

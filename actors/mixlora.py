@@ -1,0 +1,627 @@
+"""MixLoRA (Li et al. 2024): a sparse mixture of LoRA experts on each frozen FFN block, fused.
+
+For one token ``x`` of a MixLoRA job, on every decoder layer::
+
+    p = softmax(R x)                                         router R: (E, H), fp32
+    chosen experts S and weights w_e (topk: top-k of p renormalised to sum 1)
+    x'_e = act(gate(x) + s B_g A_g drop(x)) * (up(x) + s B_u A_u drop(x))
+    y_e  = down(x'_e) + s B_d A_d drop(x'_e)
+    mlp(x) = sum_{e in S} w_e y_e
+
+The frozen ``gate(x)`` and ``up(x)`` GEMMs run once for every row of the fused batch (shared by
+all jobs and all experts); each expert then adds its LoRA deltas on the tokens routed to it,
+runs ``down`` on those tokens only, and the weighted results are scatter-added back.
+
+``MultiMixMLP`` wraps one decoder layer's MLP once and holds every MixLoRA job's weights for
+that layer (``MixLoraLayer``). Rows of jobs without MixLoRA weights (plain LoRA jobs, or the
+bare base model) take the ordinary gated-MLP path, with their plain LoRA on gate/up/down.
+
+Departures from the reference ``mixlora`` package, on purpose:
+
+* pads (``layout.padding_mask``) are neither routed nor counted in the load-balance loss;
+* dropout (and jitter) apply in training only; dropout masks come from the job's generator;
+* jitter multiplies the router input only (Switch Transformer); the reference multiplies
+  the FFN input in place, which also perturbs the experts;
+* ``dynamic`` and ``switch`` routing (from MoE-PEFT) are defined in ``route`` below.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from actors.adapter import AdapterLoadError, load_exact
+from actors.config import (
+    ATTENTION_PROJECTIONS,
+    FFN_PROJECTIONS,
+    AdapterSettings,
+    LoraSettings,
+    MixLoraSettings,
+)
+from actors.fused_model import FusedModel, TargetError
+from actors.lora import (
+    BatchLayout,
+    ForwardContext,
+    LoraWeights,
+    MultiLoraLinear,
+    Segment,
+    apply_segments,
+    dropout_with,
+)
+
+ROUTING_STRATEGIES = {"topk": "mixlora", "dynamic": "mixlora-dynamic", "switch": "mixlora-switch"}
+MIXLORA_PREFIX = "mixlora.layers."
+
+
+class MlpStructureError(ValueError):
+    """The base model's MLP is not a gated gate_proj/up_proj/down_proj block."""
+
+
+# ---------------------------------------------------------------- routing
+
+
+@dataclass
+class RouterRecord:
+    """What one layer's router did for one job's real tokens in one forward (for the aux loss)."""
+
+    layer: int
+    logits: torch.Tensor  # (T, E) fp32, with graph
+    picks: torch.Tensor  # (T, K) long, experts chosen before any capacity drop; -1 = none
+
+
+def route(
+    logits: torch.Tensor, settings: MixLoraSettings, training: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Routing decision for each token.
+
+    Returns ``weights`` (T, K) fp32, ``chosen`` (T, K) expert ids (-1 = no expert in that slot),
+    ``picks`` (T, K) the choices the load-balance loss counts, and for ``switch`` a (T,) bool mask
+    of tokens dropped for lack of capacity (``None`` otherwise).
+
+    * ``topk``: the k most probable experts, weights renormalised to sum to 1 (the reference).
+    * ``dynamic``: the fewest most-probable experts whose probabilities reach ``top_p`` (the
+      expert that crosses the threshold included), weights renormalised to sum to 1.
+    * ``switch``: the most probable expert with weight = its probability; each expert takes at
+      most ``ceil(capacity_factor * T / E)`` tokens in token order, the rest are dropped (they
+      get the frozen FFN without expert LoRA, scaled by the same probability). The capacity
+      applies in training only, so evaluation does not depend on how tokens are batched.
+    """
+    probs = torch.softmax(logits, dim=-1)  # (T, E)
+    num_experts = probs.shape[-1]
+    if settings.routing == "topk":
+        weights, chosen = torch.topk(probs, settings.top_k, dim=-1)  # (T, k)
+        return weights / weights.sum(dim=-1, keepdim=True), chosen, chosen, None
+    if settings.routing == "dynamic":
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)  # (T, E)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # (T, E) mass of the better experts
+        keep = before < settings.top_p  # (T, E), always keeps the first
+        width = int(keep.sum(dim=-1).max())
+        keep, sorted_probs, order = keep[:, :width], sorted_probs[:, :width], order[:, :width]
+        weights = sorted_probs * keep
+        chosen = torch.where(keep, order, torch.full_like(order, -1))
+        return weights / weights.sum(dim=-1, keepdim=True), chosen, chosen, None
+    if settings.routing == "switch":
+        top, expert = probs.max(dim=-1)  # (T,)
+        one_hot = F.one_hot(expert, num_experts)  # (T, E)
+        position = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1)  # (T,) 1-based place in its expert's queue
+        capacity = max(1, math.ceil(settings.capacity_factor * logits.shape[0] / num_experts))
+        dropped = position > capacity if training else torch.zeros_like(position, dtype=torch.bool)
+        chosen = torch.where(dropped, torch.full_like(expert, -1), expert)
+        return top[:, None], chosen[:, None], expert[:, None], dropped
+    raise ValueError(f"adapter.routing: must be one of {', '.join(ROUTING_STRATEGIES)} (got {settings.routing!r})")
+
+
+def load_balance_loss(logits: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
+    """``E * sum_e f_e P_e`` over these tokens (Switch / Mixtral form).
+
+    ``logits`` (T, E) are the router logits of every layer's real tokens, concatenated;
+    ``P_e`` is the mean softmax probability of expert ``e``; ``f_e`` the number of (token, slot)
+    picks of ``e`` divided by T. With uniform probabilities the loss equals the picks per token
+    (``top_k`` for topk routing), whatever the picks.
+    """
+    num_tokens, num_experts = logits.shape
+    mean_prob = torch.softmax(logits, dim=-1).mean(dim=0)  # (E,)
+    valid = picks[picks >= 0]
+    fraction = torch.bincount(valid, minlength=num_experts).to(mean_prob.dtype) / num_tokens  # (E,)
+    return num_experts * (fraction * mean_prob).sum()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Mean of ``logsumexp(logits)^2`` over tokens (ST-MoE's router z-loss)."""
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+# ---------------------------------------------------------------- weights and the fused MLP
+
+
+class MixLoraLayer(nn.Module):
+    """One job's router and experts on one decoder layer.
+
+    ``router``: (E, H) fp32, N(0, router_init_range). ``experts[e][proj]``: a ``LoraWeights``
+    (LoRA, rsLoRA or DoRA) for each FFN projection the job targets.
+    """
+
+    def __init__(
+        self,
+        ffn: MultiMixMLP,
+        settings: MixLoraSettings,
+        projections: tuple[str, ...],
+        generator: torch.Generator | None,
+    ):
+        super().__init__()
+        self.settings = settings
+        hidden = ffn.gate_proj.in_features
+        router = torch.empty(settings.num_experts, hidden, dtype=torch.float32)  # (E, H)
+        router.normal_(0.0, settings.router_init_range, generator=generator)
+        self.router = nn.Parameter(router)
+        self.experts = nn.ModuleList()
+        for _ in range(settings.num_experts):
+            expert = nn.ModuleDict()
+            for name in projections:
+                base = getattr(ffn, name).base
+                expert[name] = LoraWeights(
+                    base.in_features,
+                    base.out_features,
+                    settings.expert,
+                    base_weight=base.weight if settings.expert.use_dora else None,
+                    generator=generator,
+                )
+            self.experts.append(expert)
+        self.to(ffn.gate_proj.weight.device)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        gate_base: torch.Tensor,
+        up_base: torch.Tensor,
+        ffn: MultiMixMLP,
+        generator: torch.Generator | None,
+        training: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The MoE output (T, H) fp32 for tokens ``x`` (T, H), given the shared base gate/up outputs (T, I).
+
+        Also returns the router logits (T, E) and the picks (T, K) for the load-balance loss.
+        """
+        router_in = x.float()
+        if training and self.settings.jitter_noise > 0:
+            noise = torch.empty_like(router_in).uniform_(
+                1.0 - self.settings.jitter_noise, 1.0 + self.settings.jitter_noise, generator=generator
+            )
+            router_in = router_in * noise
+        logits = F.linear(router_in, self.router)  # (T, E)
+        if x.shape[0] == 0:
+            empty = torch.zeros(0, ffn.down_proj.out_features, dtype=torch.float32, device=x.device)
+            return empty, logits, torch.zeros(0, 1, dtype=torch.long, device=x.device)
+        weights, chosen, picks, dropped = route(logits, self.settings, training)  # (T, K) each
+        out = torch.zeros(x.shape[0], ffn.down_proj.out_features, dtype=torch.float32, device=x.device)  # (T, H)
+        if self.settings.expert.use_dora:  # DoRA needs each expert's weight norm: one expert at a time
+            for index, expert in enumerate(self.experts):
+                tokens, slots = torch.where(chosen == index)  # (n,), (n,)
+                if tokens.numel() == 0:
+                    continue
+                y = self._expert(expert, x[tokens], gate_base[tokens], up_base[tokens], ffn, generator, training)
+                out = out.index_add(0, tokens, y.float() * weights[tokens, slots, None])
+        else:  # all (token, expert) pairs at once: a few GEMMs per layer whatever the number of experts
+            tokens, slots = torch.where(chosen >= 0)  # (P,), (P,)
+            ids = chosen[tokens, slots]  # (P,) expert of each pair
+            y = self._pairs(x[tokens], gate_base[tokens], up_base[tokens], ids, ffn, generator, training)  # (P, H)
+            out = out.index_add(0, tokens, y.float() * weights[tokens, slots, None])
+        if dropped is not None and bool(dropped.any()):
+            tokens = dropped.nonzero().squeeze(1)  # (n,)
+            y = ffn.down_proj.base(ffn.act_fn(gate_base[tokens]) * up_base[tokens])  # (n, H)
+            out = out.index_add(0, tokens, y.float() * weights[tokens, 0, None])
+        return out, logits, picks
+
+    def _pairs(
+        self,
+        x: torch.Tensor,
+        gate: torch.Tensor,
+        up: torch.Tensor,
+        ids: torch.Tensor,
+        ffn: MultiMixMLP,
+        generator: torch.Generator | None,
+        training: bool,
+    ) -> torch.Tensor:
+        """Every (token, expert) pair's expert output: x (P, H), shared base gate/up (P, I) -> (P, H).
+
+        Each pair gets its own dropout mask, as if each expert ran on its own tokens.
+        """
+        if "gate_proj" in self.experts[0]:
+            gate = gate + self._pair_delta("gate_proj", x, ids, generator, training)
+        if "up_proj" in self.experts[0]:
+            up = up + self._pair_delta("up_proj", x, ids, generator, training)
+        hidden = ffn.act_fn(gate) * up  # (P, I)
+        y = ffn.down_proj.base(hidden)  # (P, H)
+        if "down_proj" in self.experts[0]:
+            y = y + self._pair_delta("down_proj", hidden, ids, generator, training)
+        return y
+
+    def _pair_delta(
+        self, name: str, x: torch.Tensor, ids: torch.Tensor, generator: torch.Generator | None, training: bool
+    ) -> torch.Tensor:
+        """``s * B_e A_e drop(x)`` for each pair's expert ``e``: x (P, in) -> (P, out), base dtype.
+
+        The A of all experts are one (E*r, in) matrix; each pair keeps its expert's r columns of
+        ``drop(x) A^T`` and multiplies the (E*r, out) stack of B (zeros elsewhere select B_e).
+        """
+        first: LoraWeights = self.experts[0][name]
+        settings = first.settings
+        stacked_a = torch.cat([expert[name].lora_A for expert in self.experts])  # (E*r, in)
+        stacked_b = torch.cat([expert[name].lora_B for expert in self.experts], dim=1)  # (out, E*r)
+        p = settings.dropout if training else 0.0
+        dropped = dropout_with(x.to(stacked_a.dtype), p, generator)  # (P, in)
+        num_pairs, num_experts = x.shape[0], len(self.experts)
+        select = F.one_hot(ids, num_experts).to(stacked_a.dtype)[:, :, None]  # (P, E, 1)
+        low = F.linear(dropped, stacked_a).view(num_pairs, num_experts, settings.r) * select  # (P, E, r)
+        return (F.linear(low.view(num_pairs, -1), stacked_b) * first.scaling).to(x.dtype)  # (P, out)
+
+    @staticmethod
+    def _expert(
+        expert: nn.ModuleDict,
+        x: torch.Tensor,
+        gate: torch.Tensor,
+        up: torch.Tensor,
+        ffn: MultiMixMLP,
+        generator: torch.Generator | None,
+        training: bool,
+    ) -> torch.Tensor:
+        """One expert on its tokens: x (n, H), shared base gate/up (n, I) -> (n, H)."""
+        if "gate_proj" in expert:
+            gate = gate + expert["gate_proj"].delta(x, gate, ffn.gate_proj.base, generator, training)
+        if "up_proj" in expert:
+            up = up + expert["up_proj"].delta(x, up, ffn.up_proj.base, generator, training)
+        hidden = ffn.act_fn(gate) * up  # (n, I)
+        y = ffn.down_proj.base(hidden)  # (n, H)
+        if "down_proj" in expert:
+            y = y + expert["down_proj"].delta(hidden, y, ffn.down_proj.base, generator, training)
+        return y
+
+
+class MultiMixMLP(nn.Module):
+    """A decoder layer's gated MLP, with any number of MixLoRA jobs' routers and experts.
+
+    Its ``gate_proj``/``up_proj``/``down_proj`` are the original MLP's projections (already
+    ``MultiLoraLinear``, so plain LoRA jobs keep their adapters there and module paths do not
+    change). The original MLP module is kept, unregistered, for the no-MixLoRA fast path.
+    """
+
+    def __init__(self, mlp: nn.Module, context: ForwardContext, layer_index: int):
+        super().__init__()
+        object.__setattr__(self, "original", mlp)  # not a submodule: its projections are ours below
+        self.gate_proj: MultiLoraLinear = mlp.gate_proj
+        self.up_proj: MultiLoraLinear = mlp.up_proj
+        self.down_proj: MultiLoraLinear = mlp.down_proj
+        self.act_fn = mlp.act_fn
+        self.context = context
+        self.layer_index = layer_index
+        self.jobs = nn.ModuleDict()
+
+    def add_job(
+        self, job: str, settings: MixLoraSettings, projections: tuple[str, ...], generator: torch.Generator | None
+    ) -> MixLoraLayer:
+        if job in self.jobs:
+            raise KeyError(f"job {job!r} already has MixLoRA weights on layer {self.layer_index}")
+        layer = MixLoraLayer(self, settings, projections, generator)
+        self.jobs[job] = layer
+        return layer
+
+    def remove_job(self, job: str) -> None:
+        if job in self.jobs:  # ModuleDict.pop takes no default
+            del self.jobs[job]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layout = self.context.layout
+        if layout is None or not any(seg.job in self.jobs for seg in layout.segments):
+            return self.original(x)  # exactly the model's own MLP (plain LoRA rows included)
+        gate = self.gate_proj(x)  # (N, L, I): base GEMM once for all rows, + plain LoRA on its rows
+        up = self.up_proj(x)  # (N, L, I)
+        pieces: list[torch.Tensor] = []
+        plain: list[Segment] = []
+        for seg in layout.segments:
+            if seg.job not in self.jobs:
+                plain.append(seg)
+                continue
+            if plain:
+                pieces.append(self._plain_rows(gate, up, plain, layout))
+                plain = []
+            pieces.append(self._mixlora_rows(x, gate, up, seg, layout))
+        if plain:
+            pieces.append(self._plain_rows(gate, up, plain, layout))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)  # (N, L, H)
+
+    def _plain_rows(
+        self, gate: torch.Tensor, up: torch.Tensor, segments: list[Segment], layout: BatchLayout
+    ) -> torch.Tensor:
+        """The ordinary gated MLP on a run of consecutive rows (plain LoRA on down_proj included)."""
+        start, stop = segments[0].start, segments[-1].stop
+        hidden = self.act_fn(gate[start:stop]) * up[start:stop]  # (n, L, I)
+        base_out = self.down_proj.base(hidden)  # (n, L, H)
+        shifted = [replace(s, start=s.start - start, stop=s.stop - start) for s in segments]
+        return apply_segments(hidden, base_out, self.down_proj.base, self.down_proj.adapters, layout, shifted)
+
+    def _mixlora_rows(
+        self, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, seg: Segment, layout: BatchLayout
+    ) -> torch.Tensor:
+        """One MixLoRA job's rows: route its real tokens, run experts, pads get zeros."""
+        rows = slice(seg.start, seg.stop)
+        n, length, hidden_size = x[rows].shape
+        flat_x = x[rows].reshape(n * length, hidden_size)  # (n*L, H)
+        if layout.padding_mask is not None:
+            real = layout.padding_mask[rows].reshape(-1).nonzero().squeeze(1)  # (T,)
+        else:
+            real = torch.arange(n * length, device=x.device)
+        inter = gate.shape[-1]
+        out, logits, picks = self.jobs[seg.job](
+            flat_x[real],
+            gate[rows].reshape(n * length, inter)[real],
+            up[rows].reshape(n * length, inter)[real],
+            self,
+            layout.generators.get(seg.job),
+            layout.training,
+        )  # (T, H)
+        layout.aux.setdefault(seg.job, []).append(RouterRecord(self.layer_index, logits, picks))
+        full = x.new_zeros(n * length, hidden_size).index_copy(0, real, out.to(x.dtype))  # (n*L, H)
+        return full.reshape(n, length, hidden_size)
+
+
+def gated_mlp_of(layer: nn.Module, model_type: str) -> nn.Module:
+    """The layer's MLP, checked to be ``down(act(gate(x)) * up(x))`` with no other parameters.
+
+    Raises:
+        MlpStructureError: naming the model type, for MLPs of another shape (GPT-2, Phi, ...).
+    """
+    mlp = getattr(layer, "mlp", None)
+    ok = mlp is not None and all(
+        isinstance(getattr(mlp, name, None), (nn.Linear, MultiLoraLinear)) for name in FFN_PROJECTIONS
+    )
+    if ok and not isinstance(mlp, MultiMixMLP):
+        ok = callable(getattr(mlp, "act_fn", None))
+        own = {id(p) for p in mlp.parameters()}
+        proj = {id(p) for name in FFN_PROJECTIONS for p in getattr(mlp, name).parameters()}
+        ok = ok and own == proj
+    if not ok:
+        raise MlpStructureError(
+            f"adapter.type: mixlora needs gated MLPs with gate_proj, up_proj, down_proj and act_fn "
+            f"(LLaMA, Qwen2, Mistral, Gemma); model type {model_type!r} has {type(mlp).__name__}"
+        )
+    return mlp
+
+
+# ---------------------------------------------------------------- the job adapter
+
+
+class MixLoraJobAdapter:
+    """A MixLoRA job: experts on the FFN projections it targets, plain LoRA on attention.
+
+    Exported names (the reference ``mixlora`` package's)::
+
+        mixlora.layers.{L}.mlp.moe_gate.weight                                 (E, H)
+        mixlora.layers.{L}.mlp.{gate,up,down}_proj.experts.{i}.lora_A.weight   (r, in)
+        mixlora.layers.{L}.mlp.{gate,up,down}_proj.experts.{i}.lora_B.weight   (out, r)
+        mixlora.layers.{L}.mlp.{proj}.experts.{i}.lora_magnitude_vector        (out,)  DoRA only
+        mixlora.layers.{L}.self_attn.{q,k,v,o}_proj.lora_A.weight / .lora_B.weight
+        mixlora.layers.{L}.self_attn.{proj}.lora_magnitude_vector              DoRA only
+    """
+
+    def __init__(self, fused: FusedModel, job: str, settings: AdapterSettings, generator: torch.Generator):
+        if settings.mixlora is None:
+            raise ValueError("adapter.type: mixlora needs MixLoRA settings (num_experts, top_k, ...)")
+        allowed = ATTENTION_PROJECTIONS + FFN_PROJECTIONS
+        unknown = [t for t in settings.target_modules if t not in allowed]
+        if unknown:
+            raise TargetError(
+                f"adapter.target_modules: MixLoRA supports {', '.join(allowed)}; got {', '.join(unknown)}"
+            )
+        if settings.mixlora.routing not in ROUTING_STRATEGIES:
+            raise ValueError(f"adapter.routing: must be one of {', '.join(ROUTING_STRATEGIES)}")
+        self.job = job
+        self.settings = settings
+        self.mix = settings.mixlora
+        self.layers: dict[int, MixLoraLayer] = {}
+        self.attention: dict[str, LoraWeights] = {}
+        self._mlps: dict[int, MultiMixMLP] = {}
+        self._attn_layers: dict[str, MultiLoraLinear] = {}
+        self._window: list[dict[str, Any]] = []
+        attn = [t for t in settings.target_modules if t in ATTENTION_PROJECTIONS]
+        experts_on = tuple(t for t in FFN_PROJECTIONS if t in settings.target_modules)
+        try:
+            self._mlps = fused.wrap_mlps()
+            self.act_fn_name = fused.activation_name()
+            self._layers_prefix = fused.decoder_layers_path()
+            if attn:
+                self._attn_layers = fused.wrap_targets(attn)
+            for path, linear in self._attn_layers.items():
+                self.attention[path] = linear.add_adapter(job, settings.lora, generator)
+            for index, mlp in self._mlps.items():
+                self.layers[index] = mlp.add_job(job, self.mix, experts_on, generator)
+        except BaseException:
+            self.detach()
+            raise
+
+    def _attention_name(self, path: str) -> str:
+        rest = path[len(self._layers_prefix) + 1 :]  # "3.self_attn.q_proj"
+        return MIXLORA_PREFIX + rest
+
+    def named_parameters(self) -> dict[str, nn.Parameter]:
+        """Parameters under their exported names, in a stable order."""
+        params: dict[str, nn.Parameter] = {}
+        for index, layer in self.layers.items():
+            prefix = f"{MIXLORA_PREFIX}{index}.mlp"
+            params[f"{prefix}.moe_gate.weight"] = layer.router
+            for name in FFN_PROJECTIONS:
+                for e, expert in enumerate(layer.experts):
+                    if name in expert:
+                        _add_lora(params, f"{prefix}.{name}.experts.{e}", expert[name])
+        for path, weights in self.attention.items():
+            _add_lora(params, self._attention_name(path), weights)
+        return params
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.named_parameters().values())
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.named_parameters().items()}
+
+    def export_config(self, base_model: str) -> dict[str, Any]:
+        lora, expert, mix = self.settings.lora, self.mix.expert, self.mix
+        config: dict[str, Any] = {
+            "peft_type": "MIXLORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "routing_strategy": ROUTING_STRATEGIES[mix.routing],
+            "num_experts": mix.num_experts,
+            "top_k": mix.top_k,
+            "act_fn": self.act_fn_name,
+            "r": lora.r,
+            "lora_alpha": _json_number(lora.alpha),
+            "lora_dropout": float(lora.dropout),
+            "use_rslora": lora.use_rslora,
+            "use_dora": lora.use_dora,
+            "target_modules": sorted(self.settings.target_modules),
+            "router_aux_loss_coef": float(mix.router_aux_loss_coef),
+            "router_init_range": float(mix.router_init_range),
+            "expert_lora": {
+                "r": expert.r,
+                "lora_alpha": _json_number(expert.alpha),
+                "lora_dropout": float(expert.dropout),
+                "use_rslora": expert.use_rslora,
+                "use_dora": expert.use_dora,
+            },
+            "bias": "none",
+        }
+        if mix.routing == "dynamic":
+            config["top_p"] = float(mix.top_p)
+        if mix.routing == "switch":
+            config["capacity_factor"] = float(mix.capacity_factor)
+            config["router_z_loss_coef"] = float(mix.router_z_loss_coef)
+        return config
+
+    def load_state(self, state: dict[str, torch.Tensor], source: str) -> None:
+        load_exact(self.named_parameters(), state, source)
+
+    def aux_loss(self, layout: BatchLayout) -> torch.Tensor | None:
+        """``router_aux_loss_coef * load_balance_loss`` over all layers of this job's real tokens
+        (+ ``router_z_loss_coef * z-loss`` for switch routing); None if it routed nothing."""
+        records: list[RouterRecord] = layout.aux.get(self.job) or []
+        if not records or sum(r.logits.shape[0] for r in records) == 0:
+            return None
+        logits = torch.cat([r.logits for r in records])  # (layers*T, E)
+        picks = torch.cat([r.picks for r in records])  # (layers*T, K)
+        balance = load_balance_loss(logits, picks)
+        loss = self.mix.router_aux_loss_coef * balance
+        stats: dict[str, Any] = {"balance": float(balance.detach())}
+        if self.mix.routing == "switch":
+            z = router_z_loss(logits)
+            loss = loss + self.mix.router_z_loss_coef * z
+            stats["z"] = float(z.detach())
+        stats["loss"] = float(loss.detach())
+        stats["load"] = {
+            r.layer: torch.bincount(r.picks[r.picks >= 0], minlength=self.mix.num_experts).tolist() for r in records
+        }
+        self._window.append(stats)
+        return loss
+
+    def step_metrics(self) -> dict[str, Any]:
+        """Since the last call: mean aux loss (as added to the loss), mean unscaled balance term
+        (``top_k`` when routing is uniform), z-loss for switch, and per layer the fraction of
+        picks each expert received (``expert_load[layer][expert]``)."""
+        window, self._window = self._window, []
+        if not window:
+            return {}
+        out: dict[str, Any] = {
+            "aux_loss": sum(w["loss"] for w in window) / len(window),
+            "router_balance": sum(w["balance"] for w in window) / len(window),
+        }
+        if "z" in window[0]:
+            out["router_z_loss"] = sum(w["z"] for w in window) / len(window)
+        loads = []
+        for layer in sorted(window[0]["load"]):
+            counts = [sum(w["load"][layer][e] for w in window) for e in range(self.mix.num_experts)]
+            total = max(1, sum(counts))
+            loads.append([round(c / total, 4) for c in counts])
+        out["expert_load"] = loads
+        return out
+
+    def detach(self) -> None:
+        for linear in self._attn_layers.values():
+            linear.remove_adapter(self.job)
+        for mlp in self._mlps.values():
+            mlp.remove_job(self.job)
+        self.attention.clear()
+        self.layers.clear()
+
+
+def _add_lora(params: dict[str, nn.Parameter], prefix: str, weights: LoraWeights) -> None:
+    params[f"{prefix}.lora_A.weight"] = weights.lora_A
+    params[f"{prefix}.lora_B.weight"] = weights.lora_B
+    if weights.lora_magnitude_vector is not None:
+        params[f"{prefix}.lora_magnitude_vector"] = weights.lora_magnitude_vector
+
+
+def _json_number(value: float) -> int | float:
+    # The reference package insists on an int lora_alpha.
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def settings_from_export(config: dict[str, Any], source: str) -> AdapterSettings:
+    """The ``AdapterSettings`` of an exported adapter directory's ``adapter_config.json``.
+
+    Accepts PEFT LoRA (``peft_type: LORA``) and MixLoRA (``peft_type: MIXLORA``) configs.
+
+    Raises:
+        AdapterLoadError: another adapter type, or a config field this engine cannot honour.
+    """
+    peft_type = str(config.get("peft_type", "")).upper()
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        targets = [targets]
+    if not isinstance(targets, list) or not targets:
+        raise AdapterLoadError(f"{source}: adapter_config.json: target_modules must be a list of module names")
+    try:
+        lora = LoraSettings(
+            r=int(config["r"]),
+            alpha=float(config["lora_alpha"]),
+            dropout=float(config.get("lora_dropout") or 0.0),
+            use_rslora=bool(config.get("use_rslora", False)),
+            use_dora=bool(config.get("use_dora", False)),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AdapterLoadError(f"{source}: adapter_config.json: missing or bad field {exc}") from None
+    if peft_type == "LORA":
+        for key in ("rank_pattern", "alpha_pattern"):
+            if config.get(key):
+                raise AdapterLoadError(f"{source}: adapter_config.json: {key} is not supported")
+        if config.get("layers_to_transform") is not None:
+            raise AdapterLoadError(f"{source}: adapter_config.json: layers_to_transform is not supported")
+        return AdapterSettings("lora", lora, tuple(targets))
+    if peft_type != "MIXLORA":
+        raise AdapterLoadError(f"{source}: adapter_config.json: peft_type {peft_type!r}; expected LORA or MIXLORA")
+    strategies = {v: k for k, v in ROUTING_STRATEGIES.items()}
+    strategy = config.get("routing_strategy", "mixlora")
+    if strategy not in strategies:
+        raise AdapterLoadError(f"{source}: adapter_config.json: unknown routing_strategy {strategy!r}")
+    expert_cfg = {**config, **(config.get("expert_lora") or {})}
+    expert = LoraSettings(
+        r=int(expert_cfg["r"]),
+        alpha=float(expert_cfg["lora_alpha"]),
+        dropout=float(expert_cfg.get("lora_dropout") or 0.0),
+        use_rslora=bool(expert_cfg.get("use_rslora", False)),
+        use_dora=bool(expert_cfg.get("use_dora", False)),
+    )
+    mix = MixLoraSettings(
+        num_experts=int(config["num_experts"]),
+        top_k=int(config.get("top_k", 2)),
+        routing=strategies[strategy],
+        top_p=float(config.get("top_p", 0.8)),
+        capacity_factor=float(config.get("capacity_factor", 1.0)),
+        router_z_loss_coef=float(config.get("router_z_loss_coef", 0.001)),
+        router_aux_loss_coef=float(config.get("router_aux_loss_coef", 0.001)),
+        router_init_range=float(config.get("router_init_range", 0.02)),
+        expert=expert,
+    )
+    return AdapterSettings("mixlora", lora, tuple(targets), mixlora=mix)

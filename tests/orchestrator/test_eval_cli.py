@@ -1,0 +1,78 @@
+"""``lorafleet eval``: per-adapter loss and perplexity, LoRA and MixLoRA fused, clear errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from actors import checkpoint as ckpt
+from actors.config import AdapterSettings, LoraSettings
+from actors.data import Example
+from actors.engine import FusedEngine
+from orchestrator.cli import main
+from tests.actors.test_mixlora import ALL, FFN, job_config, mix_settings, randomize
+from tests.conftest import make_tiny_llama, make_tokenizer, token_records, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, tmp_path_factory):
+    """A LoRA and a MixLoRA adapter exported for the tiny model, plus a data file."""
+    from transformers import AutoModelForCausalLM
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("eval-cli")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    engine = FusedEngine(model, make_tokenizer(), base_model_id=str(tiny_model_dir))
+    dirs = []
+    for k, (name, settings) in enumerate(
+        [("l", AdapterSettings("lora", LoraSettings(4, 8), ALL)), ("m", mix_settings(targets=("q_proj", *FFN)))]
+    ):
+        job = engine.add_job(job_config(name, settings, tmp / name), examples=[Example([5, 6, 7], [5, 6, 7])])
+        randomize(job.adapter, seed=k)
+        dirs.append(str(ckpt.write_adapter(tmp / name, job.adapter.export_state(),
+                                           job.adapter.export_config(str(tiny_model_dir)))))  # fmt: skip
+    data = write_jsonl(tmp / "data.jsonl", token_records(7, seed=3, min_len=4, max_len=12))
+    yield engine, dirs, data
+    torch.set_num_threads(before)
+
+
+def test_eval_json_lists_every_adapter(adapters, tiny_model_dir, capsys):
+    engine, (lora_dir, mix_dir), data = adapters
+    rc = main(["eval", "--base-model", str(tiny_model_dir), "--adapter", lora_dir, "--adapter", mix_dir,
+               "--data", str(data), "--json", "--batch-size", "3"])  # fmt: skip
+    assert rc == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["adapter"] for r in rows] == [lora_dir, mix_dir]
+    examples = [Example(r["input_ids"], r["labels"]) for r in token_records(7, seed=3, min_len=4, max_len=12)]
+    want = engine.evaluate(["l", "m"], examples)
+    for row, (loss, tokens) in zip(rows, want, strict=True):
+        assert row["tokens"] == tokens > 0
+        assert row["loss"] == pytest.approx(loss, rel=1e-5)
+        assert row["perplexity"] == pytest.approx(math.exp(row["loss"]), rel=1e-9)
+
+
+def test_eval_without_adapter_is_the_base_model(adapters, tiny_model_dir, capsys):
+    _engine, _dirs, data = adapters
+    assert main(["eval", "--base-model", str(tiny_model_dir), "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "(base model)" in out and "perplexity" in out
+    assert main(["eval", "--base-model", str(tiny_model_dir), "--data", str(data), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["adapter"] is None and row["loss"] > 0
+
+
+def test_eval_errors_name_the_adapter(adapters, tiny_model_dir, tmp_path, capsys):
+    _engine, (_lora_dir, mix_dir), data = adapters
+    missing = tmp_path / "nope"
+    assert main(["eval", "--base-model", str(tiny_model_dir), "--adapter", str(missing), "--data", str(data)]) == 2
+    assert str(missing) in capsys.readouterr().err
+    other = tmp_path / "wider"
+    make_tiny_llama(hidden_size=48, intermediate_size=64).save_pretrained(other)
+    make_tokenizer().save_pretrained(other)
+    assert main(["eval", "--base-model", str(other), "--adapter", mix_dir, "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert mix_dir in err and "shape" in err
