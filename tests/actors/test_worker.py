@@ -1,0 +1,151 @@
+"""The worker actor's class, driven in-process (no Ray): joins, progress, failures, OOM, preemption."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from actors.checkpoint import read_adapter
+from actors.config import AdapterSettings, DataSettings, JobConfig, LoraSettings, TrainSettings
+from actors.worker import TrainingWorker
+from tests.conftest import token_records, write_jsonl
+
+
+def job_config(tmp: Path, name: str, *, seed: int = 0, steps: int = 4, data: Path | None = None,
+               checkpoint_every: int = 2, output: Path | None = None) -> JobConfig:  # fmt: skip
+    if data is None:
+        data = write_jsonl(tmp / f"{name}.jsonl", token_records(16, seed, 6, 12))
+    return JobConfig(
+        name=name,
+        base_model="",
+        adapter=AdapterSettings("lora", LoraSettings(r=4, alpha=8, dropout=0.0), ("q_proj", "v_proj")),
+        data=DataSettings(path=str(data), format="tokens", max_seq_len=32),
+        train=TrainSettings(max_steps=steps, batch_size=4, micro_batch_size=2, learning_rate=1e-2, seed=seed,
+                            checkpoint_every=checkpoint_every),  # fmt: skip
+        output=str(output or tmp / "out" / name),
+    )
+
+
+def wait_events(worker: TrainingWorker, want: dict[str, str], timeout: float = 120.0) -> dict[str, dict]:
+    """Poll ``progress`` until every job in ``want`` reported the given event kind."""
+    seen: dict[str, dict] = {}
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        snap = worker.progress()
+        if snap["state"] == "failed":
+            raise AssertionError(snap["error"])
+        for ev in snap["events"]:
+            if want.get(ev["job"]) == ev["kind"]:
+                seen[ev["job"]] = ev
+            elif ev["kind"] in ("failed", "oom") and want.get(ev["job"]) != ev["kind"]:
+                raise AssertionError(f"unexpected {ev}")
+        if set(seen) == set(want):
+            return seen
+        time.sleep(0.05)
+    raise AssertionError(f"timed out; got {seen} of {want}")
+
+
+@pytest.fixture
+def worker(tiny_model_dir):
+    w = TrainingWorker("w0", str(tiny_model_dir), device="cpu", profile="off")
+    yield w
+    w.shutdown(checkpoint=False)
+
+
+def test_group_trains_and_reports(worker, tmp_path):
+    a, b = job_config(tmp_path, "a", seed=1), job_config(tmp_path, "b", seed=2, steps=6)
+    worker.assign("a", replace(a, base_model=worker.base_model))
+    worker.assign("b", replace(b, base_model=worker.base_model))
+    done = wait_events(worker, {"a": "finished", "b": "finished"})
+    assert done["a"]["output"] == a.output
+    state, _ = read_adapter(a.output)
+    assert state and all(torch.isfinite(t).all() for t in state.values())
+    snap = worker.progress()
+    assert snap["jobs"] == {} and snap["timing"]["steps"] >= 6
+    assert snap["timing"]["step_s"] <= snap["timing"]["wall_s"]
+    assert snap["model_shape"]["hidden_size"] == 32
+
+
+def test_missing_data_fails_alone(worker, tmp_path):
+    bad = job_config(tmp_path, "bad", data=tmp_path / "nope.jsonl")
+    good = job_config(tmp_path, "good")
+    worker.assign("bad", bad)
+    worker.assign("good", good)
+    ev = wait_events(worker, {"bad": "failed", "good": "finished"})
+    assert "nope.jsonl" in ev["bad"]["message"]
+
+
+def test_simulated_oom_evicts_newest_only(worker, tmp_path):
+    a, b = job_config(tmp_path, "a", steps=6), job_config(tmp_path, "b", steps=6)
+    worker.assign("a", a)
+    worker.assign("b", b)
+    wait_events(worker, {"a": "joined", "b": "joined"})
+    worker.simulate_oom()
+    ev = wait_events(worker, {"b": "oom", "a": "finished"})
+    assert ev["b"]["micro_batch_size"] == 2 and worker.progress()["ooms"] == 1
+
+
+def test_cpu_budget_counts_as_oom(tiny_model_dir, tmp_path):
+    w = TrainingWorker("w1", str(tiny_model_dir), device="cpu", profile="off", memory_budget_bytes=1)
+    try:
+        w.assign("a", job_config(tmp_path, "a"))
+        ev = wait_events(w, {"a": "oom"})
+        assert "exceeds the worker budget" in ev["a"]["message"]
+    finally:
+        w.shutdown(checkpoint=False)
+
+
+def test_preempt_checkpoints_and_resume_matches(worker, tmp_path, tiny_model_dir):
+    ref = job_config(tmp_path, "ref", seed=3, steps=6, checkpoint_every=100)
+    cut = replace(ref, name="cut", output=str(tmp_path / "out" / "cut"))
+    worker.assign("ref", ref)
+    wait_events(worker, {"ref": "finished"})
+    worker.assign("cut", cut)
+    deadline = time.time() + 60
+    while worker.progress()["jobs"].get("cut", {}).get("step", 0) < 2 and time.time() < deadline:
+        time.sleep(0.02)
+    worker.preempt("cut")
+    ev = wait_events(worker, {"cut": "preempted"})
+    assert 2 <= ev["cut"]["checkpoint_step"] < 6
+    worker.assign("cut", cut)
+    ev = wait_events(worker, {"cut": "finished"})
+    s_ref, _ = read_adapter(ref.output)
+    s_cut, _ = read_adapter(cut.output)
+    for key in s_ref:
+        torch.testing.assert_close(s_cut[key], s_ref[key], rtol=1e-5, atol=1e-6)
+
+
+def test_broken_base_model_fails_jobs(tmp_path):
+    w = TrainingWorker("w2", str(tmp_path / "no-model"), device="cpu", profile="off")
+    try:
+        w.assign("a", job_config(tmp_path, "a"))
+        deadline = time.time() + 60
+        events = []
+        while time.time() < deadline and not events:
+            snap = w.progress()
+            events = snap["events"]
+            time.sleep(0.05)
+        assert snap["state"] == "failed" and "cannot load base model" in snap["error"]
+        assert events[0]["kind"] == "failed" and "base_model" in events[0]["message"]
+    finally:
+        w.shutdown(checkpoint=False)
+
+
+def test_remote_storage_roundtrip(tmp_path):
+    from actors.storage import job_output, sync_down, sync_up
+
+    local = tmp_path / "local"
+    (local / "checkpoints" / "step-000002").mkdir(parents=True)
+    (local / "checkpoints" / "step-000002" / "x.bin").write_bytes(b"abc")
+    (local / "adapter_config.json").write_text("{}")
+    uri = job_output(f"file://{tmp_path}/remote", "lf-1")
+    sync_up(local, uri)
+    back = tmp_path / "back"
+    assert sync_down(uri, back)
+    assert (back / "checkpoints" / "step-000002" / "x.bin").read_bytes() == b"abc"
+    assert (back / "adapter_config.json").read_text() == "{}"
+    assert not sync_down(job_output(f"file://{tmp_path}/remote", "lf-none"), tmp_path / "x")
