@@ -27,7 +27,11 @@ def is_uri(root: str) -> bool:
 
 def job_output(root: str, job_id: str) -> str:
     """``<root>/jobs/<job_id>`` for a local path or a URI."""
-    return f"{root.rstrip('/')}/jobs/{job_id}" if is_uri(root) else str(Path(root).expanduser() / "jobs" / job_id)
+    return (
+        f"{root.rstrip('/')}/jobs/{job_id}"
+        if is_uri(root)
+        else str(Path(root).expanduser() / "jobs" / job_id)
+    )
 
 
 def _fs(uri: str):
@@ -73,7 +77,9 @@ def sync_up(local: str | os.PathLike, uri: str) -> None:
                     continue  # checkpoints never change once written
                 tmp = f"{root}/checkpoints/.tmp-{entry.name}"
                 filesystem.create_dir(tmp, recursive=True)
-                pafs.copy_files(str(entry.resolve()), tmp, source_filesystem=lfs, destination_filesystem=filesystem)
+                pafs.copy_files(
+                    str(entry.resolve()), tmp, source_filesystem=lfs, destination_filesystem=filesystem
+                )
                 filesystem.move(tmp, final)
             kept = {p.name for p in ckpts.iterdir()}
             for info in filesystem.get_file_info(pafs.FileSelector(f"{root}/checkpoints")):

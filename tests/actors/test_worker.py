@@ -15,8 +15,16 @@ from actors.worker import TrainingWorker
 from tests.conftest import token_records, write_jsonl
 
 
-def job_config(tmp: Path, name: str, *, seed: int = 0, steps: int = 4, data: Path | None = None,
-               checkpoint_every: int = 2, output: Path | None = None) -> JobConfig:  # fmt: skip
+def job_config(
+    tmp: Path,
+    name: str,
+    *,
+    seed: int = 0,
+    steps: int = 4,
+    data: Path | None = None,
+    checkpoint_every: int = 2,
+    output: Path | None = None,
+) -> JobConfig:
     if data is None:
         data = write_jsonl(tmp / f"{name}.jsonl", token_records(16, seed, 6, 12))
     return JobConfig(
@@ -24,8 +32,14 @@ def job_config(tmp: Path, name: str, *, seed: int = 0, steps: int = 4, data: Pat
         base_model="",
         adapter=AdapterSettings("lora", LoraSettings(r=4, alpha=8, dropout=0.0), ("q_proj", "v_proj")),
         data=DataSettings(path=str(data), format="tokens", max_seq_len=32),
-        train=TrainSettings(max_steps=steps, batch_size=4, micro_batch_size=2, learning_rate=1e-2, seed=seed,
-                            checkpoint_every=checkpoint_every),  # fmt: skip
+        train=TrainSettings(
+            max_steps=steps,
+            batch_size=4,
+            micro_batch_size=2,
+            learning_rate=1e-2,
+            seed=seed,
+            checkpoint_every=checkpoint_every,
+        ),
         output=str(output or tmp / "out" / name),
     )
 
