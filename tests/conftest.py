@@ -11,6 +11,13 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def pytest_configure(config) -> None:
+    # Tests use tiny models: one intra-op thread is faster than two and keeps 2-core CI machines responsive.
+    import torch
+
+    torch.set_num_threads(1)
+
 WORDS = [f"w{i}" for i in range(90)]
 
 
