@@ -248,6 +248,48 @@ def group_peak_bytes(
     return static + (1.0 + margin) * dynamic
 
 
+def loss_head_bytes_per_token(model: ModelShape) -> float:
+    """Bytes per *label* token of the loss head: ``vocab * (dtype_bytes + 8)`` (logits, fp32
+    log-softmax kept for backward and its gradient), the same term :func:`analytic_activation` uses."""
+    return float(model.vocab_size * (model.dtype_bytes + 8))
+
+
+def fused_group_peak_bytes(
+    static: float,
+    jobs: Iterable[tuple[float, ActivationFit, int, int]],
+    margin: float,
+    loss_head_per_token: float = 0.0,
+) -> float:
+    """Predicted peak of a fused group, as measured on the engine (see docs/memory.md).
+
+    Like :func:`group_peak_bytes` (every job's activation at the padded length ``L_pad``) with
+    two corrections that profiles of one job alone cannot show:
+
+    * ``b0`` is per *process* (first-backward buffers, allocator arenas), so the group pays the
+      largest ``b0`` of its jobs once, not one per job;
+    * the loss head only sees a job's label tokens, which padding does not add: each job's
+      activation drops by ``loss_head_per_token * B_j * (L_pad - L_j)`` (never below its
+      activation at its own ``L_j``). Pass :func:`loss_head_bytes_per_token` or 0 to skip.
+
+    Returns ``static + (1 + margin) * dynamic``; an empty group costs ``static``. Raises
+    MemoryModelError for a negative margin or ``loss_head_per_token``.
+    """
+    if margin < 0:
+        raise MemoryModelError(f"margin: must be >= 0 (got {margin})")
+    if loss_head_per_token < 0:
+        raise MemoryModelError(f"loss_head_per_token: must be >= 0 (got {loss_head_per_token})")
+    members = list(jobs)
+    if not members:
+        return float(static)
+    l_pad = max(m[3] for m in members)
+    dynamic = max(fit.b0 for _, fit, _, _ in members)
+    for a, fit, b, seq in members:
+        at_pad = fit.predict(b, l_pad) - fit.b0
+        own = fit.predict(b, seq) - fit.b0
+        dynamic += a + max(own, at_pad - loss_head_per_token * b * (l_pad - seq))
+    return static + (1.0 + margin) * dynamic
+
+
 # --- non-negative least squares for three coefficients -------------------------------------------
 
 

@@ -1,0 +1,156 @@
+"""The profiler: fits from measurements, the profile cache, group predictions, real measurements."""
+
+from __future__ import annotations
+
+import pytest
+
+from actors.config import AdapterSettings, LoraSettings
+from actors.profiler import (
+    DEFAULT_GRID,
+    GroupMeasurement,
+    GroupMember,
+    Profiler,
+    adapter_shape_of,
+    load_model_config,
+    measure_group,
+    model_shape_from_config,
+    parse_bytes,
+    run_measurement,
+)
+from policies.memory_model import adapter_bytes, loss_head_bytes_per_token
+from tests.conftest import make_tiny_llama
+
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_QV = AdapterSettings("lora", LoraSettings(r=4, alpha=8, dropout=0.05), ("q_proj", "v_proj"))
+LORA_ALL = AdapterSettings("lora", LoraSettings(r=2, alpha=4), ALL)
+TRUE = (3.0e6, 2.5e4, 40.0)  # b0, b1, b2 of the fake device
+STATIC = 900 << 20
+
+
+class FakeRunner:
+    """Stands in for measure_groups with the physics the model assumes: the group pays b0 once,
+    every job's rows cost b1*B*L + b2*B*L^2 at the padded length, except the loss head, which only
+    sees each job's own L; plus the exact adapter bytes."""
+
+    def __init__(self, base_model: str):
+        self.shape = model_shape_from_config(load_model_config(base_model))
+        self.head = loss_head_bytes_per_token(self.shape)
+        self.calls = 0
+
+    def __call__(self, base_model, groups, *, device, dtype, steps):
+        self.calls += 1
+        out = []
+        for members in groups:
+            l_pad = max(m.seq_len for m in members)
+            dyn = TRUE[0] + sum(adapter_bytes(self.shape, adapter_shape_of(m.adapter))
+                                + TRUE[1] * m.batch * l_pad + TRUE[2] * m.batch * l_pad**2
+                                - self.head * m.batch * (l_pad - m.seq_len) for m in members)  # fmt: skip
+            out.append(GroupMeasurement(STATIC, int(STATIC + dyn), "fake", "cpu", steps=steps))
+        return out
+
+
+def test_model_shape_counts_parameters_exactly(tiny_model_dir):
+    for tied in (False, True):
+        model = make_tiny_llama(tie_word_embeddings=tied)
+        shape = model_shape_from_config(model.config.to_dict())
+        assert shape.num_parameters == sum(p.numel() for p in model.parameters())
+    assert model_shape_from_config(load_model_config(str(tiny_model_dir)), "bfloat16").dtype_bytes == 2
+    with pytest.raises(ValueError, match="hidden_size"):
+        model_shape_from_config({"num_hidden_layers": 2})
+
+
+def test_profile_recovers_known_coefficients(tiny_model_dir, tmp_path):
+    base = str(tiny_model_dir)
+    runner = FakeRunner(base)
+    prof = Profiler(tmp_path, runner=runner)
+    fit, source = prof.activation(base, LORA_QV)
+    assert source == "profiled" and prof.runs == len(DEFAULT_GRID)  # one fresh process per grid point
+    for got, want in zip((fit.b0, fit.b1, fit.b2), TRUE, strict=True):
+        assert got == pytest.approx(want, rel=1e-6)
+    assert prof.static(base) == (STATIC, "measured")
+
+
+def test_cache_hit_on_a_repeated_shape(tiny_model_dir, tmp_path):
+    base = str(tiny_model_dir)
+    runner = FakeRunner(base)
+    prof = Profiler(tmp_path, runner=runner, isolate=False)
+    prof.activation(base, LORA_QV)
+    assert runner.calls == 1  # isolate=False: the whole grid in one process
+    same_shape = AdapterSettings("lora", LoraSettings(r=4, alpha=99, dropout=0.3), ("q_proj", "v_proj"))
+    assert prof.activation(base, same_shape)[1] == "cache"
+    assert runner.calls == 1
+    # a new profiler (another process) reads the saved cache: still no measurement
+    again = Profiler(tmp_path, runner=runner)
+    assert again.activation(base, LORA_QV)[1] == "cache"
+    assert again.static(base)[1] == "measured"
+    assert runner.calls == 1 and again.runs == 0
+    # a different shape (no dropout, other targets) is profiled
+    again.activation(base, LORA_ALL)
+    assert again.runs == len(DEFAULT_GRID)
+
+
+def test_no_profile_uses_the_analytic_default(tiny_model_dir, tmp_path):
+    prof = Profiler(tmp_path, runner=FakeRunner(str(tiny_model_dir)), profile=False)
+    _fit, source = prof.activation(str(tiny_model_dir), LORA_QV)
+    static, static_source = prof.static(str(tiny_model_dir))
+    assert source == "analytic" and static_source == "config" and static > 0 and prof.runs == 0
+
+
+def test_group_prediction_pads_to_the_longest_job_and_matches_the_fake(tiny_model_dir, tmp_path):
+    base = str(tiny_model_dir)
+    runner = FakeRunner(base)
+    prof = Profiler(tmp_path, runner=runner)
+    members = [("a", LORA_QV, 2, 40), ("b", LORA_ALL, 3, 100)]
+    pred = prof.predict(base, members)
+    assert pred.seq_len == 100
+    truth = runner(base, [[GroupMember(n, a, b, s) for n, a, b, s in members]], device="cpu", dtype="float32",
+                   steps=1)[0]  # fmt: skip
+    assert pred.group_peak_bytes == pytest.approx(truth.peak_bytes, rel=1e-6)
+    a = pred.jobs[0]
+    head = loss_head_bytes_per_token(runner.shape)
+    assert a.activation_bytes == pytest.approx(TRUE[0] + TRUE[1] * 2 * 100 + TRUE[2] * 2 * 100**2 - head * 2 * 60,
+                                               rel=1e-6)  # fmt: skip
+    assert a.alone_peak_bytes < pred.group_peak_bytes
+    with_margin = prof.predict(base, members, margin=0.1)
+    assert with_margin.group_peak_bytes == pytest.approx(STATIC + 1.1 * (pred.group_peak_bytes - STATIC), rel=1e-6)
+
+
+def test_max_micro_batch_fits_and_the_next_does_not(tiny_model_dir, tmp_path):
+    base = str(tiny_model_dir)
+    prof = Profiler(tmp_path, runner=FakeRunner(base))
+    members = [("a", LORA_QV, 1, 64), ("b", LORA_ALL, 1, 32)]
+    budget = STATIC + (300 << 20)
+    best = prof.max_micro_batch(base, members, budget)
+    assert best >= 1
+
+    def peak(b):
+        return prof.predict(base, [(n, a, b, s) for n, a, _, s in members]).group_peak_bytes
+
+    assert peak(best) <= budget < peak(best + 1)
+    assert prof.max_micro_batch(base, members, STATIC) == 0
+
+
+def test_parse_bytes():
+    assert parse_bytes("20GiB") == 20 << 30
+    assert parse_bytes("512 MiB") == 512 << 20
+    assert parse_bytes("1.5G") == 1_500_000_000
+    assert parse_bytes("123") == 123
+    for bad in ("lots", "5 parsecs", "-1GiB"):
+        with pytest.raises(ValueError, match="size"):
+            parse_bytes(bad)
+
+
+def test_real_measurement_in_process(tiny_model_dir):
+    request = {"base_model": str(tiny_model_dir), "device": "cpu", "dtype": "float32", "steps": 2, "threads": None,
+               "groups": [[GroupMember("a", LORA_QV, 2, 16).to_json()],
+                          [GroupMember("a", LORA_QV, 1, 8).to_json(), GroupMember("b", LORA_ALL, 2, 24).to_json()]]}  # fmt: skip
+    first, second = run_measurement(request)
+    assert first.probe == "cpu" and first.static_bytes > 50 << 20
+    assert first.peak_bytes >= first.static_bytes * 0.9 and second.steps == 2
+    assert first.device_kind.startswith("cpu-")
+
+
+@pytest.mark.slow
+def test_real_measurement_in_a_fresh_process(tiny_model_dir):
+    m = measure_group(str(tiny_model_dir), [GroupMember("a", LORA_QV, 2, 64)], steps=2)
+    assert m.static_bytes > 50 << 20 and m.peak_bytes > m.static_bytes
