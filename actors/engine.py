@@ -240,22 +240,6 @@ class FusedEngine:
         hidden = self.fused.hidden_states(input_ids.to(self.device), attention_mask.to(self.device), layout)
         return self.fused.logits(hidden).float()
 
-    @torch.no_grad()
-    def eval_loss(self, job: str, examples: list[Example], micro_batch_size: int = 8) -> float:
-        """Mean token loss of one job's adapter on ``examples`` (no dropout, no gradient)."""
-        seg_sum, seg_count = 0.0, 0
-        for i in range(0, len(examples), micro_batch_size):
-            batch = examples[i : i + micro_batch_size]
-            ids, labels, mask = collate(batch, self.pad_id)
-            layout = BatchLayout((Segment(job, 0, len(batch)),), training=False, padding_mask=mask.bool())
-            hidden = self.fused.hidden_states(ids.to(self.device), mask.to(self.device), layout)
-            loss_sum, count = self.fused.token_loss_sum(hidden, labels.to(self.device))
-            seg_sum += float(loss_sum)
-            seg_count += count
-        return seg_sum / max(1, seg_count)
-
-    # ---------------------------------------------------------------- evaluation of exported adapters
-
     def attach_adapter(self, name: str, directory: str | Path) -> JobAdapter:
         """Attach an exported adapter directory (PEFT LoRA or MixLoRA) under ``name``, for inference.
 

@@ -6,6 +6,7 @@ forward over a fused batch with a ``BatchLayout``, and computes each job's loss 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 
 import torch
@@ -139,13 +140,30 @@ class FusedModel:
         return self.mlps
 
     def hidden_states(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layout: BatchLayout
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        layout: BatchLayout,
+        *,
+        position_ids: torch.Tensor | None = None,
+        cache: object | None = None,
     ) -> torch.Tensor:
-        """Last hidden states (N, L, H) of the fused batch, every layer seeing ``layout``."""
+        """Last hidden states (N, L, H) of the fused batch, every layer seeing ``layout``.
+
+        With ``cache`` (a transformers ``Cache``), keys and values are appended to it (decoding).
+        """
         self.context.layout = layout
         try:
             decoder = self.model.get_decoder()
-            out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            # transformers >= 5.2x names the KV cache argument `cache`; older releases `past_key_values`.
+            cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+            out = decoder(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=cache is not None,
+                **({cache_arg: cache} if cache is not None else {}),
+            )
         finally:
             self.context.layout = None
         return out.last_hidden_state

@@ -425,7 +425,7 @@ def test_fused_multi_adapter_eval_equals_one_by_one(tmp_path):
     check = FusedEngine(copy.deepcopy(base), make_tokenizer())
     job = check.add_job(job_config("m", mix_settings(targets=("q_proj", "v_proj", *FFN), init_from=str(mix_dir)),
                                    tmp_path / "x"), examples=data)  # fmt: skip
-    assert check.eval_loss(job.name, data, 4) == pytest.approx(fused[1][0], rel=1e-5)
+    assert check.evaluate([job.name], data, 4)[0][0] == pytest.approx(fused[1][0], rel=1e-5)
 
 
 def test_attach_errors(tmp_path):

@@ -1,0 +1,169 @@
+"""Quality metrics beyond loss: generation exact match and multiple-choice accuracy, fused.
+
+Both evaluate many adapters (LoRA and MixLoRA, any mix, ``None`` = the base model) on one copy of
+the base model: every batch holds the same examples once per adapter, each row with its own
+adapter, so one base forward serves them all. Results equal evaluating each adapter alone.
+
+* ``generate_greedy``: greedy decoding with a KV cache. Prompts are left-padded and carry explicit
+  position ids (counted over real tokens), so a row's output does not depend on its neighbours.
+* ``exact_match``: the first line of the completion, whitespace-normalised, equals the answer
+  (``normalize="squad"`` also lowercases and drops punctuation and articles).
+* ``choice_logprobs`` / ``multiple_choice_accuracy``: the sum of log-probabilities of each choice's
+  tokens after the prompt; the highest-scoring choice is the prediction (ARC / BoolQ / PIQA style).
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from actors.data import IGNORE_INDEX, Example, collate
+from actors.lora import BatchLayout, Segment
+
+BASE_KEY = "@base"  # the layout name of rows that use no adapter (never a module name)
+
+
+def _keys(names: Sequence[str | None]) -> list[str]:
+    return [BASE_KEY if n is None else n for n in names]
+
+
+@torch.no_grad()
+def generate_greedy(
+    engine,
+    names: Sequence[str | None],
+    prompts: Sequence[list[int]],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+) -> list[list[list[int]]]:
+    """Greedy completions: ``out[a][i]`` is the token ids adapter ``names[a]`` generates for prompt ``i``.
+
+    Generation of a row stops at EOS (not included) or after ``max_new_tokens``.
+    """
+    from transformers import DynamicCache
+
+    fused = engine.fused
+    eos = engine.tokenizer.eos_token_id
+    keys = _keys(names)
+    out: list[list[list[int]]] = [[[] for _ in prompts] for _ in names]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        n, width = len(chunk), max(len(prompts[i]) for i in chunk)
+        ids = torch.full((n, width), engine.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for row, i in enumerate(chunk):  # left padding: the next token is always at the end
+            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]) :] = 1
+        rows = len(keys) * n
+        ids = ids.repeat(len(keys), 1).to(fused.device)  # (A*n, W)
+        mask = mask.repeat(len(keys), 1).to(fused.device)  # (A*n, W)
+        segments = tuple(Segment(k, a * n, (a + 1) * n) for a, k in enumerate(keys))
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # (A*n, W)
+        cache = DynamicCache()
+        layout = BatchLayout(segments, training=False, padding_mask=mask.bool())
+        hidden = fused.hidden_states(ids, mask, layout, position_ids=positions, cache=cache)
+        next_ids = fused.logits(hidden[:, -1]).argmax(-1)  # (A*n,)
+        finished = torch.zeros(rows, dtype=torch.bool, device=fused.device)
+        generated = []
+        step_layout = BatchLayout(segments, training=False, padding_mask=None)  # new tokens are all real
+        for _ in range(max_new_tokens):
+            if eos is not None:
+                finished |= next_ids == eos
+            generated.append(torch.where(finished, torch.full_like(next_ids, -1), next_ids))
+            if bool(finished.all()):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            positions = positions[:, -1:] + 1
+            hidden = fused.hidden_states(
+                next_ids[:, None], mask, step_layout, position_ids=positions, cache=cache
+            )
+            next_ids = fused.logits(hidden[:, -1]).argmax(-1)
+        tokens = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(rows)]
+        for a in range(len(keys)):
+            for row, i in enumerate(chunk):
+                seq = tokens[a * n + row]
+                out[a][i] = [t for t in seq[: seq.index(-1)] if t >= 0] if -1 in seq else seq
+    return out
+
+
+def normalize_answer(text: str, mode: str = "exact") -> str:
+    """First line, whitespace collapsed; ``squad`` also lowercases and drops punctuation and articles."""
+    text = text.strip().split("\n", 1)[0] if text.strip() else ""
+    if mode == "squad":
+        text = text.lower()
+        text = "".join(ch for ch in text if ch not in set(string.punctuation))
+        text = re.sub(r"\b(a|an|the)\b", " ", text)
+    elif mode != "exact":
+        raise ValueError(f"normalize: must be one of exact, squad (got {mode!r})")
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, answer: str, mode: str = "exact") -> bool:
+    return normalize_answer(prediction, mode) == normalize_answer(answer, mode)
+
+
+@dataclass(frozen=True)
+class ChoiceItem:
+    """A multiple-choice record: prompt token ids, each choice's token ids, the right index."""
+
+    prompt: list[int]
+    choices: list[list[int]]
+    answer: int
+
+
+@torch.no_grad()
+def choice_logprobs(
+    engine, names: Sequence[str | None], items: Sequence[ChoiceItem], *, batch_size: int = 16
+) -> list[list[list[float]]]:
+    """``out[a][i][c]``: the summed log-probability of choice ``c`` of item ``i`` under adapter ``a``."""
+    flat = [(i, c) for i, item in enumerate(items) for c in range(len(item.choices))]
+    examples = [
+        Example(items[i].prompt + items[i].choices[c], [IGNORE_INDEX] * len(items[i].prompt) + items[i].choices[c])
+        for i, c in flat
+    ]
+    scores = row_logprob_sums(engine, names, examples, batch_size=batch_size)
+    out: list[list[list[float]]] = [[[0.0] * len(item.choices) for item in items] for _ in names]
+    for a in range(len(names)):
+        for (i, c), value in zip(flat, scores[a], strict=True):
+            out[a][i][c] = value
+    return out
+
+
+@torch.no_grad()
+def row_logprob_sums(
+    engine, names: Sequence[str | None], examples: Sequence[Example], *, batch_size: int = 16
+) -> list[list[float]]:
+    """Per adapter, per example: the sum of log p(label token | prefix) over the example's label tokens."""
+    fused = engine.fused
+    keys = _keys(names)
+    out = [[0.0] * len(examples) for _ in names]
+    for start in range(0, len(examples), batch_size):
+        batch = list(examples[start : start + batch_size])
+        ids, labels, mask = collate(batch, engine.pad_id)
+        n = len(batch)
+        segments = tuple(Segment(k, a * n, (a + 1) * n) for a, k in enumerate(keys))
+        ids, labels, mask = (t.repeat(len(keys), 1).to(fused.device) for t in (ids, labels, mask))
+        hidden = fused.hidden_states(ids, mask, BatchLayout(segments, training=False, padding_mask=mask.bool()))
+        logp = F.log_softmax(fused.logits(hidden[:, :-1]).float(), dim=-1)  # (A*n, L-1, V)
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        picked = logp.gather(-1, targets.clamp_min(0)[..., None])[..., 0] * keep  # (A*n, L-1)
+        sums = picked.sum(-1).tolist()
+        for a in range(len(keys)):
+            for row in range(n):
+                out[a][start + row] = sums[a * n + row]
+    return out
+
+
+def multiple_choice_accuracy(scores: Sequence[Sequence[float]], answers: Sequence[int]) -> float:
+    """Share of items whose highest-scoring choice is the answer."""
+    if not answers:
+        return 0.0
+    right = sum(1 for s, ans in zip(scores, answers, strict=True) if max(range(len(s)), key=s.__getitem__) == ans)
+    return right / len(answers)
