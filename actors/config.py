@@ -90,6 +90,19 @@ class TrainSettings:
 
 
 @dataclass(frozen=True)
+class EvalSettings:
+    """Held-out evaluation run after training (base model and adapter side by side)."""
+
+    data: str | None = None  # held-out file; None: ``held_out_fraction`` of the training data
+    held_out_fraction: float = 0.0
+    metrics: tuple[str, ...] = ("loss",)  # loss | exact_match | multiple_choice
+    max_new_tokens: int = 32
+    normalize: str = "exact"  # exact | squad
+    max_examples: int | None = None
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """Everything the engine needs to train one job."""
 
@@ -100,3 +113,4 @@ class JobConfig:
     train: TrainSettings
     output: str
     priority: int = 0
+    eval: EvalSettings | None = None

@@ -170,16 +170,19 @@ def _tokenize_chat(messages: list[dict[str, str]], tokenizer: Any, settings: Dat
     return Example(ids[: settings.max_seq_len], labels[: settings.max_seq_len])
 
 
-def load_examples(settings: DataSettings, tokenizer: Any) -> list[Example]:
-    """Read, validate and tokenise the whole data file.
+def load_examples(settings: DataSettings, tokenizer: Any, *, exclude: Sequence[int] = ()) -> list[Example]:
+    """Read, validate and tokenise the data file, leaving out the records at ``exclude``.
 
     Raises:
         DataError: missing or unreadable file, unknown format, a record missing a field.
     """
     records = load_records(settings.path)
     fmt = settings.format if settings.format != "auto" else detect_format(records[0])
+    skip = set(exclude)
     examples = []
     for index, record in enumerate(records):
+        if index in skip:
+            continue
         _check_fields(record, fmt, index, settings.path)
         try:
             examples.append(tokenize_record(record, fmt, tokenizer, settings))
@@ -188,6 +191,14 @@ def load_examples(settings: DataSettings, tokenizer: Any) -> list[Example]:
     if not any(ex.num_label_tokens for ex in examples):
         raise DataError(f"{settings.path}: no record has a token to train on (check data.format / max_seq_len)")
     return examples
+
+
+def held_out_indices(num_records: int, fraction: float, seed: int) -> list[int]:
+    """Indices of the records held out of training for evaluation (a seeded sample, sorted)."""
+    if fraction <= 0:
+        return []
+    count = min(num_records - 1, max(1, round(num_records * fraction)))
+    return sorted(random.Random(seed * 7_919 + 17).sample(range(num_records), count))
 
 
 @dataclass(frozen=True)

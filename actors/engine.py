@@ -103,7 +103,13 @@ class FusedEngine:
                 f"adapter.type: {config.adapter.kind!r} is not available; allowed: {', '.join(sorted(ADAPTER_KINDS))}"
             )
         if examples is None:
-            examples = load_examples(config.data, self.tokenizer)
+            held_out = []
+            if config.eval is not None and config.eval.data is None:
+                from actors.data import held_out_indices, load_records
+
+                total = len(load_records(config.data.path))
+                held_out = held_out_indices(total, config.eval.held_out_fraction, config.train.seed)
+            examples = load_examples(config.data, self.tokenizer, exclude=held_out)
         seed = config.train.seed
         adapter = factory(self.fused, config.name, config.adapter, seeded_generator(seed))
         try:

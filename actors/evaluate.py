@@ -14,6 +14,7 @@ adapter, so one base forward serves them all. Results equal evaluating each adap
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from collections.abc import Sequence
@@ -167,3 +168,87 @@ def multiple_choice_accuracy(scores: Sequence[Sequence[float]], answers: Sequenc
         return 0.0
     right = sum(1 for s, ans in zip(scores, answers, strict=True) if max(range(len(s)), key=s.__getitem__) == ans)
     return right / len(answers)
+
+
+# ---------------------------------------------------------------- a job's held-out evaluation
+
+
+def _eval_records(config) -> tuple[list[dict], str]:
+    from actors.data import detect_format, held_out_indices, load_records
+
+    ev = config.eval
+    train_records = load_records(config.data.path)
+    fmt = config.data.format if config.data.format != "auto" else detect_format(train_records[0])
+    if ev.data is not None:
+        records = load_records(ev.data)
+    else:
+        picked = held_out_indices(len(train_records), ev.held_out_fraction, config.train.seed)
+        records = [train_records[i] for i in picked]
+    if ev.max_examples is not None:
+        records = records[: ev.max_examples]
+    return records, fmt
+
+
+def evaluate_job(engine, name: str | None, config) -> dict:
+    """Evaluate the base model and adapter ``name`` side by side on ``config.eval``'s held-out records.
+
+    Returns ``{"examples": n, "metrics": {metric: {"base": x, "adapter": y}}, "samples": [...]}``;
+    loss also reports ``perplexity``. Raises ``DataError`` for unusable evaluation data.
+    """
+    from actors.data import DataError, build_prompt, tokenize_record
+
+    ev = config.eval
+    records, fmt = _eval_records(config)
+    tok = engine.tokenizer
+    names = [None, name]
+    result: dict = {"examples": len(records), "metrics": {}, "samples": []}
+    if "loss" in ev.metrics:
+        usable = [r for r in records if "choices" not in r]
+        examples = [tokenize_record(r, fmt, tok, config.data) for r in usable]
+        if examples:
+            (base, _), (adapter, count) = engine.evaluate(names, examples, micro_batch_size=ev.batch_size)
+            result["metrics"]["loss"] = {"base": base, "adapter": adapter, "tokens": count}
+            result["metrics"]["perplexity"] = {"base": math.exp(min(base, 50)), "adapter": math.exp(min(adapter, 50))}
+    if "exact_match" in ev.metrics:
+        if fmt == "tokens":
+            raise DataError("eval.metrics: exact_match needs text records (data.format is tokens)")
+        pairs = [build_prompt(r, fmt, tok) for r in records]
+        prompts = [tok(p, add_special_tokens=True)["input_ids"] for p, _ in pairs]
+        outs = generate_greedy(engine, names, prompts, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size)
+        scores = {}
+        for key, generated in zip(("base", "adapter"), outs, strict=True):
+            texts = [tok.decode(g, skip_special_tokens=True) for g in generated]
+            scores[key] = sum(exact_match(t, ans, ev.normalize) for t, (_, ans) in zip(texts, pairs, strict=True))
+            scores[key] /= max(1, len(pairs))
+            if key == "adapter":
+                base_texts = [tok.decode(g, skip_special_tokens=True) for g in outs[0]]
+                result["samples"] = [
+                    {"prompt": p, "answer": a, "base": b.strip(), "adapter": t.strip()}
+                    for (p, a), b, t in list(zip(pairs, base_texts, texts, strict=True))[:5]
+                ]
+        result["metrics"]["exact_match"] = scores
+    if "multiple_choice" in ev.metrics:
+        result["metrics"]["multiple_choice"] = _multiple_choice(engine, names, records, fmt, ev)
+    return result
+
+
+def _multiple_choice(engine, names, records, fmt, ev) -> dict:
+    from actors.data import DataError, build_prompt
+
+    tok = engine.tokenizer
+    items = []
+    for i, r in enumerate(records):
+        if not {"question", "choices", "answer"} <= set(r):
+            raise DataError(f"eval.data: record {i}: multiple_choice needs question, choices, answer")
+        if fmt == "alpaca":  # the job's own prompt template
+            prompt, _ = build_prompt({"instruction": r["question"], "input": ""}, "alpaca")
+        else:
+            prompt = str(r["question"])
+        items.append(ChoiceItem(
+            tok(prompt, add_special_tokens=True)["input_ids"],
+            [tok(str(c), add_special_tokens=False)["input_ids"] for c in r["choices"]],
+            int(r["answer"]),
+        ))
+    scores = choice_logprobs(engine, names, items, batch_size=ev.batch_size * 2)
+    answers = [it.answer for it in items]
+    return {key: multiple_choice_accuracy(s, answers) for key, s in zip(("base", "adapter"), scores, strict=True)}

@@ -23,6 +23,7 @@ class JobProgress:
     output: str | None = None
     started: float = field(default_factory=time.monotonic)
     tokens: int = 0
+    eval: dict | None = None  # evaluate_job's result: {"metrics": {name: {"base": x, "adapter": y}}}
 
     @property
     def eta_s(self) -> float | None:
@@ -111,9 +112,21 @@ class ProgressView:
             )
 
 
+def eval_summary(result: dict | None) -> str:
+    """``metric base -> adapter`` for each evaluated metric, e.g. ``exact_match 0.02 -> 0.71``."""
+    if not result:
+        return "-"
+    parts = []
+    for metric in ("exact_match", "multiple_choice", "loss"):
+        values = result.get("metrics", {}).get(metric)
+        if values:
+            parts.append(f"{metric} {values['base']:.3f} -> {values['adapter']:.3f}")
+    return "; ".join(parts) or "-"
+
+
 def summary_table(jobs: list[JobProgress], title: str = "lorafleet summary") -> Table:
     table = Table(title=title)
-    for col in ("job", "state", "steps", "final loss", "tok/s", "output / error"):
+    for col in ("job", "state", "steps", "final loss", "tok/s", "held-out eval (base -> adapter)", "output / error"):
         table.add_column(col)
     for job in jobs:
         style = {"succeeded": "green", "failed": "red"}.get(job.state, "")
@@ -123,6 +136,7 @@ def summary_table(jobs: list[JobProgress], title: str = "lorafleet summary") -> 
             f"{job.step}/{job.total_steps}",
             fmt_float(job.loss),
             fmt_float(job.tokens_per_s, 0),
+            eval_summary(job.eval),
             job.message if job.state == "failed" else (job.output or ""),
         )
     return table

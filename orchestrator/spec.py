@@ -21,6 +21,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from actors.config import (
     AdapterSettings,
     DataSettings,
+    EvalSettings,
     JobConfig,
     LoraSettings,
     MixLoraSettings,
@@ -51,7 +53,8 @@ class SpecError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
+    # allow_inf_nan=False: ``alpha: .inf`` or ``weight_decay: .nan`` would pass the range checks.
+    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True, allow_inf_nan=False)
 
 
 class ExpertSpec(_Strict):
@@ -166,6 +169,28 @@ class TrainSpec(_Strict):
         return self
 
 
+class EvalSpec(_Strict):
+    data: str | None = Field(None, min_length=1, description="held-out data file; null: use held_out_fraction")
+    held_out_fraction: float = Field(
+        0.0, ge=0, lt=1, description="share of the training data held out (seeded by train.seed) when data is null"
+    )
+    metrics: list[Literal["loss", "exact_match", "multiple_choice"]] = Field(
+        default_factory=lambda: ["loss"], min_length=1,
+        description="loss (mean token loss, perplexity); exact_match (greedy generation with the job's prompt "
+        "template); multiple_choice (records {question, choices, answer})",
+    )
+    max_new_tokens: int = Field(32, ge=1, le=4096, description="exact_match: generation length limit")
+    normalize: Literal["exact", "squad"] = Field("exact", description="exact_match: answer normalisation")
+    max_examples: int | None = Field(None, ge=1, description="evaluate at most this many held-out records")
+    batch_size: int = Field(8, ge=1, description="records per evaluation batch")
+
+    @model_validator(mode="after")
+    def _has_source(self) -> EvalSpec:
+        if self.data is None and self.held_out_fraction == 0:
+            raise ValueError("data: set eval.data or eval.held_out_fraction > 0")
+        return self
+
+
 class JobSpec(_Strict):
     name: str = Field(..., pattern=NAME_PATTERN, description="job name: [A-Za-z0-9._-]{1,64}")
     base_model: str = Field(
@@ -177,6 +202,15 @@ class JobSpec(_Strict):
     priority: int = Field(0, ge=-1000, le=1000, description="higher runs first under priority policies")
     owner: str | None = Field(None, pattern=NAME_PATTERN, description="set by the client from its identity")
     output: str | None = Field(None, description="output directory [out/NAME]")
+    eval: EvalSpec | None = Field(None, description="held-out evaluation after training (base vs adapter)")
+
+    @field_validator("name", "owner")
+    @classmethod
+    def _not_hidden(cls, value: str | None) -> str | None:
+        # Names become directory names (out/NAME, the job area): never '.', '..' or hidden.
+        if value is not None and value.startswith("."):
+            raise ValueError(f"must not start with '.' (got {value!r})")
+        return value
 
     def output_dir(self) -> str:
         return self.output or f"out/{self.name}"
@@ -217,6 +251,9 @@ class JobSpec(_Strict):
             train=TrainSettings(**{**t.model_dump(), "betas": tuple(t.betas)}),
             output=self.output_dir(),
             priority=self.priority,
+            eval=None if self.eval is None else EvalSettings(
+                **{**self.eval.model_dump(), "metrics": tuple(self.eval.metrics)}
+            ),
         )
 
 
@@ -238,10 +275,27 @@ def _allowed_fields(loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
+# Values echoed in error messages are shortened: a hostile spec can hold megabytes of text or a
+# YAML alias tree whose full repr would be enormous (or recurse too deep to print).
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 3, 80, 80, 40
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 6
+
+
+class _Short:
+    """Wraps an echoed value so ``f"{x!r}"`` prints its shortened repr."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return _SHORT.repr(self.value)
+
+
 def _format_error(err: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     kind = err["type"]
-    given = err.get("input")
+    given = _Short(err["input"]) if "input" in err else None
     ctx = err.get("ctx") or {}
     if kind == "extra_forbidden":
         allowed = _allowed_fields(loc[:-1])
@@ -300,7 +354,7 @@ def parse_spec(data: Any, *, source: str = "<spec>", text: str | None = None) ->
         if text is not None:
             try:
                 root = yaml.compose(text)
-            except yaml.YAMLError:
+            except (yaml.YAMLError, ValueError, RecursionError):
                 root = None
         lines = []
         for err in exc.errors(include_url=False):
@@ -326,8 +380,13 @@ def load_spec(path: str | Path) -> JobSpec:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise SpecError([f"{path}: cannot read spec file: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise SpecError([f"{path}: spec file is not valid UTF-8: {exc.reason} at byte {exc.start}"]) from None
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise SpecError([f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}"]) from None
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        # ValueError: JSON syntax, or an integer literal past Python's 4300-digit limit (JSON and
+        # YAML); RecursionError: thousands of nested brackets.
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise SpecError([f"{path}: not valid {kind}: {exc or type(exc).__name__}"]) from None
     return parse_spec(data, source=str(path), text=text)

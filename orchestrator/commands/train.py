@@ -70,6 +70,16 @@ def run(args: argparse.Namespace) -> int:
     return 1 if any(r.state != "succeeded" for r in results) else 0
 
 
+def run_eval(engine, job) -> dict:
+    """Held-out evaluation of a finished job (base vs adapter), written to ``OUTPUT/eval.json``."""
+    from actors.checkpoint import atomic_write_json
+    from actors.evaluate import evaluate_job
+
+    result = evaluate_job(engine, job.name, job.config)
+    atomic_write_json(job.output / "eval.json", result)
+    return result
+
+
 def _device_and_dtype(device: str, dtype: str):
     import torch
 
@@ -138,6 +148,15 @@ def train_group(
 
     engine.run(on_step)
     for name in list(engine.jobs):
+        job = engine.jobs[name]
+        if job.error is None and job.config.eval is not None:
+            view.update(name, state="evaluating")
+            try:
+                view.jobs[name].eval = run_eval(engine, job)
+            except (ValueError, OSError) as exc:
+                view.jobs[name].message = f"eval failed: {exc}"
+                console.print(f"[red]{name}: evaluation failed[/]: {exc}", highlight=False)
+            view.update(name, state="succeeded")
         job = engine.remove_job(name)
         progress = view.jobs[name]
         if job.error is None and progress.state != "succeeded":

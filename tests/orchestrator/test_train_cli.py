@@ -21,7 +21,7 @@ def alpaca_records(n: int, seed: int) -> list[dict]:
     return out
 
 
-def write_spec(tmp_path, name, model_dir, data, **train):
+def write_spec(tmp_path, name, model_dir, data, eval_section=None, **train):
     spec = {
         "name": name,
         "base_model": str(model_dir),
@@ -31,6 +31,8 @@ def write_spec(tmp_path, name, model_dir, data, **train):
                   "checkpoint_every": 1, **train},
         "output": str(tmp_path / "out" / name),
     }
+    if eval_section:
+        spec["eval"] = eval_section
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -38,7 +40,9 @@ def write_spec(tmp_path, name, model_dir, data, **train):
 
 def test_train_many_jobs_one_broken(tmp_path, tiny_model_dir, capsys):
     data = write_jsonl(tmp_path / "rev.jsonl", alpaca_records(12, seed=1))
-    a = write_spec(tmp_path, "a", tiny_model_dir, data)
+    a = write_spec(tmp_path, "a", tiny_model_dir, data, eval_section={
+        "held_out_fraction": 0.25, "metrics": ["loss", "exact_match"], "max_new_tokens": 4,
+    })
     b = write_spec(tmp_path, "b", tiny_model_dir, data, learning_rate=5e-3, seed=3)
     broken = write_spec(tmp_path, "broken", tiny_model_dir, tmp_path / "missing.jsonl")
     bad_spec = tmp_path / "bad.yaml"
@@ -57,6 +61,15 @@ def test_train_many_jobs_one_broken(tmp_path, tiny_model_dir, capsys):
         lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         assert [x["step"] for x in lines] == [1, 2, 3]
         assert all(x["tokens"] > 0 and x["loss"] > 0 for x in lines)
+
+    # Job a held out 3 of its 12 records and evaluated base vs adapter on them.
+    result = json.loads((tmp_path / "out" / "a" / "eval.json").read_text())
+    assert result["examples"] == 3
+    loss = result["metrics"]["loss"]
+    assert loss["base"] > 0 and loss["adapter"] > 0 and loss["base"] != loss["adapter"]
+    assert 0.0 <= result["metrics"]["exact_match"]["adapter"] <= 1.0
+    assert len(result["samples"]) == 3 and {"prompt", "answer", "base", "adapter"} <= set(result["samples"][0])
+    assert "loss" in err and "->" in err  # the summary shows base -> adapter
 
     # Rerunning the good jobs skips them (already finished) and exits 0.
     assert main(["train", str(a), str(b), "--plain"]) == 0
