@@ -26,6 +26,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("orchestrator.commands.simulate", "compare scheduling policies on a job trace (simulated)"),
     "trace": ("orchestrator.commands.trace", "job traces for the simulator: 'trace synth' writes one"),
     "eval": ("orchestrator.commands.eval", "mean token loss and perplexity of adapters or the base model on a data file"),
+    "up": ("orchestrator.commands.up", "start (or reattach to) the lorafleet controller on a Ray cluster"),
+    "down": ("orchestrator.commands.down", "stop the controller (and with --local the local Ray cluster)"),
+    "policy": ("orchestrator.commands.policy", "show the controller's scheduling policy, or set a new one at run time"),
 }
 
 

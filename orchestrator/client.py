@@ -1,0 +1,220 @@
+"""Connecting to a lorafleet cluster: Ray on loopback or a given address, the controller by name.
+
+Functions the CLI (``up``, ``down``, ``policy``) and the laptop client build on:
+
+* :func:`connect` ``(address)``: ``ray.init`` to a running cluster (``auto``: the one this
+  machine knows). Loopback addresses stay on loopback (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``
+  makes Ray resolve its own node address to 127.0.0.1 instead of the machine's interface).
+* :func:`get_controller`: the controller handle, or :class:`NoControllerError` with
+  "no lorafleet controller on this cluster: start one with `lorafleet up`".
+* :func:`start_controller` (start or reattach), :func:`stop_controller`, :func:`call`
+  (a controller method with the actor's exception unwrapped).
+* :func:`start_local_cluster` / :func:`stop_local_cluster`: ``lorafleet up --local`` starts
+  ``ray start --head`` bound to 127.0.0.1 with its own temp dir and records its PIDs in
+  ``~/.lorafleet/local-cluster.json`` so that ``lorafleet down --local`` stops exactly those
+  processes (never ``ray stop``, which would end every Ray process on the machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from orchestrator.controller import CONTROLLER_NAME, NAMESPACE
+
+HOME = Path(os.environ.get("LORAFLEET_HOME", Path.home() / ".lorafleet"))
+LOCAL_STATE = HOME / "local-cluster.json"
+DEFAULT_STORE = HOME / "jobs.db"
+DEFAULT_STORAGE = HOME / "storage"
+NO_CONTROLLER = "no lorafleet controller on this cluster: start one with `lorafleet up`"
+
+
+class NoControllerError(RuntimeError):
+    """No controller actor runs on the connected cluster."""
+
+
+class ClusterError(RuntimeError):
+    """Ray could not be reached or started; the message says what to do."""
+
+
+def loopback_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment that keeps a local Ray on 127.0.0.1 and sends no usage stats."""
+    env = dict(os.environ if env is None else env)
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    return env
+
+
+def _is_loopback(address: str | None) -> bool:
+    return bool(address) and address.split(":")[0] in ("127.0.0.1", "localhost")
+
+
+def connect(address: str | None = "auto") -> None:
+    """``ray.init`` to a running cluster (no-op when already connected). Raises ``ClusterError``."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address in (None, "auto") and LOCAL_STATE.is_file():
+        address = json.loads(LOCAL_STATE.read_text())["address"]
+    kwargs: dict[str, Any] = {"address": address or "auto", "namespace": NAMESPACE, "log_to_driver": False}
+    if _is_loopback(address):
+        os.environ.update(loopback_env({}))
+        kwargs["_node_ip_address"] = "127.0.0.1"
+    try:
+        ray.init(**kwargs)
+    except ConnectionError as exc:
+        raise ClusterError(f"cannot reach a Ray cluster at {address or 'auto'}: {exc}; "
+                           "start one (`lorafleet up --local`) or pass --address") from None  # fmt: skip
+
+
+def get_controller():
+    """The controller actor handle. Raises :class:`NoControllerError`."""
+    import ray
+
+    try:
+        return ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+    except ValueError:
+        raise NoControllerError(NO_CONTROLLER) from None
+
+
+def call(method: str, *args: Any, timeout: float = 60.0, **kwargs: Any) -> Any:
+    """Call a controller method and return its result; the controller's own exception is re-raised."""
+    import ray
+
+    handle = get_controller()
+    try:
+        return ray.get(getattr(handle, method).remote(*args, **kwargs), timeout=timeout)
+    except ray.exceptions.RayTaskError as err:
+        cause = err.cause if getattr(err, "cause", None) is not None else err
+        raise cause from None
+
+
+def start_controller(
+    store: str | os.PathLike = DEFAULT_STORE,
+    storage: str | os.PathLike = DEFAULT_STORAGE,
+    policy: dict[str, Any] | None = None,
+    *,
+    wait_s: float = 120.0,
+    **options: Any,
+) -> tuple[Any, bool]:
+    """Start the controller, or reattach to a running one; returns (handle, started_now).
+
+    ``options`` go to :class:`orchestrator.controller.Controller` (``num_gpus``,
+    ``worker_options``, ``loop_interval_s``, ...). A running controller keeps its settings;
+    a given ``policy`` is then applied with ``set_policy``.
+    """
+    import ray
+
+    from orchestrator.controller import controller_actor_class, controller_options
+
+    try:
+        handle = get_controller()
+        started = False
+        if policy is not None:
+            ray.get(handle.set_policy.remote(policy), timeout=wait_s)
+    except NoControllerError:
+        storage = str(storage) if "://" in str(storage) else str(Path(storage).expanduser().resolve())
+        store = str(Path(store).expanduser().resolve())
+        handle = controller_actor_class().options(**controller_options()).remote(store, storage, policy, **options)
+        started = True
+    ray.get(handle.ping.remote(), timeout=wait_s)
+    return handle, started
+
+
+def stop_controller(timeout_s: float = 120.0) -> dict[str, Any]:
+    """Checkpoint and requeue running jobs, then kill the controller for good (no restart)."""
+    import ray
+
+    handle = get_controller()
+    try:
+        out = ray.get(handle.shutdown.remote(), timeout=timeout_s)
+    except (ray.exceptions.RayError, TimeoutError) as exc:
+        out = {"warning": f"controller did not shut down cleanly: {exc}"}
+    ray.kill(handle, no_restart=True)
+    return out
+
+
+# ---------------------------------------------------------------------------- local cluster
+
+
+def start_local_cluster(num_gpus: int = 0, num_cpus: int | None = None, port: int = 6379) -> dict[str, Any]:
+    """``ray start --head`` on 127.0.0.1 with a private temp dir; records and returns its state.
+
+    Raises ``ClusterError`` when one is already recorded or ``ray start`` fails.
+    """
+    if LOCAL_STATE.is_file():
+        state = json.loads(LOCAL_STATE.read_text())
+        raise ClusterError(f"a local cluster started by lorafleet is recorded at {state['address']} "
+                           f"({LOCAL_STATE}); use it, or `lorafleet down --local` first")  # fmt: skip
+    tmp = tempfile.mkdtemp(prefix="lf-ray-", dir="/tmp")
+    env = loopback_env()
+    env["RAY_TMPDIR"] = tmp
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    cmd = [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+           f"--port={port}", f"--num-gpus={num_gpus}", f"--temp-dir={tmp}/ray", "--disable-usage-stats"]  # fmt: skip
+    if num_cpus is not None:
+        cmd.append(f"--num-cpus={num_cpus}")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise ClusterError(f"`{' '.join(cmd)}` failed:\n{proc.stderr.strip() or proc.stdout.strip()}")
+    pids = sorted(_pids_under(tmp))  # only processes of OUR temp dir: never another user's Ray
+    state = {"address": f"127.0.0.1:{port}", "temp_dir": tmp, "pids": pids, "num_gpus": num_gpus,
+             "started": time.time()}  # fmt: skip
+    LOCAL_STATE.parent.mkdir(parents=True, exist_ok=True)
+    LOCAL_STATE.write_text(json.dumps(state, indent=1) + "\n")
+    return state
+
+
+def stop_local_cluster(timeout_s: float = 30.0) -> list[int]:
+    """Stop exactly the processes ``start_local_cluster`` recorded (plus any still using its temp dir)."""
+    if not LOCAL_STATE.is_file():
+        raise ClusterError(f"no local cluster recorded in {LOCAL_STATE}")
+    state = json.loads(LOCAL_STATE.read_text())
+    pids = sorted(set(state["pids"]) | _pids_under(state["temp_dir"]))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = [p for p in pids if _alive(p)]
+        for pid in alive:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + timeout_s / 2
+        while time.time() < deadline and any(_alive(p) for p in alive):
+            time.sleep(0.2)
+    LOCAL_STATE.unlink()
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.is_file() and ") Z " in stat.read_text())
+
+
+def _cmdlines() -> dict[int, str]:
+    out = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                out[int(d.name)] = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+    return out
+
+
+def _pids_under(temp_dir: str) -> set[int]:
+    """Processes whose command line mentions our private temp dir (gcs, raylet, dashboard, workers)."""
+    return {pid for pid, cmd in _cmdlines().items() if temp_dir in cmd and pid != os.getpid()}

@@ -1,0 +1,804 @@
+"""The controller of a lorafleet cluster: a detached, named Ray actor pinned to the head node.
+
+``Controller`` owns the durable job store (SQLite on the head), the current policy, and the
+worker actors (one per GPU, ``num_gpus=1``). A policy-loop thread, every ``loop_interval_s``:
+
+1. polls every worker's ``progress()`` (non-blocking on the worker side) and records what it
+   reports: ``joined`` (PROFILING -> RUNNING), ``finished`` (-> SUCCEEDED), ``failed``
+   (-> FAILED with the worker's message), ``oom`` (-> QUEUED with half the micro-batch and
+   a doubled activation estimate, or FAILED at micro-batch 1), ``preempted``
+   (-> PREEMPTED -> QUEUED), plus step/loss/tokens-per-second progress;
+2. treats a worker whose call raises ``RayActorError`` as lost: its jobs go back to QUEUED
+   (they resume from their last checkpoint) or, after ``max_attempts`` runs, to FAILED;
+3. builds a :class:`policies.ClusterView` (:func:`build_view`) and applies the policy's
+   decisions: ``Start`` (store QUEUED -> PROFILING first, then ``worker.assign``; a free GPU
+   gets a new worker for the job's base model) and ``Preempt``;
+4. stops workers idle for ``worker_idle_s`` and exports metrics (``ray.util.metrics``).
+
+Every transition is committed to the store before it is acted on or acknowledged. On start
+(including a restart by Ray after a crash) the controller recovers every non-terminal job
+from the store: RUNNING, PROFILING and PREEMPTED jobs are queued again and resume from their
+newest checkpoint (the workers of the previous incarnation were its children and died with it).
+
+Client-facing methods (``submit``, ``status``, ``list_jobs``, ``cancel``, ``logs``,
+``set_policy``, ``get_policy``, ``workers``, ``shutdown``) return plain dicts and raise
+``ValueError``/``LookupError`` with a clear message. See docs/cluster.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+import uuid
+from collections import defaultdict, deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from orchestrator.spec import JobSpec, SpecError, parse_spec
+from orchestrator.store import JobRecord, JobState, JobStore, JobStoreError
+from policies import (
+    ActivationFit,
+    AdapterShape,
+    ClusterView,
+    JobView,
+    ModelShape,
+    Preempt,
+    Start,
+    WorkerView,
+    parse_policy_config,
+)
+from policies.memory_model import adapter_bytes, analytic_activation, static_bytes
+
+log = logging.getLogger(__name__)
+
+CONTROLLER_NAME = "lorafleet-controller"
+NAMESPACE = "lorafleet"
+DEFAULT_POLICY: dict[str, Any] = {"policy": "fifo"}
+GIB = 1 << 30
+# A ~135M-parameter Llama (SmolLM2-135M) when the base model's config cannot be read.
+FALLBACK_SHAPE = ModelShape(134_515_008, 576, 30, 9, 1536, 49152, 3, 2)
+NOMINAL_TOKENS_PER_S = 2000.0  # for remaining-work estimates before a job has reported
+FREE_PREFIX = "free-gpu-"
+LIVE = (JobState.QUEUED, JobState.PROFILING, JobState.RUNNING, JobState.PREEMPTED)
+
+
+# ---------------------------------------------------------------------------- pure helpers
+
+
+def model_shape_for(base_model: str, reported: Mapping[str, Mapping[str, Any]] | None = None) -> ModelShape:
+    """The memory model's shape of ``base_model``: a worker's report, a local ``config.json``, or a fallback."""
+    if reported and base_model in reported:
+        return ModelShape(**reported[base_model])
+    cfg_path = Path(base_model).expanduser() / "config.json"
+    if cfg_path.is_file():
+        try:
+            cfg = json.loads(cfg_path.read_text())
+            h, layers, inter, vocab = (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"],
+                                       cfg["vocab_size"])  # fmt: skip
+            kv = cfg.get("num_key_value_heads") or 0
+            heads = cfg["num_attention_heads"]
+            head_dim = h // heads
+            params = layers * (2 * h * h + 2 * h * kv * head_dim + 3 * h * inter) + 2 * vocab * h
+            return ModelShape(params, h, layers, heads, inter, vocab, kv, 2)
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+            pass
+    return FALLBACK_SHAPE
+
+
+def adapter_shape_of(spec: JobSpec) -> AdapterShape:
+    a = spec.adapter
+    known = tuple(m for m in a.target_modules if m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                      "up_proj", "down_proj")) or ("q_proj", "v_proj")  # fmt: skip
+    if a.type == "mixlora":
+        er = a.expert.r if a.expert is not None and a.expert.r else 0
+        return AdapterShape("mixlora", a.r, known, a.num_experts or 8, a.top_k or 2, er or 0)
+    return AdapterShape("lora", a.r, known)
+
+
+def effective_spec(record: JobRecord) -> JobSpec:
+    """The job's spec with the controller's overrides (``extra.micro_batch_size`` after an OOM)."""
+    spec = parse_spec(record.spec, source=record.id)
+    micro = record.extra.get("micro_batch_size")
+    if micro:
+        spec = spec.model_copy(update={"train": spec.train.model_copy(update={"micro_batch_size": int(micro)})})
+    return spec
+
+
+def job_view(record: JobRecord, now: float, shapes: Mapping[str, Mapping[str, Any]] | None = None,
+             worker_id: str | None = None) -> JobView:  # fmt: skip
+    """One store record as the policy sees it (memory predictions from the memory model)."""
+    spec = effective_spec(record)
+    shape = model_shape_for(spec.base_model, shapes)
+    adapter = adapter_shape_of(spec)
+    fit_list = record.extra.get("activation")
+    fit = ActivationFit(*fit_list) if fit_list else analytic_activation(shape, adapter)
+    scale = float(record.extra.get("activation_scale", 1.0))
+    if scale != 1.0:
+        fit = fit.scaled(scale)
+    total = record.total_steps or spec.train.max_steps or 100
+    per_step_s = spec.train.batch_size * spec.data.max_seq_len / NOMINAL_TOKENS_PER_S
+    return JobView(
+        job_id=record.id,
+        owner=record.owner,
+        priority=record.priority,
+        submit_time_s=record.submit_time,
+        base_model=spec.base_model,
+        static_bytes=static_bytes(shape),
+        adapter_bytes=adapter_bytes(shape, adapter),
+        activation=fit,
+        micro_batch_size=spec.train.micro_batch_size,
+        seq_len=spec.data.max_seq_len,
+        remaining_work_s=max(0, total - record.step) * per_step_s,
+        total_work_s=total * per_step_s,
+        worker_id=worker_id,
+        start_time_s=record.start_time if worker_id else None,
+    )
+
+
+def build_view(
+    records: Iterable[JobRecord],
+    workers: Iterable[WorkerView],
+    *,
+    now: float,
+    free_gpus: int = 0,
+    free_memory_bytes: int = 80 * GIB,
+    shapes: Mapping[str, Mapping[str, Any]] | None = None,
+    preempting: Iterable[str] = (),
+) -> ClusterView:
+    """The snapshot the policy decides on.
+
+    QUEUED jobs are queued; PROFILING and RUNNING jobs run on their record's worker. Each
+    free GPU (no worker yet) appears as an idle worker ``free-gpu-<i>`` with no model loaded.
+    """
+    workers = list(workers)
+    known = {w.worker_id for w in workers}
+    preempting = set(preempting)
+    queued, running = [], []
+    for rec in records:
+        if rec.state == JobState.QUEUED:
+            queued.append(job_view(rec, now, shapes))
+        elif rec.state in (JobState.PROFILING, JobState.RUNNING) and rec.worker in known:
+            view = job_view(rec, now, shapes, worker_id=rec.worker)
+            running.append(replace(view, preempt_pending=rec.id in preempting))
+    free = [WorkerView(f"{FREE_PREFIX}{i}", free_memory_bytes, 100.0) for i in range(max(0, free_gpus))]
+    queued.sort(key=lambda j: (j.submit_time_s, j.job_id))
+    return ClusterView(now_s=now, queued=tuple(queued), running=tuple(running), workers=tuple(workers + free))
+
+
+def oom_backoff(record: JobRecord, group_size: int) -> tuple[dict[str, Any] | None, str]:
+    """After an OOM: (extra fields to requeue with, reason) or (None, error) when nothing is left to shrink.
+
+    The micro-batch halves (to a divisor of ``batch_size``: the step's gradient is unchanged)
+    and the job's activation estimate doubles, so the policy packs it less tightly.
+    """
+    spec = effective_spec(record)
+    micro, batch = spec.train.micro_batch_size, spec.train.batch_size
+    scale = float(record.extra.get("activation_scale", 1.0)) * 2.0
+    smaller = next((m for m in range(micro // 2, 0, -1) if batch % m == 0), None)
+    if smaller is None:
+        if group_size > 1:  # alone it may fit: keep the micro-batch, raise the estimate
+            return {"activation_scale": scale}, f"out of memory in a group of {group_size}; requeued alone-sized"
+        return None, (f"out of memory at train.micro_batch_size {micro} with no other job on the worker; "
+                      "lower data.max_seq_len or use a larger GPU")  # fmt: skip
+    return ({"micro_batch_size": smaller, "activation_scale": scale},
+            f"out of memory: requeued with train.micro_batch_size {smaller} (was {micro})")  # fmt: skip
+
+
+def overhead_share(timing: Mapping[str, float]) -> float:
+    """Share of a worker's busy wall time not spent inside ``engine.step()`` (0..1)."""
+    busy = float(timing.get("wall_s", 0.0)) - float(timing.get("idle_s", 0.0))
+    if busy <= 0:
+        return 0.0
+    return max(0.0, 1.0 - float(timing.get("step_s", 0.0)) / busy)
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+class _Metrics:
+    """``ray.util.metrics`` gauges and counters; a no-op outside a Ray worker process."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        try:
+            import ray
+            from ray.util.metrics import Counter, Gauge
+
+            if not ray.is_initialized():
+                return
+            self.queue = Gauge("lorafleet_queue_length", "jobs waiting (QUEUED)")
+            self.running = Gauge("lorafleet_running_jobs", "jobs on a worker (PROFILING or RUNNING)")
+            self.tokens = Gauge("lorafleet_job_tokens_per_s", "tokens/s of a job's last step", tag_keys=("job",))
+            self.loss = Gauge("lorafleet_job_loss", "loss of a job's last step", tag_keys=("job",))
+            self.memory = Gauge("lorafleet_worker_memory_bytes", "worker memory in use", tag_keys=("worker",))
+            self.overhead = Gauge("lorafleet_worker_overhead_share", "share of busy time outside steps",
+                                  tag_keys=("worker",))  # fmt: skip
+            self.workers = Gauge("lorafleet_workers", "worker actors alive")
+            self.ooms = Counter("lorafleet_ooms_total", "jobs evicted for out-of-memory")
+            self.profiling = Counter("lorafleet_profiling_seconds_total", "seconds spent joining/profiling jobs")
+            self.lost = Counter("lorafleet_workers_lost_total", "workers that died")
+            self.enabled = True
+        except ImportError:
+            return
+
+
+# ---------------------------------------------------------------------------- the actor
+
+
+@dataclass
+class _Worker:
+    worker_id: str
+    handle: Any
+    base_model: str
+    created: float
+    pending: Any = None  # the outstanding progress() ObjectRef
+    last: dict[str, Any] = field(default_factory=dict)
+    last_seen: float = 0.0
+    idle_since: float | None = None
+    assigned: set[str] = field(default_factory=set)
+
+
+class Controller:
+    """The control plane (see the module doc). Normally constructed by Ray as a detached actor.
+
+    Args:
+        store_path: the SQLite job store on the head node (created if missing).
+        storage: artifact root: a local path or a pyarrow URI; job outputs go to
+            ``<storage>/jobs/<job_id>``.
+        policy: a policy config mapping (the admin YAML as a dict); None keeps the policy saved
+            next to the store by the last ``set_policy``, else ``fifo``.
+        num_gpus: GPUs to use (None: the cluster's ``GPU`` resource total, re-read every loop).
+        worker_memory_bytes: memory of a worker when its device does not say (fake GPUs, CPU).
+        worker_options: keyword arguments for each ``TrainingWorker`` (device, dtype,
+            memory_budget_bytes, profile, staging_dir).
+        max_attempts: runs a job may start before a lost worker makes it FAILED.
+        loop_interval_s: policy-loop period.
+        worker_idle_s: a worker with no jobs for this long is stopped (its GPU freed).
+        start_loop: start the policy loop thread (tests may drive ``tick()`` by hand).
+    """
+
+    def __init__(
+        self,
+        store_path: str,
+        storage: str,
+        policy: Mapping[str, Any] | None = None,
+        *,
+        num_gpus: int | None = None,
+        worker_memory_bytes: int = 80 * GIB,
+        worker_options: Mapping[str, Any] | None = None,
+        max_attempts: int = 5,
+        loop_interval_s: float = 0.5,
+        worker_idle_s: float = 10.0,
+        start_loop: bool = True,
+    ):
+        self.store = JobStore(store_path)
+        self.storage = storage
+        self.num_gpus = num_gpus
+        self.worker_memory_bytes = worker_memory_bytes
+        self.worker_options = dict(worker_options or {})
+        self.max_attempts = max_attempts
+        self.loop_interval_s = loop_interval_s
+        self.worker_idle_s = worker_idle_s
+        self._policy_file = Path(store_path).expanduser().parent / "policy.json"
+        self._lock = threading.RLock()
+        self._workers: dict[str, _Worker] = {}
+        self._shapes: dict[str, dict[str, Any]] = {}
+        self._logs: dict[str, deque[str]] = defaultdict(lambda: deque(maxlen=200))
+        self._preempting: set[str] = set()
+        self._gpu_total = 0
+        self._gpu_checked = 0.0
+        self._stop = threading.Event()
+        self._ticks = 0
+        self._last_error: str | None = None
+        self._started = time.time()
+        self.policy_doc = dict(policy) if policy is not None else self._saved_policy()
+        self.policy = parse_policy_config(self.policy_doc, source="policy")
+        self._save_policy()
+        self._metrics = _Metrics()
+        self.recovered = self._recover()
+        self._thread = threading.Thread(target=self._loop, name="lorafleet-policy-loop", daemon=True)
+        if start_loop:
+            self._thread.start()
+
+    # ------------------------------------------------------------------ client API
+
+    def ping(self) -> dict[str, Any]:
+        """Liveness and identity: pid, start time, policy name, store path, storage root."""
+        return {"pid": os.getpid(), "started": self._started, "policy": self.policy.name,
+                "store": str(self.store.path), "storage": self.storage, "ticks": self._ticks,
+                "recovered": len(self.recovered), "last_error": self._last_error}  # fmt: skip
+
+    def submit(self, spec: Mapping[str, Any], owner: str | None = None) -> dict[str, Any]:
+        """Validate ``spec`` and queue it; returns the job record as a dict.
+
+        Raises ``ValueError`` listing every spec error (``field: message``), or naming the
+        duplicate job; nothing is stored then.
+        """
+        try:
+            parsed = parse_spec(dict(spec), source="spec")
+        except SpecError as err:
+            raise ValueError("invalid job spec:\n" + "\n".join(err.errors)) from None
+        owner = owner or parsed.owner or "default"
+        doc = parsed.model_dump(mode="json")
+        try:
+            rec = self.store.create_job(spec=doc, name=parsed.name, owner=owner, priority=parsed.priority,
+                                        total_steps=parsed.train.max_steps)  # fmt: skip
+        except JobStoreError as err:
+            raise ValueError(str(err)) from None
+        self._log(rec.id, f"submitted by {owner}")
+        return self._public(rec)
+
+    def status(self, job: str, owner: str | None = None) -> dict[str, Any]:
+        """One job (by id, or newest with that name) with its state history. Raises ``LookupError``."""
+        rec = self.store.find(job, owner=owner)
+        out = self._public(rec)
+        out["events"] = [
+            {"time": e.time, "from": e.from_state.value if e.from_state else None, "to": e.to_state.value,
+             "reason": e.reason}
+            for e in self.store.events(rec.id)
+        ]  # fmt: skip
+        return out
+
+    def list_jobs(self, states: list[str] | None = None, owner: str | None = None,
+                  limit: int | None = None) -> list[dict[str, Any]]:  # fmt: skip
+        """Jobs newest first, filtered by state names and owner."""
+        return [self._public(r) for r in self.store.list(states=states, owner=owner, limit=limit)]
+
+    def counts(self) -> dict[str, int]:
+        return {s.value: n for s, n in self.store.counts().items()}
+
+    def cancel(self, job: str, owner: str | None = None) -> dict[str, Any]:
+        """Cancel a live job (durably, then tell its worker). Raises ``LookupError``/``ValueError``."""
+        with self._lock:
+            rec = self.store.find(job, owner=owner)
+            if rec.state.is_terminal():
+                raise ValueError(f"job {rec.id} ({rec.name}) is already {rec.state.value}")
+            rec = self.store.transition(rec.id, JobState.CANCELLED, reason="cancelled by user", expect=LIVE)
+            for w in self._workers.values():
+                if rec.id in w.assigned:
+                    w.assigned.discard(rec.id)
+                    w.handle.cancel.remote(rec.id)
+            self._log(rec.id, "cancelled")
+            return self._public(rec)
+
+    def logs(self, job: str, lines: int = 50) -> list[str]:
+        """Recent progress lines of a job (from memory, else the tail of its local metrics.jsonl)."""
+        rec = self.store.find(job)
+        kept = list(self._logs.get(rec.id, ()))
+        if not kept and rec.output and not rec.output.startswith(("s3:", "gs:")) and "://" not in rec.output:
+            path = Path(rec.output) / "metrics.jsonl"
+            if path.is_file():
+                kept = path.read_text().splitlines()
+        return kept[-lines:]
+
+    def set_policy(self, doc: Mapping[str, Any]) -> dict[str, Any]:
+        """Swap the policy at run time (jobs keep running); raises ``ValueError`` for a bad config."""
+        policy = parse_policy_config(dict(doc), source="policy")  # PolicyConfigError is a ValueError
+        with self._lock:
+            self.policy, self.policy_doc = policy, dict(doc)
+            self._save_policy()
+        log.info("policy set to %s", policy.name)
+        return self.get_policy()
+
+    def get_policy(self) -> dict[str, Any]:
+        return {"name": self.policy.name, "config": self.policy_doc}
+
+    def explain(self, job: str) -> str:
+        """The policy's breakdown for a job in the current view."""
+        rec = self.store.find(job)
+        with self._lock:
+            view = self._view(time.time())
+            return self.policy.explain(view, rec.id).format()
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Every worker: id, base model, node, jobs, state, memory, timing and overhead share."""
+        with self._lock:
+            out = []
+            for w in self._workers.values():
+                last = w.last
+                out.append({
+                    "worker_id": w.worker_id, "base_model": w.base_model, "node_id": last.get("node_id"),
+                    "state": last.get("state", "starting"), "jobs": sorted(w.assigned),
+                    "memory": last.get("memory"), "timing": last.get("timing"),
+                    "overhead_share": overhead_share(last.get("timing") or {}), "ooms": last.get("ooms", 0),
+                })  # fmt: skip
+            return out
+
+    def worker_handle(self, worker_id: str) -> Any:
+        """The actor handle of a worker (tests and drills: kill it, force an OOM)."""
+        return self._workers[worker_id].handle
+
+    def shutdown(self, timeout_s: float = 60.0) -> dict[str, Any]:
+        """Stop the loop, checkpoint every running job, requeue it durably, stop the workers.
+
+        Nothing recorded is lost: requeued jobs resume from these checkpoints at the next ``up``.
+        """
+        import ray
+
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=timeout_s)
+        requeued = []
+        with self._lock:
+            refs = {w.worker_id: w.handle.shutdown.remote(True) for w in self._workers.values()}
+            for wid, ref in refs.items():
+                try:
+                    ray.get(ref, timeout=timeout_s)
+                except Exception as exc:  # a dead or hung worker: its jobs still requeue below
+                    log.warning("worker %s did not stop cleanly: %s", wid, exc)
+                w = self._workers[wid]
+                for job_id in sorted(w.assigned):
+                    if self._requeue(job_id, "controller stopped (lorafleet down)"):
+                        requeued.append(job_id)
+                ray.kill(w.handle)
+            self._workers.clear()
+        self.store.close()
+        return {"requeued": requeued}
+
+    # ------------------------------------------------------------------ loop
+
+    def tick(self) -> None:
+        """One policy-loop iteration (the loop thread calls this every ``loop_interval_s``)."""
+        with self._lock:
+            now = time.time()
+            self._poll(now)
+            self._reap(now)
+            self._schedule(now)
+            self._export_metrics()
+            self._ticks += 1
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+                self._last_error = None
+            except Exception as exc:  # the loop must survive anything; the error is kept for ping()
+                self._last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("policy loop iteration failed")
+            self._stop.wait(self.loop_interval_s)
+
+    def _recover(self) -> list[str]:
+        out = []
+        for rec in self.store.recover():
+            if rec.state in (JobState.RUNNING, JobState.PROFILING, JobState.PREEMPTED):
+                self.store.transition(rec.id, JobState.QUEUED, expect=rec.state,
+                                      reason="controller restart: resumes from its last checkpoint")  # fmt: skip
+                self._log(rec.id, f"requeued by controller restart (was {rec.state.value} at step {rec.step})")
+            out.append(rec.id)
+        return out
+
+    def _poll(self, now: float) -> None:
+        import ray
+
+        for w in list(self._workers.values()):
+            if w.pending is None:
+                w.pending = w.handle.progress.remote()
+        refs = [w.pending for w in self._workers.values()]
+        if not refs:
+            return
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=min(0.2, self.loop_interval_s))
+        ready = set(ready)
+        for w in list(self._workers.values()):
+            if w.pending not in ready:
+                continue
+            ref, w.pending = w.pending, None
+            try:
+                snap = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError) as exc:
+                self._worker_lost(w, f"worker {w.worker_id} died: {str(exc).splitlines()[0]}")
+                continue
+            self._apply_snapshot(w, snap, now)
+
+    def _apply_snapshot(self, w: _Worker, snap: dict[str, Any], now: float) -> None:
+        w.last, w.last_seen = snap, now
+        if snap.get("model_shape"):
+            self._shapes[w.base_model] = snap["model_shape"]
+        for ev in snap.get("events", []):
+            self._on_event(w, ev)
+        for job_id, p in snap.get("jobs", {}).items():
+            if job_id not in w.assigned:
+                w.handle.cancel.remote(job_id)  # not ours any more (cancelled, or stale)
+                continue
+            if p.get("step"):
+                try:
+                    self.store.update_progress(job_id, step=p["step"], total_steps=p.get("total_steps") or None,
+                                               loss=_finite(p.get("loss")), tokens_per_s=p.get("tokens_per_s"),
+                                               checkpoint_step=p.get("checkpoint_step"))  # fmt: skip
+                except JobStoreError as exc:
+                    log.warning("progress of %s not stored: %s", job_id, exc)
+                line = (f"step {p['step']}/{p.get('total_steps')} loss {p.get('loss') or 0:.4f} "
+                        f"tok/s {p.get('tokens_per_s') or 0:.0f} on {w.worker_id}")  # fmt: skip
+                logs = self._logs[job_id]
+                if not logs or logs[-1] != line:
+                    logs.append(line)
+                if self._metrics.enabled:
+                    tags = {"job": job_id}
+                    if p.get("tokens_per_s") is not None:
+                        self._metrics.tokens.set(p["tokens_per_s"], tags=tags)
+                    if _finite(p.get("loss")) is not None:
+                        self._metrics.loss.set(p["loss"], tags=tags)
+        if snap.get("state") == "failed" and not w.assigned:
+            self._stop_worker(w, "its base model failed to load")
+        w.idle_since = (w.idle_since or now) if not w.assigned and not snap.get("jobs") else None
+
+    def _on_event(self, w: _Worker, ev: dict[str, Any]) -> None:
+        job_id, kind = ev["job"], ev["kind"]
+        if kind not in ("joined",):
+            w.assigned.discard(job_id)
+        try:
+            if kind == "joined":
+                extra = {"profile_source": ev.get("profile_source"), "setup_s": ev.get("setup_s")}
+                if ev.get("activation"):
+                    extra["activation"] = ev["activation"]
+                self.store.update_progress(job_id, step=ev.get("step") or 0, total_steps=ev.get("total_steps"),
+                                           extra=extra)  # fmt: skip
+                self.store.transition(job_id, JobState.RUNNING, expect=JobState.PROFILING, worker=w.worker_id,
+                                      reason=f"joined {w.worker_id} at step {ev.get('step') or 0}")  # fmt: skip
+                self._log(job_id, f"running on {w.worker_id} (node {str(w.last.get('node_id'))[:12]}) "
+                                  f"from step {ev.get('step') or 0}")  # fmt: skip
+                if self._metrics.enabled and ev.get("setup_s") is not None:
+                    self._metrics.profiling.inc(float(ev["setup_s"]))
+            elif kind == "finished":
+                rec = self.store.get(job_id)
+                self.store.transition(job_id, JobState.SUCCEEDED, expect=(JobState.RUNNING, JobState.PROFILING),
+                                      output=ev.get("output") or rec.output, step=ev.get("step") or rec.step,
+                                      reason="finished")  # fmt: skip
+                self._log(job_id, f"succeeded: adapter in {ev.get('output')}")
+            elif kind == "failed":
+                self.store.transition(job_id, JobState.FAILED, expect=(JobState.RUNNING, JobState.PROFILING),
+                                      error=ev.get("message") or "failed", reason="failed on worker")  # fmt: skip
+                self._log(job_id, f"failed: {ev.get('message')}")
+            elif kind == "oom":
+                self._on_oom(w, job_id, ev)
+            elif kind in ("preempted", "stopped"):
+                self._preempting.discard(job_id)
+                rec = self.store.get(job_id)
+                if rec.state in (JobState.RUNNING, JobState.PROFILING):
+                    self.store.transition(job_id, JobState.PREEMPTED, reason=f"preempted on {w.worker_id}",
+                                          checkpoint_step=ev.get("checkpoint_step"))  # fmt: skip
+                    self.store.transition(job_id, JobState.QUEUED, expect=JobState.PREEMPTED, reason="requeued")
+                    self._log(job_id, f"preempted at checkpoint step {ev.get('checkpoint_step')}; requeued")
+        except JobStoreError as exc:  # e.g. cancelled meanwhile: the late event changes nothing
+            log.info("event %s of %s ignored: %s", kind, job_id, exc)
+
+    def _on_oom(self, w: _Worker, job_id: str, ev: dict[str, Any]) -> None:
+        if self._metrics.enabled:
+            self._metrics.ooms.inc()
+        rec = self.store.get(job_id)
+        extra, reason = oom_backoff(rec, int(ev.get("group_size") or 1))
+        self._log(job_id, f"out of memory on {w.worker_id}: {ev.get('message')}")
+        if extra is None:
+            self.store.transition(job_id, JobState.FAILED, expect=(JobState.RUNNING, JobState.PROFILING),
+                                  error=reason, reason="out of memory")  # fmt: skip
+            return
+        self.store.update_progress(job_id, step=rec.step, extra={**extra, "ooms": rec.extra.get("ooms", 0) + 1})
+        self.store.transition(job_id, JobState.QUEUED, expect=(JobState.RUNNING, JobState.PROFILING), reason=reason)
+        self._log(job_id, reason)
+
+    def _requeue(self, job_id: str, reason: str) -> bool:
+        try:
+            rec = self.store.get(job_id)
+            if rec.state not in (JobState.RUNNING, JobState.PROFILING):
+                return False
+            self.store.transition(job_id, JobState.QUEUED, expect=rec.state, reason=reason)
+        except JobStoreError as exc:
+            log.info("requeue of %s skipped: %s", job_id, exc)
+            return False
+        self._log(job_id, f"requeued: {reason}")
+        return True
+
+    def _worker_lost(self, w: _Worker, message: str) -> None:
+        log.warning("%s", message)
+        if self._metrics.enabled:
+            self._metrics.lost.inc()
+        self._workers.pop(w.worker_id, None)
+        for rec in self.store.list(states=[JobState.RUNNING, JobState.PROFILING]):
+            if rec.worker != w.worker_id:
+                continue
+            if rec.attempts >= self.max_attempts:
+                try:
+                    self.store.transition(rec.id, JobState.FAILED, expect=rec.state,
+                                          error=f"{message}; gave up after {rec.attempts} runs "
+                                                f"(max_attempts {self.max_attempts})",
+                                          reason="worker lost")  # fmt: skip
+                except JobStoreError as exc:
+                    log.info("fail of %s skipped: %s", rec.id, exc)
+                self._log(rec.id, f"failed: {message} (attempt {rec.attempts})")
+            else:
+                self._requeue(rec.id, f"{message}; resumes from its last checkpoint")
+
+    def _stop_worker(self, w: _Worker, why: str) -> None:
+        import ray
+
+        log.info("stopping worker %s: %s", w.worker_id, why)
+        self._workers.pop(w.worker_id, None)
+        for job_id in list(w.assigned):
+            self._requeue(job_id, f"worker {w.worker_id} stopped: {why}")
+        ray.kill(w.handle)
+
+    def _reap(self, now: float) -> None:
+        for w in list(self._workers.values()):
+            if w.idle_since is not None and now - w.idle_since > self.worker_idle_s and not w.assigned:
+                self._stop_worker(w, f"idle for {self.worker_idle_s:.0f} s")
+
+    def _free_gpus(self, now: float) -> int:
+        import ray
+
+        if self.num_gpus is not None:
+            total = self.num_gpus
+        else:
+            if now - self._gpu_checked > 5.0:
+                self._gpu_total = int(ray.cluster_resources().get("GPU", 0))
+                self._gpu_checked = now
+            total = self._gpu_total
+        return max(0, total - len(self._workers))
+
+    def _worker_views(self) -> list[WorkerView]:
+        out = []
+        for w in self._workers.values():
+            state = w.last.get("state", "loading")
+            mem = (w.last.get("memory") or {}).get("total") or self.worker_memory_bytes
+            out.append(WorkerView(w.worker_id, int(mem), 100.0, loaded_model=w.base_model,
+                                  running=tuple(sorted(w.assigned)),
+                                  accepting=state in ("ready", "loading")))  # fmt: skip
+        return out
+
+    def _view(self, now: float) -> ClusterView:
+        records = self.store.list(states=[JobState.QUEUED, JobState.PROFILING, JobState.RUNNING])
+        return build_view(records, self._worker_views(), now=now, free_gpus=self._free_gpus(now),
+                          free_memory_bytes=self.worker_memory_bytes, shapes=self._shapes,
+                          preempting=self._preempting)  # fmt: skip
+
+    def _schedule(self, now: float) -> None:
+        view = self._view(now)
+        if not view.queued:
+            return
+        decisions = self.policy.schedule(view)
+        created: dict[str, str] = {}  # free-gpu slot -> new worker id, within this batch
+        for d in decisions:
+            if isinstance(d, Preempt):
+                self._preempt(d.job_id)
+            elif isinstance(d, Start):
+                wid = created.get(d.worker_id, d.worker_id)
+                wid = self._start(d.job_id, wid)
+                if wid and d.worker_id.startswith(FREE_PREFIX):
+                    created[d.worker_id] = wid
+
+    def _preempt(self, job_id: str) -> None:
+        for w in self._workers.values():
+            if job_id in w.assigned and job_id not in self._preempting:
+                self._preempting.add(job_id)
+                w.handle.preempt.remote(job_id)
+                self._log(job_id, f"preempt requested on {w.worker_id}")
+
+    def _start(self, job_id: str, worker_id: str) -> str | None:
+        rec = self.store.get(job_id)
+        if rec.state != JobState.QUEUED:
+            return None
+        spec = effective_spec(rec)
+        w = self._workers.get(worker_id)
+        if w is None and not worker_id.startswith(FREE_PREFIX):
+            return None  # a worker that left since the view was built
+        if w is not None and w.base_model != spec.base_model:
+            if w.assigned:
+                return None  # the policy should not do this; wait for the worker to drain
+            self._stop_worker(w, f"switching to base model {spec.base_model}")
+            w = None
+        if w is None:
+            w = self._new_worker(spec.base_model)
+        from actors.storage import is_uri, job_output
+
+        remote = job_output(self.storage, job_id) if is_uri(self.storage) else None
+        local = job_output(self.storage, job_id) if remote is None else self._staging(job_id)
+        config = replace(spec.to_job_config(), name=job_id, output=local)
+        try:
+            self.store.transition(job_id, JobState.PROFILING, expect=JobState.QUEUED, worker=w.worker_id,
+                                  output=remote or local, reason=f"placed on {w.worker_id}")  # fmt: skip
+        except JobStoreError as exc:
+            log.info("start of %s skipped: %s", job_id, exc)
+            return w.worker_id
+        w.assigned.add(job_id)
+        w.idle_since = None
+        w.handle.assign.remote(job_id, config, remote)
+        self._log(job_id, f"placed on {w.worker_id} ({spec.base_model})")
+        return w.worker_id
+
+    def _staging(self, job_id: str) -> str:
+        root = self.worker_options.get("staging_dir") or "/tmp/lorafleet-staging"
+        return str(Path(root) / job_id)
+
+    def _new_worker(self, base_model: str) -> _Worker:
+        wid = f"w-{uuid.uuid4().hex[:6]}"
+        handle = worker_actor_class().options(name=None).remote(wid, base_model, **self.worker_options)
+        w = _Worker(wid, handle, base_model, time.time())
+        self._workers[wid] = w
+        log.info("started worker %s for %s", wid, base_model)
+        return w
+
+    def _export_metrics(self) -> None:
+        if not self._metrics.enabled:
+            return
+        counts = self.store.counts()
+        self._metrics.queue.set(counts[JobState.QUEUED])
+        self._metrics.running.set(counts[JobState.RUNNING] + counts[JobState.PROFILING])
+        self._metrics.workers.set(len(self._workers))
+        for w in self._workers.values():
+            mem = (w.last.get("memory") or {}).get("current")
+            if mem is not None:
+                self._metrics.memory.set(mem, tags={"worker": w.worker_id})
+            self._metrics.overhead.set(overhead_share(w.last.get("timing") or {}), tags={"worker": w.worker_id})
+
+    # ------------------------------------------------------------------ helpers
+
+    def _log(self, job_id: str, line: str) -> None:
+        self._logs[job_id].append(f"{time.strftime('%H:%M:%S')} {line}")
+
+    def _public(self, rec: JobRecord) -> dict[str, Any]:
+        return rec.to_dict()
+
+    def _saved_policy(self) -> dict[str, Any]:
+        if self._policy_file.is_file():
+            try:
+                return json.loads(self._policy_file.read_text())
+            except (OSError, ValueError) as exc:
+                log.warning("%s unreadable (%s); using %s", self._policy_file, exc, DEFAULT_POLICY)
+        return dict(DEFAULT_POLICY)
+
+    def _save_policy(self) -> None:
+        from actors.checkpoint import atomic_write_json
+
+        atomic_write_json(self._policy_file, self.policy_doc)
+
+
+def _finite(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+# ---------------------------------------------------------------------------- Ray wrappers
+
+
+_WORKER_CLASS = None
+_CONTROLLER_CLASS = None
+
+
+def worker_actor_class():
+    """``TrainingWorker`` as a Ray actor: one GPU, no CPU reservation, never restarted by Ray
+    (the controller requeues the jobs of a dead worker and starts a fresh one)."""
+    global _WORKER_CLASS
+    if _WORKER_CLASS is None:
+        import ray
+
+        from actors.worker import TrainingWorker
+
+        _WORKER_CLASS = ray.remote(num_gpus=1, num_cpus=0, max_restarts=0, max_concurrency=4)(TrainingWorker)
+    return _WORKER_CLASS
+
+
+def controller_actor_class():
+    """``Controller`` as a Ray actor class (options are set by :func:`start_controller`)."""
+    global _CONTROLLER_CLASS
+    if _CONTROLLER_CLASS is None:
+        import ray
+
+        _CONTROLLER_CLASS = ray.remote(Controller)
+    return _CONTROLLER_CLASS
+
+
+def controller_options() -> dict[str, Any]:
+    """Detached, named, restarted forever by Ray, pinned to the head node, no CPU reservation."""
+    return {
+        "name": CONTROLLER_NAME,
+        "namespace": NAMESPACE,
+        "lifetime": "detached",
+        "max_restarts": -1,
+        "max_task_retries": 3,
+        "num_cpus": 0,
+        "resources": {"node:__internal_head__": 0.001},
+        "max_concurrency": 8,
+    }

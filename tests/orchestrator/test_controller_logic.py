@@ -1,0 +1,103 @@
+"""Controller logic without Ray: store records -> ClusterView, OOM back-off, overhead share, recovery."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.controller import (
+    FREE_PREFIX,
+    Controller,
+    build_view,
+    effective_spec,
+    model_shape_for,
+    oom_backoff,
+    overhead_share,
+)
+from orchestrator.store import JobState, JobStore
+from policies import Start, WorkerView, resolve_policy
+
+
+def spec(name: str, micro: int = 2, batch: int = 4, base: str = "builtin:smollm2-135m-instruct") -> dict:
+    return {"name": name, "base_model": base, "data": {"path": "/data/x.jsonl", "max_seq_len": 64},
+            "adapter": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
+            "train": {"max_steps": 10, "batch_size": batch, "micro_batch_size": micro}}  # fmt: skip
+
+
+@pytest.fixture
+def store():
+    with JobStore(":memory:") as s:
+        yield s
+
+
+def test_view_from_records(store):
+    a = store.create_job(spec=spec("a"), name="a", owner="u", priority=0)
+    b = store.create_job(spec=spec("b"), name="b", owner="u", priority=0)
+    store.transition(b.id, JobState.PROFILING, worker="w-1")
+    store.transition(b.id, JobState.RUNNING)
+    workers = [WorkerView("w-1", 80 << 30, 100.0, loaded_model="builtin:smollm2-135m-instruct", running=(b.id,))]
+    view = build_view(store.list(), workers, now=1e9, free_gpus=1)
+    assert [j.job_id for j in view.queued] == [a.id]
+    assert [j.job_id for j in view.running] == [b.id] and view.running[0].worker_id == "w-1"
+    assert [w.worker_id for w in view.workers] == ["w-1", f"{FREE_PREFIX}0"]
+    job = view.queued[0]
+    assert job.micro_batch_size == 2 and job.seq_len == 64 and job.adapter_bytes > 0 and job.static_bytes > 0
+    decisions = resolve_policy("fifo").schedule(view)
+    assert decisions and isinstance(decisions[0], Start) and decisions[0].job_id == a.id
+
+
+def test_running_job_on_unknown_worker_is_left_out(store):
+    b = store.create_job(spec=spec("b"), name="b", owner="u", priority=0)
+    store.transition(b.id, JobState.PROFILING, worker="gone")
+    view = build_view(store.list(), [], now=0.0, free_gpus=0)
+    assert view.running == () and view.queued == ()
+
+
+def test_oom_backoff_halves_micro_batch_then_fails(store):
+    rec = store.create_job(spec=spec("a", micro=4, batch=8), name="a", owner="u", priority=0)
+    extra, reason = oom_backoff(rec, group_size=2)
+    assert extra == {"micro_batch_size": 2, "activation_scale": 2.0} and "micro_batch_size 2" in reason
+    store.update_progress(rec.id, step=0, extra=extra)
+    assert effective_spec(store.get(rec.id)).train.micro_batch_size == 2
+    one = store.create_job(spec=spec("b", micro=1, batch=4), name="b", owner="u", priority=0)
+    extra, reason = oom_backoff(one, group_size=1)
+    assert extra is None and "train.micro_batch_size 1" in reason
+    extra, _ = oom_backoff(one, group_size=3)
+    assert extra == {"activation_scale": 2.0}
+
+
+def test_overhead_share():
+    assert overhead_share({"wall_s": 10.0, "idle_s": 2.0, "step_s": 6.0}) == pytest.approx(0.25)
+    assert overhead_share({}) == 0.0
+
+
+def test_model_shape_from_local_config(tiny_model_dir):
+    shape = model_shape_for(str(tiny_model_dir))
+    assert (shape.hidden_size, shape.num_hidden_layers, shape.num_key_value_heads) == (32, 2, 2)
+    reported = {"m": {"num_parameters": 10, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+                      "intermediate_size": 8, "vocab_size": 16, "num_key_value_heads": 0, "dtype_bytes": 4}}  # fmt: skip
+    assert model_shape_for("m", reported).hidden_size == 8
+
+
+def test_restart_requeues_running_and_keeps_policy(tmp_path):
+    path = tmp_path / "jobs.db"
+    c = Controller(str(path), str(tmp_path / "storage"), {"policy": "sjf"}, start_loop=False)
+    job = c.submit(spec("a"), "alice")
+    with pytest.raises(ValueError, match=r"adapter\.r"):
+        c.submit({**spec("bad"), "adapter": {"r": 0}})
+    c.store.transition(job["id"], JobState.PROFILING, worker="w-x")
+    c.store.transition(job["id"], JobState.RUNNING)
+    c.store.close()
+    again = Controller(str(path), str(tmp_path / "storage"), None, start_loop=False)
+    assert again.get_policy()["name"] == "sjf"
+    assert again.recovered == [job["id"]]
+    rec = again.status(job["id"])
+    assert rec["state"] == "QUEUED" and "controller restart" in rec["events"][-1]["reason"]
+    assert [r["name"] for r in again.list_jobs()] == ["a"]
+    assert again.cancel("a")["state"] == "CANCELLED"
+    with pytest.raises(ValueError, match="already CANCELLED"):
+        again.cancel(job["id"])
+    again.set_policy({"policy": "fifo"})
+    with pytest.raises(ValueError):
+        again.set_policy({"policy": "nope"})
+    assert again.get_policy()["name"] == "fifo"
+    again.store.close()
