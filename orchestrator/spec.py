@@ -293,8 +293,12 @@ class _Short:
 
 
 def _format_error(err: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     kind = err["type"]
+    raw = tuple(err["loc"])
+    # Drop pydantic's validator names ("function-after[...]") from the path, but never the user's own
+    # key that an unknown-field error names last (a spec may well contain a key "function-x").
+    loc = tuple(p for i, p in enumerate(raw) if not (isinstance(p, str) and p.startswith("function-"))
+                or (kind == "extra_forbidden" and i == len(raw) - 1))  # fmt: skip
     given = _Short(err["input"]) if "input" in err else None
     ctx = err.get("ctx") or {}
     if kind == "extra_forbidden":

@@ -44,7 +44,7 @@ def _num(field: str, value: Any, *, lo: float = 0.0, integer: bool = False, null
     ok = isinstance(value, int | float) and not isinstance(value, bool)
     if integer:
         ok = ok and float(value).is_integer()
-    if not ok or value < lo:
+    if not ok or not value >= lo:  # "not >=" also refuses NaN
         kind = "an integer" if integer else "a number"
         extra = " or null" if nullable else ""
         raise PolicyConfigError(f"{field}: must be {kind} >= {lo:g}{extra} (got {value!r})")
@@ -115,15 +115,15 @@ def _custom(path: str, options: Any) -> Policy:
         raise PolicyConfigError(f"options: must be a mapping of keyword arguments (got {type(options).__name__})")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as err:
+    except Exception as err:  # ImportError, TypeError ('.x': relative), or whatever the module raised
         raise PolicyConfigError(f"policy: cannot import module {module_name!r}: {err}") from None
     cls = getattr(module, attr, None)
     if cls is None:
         raise PolicyConfigError(f"policy: module {module_name!r} has no attribute {attr!r}")
     try:
         policy = cls(**options)
-    except TypeError as err:
-        raise PolicyConfigError(f"options: {path} rejected them: {err}") from None
+    except Exception as err:  # the class's own code judges its options: any refusal is a config error
+        raise PolicyConfigError(f"options: {path} rejected them: {type(err).__name__}: {err}") from None
     if not isinstance(policy, Policy):
         raise PolicyConfigError(f"policy: {path} does not implement the Policy protocol "
                                 f"(name, schedule(view), explain(view, job_id))")  # fmt: skip
@@ -145,7 +145,7 @@ def _parse(doc: Any) -> Policy:
     if not isinstance(name, str) or not name:
         raise PolicyConfigError(f"policy: required: one of {', '.join(builtin.BUILTINS)} or 'module:Class'")
     if ":" in name:
-        extra = sorted(set(doc) - {"policy", "options"})
+        extra = sorted(set(doc) - {"policy", "options"}, key=str)
         if extra:
             raise PolicyConfigError(f"{extra[0]}: not used by a custom policy (pass it in options)")
         return _custom(name, doc.get("options"))
@@ -166,11 +166,14 @@ def _parse(doc: Any) -> Policy:
 def load_policy_config(path: str | Path) -> Policy:
     """Read an admin YAML file and build its policy. Raises PolicyConfigError."""
     try:
-        doc = yaml.safe_load(Path(path).read_text())
+        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as err:
         raise PolicyConfigError(f"{path}: cannot read: {err.strerror or err}") from None
-    except yaml.YAMLError as err:
-        raise PolicyConfigError(f"{path}: not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise PolicyConfigError(f"{path}: not valid UTF-8: {err.reason} at byte {err.start}") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as err:
+        # ValueError: an integer past Python's 4300-digit limit; RecursionError: deep nesting.
+        raise PolicyConfigError(f"{path}: not valid YAML: {err or type(err).__name__}") from None
     return parse_policy_config(doc, str(path))
 
 

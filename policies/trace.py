@@ -89,6 +89,13 @@ def _check(job: TraceJob) -> str | None:
 def parse_trace(text: str, source: str = "<trace>") -> list[TraceJob]:
     """Parse CSV text. Raises TraceError ``source:line: column: problem`` at the first bad row."""
     reader = csv.DictReader(io.StringIO(text))
+    try:
+        return _parse_rows(reader, source)
+    except csv.Error as err:  # a field over csv.field_size_limit(), a stray carriage return, ...
+        raise TraceError(f"{source}:{max(reader.line_num, 1)}: not valid CSV: {err}") from None
+
+
+def _parse_rows(reader: csv.DictReader, source: str) -> list[TraceJob]:
     header = tuple(h.strip() for h in (reader.fieldnames or ()))
     missing = [c for c in COLUMNS if c not in header]
     if missing:
@@ -122,9 +129,11 @@ def parse_trace(text: str, source: str = "<trace>") -> list[TraceJob]:
 def read_trace(path: str | Path) -> list[TraceJob]:
     """Read a trace CSV file. Raises TraceError (also for an unreadable file)."""
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as err:
         raise TraceError(f"{path}: cannot read trace: {err.strerror or err}") from err
+    except UnicodeDecodeError as err:
+        raise TraceError(f"{path}: not valid UTF-8: {err.reason} at byte {err.start}") from None
     return parse_trace(text, str(path))
 
 
