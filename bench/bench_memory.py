@@ -11,7 +11,7 @@
 
 Usage::
 
-    .venv/bin/python bench/bench_memory.py                 # random Llama (~4 M params), CPU, ~8 min on 2 cores
+    .venv/bin/python bench/bench_memory.py                 # random Llama, CPU: 14 min on 2 cores at load ~6 (less when idle)
     .venv/bin/python bench/bench_memory.py --model builtin # SmolLM2-135M (slow on CPU: ~1 h)
     .venv/bin/python bench/bench_memory.py --device cuda   # against NVML on a GPU
 """
