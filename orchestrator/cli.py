@@ -29,6 +29,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("orchestrator.commands.up", "start (or reattach to) the lorafleet controller on a Ray cluster"),
     "down": ("orchestrator.commands.down", "stop the controller (and with --local the local Ray cluster)"),
     "policy": ("orchestrator.commands.policy", "show the controller's scheduling policy, or set a new one at run time"),
+    "submit": ("orchestrator.commands.jobs", "submit job specs (and their data) to a cluster; --wait follows them"),
+    "run": ("orchestrator.commands.run", "register one job and follow it to the end (inside `ray job submit`)"),
+    "list": ("orchestrator.commands.jobs", "your jobs on the cluster"),
+    "status": ("orchestrator.commands.jobs", "state, step/total, loss, tokens/s, ETA of jobs (--json)"),
+    "logs": ("orchestrator.commands.jobs", "a job's progress lines (-f follows)"),
+    "cancel": ("orchestrator.commands.jobs", "cancel a job"),
+    "wait": ("orchestrator.commands.jobs", "wait for a job to end; exit 1 unless it succeeded"),
+    "fetch": ("orchestrator.commands.jobs", "copy a finished job's adapter to a local directory"),
+    "plot": ("orchestrator.commands.jobs", "loss curves of jobs on one chart (PNG)"),
 }
 
 
@@ -55,13 +64,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lorafleet`` console script; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, subs = build_parser()
-    # First pass: find the subcommand; then let its module add its own arguments.
-    ns, _ = parser.parse_known_args(argv)
-    if ns.command is None:
+    # The subcommand is the first argument naming one; only its module is imported, to add its options.
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in COMMANDS:
+        parser.parse_args(argv)  # --help exits 0; an unknown command exits 2 with argparse's message
         parser.print_help()
-        return 0 if not argv else 2
-    module = importlib.import_module(COMMANDS[ns.command][0])
-    module.add_arguments(subs[ns.command])
+        return 2 if argv else 0
+    module = importlib.import_module(COMMANDS[command][0])
+    module.add_arguments(subs[command])
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -71,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except UserError as err:
-        print(f"lorafleet {ns.command}: error: {err}", file=sys.stderr)
+        print(f"lorafleet {command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

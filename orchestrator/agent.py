@@ -1,0 +1,156 @@
+"""The cluster side of the laptop client: ``python -m orchestrator.agent ACTION ...`` as a Ray job.
+
+A laptop reaches only the Ray dashboard (Ray Job Submission). Each client operation submits a
+short Ray job running this module on the cluster: it connects to the controller, does one thing,
+prints one line ``LORAFLEET-RESULT {"ok": ..., "result": ...}`` and exits. The job's log carries
+the answer back (``orchestrator.remote`` parses it). Registering many specs is ONE such job, so
+1,000 submitted fine-tuning jobs never keep 1,000 processes alive.
+
+Actions:
+
+* ``register --owner O SPEC...``: validate the specs (files in the job's working directory), copy
+  each job's data into the storage root, queue the jobs; result: ``[{id, name}, ...]``.
+* ``call METHOD JSON_KWARGS``: a read-or-cancel controller call (``status``, ``list_jobs``,
+  ``logs``, ``cancel``, ``counts``).
+* ``fetch --owner O JOB``: the finished adapter's small files, base64-encoded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import shutil
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+RESULT_PREFIX = "LORAFLEET-RESULT "
+ALLOWED_CALLS = {"status", "list_jobs", "logs", "cancel", "counts", "ping"}
+FETCH_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "job.json", "eval.json")
+MAX_FETCH_BYTES = 512 << 20
+
+
+def emit(ok: bool, payload: Any) -> None:
+    body = {"ok": True, "result": payload} if ok else {"ok": False, "error": str(payload)}
+    print(RESULT_PREFIX + json.dumps(body, default=str), flush=True)
+
+
+def _storage_root() -> str:
+    from orchestrator.client import call
+
+    return str(call("ping")["storage"])
+
+
+def stage_data(spec_doc: dict, spec_dir: Path, storage: str) -> dict:
+    """Copy the spec's local data files into ``STORAGE/uploads/UUID/`` and point the spec at them."""
+    from actors.storage import is_uri, sync_up
+    from orchestrator.paths import check_upload_size, confine
+
+    area = f"{storage.rstrip('/')}/uploads/{uuid.uuid4().hex[:12]}"
+    doc = json.loads(json.dumps(spec_doc))
+    sections = [("data", "path"), ("eval", "data")]
+    for section, key in sections:
+        value = (doc.get(section) or {}).get(key)
+        if not value:
+            continue
+        local = confine(spec_dir, value, field=f"{section}.{key}")
+        if not local.is_file():
+            raise FileNotFoundError(f"{section}.{key}: file not found in the submitted files: {value}")
+        check_upload_size(local, field=f"{section}.{key}")
+        if is_uri(storage):
+            target = f"{area}/{section}-{local.name}"
+            sync_up(local, target)
+        else:
+            target_path = Path(area) / f"{section}-{local.name}"
+            target_path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(local, target_path)
+            target = str(target_path)
+        doc[section][key] = target
+    return doc
+
+
+def register(owner: str, specs: list[str]) -> list[dict]:
+    """Validate every spec first (nothing is queued if one is invalid), then stage data and submit."""
+    from orchestrator.client import call
+    from orchestrator.spec import SpecError, load_spec
+
+    parsed, errors = [], []
+    for path in specs:
+        try:
+            parsed.append((path, load_spec(path)))
+        except SpecError as err:
+            errors.extend(err.errors)
+    if errors:
+        raise ValueError("invalid job spec:\n" + "\n".join(errors))
+    storage = _storage_root()
+    out = []
+    for path, spec in parsed:
+        doc = spec.model_dump(mode="json", exclude_none=True)
+        doc = stage_data(doc, Path(path).resolve().parent, storage)
+        doc.pop("output", None)  # the controller places outputs under the storage root
+        record = call("submit", doc, owner)
+        out.append({"id": record["id"], "name": record["name"], "state": record["state"]})
+    return out
+
+
+def fetch(owner: str, job: str) -> dict:
+    from actors.storage import is_uri, sync_down
+    from orchestrator.client import call
+
+    record = call("status", job, owner)
+    if record["state"] != "SUCCEEDED":
+        raise ValueError(f"job {record['id']} ({record['name']}) is {record['state']}: no final adapter to fetch yet")
+    source = record.get("output")
+    if not source:
+        raise ValueError(f"job {record['id']} has no output recorded")
+    local = Path(source)
+    if is_uri(source):
+        local = Path(f"/tmp/lorafleet-fetch-{record['id']}")
+        sync_down(source, local)
+    files, total = {}, 0
+    for name in FETCH_FILES:
+        path = local / name
+        if path.is_file():
+            total += path.stat().st_size
+            if total > MAX_FETCH_BYTES:
+                raise ValueError(f"adapter of {record['id']} is over {MAX_FETCH_BYTES >> 20} MiB: read it from {source}")
+            files[name] = base64.b64encode(path.read_bytes()).decode()
+    return {"id": record["id"], "name": record["name"], "source": source, "files": files}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.agent")
+    sub = parser.add_subparsers(dest="action", required=True)
+    reg = sub.add_parser("register")
+    reg.add_argument("--owner", required=True)
+    reg.add_argument("specs", nargs="+")
+    c = sub.add_parser("call")
+    c.add_argument("method", choices=sorted(ALLOWED_CALLS))
+    c.add_argument("kwargs", nargs="?", default="{}")
+    f = sub.add_parser("fetch")
+    f.add_argument("--owner", required=True)
+    f.add_argument("job")
+    args = parser.parse_args(argv)
+
+    from orchestrator.client import ClusterError, NoControllerError, connect
+
+    try:
+        connect("auto")
+        if args.action == "register":
+            emit(True, register(args.owner, args.specs))
+        elif args.action == "call":
+            from orchestrator.client import call
+
+            emit(True, call(args.method, **json.loads(args.kwargs)))
+        else:
+            emit(True, fetch(args.owner, args.job))
+    except (NoControllerError, ClusterError, LookupError, ValueError, OSError) as exc:
+        emit(False, exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Laptop commands over Ray Job Submission: submit, list, status, logs, cancel, wait, fetch, plot.
+
+One module serves these subcommands (``COMMANDS`` maps each to it); the subcommand's name is the
+last word of its parser's ``prog``. Every one takes ``--address`` (else ``RAY_API_SERVER_ADDRESS`` /
+``RAY_ADDRESS``, else http://127.0.0.1:8265), ``--token`` (else Ray's own token variables) and
+``--owner`` (else ``LORAFLEET_OWNER`` or the login name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator.cli import UserError
+from orchestrator.progress import ProgressView, fmt_duration, fmt_float, summary_table
+from orchestrator.remote import TERMINAL, Client, RemoteError
+from orchestrator.spec import SpecError
+
+HELP = "laptop commands over Ray Job Submission"
+
+
+def _command(parser: argparse.ArgumentParser) -> str:
+    return parser.prog.rsplit(" ", 1)[-1]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", help="Ray dashboard address, e.g. http://HEAD:8265")
+    parser.add_argument("--token", help="Ray auth token (default: RAY_AUTH_TOKEN / ~/.ray/auth_token)")
+    parser.add_argument("--owner", help="your identity on the cluster (default: LORAFLEET_OWNER or login)")
+    command = _command(parser)
+    if command == "submit":
+        parser.add_argument("specs", nargs="+", metavar="SPEC")
+        parser.add_argument("--wait", action="store_true", help="follow the jobs; exit 1 if one fails")
+    elif command == "list":
+        parser.add_argument("--json", action="store_true")
+    elif command == "status":
+        parser.add_argument("job", nargs="?", help="job id or name (default: all your jobs)")
+        parser.add_argument("--json", action="store_true")
+    elif command == "logs":
+        parser.add_argument("job")
+        parser.add_argument("-f", "--follow", action="store_true")
+        parser.add_argument("-n", "--lines", type=int, default=50)
+    elif command in ("cancel", "wait"):
+        parser.add_argument("job")
+    elif command == "fetch":
+        parser.add_argument("job")
+        parser.add_argument("dest")
+    elif command == "plot":
+        parser.add_argument("jobs", nargs="+", metavar="JOB")
+        parser.add_argument("-o", "--output", default="loss.png")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        client = Client(args.address, token=args.token, owner=args.owner)
+        return HANDLERS[args.command](client, args)
+    except SpecError as err:
+        raise UserError("\n".join(err.errors)) from None
+    except RemoteError as err:
+        raise UserError(str(err)) from None
+
+
+def _row(record: dict) -> dict:
+    return {k: record.get(k) for k in ("id", "name", "state", "step", "total_steps", "loss", "tokens_per_s",
+                                        "worker", "priority", "owner", "error", "output")}  # fmt: skip
+
+
+def _eta(record: dict) -> str:
+    step, total, start = record.get("step") or 0, record.get("total_steps"), record.get("start_time")
+    if not (step and total and start) or record["state"] in TERMINAL:
+        return "-"
+    return fmt_duration((time.time() - start) / step * (total - step))
+
+
+def _table(records: list[dict]) -> Table:
+    table = Table()
+    for col in ("id", "name", "state", "step", "loss", "tok/s", "ETA", "worker", "prio", "owner"):
+        table.add_column(col)
+    for r in records:
+        table.add_row(r["id"], r["name"], r["state"], f"{r.get('step') or 0}/{r.get('total_steps') or '?'}",
+                      fmt_float(r.get("loss")), fmt_float(r.get("tokens_per_s"), 0), _eta(r),
+                      str(r.get("worker") or "-"), str(r.get("priority", 0)), str(r.get("owner") or "-"))  # fmt: skip
+    return table
+
+
+def do_submit(client: Client, args: argparse.Namespace) -> int:
+    jobs = client.submit_many(args.specs)
+    for job in jobs:
+        print(f"{job.id}\t{job.name}")
+    if not args.wait:
+        return 0
+    return follow(client, [j.id for j in jobs])
+
+
+def follow(client: Client, job_ids: list[str], poll_s: float = 3.0) -> int:
+    """Live progress bars until every job ends; 1 if any did not succeed."""
+    console = Console(stderr=True)
+    final: dict[str, dict] = {}
+    with ProgressView(console) as view:
+        while len(final) < len(job_ids):
+            for job_id in job_ids:
+                if job_id in final:
+                    continue
+                r = client.status(job_id)
+                if job_id not in view.jobs:
+                    view.add(r["name"] if r["name"] not in view.jobs else job_id, r.get("total_steps") or 0)
+                name = r["name"] if view.jobs.get(r["name"]) else job_id
+                view.update(name, step=r.get("step") or 0, total_steps=r.get("total_steps") or 0, loss=r.get("loss"),
+                            tokens_per_s=r.get("tokens_per_s"), state=r["state"].lower(),
+                            message=r.get("error") or "", output=r.get("output"))  # fmt: skip
+                if r["state"] in TERMINAL:
+                    final[job_id] = r
+            if len(final) < len(job_ids):
+                time.sleep(poll_s)
+    console.print(summary_table(list(view.jobs.values())))
+    return 0 if all(r["state"] == "SUCCEEDED" for r in final.values()) else 1
+
+
+def do_list(client: Client, args: argparse.Namespace) -> int:
+    records = client.list()
+    if args.json:
+        print(json.dumps([_row(r) for r in records], indent=2))
+    else:
+        Console().print(_table(records))
+    return 0
+
+
+def do_status(client: Client, args: argparse.Namespace) -> int:
+    records = [client.status(args.job)] if args.job else client.list()
+    if args.json:
+        print(json.dumps([_row(r) for r in records], indent=2))
+        return 0
+    Console().print(_table(records))
+    if args.job:
+        for event in records[0].get("events", []):
+            stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
+            print(f"  {stamp} {event['from'] or '-'} -> {event['to']}  {event.get('reason') or ''}")
+        if records[0].get("error"):
+            print(f"  error: {records[0]['error']}")
+    return 0
+
+
+def do_logs(client: Client, args: argparse.Namespace) -> int:
+    seen: list[str] = []
+    while True:
+        lines = client.logs(args.job, lines=args.lines)
+        new = lines[len(seen) :] if lines[: len(seen)] == seen else lines
+        for line in new:
+            print(line, flush=True)
+        seen = lines
+        if not args.follow or client.status(args.job)["state"] in TERMINAL:
+            return 0
+        time.sleep(3)
+
+
+def do_cancel(client: Client, args: argparse.Namespace) -> int:
+    r = client.cancel(args.job)
+    print(f"{r['id']}\t{r['name']}\t{r['state']}")
+    return 0
+
+
+def do_wait(client: Client, args: argparse.Namespace) -> int:
+    r = client.wait(args.job)
+    print(f"{r['id']}\t{r['name']}\t{r['state']}" + (f"\t{r['error']}" if r.get("error") else ""))
+    return 0 if r["state"] == "SUCCEEDED" else 1
+
+
+def do_fetch(client: Client, args: argparse.Namespace) -> int:
+    dest = client.fetch(args.job, args.dest)
+    print(f"adapter of {args.job} in {dest} (load with peft.PeftModel.from_pretrained(base, '{dest}'))")
+    return 0
+
+
+def do_plot(client: Client, args: argparse.Namespace) -> int:
+    from orchestrator.plot import plot_losses, read_metrics
+
+    curves = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for job in args.jobs:
+            record = client.status(job)
+            if record["state"] == "SUCCEEDED":
+                curves[record["name"]] = read_metrics(client.fetch(job, f"{tmp}/{record['id']}"))
+            else:
+                lines = [json.loads(x) for x in client.logs(job, lines=100000) if x.startswith("{")]
+                curves[record["name"]] = lines
+    out = plot_losses(curves, args.output)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+HANDLERS = {"submit": do_submit, "list": do_list, "status": do_status, "logs": do_logs, "cancel": do_cancel,
+            "wait": do_wait, "fetch": do_fetch, "plot": do_plot}  # fmt: skip

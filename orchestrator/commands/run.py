@@ -1,0 +1,70 @@
+"""``lorafleet run job.yaml``: register one job and follow it to the end, as a Ray job's entrypoint.
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- lorafleet run job.yaml
+
+runs on the cluster: it validates the spec, stages its data into the storage root, queues the job
+with the controller, prints progress lines into the Ray job's log until the job ends, and exits 0
+only if it SUCCEEDED. Stopping the Ray job (``ray job stop``) cancels the fine-tuning job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+
+from orchestrator.cli import UserError
+from orchestrator.progress import fmt_float
+
+HELP = "register one job and follow it to the end (inside `ray job submit`)"
+TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", help="job spec file (in the Ray job's working directory)")
+    parser.add_argument("--owner", default=None, help="owner recorded for the job [LORAFLEET_OWNER or login]")
+    parser.add_argument("--poll", type=float, default=2.0, help="seconds between progress lines")
+
+
+def run(args: argparse.Namespace) -> int:
+    from orchestrator.agent import register
+    from orchestrator.client import ClusterError, NoControllerError, call, connect
+    from orchestrator.remote import default_owner
+    from orchestrator.spec import SpecError
+
+    try:
+        connect("auto")
+        job = register(args.owner or default_owner(), [args.spec])[0]
+    except SpecError as err:
+        raise UserError("\n".join(err.errors)) from None
+    except (NoControllerError, ClusterError, ValueError, OSError) as err:
+        raise UserError(str(err)) from None
+    job_id = job["id"]
+    print(f"lorafleet job {job_id} ({job['name']}) queued", flush=True)
+
+    def cancel_on_stop(signum: int, _frame: object) -> None:
+        try:
+            call("cancel", job_id)
+            print(f"lorafleet job {job_id} cancelled (Ray job stopped)", flush=True)
+        except (LookupError, ValueError) as err:
+            print(f"could not cancel {job_id}: {err}", file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, cancel_on_stop)
+    signal.signal(signal.SIGINT, cancel_on_stop)
+    last = None
+    while True:
+        r = call("status", job_id)
+        line = (f"[{r['name']}] {r['state']} step {r.get('step') or 0}/{r.get('total_steps') or '?'} "
+                f"loss {fmt_float(r.get('loss'))} tok/s {fmt_float(r.get('tokens_per_s'), 0)}")  # fmt: skip
+        if line != last:
+            print(line, flush=True)
+            last = line
+        if r["state"] in TERMINAL:
+            if r.get("error"):
+                print(f"[{r['name']}] error: {r['error']}", flush=True)
+            if r.get("output"):
+                print(f"[{r['name']}] adapter: {r['output']}", flush=True)
+            return 0 if r["state"] == "SUCCEEDED" else 1
+        time.sleep(args.poll)

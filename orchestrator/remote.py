@@ -1,0 +1,234 @@
+"""The laptop client: submit, follow, cancel and fetch fine-tuning jobs through the Ray dashboard.
+
+A laptop needs only the address a cluster publishes for Ray Job Submission (the dashboard,
+``http://HEAD:8265``): the same channel ``ray job submit`` uses. Every operation runs a short Ray
+job on the cluster (``orchestrator.agent``) that talks to the lorafleet controller and prints its
+answer into the job's log; this client reads it back. Specs and the local data files they name
+travel in the Ray job's working directory.
+
+    from orchestrator.remote import Client
+    client = Client("http://127.0.0.1:8265")
+    job = client.submit("examples/jobs/reverse.yaml")
+    job.wait()
+    job.fetch("adapters/reverse")          # ready for peft.PeftModel.from_pretrained
+
+The address also comes from ``RAY_API_SERVER_ADDRESS`` or ``RAY_ADDRESS``; with Ray token
+authentication the token comes from ``token=`` or Ray's own ``RAY_AUTH_TOKEN`` /
+``RAY_AUTH_TOKEN_PATH`` / ``~/.ray/auth_token``.
+"""
+
+from __future__ import annotations
+
+import base64
+import getpass
+import json
+import os
+import shlex
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.agent import RESULT_PREFIX
+from orchestrator.spec import JobSpec, load_spec, parse_spec
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
+
+
+class RemoteError(RuntimeError):
+    """The cluster could not do what was asked; the message says why and what to do."""
+
+
+def resolve_address(address: str | None) -> str:
+    """``address``, else ``RAY_API_SERVER_ADDRESS``, else an http ``RAY_ADDRESS``, else the local default."""
+    for value in (address, os.environ.get("RAY_API_SERVER_ADDRESS"), os.environ.get("RAY_ADDRESS")):
+        if value and value != "auto":
+            return value if "://" in value else f"http://{value}"
+    return DEFAULT_ADDRESS
+
+
+def default_owner() -> str:
+    """The client's identity: ``LORAFLEET_OWNER``, else the login name."""
+    owner = os.environ.get("LORAFLEET_OWNER") or getpass.getuser()
+    return "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in owner)[:64] or "default"
+
+
+class Job:
+    """A submitted fine-tuning job; methods call the cluster each time."""
+
+    def __init__(self, client: Client, job_id: str, name: str):
+        self.client, self.id, self.name = client, job_id, name
+
+    def __repr__(self) -> str:
+        return f"Job(id={self.id!r}, name={self.name!r})"
+
+    def status(self) -> dict[str, Any]:
+        return self.client.status(self.id)
+
+    def wait(self, **kwargs: Any) -> dict[str, Any]:
+        return self.client.wait(self.id, **kwargs)
+
+    def logs(self, lines: int = 50) -> list[str]:
+        return self.client.logs(self.id, lines=lines)
+
+    def cancel(self) -> dict[str, Any]:
+        return self.client.cancel(self.id)
+
+    def fetch(self, dest: str | os.PathLike[str]) -> Path:
+        return self.client.fetch(self.id, dest)
+
+
+class Client:
+    """Talks to a lorafleet cluster through Ray Job Submission (see the module docstring).
+
+    Raises:
+        RemoteError: the dashboard cannot be reached (names the address and how to fix it).
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        token: str | None = None,
+        owner: str | None = None,
+        timeout_s: float = 600.0,
+    ):
+        from ray.job_submission import JobSubmissionClient
+
+        self.address = resolve_address(address)
+        self.owner = owner or default_owner()
+        self.timeout_s = timeout_s
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        try:
+            self._ray = JobSubmissionClient(self.address, headers=headers)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise RemoteError(
+                f"cannot reach the Ray dashboard at {self.address}: {_first_line(exc)}. Check --address "
+                "(or RAY_ADDRESS / RAY_API_SERVER_ADDRESS) and that the cluster is up (`lorafleet up --local`)."
+            ) from None
+
+    # ---------------------------------------------------------------- the agent channel
+
+    def _agent(self, args: Sequence[str], *, workdir: str | None = None) -> Any:
+        entrypoint = "python -m orchestrator.agent " + shlex.join(args)
+        runtime_env = {"working_dir": workdir} if workdir else None
+        try:
+            ray_job = self._ray.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
+                                           metadata={"lorafleet": args[0]})  # fmt: skip
+        except RuntimeError as exc:
+            raise RemoteError(f"Ray refused the request at {self.address}: {_first_line(exc)}") from None
+        deadline = time.monotonic() + self.timeout_s
+        delay = 0.2
+        while True:
+            status = str(self._ray.get_job_status(ray_job))
+            if status.upper().endswith(("SUCCEEDED", "FAILED", "STOPPED")):
+                break
+            if time.monotonic() > deadline:
+                self._ray.stop_job(ray_job)
+                raise RemoteError(f"the cluster did not answer within {self.timeout_s:.0f} s (Ray job {ray_job})")
+            time.sleep(delay)
+            delay = min(1.0, delay * 1.5)
+        logs = self._ray.get_job_logs(ray_job)
+        for line in reversed(logs.splitlines()):
+            if line.startswith(RESULT_PREFIX):
+                body = json.loads(line[len(RESULT_PREFIX) :])
+                if body["ok"]:
+                    return body["result"]
+                raise RemoteError(body["error"])
+        raise RemoteError(f"the cluster's agent job {ray_job} ended {status} without an answer:\n{logs[-2000:]}")
+
+    # ---------------------------------------------------------------- jobs
+
+    def submit(self, spec: str | os.PathLike[str] | Mapping[str, Any]) -> Job:
+        """Validate locally, upload the spec and its data files, queue the job. Returns at once."""
+        return self.submit_many([spec])[0]
+
+    def submit_many(self, specs: Sequence[str | os.PathLike[str] | Mapping[str, Any]]) -> list[Job]:
+        """Submit several specs in ONE Ray job; nothing is queued if any spec is invalid.
+
+        Raises:
+            SpecError: a spec is invalid (file, line, field), checked before anything is sent.
+            RemoteError: no controller, a data file missing, or the cluster refused.
+        """
+        workdir = tempfile.mkdtemp(prefix="lorafleet-submit-")
+        try:
+            names = [self._stage(spec, Path(workdir), i) for i, spec in enumerate(specs)]
+            result = self._agent(["register", "--owner", self.owner, *names], workdir=workdir)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return [Job(self, r["id"], r["name"]) for r in result]
+
+    @staticmethod
+    def _stage(spec: str | os.PathLike[str] | Mapping[str, Any], workdir: Path, index: int) -> str:
+        """Copy one spec (rewritten) and its data files into the upload directory."""
+        parsed: JobSpec = parse_spec(dict(spec)) if isinstance(spec, Mapping) else load_spec(spec)
+        doc = parsed.model_dump(mode="json", exclude_none=True)
+        for section, key in (("data", "path"), ("eval", "data")):
+            value = (doc.get(section) or {}).get(key)
+            if not value:
+                continue
+            local = Path(value)
+            if not local.is_file():
+                raise RemoteError(f"{section}.{key}: file not found on this machine: {value}")
+            upload = f"{index}-{section}-{local.name}"
+            shutil.copyfile(local, workdir / upload)
+            doc[section][key] = upload
+        name = f"{index}-spec.yaml"
+        (workdir / name).write_text(yaml.safe_dump(doc, sort_keys=False))
+        return name
+
+    def _call(self, method: str, **kwargs: Any) -> Any:
+        return self._agent(["call", method, json.dumps(kwargs)])
+
+    def status(self, job: str) -> dict[str, Any]:
+        """One job (id or name) with its state history."""
+        return self._call("status", job=job, owner=self.owner)
+
+    def list(self, *, states: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """This owner's jobs, newest first."""
+        return self._call("list_jobs", states=list(states) if states else None, owner=self.owner)
+
+    def logs(self, job: str, lines: int = 50) -> list[str]:
+        return self._call("logs", job=job, lines=lines)
+
+    def cancel(self, job: str) -> dict[str, Any]:
+        return self._call("cancel", job=job, owner=self.owner)
+
+    def wait(
+        self,
+        job: str,
+        *,
+        poll_s: float = 3.0,
+        timeout_s: float | None = None,
+        on_update: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Poll until the job ends; returns its final record. ``on_update`` sees every poll."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            record = self.status(job)
+            if on_update is not None:
+                on_update(record)
+            if record["state"] in TERMINAL:
+                return record
+            if deadline is not None and time.monotonic() > deadline:
+                raise RemoteError(f"job {job} still {record['state']} after {timeout_s} s")
+            time.sleep(poll_s)
+
+    def fetch(self, job: str, dest: str | os.PathLike[str]) -> Path:
+        """Copy the finished adapter (config, weights, metrics, eval) into ``dest``."""
+        result = self._agent(["fetch", "--owner", self.owner, job])
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        for name, data in result["files"].items():
+            (dest / name).write_bytes(base64.b64decode(data))
+        return dest
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(exc).__name__
