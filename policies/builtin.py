@@ -11,13 +11,16 @@ All four admit jobs by the same memory model (the engine's fixed filters, see
   and preemptive: when the head fits nowhere, strictly lower-priority running jobs are preempted
   (at their next checkpoint) on the worker needing the fewest victims.
 * ``sjf``: like ``fifo`` but ordered by least remaining work (non-preemptive).
-* ``aspen``: multifactor priority (age, fair share, size, priority class; admin weights), owner
-  quotas, backfill (a job that cannot start is skipped), starvation guard (jobs waiting more than
-  ``starvation_s`` go first), EASY-style reservations (the first ``reservations`` jobs that cannot
-  start each hold back the worker expected to drain soonest for them), a cap on a group's fused
-  tokens (``max_group_tokens``: past GPU saturation, joining a group only slows its members),
-  memory margin (default 0.15), and weighted worker scores: model locality, sequence-length
-  affinity (less padding), load (the job's share of the fused step). Preemption off by default.
+* ``aspen``: multifactor priority (size and fair share by default; age and priority class
+  weights available, default 0), a tail guard (jobs that waited longer than FIFO's current wait
+  estimate, and long jobs held back more than ``guard_long`` of their own work, go first, oldest
+  first), backfill (a job that cannot start is skipped), EASY-style reservations (the first
+  ``reservations`` jobs that cannot start each hold back the worker expected to drain soonest),
+  fusion rules from the cost model's token view (a busy group is joined only when that costs
+  at most ``fusion_max_cost`` of running alone and keeps the fused step within ``max_slowdown``
+  of any long member's own step), memory margin (default 0.15), owner quotas, and weighted
+  worker scores: fusion cost (an idle worker first, then the group the job slows least) and
+  model locality. Preemption off by default.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from policies.plugins import (
     AgeFactor,
     FairShareFactor,
     FirstComeFirstServed,
+    FusionCost,
+    FusionPays,
     GroupTokenCap,
     LeastLoaded,
     LengthAffinity,
@@ -46,10 +51,10 @@ from policies.plugins import (
 )
 
 PRIORITY_FACTORS = ("age", "fairshare", "size", "priority")
-WORKER_SCORES = ("locality", "length", "load", "free_memory")
+WORKER_SCORES = ("locality", "length", "load", "free_memory", "fusion")
 DEFAULT_WEIGHTS: Mapping[str, float] = {
-    "age": 1000.0, "fairshare": 500.0, "size": 2000.0, "priority": 1000.0,
-    "locality": 1.0, "length": 2.0, "load": 1.0, "free_memory": 0.0,
+    "age": 0.0, "fairshare": 500.0, "size": 2000.0, "priority": 0.0,
+    "locality": 1.0, "length": 0.0, "load": 0.0, "free_memory": 0.0, "fusion": 4.0,
 }  # fmt: skip
 
 
@@ -71,16 +76,21 @@ class AspenSettings:
     margin: float = 0.15
     preemption: str = "never"
     backfill: bool = True
-    queue_depth: int = 256
-    max_candidates: int = 16
+    queue_depth: int = 128
+    max_candidates: int = 8
     weights: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     max_age_s: float = 4 * 3600.0
     size_half_s: float = 3600.0
-    starvation_s: float | None = 4 * 3600.0
+    starvation_s: float | None = None
+    guard_backlog: float | None = 1.0
+    guard_long: float | None = 0.2
     reservations: int = 4
     shares: Mapping[str, float] = field(default_factory=dict)
     quotas: Mapping[str, int] = field(default_factory=dict)  # owner -> max running jobs; "default" key
-    max_group_tokens: int | None = 8192
+    max_group_tokens: int | None = None
+    fusion_max_cost: float | None = 1.0
+    half_tokens: float = 2048.0
+    max_slowdown: float | None = 1.6
 
 
 def _preempt_rule(name: str) -> PreemptRule | None:
@@ -118,15 +128,18 @@ def aspen(settings: AspenSettings | None = None) -> ProfilePolicy:
         (PriorityClassFactor(), w["priority"]),
     )
     scores = ((ModelLocality(), w["locality"]), (LengthAffinity(), w["length"]), (LeastLoaded(), w["load"]),
-              (MostFreeMemory(), w["free_memory"]))  # fmt: skip
+              (MostFreeMemory(), w["free_memory"]), (FusionCost(s.half_tokens), w["fusion"]))  # fmt: skip
     quotas = {k: v for k, v in s.quotas.items() if k != "default"}
     filters: tuple = (OwnerQuota(quotas, s.quotas.get("default")),) if s.quotas else ()
     if s.max_group_tokens:
         filters += (GroupTokenCap(s.max_group_tokens),)
+    if s.fusion_max_cost is not None or s.max_slowdown is not None:
+        filters += (FusionPays(s.half_tokens, s.fusion_max_cost, s.max_slowdown),)
     return ProfilePolicy("aspen", Multifactor(factors), filters=filters, scores=scores, margin=s.margin,
                          backfill=s.backfill, preempt=_preempt_rule(s.preemption), queue_depth=s.queue_depth,
                          max_candidates=s.max_candidates, starvation_s=s.starvation_s,
-                         reservations=s.reservations)  # fmt: skip
+                         reservations=s.reservations, guard_backlog=s.guard_backlog,
+                         guard_long=s.guard_long)  # fmt: skip
 
 
 BUILTINS = ("fifo", "priority", "sjf", "aspen")

@@ -29,8 +29,9 @@ from policies.builtin import PRIORITY_FACTORS, WORKER_SCORES, AspenSettings, Com
 from policies.interface import Policy
 
 COMMON_FIELDS = ("margin", "preemption", "backfill", "queue_depth", "max_candidates")
-ASPEN_FIELDS = ("weights", "max_age_s", "size_half_s", "starvation_s", "reservations", "max_group_tokens",
-                "shares", "quotas")  # fmt: skip
+ASPEN_FIELDS = ("weights", "max_age_s", "size_half_s", "starvation_s", "guard_backlog", "guard_long",
+                "reservations", "max_group_tokens", "fusion_max_cost", "max_slowdown", "half_tokens", "shares",
+                "quotas")  # fmt: skip
 PREEMPTION = ("never", "lower_priority")
 
 
@@ -91,8 +92,13 @@ def _aspen(doc: Mapping[str, Any]) -> AspenSettings:
     for key in ("max_age_s", "size_half_s"):
         if key in doc:
             out[key] = _num(key, doc[key], lo=1e-9)
-    if "starvation_s" in doc:
-        out["starvation_s"] = _num("starvation_s", doc["starvation_s"], nullable=True)
+    for key in ("starvation_s", "guard_backlog", "guard_long", "fusion_max_cost"):
+        if key in doc:
+            out[key] = _num(key, doc[key], nullable=True)
+    if "max_slowdown" in doc:
+        out["max_slowdown"] = _num("max_slowdown", doc["max_slowdown"], lo=1.0, nullable=True)
+    if "half_tokens" in doc:
+        out["half_tokens"] = _num("half_tokens", doc["half_tokens"])
     if "reservations" in doc:
         out["reservations"] = _num("reservations", doc["reservations"], integer=True)
     if "max_group_tokens" in doc:

@@ -2,10 +2,11 @@
 
 One call of :meth:`ProfilePolicy.schedule` runs one cycle on a snapshot:
 
-1. ``order`` sorts the queued jobs (:class:`~policies.interface.QueueOrder`). With
-   ``starvation_s`` set, jobs that waited longer go first, oldest first.
-2. For each job in that order (at most ``queue_depth`` of them), every worker is a candidate
-   that passes the fixed filters
+1. ``order`` sorts the queued jobs (:class:`~policies.interface.QueueOrder`). With a tail guard
+   (``starvation_s``, ``guard_backlog``, ``guard_long``), the jobs it flags go first, oldest
+   first (:meth:`ProfilePolicy._urgent`). With ``queue_depth`` only the first that-many jobs are
+   considered, found by a partial sort when the order has ``top(queued, view, k)``.
+2. For each job in that order, every worker is a candidate that passes the fixed filters
 
    * the worker is accepting;
    * it is idle, or its group trains the job's base model (one base model per worker);
@@ -14,8 +15,10 @@ One call of :meth:`ProfilePolicy.schedule` runs one cycle on a snapshot:
      group's longest sequence);
 
    and the profile's own filters (e.g. owner quotas). Idle workers with the same loaded model,
-   capacity and speed are interchangeable: one of them (the lowest id) stands for all.
-   At most ``max_candidates`` feasible workers are scored (kube-scheduler's
+   capacity and speed are interchangeable: one of them (the lowest id) stands for all. Busy
+   workers of the job's model are examined most predicted free memory first, skipping those with
+   less free memory than the job alone needs; at most ``4 * max_candidates`` of them are
+   examined and at most ``max_candidates`` feasible workers are scored (kube-scheduler's
    ``percentageOfNodesToScore``), idle ones first.
 3. The candidate with the highest weighted score wins (ties: the worker listed first):
    ``total = sum(weight_i * score_i) / sum(weight_i)``, each score in 0..100.
@@ -25,11 +28,15 @@ One call of :meth:`ProfilePolicy.schedule` runs one cycle on a snapshot:
    (:meth:`Cycle.reserve_for`) and later jobs may start only elsewhere (EASY backfilling).
 
 Within a cycle the engine tracks its own tentative starts in :class:`Slot` objects (never in
-the view), so a later job sees the memory an earlier one took.
+the view), so a later job sees the memory an earlier one took. Cost per cycle: one pass over the
+queue and the running jobs, a partial sort of the queue, then per considered job at most
+``4 * max_candidates`` busy workers plus one per idle class; busy workers are kept sorted by free
+memory per model and updated in place after each start.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -48,6 +55,34 @@ from policies.interface import (
 from policies.snapshot import ClusterView, JobView, WorkerView
 
 
+def fifo_wait_s(view: ClusterView) -> float:
+    """About how long a job arriving now would wait under FIFO before it starts, in solo seconds.
+
+    FIFO would be running the oldest jobs in the system, so its queue is all the remaining work
+    (queued and running) less that of the ``len(view.running)`` oldest jobs, spread over the
+    accepting workers. The tail guard and the slowdown cap measure against it.
+    """
+    accepting = sum(1 for w in view.workers if w.accepting) or 1
+    jobs = view.queued + view.running
+    n = len(view.running)
+    if not n:
+        return sum(j.remaining_work_s for j in jobs) / accepting
+    cut = sorted([j.submit_time_s for j in jobs])[n - 1]  # the n-th oldest submit time
+    queue = 0.0
+    ties = 0  # jobs submitted exactly at ``cut`` beyond the n oldest stay in FIFO's queue
+    for j in jobs:
+        t = j.submit_time_s
+        if t > cut:
+            queue += j.remaining_work_s
+        elif t == cut:
+            ties += 1
+    older = sum(1 for j in jobs if j.submit_time_s < cut)
+    if ties > n - older:
+        tied = sorted(j.remaining_work_s for j in jobs if j.submit_time_s == cut)
+        queue += sum(tied[n - older:])
+    return queue / accepting
+
+
 class Slot:
     """A worker's group as the cycle sees it: the snapshot plus this cycle's tentative starts.
 
@@ -55,7 +90,8 @@ class Slot:
     preemption (their memory is still in use).
     """
 
-    __slots__ = ("adapter_sum", "index", "jobs", "lmax", "model", "rows", "s0", "s1", "s2", "static", "worker")
+    __slots__ = ("adapter_sum", "index", "jobs", "lmax", "memo", "model", "rows", "s0", "s1", "s2", "static",
+                 "worker")  # fmt: skip
 
     def __init__(self, worker: WorkerView, index: int, jobs: Sequence[JobView]):
         self.worker = worker
@@ -66,6 +102,7 @@ class Slot:
         self.adapter_sum = self.s0 = self.s1 = self.s2 = 0.0
         self.lmax = 0
         self.rows = 0
+        self.memo: dict = {}  # plugins may cache per-group values here; cleared when a job is added
         for job in jobs:
             self.add(job)
 
@@ -73,6 +110,8 @@ class Slot:
         """Record ``job`` in the group (engine only)."""
         if not self.jobs:
             self.model, self.static = job.base_model, job.static_bytes
+        if self.memo:
+            self.memo = {}
         self.jobs.append(job)
         a, b = job.activation, job.micro_batch_size
         self.adapter_sum += job.adapter_bytes
@@ -117,7 +156,8 @@ class Cycle:
     """The state of one scheduling cycle, readable by plugins.
 
     Attributes: ``view``; ``margin``; ``slots`` (one per worker, in view order); ``running_by_owner``
-    (running plus started this cycle); ``pending`` (ids with a pending or new preemption).
+    (running plus started this cycle); ``pending`` (ids with a pending or new preemption);
+    ``backlog_s`` (:func:`fifo_wait_s` of the view); ``urgent`` (ids the tail guard put first).
     """
 
     def __init__(self, view: ClusterView, margin: float):
@@ -126,6 +166,7 @@ class Cycle:
         by_worker: dict[str, list[JobView]] = {}
         self.running_by_owner: dict[str, int] = {}
         self.pending: set[str] = set()
+        self.urgent: set[str] = set()  # ids the tail guard put first (filled by the engine)
         for job in view.running:
             by_worker.setdefault(job.worker_id or "", []).append(job)
             self.running_by_owner[job.owner] = self.running_by_owner.get(job.owner, 0) + 1
@@ -145,8 +186,11 @@ class Cycle:
                 self.idle_classes.setdefault(key, []).append(s)
         for members in self.idle_classes.values():
             members.reverse()  # pop() from the end yields the lowest index first
+        self.backlog_s = fifo_wait_s(view)
         self._max_free: dict[str, float] = {m: self._scan_max(m) for m in self.busy_by_model}
         self._max_idle = max((k[1] for k, v in self.idle_classes.items() if v), default=0)
+        self._ranked: dict[str, list[tuple[float, int, Slot]]] = {}  # busy slots by free memory, lazily
+        self._reps: list[Slot] | None = None  # one idle slot per interchangeable class, lazily
 
     def _scan_max(self, model: str) -> float:
         return max((s.free_bytes(self.margin) for s in self.busy_by_model.get(model, ())), default=-1.0)
@@ -158,12 +202,20 @@ class Cycle:
         slot.add(job)
         self.running_by_owner[job.owner] = self.running_by_owner.get(job.owner, 0) + 1
         model = job.base_model
+        ranked = self._ranked.get(model)
+        if ranked is not None:
+            if not was_idle:
+                del ranked[bisect.bisect_left(ranked, (-old_free, slot.index))]
+            bisect.insort(ranked, (-slot.free_bytes(self.margin), slot.index, slot))
         if was_idle:
             key = (slot.worker.loaded_model, slot.worker.memory_bytes, slot.worker.tflops)
             self.idle_classes[key].remove(slot)
+            self._reps = None
             self.busy_by_model.setdefault(model, []).append(slot)
             self._max_idle = max((k[1] for k, v in self.idle_classes.items() if v), default=0)
             self._max_free[model] = max(self._max_free.get(model, -1.0), slot.free_bytes(self.margin))
+        elif ranked is not None:
+            self._max_free[model] = -ranked[0][0]
         elif old_free >= self._max_free.get(model, -1.0):
             self._max_free[model] = self._scan_max(model)
 
@@ -177,40 +229,86 @@ class Cycle:
         """
         best: Slot | None = None
         best_t = float("inf")
+        scale = 1.0 + self.margin
+        act, b, seq = job.activation, job.micro_batch_size, job.seq_len
+        a0, a1, a2 = job.adapter_bytes + act.b0, act.b1 * b, act.b2 * b
+        alone = job.static_bytes + scale * (a0 + seq * a1 + seq * seq * a2)  # on an emptied worker
         for members in self.busy_by_model.values():
             for slot in members:
-                jobs = sorted(slot.jobs, key=lambda j: j.remaining_work_s)
+                mem = slot.worker.memory_bytes
                 if slot.model != job.base_model:
-                    t = jobs[-1].remaining_work_s
-                    trial = Slot(slot.worker, slot.index, ())
+                    if alone > mem:
+                        continue
+                    t = max(j.remaining_work_s for j in slot.jobs)
                 else:
-                    trial = Slot(slot.worker, slot.index, jobs)
-                    t = 0.0
-                    while jobs and trial.peak_with(job, self.margin) > slot.worker.memory_bytes:
-                        t = jobs.pop(0).remaining_work_s
-                        trial = Slot(slot.worker, slot.index, jobs)
-                if trial.peak_with(job, self.margin) > slot.worker.memory_bytes:
-                    continue
+                    # remove the members with the least remaining work first until the job fits;
+                    # the group's sums after each removal, without building trial slots
+                    jobs = sorted(slot.jobs, key=lambda j: j.remaining_work_s)
+                    ad, s0, s1, s2 = slot.adapter_sum, slot.s0, slot.s1, slot.s2
+                    t, i, fits = 0.0, 0, False
+                    while True:
+                        rest = jobs[i:]
+                        if rest:
+                            lp = max(seq, max(j.seq_len for j in rest))
+                            peak = slot.static + scale * (ad + s0 + a0 + lp * (s1 + a1) + lp * lp * (s2 + a2))
+                        else:
+                            peak = alone
+                        if peak <= mem:
+                            fits = True
+                            break
+                        if not rest or jobs[i].remaining_work_s > best_t:
+                            break  # cannot fit, or cannot drain sooner than the best so far
+                        gone = jobs[i]
+                        t = gone.remaining_work_s
+                        g, gb = gone.activation, gone.micro_batch_size
+                        ad -= gone.adapter_bytes
+                        s0, s1, s2 = s0 - g.b0, s1 - g.b1 * gb, s2 - g.b2 * gb
+                        i += 1
+                    if not fits:
+                        continue
                 if t < best_t or (t == best_t and best is not None and slot.index < best.index):
                     best, best_t = slot, t
         if best is not None:
             model = best.model or ""
             self.busy_by_model[model].remove(best)
+            self._ranked.pop(model, None)
             self._max_free[model] = self._scan_max(model)
         return best
 
-    def may_fit(self, job: JobView) -> bool:
+    def _need(self, job: JobView) -> float:
+        """Predicted dynamic bytes of ``job`` alone, with the margin (padding ignored)."""
+        return (1.0 + self.margin) * (job.adapter_bytes + job.activation.predict(job.micro_batch_size, job.seq_len))
+
+    def may_fit(self, job: JobView, need: float | None = None) -> bool:
         """A cheap necessary condition for some worker to take ``job`` (padding ignored)."""
-        need = (1.0 + self.margin) * (job.adapter_bytes + job.activation.predict(job.micro_batch_size, job.seq_len))
+        if need is None:
+            need = self._need(job)
         if self._max_idle - job.static_bytes >= need:
             return True
         return self._max_free.get(job.base_model, -1.0) >= need
 
-    def candidates(self, job: JobView) -> list[Slot]:
-        """Idle class representatives, then busy workers of the job's model (unfiltered)."""
-        reps = [members[-1] for members in self.idle_classes.values() if members]
-        reps.sort(key=lambda s: s.index)
-        return reps + self.busy_by_model.get(job.base_model, [])
+    def candidates(self, job: JobView, need: float | None = None, limit: int = 0) -> list[Slot]:
+        """Idle class representatives, then busy workers of the job's model (unfiltered): the busy
+        ones with the most predicted free memory first, none with less free memory than the job
+        alone needs (padding ignored: a necessary condition), and at most ``limit`` (0: all)."""
+        if self._reps is None:
+            self._reps = sorted((members[-1] for members in self.idle_classes.values() if members),
+                                key=lambda s: s.index)  # fmt: skip
+        reps = list(self._reps)
+        busy = self.busy_by_model.get(job.base_model)
+        if not busy:
+            return reps
+        if need is None:
+            need = self._need(job)
+        ranked = self._ranked.get(job.base_model)
+        if ranked is None:
+            ranked = sorted((-s.free_bytes(self.margin), s.index, s) for s in busy)
+            self._ranked[job.base_model] = ranked
+        for neg_free, _, slot in ranked[:limit] if limit else ranked:
+            if -neg_free < need:
+                break
+            reps.append(slot)
+        return reps
 
     def fits(self, job: JobView, slot: Slot) -> str | None:
         """The fixed filters: None if the job may join the slot, else the reason."""
@@ -243,6 +341,16 @@ class ProfilePolicy:
         reservations: with backfill, the first this-many jobs that cannot start each reserve the
             worker that should drain soonest for them (no other job starts there this cycle): EASY
             backfilling, so big jobs are not starved by a stream of small ones.
+        guard_backlog: tail guard: a job that has waited at least this many times the current
+            FIFO wait estimate (:func:`fifo_wait_s`) goes first, oldest first; None: off. Such a
+            job is worse off than one arriving now would be under FIFO.
+        guard_long: tail guard for long jobs: a job with more remaining work than the FIFO wait
+            estimate goes first once it has waited this fraction of its remaining work; None: off.
+            (A long job's FIFO JCT is mostly its own run time, so each hour it is held back costs
+            its class's tail directly.)
+
+    Jobs flagged by a guard are listed in ``cycle.urgent`` for the filters (``FusionPays`` lets
+    them join any group that has the memory).
     """
 
     name: str
@@ -256,16 +364,53 @@ class ProfilePolicy:
     max_candidates: int = 0
     starvation_s: float | None = None
     reservations: int = 0
+    guard_backlog: float | None = None
+    guard_long: float | None = None
 
-    def _ordered(self, view: ClusterView) -> list[JobView]:
-        ordered = self.order.order(view.queued, view)
-        if self.starvation_s is None:
-            return ordered
-        cutoff = view.now_s - self.starvation_s
-        old = sorted((j for j in ordered if j.submit_time_s <= cutoff), key=lambda j: (j.submit_time_s, j.job_id))
-        if not old:
-            return ordered
-        return old + [j for j in ordered if j.submit_time_s > cutoff]
+    @property
+    def _active_scores(self) -> tuple[tuple[Score, float], ...]:
+        return tuple((p, w) for p, w in self.scores if w)
+
+    @property
+    def _weight_sum(self) -> float:
+        return sum(w for _, w in self.scores if w)
+
+    @property
+    def guarded(self) -> bool:
+        return not (self.starvation_s is None and self.guard_backlog is None and self.guard_long is None)
+
+    def _urgent(self, view: ClusterView, backlog_s: float) -> list[JobView]:
+        """The queued jobs the tail guard puts first, oldest first (see the class docstring)."""
+        now = view.now_s
+        st, gb, gl = self.starvation_s, self.guard_backlog, self.guard_long
+        out = []
+        for j in view.queued:
+            waited = now - j.submit_time_s
+            r = j.remaining_work_s
+            if ((st is not None and waited >= st) or (gb is not None and waited >= gb * backlog_s)
+                    or (gl is not None and r >= backlog_s and waited >= gl * r)):  # fmt: skip
+                out.append(j)
+        out.sort(key=lambda j: (j.submit_time_s, j.job_id))
+        return out
+
+    def _ordered(self, view: ClusterView, cycle: Cycle | None = None, limit: int = 0) -> list[JobView]:
+        """The queue in cycle order: urgent jobs (oldest first), then ``order``'s. With ``limit``
+        > 0 only the first ``limit`` (a partial sort when the order has ``top``)."""
+        old: list[JobView] = []
+        if self.guarded:
+            old = self._urgent(view, cycle.backlog_s if cycle is not None else fifo_wait_s(view))
+        ids = {j.job_id for j in old}
+        if cycle is not None:
+            cycle.urgent = ids
+        if limit and len(old) >= limit:
+            return old[:limit]
+        top = getattr(self.order, "top", None)
+        if limit and top is not None:
+            rest = top(view.queued, view, limit + len(old))  # the urgent ones may be among them
+        else:
+            rest = self.order.order(view.queued, view)
+        out = old + [j for j in rest if j.job_id not in ids] if old else rest
+        return out[:limit] if limit else out
 
     def _score(self, job: JobView, slot: Slot, cycle: Cycle) -> float:
         total = weights = 0.0
@@ -276,21 +421,47 @@ class ProfilePolicy:
         return total / weights if weights else 0.0
 
     def _place(self, job: JobView, cycle: Cycle) -> Slot | None:
-        if not cycle.may_fit(job):
+        # The hot loop: one call per considered job. Candidates already pass "accepting" and
+        # "same model or idle" (Cycle.candidates), so only memory is checked here.
+        need = (1.0 + cycle.margin) * (job.adapter_bytes + job.activation.predict(job.micro_batch_size, job.seq_len))
+        if not cycle.may_fit(job, need):
             return None
         best: Slot | None = None
         best_score = -1.0
         found = 0
-        for slot in cycle.candidates(job):
-            if cycle.fits(job, slot) is not None:
+        margin, filters, cap = cycle.margin, self.filters, self.max_candidates
+        scores = self._active_scores
+        wsum = self._weight_sum
+        act, b, seq = job.activation, job.micro_batch_size, job.seq_len
+        a0 = job.adapter_bytes + act.b0
+        a1, a2 = act.b1 * b, act.b2 * b
+        scale = 1.0 + margin
+        alone = job.static_bytes + scale * (a0 + seq * a1 + seq * seq * a2)
+        for slot in cycle.candidates(job, need, 4 * cap):
+            # slot.peak_with(job, margin), inlined: this line runs ~100 times per job
+            if slot.jobs:
+                lp = seq if seq > slot.lmax else slot.lmax
+                peak = slot.static + scale * (slot.adapter_sum + slot.s0 + a0 + lp * (slot.s1 + a1)
+                                              + lp * lp * (slot.s2 + a2))  # fmt: skip
+            else:
+                peak = alone
+            if peak > slot.worker.memory_bytes:
                 continue
-            if any(f.filter(job, slot, cycle) is not None for f in self.filters):
+            rejected = False
+            for f in filters:
+                if f.filter(job, slot, cycle) is not None:
+                    rejected = True
+                    break
+            if rejected:
                 continue
-            s = self._score(job, slot, cycle)
-            if s > best_score or (s == best_score and best is not None and slot.index < best.index):
-                best, best_score = slot, s
+            total = 0.0
+            for plugin, weight in scores:
+                total += weight * plugin.score(job, slot, cycle)
+            sc = total / wsum if wsum else 0.0
+            if sc > best_score or (sc == best_score and best is not None and slot.index < best.index):
+                best, best_score = slot, sc
             found += 1
-            if self.max_candidates and found >= self.max_candidates:
+            if cap and found >= cap:
                 break
         return best
 
@@ -300,9 +471,7 @@ class ProfilePolicy:
         starts: list[Decision] = []
         preempts: list[Decision] = []
         reserve_left = self.reservations
-        for n, job in enumerate(self._ordered(view)):
-            if self.queue_depth and n >= self.queue_depth:
-                break
+        for job in self._ordered(view, cycle, self.queue_depth):
             slot = self._place(job, cycle)
             if slot is not None:
                 cycle.start(job, slot)

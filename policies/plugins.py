@@ -6,7 +6,8 @@ like with like (Slurm multifactor priority; kube-scheduler score plugins).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import heapq
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from policies.framework import Cycle, Slot
@@ -62,10 +63,17 @@ class Multifactor:
                 totals = [t + weight * v for t, v in zip(totals, factor.values(jobs, view), strict=True)]
         return totals
 
-    def order(self, queued: Sequence[JobView], view: ClusterView) -> list[JobView]:
+    def _keys(self, queued: Sequence[JobView], view: ClusterView) -> Iterable[tuple[float, float, str, int]]:
         totals = self._totals(queued, view)
-        idx = sorted(range(len(queued)), key=lambda i: (-totals[i], queued[i].submit_time_s, queued[i].job_id))
-        return [queued[i] for i in idx]
+        return zip([-t for t in totals], [j.submit_time_s for j in queued], [j.job_id for j in queued],
+                   range(len(queued)), strict=True)  # fmt: skip
+
+    def order(self, queued: Sequence[JobView], view: ClusterView) -> list[JobView]:
+        return [queued[k[3]] for k in sorted(self._keys(queued, view))]
+
+    def top(self, queued: Sequence[JobView], view: ClusterView, k: int) -> list[JobView]:
+        """The first ``k`` of :meth:`order` (a partial sort: O(n log k))."""
+        return [queued[key[3]] for key in heapq.nsmallest(k, self._keys(queued, view))]
 
     def breakdown(self, job: JobView, view: ClusterView) -> tuple[tuple[FactorLine, ...], float]:
         # Factors normalise over the queue (e.g. priority class), so evaluate the job among it.
@@ -99,7 +107,7 @@ class SizeFactor:
 
     def values(self, jobs: Sequence[JobView], view: ClusterView) -> list[float]:
         h = self.half_s
-        return [h / (h + max(0.0, j.remaining_work_s)) for j in jobs]
+        return [h / (h + j.remaining_work_s) if j.remaining_work_s > 0 else 1.0 for j in jobs]
 
 
 @dataclass(frozen=True)
@@ -185,6 +193,48 @@ class GroupTokenCap:
         return f"group would have {padded} tokens > {self.max_tokens}" if padded > self.max_tokens else None
 
 
+@dataclass(frozen=True)
+class FusionPays:
+    """A busy worker takes the job only when fusing costs at most ``max_cost`` of running it alone.
+
+    Token model of the cost model (:mod:`policies.costmodel`): a fused iteration of ``T`` padded
+    tokens takes time proportional to ``T + half_tokens`` (below ``half_tokens`` the GPU is not
+    saturated). Alone the job costs ``T_j + h``; joining group ``G`` adds ``T_{G+j} - T_G``
+    (its rows, plus the padding of everyone to the longer sequence). With ``max_cost`` 1 a job
+    joins only where fusion is no dearer than a worker of its own. An idle worker always passes.
+    """
+
+    half_tokens: float = 2048.0
+    max_cost: float | None = 1.0
+    max_slowdown: float | None = None
+    urgent_exempt: bool = True
+    name: str = "fusion_pays"
+
+    def filter(self, job: JobView, slot: Slot, cycle: Cycle) -> str | None:
+        if slot.idle or (self.urgent_exempt and job.job_id in cycle.urgent):
+            return None
+        lp = slot.lmax if slot.lmax > job.seq_len else job.seq_len
+        added = (slot.rows + job.micro_batch_size) * lp - slot.rows * slot.lmax
+        alone = job.micro_batch_size * job.seq_len + self.half_tokens
+        if self.max_cost is not None and added > self.max_cost * alone:
+            return f"fusing adds {added} tokens/step > {self.max_cost:g} x {alone:.0f} alone"
+        if self.max_slowdown is not None:
+            step = (slot.rows + job.micro_batch_size) * lp + self.half_tokens
+            key = ("fusion_pays.long_tokens", cycle.backlog_s)
+            least = slot.memo.get(key)
+            if least is None:  # the fewest own tokens among the group's long members (inf: none)
+                long_tokens = [j.micro_batch_size * j.seq_len for j in slot.jobs if j.remaining_work_s >= cycle.backlog_s]
+                least = slot.memo[key] = min(long_tokens, default=float("inf"))
+            if job.remaining_work_s >= cycle.backlog_s:
+                least = min(least, job.micro_batch_size * job.seq_len)
+            if least == float("inf"):
+                return None
+            least += self.half_tokens
+            if step > self.max_slowdown * least:
+                return f"fused step {step:.0f} tokens > {self.max_slowdown:g} x a member's own {least:.0f}"
+        return None
+
+
 # --- scores (each in [0, 100]) ------------------------------------------------------------------------
 
 
@@ -229,6 +279,25 @@ class LeastLoaded:
     def score(self, job: JobView, slot: Slot, cycle: Cycle) -> float:
         lp = max(slot.lmax, job.seq_len)
         return 100.0 * job.micro_batch_size / (slot.rows + job.micro_batch_size) * job.seq_len / lp
+
+
+@dataclass(frozen=True)
+class FusionCost:
+    """``100 * alone / (own + members * added)``: 100 on an idle worker; lower the more the job's
+    fused step costs itself and slows the group's members (token model of :class:`FusionPays`)."""
+
+    half_tokens: float = 2048.0
+    name: str = "fusion"
+
+    def score(self, job: JobView, slot: Slot, cycle: Cycle) -> float:
+        if slot.idle:
+            return 100.0
+        h = self.half_tokens
+        lp = slot.lmax if slot.lmax > job.seq_len else job.seq_len
+        rows = slot.rows + job.micro_batch_size
+        added = rows * lp - slot.rows * slot.lmax
+        own = rows * lp + h
+        return 100.0 * (job.micro_batch_size * job.seq_len + h) / (own + len(slot.jobs) * added)
 
 
 # --- preemption -----------------------------------------------------------------------------------------

@@ -1,37 +1,101 @@
-"""The issue's acceptance properties, on the bundled trace and two other synthetic seeds.
+"""Issue 5's acceptance targets, aspen vs fifo on the example cluster (8 x 80 GiB):
 
-aspen vs fifo: mean JCT <= 0.70x, zero OOMs, and no priority class whose p99 JCT is worse than
-fifo's by more than 10%.
+* mean JCT at most 0.70x fifo's;
+* zero OOMs;
+* no priority class whose p99 JCT is more than 10% worse than under fifo.
+
+Cases: the bundled trace and synthetic traces of seeds 1-4 at 100, 200 and 400 jobs (every
+combination, none picked). Not every target is met on every trace; each case that misses one is
+marked ``xfail(strict=True)`` with the measured figure, so the record stays honest both ways (an
+improvement turns the mark into a failure, to be removed). docs/policies.md, "Status", has the
+table. The mean target cannot be met by any policy when fifo's mean is within 1/0.7 of the mean
+solo time (fusing never makes a job faster than running alone): ``test_mean_bound`` checks that
+bound for the cases it rules out.
 """
+
+from functools import cache
 
 import pytest
 
 from policies.builtin import aspen, fifo
 from policies.cluster import load_cluster
-from policies.metrics import summarise
+from policies.metrics import Metrics, summarise
 from policies.simulator import simulate
 from policies.trace import read_trace, synth_trace
 
-CASES = [("bundled", None), ("seed-11", 11), ("seed-4", 4)]
+SIZES = (100, 200, 400)
+SEEDS = (1, 2, 3, 4)
+CASES = [("bundled", 0, 0)] + [(f"{n}-jobs-seed-{s}", n, s) for n in SIZES for s in SEEDS]
+
+# Measured misses of the current aspen defaults (aspen/fifo).
+MEAN_MISSES = {
+    "100-jobs-seed-3": "mean 0.93x; unreachable: the solo-time bound is 0.74x",
+    "100-jobs-seed-4": "mean 0.89x (bound 0.59x)",
+    "200-jobs-seed-3": "mean 0.87x (bound 0.51x)",
+}
+P99_MISSES = {
+    "100-jobs-seed-2": "a class's p99 at 1.17x",
+    "200-jobs-seed-2": "a class's p99 at 1.16x",
+    "200-jobs-seed-3": "a class's p99 at 1.19x",
+    "400-jobs-seed-2": "a class's p99 at 1.21x",
+    "400-jobs-seed-3": "a class's p99 at 1.34x",
+}
 
 
-def _compare(name, seed):
+@cache
+def _run(n: int, seed: int) -> tuple[Metrics, Metrics, float]:
+    """(fifo, aspen, mean solo time) for one case."""
     cluster = load_cluster("examples/cluster.yaml")
-    trace = read_trace("examples/trace.csv") if seed is None else synth_trace(200, seed)
-    return summarise(simulate(trace, cluster, fifo())), summarise(simulate(trace, cluster, aspen()))
+    trace = read_trace("examples/trace.csv") if n == 0 else synth_trace(n, seed)
+    f = simulate(trace, cluster, fifo())
+    solo = sum(j.solo_s for j in f.jobs) / len(f.jobs)
+    return summarise(f), summarise(simulate(trace, cluster, aspen())), solo
 
 
-@pytest.mark.parametrize(("name", "seed"), CASES)
-def test_aspen_has_no_ooms_and_beats_fifo_mean(name, seed):
-    f, a = _compare(name, seed)
-    assert a.oom_count == 0
-    assert a.mean_jct_s <= 0.70 * f.mean_jct_s, f"{name}: {a.mean_jct_s / f.mean_jct_s:.2f}x"
+def _cases(misses: dict[str, str]) -> list:
+    return [pytest.param(n, s, id=name, marks=pytest.mark.xfail(strict=True, reason=misses[name]))
+            if name in misses else pytest.param(n, s, id=name) for name, n, s in CASES]  # fmt: skip
 
 
-@pytest.mark.xfail(reason="not met yet on every trace: aspen's p99 of a class can exceed fifo's by >10% "
-                          "(bundled trace: priority 0, 1.19x); see docs/policies.md, 'Status'", strict=False)
-@pytest.mark.parametrize(("name", "seed"), CASES)
-def test_aspen_per_priority_p99_within_10_percent_of_fifo(name, seed):
-    f, a = _compare(name, seed)
+def _check_mean(n: int, seed: int) -> None:
+    f, a, _ = _run(n, seed)
+    assert a.mean_jct_s <= 0.70 * f.mean_jct_s, f"mean {a.mean_jct_s / f.mean_jct_s:.2f}x fifo's"
+
+
+def _check_p99(n: int, seed: int) -> None:
+    f, a, _ = _run(n, seed)
     for p, fc in f.per_priority.items():
-        assert a.per_priority[p].p99_jct_s <= 1.10 * fc.p99_jct_s, f"{name}: priority {p}"
+        ratio = a.per_priority[p].p99_jct_s / fc.p99_jct_s
+        assert ratio <= 1.10, f"priority {p}: p99 {ratio:.2f}x fifo's"
+
+
+def test_bundled_trace_meets_every_target():
+    assert _run(0, 0)[1].oom_count == 0
+    _check_mean(0, 0)
+    _check_p99(0, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("n", "seed"), _cases({}))
+def test_no_ooms(n, seed):
+    assert _run(n, seed)[1].oom_count == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("n", "seed"), _cases(MEAN_MISSES))
+def test_mean_at_most_070_of_fifo(n, seed):
+    _check_mean(n, seed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("n", "seed"), _cases(P99_MISSES))
+def test_every_class_p99_within_110_of_fifo(n, seed):
+    _check_p99(n, seed)
+
+
+@pytest.mark.slow
+def test_mean_bound():
+    # no policy beats the mean solo time; where it exceeds 0.70x fifo's mean, the target is out of reach
+    f, a, solo = _run(100, 3)
+    assert solo > 0.70 * f.mean_jct_s
+    assert a.mean_jct_s >= 0.999 * solo - 60  # a model already loaded can save its load time (seconds)

@@ -1,8 +1,11 @@
 """Each built-in's rules on hand-made snapshots (memory in GiB; workers of 80 GiB unless noted)."""
 
+import random
+
 import pytest
 
 from policies.builtin import AspenSettings, CommonSettings, aspen, fifo, priority, sjf
+from policies.framework import fifo_wait_s
 from policies.interface import Preempt, Start
 from tests.policies.helpers import job, view, worker
 
@@ -100,6 +103,10 @@ def _aspen(**kw) -> object:
     return aspen(AspenSettings(**kw))
 
 
+# The tail guard off, for tests of the multifactor order alone.
+NO_GUARD = {"guard_backlog": None, "guard_long": None}
+
+
 def test_aspen_backfills_past_a_blocked_job():
     # "big" cannot fit (10 + 80); aspen skips it and starts "small" (fifo would block)
     jobs = [job("big", submit=1, dyn_gib=80), job("small", submit=2, dyn_gib=5)]
@@ -126,7 +133,7 @@ def test_aspen_groups_similar_lengths():
     # weights locality 1, length 2, load 1 -> w0 (100 + 200 + 50) / 4 = 87.5; w1 (100 + 112.5 + 6.25) / 4 = 54.7
     running = [job("r0", seq=512, worker="w0"), job("r1", seq=4096, worker="w1")]
     workers = [worker("w0", model="m", running=("r0",)), worker("w1", model="m", running=("r1",))]
-    policy = _aspen(max_group_tokens=None)
+    policy = _aspen(weights={"length": 2, "load": 1, "fusion": 0}, fusion_max_cost=None, max_slowdown=None)
     assert policy.schedule(view([job("a", seq=512)], running, workers)) == [Start("a", "w0")]
     exp = policy.explain(view([job("a", seq=512)], running, workers), "a")
     totals = {w.worker_id: round(w.total, 1) for w in exp.workers}
@@ -137,14 +144,17 @@ def test_aspen_token_cap_filter():
     # w0 group: 4 rows x 2048 = 8192 tokens; adding 1 x 2048 -> 10240 > 8192 -> use idle w1
     running = [job("r0", mbs=4, seq=2048, dyn_gib=5, worker="w0")]
     workers = [worker("w0", model="m", running=("r0",)), worker("w1", model="other")]
-    assert aspen().schedule(view([job("a", seq=2048, dyn_gib=5)], running, workers)) == [Start("a", "w1")]
+    policy = _aspen(max_group_tokens=8192, fusion_max_cost=None, max_slowdown=None, weights={"fusion": 0})
+    assert policy.schedule(view([job("a", seq=2048, dyn_gib=5)], running, workers)) == [Start("a", "w1")]
+    uncapped = _aspen(max_group_tokens=None, fusion_max_cost=None, max_slowdown=None, weights={"fusion": 0})
+    assert uncapped.schedule(view([job("a", seq=2048, dyn_gib=5)], running, workers)) == [Start("a", "w0")]
 
 
 def test_aspen_multifactor_breakdown():
     # now 1000. age = min(1, 1000/14400) = 0.0694 -> 69.4; size = 3600 / (3600 + 400) = 0.9 -> 1800
     # priority class: only job -> 0; fairshare: no usage -> 1 -> 500. total 69.4 + 1800 + 0 + 500 = 2369.4
     v = view([job("a", submit=0, work=400)], workers=[worker("w0")])
-    exp = aspen().explain(v, "a")
+    exp = _aspen(weights={"age": 1000, "priority": 1000}).explain(v, "a")
     values = {f.name: round(f.weighted, 1) for f in exp.factors}
     assert values == {"age": 69.4, "fairshare": 500.0, "size": 1800.0, "priority": 0.0}
     assert exp.priority == pytest.approx(2369.4, abs=0.1)
@@ -156,7 +166,8 @@ def test_aspen_size_and_priority_order():
     # z: prio 0, work 0 -> size 2000. Order: y (2000 + ...), z (2000), x (1000); same submit, same age
     jobs = [job("x", work=3600, dyn_gib=60), job("y", priority=2, work=3600, dyn_gib=60),
             job("z", work=0.0, dyn_gib=60)]  # fmt: skip
-    decisions = _aspen(margin=0.0).schedule(view(jobs, workers=[worker("w0"), worker("w1")]))
+    decisions = _aspen(margin=0.0, weights={"priority": 1000}, **NO_GUARD).schedule(
+        view(jobs, workers=[worker("w0"), worker("w1")]))
     # y and z tie at 2000 (+ equal age, fairshare): job id breaks the tie -> y, z
     assert [d.job_id for d in decisions] == ["y", "z"]
 
@@ -164,7 +175,8 @@ def test_aspen_size_and_priority_order():
 def test_aspen_fair_share_prefers_light_user():
     # alice used 900 s, bob 100 s; equal shares 0.5. alice 2^-(0.9/0.5) = 0.287, bob 2^-(0.1/0.5) = 0.871
     jobs = [job("a", owner="alice", dyn_gib=60), job("b", owner="bob", dyn_gib=60)]
-    decisions = _aspen(margin=0.0).schedule(view(jobs, workers=[worker("w0")], usage={"alice": 900, "bob": 100}))
+    decisions = _aspen(margin=0.0, **NO_GUARD).schedule(view(jobs, workers=[worker("w0")],
+                                                             usage={"alice": 900, "bob": 100}))
     assert decisions == [Start("b", "w0")]
 
 
@@ -179,7 +191,8 @@ def test_aspen_owner_quota():
 def test_aspen_starvation_guard_puts_old_jobs_first():
     # "old" waited 5000 s > starvation_s 3600: goes first despite a worse multifactor score
     jobs = [job("old", submit=0, work=1e6, dyn_gib=60), job("new", submit=4000, work=1, priority=3, dyn_gib=60)]
-    decisions = _aspen(starvation_s=3600, margin=0.0).schedule(view(jobs, workers=[worker("w0")], now=5000))
+    decisions = _aspen(starvation_s=3600, margin=0.0, **NO_GUARD).schedule(view(jobs, workers=[worker("w0")],
+                                                                                now=5000))
     assert decisions == [Start("old", "w0")]
 
 
@@ -191,7 +204,7 @@ def test_aspen_reservation_holds_back_draining_worker():
     jobs = [job("big", submit=0, work=10, dyn_gib=60), job("s", submit=1, work=5000, dyn_gib=5)]
     decisions = _aspen(margin=0.0, max_group_tokens=None).schedule(view(jobs, running, workers))
     assert decisions == [Start("s", "w1")]
-    no_res = _aspen(margin=0.0, max_group_tokens=None, reservations=0).schedule(view(jobs, running, workers))
+    no_res = _aspen(margin=0.0, reservations=0).schedule(view(jobs, running, workers))
     assert no_res == [Start("s", "w0")]  # w0 has more free memory: load score equal, length equal -> first
 
 
@@ -204,3 +217,103 @@ def test_schedule_is_pure():
 def test_explain_unknown_job():
     with pytest.raises(KeyError):
         fifo().explain(view(workers=[worker("w0")]), "nope")
+
+
+# --- aspen's tail guard, fusion rules and the engine's fast paths --------------------------------------
+
+
+def test_fifo_wait_estimate():
+    # running: r (submitted 0, 500 s left). queued: a (submitted 10, 300 s), b (submitted 20, 200 s).
+    # FIFO would run the 1 oldest job (r); its queue is a + b = 500 s over 2 accepting workers: 250 s.
+    running = [job("r", submit=0, work=500, worker="w0")]
+    v = view([job("a", submit=10, work=300), job("b", submit=20, work=200)], running,
+             [worker("w0", model="m", running=("r",)), worker("w1")])  # fmt: skip
+    assert fifo_wait_s(v) == pytest.approx(250.0)
+    # a job older than a running one counts as FIFO's running set instead
+    v2 = view([job("a", submit=-5, work=300)], running, [worker("w0", model="m", running=("r",)), worker("w1")])
+    assert fifo_wait_s(v2) == pytest.approx(500 / 2)
+
+
+def test_tail_guard_puts_jobs_waiting_longer_than_fifo_would_first():
+    # now 1000. FIFO wait estimate: queued work (600 + 10) / 1 worker = 610 s.
+    # "old" (long, 600 s) waited 1000 s >= 610 s: urgent, so it goes before the short "new".
+    jobs = [job("old", submit=0, work=600, dyn_gib=60), job("new", submit=990, work=10, dyn_gib=60)]
+    v = view(jobs, workers=[worker("w0")], now=1000)
+    assert _aspen(margin=0.0).schedule(v) == [Start("old", "w0")]
+    assert _aspen(margin=0.0, **NO_GUARD).schedule(v) == [Start("new", "w0")]  # size order alone
+    # at now 500 it has waited 500 s < 610 s (and 600 s of work is not longer than 610 s): not urgent
+    jobs = [job("old", submit=0, work=600, dyn_gib=60), job("new", submit=400, work=10, dyn_gib=60)]
+    assert _aspen(margin=0.0).schedule(view(jobs, workers=[worker("w0")], now=500)) == [Start("new", "w0")]
+
+
+def test_long_job_guard():
+    # "long" (5000 s) is longer than the FIFO wait estimate (5010 s of queue / 2 workers = 2505 s) and
+    # waited 1100 s >= 0.2 x 5000: urgent. With guard_long off (and guard_backlog 1: 1100 < 2505) it is not.
+    jobs = [job("long", submit=0, work=5000, dyn_gib=60), job("short", submit=1090, work=10, dyn_gib=60)]
+    v = view(jobs, workers=[worker("w0"), worker("w1", mem_gib=20)], now=1100)
+    assert _aspen(margin=0.0).schedule(v) == [Start("long", "w0")]
+    assert _aspen(margin=0.0, guard_long=None).schedule(v) == [Start("short", "w0")]
+
+
+def test_fusion_pays_refuses_a_join_dearer_than_running_alone():
+    # w0 runs 1 row x 4096. A 1 x 256 job would add 4096 padded tokens/step > 1.0 x (256 + 2048)
+    # alone: it waits for (or takes) an idle worker instead. A 1 x 4096 job adds 4096 <= 6144: joins.
+    running = [job("r", seq=4096, dyn_gib=5, worker="w0", work=10)]
+    workers = [worker("w0", model="m", running=("r",))]
+    policy = _aspen(max_slowdown=None, **NO_GUARD)
+    assert policy.schedule(view([job("short", seq=256, dyn_gib=5)], running, workers)) == []
+    assert policy.schedule(view([job("same", seq=4096, dyn_gib=5)], running, workers)) == [Start("same", "w0")]
+    assert _aspen(fusion_max_cost=None, max_slowdown=None, **NO_GUARD).schedule(
+        view([job("short", seq=256, dyn_gib=5)], running, workers)) == [Start("short", "w0")]
+
+
+def test_urgent_jobs_are_exempt_from_fusion_rules():
+    # the same refused join, but the job waited past the FIFO wait estimate: it joins anyway
+    running = [job("r", seq=4096, dyn_gib=5, worker="w0", work=10)]
+    workers = [worker("w0", model="m", running=("r",))]
+    v = view([job("short", seq=256, dyn_gib=5, submit=0, work=1)], running, workers, now=1000)
+    assert _aspen(max_slowdown=None).schedule(v) == [Start("short", "w0")]
+
+
+def test_slowdown_cap_protects_long_members():
+    # w0 runs a long job (1 x 2048 tokens, 10^6 s left, longer than the FIFO wait estimate).
+    # Adding 1 x 2048: fused step 4096 + 2048 = 6144 > 1.25 x (2048 + 2048) = 5120 -> refused;
+    # at a 1.6 cap (6553.6) it joins. A short member would not be protected.
+    running = [job("r", seq=2048, dyn_gib=5, worker="w0", work=1e6)]
+    workers = [worker("w0", model="m", running=("r",))]
+    v = view([job("a", seq=2048, dyn_gib=5, submit=999)], running, workers)
+    assert _aspen(max_slowdown=1.25, **NO_GUARD).schedule(v) == []
+    assert _aspen(max_slowdown=1.6, **NO_GUARD).schedule(v) == [Start("a", "w0")]
+    short = [job("r", seq=2048, dyn_gib=5, worker="w0", work=1)]
+    huge = job("huge", dyn_gib=90, work=1000, submit=998)  # fits nowhere; makes the FIFO wait 1010 s
+    v = view([job("a", seq=2048, dyn_gib=5, submit=999, work=10), huge], short, workers)
+    assert _aspen(max_slowdown=1.25, **NO_GUARD).schedule(v) == [Start("a", "w0")]
+
+
+def test_fusion_score_prefers_an_idle_worker_then_the_cheapest_group():
+    # idle w2 scores 100; of the busy ones, w0 (same length, 1 member) beats w1 (2 members)
+    running = [job("r0", seq=512, dyn_gib=5, worker="w0"), job("r1", seq=512, dyn_gib=5, worker="w1"),
+               job("r2", seq=512, dyn_gib=5, worker="w1")]  # fmt: skip
+    busy = [worker("w0", model="m", running=("r0",)), worker("w1", model="m", running=("r1", "r2"))]
+    policy = _aspen(**NO_GUARD)
+    a = job("a", seq=512, dyn_gib=5, submit=999)
+    assert policy.schedule(view([a], running, [*busy, worker("w2", model="m")])) == [Start("a", "w2")]
+    assert policy.schedule(view([a], running, busy)) == [Start("a", "w0")]
+
+
+def test_partial_sort_matches_the_full_order():
+    rng = random.Random(3)
+    jobs = [job(f"j{i}", owner=rng.choice("abc"), priority=rng.choice((0, 1, 2)), submit=rng.choice((0, 5, 9)),
+                work=rng.choice((10.0, 100.0, 1000.0))) for i in range(300)]  # fmt: skip
+    v = view(jobs, workers=[worker("w0")], usage={"a": 5, "b": 1})
+    order = _aspen(weights={"age": 1000, "priority": 1000}).order
+    full = [j.job_id for j in order.order(v.queued, v)]
+    for k in (1, 7, 50, 300, 400):
+        assert [j.job_id for j in order.top(v.queued, v, k)] == full[:k]
+
+
+def test_queue_depth_considers_only_the_first_jobs_of_the_order():
+    jobs = [job(f"j{i}", submit=i, work=100 + i, dyn_gib=1) for i in range(10)]
+    policy = _aspen(queue_depth=3, **NO_GUARD)
+    decisions = policy.schedule(view(jobs, workers=[worker("w0")], now=20))
+    assert [d.job_id for d in decisions] == ["j0", "j1", "j2"]

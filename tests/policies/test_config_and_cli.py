@@ -11,10 +11,15 @@ from policies.trace import TraceError, format_trace, parse_trace, synth_trace
 
 def test_aspen_config_fields_reach_the_policy():
     p = parse_policy_config({"policy": "aspen", "margin": 0.3, "weights": {"size": 7}, "quotas": {"default": 2},
-                             "starvation_s": None, "max_group_tokens": None})  # fmt: skip
+                             "starvation_s": None, "max_group_tokens": None, "guard_backlog": 2.0,
+                             "guard_long": None, "max_slowdown": None, "fusion_max_cost": None})  # fmt: skip
     assert p.name == "aspen" and p.margin == 0.3 and p.starvation_s is None
+    assert p.guard_backlog == 2.0 and p.guard_long is None
     assert dict((f.name, w) for f, w in p.order.factors)["size"] == 7
     assert [f.name for f in p.filters] == ["quota"]
+    p = parse_policy_config({"policy": "aspen", "max_slowdown": 1.3, "half_tokens": 1024})
+    (pays,) = [f for f in p.filters if f.name == "fusion_pays"]
+    assert pays.max_slowdown == 1.3 and pays.half_tokens == 1024 and pays.max_cost == 1.0
 
 
 def test_priority_defaults_to_preemption():
@@ -35,6 +40,7 @@ def test_priority_defaults_to_preemption():
         ({"policy": "aspen", "colour": 1}, "colour: unknown field"),
         ({"policy": "aspen", "quotas": {"bob": 1.5}}, "quotas.bob: must be an integer"),
         ({"policy": "aspen", "backfill": "yes"}, "backfill: must be true or false"),
+        ({"policy": "aspen", "max_slowdown": 0.5}, "max_slowdown: must be a number >= 1"),
         ({"policy": "nosuch.module:X"}, "cannot import module 'nosuch.module'"),
         ({"policy": "tests.policies.custom_policy:Nope"}, "has no attribute 'Nope'"),
         ({"policy": "tests.policies.custom_policy:FirstIdle", "options": {"bad": 1}}, "options:"),
