@@ -188,7 +188,9 @@ class FusedEngine:
                 self._fail(job, f"loss is {value} at step {job.step + 1}; lower train.learning_rate", events)
                 continue
             total = loss if total is None else total + loss
-            per_job.append((job, value, count, aux_info))
+            aux_info["label_tokens"] = count
+            real_tokens = sum(len(ex.input_ids) for ex in _batch)
+            per_job.append((job, value, real_tokens, aux_info))
         if total is not None and total.requires_grad:
             total.backward()
         seconds = time.perf_counter() - start
@@ -200,9 +202,9 @@ class FusedEngine:
         self, per_job: list[tuple[TrainingJob, float, int, dict]], seconds: float, events: list[JobEvent]
     ) -> list[StepReport]:
         reports = []
-        for job, value, count, aux_info in per_job:
+        for job, value, tokens, aux_info in per_job:
             try:
-                report = job.after_backward(value, count, seconds, aux_info)
+                report = job.after_backward(value, tokens, seconds, aux_info)
             except (JobFailed, OSError) as exc:
                 self._fail(job, str(exc), events)
                 continue

@@ -107,6 +107,7 @@ class TrainingJob:
         self.error: str | None = None
         self._window_loss = 0.0
         self._window_tokens = 0
+        self._window_label_tokens = 0
         self._window_seconds = 0.0
         self._step_micro_batches: list[list[int]] | None = None
         self._step_tokens = 0
@@ -135,7 +136,8 @@ class TrainingJob:
         """Record one micro-batch; at the end of the accumulation window step the optimizer.
 
         ``loss_value`` is this micro-batch's share of the step loss (already divided by the
-        step's label-token count). Returns a report when an optimizer step finished.
+        step's label-token count); ``tokens`` the real (non-pad) tokens it processed; ``aux`` may
+        carry ``label_tokens`` and adapter extras. Returns a report when an optimizer step finished.
         """
         if not math.isfinite(loss_value):
             raise JobFailed(
@@ -143,6 +145,8 @@ class TrainingJob:
             )
         self._window_loss += loss_value
         self._window_tokens += tokens
+        aux = dict(aux)
+        self._window_label_tokens += int(aux.pop("label_tokens", 0))
         self._window_seconds += seconds
         self.micro += 1
         if self.micro < len(self._step_micro_batches or ()):
@@ -166,11 +170,12 @@ class TrainingJob:
             seconds=self._window_seconds,
             tokens_per_s=self._window_tokens / self._window_seconds if self._window_seconds > 0 else 0.0,
             grad_norm=grad_norm,
-            extra={**aux, **self.adapter.step_metrics()},
+            extra={"label_tokens": self._window_label_tokens, **aux, **self.adapter.step_metrics()},
         )
         self.last_loss = report.loss
         self._window_loss = 0.0
         self._window_tokens = 0
+        self._window_label_tokens = 0
         self._window_seconds = 0.0
         self._step_micro_batches = None
         self.micro = 0

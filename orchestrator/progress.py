@@ -109,6 +109,7 @@ class ProgressView:
                 f"tok/s {fmt_float(job.tokens_per_s, 0)} ETA {fmt_duration(job.eta_s)}"
                 + (f" {job.message}" if job.message else ""),
                 highlight=False,
+                markup=False,
             )
 
 
