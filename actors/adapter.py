@@ -68,12 +68,9 @@ class LoraJobAdapter:
 
     def named_parameters(self) -> dict[str, nn.Parameter]:
         """Parameters under their exported (PEFT) names."""
-        params = {}
-        for path, m in self.modules.items():
-            params[f"{PEFT_PREFIX}{path}.lora_A.weight"] = m.lora_A
-            params[f"{PEFT_PREFIX}{path}.lora_B.weight"] = m.lora_B
-            if m.lora_magnitude_vector is not None:
-                params[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"] = m.lora_magnitude_vector
+        params: dict[str, nn.Parameter] = {}
+        for path, weights in self.modules.items():
+            add_lora_params(params, f"{PEFT_PREFIX}{path}", weights)
         return params
 
     def parameters(self) -> list[nn.Parameter]:
@@ -116,6 +113,14 @@ class LoraJobAdapter:
         for layer in self._layers.values():
             layer.remove_adapter(self.job)
         self.modules.clear()
+
+
+def add_lora_params(params: dict[str, nn.Parameter], prefix: str, weights: LoraWeights) -> None:
+    """Name one LoRA's tensors as PEFT and the mixlora package do: ``PREFIX.lora_A.weight`` etc."""
+    params[f"{prefix}.lora_A.weight"] = weights.lora_A
+    params[f"{prefix}.lora_B.weight"] = weights.lora_B
+    if weights.lora_magnitude_vector is not None:
+        params[f"{prefix}.lora_magnitude_vector"] = weights.lora_magnitude_vector
 
 
 def load_exact(params: dict[str, nn.Parameter], state: dict[str, torch.Tensor], source: str) -> None:

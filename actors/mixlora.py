@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actors.adapter import AdapterLoadError, load_exact
+from actors.adapter import AdapterLoadError, add_lora_params, load_exact
 from actors.config import (
     ATTENTION_PROJECTIONS,
     FFN_PROJECTIONS,
@@ -456,9 +456,9 @@ class MixLoraJobAdapter:
             for name in FFN_PROJECTIONS:
                 for e, expert in enumerate(layer.experts):
                     if name in expert:
-                        _add_lora(params, f"{prefix}.{name}.experts.{e}", expert[name])
+                        add_lora_params(params, f"{prefix}.{name}.experts.{e}", expert[name])
         for path, weights in self.attention.items():
-            _add_lora(params, self._attention_name(path), weights)
+            add_lora_params(params, self._attention_name(path), weights)
         return params
 
     def parameters(self) -> list[nn.Parameter]:
@@ -554,13 +554,6 @@ class MixLoraJobAdapter:
             mlp.remove_job(self.job)
         self.attention.clear()
         self.layers.clear()
-
-
-def _add_lora(params: dict[str, nn.Parameter], prefix: str, weights: LoraWeights) -> None:
-    params[f"{prefix}.lora_A.weight"] = weights.lora_A
-    params[f"{prefix}.lora_B.weight"] = weights.lora_B
-    if weights.lora_magnitude_vector is not None:
-        params[f"{prefix}.lora_magnitude_vector"] = weights.lora_magnitude_vector
 
 
 def _json_number(value: float) -> int | float:
