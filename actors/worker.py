@@ -140,6 +140,8 @@ class TrainingWorker:
         self._ready_at: float | None = None
         self._step_s = 0.0
         self._idle_s = 0.0
+        self._join_s = 0.0
+        self._record_s = 0.0
         self._steps = 0
         self._ooms = 0
         self._peak_bytes = 0
@@ -226,6 +228,7 @@ class TrainingWorker:
                 "events": events,
                 "memory": self._memory(),
                 "timing": {"wall_s": wall, "step_s": self._step_s, "idle_s": self._idle_s, "steps": self._steps,
+                           "join_s": self._join_s, "record_s": self._record_s,
                            "load_s": (self._ready_at or now) - self._created},
                 "ooms": self._ooms,
             }
@@ -280,6 +283,10 @@ class TrainingWorker:
         }
         self.device, self.dtype = device, dtype
         self.engine = FusedEngine(model, tokenizer, base_model_id=self.base_model)
+        try:  # warm the data loader's import (about 1-2 s) here, not in the first job's join
+            import datasets  # noqa: F401
+        except ImportError:
+            pass
         if self.profile_mode != "off":
             try:
                 from actors.profiler import Profiler
@@ -356,6 +363,12 @@ class TrainingWorker:
 
     def _join(self, job_id: str, config: JobConfig, remote_output: str | None) -> None:
         start = time.perf_counter()
+        try:
+            self._join_one(job_id, config, remote_output, start)
+        finally:
+            self._join_s += time.perf_counter() - start
+
+    def _join_one(self, job_id: str, config: JobConfig, remote_output: str | None, start: float) -> None:
         if job_id in self.engine.jobs:
             self._emit(job_id, "failed", message=f"job {job_id} is already training on worker {self.worker_id}")
             return
@@ -433,10 +446,12 @@ class TrainingWorker:
                 self._leave(job_id)
                 self._emit(job_id, "failed", message=message)
             return
-        self._step_s += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self._step_s += t1 - t0
         self._steps += 1
         self._record(result)
         self._check_budget()
+        self._record_s += time.perf_counter() - t1
 
     def _record(self, result) -> None:
         with self._lock:
@@ -492,7 +507,8 @@ class TrainingWorker:
                 f"peak resident memory {peak / 2**20:.0f} MiB exceeds the worker budget "
                 f"{self.memory_budget_bytes / 2**20:.0f} MiB", victim_hint=None,
             )
-        _reset_peak_rss()
+        if self.memory_budget_bytes is not None:
+            _reset_peak_rss()  # a new peak window per step (walks the page tables: only when needed)
 
     def _evict_for_oom(self, message: str, victim_hint: str | None) -> None:
         """Evict the newest job (the one that tipped the group over) and report ``oom``."""

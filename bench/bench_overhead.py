@@ -38,6 +38,7 @@ def main() -> int:
     from orchestrator import client
     from tests.conftest import make_tiny_llama, make_tokenizer, token_records, write_jsonl
 
+    client.use_loopback()
     work = Path(tempfile.mkdtemp(prefix="lf-bench-"))
     model_dir = work / "model"
     make_tiny_llama(hidden_size=args.hidden, intermediate_size=args.hidden * 2).save_pretrained(model_dir)
@@ -79,6 +80,7 @@ def main() -> int:
             t = w["timing"] or {}
             busy = t.get("wall_s", 0.0) - t.get("idle_s", 0.0)
             rows.append({"worker": w["worker_id"], "node": (w["node_id"] or "")[:8], "load_s": t.get("load_s"),
+                         "join_s": t.get("join_s"), "record_s": t.get("record_s"),
                          "busy_s": busy, "step_s": t.get("step_s"), "steps": t.get("steps"),
                          "overhead_share": w["overhead_share"]})  # fmt: skip
         placed = {}
@@ -94,7 +96,8 @@ def main() -> int:
             print(f"{args.jobs} jobs x {args.steps} steps on {args.gpus} fake GPUs: {elapsed:.1f} s end to end")
             for r in rows:
                 print(f"  {r['worker']}: model load {r['load_s']:.1f} s, busy {r['busy_s']:.1f} s, in steps "
-                      f"{r['step_s']:.1f} s over {r['steps']} fused steps -> overhead {100 * r['overhead_share']:.1f}%")
+                      f"{r['step_s']:.1f} s over {r['steps']} fused steps -> overhead {100 * r['overhead_share']:.1f}% "
+                      f"(joins {r['join_s']:.1f} s, per-step bookkeeping {r['record_s']:.2f} s)")
             if bad:
                 print(f"  not succeeded: {bad}")
         client.stop_controller()

@@ -52,6 +52,20 @@ def loopback_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def use_loopback() -> None:
+    """Keep Ray in this process on 127.0.0.1, even when ``ray`` was imported before.
+
+    Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` once, at import, into
+    ``ray._private.ray_constants.ENABLE_RAY_CLUSTER``; with it true, ``ray.init`` rewrites a
+    127.0.0.1 address to this machine's network address. Child processes get the variable.
+    """
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def _is_loopback(address: str | None) -> bool:
     return bool(address) and address.split(":")[0] in ("127.0.0.1", "localhost")
 
@@ -66,7 +80,7 @@ def connect(address: str | None = "auto") -> None:
         address = json.loads(LOCAL_STATE.read_text())["address"]
     kwargs: dict[str, Any] = {"address": address or "auto", "namespace": NAMESPACE, "log_to_driver": False}
     if _is_loopback(address):
-        os.environ.update(loopback_env({}))
+        use_loopback()
         kwargs["_node_ip_address"] = "127.0.0.1"
     try:
         ray.init(**kwargs)
@@ -145,15 +159,26 @@ def stop_controller(timeout_s: float = 120.0) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- local cluster
 
 
-def start_local_cluster(num_gpus: int = 0, num_cpus: int | None = None, port: int = 6379) -> dict[str, Any]:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_local_cluster(num_gpus: int = 0, num_cpus: int | None = None, port: int = 0) -> dict[str, Any]:
     """``ray start --head`` on 127.0.0.1 with a private temp dir; records and returns its state.
 
+    ``port`` 0 picks a free GCS port (6379 may belong to another user's Ray).
     Raises ``ClusterError`` when one is already recorded or ``ray start`` fails.
     """
     if LOCAL_STATE.is_file():
         state = json.loads(LOCAL_STATE.read_text())
         raise ClusterError(f"a local cluster started by lorafleet is recorded at {state['address']} "
                            f"({LOCAL_STATE}); use it, or `lorafleet down --local` first")  # fmt: skip
+    port = port or free_port()
     tmp = tempfile.mkdtemp(prefix="lf-ray-", dir="/tmp")
     env = loopback_env()
     env["RAY_TMPDIR"] = tmp

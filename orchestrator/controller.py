@@ -260,6 +260,8 @@ class Controller:
         max_attempts: runs a job may start before a lost worker makes it FAILED.
         loop_interval_s: policy-loop period.
         worker_idle_s: a worker with no jobs for this long is stopped (its GPU freed).
+        worker_timeout_s: a worker that does not answer ``progress()`` for this long (never
+            placed, or hung) is killed and counted as lost.
         start_loop: start the policy loop thread (tests may drive ``tick()`` by hand).
     """
 
@@ -275,6 +277,7 @@ class Controller:
         max_attempts: int = 5,
         loop_interval_s: float = 0.5,
         worker_idle_s: float = 10.0,
+        worker_timeout_s: float = 900.0,
         start_loop: bool = True,
     ):
         self.store = JobStore(store_path)
@@ -285,6 +288,7 @@ class Controller:
         self.max_attempts = max_attempts
         self.loop_interval_s = loop_interval_s
         self.worker_idle_s = worker_idle_s
+        self.worker_timeout_s = worker_timeout_s
         self._policy_file = Path(store_path).expanduser().parent / "policy.json"
         self._lock = threading.RLock()
         self._workers: dict[str, _Worker] = {}
@@ -486,6 +490,10 @@ class Controller:
         ready = set(ready)
         for w in list(self._workers.values()):
             if w.pending not in ready:
+                silent = now - (w.last_seen or w.created)
+                if silent > self.worker_timeout_s:  # never scheduled (no GPU left), or hung
+                    ray.kill(w.handle)
+                    self._worker_lost(w, f"worker {w.worker_id} did not answer for {silent:.0f} s")
                 continue
             ref, w.pending = w.pending, None
             try:

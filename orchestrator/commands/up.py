@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-gpus", type=int, default=None,
                         help="with --local: GPUs the cluster advertises (fake ones allowed) [0]")
     parser.add_argument("--num-cpus", type=int, default=None, help="with --local: CPUs the cluster advertises")
-    parser.add_argument("--port", type=int, default=6379, help="with --local: GCS port [6379]")
+    parser.add_argument("--port", type=int, default=0, help="with --local: GCS port [0: a free one]")
     parser.add_argument("--policy", metavar="FILE", help="policy YAML (docs/policies.md) [the saved one, else fifo]")
     parser.add_argument("--store", default=None, help="job store (SQLite) on the head node [~/.lorafleet/jobs.db]")
     parser.add_argument("--storage", default=None,
@@ -40,8 +40,10 @@ def read_policy(path: str) -> dict:
         parse_policy_config(doc, source=path)
     except OSError as exc:
         raise UserError(f"--policy: cannot read {path}: {exc.strerror or exc}") from None
-    except (yaml.YAMLError, PolicyConfigError) as exc:
-        raise UserError(f"{path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML: {exc}") from None
+    except PolicyConfigError as exc:  # its message already names the file and the field
+        raise UserError(str(exc)) from None
     return doc
 
 

@@ -30,6 +30,10 @@ def cluster(tmp_path_factory):
     import ray
     from ray.cluster_utils import Cluster
 
+    from orchestrator.client import use_loopback
+
+    use_loopback()  # also when ray was imported earlier in this process (the env var is read at import)
+
     c = Cluster(initialize_head=True, head_node_args={
         "node_ip_address": "127.0.0.1", "num_cpus": 1, "num_gpus": 1, "temp_dir": f"{tmp}/ray",
         "include_dashboard": False,
