@@ -18,6 +18,7 @@ import random
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from policies.builtin import aspen, fifo, priority, sjf
 from policies.catalogue import CATALOGUE
 from policies.cluster import load_cluster
+from policies.fairstart import FifoClock
 from policies.memory_model import GIB, AdapterShape, adapter_bytes, analytic_activation, static_bytes
 from policies.metrics import summarise
 from policies.simulator import simulate
@@ -87,6 +89,11 @@ def big_view(queued: int, workers: int, idle_fraction: float, seed: int = 0) -> 
         running += group
         ws.append(WorkerView(wid, 80 * GIB, 312.0, m, tuple(j.job_id for j in group)))
     queue = [job(n + i) for i in range(queued)]
+    clock = FifoClock(workers)  # stamp FIFO-fair start deadlines in submission order, as the simulator does
+    fair = {j.job_id: clock.stamp(j.submit_time_s, j.total_work_s, j.priority)
+            for j in sorted(running + queue, key=lambda j: j.submit_time_s)}  # fmt: skip
+    running = [replace(j, fair_start_s=fair[j.job_id]) for j in running]
+    queue = [replace(j, fair_start_s=fair[j.job_id]) for j in queue]
     usage = {f"u{i}": rng.uniform(0, 1e5) for i in range(50)}
     return ClusterView(40000.0, tuple(queue), tuple(running), tuple(ws), usage)
 

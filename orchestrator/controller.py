@@ -53,6 +53,7 @@ from policies import (
     WorkerView,
     parse_policy_config,
 )
+from policies.fairstart import FifoClock
 from policies.memory_model import adapter_bytes, analytic_activation, static_bytes
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,14 @@ def job_view(record: JobRecord, now: float, shapes: Mapping[str, Mapping[str, An
         total_work_s=total * per_step_s,
         worker_id=worker_id,
         start_time_s=record.start_time if worker_id else None,
+        fair_start_s=_fair_start(record),
     )
+
+
+def _fair_start(record: JobRecord) -> float | None:
+    """The FIFO-fair start deadline stamped at submission (``extra.fair_start_s``), or None."""
+    value = record.extra.get("fair_start_s")
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def build_view(
@@ -293,6 +301,7 @@ class Controller:
         self._lock = threading.RLock()
         self._workers: dict[str, _Worker] = {}
         self._shapes: dict[str, dict[str, Any]] = {}
+        self._fifo_clock = FifoClock(1)  # FIFO-fair start deadlines, stamped at submission
         self._logs: dict[str, deque[str]] = defaultdict(lambda: deque(maxlen=200))
         self._preempting: set[str] = set()
         self._gpu_total = 0
@@ -335,8 +344,22 @@ class Controller:
                                         total_steps=parsed.train.max_steps)  # fmt: skip
         except JobStoreError as err:
             raise ValueError(str(err)) from None
+        self._stamp_fair_start(rec)
         self._log(rec.id, f"submitted by {owner}")
         return self._public(rec)
+
+    def _stamp_fair_start(self, rec: JobRecord) -> None:
+        """Stamp the job's FIFO-fair start deadline (policies.fairstart) in ``extra``; best effort:
+        a job left unstamped falls back to aspen's stateless tail guard. The virtual FIFO
+        cluster lives in memory (after a restart it starts empty; stamped deadlines are kept)."""
+        try:
+            with self._lock:
+                self._fifo_clock.resize(self.num_gpus or self._gpu_total or 1)
+                work = job_view(rec, time.time(), self._shapes).total_work_s
+                fair = self._fifo_clock.stamp(rec.submit_time, work, rec.priority)
+            self.store.update_progress(rec.id, step=0, extra={"fair_start_s": fair})
+        except Exception as err:  # never fail a submission over the stamp
+            self._log(rec.id, f"no FIFO-fair start deadline ({err})")
 
     def status(self, job: str, owner: str | None = None) -> dict[str, Any]:
         """One job (by id, or newest with that name) with its state history. Raises ``LookupError``."""

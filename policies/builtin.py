@@ -12,9 +12,10 @@ All four admit jobs by the same memory model (the engine's fixed filters, see
   (at their next checkpoint) on the worker needing the fewest victims.
 * ``sjf``: like ``fifo`` but ordered by least remaining work (non-preemptive).
 * ``aspen``: multifactor priority (size and fair share by default; age and priority class
-  weights available, default 0), a tail guard (jobs that waited longer than FIFO's current wait
-  estimate, and long jobs held back more than ``guard_long`` of their own work, go first, oldest
-  first), backfill (a job that cannot start is skipped), EASY-style reservations (the first
+  weights available, default 0), a tail guard (a job whose FIFO-fair start deadline
+  ``fair_start_s`` has come goes first, earliest deadline first; for jobs not stamped with one,
+  jobs that waited longer than FIFO's current wait estimate, and long jobs held back more than
+  ``guard_long`` of their own work, go first, oldest first), backfill (a job that cannot start is skipped), EASY-style reservations (the first
   ``reservations`` jobs that cannot start each hold back the worker expected to drain soonest),
   fusion rules from the cost model's token view (a busy group is joined only when that costs
   at most ``fusion_max_cost`` of running alone and keeps the fused step within ``max_slowdown``
@@ -91,6 +92,8 @@ class AspenSettings:
     fusion_max_cost: float | None = 1.0
     half_tokens: float = 2048.0
     max_slowdown: float | None = 1.6
+    fair_slack_s: float | None = 0.0
+    pressure_slowdown: float | None = None
 
 
 def _preempt_rule(name: str) -> PreemptRule | None:
@@ -133,13 +136,14 @@ def aspen(settings: AspenSettings | None = None) -> ProfilePolicy:
     filters: tuple = (OwnerQuota(quotas, s.quotas.get("default")),) if s.quotas else ()
     if s.max_group_tokens:
         filters += (GroupTokenCap(s.max_group_tokens),)
-    if s.fusion_max_cost is not None or s.max_slowdown is not None:
-        filters += (FusionPays(s.half_tokens, s.fusion_max_cost, s.max_slowdown),)
+    if s.fusion_max_cost is not None or s.max_slowdown is not None or s.pressure_slowdown is not None:
+        filters += (FusionPays(s.half_tokens, s.fusion_max_cost, s.max_slowdown,
+                               pressure_slowdown=s.pressure_slowdown),)  # fmt: skip
     return ProfilePolicy("aspen", Multifactor(factors), filters=filters, scores=scores, margin=s.margin,
                          backfill=s.backfill, preempt=_preempt_rule(s.preemption), queue_depth=s.queue_depth,
                          max_candidates=s.max_candidates, starvation_s=s.starvation_s,
                          reservations=s.reservations, guard_backlog=s.guard_backlog,
-                         guard_long=s.guard_long)  # fmt: skip
+                         guard_long=s.guard_long, fair_slack_s=s.fair_slack_s)  # fmt: skip
 
 
 BUILTINS = ("fifo", "priority", "sjf", "aspen")

@@ -31,7 +31,7 @@ from policies.interface import Policy
 COMMON_FIELDS = ("margin", "preemption", "backfill", "queue_depth", "max_candidates")
 ASPEN_FIELDS = ("weights", "max_age_s", "size_half_s", "starvation_s", "guard_backlog", "guard_long",
                 "reservations", "max_group_tokens", "fusion_max_cost", "max_slowdown", "half_tokens", "shares",
-                "quotas")  # fmt: skip
+                "quotas", "fair_slack_s", "pressure_slowdown")  # fmt: skip
 PREEMPTION = ("never", "lower_priority")
 
 
@@ -92,11 +92,12 @@ def _aspen(doc: Mapping[str, Any]) -> AspenSettings:
     for key in ("max_age_s", "size_half_s"):
         if key in doc:
             out[key] = _num(key, doc[key], lo=1e-9)
-    for key in ("starvation_s", "guard_backlog", "guard_long", "fusion_max_cost"):
+    for key in ("starvation_s", "guard_backlog", "guard_long", "fusion_max_cost", "fair_slack_s"):
         if key in doc:
             out[key] = _num(key, doc[key], nullable=True)
-    if "max_slowdown" in doc:
-        out["max_slowdown"] = _num("max_slowdown", doc["max_slowdown"], lo=1.0, nullable=True)
+    for key in ("max_slowdown", "pressure_slowdown"):
+        if key in doc:
+            out[key] = _num(key, doc[key], lo=1.0, nullable=True)
     if "half_tokens" in doc:
         out["half_tokens"] = _num("half_tokens", doc["half_tokens"])
     if "reservations" in doc:

@@ -3,8 +3,8 @@
 One call of :meth:`ProfilePolicy.schedule` runs one cycle on a snapshot:
 
 1. ``order`` sorts the queued jobs (:class:`~policies.interface.QueueOrder`). With a tail guard
-   (``starvation_s``, ``guard_backlog``, ``guard_long``), the jobs it flags go first, oldest
-   first (:meth:`ProfilePolicy._urgent`). With ``queue_depth`` only the first that-many jobs are
+   (``starvation_s``, ``guard_backlog``, ``guard_long``, ``fair_slack_s``), the jobs it flags go
+   first, earliest FIFO-fair start deadline (else submit time) first (:meth:`ProfilePolicy._urgent`). With ``queue_depth`` only the first that-many jobs are
    considered, found by a partial sort when the order has ``top(queued, view, k)``.
 2. For each job in that order, every worker is a candidate that passes the fixed filters
 
@@ -81,6 +81,12 @@ def fifo_wait_s(view: ClusterView) -> float:
         tied = sorted(j.remaining_work_s for j in jobs if j.submit_time_s == cut)
         queue += sum(tied[n - older:])
     return queue / accepting
+
+
+def _deadline(job: JobView) -> tuple[float, float, str]:
+    """Urgent jobs' order: FIFO-fair start (the submit time when not stamped), then submit, id."""
+    fair = job.fair_start_s
+    return (job.submit_time_s if fair is None else fair, job.submit_time_s, job.job_id)
 
 
 class Slot:
@@ -167,6 +173,7 @@ class Cycle:
         self.running_by_owner: dict[str, int] = {}
         self.pending: set[str] = set()
         self.urgent: set[str] = set()  # ids the tail guard put first (filled by the engine)
+        self.fair_slack_s: float | None = None  # the policy's, for filters (set by the engine)
         for job in view.running:
             by_worker.setdefault(job.worker_id or "", []).append(job)
             self.running_by_owner[job.owner] = self.running_by_owner.get(job.owner, 0) + 1
@@ -348,6 +355,10 @@ class ProfilePolicy:
             estimate goes first once it has waited this fraction of its remaining work; None: off.
             (A long job's FIFO JCT is mostly its own run time, so each hour it is held back costs
             its class's tail directly.)
+        fair_slack_s: FIFO-fair start deadlines: a job stamped with ``fair_start_s``
+            (:class:`policies.fairstart.FifoClock`) is urgent once ``now >= fair_start_s -
+            fair_slack_s``, and the stateless guards above no longer apply to it; urgent jobs go
+            earliest deadline first. None: off (every job follows the stateless guards).
 
     Jobs flagged by a guard are listed in ``cycle.urgent`` for the filters (``FusionPays`` lets
     them join any group that has the memory).
@@ -366,6 +377,7 @@ class ProfilePolicy:
     reservations: int = 0
     guard_backlog: float | None = None
     guard_long: float | None = None
+    fair_slack_s: float | None = None
 
     @property
     def _active_scores(self) -> tuple[tuple[Score, float], ...]:
@@ -377,20 +389,30 @@ class ProfilePolicy:
 
     @property
     def guarded(self) -> bool:
-        return not (self.starvation_s is None and self.guard_backlog is None and self.guard_long is None)
+        return not (self.starvation_s is None and self.guard_backlog is None and self.guard_long is None
+                    and self.fair_slack_s is None)  # fmt: skip
 
     def _urgent(self, view: ClusterView, backlog_s: float) -> list[JobView]:
-        """The queued jobs the tail guard puts first, oldest first (see the class docstring)."""
+        """The queued jobs the tail guard puts first, earliest deadline first (see the class docstring).
+
+        With ``fair_slack_s`` set, a job stamped with ``fair_start_s`` is urgent once
+        ``now >= fair_start_s - fair_slack_s`` and only then (its FIFO-fair start deadline has
+        come); other jobs follow the stateless guards. Deadline: ``fair_start_s``, else the submit time.
+        """
         now = view.now_s
-        st, gb, gl = self.starvation_s, self.guard_backlog, self.guard_long
+        st, gb, gl, fs = self.starvation_s, self.guard_backlog, self.guard_long, self.fair_slack_s
         out = []
         for j in view.queued:
+            if fs is not None and j.fair_start_s is not None:
+                if now >= j.fair_start_s - fs:
+                    out.append(j)
+                continue
             waited = now - j.submit_time_s
             r = j.remaining_work_s
             if ((st is not None and waited >= st) or (gb is not None and waited >= gb * backlog_s)
                     or (gl is not None and r >= backlog_s and waited >= gl * r)):  # fmt: skip
                 out.append(j)
-        out.sort(key=lambda j: (j.submit_time_s, j.job_id))
+        out.sort(key=_deadline)
         return out
 
     def _ordered(self, view: ClusterView, cycle: Cycle | None = None, limit: int = 0) -> list[JobView]:
@@ -468,6 +490,7 @@ class ProfilePolicy:
     def schedule(self, view: ClusterView) -> list[Decision]:
         """One cycle on ``view``: Start decisions in order, then any Preempt decisions."""
         cycle = Cycle(view, self.margin)
+        cycle.fair_slack_s = self.fair_slack_s
         starts: list[Decision] = []
         preempts: list[Decision] = []
         reserve_left = self.reservations

@@ -202,18 +202,38 @@ class FusionPays:
     saturated). Alone the job costs ``T_j + h``; joining group ``G`` adds ``T_{G+j} - T_G``
     (its rows, plus the padding of everyone to the longer sequence). With ``max_cost`` 1 a job
     joins only where fusion is no dearer than a worker of its own. An idle worker always passes.
+
+    ``pressure_slowdown`` (None: off): an urgent job joins only a group whose fused step is within
+    that many times its own, and no job joins a group so that the step exceeds that many times the
+    own step of a member started at its FIFO-fair deadline. Urgent jobs are otherwise exempt
+    (``urgent_exempt``).
     """
 
     half_tokens: float = 2048.0
     max_cost: float | None = 1.0
     max_slowdown: float | None = None
     urgent_exempt: bool = True
+    pressure_slowdown: float | None = None
     name: str = "fusion_pays"
 
     def filter(self, job: JobView, slot: Slot, cycle: Cycle) -> str | None:
-        if slot.idle or (self.urgent_exempt and job.job_id in cycle.urgent):
+        if slot.idle:
             return None
         lp = slot.lmax if slot.lmax > job.seq_len else job.seq_len
+        urgent = job.job_id in cycle.urgent
+        cap = self.pressure_slowdown
+        if cap is not None:
+            step = (slot.rows + job.micro_batch_size) * lp + self.half_tokens
+            if urgent and step > cap * (job.micro_batch_size * job.seq_len + self.half_tokens):
+                return f"urgent: fused step {step:.0f} tokens > {cap:g} x its own"
+            least = slot.memo.get("fusion_pays.pressured")
+            if least is None:  # the fewest own tokens among members started at their deadline
+                least = slot.memo["fusion_pays.pressured"] = min(
+                    (j.micro_batch_size * j.seq_len for j in slot.jobs if _pressured(j, cycle)), default=-1)
+            if least >= 0 and step > cap * (least + self.half_tokens):
+                return f"fused step {step:.0f} tokens > {cap:g} x a deadline member's own"
+        if urgent and self.urgent_exempt:
+            return None
         added = (slot.rows + job.micro_batch_size) * lp - slot.rows * slot.lmax
         alone = job.micro_batch_size * job.seq_len + self.half_tokens
         if self.max_cost is not None and added > self.max_cost * alone:
@@ -233,6 +253,13 @@ class FusionPays:
             if step > self.max_slowdown * least:
                 return f"fused step {step:.0f} tokens > {self.max_slowdown:g} x a member's own {least:.0f}"
         return None
+
+
+def _pressured(job: JobView, cycle: Cycle) -> bool:
+    """A running job started at or after its FIFO-fair start deadline (less the slack)."""
+    fs = cycle.fair_slack_s
+    return (fs is not None and job.fair_start_s is not None and job.start_time_s is not None
+            and job.start_time_s >= job.fair_start_s - fs)  # fmt: skip
 
 
 # --- scores (each in [0, 100]) ------------------------------------------------------------------------

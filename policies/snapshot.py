@@ -36,6 +36,9 @@ class JobView:
         worker_id: the worker running it; None while queued.
         start_time_s: when its current run started; None while queued.
         preempt_pending: running, asked to stop at its next checkpoint.
+        fair_start_s: when the job would start under FIFO, stamped at submission by
+            :class:`policies.fairstart.FifoClock`; aspen's start deadline. None: not stamped
+            (aspen then falls back to its stateless tail guard for this job).
     """
 
     job_id: str
@@ -53,6 +56,7 @@ class JobView:
     worker_id: str | None = None
     start_time_s: float | None = None
     preempt_pending: bool = False
+    fair_start_s: float | None = None
 
     @property
     def is_running(self) -> bool:

@@ -10,10 +10,11 @@ ZERO = ActivationFit(0.0, 0.0, 0.0)
 
 def job(job_id: str, *, owner: str = "alice", priority: int = 0, submit: float = 0.0, model: str = "m",
         static_gib: float = 10, dyn_gib: float = 10, mbs: int = 1, seq: int = 512, work: float = 100.0,
-        worker: str | None = None, start: float | None = None, pending: bool = False) -> JobView:  # fmt: skip
+        worker: str | None = None, start: float | None = None, pending: bool = False,
+        fair: float | None = None) -> JobView:  # fmt: skip
     """A job whose whole dynamic memory is ``dyn_gib`` (adapter bytes; activations zero)."""
     return JobView(job_id, owner, priority, submit, model, int(static_gib * GIB), int(dyn_gib * GIB), ZERO, mbs,
-                   seq, work, work, worker, start, pending)  # fmt: skip
+                   seq, work, work, worker, start, pending, fair)  # fmt: skip
 
 
 def worker(wid: str, *, mem_gib: float = 80, model: str | None = None, running: tuple[str, ...] = (),

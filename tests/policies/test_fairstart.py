@@ -1,0 +1,120 @@
+"""FIFO-fair start deadlines: the virtual FIFO clock's arithmetic, aspen's use of ``fair_start_s``
+(hand-made snapshots, memory in GiB, workers of 80 GiB unless noted) and the simulator's stamps."""
+
+import pytest
+
+from policies.builtin import AspenSettings, aspen
+from policies.cluster import load_cluster
+from policies.config import PolicyConfigError, parse_policy_config
+from policies.fairstart import FifoClock
+from policies.interface import Start
+from policies.simulator import Simulator
+from policies.trace import synth_trace
+from tests.policies.helpers import job, view, worker
+
+
+def test_clock_fifo_start_is_list_scheduling_in_submission_order():
+    # 2 servers. a (t 0, 100 s) -> server 1 at 0; b (t 0, 50 s) -> server 2 at 0;
+    # c (t 10, 30 s) waits for the first free server: b's, at 50 (busy to 80); d (t 20) waits for
+    # that one again, at 80 (a's frees at 100); e (t 500) finds both free: starts at 500.
+    clock = FifoClock(2)
+    starts = [clock.fifo_start(t, w) for t, w in ((0, 100), (0, 50), (10, 30), (20, 10), (500, 5))]
+    assert starts == [0, 0, 50, 80, 500]
+
+
+def test_clock_deadline_scales_the_wait_and_shares_the_class_tail():
+    clock = FifoClock(1, wait_scale=0.5, tail_share=0.6)
+    # a (t 0, 1000 s): wait 0, class-0 tail 0 + 1000 = 1000; deadline 0 + max(0, 600 - 1000) = 0
+    assert clock.stamp(0, 1000, priority=0) == 0
+    # b (t 100, 10 s): FIFO start 1000, wait 900 x 0.5 = 450; tail max(1000, 460) = 1000;
+    # deadline 100 + max(450, 600 - 10 = 590) = 690: it may wait for the class's tail share
+    assert clock.stamp(100, 10, priority=0) == pytest.approx(690)
+    # c (t 100, 10 s, class 1): FIFO start 1010, wait 910 x 0.5 = 455; class-1 tail 465;
+    # deadline 100 + max(455, 0.6 x 465 - 10 = 269) = 555: classes keep their own tails
+    assert clock.stamp(100, 10, priority=1) == pytest.approx(555)
+
+
+def test_clock_resize_adds_free_servers_and_drops_the_busiest():
+    clock = FifoClock(1)
+    clock.fifo_start(0, 100)  # the one server is busy until 100
+    clock.resize(2)  # the new one is free from the earliest free time (100: nothing freer exists)
+    assert clock.fifo_start(0, 50) == 100 and clock.workers == 2
+    clock.resize(1)  # keeps the server free earliest (100, the other is busy until 150)
+    assert clock.fifo_start(0, 1) == 100
+    with pytest.raises(ValueError, match="workers"):
+        FifoClock(0)
+
+
+def _aspen(**kw):
+    return aspen(AspenSettings(margin=0.0, **kw))
+
+
+def test_deadline_reached_goes_first_else_shortest_first():
+    # One 80 GiB worker; each job takes 10 + 60 GiB, so only one starts. "long" (5000 s) has its
+    # FIFO-fair deadline at 2000: at now 1000 it is not urgent (and the stateless guards no longer
+    # apply to a stamped job: it waited 1000 >= 0.2 x 5000), so "short" wins on size. At now 2000
+    # its deadline has come: it goes first. With fair_slack_s 1500 it is urgent from 500 (and
+    # "short", deadline 3000, from 1500: not yet).
+    jobs = [job("long", submit=0, work=5000, dyn_gib=60, fair=2000),
+            job("short", submit=900, work=10, dyn_gib=60, fair=3000)]  # fmt: skip
+    w = [worker("w0")]
+    assert _aspen().schedule(view(jobs, workers=w, now=1000)) == [Start("short", "w0")]
+    assert _aspen().schedule(view(jobs, workers=w, now=2000)) == [Start("long", "w0")]
+    assert _aspen(fair_slack_s=1500).schedule(view(jobs, workers=w, now=1000)) == [Start("long", "w0")]
+    # fair_slack_s None: deadlines ignored; the stateless guards do not flag "long" (its 5000 s are
+    # not more than FIFO's wait estimate, 5010 s of queue / 1 worker, and it waited 1000 < 5010): size order
+    assert _aspen(fair_slack_s=None).schedule(view(jobs, workers=w, now=1000)) == [Start("short", "w0")]
+
+
+def test_urgent_jobs_go_earliest_deadline_first():
+    # both urgent at now 3000 (deadlines 2500 and 2000): "b" (deadline 2000) first though submitted later
+    jobs = [job("a", submit=0, work=100, dyn_gib=60, fair=2500), job("b", submit=50, work=900, dyn_gib=60, fair=2000)]
+    assert _aspen().schedule(view(jobs, workers=[worker("w0")], now=3000)) == [Start("b", "w0")]
+
+
+def test_unstamped_jobs_keep_the_stateless_guard():
+    # no fair_start_s: "old" waited 1000 s >= 1 x FIFO's wait estimate (610 s of queue / 1 worker): urgent
+    jobs = [job("old", submit=0, work=600, dyn_gib=60), job("new", submit=990, work=10, dyn_gib=60)]
+    assert _aspen().schedule(view(jobs, workers=[worker("w0")], now=1000)) == [Start("old", "w0")]
+
+
+def test_pressure_slowdown_caps_fusion_for_deadline_jobs():
+    # w0 runs "r" (1 x 512 tokens, started at 1000 >= its deadline 900: under deadline pressure).
+    # "a" (1 x 2048, deadline far off, not urgent) joining: step (2 x 2048) + 2048 = 6144 tokens vs
+    # r's own 512 + 2048 = 2560: 2.4x > 1.1, refused; a takes idle w1. Without the cap it may join
+    # w0 (fusion costs 4096 - 512 = 3584 <= 1.0 x (2048 + 2048) alone) but w1 (idle) scores higher
+    # anyway, so make w1 too small for it (10 + 15 > 20 GiB; w0: 10 + 5 + 15 = 30 fits) to see the filter.
+    running = [job("r", submit=0, seq=512, dyn_gib=5, worker="w0", start=1000, fair=900)]
+    workers = [worker("w0", model="m", running=("r",)), worker("w1", mem_gib=20)]
+    a = job("a", submit=1500, seq=2048, work=10, dyn_gib=15, fair=1e9)
+    v = view([a], running, workers, now=2000)
+    assert _aspen(max_slowdown=None).schedule(v) == [Start("a", "w0")]
+    assert _aspen(max_slowdown=None, pressure_slowdown=1.1).schedule(v) == []
+    # an urgent job is held to the cap on its own step too: "u" (1 x 256, own 2304) joining r's
+    # group: step 2 x 512 + 2048 = 3072 = 1.33x its own > 1.1: refused; with cap 1.4 it joins
+    # (r's own 2560 x 1.4 = 3584 >= 3072 as well)
+    u = job("u", submit=0, seq=256, work=10, dyn_gib=15, fair=100)
+    v = view([u], running, workers, now=2000)
+    assert _aspen(max_slowdown=None, pressure_slowdown=1.1).schedule(v) == []
+    assert _aspen(max_slowdown=None, pressure_slowdown=1.4).schedule(v) == [Start("u", "w0")]
+
+
+def test_config_fields():
+    p = parse_policy_config({"policy": "aspen", "fair_slack_s": 600, "pressure_slowdown": 1.1})
+    assert p.fair_slack_s == 600.0
+    assert parse_policy_config({"policy": "aspen", "fair_slack_s": None}).fair_slack_s is None
+    assert parse_policy_config({"policy": "aspen"}).fair_slack_s == 0.0
+    with pytest.raises(PolicyConfigError, match="pressure_slowdown"):
+        parse_policy_config({"policy": "aspen", "pressure_slowdown": 0.9})
+    with pytest.raises(PolicyConfigError, match="fair_slack_s"):
+        parse_policy_config({"policy": "aspen", "fair_slack_s": -1})
+
+
+def test_simulator_stamps_each_arrival_in_submission_order():
+    trace = synth_trace(20, 1)
+    sim = Simulator(trace, load_cluster("examples/cluster.yaml"), aspen())
+    sim.run()
+    clock = FifoClock(len(sim.workers))
+    for t in sorted(trace, key=lambda t: (t.submit_time_s, t.job_id)):
+        j = sim.jobs[t.job_id]
+        assert j.fair_start == clock.stamp(t.submit_time_s, j.solo_s, t.priority) >= t.submit_time_s
