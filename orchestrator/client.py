@@ -241,5 +241,17 @@ def _cmdlines() -> dict[int, str]:
 
 
 def _pids_under(temp_dir: str) -> set[int]:
-    """Processes whose command line mentions our private temp dir (gcs, raylet, dashboard, workers)."""
-    return {pid for pid, cmd in _cmdlines().items() if temp_dir in cmd and pid != os.getpid()}
+    """Processes of our cluster: their command line names our private temp dir (gcs, raylet), or
+    they inherited ``RAY_TMPDIR=<temp dir>`` from ``ray start`` (agents and workers, whose
+    command lines Ray rewrites to ``ray::...``). Never another user's Ray."""
+    me = os.getpid()
+    found = {pid for pid, cmd in _cmdlines().items() if temp_dir in cmd and pid != me}
+    marker = f"RAY_TMPDIR={temp_dir}".encode()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != me:
+            try:
+                if marker in (d / "environ").read_bytes().split(b"\0"):
+                    found.add(int(d.name))
+            except OSError:
+                continue
+    return found

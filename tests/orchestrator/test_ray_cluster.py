@@ -167,11 +167,14 @@ def test_jobs_spread_over_nodes_finish_and_load_in_peft(controller, tiny_model_d
     specs = make_specs("place", 3, tiny_model_dir, data_dir, steps=6)
     ids = submit_all(specs)
     nodes: set[str] = set()
+    largest_group = 0
 
     def watch(_recs):
+        nonlocal largest_group
         for w in client.call("workers"):
             if w["jobs"] and w["node_id"]:
                 nodes.add(w["node_id"])
+            largest_group = max(largest_group, len(w["jobs"]))
 
     # swap the policy while jobs run: nothing stops
     client.call("set_policy", {"policy": "sjf"})
@@ -180,6 +183,7 @@ def test_jobs_spread_over_nodes_finish_and_load_in_peft(controller, tiny_model_d
     client.call("set_policy", {"policy": "fifo"})
     assert {r["state"] for r in recs.values()} == {"SUCCEEDED"}, recs
     assert len(nodes) == 2, f"jobs ran on nodes {nodes}"
+    assert largest_group >= 2, "no fused group formed"
     for rec in recs.values():
         model = PeftModel.from_pretrained(make_tiny_llama(), rec["output"])
         assert any("lora_A" in n for n, _ in model.named_parameters())
@@ -237,7 +241,7 @@ def _ping_pid():
 def test_forced_oom_evicts_one_job_group_mates_finish(controller, tiny_model_dir, data_dir):
     from orchestrator import client
 
-    specs = make_specs("oom", 4, tiny_model_dir, data_dir, steps=8)
+    specs = make_specs("oom", 4, tiny_model_dir, data_dir, steps=30)  # long enough to hit mid-run
     ids = submit_all(specs)
 
     def crowded():
