@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.lorafleet-installed
 TORCH   ?= torch==2.13.0
 
-.PHONY: install demo test test-fast lint bench quality clean
+.PHONY: install demo demo-local test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,7 +19,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m orchestrator.demo
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m orchestrator.demo
+
+demo-local: $(STAMP)
+	$(BIN)/python -m orchestrator.demo --local
 
 test: $(STAMP)
 	$(BIN)/ruff check .

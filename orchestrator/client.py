@@ -183,15 +183,18 @@ def start_local_cluster(num_gpus: int = 0, num_cpus: int | None = None, port: in
     env = loopback_env()
     env["RAY_TMPDIR"] = tmp
     ray_bin = str(Path(sys.executable).with_name("ray"))
+    dashboard_port = free_port()  # 8265 may belong to another Ray on this machine
     cmd = [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-           f"--port={port}", f"--num-gpus={num_gpus}", f"--temp-dir={tmp}/ray", "--disable-usage-stats"]  # fmt: skip
+           f"--dashboard-port={dashboard_port}", f"--port={port}", f"--num-gpus={num_gpus}",
+           f"--temp-dir={tmp}/ray", "--disable-usage-stats"]  # fmt: skip
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         raise ClusterError(f"`{' '.join(cmd)}` failed:\n{proc.stderr.strip() or proc.stdout.strip()}")
     pids = sorted(_pids_under(tmp))  # only processes of OUR temp dir: never another user's Ray
-    state = {"address": f"127.0.0.1:{port}", "temp_dir": tmp, "pids": pids, "num_gpus": num_gpus,
+    state = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard_port}",
+             "temp_dir": tmp, "pids": pids, "num_gpus": num_gpus,
              "started": time.time()}  # fmt: skip
     LOCAL_STATE.parent.mkdir(parents=True, exist_ok=True)
     LOCAL_STATE.write_text(json.dumps(state, indent=1) + "\n")

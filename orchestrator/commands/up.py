@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         except client.ClusterError as exc:
             raise UserError(str(exc)) from None
         address = state["address"]
-        print(f"local Ray cluster at {address} (pids {state['pids']}, temp dir {state['temp_dir']})")
+        print(f"local Ray cluster at {address}, dashboard {state['dashboard']} "
+              f"(pids {state['pids']}, temp dir {state['temp_dir']})")
     try:
         client.connect(address)
     except client.ClusterError as exc:
