@@ -163,3 +163,25 @@ def test_remote_storage_roundtrip(tmp_path):
     assert (back / "checkpoints" / "step-000002" / "x.bin").read_bytes() == b"abc"
     assert (back / "adapter_config.json").read_text() == "{}"
     assert not sync_down(job_output(f"file://{tmp_path}/remote", "lf-none"), tmp_path / "x")
+
+
+def test_remote_output_uploads_and_resumes_elsewhere(worker, tmp_path):
+    """A job whose output is a URI trains in staging, uploads, and resumes from the URI on a clean node."""
+    uri = f"file://{tmp_path}/remote/jobs/r"
+    cfg = job_config(tmp_path, "r", steps=6, checkpoint_every=2, output=tmp_path / "stage1" / "r")
+    worker.assign("r", cfg, uri)
+    deadline = time.time() + 60
+    while worker.progress()["jobs"].get("r", {}).get("step", 0) < 3 and time.time() < deadline:
+        time.sleep(0.02)
+    worker.preempt("r")
+    ev = wait_events(worker, {"r": "preempted"})
+    remote_ckpts = sorted(p.name for p in (tmp_path / "remote/jobs/r/checkpoints").iterdir())
+    assert f"step-{ev['r']['checkpoint_step']:06d}" in remote_ckpts
+    moved = replace(cfg, output=str(tmp_path / "stage2" / "r"))  # another node: empty staging dir
+    worker.assign("r", moved, uri)
+    ev = wait_events(worker, {"r": "joined"})
+    assert ev["r"]["step"] >= 3
+    ev = wait_events(worker, {"r": "finished"})
+    assert ev["r"]["output"] == uri
+    state, _ = read_adapter(tmp_path / "remote/jobs/r")
+    assert state
