@@ -89,4 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the imported module so commands and this entry point share one UserError class.
+    from orchestrator import cli
+
+    sys.exit(cli.main())

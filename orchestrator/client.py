@@ -182,6 +182,8 @@ def start_local_cluster(num_gpus: int = 0, num_cpus: int | None = None, port: in
     tmp = tempfile.mkdtemp(prefix="lf-ray-", dir="/tmp")
     env = loopback_env()
     env["RAY_TMPDIR"] = tmp
+    # Ray job entrypoints (`python -m orchestrator.agent`, `lorafleet run`) resolve on this PATH.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     ray_bin = str(Path(sys.executable).with_name("ray"))
     dashboard_port = free_port()  # 8265 may belong to another Ray on this machine
     cmd = [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",

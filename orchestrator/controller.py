@@ -577,6 +577,8 @@ class Controller:
                     self._metrics.profiling.inc(float(ev["setup_s"]))
             elif kind == "finished":
                 rec = self.store.get(job_id)
+                if _finite(ev.get("loss")) is not None:  # the last step's loss, if no poll saw it
+                    self.store.update_progress(job_id, step=ev.get("step") or rec.step, loss=_finite(ev["loss"]))
                 self.store.transition(job_id, JobState.SUCCEEDED, expect=(JobState.RUNNING, JobState.PROFILING),
                                       output=ev.get("output") or rec.output, step=ev.get("step") or rec.step,
                                       reason="finished")  # fmt: skip

@@ -118,16 +118,22 @@ def eval_summary(result: dict | None) -> str:
     if not result:
         return "-"
     parts = []
-    for metric in ("exact_match", "multiple_choice", "loss"):
+    for metric, short in (("exact_match", "EM"), ("multiple_choice", "MC"), ("loss", "loss")):
         values = result.get("metrics", {}).get(metric)
         if values:
-            parts.append(f"{metric} {values['base']:.3f} -> {values['adapter']:.3f}")
-    return "; ".join(parts) or "-"
+            parts.append(f"{short} {values['base']:.2f}->{values['adapter']:.2f}")
+    return " ".join(parts) or "-"
+
+
+def log_console() -> Console:
+    """stderr console; wide when not a terminal so log files keep table rows on one line."""
+    console = Console(stderr=True)
+    return console if console.is_terminal else Console(stderr=True, width=160)
 
 
 def summary_table(jobs: list[JobProgress], title: str = "lorafleet summary") -> Table:
     table = Table(title=title)
-    for col in ("job", "state", "steps", "final loss", "tok/s", "held-out eval (base -> adapter)", "output / error"):
+    for col in ("job", "state", "steps", "final loss", "tok/s", "held-out: base->adapter", "output / error"):
         table.add_column(col)
     for job in jobs:
         style = {"succeeded": "green", "failed": "red"}.get(job.state, "")

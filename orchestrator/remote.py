@@ -117,12 +117,18 @@ class Client:
     def _agent(self, args: Sequence[str], *, workdir: str | None = None) -> Any:
         entrypoint = "python -m orchestrator.agent " + shlex.join(args)
         runtime_env = {"working_dir": workdir} if workdir else None
-        try:
-            ray_job = self._ray.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
-                                           metadata={"lorafleet": args[0]})  # fmt: skip
-        except RuntimeError as exc:
-            raise RemoteError(f"Ray refused the request at {self.address}: {_first_line(exc)}") from None
         deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                ray_job = self._ray.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
+                                               metadata={"lorafleet": args[0]})  # fmt: skip
+                break
+            except RuntimeError as exc:
+                # A cluster that just started has no job agent yet; Ray says to try again.
+                if "try again later" in str(exc) and time.monotonic() < deadline:
+                    time.sleep(1.0)
+                    continue
+                raise RemoteError(f"Ray refused the request at {self.address}: {_first_line(exc)}") from None
         delay = 0.2
         while True:
             status = str(self._ray.get_job_status(ray_job))

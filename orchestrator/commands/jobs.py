@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.cli import UserError
-from orchestrator.progress import ProgressView, fmt_duration, fmt_float, summary_table
+from orchestrator.progress import ProgressView, fmt_duration, fmt_float, log_console, summary_table
 from orchestrator.remote import TERMINAL, Client, RemoteError
 from orchestrator.spec import SpecError
 
@@ -100,19 +100,21 @@ def do_submit(client: Client, args: argparse.Namespace) -> int:
 
 def follow(client: Client, job_ids: list[str], poll_s: float = 3.0) -> int:
     """Live progress bars until every job ends; 1 if any did not succeed."""
-    console = Console(stderr=True)
+    console = log_console()
     final: dict[str, dict] = {}
+    labels: dict[str, str] = {}  # job id -> row label (the name, or "name (id)" if names repeat)
     with ProgressView(console) as view:
         while len(final) < len(job_ids):
             for job_id in job_ids:
                 if job_id in final:
                     continue
                 r = client.status(job_id)
-                if job_id not in view.jobs:
-                    view.add(r["name"] if r["name"] not in view.jobs else job_id, r.get("total_steps") or 0)
-                name = r["name"] if view.jobs.get(r["name"]) else job_id
-                view.update(name, step=r.get("step") or 0, total_steps=r.get("total_steps") or 0, loss=r.get("loss"),
-                            tokens_per_s=r.get("tokens_per_s"), state=r["state"].lower(),
+                if job_id not in labels:
+                    label = r["name"] if r["name"] not in labels.values() else f"{r['name']} ({job_id})"
+                    labels[job_id] = label
+                    view.add(label, r.get("total_steps") or 0)
+                view.update(labels[job_id], step=r.get("step") or 0, total_steps=r.get("total_steps") or 0,
+                            loss=r.get("loss"), tokens_per_s=r.get("tokens_per_s"), state=r["state"].lower(),
                             message=r.get("error") or "", output=r.get("output"))  # fmt: skip
                 if r["state"] in TERMINAL:
                     final[job_id] = r

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from orchestrator.progress import JobProgress, ProgressView, summary_table
+from orchestrator.progress import JobProgress, ProgressView, log_console, summary_table
 from orchestrator.spec import JobSpec, SpecError, load_spec
 
 HELP = "train one or more jobs together in this process (no cluster)"
@@ -43,7 +43,7 @@ def finished_before(spec: JobSpec) -> dict | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    console = Console(stderr=True)
+    console = log_console()
     results: list[JobProgress] = []
     groups: dict[str, list[JobSpec]] = defaultdict(list)
     seen: dict[str, str] = {}

@@ -73,7 +73,11 @@ def test_cli_submit_wait_status_logs_fetch_plot(cluster, tmp_path):
     laptop = tmp_path / "laptop"  # specs name their data relative to the spec's directory, as users write them
     a = spec_file(laptop, "cli-a", cluster["model"])
     b = spec_file(laptop, "cli-b", cluster["model"], steps=2)
-    res = lorafleet(home, "submit", a.name, b.name, "--address", url, "--wait", cwd=laptop)
+    try:
+        res = lorafleet(home, "submit", a.name, b.name, "--address", url, "--wait", cwd=laptop, timeout=240)
+    except subprocess.TimeoutExpired as exc:
+        state = lorafleet(home, "status", "--json", "--address", url)
+        pytest.fail(f"submit --wait hung; cluster says: {state.stdout}\n{state.stderr[-2000:]}\n{exc.stderr!r}"[-6000:])
     assert res.returncode == 0, res.stderr[-3000:]
     ids = [line.split("\t")[0] for line in res.stdout.splitlines() if line.startswith("lf-")]
     assert len(ids) == 2

@@ -69,7 +69,7 @@ def test_train_many_jobs_one_broken(tmp_path, tiny_model_dir, capsys):
     assert loss["base"] > 0 and loss["adapter"] > 0 and loss["base"] != loss["adapter"]
     assert 0.0 <= result["metrics"]["exact_match"]["adapter"] <= 1.0
     assert len(result["samples"]) == 3 and {"prompt", "answer", "base", "adapter"} <= set(result["samples"][0])
-    assert "loss" in err and "->" in err  # the summary shows base -> adapter
+    assert "loss " in err and "->" in err  # the summary shows base -> adapter
 
     # Rerunning the good jobs skips them (already finished) and exits 0.
     assert main(["train", str(a), str(b), "--plain"]) == 0
