@@ -10,13 +10,6 @@ from actors.config import LoraSettings
 from actors.lora import BatchLayout, ForwardContext, MultiLoraLinear, Segment
 
 
-def reference_delta(x, weights, p, seed):
-    """Plain autograd with the same mask the job's generator draws."""
-    gen = torch.Generator().manual_seed(seed)
-    mask = torch.empty(x.shape).bernoulli_(1 - p, generator=gen)
-    return (x * mask / (1 - p)) @ weights.lora_A.T @ weights.lora_B.T * weights.scaling, mask
-
-
 def test_dropout_gradients_equal_plain_autograd_with_the_same_mask():
     torch.manual_seed(0)
     base = nn.Linear(16, 12)
