@@ -81,6 +81,8 @@ def run_cluster(num_gpus: int) -> int:
     from orchestrator.remote import Client
 
     console = Console()
+    if not console.is_terminal:  # keep table rows on one line in log files
+        console = Console(width=150)
     OUT.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("LORAFLEET_HOME", str(OUT / "home"))
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
