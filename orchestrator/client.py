@@ -185,10 +185,16 @@ def start_local_cluster(num_gpus: int = 0, num_cpus: int | None = None, port: in
     # Ray job entrypoints (`python -m orchestrator.agent`, `lorafleet run`) resolve on this PATH.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     ray_bin = str(Path(sys.executable).with_name("ray"))
-    dashboard_port = free_port()  # 8265 may belong to another Ray on this machine
+    # Ray's fixed default ports (8265 dashboard, 52365 job agent, 10001 client, ...) may belong to
+    # another Ray on this machine; a job agent that cannot bind leaves job submission hanging.
+    dashboard_port = free_port()
+    extra_ports = [f"--{flag}={free_port()}" for flag in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port",
+    )]  # fmt: skip
     cmd = [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dashboard_port}", f"--port={port}", f"--num-gpus={num_gpus}",
-           f"--temp-dir={tmp}/ray", "--disable-usage-stats"]  # fmt: skip
+           *extra_ports, f"--temp-dir={tmp}/ray", "--disable-usage-stats"]  # fmt: skip
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
