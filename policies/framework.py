@@ -11,8 +11,9 @@ One call of :meth:`ProfilePolicy.schedule` runs one cycle on a snapshot:
    * the worker is accepting;
    * it is idle, or its group trains the job's base model (one base model per worker);
    * the group's predicted peak with the job added fits: ``static + (1 + margin) * dynamic``
-     <= ``memory_bytes`` (:func:`policies.memory_model.group_peak_bytes`, rows padded to the
-     group's longest sequence);
+     <= ``memory_bytes``, the fused-group prediction the engine was measured against
+     (:func:`policies.memory_model.fused_group_peak_bytes`: rows padded to the group's longest
+     sequence, the largest ``b0`` paid once, the loss head not padded; :class:`Slot`);
 
    and the profile's own filters (e.g. owner quotas). Idle workers with the same loaded model,
    capacity and speed are interchangeable: one of them (the lowest id) stands for all. Busy
@@ -52,6 +53,7 @@ from policies.interface import (
     Start,
     WorkerLine,
 )
+from policies.memory_model import fused_terms
 from policies.snapshot import ClusterView, JobView, WorkerView
 
 
@@ -89,15 +91,23 @@ def _deadline(job: JobView) -> tuple[float, float, str]:
     return (job.submit_time_s if fair is None else fair, job.submit_time_s, job.job_id)
 
 
+def job_terms(job: JobView) -> tuple[float, float, float, float]:
+    """``(b0, c, d, e)`` of :func:`policies.memory_model.fused_terms` for the job's prediction."""
+    return fused_terms(job.adapter_bytes, job.activation, job.micro_batch_size, job.seq_len, job.loss_head_per_token)
+
+
 class Slot:
     """A worker's group as the cycle sees it: the snapshot plus this cycle's tentative starts.
 
     Plugins read it; only the engine changes it. ``jobs`` includes running jobs with a pending
-    preemption (their memory is still in use).
+    preemption (their memory is still in use). Memory: the group's dynamic bytes at padded length
+    ``L`` are ``b0 + sc + sd * L + se * L**2`` (``b0`` the members' largest, the others sums of
+    :func:`policies.memory_model.fused_terms`), which is
+    :func:`policies.memory_model.fused_group_peak_bytes` (or, for a fit with ``b2 > 0`` and ``b1``
+    below the loss head, an upper bound of it).
     """
 
-    __slots__ = ("adapter_sum", "index", "jobs", "lmax", "memo", "model", "rows", "s0", "s1", "s2", "static",
-                 "worker")  # fmt: skip
+    __slots__ = ("b0", "index", "jobs", "lmax", "memo", "model", "rows", "sc", "sd", "se", "static", "worker")
 
     def __init__(self, worker: WorkerView, index: int, jobs: Sequence[JobView]):
         self.worker = worker
@@ -105,7 +115,7 @@ class Slot:
         self.jobs: list[JobView] = []
         self.model: str | None = None  # the model of the group; None while empty
         self.static = 0
-        self.adapter_sum = self.s0 = self.s1 = self.s2 = 0.0
+        self.b0 = self.sc = self.sd = self.se = 0.0
         self.lmax = 0
         self.rows = 0
         self.memo: dict = {}  # plugins may cache per-group values here; cleared when a job is added
@@ -119,12 +129,13 @@ class Slot:
         if self.memo:
             self.memo = {}
         self.jobs.append(job)
-        a, b = job.activation, job.micro_batch_size
-        self.adapter_sum += job.adapter_bytes
-        self.s0 += a.b0
-        self.s1 += a.b1 * b
-        self.s2 += a.b2 * b
-        self.rows += b
+        b0, c, d, e = job_terms(job)
+        if b0 > self.b0:
+            self.b0 = b0
+        self.sc += c
+        self.sd += d
+        self.se += e
+        self.rows += job.micro_batch_size
         if job.seq_len > self.lmax:
             self.lmax = job.seq_len
 
@@ -136,11 +147,10 @@ class Slot:
         """Predicted dynamic bytes of the group (plus ``job``), rows padded to the longest."""
         if job is None:
             lp = self.lmax
-            return self.adapter_sum + self.s0 + lp * self.s1 + lp * lp * self.s2
-        a, b = job.activation, job.micro_batch_size
+            return self.b0 + self.sc + lp * self.sd + lp * lp * self.se
+        b0, c, d, e = job_terms(job)
         lp = job.seq_len if job.seq_len > self.lmax else self.lmax
-        return (self.adapter_sum + job.adapter_bytes + self.s0 + a.b0
-                + lp * (self.s1 + a.b1 * b) + lp * lp * (self.s2 + a.b2 * b))  # fmt: skip
+        return max(self.b0, b0) + self.sc + c + lp * (self.sd + d) + lp * lp * (self.se + e)
 
     def peak_with(self, job: JobView | None, margin: float) -> float:
         """Predicted peak bytes of the group with ``job`` added (None: as is)."""
@@ -237,9 +247,9 @@ class Cycle:
         best: Slot | None = None
         best_t = float("inf")
         scale = 1.0 + self.margin
-        act, b, seq = job.activation, job.micro_batch_size, job.seq_len
-        a0, a1, a2 = job.adapter_bytes + act.b0, act.b1 * b, act.b2 * b
-        alone = job.static_bytes + scale * (a0 + seq * a1 + seq * seq * a2)  # on an emptied worker
+        seq = job.seq_len
+        jb0, jc, jd, je = job_terms(job)
+        alone = job.static_bytes + scale * (jb0 + jc + seq * jd + seq * seq * je)  # on an emptied worker
         for members in self.busy_by_model.values():
             for slot in members:
                 mem = slot.worker.memory_bytes
@@ -251,13 +261,14 @@ class Cycle:
                     # remove the members with the least remaining work first until the job fits;
                     # the group's sums after each removal, without building trial slots
                     jobs = sorted(slot.jobs, key=lambda j: j.remaining_work_s)
-                    ad, s0, s1, s2 = slot.adapter_sum, slot.s0, slot.s1, slot.s2
+                    sc, sd, se = slot.sc, slot.sd, slot.se
                     t, i, fits = 0.0, 0, False
                     while True:
                         rest = jobs[i:]
                         if rest:
                             lp = max(seq, max(j.seq_len for j in rest))
-                            peak = slot.static + scale * (ad + s0 + a0 + lp * (s1 + a1) + lp * lp * (s2 + a2))
+                            b0 = max(jb0, max(j.activation.b0 for j in rest))
+                            peak = slot.static + scale * (b0 + sc + jc + lp * (sd + jd) + lp * lp * (se + je))
                         else:
                             peak = alone
                         if peak <= mem:
@@ -267,9 +278,8 @@ class Cycle:
                             break  # cannot fit, or cannot drain sooner than the best so far
                         gone = jobs[i]
                         t = gone.remaining_work_s
-                        g, gb = gone.activation, gone.micro_batch_size
-                        ad -= gone.adapter_bytes
-                        s0, s1, s2 = s0 - g.b0, s1 - g.b1 * gb, s2 - g.b2 * gb
+                        _, gc, gd, ge = job_terms(gone)
+                        sc, sd, se = sc - gc, sd - gd, se - ge
                         i += 1
                     if not fits:
                         continue
@@ -282,22 +292,27 @@ class Cycle:
             self._max_free[model] = self._scan_max(model)
         return best
 
-    def _need(self, job: JobView) -> float:
-        """Predicted dynamic bytes of ``job`` alone, with the margin (padding ignored)."""
-        return (1.0 + self.margin) * (job.adapter_bytes + job.activation.predict(job.micro_batch_size, job.seq_len))
+    def _need(self, job: JobView) -> tuple[float, float]:
+        """(bytes the job needs on an idle worker beyond the model, the least it adds to a busy
+        group), both with the margin: its dynamic bytes alone, and those without its ``b0``
+        (the group pays the largest ``b0`` once; padding only adds)."""
+        b0, c, d, e = job_terms(job)
+        seq = job.seq_len
+        joined = (1.0 + self.margin) * (c + d * seq + e * seq * seq)
+        return joined + (1.0 + self.margin) * b0, joined
 
-    def may_fit(self, job: JobView, need: float | None = None) -> bool:
-        """A cheap necessary condition for some worker to take ``job`` (padding ignored)."""
-        if need is None:
-            need = self._need(job)
-        if self._max_idle - job.static_bytes >= need:
+    def may_fit(self, job: JobView, need: tuple[float, float] | None = None) -> bool:
+        """A cheap necessary condition for some worker to take ``job`` (``need``: :meth:`_need`)."""
+        alone, joined = self._need(job) if need is None else need
+        if self._max_idle - job.static_bytes >= alone:
             return True
-        return self._max_free.get(job.base_model, -1.0) >= need
+        return self._max_free.get(job.base_model, -1.0) >= joined
 
     def candidates(self, job: JobView, need: float | None = None, limit: int = 0) -> list[Slot]:
         """Idle class representatives, then busy workers of the job's model (unfiltered): the busy
         ones with the most predicted free memory first, none with less free memory than the job
-        alone needs (padding ignored: a necessary condition), and at most ``limit`` (0: all)."""
+        adds at least (``need``, the second of :meth:`_need`: a necessary condition), and at
+        most ``limit`` (0: all)."""
         if self._reps is None:
             self._reps = sorted((members[-1] for members in self.idle_classes.values() if members),
                                 key=lambda s: s.index)  # fmt: skip
@@ -306,7 +321,7 @@ class Cycle:
         if not busy:
             return reps
         if need is None:
-            need = self._need(job)
+            need = self._need(job)[1]
         ranked = self._ranked.get(job.base_model)
         if ranked is None:
             ranked = sorted((-s.free_bytes(self.margin), s.index, s) for s in busy)
@@ -445,26 +460,26 @@ class ProfilePolicy:
     def _place(self, job: JobView, cycle: Cycle) -> Slot | None:
         # The hot loop: one call per considered job. Candidates already pass "accepting" and
         # "same model or idle" (Cycle.candidates), so only memory is checked here.
-        need = (1.0 + cycle.margin) * (job.adapter_bytes + job.activation.predict(job.micro_batch_size, job.seq_len))
-        if not cycle.may_fit(job, need):
+        margin = cycle.margin
+        scale = 1.0 + margin
+        seq = job.seq_len
+        jb0, jc, jd, je = job_terms(job)
+        joined = scale * (jc + jd * seq + je * seq * seq)  # the least it adds to a busy group
+        alone = job.static_bytes + joined + scale * jb0
+        if not cycle.may_fit(job, (alone - job.static_bytes, joined)):
             return None
         best: Slot | None = None
         best_score = -1.0
         found = 0
-        margin, filters, cap = cycle.margin, self.filters, self.max_candidates
+        filters, cap = self.filters, self.max_candidates
         scores = self._active_scores
         wsum = self._weight_sum
-        act, b, seq = job.activation, job.micro_batch_size, job.seq_len
-        a0 = job.adapter_bytes + act.b0
-        a1, a2 = act.b1 * b, act.b2 * b
-        scale = 1.0 + margin
-        alone = job.static_bytes + scale * (a0 + seq * a1 + seq * seq * a2)
-        for slot in cycle.candidates(job, need, 4 * cap):
+        for slot in cycle.candidates(job, joined, 4 * cap):
             # slot.peak_with(job, margin), inlined: this line runs ~100 times per job
             if slot.jobs:
                 lp = seq if seq > slot.lmax else slot.lmax
-                peak = slot.static + scale * (slot.adapter_sum + slot.s0 + a0 + lp * (slot.s1 + a1)
-                                              + lp * lp * (slot.s2 + a2))  # fmt: skip
+                peak = slot.static + scale * ((slot.b0 if slot.b0 > jb0 else jb0) + slot.sc + jc
+                                              + lp * (slot.sd + jd) + lp * lp * (slot.se + je))  # fmt: skip
             else:
                 peak = alone
             if peak > slot.worker.memory_bytes:

@@ -290,6 +290,24 @@ def fused_group_peak_bytes(
     return static + (1.0 + margin) * dynamic
 
 
+def fused_terms(
+    adapter_bytes_: float, activation: ActivationFit, batch: int, seq_len: int, loss_head_per_token: float = 0.0
+) -> tuple[float, float, float, float]:
+    """One job's part of :func:`fused_group_peak_bytes` as ``(b0, c, d, e)``: in a group padded to
+    ``L_pad`` it adds ``c + d * L_pad + e * L_pad**2`` dynamic bytes, and the group pays the largest
+    ``b0`` once. Sums of these let a scheduler update a group's prediction in O(1) per job.
+
+    With ``g = max(b1 - head, 0) * B``: ``c = adapter + (b1 * B - g) * L``, ``d = g``, ``e = b2 * B``.
+    At ``L_pad = L`` that is the job's own activation; it equals the per-job term of
+    :func:`fused_group_peak_bytes` when ``b2 == 0`` or ``b1 >= head`` (the analytic estimate
+    always: its ``b1`` includes the head and ``b2`` is 0 with flash attention), and is an upper
+    bound otherwise (the quadratic part is not reduced by the head correction).
+    """
+    b = batch
+    g = max(activation.b1 - loss_head_per_token, 0.0) * b
+    return activation.b0, adapter_bytes_ + (activation.b1 * b - g) * seq_len, g, activation.b2 * b
+
+
 # --- non-negative least squares for three coefficients -------------------------------------------
 
 

@@ -11,9 +11,14 @@ Accounting rules:
 * **Load.** Workers start empty. Starting a job on an idle worker that holds another (or no)
   base model loads it first: the group makes no progress for ``cost.load_time_s(model)``.
 * **Memory truth and OOM.** Policies see the memory model's prediction (analytic activation
-  estimate plus exact adapter bytes). The *true* dynamic bytes of job j are its prediction times
-  ``1 + e_j``, ``e_j`` uniform in ``[-memory_noise, +memory_noise]`` drawn from ``(seed, job_id)``:
-  the prediction error that a margin exists for. When a Start makes a group's true peak exceed
+  estimate plus exact adapter bytes, and the model's loss-head bytes per token), the same one the
+  controller hands them. A group's peak is
+  :func:`policies.memory_model.fused_group_peak_bytes` (rows padded to the longest, the largest
+  ``b0`` once, the loss head at each job's own length), the prediction ``lorafleet estimate``
+  and the profiler make and the one measured on the engine. The *true* adapter and activation
+  coefficients of job j are its predicted ones times ``1 + e_j``, ``e_j`` uniform in
+  ``[-memory_noise, +memory_noise]`` drawn from ``(seed, job_id)``: the prediction error that a
+  margin exists for. When a Start makes a group's true peak exceed
   the worker's memory, the group's next step fails: one OOM is counted, every job of the group
   rolls back to its last checkpoint and is queued again, and the worker restarts (empty, no model
   loaded, not accepting for ``oom_restart_s``). The jobs' predictions are then corrected to the
@@ -40,6 +45,8 @@ from policies.memory_model import (
     adapter_bytes,
     adapter_param_count,
     analytic_activation,
+    fused_group_peak_bytes,
+    loss_head_bytes_per_token,
     static_bytes,
 )
 from policies.snapshot import ClusterView, JobView, WorkerView
@@ -88,9 +95,9 @@ class SimResult:
 
 
 class _Job:
-    __slots__ = ("adapter_bytes", "adapter_params", "ckpt_iters", "done", "fair_start", "finish", "first_start", "iter_ref_s",
-                 "model", "pred_act", "pred_adapter", "preempt_pending", "solo_s", "start", "static", "t",
-                 "total", "true_act", "true_adapter", "worker")  # fmt: skip
+    __slots__ = ("adapter_bytes", "adapter_params", "ckpt_iters", "done", "fair_start", "finish", "first_start", "head",
+                 "iter_ref_s", "model", "pred_act", "pred_adapter", "preempt_pending", "solo_s", "start", "static",
+                 "t", "total", "true_act", "true_adapter", "worker")  # fmt: skip
 
 
 class _Worker:
@@ -144,6 +151,7 @@ class Simulator:
         j = _Job()
         j.t, j.model, j.worker = t, model, None
         j.static = static_bytes(model)
+        j.head = loss_head_bytes_per_token(model)
         j.adapter_params = adapter_param_count(model, shape)
         j.pred_adapter = adapter_bytes(model, shape)
         j.pred_act = analytic_activation(model, shape)
@@ -159,7 +167,7 @@ class Simulator:
         member = Member(t.micro_batch_size, t.seq_len, j.adapter_params)
         j.iter_ref_s = self.cost.iteration_time_s(model, [member], fastest)
         j.solo_s = self.cost.load_time_s(model) + j.total * j.iter_ref_s
-        solo_peak = j.static + j.true_adapter + j.true_act.predict(t.micro_batch_size, t.seq_len)
+        solo_peak = fused_group_peak_bytes(j.static, [(j.true_adapter, j.true_act, t.micro_batch_size, t.seq_len)], 0.0)
         if solo_peak > biggest:
             raise SimulationError(f"job {t.job_id}: needs {solo_peak / 2**30:.1f} GiB alone, more than any "
                                   f"worker has ({biggest / 2**30:.1f} GiB)")  # fmt: skip
@@ -172,7 +180,8 @@ class Simulator:
         return JobView(t.job_id, t.owner, t.priority, t.submit_time_s, t.base_model, j.static,
                        math.ceil(j.pred_adapter), j.pred_act, t.micro_batch_size, t.seq_len,
                        (j.total - j.done) * j.iter_ref_s, j.total * j.iter_ref_s,
-                       j.worker.wid if j.worker else None, j.start, j.preempt_pending, j.fair_start)  # fmt: skip
+                       j.worker.wid if j.worker else None, j.start, j.preempt_pending, j.fair_start,
+                       j.head)  # fmt: skip
 
     def view(self) -> ClusterView:
         """The snapshot the policy sees now."""
@@ -288,8 +297,8 @@ class Simulator:
     def _check_memory(self, w: _Worker) -> None:
         if not w.jobs:
             return
-        lp = max(j.t.seq_len for j in w.jobs)
-        peak = w.jobs[0].static + sum(j.true_adapter + j.true_act.predict(j.t.micro_batch_size, lp) for j in w.jobs)
+        rows = [(j.true_adapter, j.true_act, j.t.micro_batch_size, j.t.seq_len) for j in w.jobs]
+        peak = fused_group_peak_bytes(w.jobs[0].static, rows, 0.0, w.jobs[0].head)
         if peak <= w.memory:
             return
         self.oom_count += 1

@@ -4,7 +4,9 @@ The controller (on Ray) and the simulator both build these from their own state 
 to ``policy.schedule(view)``. They are frozen; a policy never mutates them.
 
 Units: times in seconds, memory in bytes. A job's memory prediction is carried on its view
-(``static_bytes``, ``adapter_bytes``, ``activation``) so policies need no model catalogue.
+(``static_bytes``, ``adapter_bytes``, ``activation``, ``loss_head_per_token``) so policies need
+no model catalogue; a group's peak is :func:`policies.memory_model.fused_group_peak_bytes` of
+its members (see :class:`policies.framework.Slot`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ class JobView:
         fair_start_s: when the job would start under FIFO, stamped at submission by
             :class:`policies.fairstart.FifoClock`; aspen's start deadline. None: not stamped
             (aspen then falls back to its stateless tail guard for this job).
+        loss_head_per_token: bytes per label token of the model's loss head
+            (:func:`policies.memory_model.loss_head_bytes_per_token`): padding a row to a longer
+            group does not grow that part of ``activation``. 0: no such correction (a safe over-estimate).
     """
 
     job_id: str
@@ -57,6 +62,7 @@ class JobView:
     start_time_s: float | None = None
     preempt_pending: bool = False
     fair_start_s: float | None = None
+    loss_head_per_token: float = 0.0
 
     @property
     def is_running(self) -> bool:

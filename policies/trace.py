@@ -27,7 +27,7 @@ from policies.memory_model import (
     adapter_bytes,
     adapter_param_count,
     analytic_activation,
-    group_peak_bytes,
+    fused_group_peak_bytes,
     static_bytes,
 )
 
@@ -232,7 +232,7 @@ def _fit_alone(job: TraceJob, model: ModelShape, capacity: float) -> TraceJob:
     a_bytes, act = adapter_bytes(model, shape), analytic_activation(model, shape)
 
     def peak(j: TraceJob) -> float:
-        return group_peak_bytes(static_bytes(model), [(a_bytes, act, j.micro_batch_size, j.seq_len)], 0.25)
+        return fused_group_peak_bytes(static_bytes(model), [(a_bytes, act, j.micro_batch_size, j.seq_len)], 0.25)
 
     while peak(job) > capacity and job.micro_batch_size > 1:
         job = _replace(job, micro_batch_size=job.micro_batch_size // 2)

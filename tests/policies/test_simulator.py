@@ -5,7 +5,16 @@ from policies.catalogue import CATALOGUE
 from policies.cluster import default_cluster
 from policies.costmodel import CostModel, Member
 from policies.interface import Start
-from policies.memory_model import GIB, adapter_bytes, adapter_param_count, analytic_activation, static_bytes
+from policies.memory_model import (
+    GIB,
+    adapter_bytes,
+    adapter_param_count,
+    analytic_activation,
+    fused_group_peak_bytes,
+    group_peak_bytes,
+    loss_head_bytes_per_token,
+    static_bytes,
+)
 from policies.metrics import percentile, summarise
 from policies.simulator import SimulationError, simulate
 from policies.trace import TraceJob
@@ -69,12 +78,42 @@ def test_two_jobs_share_a_worker_and_the_second_waits_when_memory_is_short():
     assert b.first_start_s == pytest.approx(a.finish_s)
 
 
+@pytest.mark.parametrize(
+    ("between", "shares"),
+    [
+        # memory halfway between the fused-group peak (b0 once, loss head at each job's own
+        # length) and the older per-job sum (b0 twice, loss head padded too): the second job joins
+        (0.5, True),
+        # memory 1 MiB under the fused-group peak: it waits for the first to finish
+        (None, False),
+    ],
+)
+def test_memory_truth_is_the_fused_group_prediction(between, shares):
+    # a (L 2048) and b (L 512, padded to 2048) on llama-2-7b, no prediction error, fifo (margin 0)
+    shape = tj().adapter_shape()
+    act, ab = analytic_activation(LLAMA, shape), adapter_bytes(LLAMA, shape)
+    rows = [(ab, act, 2, 2048), (ab, act, 2, 512)]
+    fused = fused_group_peak_bytes(static_bytes(LLAMA), rows, 0.0, loss_head_bytes_per_token(LLAMA))
+    older = group_peak_bytes(static_bytes(LLAMA), rows, 0.0)
+    # the older sum pays b0 (256 MiB) twice and b's loss head on 2 x 1536 padded tokens:
+    # 256 MiB + 2 * 1536 * 32000 * (2 + 8) bytes = 0.25 + 0.92 GiB more
+    assert older - fused == pytest.approx(256 * 2**20 + 2 * 1536 * 32000 * 10)
+    memory = fused + between * (older - fused) if between is not None else fused - 2**20
+    jobs = [tj("a", model="llama-2-7b", mbs=2, batch=2, seq=2048, steps=20),
+            tj("b", submit=1.0, model="llama-2-7b", mbs=2, batch=2, seq=512, steps=20)]  # fmt: skip
+    result = simulate(jobs, default_cluster(count=1, gpu_memory_gib=memory / GIB), fifo(), memory_noise=0.0)
+    a, b = result.jobs
+    assert result.oom_count == 0
+    assert (b.first_start_s == 1.0) is shares
+    assert (b.first_start_s == pytest.approx(a.finish_s)) is not shares
+
+
 def test_oom_rolls_back_to_checkpoint_and_is_counted():
     # three jobs whose predicted group peak is 1% under the worker's memory: fifo (margin 0) packs
     # them; a true error of up to +-10% per job makes some seeds OOM
     shape = tj().adapter_shape()
-    dyn = adapter_bytes(LLAMA, shape) + analytic_activation(LLAMA, shape).predict(2, 2048)
-    gib = (static_bytes(LLAMA) + 3 * dyn * 1.01) / GIB
+    row = (adapter_bytes(LLAMA, shape), analytic_activation(LLAMA, shape), 2, 2048)
+    gib = fused_group_peak_bytes(static_bytes(LLAMA), [row] * 3, 0.01, loss_head_bytes_per_token(LLAMA)) / GIB
     cluster = default_cluster(count=1, gpu_memory_gib=gib)
     jobs = [tj(x, model="llama-2-7b", mbs=2, batch=2, seq=2048, steps=200, submit=i * 100.0)
             for i, x in enumerate("abc")]  # fmt: skip
