@@ -100,6 +100,9 @@ class TrainingWorker:
             OOM (None: no budget).
         profile: ``cached`` | ``measure`` | ``off`` (see the module doc).
         staging_dir: local directory for jobs whose output is a remote URI.
+        trust_remote_code: run Python shipped with the base model (transformers'
+            ``trust_remote_code``). The controller sets it only for jobs that ask for it on a
+            cluster whose admin enabled it; off otherwise.
         start: start the training thread now (tests may start it later with ``start()``).
     """
 
@@ -113,6 +116,7 @@ class TrainingWorker:
         memory_budget_bytes: int | None = None,
         profile: str = "cached",
         staging_dir: str | None = None,
+        trust_remote_code: bool = False,
         start: bool = True,
     ):
         if profile not in ("cached", "measure", "off"):
@@ -123,6 +127,7 @@ class TrainingWorker:
         self.memory_budget_bytes = memory_budget_bytes
         self.profile_mode = profile
         self.staging_dir = staging_dir
+        self.trust_remote_code = trust_remote_code
         self.engine = None
         self.state = "loading"  # loading | ready | failed | stopped
         self.error: str | None = None
@@ -269,7 +274,8 @@ class TrainingWorker:
         dtype = self.dtype_arg
         if dtype == "auto":
             dtype = "bfloat16" if device == "cuda" else "float32"
-        model, tokenizer = load_base_model(self.base_model, device=device, dtype=getattr(torch, dtype))
+        model, tokenizer = load_base_model(self.base_model, device=device, dtype=getattr(torch, dtype),
+                                           trust_remote_code=self.trust_remote_code)
         cfg = model.config
         self.model_shape = {
             "num_parameters": int(sum(p.numel() for p in model.parameters())),

@@ -8,11 +8,16 @@ the answer back (``orchestrator.remote`` parses it). Registering many specs is O
 
 Actions:
 
-* ``register --owner O SPEC...``: validate the specs (files in the job's working directory), copy
-  each job's data into the storage root, queue the jobs; result: ``[{id, name}, ...]``.
+* ``register [--owner O] SPEC...``: validate the specs (files in the job's working directory),
+  copy each job's local data into the caller's uploads area (``<storage>/uploads/<owner>/``; a
+  path under an admin-allowed prefix is kept as is), queue the jobs; result: ``[{id, name}, ...]``.
 * ``call METHOD JSON_KWARGS``: a read-or-cancel controller call (``status``, ``list_jobs``,
-  ``logs``, ``cancel``, ``counts``).
-* ``fetch --owner O JOB``: the finished adapter's small files, base64-encoded.
+  ``logs``, ``cancel``, ``counts``, ``whoami``).
+* ``fetch [--owner O] JOB``: the finished adapter's small files, base64-encoded.
+
+The caller's API key (``orchestrator.auth``) travels as the file ``KEY_FILE`` in the job's
+working directory, never on the command line or in the runtime environment (both are shown in
+Ray's job list). The agent reads it, deletes it and passes it with every controller call.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from pathlib import Path
 from typing import Any
 
 RESULT_PREFIX = "LORAFLEET-RESULT "
-ALLOWED_CALLS = {"status", "list_jobs", "logs", "cancel", "counts", "ping"}
+ALLOWED_CALLS = {"status", "list_jobs", "logs", "cancel", "counts", "ping", "whoami"}
+KEYED_CALLS = {"status", "list_jobs", "logs", "cancel", "whoami"}  # these take the caller's api_key
+KEY_FILE = "lorafleet-key"
 FETCH_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "job.json", "eval.json")
 MAX_FETCH_BYTES = 512 << 20
 
@@ -37,29 +44,42 @@ def emit(ok: bool, payload: Any) -> None:
     print(RESULT_PREFIX + json.dumps(body, default=str), flush=True)
 
 
-def _storage_root() -> str:
-    from orchestrator.client import call
+def read_key(workdir: Path | None = None) -> str | None:
+    """The caller's API key from ``KEY_FILE`` in the working directory (deleted once read), or None."""
+    path = (workdir or Path.cwd()) / KEY_FILE
+    if not path.is_file():
+        return None
+    key = path.read_text().strip() or None
+    path.unlink(missing_ok=True)
+    return key
 
-    return str(call("ping")["storage"])
 
+def stage_data(spec_doc: dict, spec_dir: Path, uploads: str, *, allowed_prefixes: list[str] | tuple[str, ...] = (),
+               limit: int | None = None) -> dict:  # fmt: skip
+    """Copy the spec's data files into ``UPLOADS/UUID/`` (the owner's uploads area) and point the spec there.
 
-def stage_data(spec_doc: dict, spec_dir: Path, storage: str) -> dict:
-    """Copy the spec's local data files into ``STORAGE/uploads/UUID/`` and point the spec at them."""
+    A path under an admin-allowed prefix (``allowed_prefixes``, absolute) stays as it is: the
+    controller admits it without a copy. Anything else must be a file among the submitted ones.
+    """
     from actors.storage import is_uri, sync_up
-    from orchestrator.paths import check_upload_size, confine
+    from orchestrator.paths import MAX_UPLOAD_BYTES, check_upload_size, confine
 
-    area = f"{storage.rstrip('/')}/uploads/{uuid.uuid4().hex[:12]}"
+    area = f"{uploads.rstrip('/')}/{uuid.uuid4().hex[:12]}"
     doc = json.loads(json.dumps(spec_doc))
     sections = [("data", "path"), ("eval", "data")]
     for section, key in sections:
         value = (doc.get(section) or {}).get(key)
         if not value:
             continue
+        if str(value).startswith("/") and allowed_prefixes:
+            doc[section][key] = str(confine(spec_dir, value, field=f"{section}.{key}",
+                                            allowed_prefixes=allowed_prefixes))  # fmt: skip
+            continue
         local = confine(spec_dir, value, field=f"{section}.{key}")
         if not local.is_file():
             raise FileNotFoundError(f"{section}.{key}: file not found in the submitted files: {value}")
-        check_upload_size(local, field=f"{section}.{key}")
-        if is_uri(storage):
+        check_upload_size(local, field=f"{section}.{key}", limit=limit or MAX_UPLOAD_BYTES)
+        if is_uri(uploads):
             target = f"{area}/{section}-{local.name}"
             sync_up(local, target)
         else:
@@ -71,8 +91,11 @@ def stage_data(spec_doc: dict, spec_dir: Path, storage: str) -> dict:
     return doc
 
 
-def register(owner: str, specs: list[str]) -> list[dict]:
-    """Validate every spec first (nothing is queued if one is invalid), then stage data and submit."""
+def register(owner: str | None, specs: list[str], api_key: str | None = None) -> list[dict]:
+    """Validate every spec first (nothing is queued if one is invalid), then stage data and submit.
+
+    ``owner``: the declared owner (single-user mode; with API keys the key decides it).
+    """
     from orchestrator.client import call
     from orchestrator.spec import SpecError, load_spec
 
@@ -84,22 +107,27 @@ def register(owner: str, specs: list[str]) -> list[dict]:
             errors.extend(err.errors)
     if errors:
         raise ValueError("invalid job spec:\n" + "\n".join(errors))
-    storage = _storage_root()
+    me = call("whoami", api_key=api_key, owner=owner)  # refuses a missing/unknown key before any copy
+    info = call("ping")
+    uploads = call("uploads_root", me["name"])
     out = []
     for path, spec in parsed:
         doc = spec.model_dump(mode="json", exclude_none=True)
-        doc = stage_data(doc, Path(path).resolve().parent, storage)
+        doc = stage_data(doc, Path(path).resolve().parent, uploads,
+                         allowed_prefixes=[p for p in info.get("allowed_prefixes", []) if "://" not in p],
+                         limit=info.get("max_upload_bytes"))  # fmt: skip
         doc.pop("output", None)  # the controller places outputs under the storage root
-        record = call("submit", doc, owner)
+        record = call("submit", doc, owner, api_key=api_key)
         out.append({"id": record["id"], "name": record["name"], "state": record["state"]})
     return out
 
 
-def fetch(owner: str, job: str) -> dict:
+def fetch(owner: str | None, job: str, api_key: str | None = None) -> dict:
+    """The finished adapter's files, if the caller may see the job (its owner or an admin)."""
     from actors.storage import is_uri, sync_down
     from orchestrator.client import call
 
-    record = call("status", job, owner)
+    record = call("status", job, owner, api_key=api_key)
     if record["state"] != "SUCCEEDED":
         raise ValueError(f"job {record['id']} ({record['name']}) is {record['state']}: no final adapter to fetch yet")
     source = record.get("output")
@@ -124,28 +152,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m orchestrator.agent")
     sub = parser.add_subparsers(dest="action", required=True)
     reg = sub.add_parser("register")
-    reg.add_argument("--owner", required=True)
+    reg.add_argument("--owner", default=None)
     reg.add_argument("specs", nargs="+")
     c = sub.add_parser("call")
     c.add_argument("method", choices=sorted(ALLOWED_CALLS))
     c.add_argument("kwargs", nargs="?", default="{}")
     f = sub.add_parser("fetch")
-    f.add_argument("--owner", required=True)
+    f.add_argument("--owner", default=None)
     f.add_argument("job")
     args = parser.parse_args(argv)
 
     from orchestrator.client import ClusterError, NoControllerError, connect
 
+    api_key = read_key()
     try:
         connect("auto")
         if args.action == "register":
-            emit(True, register(args.owner, args.specs))
+            emit(True, register(args.owner, args.specs, api_key))
         elif args.action == "call":
             from orchestrator.client import call
 
-            emit(True, call(args.method, **json.loads(args.kwargs)))
+            kwargs = json.loads(args.kwargs)
+            if args.method in KEYED_CALLS:
+                kwargs["api_key"] = api_key
+            emit(True, call(args.method, **kwargs))
         else:
-            emit(True, fetch(args.owner, args.job))
+            emit(True, fetch(args.owner, args.job, api_key))
     except (NoControllerError, ClusterError, LookupError, ValueError, OSError) as exc:
         emit(False, exc)
         return 1

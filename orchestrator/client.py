@@ -31,6 +31,7 @@ from orchestrator.controller import CONTROLLER_NAME, NAMESPACE
 
 HOME = Path(os.environ.get("LORAFLEET_HOME", Path.home() / ".lorafleet"))
 LOCAL_STATE = HOME / "local-cluster.json"
+TOKEN_FILE = HOME / "ray-auth-token"  # `up --local --auth token` writes the cluster's Ray token here (0600)
 DEFAULT_STORE = HOME / "jobs.db"
 DEFAULT_STORAGE = HOME / "storage"
 NO_CONTROLLER = "no lorafleet controller on this cluster: start one with `lorafleet up`"
@@ -66,6 +67,18 @@ def use_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+def use_local_auth(state: dict[str, Any]) -> None:
+    """Present the recorded local cluster's Ray token from this process (and its children).
+
+    Must run before ``ray.init``: Ray reads ``RAY_AUTH_MODE`` and the token when it connects.
+    A cluster without token auth leaves the environment as it is.
+    """
+    if state.get("auth") == "token" and state.get("token_path"):
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ["RAY_AUTH_TOKEN_PATH"] = state["token_path"]
+        os.environ.pop("RAY_AUTH_TOKEN", None)
+
+
 def _is_loopback(address: str | None) -> bool:
     return bool(address) and address.split(":")[0] in ("127.0.0.1", "localhost")
 
@@ -77,13 +90,19 @@ def connect(address: str | None = "auto") -> None:
     if ray.is_initialized():
         return
     if address in (None, "auto") and LOCAL_STATE.is_file():
-        address = json.loads(LOCAL_STATE.read_text())["address"]
+        state = json.loads(LOCAL_STATE.read_text())
+        address = state["address"]
+        use_local_auth(state)
     kwargs: dict[str, Any] = {"address": address or "auto", "namespace": NAMESPACE, "log_to_driver": False}
     if _is_loopback(address):
         use_loopback()
         kwargs["_node_ip_address"] = "127.0.0.1"
     try:
         ray.init(**kwargs)
+    except ray.exceptions.AuthenticationError as exc:
+        raise ClusterError(f"the Ray cluster at {address or 'auto'} refused this process: {str(exc).splitlines()[0]} "
+                           "Set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the "
+                           "cluster's token.") from None  # fmt: skip
     except ConnectionError as exc:
         raise ClusterError(f"cannot reach a Ray cluster at {address or 'auto'}: {exc}; "
                            "start one (`lorafleet up --local`) or pass --address") from None  # fmt: skip
@@ -117,13 +136,15 @@ def start_controller(
     policy: dict[str, Any] | None = None,
     *,
     wait_s: float = 120.0,
+    api_key: str | None = None,
     **options: Any,
 ) -> tuple[Any, bool]:
     """Start the controller, or reattach to a running one; returns (handle, started_now).
 
     ``options`` go to :class:`orchestrator.controller.Controller` (``num_gpus``,
-    ``worker_options``, ``loop_interval_s``, ...). A running controller keeps its settings;
-    a given ``policy`` is then applied with ``set_policy``.
+    ``worker_options``, ``loop_interval_s``, ``allowed_prefixes``, ...). A running controller
+    keeps its settings; a given ``policy`` is then applied with ``set_policy`` (with ``api_key``:
+    admin-only once users exist, ``AccessError`` otherwise).
     """
     import ray
 
@@ -133,7 +154,10 @@ def start_controller(
         handle = get_controller()
         started = False
         if policy is not None:
-            ray.get(handle.set_policy.remote(policy), timeout=wait_s)
+            try:
+                ray.get(handle.set_policy.remote(policy, api_key=api_key), timeout=wait_s)
+            except ray.exceptions.RayTaskError as err:
+                raise (err.cause if getattr(err, "cause", None) is not None else err) from None
     except NoControllerError:
         storage = str(storage) if "://" in str(storage) else str(Path(storage).expanduser().resolve())
         store = str(Path(store).expanduser().resolve())
@@ -143,13 +167,23 @@ def start_controller(
     return handle, started
 
 
-def stop_controller(timeout_s: float = 120.0) -> dict[str, Any]:
-    """Checkpoint and requeue running jobs, then kill the controller for good (no restart)."""
+def stop_controller(timeout_s: float = 120.0, api_key: str | None = None) -> dict[str, Any]:
+    """Checkpoint and requeue running jobs, then kill the controller for good (no restart).
+
+    Once users exist only an admin's ``api_key`` may do this: ``AccessError`` otherwise (the
+    controller keeps running).
+    """
     import ray
+
+    from orchestrator.auth import AccessError
 
     handle = get_controller()
     try:
-        out = ray.get(handle.shutdown.remote(), timeout=timeout_s)
+        out = ray.get(handle.shutdown.remote(api_key=api_key), timeout=timeout_s)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(getattr(exc, "cause", None), AccessError):
+            raise exc.cause from None
+        out = {"warning": f"controller did not shut down cleanly: {exc}"}
     except (ray.exceptions.RayError, TimeoutError) as exc:
         out = {"warning": f"controller did not shut down cleanly: {exc}"}
     ray.kill(handle, no_restart=True)
@@ -168,12 +202,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_local_cluster(num_gpus: int = 0, num_cpus: int | None = None, port: int = 0) -> dict[str, Any]:
+def start_local_cluster(num_gpus: int = 0, num_cpus: int | None = None, port: int = 0,
+                        auth: str = "disabled") -> dict[str, Any]:  # fmt: skip
     """``ray start --head`` on 127.0.0.1 with a private temp dir; records and returns its state.
 
     ``port`` 0 picks a free GCS port (6379 may belong to another user's Ray).
+    ``auth``: ``disabled``, or ``token``: Ray token authentication (``RAY_AUTH_MODE=token``) with
+    a fresh random token written to ``TOKEN_FILE`` (mode 0600); every later lorafleet command on
+    this machine reads it from the recorded state, other clients need the token
+    (``RAY_AUTH_TOKEN`` / ``RAY_AUTH_TOKEN_PATH``, ``--token``). The mode is always set
+    explicitly, so a token lying in ``~/.ray/auth_token`` does not switch it on by surprise.
     Raises ``ClusterError`` when one is already recorded or ``ray start`` fails.
     """
+    if auth not in ("disabled", "token"):
+        raise ClusterError(f"auth: must be one of disabled, token (got {auth!r})")
     if LOCAL_STATE.is_file():
         state = json.loads(LOCAL_STATE.read_text())
         raise ClusterError(f"a local cluster started by lorafleet is recorded at {state['address']} "
@@ -182,6 +224,16 @@ def start_local_cluster(num_gpus: int = 0, num_cpus: int | None = None, port: in
     tmp = tempfile.mkdtemp(prefix="lf-ray-", dir="/tmp")
     env = loopback_env()
     env["RAY_TMPDIR"] = tmp
+    env["RAY_AUTH_MODE"] = auth
+    token_path = None
+    if auth == "token":
+        import secrets
+
+        from orchestrator.auth import write_secret
+
+        token_path = str(write_secret(TOKEN_FILE, secrets.token_hex(32)))
+        env["RAY_AUTH_TOKEN_PATH"] = token_path
+        env.pop("RAY_AUTH_TOKEN", None)
     # Ray job entrypoints (`python -m orchestrator.agent`, `lorafleet run`) resolve on this PATH.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     ray_bin = str(Path(sys.executable).with_name("ray"))
@@ -202,7 +254,7 @@ def start_local_cluster(num_gpus: int = 0, num_cpus: int | None = None, port: in
         raise ClusterError(f"`{' '.join(cmd)}` failed:\n{proc.stderr.strip() or proc.stdout.strip()}")
     pids = sorted(_pids_under(tmp))  # only processes of OUR temp dir: never another user's Ray
     state = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard_port}",
-             "temp_dir": tmp, "pids": pids, "num_gpus": num_gpus,
+             "temp_dir": tmp, "pids": pids, "num_gpus": num_gpus, "auth": auth, "token_path": token_path,
              "started": time.time()}  # fmt: skip
     LOCAL_STATE.parent.mkdir(parents=True, exist_ok=True)
     LOCAL_STATE.write_text(json.dumps(state, indent=1) + "\n")

@@ -21,8 +21,15 @@ from the store: RUNNING, PROFILING and PREEMPTED jobs are queued again and resum
 newest checkpoint (the workers of the previous incarnation were its children and died with it).
 
 Client-facing methods (``submit``, ``status``, ``list_jobs``, ``cancel``, ``logs``,
-``set_policy``, ``get_policy``, ``workers``, ``shutdown``) return plain dicts and raise
-``ValueError``/``LookupError`` with a clear message. See docs/cluster.md.
+``set_policy``, ``get_policy``, ``workers``, ``shutdown``, ``add_user``, ...) return plain dicts and
+raise ``ValueError``/``LookupError`` with a clear message, or ``orchestrator.auth.AccessError``.
+
+Identity (``orchestrator.auth``): each call carries the caller's ``api_key``; once users are
+registered the controller derives the caller (and so a job's owner) from it and refuses another
+owner's job details, logs, adapter and cancellation unless the caller is an admin. Without users
+(single-user mode) every caller is trusted and the declared ``owner`` is recorded. Admission also
+confines every path a spec names (``PATH_FIELDS``) to the owner's upload area or an admin-allowed
+prefix, and refuses ``trust_remote_code`` unless the admin enabled it. See docs/admin.md.
 """
 
 from __future__ import annotations
@@ -40,7 +47,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from orchestrator.spec import JobSpec, SpecError, parse_spec
+from orchestrator.auth import AccessError, Identity, hash_key, new_api_key
+from orchestrator.paths import MAX_UPLOAD_BYTES, PathError, check_job_name, check_upload_size, confine
+from orchestrator.spec import MAX_SPEC_BYTES, JobSpec, SpecError, parse_spec
 from orchestrator.store import JobRecord, JobState, JobStore, JobStoreError
 from policies import (
     ActivationFit,
@@ -67,6 +76,12 @@ FALLBACK_SHAPE = ModelShape(134_515_008, 576, 30, 9, 1536, 49152, 3, 2)
 NOMINAL_TOKENS_PER_S = 2000.0  # for remaining-work estimates before a job has reported
 FREE_PREFIX = "free-gpu-"
 LIVE = (JobState.QUEUED, JobState.PROFILING, JobState.RUNNING, JobState.PREEMPTED)
+# What anyone may see of another owner's job in a listing; the spec (data paths, hyperparameters),
+# output location, loss and errors stay with the owner and admins.
+PUBLIC_FIELDS = ("id", "name", "owner", "state", "priority", "submit_time", "start_time", "end_time", "worker")
+# Spec fields that name files the worker reads: confined to the owner's uploads or an admin prefix.
+PATH_FIELDS = (("data", "path"), ("eval", "data"), ("adapter", "init_from"))
+UPLOADS_DIR = "uploads"
 
 
 # ---------------------------------------------------------------------------- pure helpers
@@ -271,6 +286,11 @@ class Controller:
         worker_timeout_s: a worker that does not answer ``progress()`` for this long (never
             placed, or hung) is killed and counted as lost.
         start_loop: start the policy loop thread (tests may drive ``tick()`` by hand).
+        allowed_prefixes: absolute directories (or URI prefixes) a spec's data paths may name
+            besides the owner's uploads (admin-set, e.g. a read-only data set mount).
+        allow_remote_code: admit specs with ``trust_remote_code: true`` (the worker then runs
+            Python shipped with the base model). Off by default.
+        max_upload_bytes: largest data file a spec may name in the uploads area.
     """
 
     def __init__(
@@ -287,8 +307,14 @@ class Controller:
         worker_idle_s: float = 10.0,
         worker_timeout_s: float = 900.0,
         start_loop: bool = True,
+        allowed_prefixes: Iterable[str] = (),
+        allow_remote_code: bool = False,
+        max_upload_bytes: int = MAX_UPLOAD_BYTES,
     ):
         self.store = JobStore(store_path)
+        self.allowed_prefixes = tuple(_norm_prefix(p) for p in allowed_prefixes)
+        self.allow_remote_code = bool(allow_remote_code)
+        self.max_upload_bytes = int(max_upload_bytes)
         self.storage = storage
         self.num_gpus = num_gpus
         self.worker_memory_bytes = worker_memory_bytes
@@ -322,23 +348,136 @@ class Controller:
     # ------------------------------------------------------------------ client API
 
     def ping(self) -> dict[str, Any]:
-        """Liveness and identity: pid, start time, policy name, store path, storage root."""
+        """Liveness and identity: pid, start time, policy name, store path, storage root, admission settings."""
         return {"pid": os.getpid(), "started": self._started, "policy": self.policy.name,
                 "store": str(self.store.path), "storage": self.storage, "ticks": self._ticks,
-                "recovered": len(self.recovered), "last_error": self._last_error}  # fmt: skip
+                "recovered": len(self.recovered), "last_error": self._last_error,
+                "auth": "api-keys" if self.store.has_users() else "single-user",
+                "allowed_prefixes": list(self.allowed_prefixes), "allow_remote_code": self.allow_remote_code,
+                "max_upload_bytes": self.max_upload_bytes}  # fmt: skip
 
-    def submit(self, spec: Mapping[str, Any], owner: str | None = None) -> dict[str, Any]:
-        """Validate ``spec`` and queue it; returns the job record as a dict.
+    # ---------------------------------------------------------------- identity
 
-        Raises ``ValueError`` listing every spec error (``field: message``), or naming the
-        duplicate job; nothing is stored then.
+    def identify(self, api_key: str | None = None, owner: str | None = None) -> Identity:
+        """The caller behind ``api_key`` (see ``orchestrator.auth``).
+
+        Single-user mode (no users registered): an unauthenticated admin named ``owner`` (or
+        ``default``). Otherwise the registered user whose key this is; a declared ``owner`` that
+        is not that user is refused unless the user is an admin (who may act for any owner).
+
+        Raises:
+            AccessError: no key or an unknown key while users exist; a non-admin declaring
+                another owner.
+            PathError: ``owner`` is not a safe name.
         """
+        if owner is not None:
+            check_job_name(owner, field="owner")
+        if not self.store.has_users():
+            return Identity(owner or "default", admin=True, authenticated=False)
+        if not api_key:
+            raise AccessError("this cluster requires an API key: set LORAFLEET_API_KEY (or write it to "
+                              "~/.lorafleet/api_key, mode 600) to the key `lorafleet admin add-user` "
+                              "printed for you")  # fmt: skip
+        user = self.store.user_by_key_hash(hash_key(str(api_key)))
+        if user is None:
+            raise AccessError("API key not recognised (mistyped or revoked); ask an admin for a new one "
+                              "(`lorafleet admin add-user`)")  # fmt: skip
+        if owner is not None and owner != user.name:
+            if not user.admin:
+                raise AccessError(f"owner: {owner!r} is not you ({user.name!r}); only an admin may act "
+                                  "for another owner")  # fmt: skip
+            return Identity(owner, admin=True, authenticated=True)
+        return Identity(user.name, admin=user.admin, authenticated=True)
+
+    def whoami(self, api_key: str | None = None, owner: str | None = None) -> dict[str, Any]:
+        """The caller's name, admin flag and the cluster's mode (``api-keys`` or ``single-user``)."""
+        ident = self.identify(api_key, owner)
+        return {"name": ident.name, "admin": ident.admin,
+                "mode": "api-keys" if ident.authenticated else "single-user"}  # fmt: skip
+
+    def _require_admin(self, api_key: str | None, action: str) -> Identity:
+        ident = self.identify(api_key)
+        if not ident.admin:
+            raise AccessError(f"only an admin may {action} (you are {ident.name!r})")
+        return ident
+
+    def _find(self, job: str, ident: Identity, action: str, owner: str | None = None) -> JobRecord:
+        """The job ``job`` names, if ``ident`` may ``action`` it.
+
+        A name resolves among the caller's own jobs first (an admin's: ``owner``'s, or anyone's).
+        Raises ``LookupError`` (unknown or ambiguous) or ``AccessError`` (another owner's job).
+        """
+        if ident.admin:
+            return self.store.find(job, owner=owner)
+        try:
+            rec = self.store.find(job, owner=ident.name)
+        except LookupError:
+            rec = self.store.find(job)  # exists for someone else? then say so, not "unknown"
+        if rec.owner != ident.name:
+            raise AccessError(f"job {rec.id} belongs to owner {rec.owner!r}: only its owner or an admin may "
+                              f"{action} it (you are {ident.name!r})")  # fmt: skip
+        return rec
+
+    def add_user(self, name: str, admin: bool = False, api_key: str | None = None) -> dict[str, Any]:
+        """Register a user and return ``{name, admin, key}``; the key is shown this once only.
+
+        Admin-only, except the very first user, which anyone who can reach the controller may
+        create (single-user mode trusts every caller) and which must be an admin.
+        Raises ``AccessError``, ``PathError`` (unsafe name) or ``ValueError`` (name taken).
+        """
+        check_job_name(name, field="name")
+        if self.store.has_users():
+            self._require_admin(api_key, "add users")
+        elif not admin:
+            raise ValueError("admin: the first user must be an admin (--admin), or nobody could add users later")
+        key = new_api_key()
+        user = self.store.add_user(name, hash_key(key), admin=admin)
+        log.info("user %s added (admin=%s)", user.name, user.admin)
+        return {"name": user.name, "admin": user.admin, "key": key}
+
+    def remove_user(self, name: str, api_key: str | None = None) -> dict[str, Any]:
+        """Revoke a user's key (admin-only); their jobs keep running and keep their owner."""
+        self._require_admin(api_key, "remove users")
+        if not self.store.remove_user(name):
+            raise LookupError(f"name: no user {name!r}")
+        return {"removed": name}
+
+    def list_users(self, api_key: str | None = None) -> list[dict[str, Any]]:
+        """Every registered user (admin-only): name, admin, created. Never key material."""
+        self._require_admin(api_key, "list users")
+        return [{"name": u.name, "admin": u.admin, "created": u.created} for u in self.store.users()]
+
+    # ---------------------------------------------------------------- jobs
+
+    def submit(self, spec: Mapping[str, Any], owner: str | None = None, api_key: str | None = None) -> dict[str, Any]:
+        """Validate ``spec`` and queue it for the caller; returns the job record as a dict.
+
+        The owner is the caller's identity (``identify``). Admission refuses, before anything is
+        stored: an invalid spec (``ValueError`` listing every ``field: message``), a spec over
+        ``MAX_SPEC_BYTES``, a path outside the owner's uploads and the admin's prefixes
+        (``PathError``, a ``ValueError``), ``trust_remote_code`` unless enabled, a duplicate live
+        name. Raises ``AccessError`` for a missing or unknown key.
+        """
+        ident = self.identify(api_key, owner)
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"spec: a job spec must be a mapping of fields (got {type(spec).__name__})")
+        try:
+            size = len(json.dumps(spec, default=str))
+        except (TypeError, ValueError, RecursionError):
+            size = MAX_SPEC_BYTES + 1
+        if size > MAX_SPEC_BYTES:
+            raise ValueError(f"spec: {size} bytes as JSON; the limit is {MAX_SPEC_BYTES}")
         try:
             parsed = parse_spec(dict(spec), source="spec")
         except SpecError as err:
             raise ValueError("invalid job spec:\n" + "\n".join(err.errors)) from None
-        owner = owner or parsed.owner or "default"
-        doc = parsed.model_dump(mode="json")
+        if parsed.trust_remote_code and not self.allow_remote_code:
+            raise ValueError("trust_remote_code: this cluster does not run code shipped with models; an admin "
+                             "enables it with `lorafleet up --allow-remote-code`")  # fmt: skip
+        owner = ident.name if ident.authenticated else (owner or parsed.owner or "default")
+        check_job_name(owner, field="owner")
+        doc = self._admit_paths(parsed.model_dump(mode="json"), owner)
+        doc["owner"], doc["output"] = owner, None  # outputs always go under <storage>/jobs/<job id>
         try:
             rec = self.store.create_job(spec=doc, name=parsed.name, owner=owner, priority=parsed.priority,
                                         total_steps=parsed.train.max_steps)  # fmt: skip
@@ -347,6 +486,47 @@ class Controller:
         self._stamp_fair_start(rec)
         self._log(rec.id, f"submitted by {owner}")
         return self._public(rec)
+
+    def uploads_root(self, owner: str) -> str:
+        """Where the agent stages ``owner``'s uploaded data: ``<storage>/uploads/<owner>``."""
+        from actors.storage import is_uri
+
+        check_job_name(owner, field="owner")
+        if is_uri(self.storage):
+            return f"{self.storage.rstrip('/')}/{UPLOADS_DIR}/{owner}"
+        return str(Path(self.storage).expanduser().resolve() / UPLOADS_DIR / owner)
+
+    def _admit_paths(self, doc: dict[str, Any], owner: str) -> dict[str, Any]:
+        """``doc`` with every path field confined (resolved, absolute) or a ``PathError`` naming the field.
+
+        Allowed: the owner's uploads area (relative paths resolve there) and the admin's
+        ``allowed_prefixes``; never ``..``, NUL bytes or a symlink out. URIs must lie under the
+        owner's uploads URI or an allowed URI prefix. Files in the uploads area are size-checked.
+        """
+        from actors.storage import is_uri
+
+        uploads = self.uploads_root(owner)
+        for section, key in PATH_FIELDS:
+            value = (doc.get(section) or {}).get(key)
+            if value is None:
+                continue
+            field_name = f"{section}.{key}"
+            if isinstance(value, str) and is_uri(value):
+                _confine_uri(value, [uploads + "/", *(p for p in self.allowed_prefixes if is_uri(p))], field_name)
+                continue
+            if is_uri(uploads):
+                local_prefixes = [p for p in self.allowed_prefixes if not is_uri(p)]
+                if not isinstance(value, str) or not value.startswith("/"):
+                    raise PathError(f"{field_name}: {value!r} must be a URI under {uploads}/ or an absolute path "
+                                    f"under an allowed prefix ({', '.join(local_prefixes) or 'none'})")  # fmt: skip
+                target = confine("/", value, field=field_name, allowed_prefixes=local_prefixes)
+            else:
+                prefixes = [uploads, *(p for p in self.allowed_prefixes if not is_uri(p))]
+                target = confine(uploads, value, field=field_name, allowed_prefixes=prefixes)
+                if target.is_relative_to(uploads) and target.is_file():
+                    check_upload_size(target, field=field_name, limit=self.max_upload_bytes)
+            doc[section][key] = str(target)
+        return doc
 
     def _stamp_fair_start(self, rec: JobRecord) -> None:
         """Stamp the job's FIFO-fair start deadline (policies.fairstart) in ``extra``; best effort:
@@ -361,9 +541,12 @@ class Controller:
         except Exception as err:  # never fail a submission over the stamp
             self._log(rec.id, f"no FIFO-fair start deadline ({err})")
 
-    def status(self, job: str, owner: str | None = None) -> dict[str, Any]:
-        """One job (by id, or newest with that name) with its state history. Raises ``LookupError``."""
-        rec = self.store.find(job, owner=owner)
+    def status(self, job: str, owner: str | None = None, api_key: str | None = None) -> dict[str, Any]:
+        """One job (by id, or newest with that name) with its state history.
+
+        Raises ``LookupError``, or ``AccessError`` for another owner's job (unless admin).
+        """
+        rec = self._find(job, self.identify(api_key), "see the details of", owner)
         out = self._public(rec)
         out["events"] = [
             {"time": e.time, "from": e.from_state.value if e.from_state else None, "to": e.to_state.value,
@@ -373,30 +556,46 @@ class Controller:
         return out
 
     def list_jobs(self, states: list[str] | None = None, owner: str | None = None,
-                  limit: int | None = None) -> list[dict[str, Any]]:  # fmt: skip
-        """Jobs newest first, filtered by state names and owner."""
-        return [self._public(r) for r in self.store.list(states=states, owner=owner, limit=limit)]
+                  limit: int | None = None, api_key: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
+        """Jobs newest first, filtered by state names and owner.
+
+        Another owner's job (for a non-admin caller) shows only ``PUBLIC_FIELDS`` plus
+        ``"redacted": True``. Raises ``AccessError`` for a missing or unknown key.
+        """
+        ident = self.identify(api_key)
+        out = []
+        for r in self.store.list(states=states, owner=owner, limit=limit):
+            if ident.admin or r.owner == ident.name:
+                out.append(self._public(r))
+            else:
+                public = self._public(r)
+                out.append({**{k: public.get(k) for k in PUBLIC_FIELDS}, "redacted": True})
+        return out
 
     def counts(self) -> dict[str, int]:
         return {s.value: n for s, n in self.store.counts().items()}
 
-    def cancel(self, job: str, owner: str | None = None) -> dict[str, Any]:
-        """Cancel a live job (durably, then tell its worker). Raises ``LookupError``/``ValueError``."""
+    def cancel(self, job: str, owner: str | None = None, api_key: str | None = None) -> dict[str, Any]:
+        """Cancel a live job (durably, then tell its worker). Raises ``LookupError``/``ValueError``/``AccessError``."""
+        ident = self.identify(api_key)
         with self._lock:
-            rec = self.store.find(job, owner=owner)
+            rec = self._find(job, ident, "cancel", owner)
             if rec.state.is_terminal():
                 raise ValueError(f"job {rec.id} ({rec.name}) is already {rec.state.value}")
-            rec = self.store.transition(rec.id, JobState.CANCELLED, reason="cancelled by user", expect=LIVE)
+            rec = self.store.transition(rec.id, JobState.CANCELLED, reason=f"cancelled by {ident.name}", expect=LIVE)
             for w in self._workers.values():
                 if rec.id in w.assigned:
                     w.assigned.discard(rec.id)
                     w.handle.cancel.remote(rec.id)
-            self._log(rec.id, "cancelled")
+            self._log(rec.id, f"cancelled by {ident.name}")
             return self._public(rec)
 
-    def logs(self, job: str, lines: int = 50) -> list[str]:
-        """Recent progress lines of a job (from memory, else the tail of its local metrics.jsonl)."""
-        rec = self.store.find(job)
+    def logs(self, job: str, lines: int = 50, owner: str | None = None, api_key: str | None = None) -> list[str]:
+        """Recent progress lines of a job (from memory, else the tail of its local metrics.jsonl).
+
+        Raises ``LookupError``, or ``AccessError`` for another owner's job (unless admin).
+        """
+        rec = self._find(job, self.identify(api_key), "read the logs of", owner)
         kept = list(self._logs.get(rec.id, ()))
         if not kept and rec.output and not rec.output.startswith(("s3:", "gs:")) and "://" not in rec.output:
             path = Path(rec.output) / "metrics.jsonl"
@@ -404,8 +603,9 @@ class Controller:
                 kept = path.read_text().splitlines()
         return kept[-lines:]
 
-    def set_policy(self, doc: Mapping[str, Any]) -> dict[str, Any]:
-        """Swap the policy at run time (jobs keep running); raises ``ValueError`` for a bad config."""
+    def set_policy(self, doc: Mapping[str, Any], api_key: str | None = None) -> dict[str, Any]:
+        """Swap the policy at run time (admin-only; jobs keep running); raises ``ValueError`` for a bad config."""
+        self._require_admin(api_key, "set the policy")
         policy = parse_policy_config(dict(doc), source="policy")  # PolicyConfigError is a ValueError
         with self._lock:
             self.policy, self.policy_doc = policy, dict(doc)
@@ -416,9 +616,9 @@ class Controller:
     def get_policy(self) -> dict[str, Any]:
         return {"name": self.policy.name, "config": self.policy_doc}
 
-    def explain(self, job: str) -> str:
-        """The policy's breakdown for a job in the current view."""
-        rec = self.store.find(job)
+    def explain(self, job: str, api_key: str | None = None) -> str:
+        """The policy's breakdown for a job in the current view (its owner or an admin)."""
+        rec = self._find(job, self.identify(api_key), "explain")
         with self._lock:
             view = self._view(time.time())
             return self.policy.explain(view, rec.id).format()
@@ -441,13 +641,14 @@ class Controller:
         """The actor handle of a worker (tests and drills: kill it, force an OOM)."""
         return self._workers[worker_id].handle
 
-    def shutdown(self, timeout_s: float = 60.0) -> dict[str, Any]:
-        """Stop the loop, checkpoint every running job, requeue it durably, stop the workers.
+    def shutdown(self, timeout_s: float = 60.0, api_key: str | None = None) -> dict[str, Any]:
+        """Stop the loop, checkpoint every running job, requeue it durably, stop the workers (admin-only).
 
         Nothing recorded is lost: requeued jobs resume from these checkpoints at the next ``up``.
         """
         import ray
 
+        self._require_admin(api_key, "stop the controller")
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=timeout_s)
@@ -724,7 +925,7 @@ class Controller:
             self._stop_worker(w, f"switching to base model {spec.base_model}")
             w = None
         if w is None:
-            w = self._new_worker(spec.base_model)
+            w = self._new_worker(spec.base_model, trust_remote_code=spec.trust_remote_code and self.allow_remote_code)
         from actors.storage import is_uri, job_output
 
         remote = job_output(self.storage, job_id) if is_uri(self.storage) else None
@@ -746,9 +947,12 @@ class Controller:
         root = self.worker_options.get("staging_dir") or "/tmp/lorafleet-staging"
         return str(Path(root) / job_id)
 
-    def _new_worker(self, base_model: str) -> _Worker:
+    def _new_worker(self, base_model: str, *, trust_remote_code: bool = False) -> _Worker:
         wid = f"w-{uuid.uuid4().hex[:6]}"
-        handle = worker_actor_class().options(name=None).remote(wid, base_model, **self.worker_options)
+        options = dict(self.worker_options)
+        if trust_remote_code:  # admitted only when the admin enabled it (submit checks)
+            options["trust_remote_code"] = True
+        handle = worker_actor_class().options(name=None).remote(wid, base_model, **options)
         w = _Worker(wid, handle, base_model, time.time())
         self._workers[wid] = w
         log.info("started worker %s for %s", wid, base_model)
@@ -787,6 +991,26 @@ class Controller:
         from actors.checkpoint import atomic_write_json
 
         atomic_write_json(self._policy_file, self.policy_doc)
+
+
+def _norm_prefix(prefix: str) -> str:
+    """An admin path prefix made absolute (URIs kept as given, without a trailing slash)."""
+    prefix = str(prefix)
+    if "://" in prefix:
+        return prefix.rstrip("/")
+    if not os.path.isabs(prefix):
+        raise ValueError(f"allowed_prefixes: {prefix!r} must be an absolute path or a URI")
+    return os.path.abspath(prefix)
+
+
+def _confine_uri(value: str, prefixes: Iterable[str], field_name: str) -> None:
+    """Refuse a URI with a ``..`` segment or outside every prefix (``PathError`` naming the field)."""
+    if "\x00" in value or ".." in value.split("://", 1)[1].split("/"):
+        raise PathError(f"{field_name}: {value!r} escapes the job area ('..' is not allowed)")
+    prefixes = [p if p.endswith("/") else p + "/" for p in prefixes]
+    if not any(value.startswith(p) for p in prefixes):
+        raise PathError(f"{field_name}: {value!r} is outside your uploads and the allowed prefixes "
+                        f"({', '.join(prefixes)})")  # fmt: skip
 
 
 def _finite(x: Any) -> float | None:

@@ -14,7 +14,8 @@ travel in the Ray job's working directory.
 
 The address also comes from ``RAY_API_SERVER_ADDRESS`` or ``RAY_ADDRESS``; with Ray token
 authentication the token comes from ``token=`` or Ray's own ``RAY_AUTH_TOKEN`` /
-``RAY_AUTH_TOKEN_PATH`` / ``~/.ray/auth_token``.
+``RAY_AUTH_TOKEN_PATH`` / ``~/.ray/auth_token``. On a cluster with users, the lorafleet API key
+comes from ``api_key=``, ``LORAFLEET_API_KEY``, or ``~/.lorafleet/api_key`` (``orchestrator.auth``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from typing import Any
 
 import yaml
 
-from orchestrator.agent import RESULT_PREFIX
+from orchestrator.agent import KEY_FILE, RESULT_PREFIX
+from orchestrator.auth import client_api_key, write_secret
 from orchestrator.spec import JobSpec, load_spec, parse_spec
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -86,8 +88,17 @@ class Job:
 class Client:
     """Talks to a lorafleet cluster through Ray Job Submission (see the module docstring).
 
+    Args:
+        address: the Ray dashboard (see :func:`resolve_address`).
+        token: the Ray auth token (else Ray's own ``RAY_AUTH_TOKEN`` / token file).
+        owner: the owner to declare. In single-user mode it is recorded as the job's owner
+            (default: ``LORAFLEET_OWNER`` or the login name). With an API key the key decides the
+            owner, and a declared owner other than the key's user is refused unless it is an admin's.
+        api_key: the lorafleet API key (else ``LORAFLEET_API_KEY`` or ``~/.lorafleet/api_key``).
+
     Raises:
-        RemoteError: the dashboard cannot be reached (names the address and how to fix it).
+        RemoteError: the dashboard cannot be reached, or refuses the Ray token (names the
+            address and how to fix it); the API key file is readable by others.
     """
 
     def __init__(
@@ -96,25 +107,43 @@ class Client:
         *,
         token: str | None = None,
         owner: str | None = None,
+        api_key: str | None = None,
         timeout_s: float = 600.0,
     ):
         from ray.job_submission import JobSubmissionClient
 
+        from orchestrator.auth import AccessError
+
         self.address = resolve_address(address)
-        self.owner = owner or default_owner()
+        try:
+            self.api_key = client_api_key(api_key)
+        except AccessError as exc:
+            raise RemoteError(str(exc)) from None
+        if self.api_key:
+            self.owner = owner or os.environ.get("LORAFLEET_OWNER") or None
+        else:
+            self.owner = owner or default_owner()
         self.timeout_s = timeout_s
         headers = {"Authorization": f"Bearer {token}"} if token else None
         try:
             self._ray = JobSubmissionClient(self.address, headers=headers)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise RemoteError(
-                f"cannot reach the Ray dashboard at {self.address}: {_first_line(exc)}. Check --address "
-                "(or RAY_ADDRESS / RAY_API_SERVER_ADDRESS) and that the cluster is up (`lorafleet up --local`)."
-            ) from None
+            raise _connect_error(self.address, exc) from None
 
     # ---------------------------------------------------------------- the agent channel
 
     def _agent(self, args: Sequence[str], *, workdir: str | None = None) -> Any:
+        """Run the agent with ``args`` as a Ray job and return its answer (the API key rides in ``workdir``)."""
+        if self.api_key and workdir is None:
+            workdir = tempfile.mkdtemp(prefix="lorafleet-call-")
+            try:
+                return self._agent(args, workdir=workdir)
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
+        if self.api_key:
+            write_secret(Path(workdir) / KEY_FILE, self.api_key)
+            # A fresh package per call: the agent deletes the key file from its (shared) unpacked copy.
+            (Path(workdir) / "lorafleet-nonce").write_text(os.urandom(8).hex())
         entrypoint = "python -m orchestrator.agent " + shlex.join(args)
         runtime_env = {"working_dir": workdir} if workdir else None
         deadline = time.monotonic() + self.timeout_s
@@ -128,6 +157,8 @@ class Client:
                 if "try again later" in str(exc) and time.monotonic() < deadline:
                     time.sleep(1.0)
                     continue
+                if _is_auth_error(exc):
+                    raise _connect_error(self.address, exc) from None
                 raise RemoteError(f"Ray refused the request at {self.address}: {_first_line(exc)}") from None
         delay = 0.2
         while True:
@@ -164,7 +195,7 @@ class Client:
         workdir = tempfile.mkdtemp(prefix="lorafleet-submit-")
         try:
             names = [self._stage(spec, Path(workdir), i) for i, spec in enumerate(specs)]
-            result = self._agent(["register", "--owner", self.owner, *names], workdir=workdir)
+            result = self._agent(["register", *self._owner_args(), *names], workdir=workdir)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         return [Job(self, r["id"], r["name"]) for r in result]
@@ -188,8 +219,15 @@ class Client:
         (workdir / name).write_text(yaml.safe_dump(doc, sort_keys=False))
         return name
 
+    def _owner_args(self) -> list[str]:
+        return ["--owner", self.owner] if self.owner else []
+
     def _call(self, method: str, **kwargs: Any) -> Any:
         return self._agent(["call", method, json.dumps(kwargs)])
+
+    def whoami(self) -> dict[str, Any]:
+        """``{name, admin, mode}``: who the cluster takes this client for."""
+        return self._call("whoami", owner=self.owner)
 
     def status(self, job: str) -> dict[str, Any]:
         """One job (id or name) with its state history."""
@@ -200,7 +238,7 @@ class Client:
         return self._call("list_jobs", states=list(states) if states else None, owner=self.owner)
 
     def logs(self, job: str, lines: int = 50) -> list[str]:
-        return self._call("logs", job=job, lines=lines)
+        return self._call("logs", job=job, lines=lines, owner=self.owner)
 
     def cancel(self, job: str) -> dict[str, Any]:
         return self._call("cancel", job=job, owner=self.owner)
@@ -227,12 +265,30 @@ class Client:
 
     def fetch(self, job: str, dest: str | os.PathLike[str]) -> Path:
         """Copy the finished adapter (config, weights, metrics, eval) into ``dest``."""
-        result = self._agent(["fetch", "--owner", self.owner, job])
+        result = self._agent(["fetch", *self._owner_args(), job])
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
         for name, data in result["files"].items():
             (dest / name).write_bytes(base64.b64decode(data))
         return dest
+
+
+def _is_auth_error(exc: BaseException) -> bool:
+    text = str(exc)
+    return any(w in text for w in ("401", "403", "Unauthorized", "Forbidden", "authentication", "auth token"))
+
+
+def _connect_error(address: str, exc: BaseException) -> RemoteError:
+    if _is_auth_error(exc):
+        return RemoteError(
+            f"the Ray cluster at {address} refused this client: it requires a Ray auth token "
+            f"({_first_line(exc)}). Pass --token, or set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) as your admin "
+            "gave it to you."
+        )
+    return RemoteError(
+        f"cannot reach the Ray dashboard at {address}: {_first_line(exc)}. Check --address "
+        "(or RAY_ADDRESS / RAY_API_SERVER_ADDRESS) and that the cluster is up (`lorafleet up --local`)."
+    )
 
 
 def _first_line(exc: BaseException) -> str:

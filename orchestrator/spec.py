@@ -196,6 +196,10 @@ class JobSpec(_Strict):
     base_model: str = Field(
         DEFAULT_BASE_MODEL, min_length=1, description="builtin:NAME, a local model directory, or a hub id"
     )
+    trust_remote_code: bool = Field(
+        False, description="run Python code shipped with the base model; a cluster refuses it unless the "
+        "admin enabled it (`lorafleet up --allow-remote-code`)"
+    )
     adapter: AdapterSpec = Field(default_factory=AdapterSpec)
     data: DataSpec
     train: TrainSpec = Field(default_factory=TrainSpec)

@@ -41,7 +41,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the users table (API key hashes)
 DEFAULT_PATH = Path(os.environ.get("LORAFLEET_HOME", Path.home() / ".lorafleet")) / "jobs.db"
 
 
@@ -96,6 +96,10 @@ class StaleStateError(JobStoreError):
     """``transition(expect=...)`` found the job in another state (compare-and-set lost)."""
 
 
+class UserExistsError(JobStoreError, ValueError):
+    """A user with this name is already registered."""
+
+
 class SchemaVersionError(JobStoreError):
     """The store file was written by a newer lorafleet, or is not a lorafleet store."""
 
@@ -133,6 +137,15 @@ class JobRecord:
 
 
 @dataclass(frozen=True)
+class User:
+    """A registered identity: jobs it submits are owned by ``name``; ``admin`` may act on every job."""
+
+    name: str
+    admin: bool
+    created: float
+
+
+@dataclass(frozen=True)
 class Event:
     """One state change. ``from_state`` is None for the creation event (-> QUEUED)."""
 
@@ -162,6 +175,9 @@ CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, time REAL NOT NULL,
     from_state TEXT, to_state TEXT NOT NULL, reason TEXT);
 CREATE INDEX IF NOT EXISTS events_job ON events(job_id);
+CREATE TABLE IF NOT EXISTS users (
+    name TEXT PRIMARY KEY, key_hash TEXT NOT NULL UNIQUE, admin INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL);
 """
 
 _COLUMNS = [f for f in JobRecord.__dataclass_fields__]
@@ -489,6 +505,47 @@ class JobStore:
         out = dict.fromkeys(JobState, 0)
         out.update({JobState(s): n for s, n in rows})
         return out
+
+    # ---- users (API key hashes; orchestrator.auth makes and checks the keys) -------------
+
+    def add_user(self, name: str, key_hash: str, *, admin: bool = False) -> User:
+        """Register ``name`` with the SHA-256 hex digest of its API key (the key itself is never stored).
+
+        Raises ``UserExistsError`` if the name is taken, ``ValueError`` for an empty name or hash.
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name: must be a non-empty string (got {name!r})")
+        if not isinstance(key_hash, str) or len(key_hash) != 64:
+            raise ValueError("key_hash: must be a SHA-256 hex digest (64 characters)")
+        user = User(name, bool(admin), time.time())
+        with self._tx() as c:
+            if c.execute("SELECT 1 FROM users WHERE name=?", (name,)).fetchone():
+                raise UserExistsError(f"user {name!r} already exists; remove it first to issue a new key")
+            c.execute("INSERT INTO users (name, key_hash, admin, created) VALUES (?,?,?,?)",
+                      (name, key_hash, int(user.admin), user.created))
+        return user
+
+    def remove_user(self, name: str) -> bool:
+        """Forget ``name`` and its key; returns whether it existed. Its jobs keep their owner."""
+        with self._tx() as c:
+            return c.execute("DELETE FROM users WHERE name=?", (name,)).rowcount > 0
+
+    def user_by_key_hash(self, key_hash: str) -> User | None:
+        """The user whose API key hashes to ``key_hash``, or None."""
+        with self._read() as c:
+            row = c.execute("SELECT name, admin, created FROM users WHERE key_hash=?", (key_hash,)).fetchone()
+        return User(row[0], bool(row[1]), row[2]) if row else None
+
+    def users(self) -> list[User]:
+        """Every registered user, by name (no key material)."""
+        with self._read() as c:
+            rows = c.execute("SELECT name, admin, created FROM users ORDER BY name").fetchall()
+        return [User(n, bool(a), t) for n, a, t in rows]
+
+    def has_users(self) -> bool:
+        """True once any user is registered (the controller then requires an API key on every call)."""
+        with self._read() as c:
+            return c.execute("SELECT 1 FROM users LIMIT 1").fetchone() is not None
 
     # ---- maintenance --------------------------------------------------------------------
 

@@ -17,11 +17,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from orchestrator import client
+    from orchestrator.auth import AccessError, client_api_key
 
     try:
         client.connect(args.address)
-        out = client.stop_controller()
+        out = client.stop_controller(api_key=client_api_key())
         print(f"controller stopped; {len(out.get('requeued', []))} running jobs checkpointed and requeued")
+    except AccessError as exc:
+        raise UserError(str(exc)) from None
     except (client.ClusterError, client.NoControllerError) as exc:
         if not args.local:
             raise UserError(str(exc)) from None

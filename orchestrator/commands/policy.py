@@ -24,10 +24,15 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "set" and not args.file:
         raise UserError("policy set: give the policy YAML file")
     doc = read_policy(args.file) if args.action == "set" else None
+    from orchestrator.auth import client_api_key
+
     try:
         client.connect(args.address)
-        out = client.call("set_policy", doc) if doc is not None else client.call("get_policy")
-    except (client.ClusterError, client.NoControllerError, ValueError) as exc:
+        if doc is not None:  # admin-only once users exist
+            out = client.call("set_policy", doc, api_key=client_api_key())
+        else:
+            out = client.call("get_policy")
+    except (client.ClusterError, client.NoControllerError, ValueError, PermissionError) as exc:
         raise UserError(str(exc)) from None
     print(f"policy: {out['name']}")
     print(json.dumps(out["config"], indent=1, sort_keys=True))

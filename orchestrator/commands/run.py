@@ -29,13 +29,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from orchestrator.agent import register
+    from orchestrator.auth import client_api_key
     from orchestrator.client import ClusterError, NoControllerError, call, connect
     from orchestrator.remote import default_owner
     from orchestrator.spec import SpecError
 
     try:
+        api_key = client_api_key()  # LORAFLEET_API_KEY in the Ray job's env, on a cluster with users
+        owner = args.owner or (None if api_key else default_owner())
         connect("auto")
-        job = register(args.owner or default_owner(), [args.spec])[0]
+        job = register(owner, [args.spec], api_key)[0]
     except SpecError as err:
         raise UserError("\n".join(err.errors)) from None
     except (NoControllerError, ClusterError, ValueError, OSError) as err:
@@ -45,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     def cancel_on_stop(signum: int, _frame: object) -> None:
         try:
-            call("cancel", job_id)
+            call("cancel", job_id, api_key=api_key)
             print(f"lorafleet job {job_id} cancelled (Ray job stopped)", flush=True)
         except (LookupError, ValueError) as err:
             print(f"could not cancel {job_id}: {err}", file=sys.stderr, flush=True)
@@ -55,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, cancel_on_stop)
     last = None
     while True:
-        r = call("status", job_id)
+        r = call("status", job_id, api_key=api_key)
         line = (f"[{r['name']}] {r['state']} step {r.get('step') or 0}/{r.get('total_steps') or '?'} "
                 f"loss {fmt_float(r.get('loss'))} tok/s {fmt_float(r.get('tokens_per_s'), 0)}")  # fmt: skip
         if line != last:

@@ -1,7 +1,9 @@
 """``lorafleet up``: start (or reattach to) the controller on a Ray cluster.
 
 ``lorafleet up --local --num-gpus 2`` first starts a single-machine Ray cluster bound to
-127.0.0.1 (fake GPUs allowed). See docs/cluster.md.
+127.0.0.1 (fake GPUs allowed); ``--auth token`` turns on Ray token authentication for it.
+Admission settings (``--allow-path-prefix``, ``--allow-remote-code``, ``--max-upload-bytes``)
+apply when the controller starts. See docs/cluster.md and docs/admin.md.
 """
 
 from __future__ import annotations
@@ -29,6 +31,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="artifact root: a path, or a pyarrow URI (s3://, gs://, file://) [~/.lorafleet/storage]")
     parser.add_argument("--memory-budget", type=int, default=None, metavar="BYTES",
                         help="CPU workers: peak RSS above this counts as an OOM")
+    parser.add_argument("--auth", choices=["disabled", "token"], default="disabled",
+                        help="with --local: Ray token authentication; token: a fresh token in "
+                             "~/.lorafleet/ray-auth-token (mode 600) [disabled]")
+    parser.add_argument("--allow-path-prefix", action="append", default=[], metavar="DIR",
+                        help="absolute directory (or URI prefix) job data may name besides uploads; repeatable")
+    parser.add_argument("--allow-remote-code", action="store_true",
+                        help="admit specs with trust_remote_code: true (runs Python shipped with models)")
+    parser.add_argument("--max-upload-bytes", type=int, default=None, metavar="BYTES",
+                        help="largest uploaded data file [1 GiB]")
 
 
 def read_policy(path: str) -> dict:
@@ -53,15 +64,23 @@ def run(args: argparse.Namespace) -> int:
     policy = read_policy(args.policy) if args.policy else None
     if args.num_gpus is not None and not args.local:
         raise UserError("--num-gpus only applies with --local (a running cluster has its own GPUs)")
+    if args.auth != "disabled" and not args.local:
+        raise UserError("--auth only applies with --local; a running cluster's token auth is set where Ray "
+                        "starts (RAY_AUTH_MODE=token, docs/admin.md)")
     address = args.address
     if args.local:
         try:
-            state = client.start_local_cluster(num_gpus=args.num_gpus or 0, num_cpus=args.num_cpus, port=args.port)
+            state = client.start_local_cluster(num_gpus=args.num_gpus or 0, num_cpus=args.num_cpus, port=args.port,
+                                               auth=args.auth)
         except client.ClusterError as exc:
             raise UserError(str(exc)) from None
         address = state["address"]
         print(f"local Ray cluster at {address}, dashboard {state['dashboard']} "
               f"(pids {state['pids']}, temp dir {state['temp_dir']})")
+        if state.get("token_path"):
+            print(f"Ray token authentication on: token in {state['token_path']} (mode 600); clients set "
+                  f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={state['token_path']}")  # fmt: skip
+        client.use_local_auth(state)
     try:
         client.connect(address)
     except client.ClusterError as exc:
@@ -69,11 +88,27 @@ def run(args: argparse.Namespace) -> int:
     options = {}
     if args.memory_budget is not None:
         options["worker_options"] = {"memory_budget_bytes": args.memory_budget}
-    _handle, started = client.start_controller(
-        args.store or client.DEFAULT_STORE, args.storage or client.DEFAULT_STORAGE, policy, **options
-    )
+    if args.allow_path_prefix:
+        options["allowed_prefixes"] = list(args.allow_path_prefix)
+    if args.allow_remote_code:
+        options["allow_remote_code"] = True
+    if args.max_upload_bytes is not None:
+        options["max_upload_bytes"] = args.max_upload_bytes
+    from orchestrator.auth import client_api_key
+
+    try:
+        _handle, started = client.start_controller(
+            args.store or client.DEFAULT_STORE, args.storage or client.DEFAULT_STORAGE, policy,
+            api_key=client_api_key(), **options,
+        )
+    except PermissionError as exc:  # reattaching with --policy needs an admin key once users exist
+        raise UserError(str(exc)) from None
     info = client.call("ping")
     verb = "started" if started else "reattached to"
     print(f"{verb} controller (policy {info['policy']}, store {info['store']}, storage {info['storage']}, "
           f"{info['recovered']} jobs recovered)")  # fmt: skip
+    print(f"admission: {info['auth']} mode, path prefixes {info['allowed_prefixes'] or 'none'}, "
+          f"remote code {'allowed' if info['allow_remote_code'] else 'refused'}, "
+          f"uploads up to {info['max_upload_bytes']} bytes"
+          + ("" if started else " (a running controller keeps its settings)"))  # fmt: skip
     return 0

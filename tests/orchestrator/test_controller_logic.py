@@ -80,7 +80,8 @@ def test_model_shape_from_local_config(tiny_model_dir):
 
 def test_restart_requeues_running_and_keeps_policy(tmp_path):
     path = tmp_path / "jobs.db"
-    c = Controller(str(path), str(tmp_path / "storage"), {"policy": "sjf"}, start_loop=False)
+    c = Controller(str(path), str(tmp_path / "storage"), {"policy": "sjf"}, start_loop=False,
+                   allowed_prefixes=["/data"])  # spec() names /data/x.jsonl
     job = c.submit(spec("a"), "alice")
     with pytest.raises(ValueError, match=r"adapter\.r"):
         c.submit({**spec("bad"), "adapter": {"r": 0}})

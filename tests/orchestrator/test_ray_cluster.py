@@ -66,6 +66,7 @@ def controller(cluster, tmp_path_factory):
     handle, started = client.start_controller(
         root / "jobs.db", root / "storage", {"policy": "fifo"},
         loop_interval_s=0.3, worker_idle_s=600.0, worker_options={"device": "cpu", "profile": "off"},
+        allowed_prefixes=[str(tmp_path_factory.getbasetemp())],  # data and adapters in pytest's temp dirs
     )  # fmt: skip
     assert started
     return handle
