@@ -103,6 +103,15 @@ class EvalSettings:
 
 
 @dataclass(frozen=True)
+class EngineSettings:
+    """How the fused engine runs a step (the same adapters either way; see docs/performance.md)."""
+
+    packing: bool = True  # lay every job's sequences end to end in one row: no padding, per-sequence attention
+    autocast: bool = False  # bf16 autocast of the forward; adapter weights and optimizer stay fp32
+    activation_checkpointing: bool = False  # recompute each decoder layer in backward: less memory, ~1/3 more compute
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """Everything the engine needs to train one job."""
 

@@ -256,3 +256,62 @@ def collate(
         labels[i, :k] = torch.tensor(ex.labels)
         mask[i, :k] = 1
     return input_ids, labels, mask
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """Micro-batches of many jobs laid end to end in one row, with no padding.
+
+    Sequence ``i`` occupies tokens ``[cu_seqlens[i], cu_seqlens[i+1])``; its position ids restart
+    at 0 and the label of its first token is ``IGNORE_INDEX``, so the next-token loss (hidden
+    ``t-1`` predicts label ``t``) never crosses from one sequence into the next.
+    """
+
+    input_ids: torch.Tensor  # (1, T)
+    labels: torch.Tensor  # (1, T)
+    position_ids: torch.Tensor  # (1, T)
+    cu_seqlens: torch.Tensor  # (S+1,) int32, sequence boundaries
+    seq_lengths: tuple[int, ...]  # (S,) as Python ints
+    spans: tuple[tuple[int, int], ...]  # per micro-batch: its tokens [start, stop)
+    reals: tuple[torch.Tensor, ...]  # per micro-batch: (n, own length) bool, where its tokens sit unpacked
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
+def pack(batches: Sequence[Sequence[Example]]) -> PackedBatch:
+    """Pack micro-batches (one per job, in order) into one padding-free row."""
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    lengths: list[int] = []
+    spans: list[tuple[int, int]] = []
+    reals: list[torch.Tensor] = []
+    for batch in batches:
+        start = len(ids)
+        own = max(len(ex.input_ids) for ex in batch)
+        real = torch.zeros((len(batch), own), dtype=torch.bool)
+        for row, ex in enumerate(batch):
+            k = len(ex.input_ids)
+            if len(ex.labels) != k:
+                raise ValueError(f"an example has {k} input ids but {len(ex.labels)} labels")
+            ids.extend(ex.input_ids)
+            labels.append(IGNORE_INDEX)  # the first token is never a target (and must not see the last sequence)
+            labels.extend(ex.labels[1:])
+            positions.extend(range(k))
+            lengths.append(k)
+            real[row, :k] = True
+        spans.append((start, len(ids)))
+        reals.append(real)
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0)
+    return PackedBatch(
+        input_ids=torch.tensor([ids], dtype=torch.long),
+        labels=torch.tensor([labels], dtype=torch.long),
+        position_ids=torch.tensor([positions], dtype=torch.long),
+        cu_seqlens=cu,
+        seq_lengths=tuple(lengths),
+        spans=tuple(spans),
+        reals=tuple(reals),
+    )

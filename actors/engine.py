@@ -1,9 +1,10 @@
 """The fused multi-adapter training engine.
 
 ``FusedEngine`` holds ONE frozen base model and any number of ``TrainingJob``s. Each call to
-``step()`` takes the next micro-batch of every active job, concatenates them into one batch
-(right-padded to the longest row), runs the base model once, computes each job's loss on its
-own rows, and runs one backward over the sum: job ``j``'s parameters touch only job ``j``'s
+``step()`` takes the next micro-batch of every active job, packs them into one padding-free row
+(sequences end to end, attention within each sequence; or, with ``packing`` off or unsupported
+by the model, concatenates them right-padded to the longest row), runs the base model once,
+computes each job's loss on its own tokens, and runs one backward over the sum: job ``j``'s parameters touch only job ``j``'s
 rows, so each job receives exactly the gradient it would get alone. Then every job whose
 accumulation window closed steps its own optimizer.
 
@@ -14,6 +15,7 @@ others continue.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -25,8 +27,8 @@ import torch
 from actors import checkpoint as ckpt
 from actors.adapter import AdapterLoadError, JobAdapter, LoraJobAdapter
 from actors.checkpoint import read_adapter
-from actors.config import AdapterSettings, JobConfig
-from actors.data import Example, collate, load_examples
+from actors.config import AdapterSettings, EngineSettings, JobConfig
+from actors.data import Example, collate, load_examples, pack
 from actors.fused_model import FusedModel
 from actors.job import JobFailed, StepReport, TrainingJob
 from actors.lora import BatchLayout, Segment
@@ -57,7 +59,7 @@ class StepResult:
     seconds: float  # wall time of the fused forward + backward + optimizer steps
     rows: int
     tokens: int  # real (non-pad) tokens processed
-    padded_tokens: int  # rows * padded length
+    padded_tokens: int  # tokens the model processed, pads included (rows * padded length; packed: = tokens)
 
 
 def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -69,8 +71,13 @@ def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gen
 class FusedEngine:
     """Many jobs' adapters trained together on one frozen base model."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, *, base_model_id: str = ""):
+    def __init__(
+        self, model: torch.nn.Module, tokenizer, *, base_model_id: str = "", settings: EngineSettings | None = None
+    ):
+        self.settings = settings or EngineSettings()
         self.fused = FusedModel(model, name=base_model_id)
+        if self.settings.activation_checkpointing:
+            self.fused.set_activation_checkpointing(True)
         self.tokenizer = tokenizer
         self.base_model_id = base_model_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -148,13 +155,79 @@ class FusedEngine:
             return StepResult([], [], 0.0, 0, 0, 0)
         start = time.perf_counter()
         picked = [(job, *job.next_micro_batch()) for job in active]
-        length = max(len(ex.input_ids) for _, batch, _ in picked for ex in batch)
+        batches = [batch for _, batch, _ in picked]
+        longest = max(len(ex.input_ids) for batch in batches for ex in batch)
+        generators = {job.name: job.dropout_generator for job in active}
+        packed = self.settings.packing and self.fused.packing_supported(longest)
+        with self._autocast():
+            if packed:
+                hidden, labels, layout, processed = self._packed_forward(batches, generators)
+            else:
+                hidden, labels, layout, processed = self._padded_forward(batches, generators, longest)
+            events: list[JobEvent] = []
+            total: torch.Tensor | None = None
+            per_job: list[tuple[TrainingJob, float, int, dict]] = []
+            for (job, batch, step_tokens), seg in zip(picked, layout.segments, strict=True):
+                rows = slice(0, 1) if packed else slice(seg.start, seg.stop)
+                cols = slice(seg.start, seg.stop) if packed else slice(None)
+                loss_sum, count = self.fused.token_loss_sum(hidden[rows, cols], labels[rows, cols])
+                loss = loss_sum / step_tokens
+                aux_info: dict = {}
+                aux = job.adapter.aux_loss(layout)
+                if aux is not None:
+                    aux_share = aux / len(job._step_micro_batches or [None])
+                    aux_info = {"aux_loss": float(aux.detach())}
+                    loss = loss + aux_share
+                value = float(loss.detach())
+                if not torch.isfinite(loss):
+                    self._fail(job, f"loss is {value} at step {job.step + 1}; lower train.learning_rate", events)
+                    continue
+                total = loss if total is None else total + loss
+                aux_info["label_tokens"] = count
+                per_job.append((job, value, sum(len(ex.input_ids) for ex in batch), aux_info))
+        if total is not None and total.requires_grad:
+            total.backward()
+        seconds = time.perf_counter() - start
+        reports = self._finish_micro(per_job, seconds, events)
+        real = sum(len(ex.input_ids) for batch in batches for ex in batch)
+        rows = sum(len(batch) for batch in batches)
+        return StepResult(reports, events, time.perf_counter() - start, rows, real, processed)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if not self.settings.autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def _packed_forward(
+        self, batches: list[list[Example]], generators: dict[str, torch.Generator]
+    ) -> tuple[torch.Tensor, torch.Tensor, BatchLayout, int]:
+        """Hidden states (1, T, H) and labels (1, T) of all jobs' sequences packed end to end."""
+        packed = pack(batches)
+        device = self.device
+        segments = tuple(
+            Segment(job, start, stop, real.shape[1], real=real.to(device))
+            for job, (start, stop), real in zip(generators, packed.spans, packed.reals, strict=True)
+        )
+        layout = BatchLayout(segments=segments, training=True, generators=generators, packed=True)
+        hidden = self.fused.hidden_states(
+            packed.input_ids.to(device),  # (1, T)
+            None,
+            layout,
+            position_ids=packed.position_ids.to(device),  # (1, T)
+            cu_seqlens=packed.cu_seqlens,
+        )  # (1, T, H)
+        return hidden, packed.labels.to(device), layout, packed.num_tokens
+
+    def _padded_forward(
+        self, batches: list[list[Example]], generators: dict[str, torch.Generator], length: int
+    ) -> tuple[torch.Tensor, torch.Tensor, BatchLayout, int]:
+        """Hidden states (N, L, H) and labels (N, L) of all jobs' rows, right-padded to ``length``."""
         segments, id_parts, label_parts, mask_parts = [], [], [], []
         row = 0
-        for job, batch, _ in picked:
+        for job, batch in zip(generators, batches, strict=True):
             ids, labels, mask = collate(batch, self.pad_id, length)
             own_length = max(len(ex.input_ids) for ex in batch)
-            segments.append(Segment(job.name, row, row + len(batch), own_length))
+            segments.append(Segment(job, row, row + len(batch), own_length))
             row += len(batch)
             id_parts.append(ids)
             label_parts.append(labels)
@@ -164,39 +237,10 @@ class FusedEngine:
         labels = torch.cat(label_parts).to(device)  # (N, L)
         attention_mask = torch.cat(mask_parts).to(device)  # (N, L)
         layout = BatchLayout(
-            segments=tuple(segments),
-            training=True,
-            generators={job.name: job.dropout_generator for job in active},
-            padding_mask=attention_mask.bool(),
+            segments=tuple(segments), training=True, generators=generators, padding_mask=attention_mask.bool()
         )
         hidden = self.fused.hidden_states(input_ids, attention_mask, layout)  # (N, L, H)
-
-        events: list[JobEvent] = []
-        total: torch.Tensor | None = None
-        per_job: list[tuple[TrainingJob, float, int, dict]] = []
-        for (job, _batch, step_tokens), seg in zip(picked, segments, strict=True):
-            loss_sum, count = self.fused.token_loss_sum(hidden[seg.start : seg.stop], labels[seg.start : seg.stop])
-            loss = loss_sum / step_tokens
-            aux_info: dict = {}
-            aux = job.adapter.aux_loss(layout)
-            if aux is not None:
-                aux_share = aux / len(job._step_micro_batches or [None])
-                aux_info = {"aux_loss": float(aux.detach())}
-                loss = loss + aux_share
-            value = float(loss.detach())
-            if not torch.isfinite(loss):
-                self._fail(job, f"loss is {value} at step {job.step + 1}; lower train.learning_rate", events)
-                continue
-            total = loss if total is None else total + loss
-            aux_info["label_tokens"] = count
-            real_tokens = sum(len(ex.input_ids) for ex in _batch)
-            per_job.append((job, value, real_tokens, aux_info))
-        if total is not None and total.requires_grad:
-            total.backward()
-        seconds = time.perf_counter() - start
-        reports = self._finish_micro(per_job, seconds, events)
-        real = int(attention_mask.sum())
-        return StepResult(reports, events, time.perf_counter() - start, row, real, row * length)
+        return hidden, labels, layout, row * length
 
     def _finish_micro(
         self, per_job: list[tuple[TrainingJob, float, int, dict]], seconds: float, events: list[JobEvent]

@@ -2,19 +2,95 @@
 
 ``FusedModel`` wraps the base model's linear layers in ``MultiLoraLinear`` on demand, runs a
 forward over a fused batch with a ``BatchLayout``, and computes each job's loss on its own rows.
+
+Packed batches (one row of sequences laid end to end, ``cu_seqlens`` marking where each starts)
+run attention per sequence through ``varlen_sdpa_attention``, registered with transformers as the
+``lorafleet_varlen`` attention implementation and switched on only for the packed forward (and
+its recomputation under activation checkpointing). Sequences of equal length share one causal
+``scaled_dot_product_attention`` call, so attention costs sum(L_i^2), never (sum L_i)^2.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Iterable
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from actors.data import IGNORE_INDEX
 from actors.lora import BatchLayout, ForwardContext, MultiLoraLinear
+
+VARLEN_ATTENTION = "lorafleet_varlen"
+PACKABLE_ATTENTION = ("sdpa", "eager", VARLEN_ATTENTION)  # implementations whose math varlen_sdpa reproduces
+
+
+def varlen_sdpa_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Causal attention within each packed sequence: q (1, H, T, D), k/v (1, H_kv, T, D) -> (1, T, H, D).
+
+    Sequence boundaries come from ``cu_seq_lens_q`` (S+1,), the keyword transformers forwards to
+    attention (flash-attention's name). Without it, this is transformers' own sdpa attention.
+    """
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)  # (1, H, T, D), as transformers' repeat_kv
+        value = value.repeat_interleave(groups, dim=1)  # (1, H, T, Dv)
+    q, k, v = query[0], key[0], value[0]  # (H, T, D)
+    heads, total, _ = q.shape
+    bounds = cu.tolist()
+    by_length: dict[int, list[int]] = {}
+    for start, stop in itertools.pairwise(bounds):
+        by_length.setdefault(stop - start, []).append(start)
+
+    def attend(idx: torch.Tensor | None, count: int, length: int) -> torch.Tensor:
+        parts = [t if idx is None else t.index_select(1, idx) for t in (q, k, v)]  # (H, count*length, D)
+        qs, ks, vs = (t.reshape(heads, count, length, -1).transpose(0, 1) for t in parts)  # (count, H, length, D)
+        out = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, is_causal=True, scale=scaling)
+        return out.transpose(0, 1).reshape(heads, count * length, -1)  # (H, count*length, Dv)
+
+    if len(by_length) == 1:
+        (length, starts), = by_length.items()
+        out = attend(None, len(starts), length)  # (H, T, Dv): every sequence has one length
+    else:
+        outs, order = [], []
+        for length, starts in by_length.items():
+            idx = (torch.tensor(starts, device=q.device)[:, None] + torch.arange(length, device=q.device)).reshape(-1)
+            outs.append(attend(idx, len(starts), length))
+            order.append(idx)
+        out = q.new_zeros(heads, total, v.shape[-1]).index_copy(1, torch.cat(order), torch.cat(outs, 1))  # (H, T, Dv)
+    return out.transpose(0, 1).unsqueeze(0), None  # (1, T, H, Dv)
+
+
+def _no_mask(*args, **kwargs) -> None:
+    return None  # varlen attention needs no mask: boundaries travel as cu_seq_lens
+
+
+def register_varlen_attention() -> None:
+    """Register ``lorafleet_varlen`` with transformers (idempotent; its documented extension point)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_sdpa_attention)
+    AttentionMaskInterface.register(VARLEN_ATTENTION, _no_mask)
 
 
 class TargetError(ValueError):
@@ -31,6 +107,7 @@ class FusedModel:
         self.linears: dict[str, MultiLoraLinear] = {}
         self.mlps: dict[int, nn.Module] = {}  # decoder layer index -> MultiMixMLP (MixLoRA)
         self.model.requires_grad_(False)
+        self.activation_checkpointing = False
 
     @property
     def device(self) -> torch.device:
@@ -139,34 +216,122 @@ class FusedModel:
             self.mlps[index] = wrapped
         return self.mlps
 
+    def packing_supported(self, longest: int) -> bool:
+        """Whether packed batches give exactly the unpacked attention for sequences up to ``longest``.
+
+        Needs an sdpa/eager attention implementation, no attention-logit soft-capping, and no
+        sliding window shorter than ``longest``. Otherwise the engine pads instead.
+        """
+        config = self.config
+        if getattr(config, "_attn_implementation", None) not in PACKABLE_ATTENTION:
+            return False
+        if getattr(config, "attn_logit_softcapping", None):
+            return False
+        window = getattr(config, "sliding_window", None)
+        if window and getattr(config, "use_sliding_window", True) and window < longest:
+            return False
+        return not getattr(config, "layer_types", None) or all(t == "full_attention" for t in config.layer_types)
+
+    @contextlib.contextmanager
+    def _attention(self, implementation: str | None) -> Iterator[None]:
+        """Switch the model's attention implementation for one forward (``None``: leave it)."""
+        if implementation is None or implementation == self.config._attn_implementation:
+            yield
+            return
+        register_varlen_attention()
+        previous = self.config._attn_implementation
+        self.config._attn_implementation = implementation
+        try:
+            yield
+        finally:
+            self.config._attn_implementation = previous
+
     def hidden_states(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         layout: BatchLayout,
         *,
         position_ids: torch.Tensor | None = None,
         cache: object | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Last hidden states (N, L, H) of the fused batch, every layer seeing ``layout``.
 
         With ``cache`` (a transformers ``Cache``), keys and values are appended to it (decoding).
+        With ``cu_seqlens`` ((S+1,) int32), the batch is packed: ``input_ids`` (1, T) holds S
+        sequences end to end, ``position_ids`` restart at 0 for each, ``attention_mask`` is
+        ``None`` and ``layout.packed`` is set; attention stays within each sequence.
         """
+        extra: dict = {}
+        implementation = None
+        if cu_seqlens is not None:
+            longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+            cu = cu_seqlens.to(input_ids.device)
+            extra = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+            implementation = VARLEN_ATTENTION
         self.context.layout = layout
         try:
             decoder = self.model.get_decoder()
             # transformers >= 5.2x names the KV cache argument `cache`; older releases `past_key_values`.
             cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
-            out = decoder(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=cache is not None,
-                **({cache_arg: cache} if cache is not None else {}),
-            )
+            with self._attention(implementation):
+                out = decoder(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    use_cache=cache is not None,
+                    **({cache_arg: cache} if cache is not None else {}),
+                    **extra,
+                )
         finally:
             self.context.layout = None
         return out.last_hidden_state
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each decoder layer in backward instead of keeping its activations.
+
+        Gradients are identical: the recomputation sees the same ``BatchLayout`` and attention
+        implementation, and every job's dropout generator is rewound to where it stood when the
+        layer first ran (then restored), so it draws the same masks.
+        """
+        layers = self.model.get_submodule(self.decoder_layers_path())
+        for layer in layers:
+            if "forward" in layer.__dict__:  # our wrapper from an earlier call
+                del layer.forward
+            if enabled:
+                layer.forward = self._checkpointed(layer.forward)
+        self.activation_checkpointing = enabled
+
+    def _checkpointed(self, forward: Callable) -> Callable:
+        def run(*args, **kwargs):
+            layout = self.context.layout
+            if not torch.is_grad_enabled() or layout is None or kwargs.get("use_cache"):
+                return forward(*args, **kwargs)
+            generators = dict(layout.generators)
+            saved = {job: gen.get_state() for job, gen in generators.items()}
+            implementation = self.config._attn_implementation
+            calls = [0]
+
+            def replayable(*a, **k):
+                calls[0] += 1
+                if calls[0] == 1:
+                    return forward(*a, **k)
+                now = {job: gen.get_state() for job, gen in generators.items()}
+                for job, gen in generators.items():
+                    gen.set_state(saved[job])
+                previous, self.context.layout = self.context.layout, layout
+                try:
+                    with self._attention(implementation):
+                        return forward(*a, **k)
+                finally:
+                    self.context.layout = previous
+                    for job, gen in generators.items():
+                        gen.set_state(now[job])
+
+            return checkpoint(replayable, *args, use_reentrant=False, **kwargs)
+
+        return run
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output head on hidden states, with the model's final logit soft-capping if it has one."""

@@ -34,12 +34,17 @@ class Segment:
 
     ``length`` is the job's own padded sequence length (the fused batch may be longer): dropout
     masks are drawn at this length, so a job's masks never depend on which jobs it shares a batch with.
+
+    In a packed layout (``BatchLayout.packed``) a "row" is one token: ``[start, stop)`` are the
+    job's tokens in the flattened stream, and ``real`` (n, length) bool marks which positions of
+    the job's own padded micro-batch those tokens are, so dropout masks are the same as unpacked.
     """
 
     job: str
     start: int
     stop: int
     length: int | None = None
+    real: torch.Tensor | None = None  # (n, length) bool; packed layouts only
 
 
 @dataclass
@@ -48,6 +53,8 @@ class BatchLayout:
 
     ``generators`` maps a job to the generator that draws its dropout masks (training only).
     ``aux`` collects per-job extras that layers produce during forward (MixLoRA router logits).
+    ``packed``: the batch is one row (1, T) of sequences laid end to end; layers view their input
+    as T rows of one token each and segments index tokens (see ``Segment``).
     """
 
     segments: tuple[Segment, ...]
@@ -55,6 +62,7 @@ class BatchLayout:
     generators: dict[str, torch.Generator] = field(default_factory=dict)
     padding_mask: torch.Tensor | None = None  # (B, L) bool, True at real tokens
     aux: dict[str, list] = field(default_factory=dict)
+    packed: bool = False
 
     @property
     def num_rows(self) -> int:
@@ -75,15 +83,26 @@ class ForwardContext:
 
 
 def dropout_with(
-    x: torch.Tensor, p: float, generator: torch.Generator | None, length: int | None = None
+    x: torch.Tensor,
+    p: float,
+    generator: torch.Generator | None,
+    length: int | None = None,
+    *,
+    real: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Inverted dropout whose mask comes from ``generator`` (exact gradient through autograd).
 
     With ``length`` (for ``x`` of shape (n, L, ...)), the mask is drawn for the first ``length``
     positions only and the rest (padding of the fused batch) is zeroed.
+    With ``real`` ((n, length) bool, packed layouts; ``x`` is (T, 1, ...) with T = real.sum()),
+    the mask is drawn at (n, length, ...) exactly as unpacked and its real positions are kept.
     """
     if p <= 0.0:
         return x
+    if real is not None:
+        drawn = torch.empty((*real.shape, *x.shape[2:]), device=x.device, dtype=x.dtype)  # (n, length, ...)
+        mask = drawn.bernoulli_(1.0 - p, generator=generator)[real].unsqueeze(1)  # (T, 1, ...)
+        return x * mask / (1.0 - p)
     if length is None or x.dim() < 3 or length >= x.shape[1]:
         mask = torch.empty(x.shape, device=x.device, dtype=x.dtype).bernoulli_(1.0 - p, generator=generator)
     else:
@@ -132,15 +151,18 @@ class LoraWeights(nn.Module):
         generator: torch.Generator | None,
         training: bool,
         length: int | None = None,
+        *,
+        real: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The update to add to ``base_out`` (= ``base(x)``) for these rows.
 
         ``x``: (n, L, in) in the base dtype; the adapter computes in fp32 and returns the
-        base dtype. Dropout applies in training only, with masks drawn for ``length`` positions.
+        base dtype. Dropout applies in training only, with masks drawn for ``length`` positions
+        (``real``: see ``dropout_with``).
         """
         p = self.settings.dropout if training else 0.0
         xf = x.to(self.lora_A.dtype)
-        dropped = dropout_with(xf, p, generator, length)
+        dropped = dropout_with(xf, p, generator, length, real=real)
         lora = F.linear(F.linear(dropped, self.lora_A), self.lora_B)  # (n, ..., out)
         if self.lora_magnitude_vector is None:
             return (lora * self.scaling).to(base_out.dtype)
@@ -217,6 +239,10 @@ class MultiLoraLinear(nn.Module):
         layout = self.context.layout
         if layout is None or len(self.adapters) == 0:
             return base_out
+        if layout.packed:  # (1, T, in): one token per "row"
+            rows_x = x.reshape(-1, 1, x.shape[-1])  # (T, 1, in)
+            rows_out = base_out.reshape(-1, 1, base_out.shape[-1])  # (T, 1, out)
+            return apply_segments(rows_x, rows_out, self.base, self.adapters, layout).view(base_out.shape)
         return apply_segments(x, base_out, self.base, self.adapters, layout)
 
 
@@ -231,9 +257,13 @@ def apply_segments(
     """``base_out`` with each segment's adapter update added to that segment's rows only.
 
     Rows whose job has no adapter in ``adapters`` pass through unchanged. The result is built
-    by concatenation (no in-place writes), so autograd sees every row's own graph.
+    by concatenation (no in-place writes), so autograd sees every row's own graph. When every
+    row belongs to an adapter of one rank and equal row count (``stackable``), all adapters run
+    as two batched matmuls instead of a loop.
     """
     segments = layout.segments if segments is None else segments
+    if stackable(segments, adapters, x.shape[0]):
+        return base_out + stacked_delta(x, segments, adapters, layout).to(base_out.dtype)
     pieces: list[torch.Tensor] = []
     touched = False
     for seg in segments:
@@ -242,10 +272,56 @@ def apply_segments(
         if weights is not None:
             gen = layout.generators.get(seg.job)
             rows_out = rows_out + weights.delta(
-                x[seg.start : seg.stop], rows_out, base, gen, layout.training, seg.length
+                x[seg.start : seg.stop], rows_out, base, gen, layout.training, seg.length,
+                real=seg.real,
             )
             touched = True
         pieces.append(rows_out)
     if not touched:
         return base_out
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+
+
+def stackable(segments: Sequence[Segment], adapters: nn.ModuleDict, num_rows: int) -> bool:
+    """Whether ``stacked_delta`` applies: 2+ segments tiling all rows in equal runs, each with a
+    plain (non-DoRA) adapter, all of one rank."""
+    if len(segments) < 2 or segments[0].start != 0 or segments[-1].stop != num_rows:
+        return False
+    size = segments[0].stop - segments[0].start
+    rank = None
+    for prev, seg in zip((None, *segments[:-1]), segments, strict=True):
+        if seg.stop - seg.start != size or (prev is not None and prev.stop != seg.start) or seg.job not in adapters:
+            return False
+        weights = adapters[seg.job]
+        if weights.lora_magnitude_vector is not None or (rank is not None and weights.settings.r != rank):
+            return False
+        rank = weights.settings.r
+    return True
+
+
+def stacked_delta(
+    x: torch.Tensor, segments: Sequence[Segment], adapters: nn.ModuleDict, layout: BatchLayout
+) -> torch.Tensor:
+    """``s_j B_j A_j drop_j(x_j)`` for every segment at once, as two ``bmm`` over stacked weights.
+
+    ``x``: (N, L, in) with N = n_segments * rows_per_segment (see ``stackable``); returns (N, L, out) fp32.
+    Each job still draws its own dropout mask from its own generator at its own length.
+    """
+    weights = [adapters[seg.job] for seg in segments]
+    n = len(segments)
+    lora_a = torch.stack([w.lora_A for w in weights])  # (n, r, in)
+    lora_b = torch.stack([w.lora_B for w in weights])  # (n, out, r)
+    xf = x.to(lora_a.dtype)
+    if layout.training and any(w.settings.dropout > 0.0 for w in weights):
+        xf = torch.cat([
+            dropout_with(
+                xf[seg.start : seg.stop], w.settings.dropout, layout.generators.get(seg.job), seg.length,
+                real=seg.real,
+            )
+            for seg, w in zip(segments, weights, strict=True)
+        ])  # (N, L, in)
+    rows = xf.reshape(n, -1, xf.shape[-1])  # (n, m, in), m = tokens per segment
+    scale = torch.tensor([w.scaling for w in weights], dtype=lora_a.dtype, device=x.device).view(n, 1, 1)
+    low = torch.bmm(rows, lora_a.transpose(1, 2))  # (n, m, r)
+    delta = torch.bmm(low * scale, lora_b.transpose(1, 2))  # (n, m, out)
+    return delta.view(*x.shape[:-1], lora_b.shape[1])  # (N, L, out)

@@ -318,6 +318,11 @@ class MultiMixMLP(nn.Module):
         layout = self.context.layout
         if layout is None or not any(seg.job in self.jobs for seg in layout.segments):
             return self.original(x)  # exactly the model's own MLP (plain LoRA rows included)
+        if layout.packed:  # (1, T, H) -> T rows of one token, as the segments count
+            return self._forward_rows(x.reshape(-1, 1, x.shape[-1]), layout).view(x.shape)
+        return self._forward_rows(x, layout)
+
+    def _forward_rows(self, x: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
         gate = self.gate_proj(x)  # (N, L, I): base GEMM once for all rows, + plain LoRA on its rows
         up = self.up_proj(x)  # (N, L, I)
         pieces: list[torch.Tensor] = []
