@@ -77,6 +77,13 @@ def use_local_auth(state: dict[str, Any]) -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
         os.environ["RAY_AUTH_TOKEN_PATH"] = state["token_path"]
         os.environ.pop("RAY_AUTH_TOKEN", None)
+        if "ray._raylet" in sys.modules:
+            # Ray caches the mode and the token when it is imported; re-read both, as Ray's own
+            # `_enable_token_auth` does (no public API for this in Ray 2.60).
+            from ray._raylet import AuthenticationTokenLoader, Config
+
+            Config.initialize("")
+            AuthenticationTokenLoader.instance().reset_cache()
 
 
 def _is_loopback(address: str | None) -> bool:
@@ -85,14 +92,14 @@ def _is_loopback(address: str | None) -> bool:
 
 def connect(address: str | None = "auto") -> None:
     """``ray.init`` to a running cluster (no-op when already connected). Raises ``ClusterError``."""
+    if address in (None, "auto") and LOCAL_STATE.is_file():
+        state = json.loads(LOCAL_STATE.read_text())
+        address = state["address"]
+        use_local_auth(state)  # before ray is imported: it reads RAY_AUTH_MODE then
     import ray
 
     if ray.is_initialized():
         return
-    if address in (None, "auto") and LOCAL_STATE.is_file():
-        state = json.loads(LOCAL_STATE.read_text())
-        address = state["address"]
-        use_local_auth(state)
     kwargs: dict[str, Any] = {"address": address or "auto", "namespace": NAMESPACE, "log_to_driver": False}
     if _is_loopback(address):
         use_loopback()
@@ -104,8 +111,11 @@ def connect(address: str | None = "auto") -> None:
                            "Set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the "
                            "cluster's token.") from None  # fmt: skip
     except ConnectionError as exc:
+        hint = "" if os.environ.get("RAY_AUTH_MODE") == "token" else (
+            "; if the cluster uses Ray token auth, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or "
+            "RAY_AUTH_TOKEN_PATH)")  # fmt: skip
         raise ClusterError(f"cannot reach a Ray cluster at {address or 'auto'}: {exc}; "
-                           "start one (`lorafleet up --local`) or pass --address") from None  # fmt: skip
+                           f"start one (`lorafleet up --local`) or pass --address{hint}") from None  # fmt: skip
 
 
 def get_controller():

@@ -84,6 +84,17 @@ PATH_FIELDS = (("data", "path"), ("eval", "data"), ("adapter", "init_from"))
 UPLOADS_DIR = "uploads"
 
 
+class SpecRejected(ValueError):
+    """``submit`` refused an invalid spec; ``errors`` lists every ``spec[:line]: field: message``."""
+
+    def __init__(self, errors: list[str]):
+        super().__init__("invalid job spec:\n" + "\n".join(errors))
+        self.errors = list(errors)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # crosses Ray as the cause of a RayTaskError
+        return (SpecRejected, (self.errors,))
+
+
 # ---------------------------------------------------------------------------- pure helpers
 
 
@@ -453,7 +464,7 @@ class Controller:
         """Validate ``spec`` and queue it for the caller; returns the job record as a dict.
 
         The owner is the caller's identity (``identify``). Admission refuses, before anything is
-        stored: an invalid spec (``ValueError`` listing every ``field: message``), a spec over
+        stored: an invalid spec (``SpecRejected``, a ``ValueError`` listing every ``field: message``), a spec over
         ``MAX_SPEC_BYTES``, a path outside the owner's uploads and the admin's prefixes
         (``PathError``, a ``ValueError``), ``trust_remote_code`` unless enabled, a duplicate live
         name. Raises ``AccessError`` for a missing or unknown key.
@@ -470,7 +481,7 @@ class Controller:
         try:
             parsed = parse_spec(dict(spec), source="spec")
         except SpecError as err:
-            raise ValueError("invalid job spec:\n" + "\n".join(err.errors)) from None
+            raise SpecRejected(err.errors) from None
         if parsed.trust_remote_code and not self.allow_remote_code:
             raise ValueError("trust_remote_code: this cluster does not run code shipped with models; an admin "
                              "enables it with `lorafleet up --allow-remote-code`")  # fmt: skip

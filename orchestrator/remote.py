@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ray.exceptions import AuthenticationError
 
 from orchestrator.agent import KEY_FILE, RESULT_PREFIX
 from orchestrator.auth import client_api_key, write_secret
@@ -127,7 +128,7 @@ class Client:
         headers = {"Authorization": f"Bearer {token}"} if token else None
         try:
             self._ray = JobSubmissionClient(self.address, headers=headers)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
+        except (ConnectionError, RuntimeError, ValueError, AuthenticationError) as exc:
             raise _connect_error(self.address, exc) from None
 
     # ---------------------------------------------------------------- the agent channel
@@ -152,6 +153,8 @@ class Client:
                 ray_job = self._ray.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
                                                metadata={"lorafleet": args[0]})  # fmt: skip
                 break
+            except AuthenticationError as exc:  # e.g. a token rotated since this client connected
+                raise _connect_error(self.address, exc) from None
             except RuntimeError as exc:
                 # A cluster that just started has no job agent yet; Ray says to try again.
                 if "try again later" in str(exc) and time.monotonic() < deadline:
@@ -274,6 +277,8 @@ class Client:
 
 
 def _is_auth_error(exc: BaseException) -> bool:
+    if isinstance(exc, AuthenticationError):
+        return True
     text = str(exc)
     return any(w in text for w in ("401", "403", "Unauthorized", "Forbidden", "authentication", "auth token"))
 
