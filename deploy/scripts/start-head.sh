@@ -12,6 +12,7 @@
 #   LORAFLEET_STORE    job store file on the head's own volume
 #   LORAFLEET_STORAGE  artifact root on the volume every node mounts (or an s3:// / gs:// URI)
 #   LORAFLEET_POLICY   policy YAML used when the store has no saved policy yet (policy.json)
+#   LORAFLEET_DATASETS shared data set directory specs may name by absolute path (--allow-path-prefix)
 set -uo pipefail
 
 ulimit -n 65536 || true
@@ -34,7 +35,7 @@ if [[ -n "${LORAFLEET_POLICY:-}" && ! -e "$(dirname "${LORAFLEET_STORE}")/policy
 fi
 
 for attempt in $(seq 1 30); do
-    if lorafleet up --address auto --store "${LORAFLEET_STORE}" --storage "${LORAFLEET_STORAGE}" "${policy_args[@]}"; then
+    if lorafleet up --address auto --store "${LORAFLEET_STORE}" --storage "${LORAFLEET_STORAGE}" --allow-path-prefix "${LORAFLEET_DATASETS}" "${policy_args[@]}"; then
         break
     fi
     echo "start-head: lorafleet up failed (attempt ${attempt}/30), retrying in 10 s" >&2

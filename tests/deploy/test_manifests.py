@@ -202,6 +202,8 @@ def test_head_store_and_storage_are_on_the_right_volumes():
         assert _claim_under(args.store, mounts) is None
         assert _env(worker)["LORAFLEET_CACHE"] == env["LORAFLEET_CACHE"]
     assert _claim_under(env["LORAFLEET_CACHE"], head_mounts) == storage_claim
+    # Data sets named by absolute path are admitted from the shared volume only.
+    assert args.allow_path_prefix and all(_claim_under(p, head_mounts) == storage_claim for p in args.allow_path_prefix)
     # The policy file is the ConfigMap's key, and the policy parses.
     policy_dir, _, key = env["LORAFLEET_POLICY"].rpartition("/")
     cm_name = head_mounts[policy_dir]["configMap"]["name"]
