@@ -567,13 +567,15 @@ class Controller:
         return out
 
     def list_jobs(self, states: list[str] | None = None, owner: str | None = None,
-                  limit: int | None = None, api_key: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
-        """Jobs newest first, filtered by state names and owner.
+                  limit: int | None = None, api_key: str | None = None, mine: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+        """Jobs newest first, filtered by state names and owner (``mine``: the caller's own).
 
         Another owner's job (for a non-admin caller) shows only ``PUBLIC_FIELDS`` plus
         ``"redacted": True``. Raises ``AccessError`` for a missing or unknown key.
         """
         ident = self.identify(api_key)
+        if mine:
+            owner = ident.name
         out = []
         for r in self.store.list(states=states, owner=owner, limit=limit):
             if ident.admin or r.owner == ident.name:

@@ -238,6 +238,8 @@ class Client:
 
     def list(self, *, states: Sequence[str] | None = None) -> list[dict[str, Any]]:
         """This owner's jobs, newest first."""
+        if self.api_key and not self.owner:  # the key decides who "this owner" is
+            return self._call("list_jobs", states=list(states) if states else None, mine=True)
         return self._call("list_jobs", states=list(states) if states else None, owner=self.owner)
 
     def logs(self, job: str, lines: int = 50) -> list[str]:

@@ -3,7 +3,9 @@
 One module serves these subcommands (``COMMANDS`` maps each to it); the subcommand's name is the
 last word of its parser's ``prog``. Every one takes ``--address`` (else ``RAY_API_SERVER_ADDRESS`` /
 ``RAY_ADDRESS``, else http://127.0.0.1:8265), ``--token`` (else Ray's own token variables) and
-``--owner`` (else ``LORAFLEET_OWNER`` or the login name).
+``--owner`` (else ``LORAFLEET_OWNER`` or the login name). On a cluster with users the API key comes
+from ``LORAFLEET_API_KEY`` / ``LORAFLEET_API_KEY_FILE`` / ``~/.lorafleet/api_key`` (never a flag:
+command lines are visible to other local users) and decides the owner.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ def _command(parser: argparse.ArgumentParser) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="Ray dashboard address, e.g. http://HEAD:8265")
     parser.add_argument("--token", help="Ray auth token (default: RAY_AUTH_TOKEN / ~/.ray/auth_token)")
-    parser.add_argument("--owner", help="your identity on the cluster (default: LORAFLEET_OWNER or login)")
+    parser.add_argument("--owner", help="your identity on a single-user cluster (default: LORAFLEET_OWNER or login); "
+                        "with an API key the key decides, and only an admin may name another owner")
     command = _command(parser)
     if command == "submit":
         parser.add_argument("specs", nargs="+", metavar="SPEC")

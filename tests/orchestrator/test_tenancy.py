@@ -119,6 +119,7 @@ def test_listing_redacts_other_owners_jobs(ctl: Controller, users: dict[str, str
     assert "spec" in listed[mine["id"]] and "redacted" not in listed[mine["id"]]
     assert set(listed[theirs["id"]]) == {*PUBLIC_FIELDS, "redacted"}
     assert all("spec" in j for j in ctl.list_jobs(api_key=users["root"]))
+    assert [j["id"] for j in ctl.list_jobs(api_key=users["bob"], mine=True)] == [mine["id"]]
 
 
 def test_admin_only_operations(ctl: Controller, users: dict[str, str]):
@@ -330,3 +331,54 @@ def test_trust_remote_code_needs_the_admin_switch(tmp_path: Path, fake_workers: 
         assert fake_workers.handles[-1].options.get("trust_remote_code") is True
     finally:
         on.store.close()
+
+
+# ---------------------------------------------------------------------------------- untrusted files
+
+
+class _Payload:
+    """Unpickling this would create ``marker``: what a hostile ``adapter_model.bin`` could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickled_adapter_code_never_runs(tmp_path: Path):
+    import pickle
+
+    import torch
+
+    from actors.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS_BIN, read_adapter
+
+    marker = tmp_path / "pwned"
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / ADAPTER_CONFIG).write_text('{"peft_type": "LORA", "r": 4}')
+    torch.save({"w": torch.zeros(2), "x": _Payload(marker)}, adapter / ADAPTER_WEIGHTS_BIN)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        read_adapter(adapter)
+    assert not marker.exists()
+    torch.save({"w": torch.ones(2)}, adapter / ADAPTER_WEIGHTS_BIN)  # plain tensors still load
+    state, _ = read_adapter(adapter)
+    assert torch.equal(state["w"], torch.ones(2))
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_worker_passes_trust_remote_code_to_the_model_loader(monkeypatch: pytest.MonkeyPatch, trust: bool):
+    import actors.models
+    from actors.worker import TrainingWorker
+
+    seen: dict[str, Any] = {}
+
+    def fake_load(name: str, **kwargs: Any):
+        seen.update(kwargs, name=name)
+        raise RuntimeError("stop here: only the arguments matter")
+
+    monkeypatch.setattr(actors.models, "load_base_model", fake_load)
+    worker = TrainingWorker("w-test", "some/model", device="cpu", profile="off", trust_remote_code=trust, start=False)
+    with pytest.raises(RuntimeError, match="stop here"):
+        worker._load()
+    assert seen["name"] == "some/model" and seen["trust_remote_code"] is trust
