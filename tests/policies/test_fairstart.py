@@ -23,7 +23,7 @@ def test_clock_fifo_start_is_list_scheduling_in_submission_order():
 
 
 def test_clock_deadline_scales_the_wait_and_shares_the_class_tail():
-    clock = FifoClock(1, wait_scale=0.5, tail_share=0.6)
+    clock = FifoClock(1, wait_scale=0.5, tail_share=0.6, tail_quantile=1.0)  # tail: the class's largest
     # a (t 0, 1000 s): wait 0, class-0 tail 0 + 1000 = 1000; deadline 0 + max(0, 600 - 1000) = 0
     assert clock.stamp(0, 1000, priority=0) == 0
     # b (t 100, 10 s): FIFO start 1000, wait 900 x 0.5 = 450; tail max(1000, 460) = 1000;
@@ -32,6 +32,26 @@ def test_clock_deadline_scales_the_wait_and_shares_the_class_tail():
     # c (t 100, 10 s, class 1): FIFO start 1010, wait 910 x 0.5 = 455; class-1 tail 465;
     # deadline 100 + max(455, 0.6 x 465 - 10 = 269) = 555: classes keep their own tails
     assert clock.stamp(100, 10, priority=1) == pytest.approx(555)
+
+
+@pytest.mark.parametrize(
+    ("quantile", "deadline"),
+    [
+        # 10 servers, so nobody waits: FIFO JCT estimates = works 1000, 10, 20, 30 (class 0).
+        # The 4th job's tail: the quantile of [10, 20, 30, 1000] at position 3 x q (interpolated),
+        # deadline = 0 + max(wait 0, tail - 30).
+        (1.0, 970.0),  # the largest: 1000 - 30 (one outlier licenses everyone to wait)
+        (0.9, 679.0),  # position 2.7: 30 + 0.7 x (1000 - 30) = 709; 709 - 30
+        (0.5, 0.0),  # position 1.5: 20 + 0.5 x 10 = 25; 25 - 30 < 0 -> its own FIFO start, 0
+    ],
+)
+def test_clock_class_tail_is_a_quantile_of_the_estimates(quantile, deadline):
+    clock = FifoClock(10, wait_scale=1.0, tail_share=1.0, tail_quantile=quantile)
+    for work in (1000, 10, 20):
+        clock.stamp(0, work)
+    assert clock.stamp(0, 30) == pytest.approx(deadline)
+    with pytest.raises(ValueError, match="tail_quantile"):
+        FifoClock(1, tail_quantile=0.0)
 
 
 def test_clock_resize_adds_free_servers_and_drops_the_busiest():
