@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.lorafleet-installed
 TORCH   ?= torch==2.13.0
 
-.PHONY: install demo demo-local test test-fast lint bench clean
+.PHONY: install demo demo-local test test-fast lint bench quality clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,6 +36,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_fused.py
+
+# Not part of the tests (about an hour on 2 CPU cores): base vs LoRA vs MixLoRA, single- and multi-task.
+quality: $(STAMP)
+	$(BIN)/python -m orchestrator.quality
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
