@@ -21,7 +21,8 @@ All four admit jobs by the same memory model (the engine's fixed filters, see
   at most ``fusion_max_cost`` of running alone and keeps the fused step within ``max_slowdown``
   of any long member's own step), memory margin (default 0.15), owner quotas, and weighted
   worker scores: fusion cost (an idle worker first, then the group the job slows least) and
-  model locality. Preemption off by default.
+  model locality. Per-owner quotas: running jobs (``quotas``) and distinct workers occupied
+  (``gpu_quotas``). Preemption off by default.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from policies.plugins import (
     ModelLocality,
     MostFreeMemory,
     Multifactor,
+    OwnerGpuQuota,
     OwnerQuota,
     PriorityClassFactor,
     ShortestRemainingWork,
@@ -88,6 +90,7 @@ class AspenSettings:
     reservations: int = 4
     shares: Mapping[str, float] = field(default_factory=dict)
     quotas: Mapping[str, int] = field(default_factory=dict)  # owner -> max running jobs; "default" key
+    gpu_quotas: Mapping[str, int] = field(default_factory=dict)  # owner -> max workers occupied; "default" key
     max_group_tokens: int | None = None
     fusion_max_cost: float | None = 1.0
     half_tokens: float = 2048.0
@@ -134,6 +137,9 @@ def aspen(settings: AspenSettings | None = None) -> ProfilePolicy:
               (MostFreeMemory(), w["free_memory"]), (FusionCost(s.half_tokens), w["fusion"]))  # fmt: skip
     quotas = {k: v for k, v in s.quotas.items() if k != "default"}
     filters: tuple = (OwnerQuota(quotas, s.quotas.get("default")),) if s.quotas else ()
+    if s.gpu_quotas:
+        gpu = {k: v for k, v in s.gpu_quotas.items() if k != "default"}
+        filters += (OwnerGpuQuota(gpu, s.gpu_quotas.get("default")),)
     if s.max_group_tokens:
         filters += (GroupTokenCap(s.max_group_tokens),)
     if s.fusion_max_cost is not None or s.max_slowdown is not None or s.pressure_slowdown is not None:

@@ -9,6 +9,7 @@
     weights: {age: 1000, size: 2000, priority: 1000, fairshare: 500, locality: 1, length: 2, load: 1}
     shares: {alice: 2, bob: 1}
     quotas: {default: 16, alice: 32}   # max running jobs per owner
+    gpu_quotas: {default: 4, alice: 8} # max distinct workers (GPUs) an owner's jobs occupy
 
 Every field and its default is listed in docs/policies.md. Unknown fields, wrong types and
 out-of-range values raise :class:`PolicyConfigError` naming the field and the allowed values.
@@ -31,7 +32,7 @@ from policies.interface import Policy
 COMMON_FIELDS = ("margin", "preemption", "backfill", "queue_depth", "max_candidates")
 ASPEN_FIELDS = ("weights", "max_age_s", "size_half_s", "starvation_s", "guard_backlog", "guard_long",
                 "reservations", "max_group_tokens", "fusion_max_cost", "max_slowdown", "half_tokens", "shares",
-                "quotas", "fair_slack_s", "pressure_slowdown")  # fmt: skip
+                "quotas", "gpu_quotas", "fair_slack_s", "pressure_slowdown")  # fmt: skip
 PREEMPTION = ("never", "lower_priority")
 
 
@@ -109,6 +110,8 @@ def _aspen(doc: Mapping[str, Any]) -> AspenSettings:
         out["shares"] = _mapping("shares", doc["shares"])
     if "quotas" in doc:
         out["quotas"] = _mapping("quotas", doc["quotas"], integer=True)
+    if "gpu_quotas" in doc:
+        out["gpu_quotas"] = _mapping("gpu_quotas", doc["gpu_quotas"], integer=True)
     return replace(s, **out)
 
 

@@ -172,7 +172,8 @@ class Cycle:
     """The state of one scheduling cycle, readable by plugins.
 
     Attributes: ``view``; ``margin``; ``slots`` (one per worker, in view order); ``running_by_owner``
-    (running plus started this cycle); ``pending`` (ids with a pending or new preemption);
+    (running plus started this cycle); ``workers_by_owner`` (ids of the workers each owner's
+    running and this cycle's started jobs occupy); ``pending`` (ids with a pending or new preemption);
     ``backlog_s`` (:func:`fifo_wait_s` of the view); ``urgent`` (ids the tail guard put first).
     """
 
@@ -181,12 +182,15 @@ class Cycle:
         self.margin = margin
         by_worker: dict[str, list[JobView]] = {}
         self.running_by_owner: dict[str, int] = {}
+        self.workers_by_owner: dict[str, set[str]] = {}
         self.pending: set[str] = set()
         self.urgent: set[str] = set()  # ids the tail guard put first (filled by the engine)
         self.fair_slack_s: float | None = None  # the policy's, for filters (set by the engine)
         for job in view.running:
             by_worker.setdefault(job.worker_id or "", []).append(job)
             self.running_by_owner[job.owner] = self.running_by_owner.get(job.owner, 0) + 1
+            if job.worker_id is not None:
+                self.workers_by_owner.setdefault(job.owner, set()).add(job.worker_id)
             if job.preempt_pending:
                 self.pending.add(job.job_id)
         self.slots = [Slot(w, i, by_worker.get(w.worker_id, ())) for i, w in enumerate(view.workers)]
@@ -218,6 +222,7 @@ class Cycle:
         old_free = -2.0 if was_idle else slot.free_bytes(self.margin)
         slot.add(job)
         self.running_by_owner[job.owner] = self.running_by_owner.get(job.owner, 0) + 1
+        self.workers_by_owner.setdefault(job.owner, set()).add(slot.worker.worker_id)
         model = job.base_model
         ranked = self._ranked.get(model)
         if ranked is not None:

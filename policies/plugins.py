@@ -176,6 +176,27 @@ class OwnerQuota:
 
 
 @dataclass(frozen=True)
+class OwnerGpuQuota:
+    """An owner's jobs may occupy at most ``max_workers[owner]`` (else ``default``; None:
+    unlimited) distinct workers (GPUs). Joining a worker the owner already occupies adds none, so it
+    always passes; a job pending preemption still occupies its worker until it stops. Counts
+    include this cycle's starts (``cycle.workers_by_owner``)."""
+
+    max_workers: Mapping[str, int] = field(default_factory=dict)
+    default: int | None = None
+    name: str = "gpu_quota"
+
+    def filter(self, job: JobView, slot: Slot, cycle: Cycle) -> str | None:
+        cap = self.max_workers.get(job.owner, self.default)
+        if cap is None:
+            return None
+        occupied = cycle.workers_by_owner.get(job.owner, ())
+        if slot.worker.worker_id in occupied or len(occupied) < cap:
+            return None
+        return f"owner {job.owner} at GPU quota ({len(occupied)}/{cap} workers)"
+
+
+@dataclass(frozen=True)
 class GroupTokenCap:
     """A busy worker's fused micro-batch may not exceed ``max_tokens`` padded tokens with the job.
 

@@ -1,0 +1,85 @@
+"""Per-owner GPU quota (``gpu_quotas``: the most distinct workers an owner's jobs occupy), on
+hand-made snapshots: 3 workers of 80 GiB, model "m", jobs of 10 GiB static + 5 GiB dynamic (so
+any number of them fit one worker: 10 + 5 n <= 80 for n <= 14), aspen with margin 0."""
+
+from __future__ import annotations
+
+import pytest
+
+from policies.builtin import AspenSettings, aspen
+from policies.config import PolicyConfigError, parse_policy_config
+from policies.interface import Start
+from policies.plugins import OwnerGpuQuota
+from tests.policies.helpers import job, view, worker
+
+# alice already runs "r" on w0; w1 and w2 are idle. aspen's fusion score puts a job on an idle
+# worker (100) before a busy one, so a job goes to w1 unless a quota keeps it on w0.
+RUNNING = [job("r", owner="alice", dyn_gib=5, worker="w0")]
+WORKERS = [worker("w0", model="m", running=("r",)), worker("w1"), worker("w2")]
+
+
+@pytest.mark.parametrize(
+    ("quotas", "queued", "want"),
+    [
+        # no quota: a -> idle w1
+        ({}, ["a:alice"], [("a", "w1")]),
+        # alice occupies 1 of 1 worker: w1, w2 refused; joining w0 adds no GPU: a -> w0
+        ({"alice": 1}, ["a:alice"], [("a", "w0")]),
+        # "default" applies to unlisted owners the same way
+        ({"default": 1}, ["a:alice"], [("a", "w0")]),
+        # 1 of 2: a -> w1 (now 2 of 2); b may only join w0 or w1, both busy with one 512-token
+        # job and 80 - 10 - 5 = 65 GiB free: equal scores, the lower index wins: w0
+        ({"alice": 2}, ["a:alice", "b:alice"], [("a", "w1"), ("b", "w0")]),
+        # alice's quota does not limit bob
+        ({"alice": 1}, ["a:alice", "b:bob"], [("a", "w0"), ("b", "w1")]),
+        # quota 0: bob (no worker yet) starts nothing; alice, already on w0, may still join it
+        # (that adds no GPU; a quota never preempts)
+        ({"alice": 0, "bob": 0}, ["a:alice", "b:bob"], [("a", "w0")]),
+        # bob (default 1, no worker yet) takes one idle worker, then joins it: 1 distinct worker
+        ({"default": 1}, ["a:bob", "b:bob"], [("a", "w1"), ("b", "w1")]),
+    ],
+)
+def test_gpu_quota_caps_distinct_workers_per_owner(quotas, queued, want):
+    jobs = []
+    for i, spec in enumerate(queued):
+        name, owner = spec.split(":")
+        jobs.append(job(name, owner=owner, dyn_gib=5, submit=float(i + 1)))
+    policy = aspen(AspenSettings(margin=0.0, gpu_quotas=quotas))
+    decisions = policy.schedule(view(jobs, RUNNING, WORKERS))
+    assert [(d.job_id, d.worker_id) for d in decisions if isinstance(d, Start)] == want
+
+
+def test_gpu_quota_reason_in_explain():
+    policy = aspen(AspenSettings(margin=0.0, gpu_quotas={"alice": 1}))
+    lines = policy.explain(view([job("a", owner="alice", dyn_gib=5)], RUNNING, WORKERS), "a").workers
+    reasons = {w.worker_id: w.rejected_by for w in lines}
+    assert reasons == {"w0": None, "w1": "owner alice at GPU quota (1/1 workers)",
+                       "w2": "owner alice at GPU quota (1/1 workers)"}  # fmt: skip
+
+
+def test_config_key_reaches_the_filter():
+    policy = parse_policy_config({"policy": "aspen", "gpu_quotas": {"default": 4, "alice": 8}})
+    (quota,) = [f for f in policy.filters if isinstance(f, OwnerGpuQuota)]
+    assert quota.max_workers == {"alice": 8} and quota.default == 4
+    assert not any(isinstance(f, OwnerGpuQuota) for f in parse_policy_config({"policy": "aspen"}).filters)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ([4], "gpu_quotas: must be a mapping (got list)"),
+        ({"alice": 1.5}, "gpu_quotas.alice: must be an integer >= 0 (got 1.5)"),
+        ({"default": -1}, "gpu_quotas.default: must be an integer >= 0 (got -1)"),
+        ({"bob": "4"}, "gpu_quotas.bob: must be an integer >= 0 (got '4')"),
+        ({"bob": True}, "gpu_quotas.bob: must be an integer >= 0 (got True)"),
+    ],
+)
+def test_config_errors_name_the_key(value, message):
+    with pytest.raises(PolicyConfigError) as info:
+        parse_policy_config({"policy": "aspen", "gpu_quotas": value}, "p.yaml")
+    assert str(info.value) == f"p.yaml: {message}"
+
+
+def test_gpu_quotas_only_for_aspen():
+    with pytest.raises(PolicyConfigError, match=r"gpu_quotas: unknown field for policy fifo \(only for aspen\)"):
+        parse_policy_config({"policy": "fifo", "gpu_quotas": {"default": 4}})
