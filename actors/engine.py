@@ -167,10 +167,12 @@ class FusedEngine:
             events: list[JobEvent] = []
             total: torch.Tensor | None = None
             per_job: list[tuple[TrainingJob, float, int, dict]] = []
-            for (job, batch, step_tokens), seg in zip(picked, layout.segments, strict=True):
-                rows = slice(0, 1) if packed else slice(seg.start, seg.stop)
-                cols = slice(seg.start, seg.stop) if packed else slice(None)
-                loss_sum, count = self.fused.token_loss_sum(hidden[rows, cols], labels[rows, cols])
+            if packed:  # one pass through the output head for every job
+                sums = self.fused.packed_loss_sums(hidden, labels, [(s.start, s.stop) for s in layout.segments])
+            else:
+                sums = [self.fused.token_loss_sum(hidden[s.start : s.stop], labels[s.start : s.stop])
+                        for s in layout.segments]
+            for (job, batch, step_tokens), (loss_sum, count) in zip(picked, sums, strict=True):
                 loss = loss_sum / step_tokens
                 aux_info: dict = {}
                 aux = job.adapter.aux_loss(layout)

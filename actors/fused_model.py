@@ -355,6 +355,28 @@ class FusedModel:
         logits = self.logits(picked).float()  # (T, V)
         return F.cross_entropy(logits, targets[keep], reduction="sum"), count
 
+    def packed_loss_sums(
+        self, hidden: torch.Tensor, labels: torch.Tensor, spans: Iterable[tuple[int, int]]
+    ) -> list[tuple[torch.Tensor, int]]:
+        """``token_loss_sum`` of each token span of a packed row, with one pass through the output head.
+
+        ``hidden`` (1, T, H), ``labels`` (1, T); the label of each sequence's first token is
+        ``IGNORE_INDEX`` (see ``actors.data.pack``), so no pair crosses from one span into the next.
+        """
+        targets = labels[0, 1:]  # (T-1,): target of position t is label t+1
+        where = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (K,) increasing
+        losses = hidden.new_zeros(0)
+        if where.numel():
+            logits = self.logits(hidden[0, :-1].index_select(0, where)).float()  # (K, V)
+            losses = F.cross_entropy(logits, targets.index_select(0, where), reduction="none")  # (K,)
+        spans = list(spans)
+        starts = torch.tensor([start for start, _ in spans] + [spans[-1][1] if spans else 0], device=where.device)
+        cuts = torch.searchsorted(where, starts).tolist()  # label positions of span j: [cuts[j], cuts[j+1])
+        out = []
+        for lo, hi in itertools.pairwise(cuts):
+            out.append((losses[lo:hi].sum() if hi > lo else hidden.sum() * 0.0, hi - lo))
+        return out
+
 
 def _natural_key(path: str) -> list:
     return [int(p) if p.isdigit() else p for p in path.split(".")]

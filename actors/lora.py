@@ -263,7 +263,7 @@ def apply_segments(
     """
     segments = layout.segments if segments is None else segments
     if stackable(segments, adapters, x.shape[0]):
-        return base_out + stacked_delta(x, segments, adapters, layout).to(base_out.dtype)
+        return stacked_update(x, base_out, segments, adapters, layout)
     pieces: list[torch.Tensor] = []
     touched = False
     for seg in segments:
@@ -283,9 +283,9 @@ def apply_segments(
 
 
 def stackable(segments: Sequence[Segment], adapters: nn.ModuleDict, num_rows: int) -> bool:
-    """Whether ``stacked_delta`` applies: 2+ segments tiling all rows in equal runs, each with a
+    """Whether ``stacked_update`` applies: segments tiling all rows in equal runs, each with a
     plain (non-DoRA) adapter, all of one rank."""
-    if len(segments) < 2 or segments[0].start != 0 or segments[-1].stop != num_rows:
+    if not segments or segments[0].start != 0 or segments[-1].stop != num_rows:
         return False
     size = segments[0].stop - segments[0].start
     rank = None
@@ -299,12 +299,17 @@ def stackable(segments: Sequence[Segment], adapters: nn.ModuleDict, num_rows: in
     return True
 
 
-def stacked_delta(
-    x: torch.Tensor, segments: Sequence[Segment], adapters: nn.ModuleDict, layout: BatchLayout
+def stacked_update(
+    x: torch.Tensor,
+    base_out: torch.Tensor,
+    segments: Sequence[Segment],
+    adapters: nn.ModuleDict,
+    layout: BatchLayout,
 ) -> torch.Tensor:
-    """``s_j B_j A_j drop_j(x_j)`` for every segment at once, as two ``bmm`` over stacked weights.
+    """``base_out + s_j B_j A_j drop_j(x_j)`` for every segment at once: one ``bmm`` and one ``baddbmm``
+    over the stacked weights ([n, r, in] A, [n, out, r] B), whatever the number of jobs.
 
-    ``x``: (N, L, in) with N = n_segments * rows_per_segment (see ``stackable``); returns (N, L, out) fp32.
+    ``x``: (N, L, in) with N = n_segments * rows_per_segment (see ``stackable``); ``base_out``: (N, L, out).
     Each job still draws its own dropout mask from its own generator at its own length.
     """
     weights = [adapters[seg.job] for seg in segments]
@@ -322,6 +327,10 @@ def stacked_delta(
         ])  # (N, L, in)
     rows = xf.reshape(n, -1, xf.shape[-1])  # (n, m, in), m = tokens per segment
     scale = torch.tensor([w.scaling for w in weights], dtype=lora_a.dtype, device=x.device).view(n, 1, 1)
-    low = torch.bmm(rows, lora_a.transpose(1, 2))  # (n, m, r)
-    delta = torch.bmm(low * scale, lora_b.transpose(1, 2))  # (n, m, out)
-    return delta.view(*x.shape[:-1], lora_b.shape[1])  # (N, L, out)
+    low = torch.bmm(rows, lora_a.transpose(1, 2)) * scale  # (n, m, r)
+    if base_out.dtype == low.dtype:  # the add fused into the second GEMM
+        return torch.baddbmm(base_out.reshape(n, -1, base_out.shape[-1]), low, lora_b.transpose(1, 2)).view(
+            base_out.shape
+        )  # (N, L, out)
+    delta = torch.bmm(low, lora_b.transpose(1, 2))  # (n, m, out)
+    return base_out + delta.view(base_out.shape).to(base_out.dtype)  # (N, L, out)
