@@ -2,7 +2,7 @@
 traces of other seeds and sizes, and the time of one aspen decision with 10,000 queued jobs and
 512 workers.
 
-    .venv/bin/python bench/bench_policy.py [--quick] [--sizes 100,200,400] [--seeds 1,2,3] [--no-timing]
+    .venv/bin/python bench/bench_policy.py [--quick] [--sizes 100,200,400] [--seeds 1,2,3] [--no-timing | --timing-only]
 
 Not a test: it prints figures and asserts nothing. Per trace: mean JCT of each policy (hours), the
 ratio aspen/fifo, the lower bound on that ratio (mean solo time / fifo's mean: no policy can do
@@ -23,11 +23,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from policies.builtin import aspen, fifo, priority, sjf
+from policies.builtin import AspenSettings, aspen, fifo, priority, sjf
 from policies.catalogue import CATALOGUE
 from policies.cluster import load_cluster
 from policies.fairstart import FifoClock
-from policies.memory_model import GIB, AdapterShape, adapter_bytes, analytic_activation, static_bytes
+from policies.memory_model import (
+    GIB,
+    AdapterShape,
+    adapter_bytes,
+    analytic_activation,
+    loss_head_bytes_per_token,
+    static_bytes,
+)
 from policies.metrics import summarise
 from policies.simulator import simulate
 from policies.snapshot import ClusterView, JobView, WorkerView
@@ -66,15 +73,16 @@ def big_view(queued: int, workers: int, idle_fraction: float, seed: int = 0) -> 
     info = {}
     for m in models:
         shape = AdapterShape("lora", 16)
-        info[m] = (static_bytes(CATALOGUE[m]), adapter_bytes(CATALOGUE[m], shape), analytic_activation(CATALOGUE[m], shape))
+        info[m] = (static_bytes(CATALOGUE[m]), adapter_bytes(CATALOGUE[m], shape), analytic_activation(CATALOGUE[m], shape),
+                   loss_head_bytes_per_token(CATALOGUE[m]))  # fmt: skip
 
     def job(i: int, worker: str | None = None, model: str | None = None) -> JobView:
         m = model or rng.choice(models)
-        st, ab, act = info[m]
+        st, ab, act, head = info[m]
         work = rng.lognormvariate(7, 1.5)
         return JobView(f"j{i}", f"u{i % 50}", rng.choice((0, 0, 1, 2)), rng.uniform(0, 36000), m, st, ab, act,
                        rng.choice((1, 2, 4)), rng.choice((256, 512, 1024, 2048)), work, work * 2,
-                       worker, 0.0 if worker else None)  # fmt: skip
+                       worker, 0.0 if worker else None, loss_head_per_token=head)  # fmt: skip
 
     ws, running = [], []
     n = 0
@@ -100,8 +108,9 @@ def big_view(queued: int, workers: int, idle_fraction: float, seed: int = 0) -> 
 
 def time_decisions(repeats: int) -> None:
     """Wall-clock (perf_counter) and CPU (process_time) time of one ``schedule`` call."""
-    policy = aspen()
-    for label, idle in (("steady (5% idle)", 0.05), ("busy (0% idle)", 0.0), ("cold (100% idle)", 1.0)):
+    quota = aspen(AspenSettings(gpu_quotas={"default": 16}, quotas={"default": 64}))
+    for label, idle, policy in (("steady (5% idle)", 0.05, aspen()), ("busy (0% idle)", 0.0, aspen()),
+                                ("cold (100% idle)", 1.0, aspen()), ("steady + quotas", 0.05, quota)):  # fmt: skip
         view = big_view(10_000, 512, idle)
         wall, cpu, starts = [], [], 0
         for _ in range(repeats):
@@ -129,10 +138,12 @@ def main() -> None:
     parser.add_argument("--sizes", default="100,200,400", help="synthetic trace sizes (comma-separated)")
     parser.add_argument("--seeds", default="1,2,3,4", help="synthetic trace seeds (comma-separated)")
     parser.add_argument("--no-timing", action="store_true", help="skip the decision-time benchmark")
+    parser.add_argument("--timing-only", action="store_true", help="only the decision-time benchmark")
     args = parser.parse_args()
     sizes = [200] if args.quick else [int(x) for x in args.sizes.split(",") if x]
     seeds = [1] if args.quick else [int(x) for x in args.seeds.split(",") if x]
-    compare(sizes, seeds)
+    if not args.timing_only:
+        compare(sizes, seeds)
     if not args.no_timing:
         time_decisions(3 if args.quick else 9)
 

@@ -194,6 +194,8 @@ class Cycle:
             if job.preempt_pending:
                 self.pending.add(job.job_id)
         self.slots = [Slot(w, i, by_worker.get(w.worker_id, ())) for i, w in enumerate(view.workers)]
+        self.slot_of = {s.worker.worker_id: s for s in self.slots}
+        self.reserved: set[int] = set()  # slot indices reserve_for took out of this cycle
         # Busy accepting slots per model, and idle accepting slots per interchangeable class.
         self.busy_by_model: dict[str, list[Slot]] = {}
         self.idle_classes: dict[tuple[str | None, int, float], list[Slot]] = {}
@@ -292,6 +294,7 @@ class Cycle:
                     best, best_t = slot, t
         if best is not None:
             model = best.model or ""
+            self.reserved.add(best.index)
             self.busy_by_model[model].remove(best)
             self._ranked.pop(model, None)
             self._max_free[model] = self._scan_max(model)
@@ -336,6 +339,18 @@ class Cycle:
                 break
             reps.append(slot)
         return reps
+
+    def subset_candidates(self, job: JobView, allowed: frozenset[str]) -> list[Slot]:
+        """The slots among ``allowed`` worker ids that :meth:`candidates` could list (accepting,
+        not reserved, idle or of the job's model), idle ones first, then by index."""
+        out = []
+        for wid in allowed:
+            slot = self.slot_of.get(wid)
+            if (slot is not None and slot.worker.accepting and slot.index not in self.reserved
+                    and (slot.idle or slot.model == job.base_model)):  # fmt: skip
+                out.append(slot)
+        out.sort(key=lambda s: (not s.idle, s.index))
+        return out
 
     def fits(self, job: JobView, slot: Slot) -> str | None:
         """The fixed filters: None if the job may join the slot, else the reason."""
@@ -402,6 +417,11 @@ class ProfilePolicy:
     @property
     def _active_scores(self) -> tuple[tuple[Score, float], ...]:
         return tuple((p, w) for p, w in self.scores if w)
+
+    @property
+    def _subset_filters(self) -> tuple:
+        """The filters that can name their workers up front (:class:`~policies.interface.WorkerSubset`)."""
+        return tuple(f for f in self.filters if hasattr(f, "allowed_workers"))
 
     @property
     def _weight_sum(self) -> float:
@@ -479,7 +499,15 @@ class ProfilePolicy:
         filters, cap = self.filters, self.max_candidates
         scores = self._active_scores
         wsum = self._weight_sum
-        for slot in cycle.candidates(job, joined, 4 * cap):
+        allowed: frozenset[str] | None = None
+        for f in self._subset_filters:
+            sub = f.allowed_workers(job, cycle)
+            if sub is not None:
+                allowed = sub if allowed is None else allowed & sub
+                if not allowed:
+                    return None
+        pool = cycle.candidates(job, joined, 4 * cap) if allowed is None else cycle.subset_candidates(job, allowed)
+        for slot in pool:
             # slot.peak_with(job, margin), inlined: this line runs ~100 times per job
             if slot.jobs:
                 lp = seq if seq > slot.lmax else slot.lmax

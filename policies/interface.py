@@ -137,6 +137,14 @@ class Filter(Protocol):
     def filter(self, job: JobView, slot: Slot, cycle: Cycle) -> str | None: ...
 
 
+class WorkerSubset(Protocol):
+    """Optional on a :class:`Filter` (kube-scheduler's PreFilter result): once per job and cycle,
+    the only worker ids its ``filter`` could pass (None: any). The engine then examines just those
+    (an empty set: none), instead of rejecting worker after worker. It must agree with ``filter``."""
+
+    def allowed_workers(self, job: JobView, cycle: Cycle) -> frozenset[str] | None: ...
+
+
 class Score(Protocol):
     """How good ``slot`` is for ``job``, in [0, 100] (100 best)."""
 

@@ -174,6 +174,11 @@ class OwnerQuota:
         running = cycle.running_by_owner.get(job.owner, 0)
         return f"owner {job.owner} at quota ({running}/{cap} running)" if running >= cap else None
 
+    def allowed_workers(self, job: JobView, cycle: Cycle) -> frozenset[str] | None:
+        """No worker when the owner is at quota, else any."""
+        cap = self.max_running.get(job.owner, self.default)
+        return frozenset() if cap is not None and cycle.running_by_owner.get(job.owner, 0) >= cap else None
+
 
 @dataclass(frozen=True)
 class OwnerGpuQuota:
@@ -194,6 +199,12 @@ class OwnerGpuQuota:
         if slot.worker.worker_id in occupied or len(occupied) < cap:
             return None
         return f"owner {job.owner} at GPU quota ({len(occupied)}/{cap} workers)"
+
+    def allowed_workers(self, job: JobView, cycle: Cycle) -> frozenset[str] | None:
+        """At quota: only the workers the owner occupies; else any."""
+        cap = self.max_workers.get(job.owner, self.default)
+        occupied = cycle.workers_by_owner.get(job.owner, set())
+        return frozenset(occupied) if cap is not None and len(occupied) >= cap else None
 
 
 @dataclass(frozen=True)

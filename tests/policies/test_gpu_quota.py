@@ -83,3 +83,21 @@ def test_config_errors_name_the_key(value, message):
 def test_gpu_quotas_only_for_aspen():
     with pytest.raises(PolicyConfigError, match=r"gpu_quotas: unknown field for policy fifo \(only for aspen\)"):
         parse_policy_config({"policy": "fifo", "gpu_quotas": {"default": 4}})
+
+
+def test_owner_at_quota_finds_its_worker_beyond_the_examined_ones():
+    # max_candidates 1: at most 4 busy workers are examined per job, most free memory first.
+    # b0..b5 run bob's 5 GiB jobs (65 GiB free each); w0 runs alice's 30 GiB job (80 - 10 - 30 =
+    # 40 GiB free), so it comes 7th. alice is at her GPU quota (1/1): her job's only worker is
+    # w0, which the engine examines directly instead of rejecting b0..b3 and stopping there.
+    running = [job("r", owner="alice", dyn_gib=30, worker="w0")]
+    running += [job(f"x{i}", owner="bob", dyn_gib=5, worker=f"b{i}") for i in range(6)]
+    workers = [worker(f"b{i}", model="m", running=(f"x{i}",)) for i in range(6)]
+    workers.append(worker("w0", model="m", running=("r",)))
+    policy = aspen(AspenSettings(margin=0.0, max_candidates=1, gpu_quotas={"alice": 1}))
+    decisions = policy.schedule(view([job("a", owner="alice", dyn_gib=5)], running, workers))
+    assert decisions == [Start("a", "w0")]
+    # without the quota it joins a bob worker with more free memory (the fusion scores tie)
+    decisions = aspen(AspenSettings(margin=0.0, max_candidates=1)).schedule(
+        view([job("a", owner="alice", dyn_gib=5)], running, workers))
+    assert decisions == [Start("a", "b0")]
