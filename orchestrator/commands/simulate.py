@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", default="fifo,priority,sjf,aspen",
                         help="comma-separated: built-in names, module:Class paths or policy YAML files "
                              "[fifo,priority,sjf,aspen]")  # fmt: skip
-    parser.add_argument("--json", action="store_true", help="print one JSON object per policy instead of a table")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object per policy (one per line) instead of a table")  # fmt: skip
     parser.add_argument("--plot", metavar="PNG", help="draw the JCT CDF of every policy into this file")
     parser.add_argument("--seed", type=int, default=0, help="seed of the memory prediction errors [0]")
     parser.add_argument("--memory-noise", type=float, default=0.10,
@@ -48,6 +49,10 @@ def run(args: argparse.Namespace) -> int:
             results.append(simulate(trace, cluster, policy, seed=args.seed, memory_noise=args.memory_noise))
         except SimulationError as err:
             raise UserError(str(err)) from None
+    names = [r.policy for r in results]
+    for r, spec in zip(results, specs, strict=True):
+        if names.count(r.policy) > 1 and spec != r.policy:  # e.g. aspen and an aspen YAML: say which
+            r.policy = f"{r.policy} ({spec})"
     metrics = [summarise(r) for r in results]
     if args.json:
         for m in metrics:
@@ -87,7 +92,7 @@ def _print_tables(metrics: list, jobs: int) -> None:
             c = m.per_priority.get(p)
             cells.append("-" if c is None else f"{c.mean_jct_s / h:.2f} / {c.p99_jct_s / h:.2f} ({c.count})")
         per.add_row(m.policy, *cells)
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=160)  # a pipe or file: never truncate
     console.print(table)
     console.print(per)
 

@@ -61,7 +61,8 @@ def test_custom_policy_by_import_path():
 
 def test_bundled_policy_yaml_loads():
     p = resolve_policy("examples/policy.yaml")
-    assert p.name == "aspen" and p.margin == 0.15
+    assert p.name == "aspen" and p.margin == 0.15 and p.fair_slack_s == 0.0
+    assert [f.name for f in p.filters] == ["quota", "gpu_quota", "fusion_pays"]
 
 
 def test_cluster_errors_and_models():
@@ -124,6 +125,11 @@ def test_cli_table_and_user_errors(tmp_path, capsys):
     assert main(["simulate", "--trace", str(trace), "--cluster", "examples/cluster.yaml", "--policy", "fifo,sjf"]) == 0
     out = capsys.readouterr().out
     assert "fifo" in out and "sjf" in out and "priority 0" in out
+    # two policies of one name (aspen and an aspen YAML) are told apart by what was asked for
+    assert main(["simulate", "--trace", str(trace), "--cluster", "examples/cluster.yaml", "--json",
+                 "--policy", "aspen,examples/policy.yaml"]) == 0  # fmt: skip
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["policy"] for r in rows] == ["aspen", "aspen (examples/policy.yaml)"]
     assert main(["simulate", "--trace", str(trace), "--cluster", "examples/cluster.yaml", "--policy", "lifo"]) == 2
     assert "lifo" in capsys.readouterr().err
     assert main(["simulate", "--trace", str(tmp_path / "none.csv"), "--cluster", "examples/cluster.yaml"]) == 2
