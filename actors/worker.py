@@ -479,6 +479,7 @@ class TrainingWorker:
                                 self.worker_id, info.job_id, exc)  # fmt: skip
         for event in result.events:
             info = self._jobs.get(event.job)
+            evaluation = self._evaluate(info) if event.kind == "finished" and info is not None else None
             self._leave(event.job)
             if event.kind == "finished":
                 output = event.output
@@ -490,9 +491,29 @@ class TrainingWorker:
                         self._emit(event.job, "failed", message=f"cannot upload the adapter to {info.remote_output}: {exc}")
                         continue
                 self._emit(event.job, "finished", output=output, step=info.step if info else None,
-                           loss=info.loss if info else None)  # fmt: skip
+                           loss=info.loss if info else None, eval=evaluation)  # fmt: skip
             else:
                 self._emit(event.job, "failed", message=event.message)
+
+    def _evaluate(self, info: _JobInfo) -> dict[str, Any] | None:
+        """The spec's held-out ``eval:`` of a finished job, run before it leaves the engine.
+
+        Writes ``OUTPUT/eval.json`` (uploaded and fetched with the adapter) and returns the
+        metrics (base vs adapter, without samples) for the job store, or None without ``eval:``.
+        A failed evaluation is reported as ``{"error": ...}``; it never fails the trained job.
+        """
+        if info.config.eval is None:
+            return None
+        from actors.checkpoint import atomic_write_json
+        from actors.evaluate import evaluate_job
+
+        try:
+            result = evaluate_job(self.engine, info.job_id, info.config)
+            atomic_write_json(Path(info.config.output) / "eval.json", result)
+        except (ValueError, OSError, RuntimeError) as exc:
+            log.warning("%s: evaluation of %s failed: %s", self.worker_id, info.job_id, exc)
+            return {"error": f"evaluation failed: {exc}"}
+        return {"examples": result["examples"], "metrics": result["metrics"]}
 
     def _upload(self, info: _JobInfo) -> None:
         from actors.storage import sync_up
