@@ -420,8 +420,13 @@ class ProfilePolicy:
 
     @property
     def _subset_filters(self) -> tuple:
-        """The filters that can name their workers up front (:class:`~policies.interface.WorkerSubset`)."""
+        """The filters that name their workers up front (:class:`~policies.interface.WorkerSubset`);
+        :meth:`_place` asks them once per job instead of once per worker."""
         return tuple(f for f in self.filters if hasattr(f, "allowed_workers"))
+
+    @property
+    def _plain_filters(self) -> tuple:
+        return tuple(f for f in self.filters if not hasattr(f, "allowed_workers"))
 
     @property
     def _weight_sum(self) -> float:
@@ -496,7 +501,7 @@ class ProfilePolicy:
         best: Slot | None = None
         best_score = -1.0
         found = 0
-        filters, cap = self.filters, self.max_candidates
+        filters, cap = self._plain_filters, self.max_candidates
         scores = self._active_scores
         wsum = self._weight_sum
         allowed: frozenset[str] | None = None

@@ -138,9 +138,10 @@ class Filter(Protocol):
 
 
 class WorkerSubset(Protocol):
-    """Optional on a :class:`Filter` (kube-scheduler's PreFilter result): once per job and cycle,
-    the only worker ids its ``filter`` could pass (None: any). The engine then examines just those
-    (an empty set: none), instead of rejecting worker after worker. It must agree with ``filter``."""
+    """Optional on a :class:`Filter` (kube-scheduler's PreFilter result): for a job in the cycle's
+    current state, exactly the worker ids its ``filter`` passes (None: every worker). The engine
+    then asks this once per job instead of calling ``filter`` per worker, and examines just those
+    workers (an empty set: none). ``explain`` still calls ``filter``: the two must agree."""
 
     def allowed_workers(self, job: JobView, cycle: Cycle) -> frozenset[str] | None: ...
 
