@@ -128,9 +128,12 @@ def adapter_shape_of(spec: JobSpec) -> AdapterShape:
     return AdapterShape("lora", a.r, known)
 
 
-def effective_spec(record: JobRecord) -> JobSpec:
-    """The job's spec with the controller's overrides (``extra.micro_batch_size`` after an OOM)."""
-    spec = parse_spec(record.spec, source=record.id)
+def effective_spec(record: JobRecord, base: JobSpec | None = None) -> JobSpec:
+    """The job's spec with the controller's overrides (``extra.micro_batch_size`` after an OOM).
+
+    ``base``: the already parsed ``record.spec`` (a stored spec never changes), else it is parsed.
+    """
+    spec = base if base is not None else parse_spec(record.spec, source=record.id)
     micro = record.extra.get("micro_batch_size")
     if micro:
         spec = spec.model_copy(update={"train": spec.train.model_copy(update={"micro_batch_size": int(micro)})})
@@ -138,9 +141,9 @@ def effective_spec(record: JobRecord) -> JobSpec:
 
 
 def job_view(record: JobRecord, now: float, shapes: Mapping[str, Mapping[str, Any]] | None = None,
-             worker_id: str | None = None) -> JobView:  # fmt: skip
+             worker_id: str | None = None, *, base_spec: JobSpec | None = None) -> JobView:  # fmt: skip
     """One store record as the policy sees it (memory predictions from the memory model)."""
-    spec = effective_spec(record)
+    spec = effective_spec(record, base_spec)
     shape = model_shape_for(spec.base_model, shapes)
     adapter = adapter_shape_of(spec)
     fit_list = record.extra.get("activation")
@@ -184,21 +187,25 @@ def build_view(
     free_memory_bytes: int = 80 * GIB,
     shapes: Mapping[str, Mapping[str, Any]] | None = None,
     preempting: Iterable[str] = (),
+    specs: Mapping[str, JobSpec] | None = None,
 ) -> ClusterView:
     """The snapshot the policy decides on.
 
     QUEUED jobs are queued; PROFILING and RUNNING jobs run on their record's worker. Each
     free GPU (no worker yet) appears as an idle worker ``free-gpu-<i>`` with no model loaded.
+    ``specs``: parsed specs by job id (the controller's cache), so a pass does not re-validate
+    every queued spec; a job missing from it is parsed.
     """
     workers = list(workers)
     known = {w.worker_id for w in workers}
     preempting = set(preempting)
+    specs = specs or {}
     queued, running = [], []
     for rec in records:
         if rec.state == JobState.QUEUED:
-            queued.append(job_view(rec, now, shapes))
+            queued.append(job_view(rec, now, shapes, base_spec=specs.get(rec.id)))
         elif rec.state in (JobState.PROFILING, JobState.RUNNING) and rec.worker in known:
-            view = job_view(rec, now, shapes, worker_id=rec.worker)
+            view = job_view(rec, now, shapes, worker_id=rec.worker, base_spec=specs.get(rec.id))
             running.append(replace(view, preempt_pending=rec.id in preempting))
     free = [WorkerView(f"{FREE_PREFIX}{i}", free_memory_bytes, 100.0) for i in range(max(0, free_gpus))]
     queued.sort(key=lambda j: (j.submit_time_s, j.job_id))
@@ -339,6 +346,8 @@ class Controller:
         self._workers: dict[str, _Worker] = {}
         self._shapes: dict[str, dict[str, Any]] = {}
         self._fifo_clock = FifoClock(1)  # FIFO-fair start deadlines, stamped at submission
+        self._clock_lock = threading.Lock()  # guards _fifo_clock only
+        self._spec_cache: dict[str, JobSpec] = {}  # parsed specs of live jobs (see _view)
         self._logs: dict[str, deque[str]] = defaultdict(lambda: deque(maxlen=200))
         self._preempting: set[str] = set()
         self._gpu_total = 0
@@ -544,9 +553,10 @@ class Controller:
         a job left unstamped falls back to aspen's stateless tail guard. The virtual FIFO
         cluster lives in memory (after a restart it starts empty; stamped deadlines are kept)."""
         try:
-            with self._lock:
+            work = job_view(rec, time.time(), dict(self._shapes)).total_work_s
+            # Its own lock, not the policy loop's: a submission never waits for a scheduling pass.
+            with self._clock_lock:
                 self._fifo_clock.resize(self.num_gpus or self._gpu_total or 1)
-                work = job_view(rec, time.time(), self._shapes).total_work_s
                 fair = self._fifo_clock.stamp(rec.submit_time, work, rec.priority)
             self.store.update_progress(rec.id, step=0, extra={"fair_start_s": fair})
         except Exception as err:  # never fail a submission over the stamp
@@ -898,9 +908,11 @@ class Controller:
 
     def _view(self, now: float) -> ClusterView:
         records = self.store.list(states=[JobState.QUEUED, JobState.PROFILING, JobState.RUNNING])
+        # Parsed specs of live jobs, kept between passes (a stored spec never changes); ended jobs drop out.
+        self._spec_cache = {r.id: self._spec_cache.get(r.id) or parse_spec(r.spec, source=r.id) for r in records}
         return build_view(records, self._worker_views(), now=now, free_gpus=self._free_gpus(now),
                           free_memory_bytes=self.worker_memory_bytes, shapes=self._shapes,
-                          preempting=self._preempting)  # fmt: skip
+                          preempting=self._preempting, specs=self._spec_cache)  # fmt: skip
 
     def _schedule(self, now: float) -> None:
         view = self._view(now)
@@ -1070,5 +1082,7 @@ def controller_options() -> dict[str, Any]:
         "max_task_retries": 3,
         "num_cpus": 0,
         "resources": {"node:__internal_head__": 0.001},
-        "max_concurrency": 8,
+        # Client calls run in threads of their own: many concurrent submissions must not queue
+        # `status` behind them (bench/bench_load.py measures this).
+        "max_concurrency": 64,
     }

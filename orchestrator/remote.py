@@ -213,6 +213,8 @@ class Client:
             if not value:
                 continue
             local = Path(value)
+            if local.is_absolute() and not local.is_file():
+                continue  # a data set on the cluster (an admin-allowed prefix); the cluster checks it
             if not local.is_file():
                 raise RemoteError(f"{section}.{key}: file not found on this machine: {value}")
             upload = f"{index}-{section}-{local.name}"

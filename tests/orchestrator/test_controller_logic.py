@@ -102,3 +102,13 @@ def test_restart_requeues_running_and_keeps_policy(tmp_path):
         again.set_policy({"policy": "nope"})
     assert again.get_policy()["name"] == "fifo"
     again.store.close()
+
+
+def test_view_uses_the_parsed_spec_cache(store):
+    from orchestrator.spec import parse_spec
+
+    a = store.create_job(spec=spec("a"), name="a", owner="u", priority=0)
+    cached = parse_spec({**spec("a"), "data": {"path": "/data/x.jsonl", "max_seq_len": 48}})
+    view = build_view(store.list(), [], now=0.0, specs={a.id: cached})
+    assert view.queued[0].seq_len == 48  # the cached spec, not a fresh parse of the record (64)
+    assert build_view(store.list(), [], now=0.0).queued[0].seq_len == 64
