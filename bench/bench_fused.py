@@ -1,18 +1,23 @@
-"""Fused multi-LoRA training vs the same jobs one after another with PEFT, and vs the floor.
+"""Fused multi-LoRA training vs the frozen-base floor and vs PEFT, fixed and mixed sequence lengths.
 
 Every measurement runs in its own subprocess so peak memory (``VmHWM`` on CPU,
-``torch.cuda.max_memory_allocated`` on GPU) is clean. Printed side by side:
+``torch.cuda.max_memory_allocated`` on GPU) is clean. Printed side by side, for N jobs of
+``--micro`` sequences each (r=16 LoRA on all seven projections, dropout 0):
 
 * floor: the frozen base model's forward + backward (to activations only, as LoRA needs) over
-  exactly the tokens of one fused step;
+  exactly the tokens of one fused step, packed the same way (no adapters, no optimizer);
 * fused: lorafleet with N LoRA jobs in one batch (one engine step = one micro-batch per job);
-* peft-seq: the same N jobs trained one after another with PEFT + torch AdamW.
+  ``fused ckpt`` is the same with activation checkpointing (for its peak memory);
+* PEFT-seq: the same N jobs trained one after another with PEFT + torch AdamW;
+* PEFT-par: the same N jobs as N separate PEFT processes at once (peak = sum of their peaks).
+
+Two tables in one run: every sequence ``--seq-len`` tokens, then lengths drawn from 32..512.
 
 Usage::
 
-    python bench/bench_fused.py                       # SmolLM2-135M, N = 1 4 8, L = 128, B = 2 per job
-    python bench/bench_fused.py --jobs 1 4 --steps 2 --model tiny
-    python bench/bench_fused.py --mixed               # per-job lengths drawn from 32..512
+    python bench/bench_fused.py              # SmolLM2-135M (all 30 layers), N = 1 4 8, L = 128, 2 per job
+    python bench/bench_fused.py --quick      # 4 of 30 layers, 1 timed step, fewer baselines: for development
+    python bench/bench_fused.py --model tiny --jobs 1 4
 
 Benchmarks are not tests: nothing here asserts a timing.
 """
@@ -20,8 +25,8 @@ Benchmarks are not tests: nothing here asserts a timing.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import os
 import random
 import subprocess
 import sys
@@ -31,6 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MIXED = (32, 512)
+GIB = 1 << 30
 
 
 def peak_bytes(device: str) -> int:
@@ -44,45 +51,71 @@ def peak_bytes(device: str) -> int:
     return 0
 
 
-def job_lengths(args: argparse.Namespace, n: int) -> list[int]:
+def lengths_of(args: argparse.Namespace, job: int) -> list[int]:
+    """The sequence lengths of job ``job``'s micro-batch (the same every step)."""
     if not args.mixed:
-        return [args.seq_len] * n
-    rng = random.Random(7)
-    return [rng.choice([32, 64, 128, 256, 512]) for _ in range(n)]
+        return [args.seq_len] * args.micro
+    rng = random.Random(1000 + job)
+    return [rng.randint(*MIXED) for _ in range(args.micro)]
 
 
-def load(args: argparse.Namespace):
-    import torch
-
-    if args.model == "tiny":
-        from tests.conftest import make_tiny_llama, make_tokenizer
-
-        return make_tiny_llama(hidden_size=256, intermediate_size=704, num_hidden_layers=4), make_tokenizer()
-    from actors.models import load_base_model
-
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    return load_base_model("builtin:smollm2-135m-instruct", device=args.device, dtype=dtype)
-
-
-def examples_for(n_rows: int, length: int, vocab: int, seed: int):
+def micro_batch(args: argparse.Namespace, job: int, vocab: int) -> list:
     from actors.data import Example
 
-    rng = random.Random(seed)
+    rng = random.Random(job)
     out = []
-    for _ in range(n_rows):
+    for length in lengths_of(args, job):
         ids = [rng.randrange(4, vocab) for _ in range(length)]
         out.append(Example(ids, list(ids)))
     return out
 
 
+def load(args: argparse.Namespace):
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.model == "tiny":
+        from tests.conftest import make_tiny_llama, make_tokenizer
+
+        model, tok = make_tiny_llama(hidden_size=256, intermediate_size=704, num_hidden_layers=4), make_tokenizer()
+    else:
+        from actors.models import load_base_model
+
+        dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+        model, tok = load_base_model("builtin:smollm2-135m-instruct", device=args.device, dtype=dtype)
+    if args.layers:
+        model.model.layers = model.model.layers[: args.layers]
+        model.config.num_hidden_layers = args.layers
+    return model, tok
+
+
+def timed(args: argparse.Namespace, step) -> list[float]:
+    step()  # warm-up
+    _sync(args)
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        _sync(args)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def run_fused(args: argparse.Namespace) -> dict:
-    from actors.config import AdapterSettings, DataSettings, JobConfig, LoraSettings, TrainSettings
+    from actors.config import (
+        AdapterSettings,
+        DataSettings,
+        EngineSettings,
+        JobConfig,
+        LoraSettings,
+        TrainSettings,
+    )
     from actors.engine import FusedEngine
 
     model, tok = load(args)
-    engine = FusedEngine(model, tok, base_model_id=args.model)
-    lengths = job_lengths(args, args.n)
-    vocab = model.config.vocab_size
+    settings = EngineSettings(packing=not args.no_packing, autocast=args.autocast,
+                              activation_checkpointing=args.checkpointing)
+    engine = FusedEngine(model, tok, base_model_id=args.model, settings=settings)
     for j in range(args.n):
         cfg = JobConfig(
             name=f"job{j}",
@@ -93,92 +126,86 @@ def run_fused(args: argparse.Namespace) -> dict:
                                 checkpoint_every=10_000_000, seed=j),
             output=f"/tmp/lorafleet-bench/job{j}",
         )
-        engine.add_job(cfg, examples=examples_for(args.micro * 4, lengths[j], vocab, j), resume=False)
-    engine.step()  # warm-up
-    _sync(args)
-    times, tokens = [], 0
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        result = engine.step()
-        _sync(args)
-        times.append(time.perf_counter() - t0)
-        tokens += result.tokens
-    pad = 1 - result.tokens / max(1, result.padded_tokens)
-    return {"seconds_per_step": min(times), "tokens_per_s": tokens / sum(times), "peak": peak_bytes(args.device),
-            "padding": pad}
+        engine.add_job(cfg, examples=micro_batch(args, j, model.config.vocab_size) * 2, resume=False)
+    results = []
+    times = timed(args, lambda: results.append(engine.step()))
+    last = results[-1]
+    return {"seconds_per_step": min(times), "tokens_per_s": last.tokens * len(times) / sum(times),
+            "peak": peak_bytes(args.device), "padding": 1 - last.tokens / max(1, last.padded_tokens)}
 
 
 def run_floor(args: argparse.Namespace) -> dict:
+    """The fused step's forward + backward with no adapter: the same packed tokens through the same code."""
     import torch
 
+    from actors.data import pack
+    from actors.fused_model import FusedModel
+    from actors.lora import BatchLayout
+
     model, _tok = load(args)
-    lengths = job_lengths(args, args.n)
-    length = max(lengths)
-    rows = args.n * args.micro
-    ids = torch.randint(4, model.config.vocab_size, (rows, length), device=args.device)
-    mask = torch.zeros_like(ids)
-    for j, ln in enumerate(lengths):
-        mask[j * args.micro : (j + 1) * args.micro, :ln] = 1
-    embed = model.get_input_embeddings()
-    decoder = model.get_decoder()
-    head = model.get_output_embeddings()
+    fused = FusedModel(model)
+    batches = [micro_batch(args, j, model.config.vocab_size) for j in range(args.n)]
+    packed = pack(batches)
+    device = args.device
+    # gradients flow to the activations (as LoRA needs), never to the frozen weights
+    model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.detach().requires_grad_(True))
 
     def step() -> None:
-        x = embed(ids).detach().requires_grad_(True)  # gradients flow to activations, not frozen weights
-        hidden = decoder(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state
-        keep = mask[:, 1:].bool()
-        logits = head(hidden[:, :-1][keep]).float()
-        loss = torch.nn.functional.cross_entropy(logits, ids[:, 1:][keep])
-        loss.backward()
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=args.autocast):
+            hidden = fused.hidden_states(
+                packed.input_ids.to(device), None, BatchLayout((), packed=True),
+                position_ids=packed.position_ids.to(device), cu_seqlens=packed.cu_seqlens,
+            )  # (1, T, H)
+            sums = fused.packed_loss_sums(hidden, packed.labels.to(device), packed.spans)
+        sum(s for s, _ in sums).backward()
 
-    step()
-    _sync(args)
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        step()
-        _sync(args)
-        times.append(time.perf_counter() - t0)
-    real = int(mask.sum())
-    return {"seconds_per_step": min(times), "tokens_per_s": real * len(times) / sum(times),
+    times = timed(args, step)
+    return {"seconds_per_step": min(times), "tokens_per_s": packed.num_tokens * len(times) / sum(times),
             "peak": peak_bytes(args.device)}
 
 
-def run_peft_sequential(args: argparse.Namespace) -> dict:
+def peft_jobs(args: argparse.Namespace, base, tok, jobs: list[int]) -> tuple[float, int]:
+    """Train each job in ``jobs`` alone with PEFT + AdamW (warm-up + ``steps``); (timed seconds, tokens)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     from actors.data import collate
 
-    base, tok = load(args)
-    lengths = job_lengths(args, args.n)
     total_time, tokens = 0.0, 0
-    for j in range(args.n):
+    for j in jobs:
         model = get_peft_model(
-            copy.deepcopy(base),
-            LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=list(ALL_TARGETS)),
+            base, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=list(ALL_TARGETS))
         )
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        batch = examples_for(args.micro, lengths[j], base.config.vocab_size, j)
+        batch = micro_batch(args, j, base.config.vocab_size)
         ids, labels, mask = (t.to(args.device) for t in collate(batch, tok.pad_token_id or 0))
 
         def step(model=model, opt=opt, ids=ids, labels=labels, mask=mask) -> None:
-            out = model(input_ids=ids, attention_mask=mask, labels=labels)
+            with torch.autocast(device_type=args.device, dtype=torch.bfloat16, enabled=args.autocast):
+                out = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
             out.loss.backward()
             opt.step()
             opt.zero_grad()
 
-        step()
-        _sync(args)
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            step()
-            _sync(args)
-            total_time += time.perf_counter() - t0
-            tokens += int(mask.sum())
+        times = timed(args, step)
+        total_time += sum(times)
+        tokens += int(mask.sum()) * len(times)
+        base = model.unload()  # the base model without this job's LoRA layers
         del model, opt
+    return total_time, tokens
+
+
+def run_peft_sequential(args: argparse.Namespace) -> dict:
+    base, tok = load(args)
+    total_time, tokens = peft_jobs(args, base, tok, list(range(args.n)))
     return {"seconds_per_step": total_time / args.steps, "tokens_per_s": tokens / total_time,
             "peak": peak_bytes(args.device)}
+
+
+def run_peft_one(args: argparse.Namespace) -> dict:
+    base, tok = load(args)
+    total_time, tokens = peft_jobs(args, base, tok, [args.job])
+    return {"seconds": total_time, "tokens": tokens, "peak": peak_bytes(args.device)}
 
 
 def _sync(args: argparse.Namespace) -> None:
@@ -188,17 +215,84 @@ def _sync(args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
 
 
-MODES = {"fused": run_fused, "floor": run_floor, "peft-seq": run_peft_sequential}
+MODES = {"fused": run_fused, "floor": run_floor, "peft-seq": run_peft_sequential, "peft-one": run_peft_one}
 
 
-def measure(mode: str, n: int, args: argparse.Namespace) -> dict:
+def child_command(mode: str, n: int, args: argparse.Namespace, *extra: str) -> list[str]:
     cmd = [sys.executable, __file__, "--child", mode, "--n", str(n), "--model", args.model, "--device", args.device,
            "--seq-len", str(args.seq_len), "--micro", str(args.micro), "--rank", str(args.rank),
-           "--steps", str(args.steps)] + (["--mixed"] if args.mixed else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
+           "--steps", str(args.steps), "--layers", str(args.layers), "--threads", str(args.threads), *extra]
+    flags = {"--mixed": args.mixed, "--autocast": args.autocast, "--no-packing": args.no_packing}
+    return cmd + [flag for flag, on in flags.items() if on]
+
+
+def measure(mode: str, n: int, args: argparse.Namespace, *extra: str) -> dict:
+    out = subprocess.run(child_command(mode, n, args, *extra), capture_output=True, text=True, check=False, cwd=ROOT)
     if out.returncode != 0:
         raise RuntimeError(f"{mode} n={n} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_parallel(n: int, args: argparse.Namespace) -> dict:
+    """N separate PEFT processes at once, one job each: summed peak, throughput over the slowest."""
+    procs = [subprocess.Popen(child_command("peft-one", n, args, "--job", str(j)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT) for j in range(n)]
+    results = []
+    for proc in procs:
+        stdout, stderr = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"peft-one failed:\n{stderr[-3000:]}")
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    return {"tokens_per_s": sum(r["tokens"] for r in results) / max(r["seconds"] for r in results),
+            "peak": sum(r["peak"] for r in results)}
+
+
+def _cell(result: dict | None, key: str, unit: float, width: int, digits: int) -> str:
+    return f"{'-':>{width}}" if result is None else f"{result[key] / unit:>{width}.{digits}f}"
+
+
+def padded_fraction(args: argparse.Namespace, n: int) -> float:
+    """Pads / processed tokens if the N jobs' rows were right-padded to the longest row."""
+    lengths = [length for j in range(n) for length in lengths_of(args, j)]
+    return 1 - sum(lengths) / (len(lengths) * max(lengths))
+
+
+def table(args: argparse.Namespace) -> None:
+    lengths = f"mixed {MIXED[0]}..{MIXED[1]}" if args.mixed else str(args.seq_len)
+    print(f"\n== L={lengths}, micro={args.micro}/job, r={args.rank}, layers={args.layers or 'all'}, "
+          f"steps={args.steps} (+1 warm-up), threads={args.threads}, packing={'off' if args.no_packing else 'on'}")
+    header = (f"{'jobs':>4} | {'floor s/step':>12} | {'fused s/step':>12} | {'fused/floor':>11} | "
+              f"{'fused tok/s':>11} | {'PEFT-seq tok/s':>14} | {'fused/PEFT-seq':>14} | {'PEFT-par tok/s':>14} | "
+              f"{'fused GiB':>9} | {'ckpt GiB':>8} | {'PEFT-seq GiB':>12} | {'PEFT-par GiB':>12} | "
+              f"{'pad %':>5} | {'pad % padded':>12}")
+    print(header)
+    print("-" * len(header), flush=True)
+    rows = {}
+    first, last = min(args.jobs), max(args.jobs)
+    for n in args.jobs:
+        every = not args.quick or n in (first, last)  # --quick: checkpointing and PEFT-par at the ends only
+        floor = measure("floor", n, args)
+        fused = measure("fused", n, args)
+        ckpt = measure("fused", n, args, "--checkpointing") if every else None
+        seq = measure("peft-seq", n, args)
+        par = measure_parallel(n, args) if every else None
+        rows[n] = (floor, fused, ckpt, seq, par)
+        print(f"{n:>4} | {floor['seconds_per_step']:>12.3f} | {fused['seconds_per_step']:>12.3f} | "
+              f"{fused['seconds_per_step'] / floor['seconds_per_step']:>11.2f} | {fused['tokens_per_s']:>11.0f} | "
+              f"{seq['tokens_per_s']:>14.0f} | {fused['tokens_per_s'] / seq['tokens_per_s']:>14.2f} | "
+              f"{_cell(par, 'tokens_per_s', 1, 14, 0)} | {fused['peak'] / GIB:>9.2f} | "
+              f"{_cell(ckpt, 'peak', GIB, 8, 2)} | {seq['peak'] / GIB:>12.2f} | {_cell(par, 'peak', GIB, 12, 2)} | "
+              f"{100 * fused['padding']:>5.1f} | {100 * padded_fraction(args, n):>12.1f}", flush=True)
+    floor, fused, ckpt, seq, par = rows[last]
+    ratio = fused["seconds_per_step"] / floor["seconds_per_step"]
+    print(f"fused/floor step time, {last} jobs: {ratio:.2f}x (target <= 1.15x)")
+    print(f"fused / sequential PEFT throughput, {last} jobs: {fused['tokens_per_s'] / seq['tokens_per_s']:.2f}x "
+          f"(target >= 1.3x)")
+    print(f"peak memory {last} jobs / {first} job: fused {fused['peak'] / rows[first][1]['peak']:.2f}x, "
+          f"with checkpointing {ckpt['peak'] / rows[first][2]['peak']:.2f}x (target <= 1.2x); "
+          f"{last} PEFT processes at once: {par['peak'] / GIB:.2f} GiB = {par['peak'] / fused['peak']:.2f}x fused")
+    print(f"padding, {last} jobs: {100 * fused['padding']:.1f}% of processed tokens "
+          f"({100 * padded_fraction(args, last):.1f}% if right-padded to the longest row; target < 5%)", flush=True)
 
 
 def main() -> None:
@@ -209,39 +303,37 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--micro", type=int, default=2, help="sequences per job per step")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--mixed", action="store_true", help="per-job sequence lengths from 32..512")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
+    parser.add_argument("--layers", type=int, default=0, help="keep only the first K decoder layers (0: all)")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads per process")
+    parser.add_argument("--quick", action="store_true",
+                        help="--layers 4 --steps 1, checkpointing and PEFT-par for the fewest and most jobs only")
+    parser.add_argument("--autocast", action="store_true", help="bf16 autocast (fused, floor and PEFT alike)")
+    parser.add_argument("--no-packing", action="store_true", help="fused: right-pad instead of packing")
+    parser.add_argument("--only", choices=["fixed", "mixed"], help="print one table only")
     parser.add_argument("--child", choices=sorted(MODES), help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--job", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--mixed", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quick:
+        args.layers, args.steps = args.layers or 4, 1
     if args.child:
         import torch
 
         torch.manual_seed(0)
         print(json.dumps(MODES[args.child](args)))
         return
-
-    gib = 1 << 30
-    print(f"model={args.model} device={args.device} L={'mixed 32..512' if args.mixed else args.seq_len} "
-          f"micro={args.micro}/job r={args.rank} steps={args.steps}")
-    header = (f"{'jobs':>4} | {'floor s/step':>12} | {'fused s/step':>12} | {'fused/floor':>11} | "
-              f"{'fused tok/s':>11} | {'PEFT-seq tok/s':>14} | {'fused/PEFT':>10} | {'fused peak GiB':>14} | "
-              f"{'PEFT peak GiB':>13} | {'pad %':>5}")
-    print(header)
-    print("-" * len(header))
-    one_job_peak = None
-    for n in args.jobs:
-        floor = measure("floor", n, args)
-        fused = measure("fused", n, args)
-        seq = measure("peft-seq", n, args)
-        one_job_peak = one_job_peak or fused["peak"]
-        print(f"{n:>4} | {floor['seconds_per_step']:>12.3f} | {fused['seconds_per_step']:>12.3f} | "
-              f"{fused['seconds_per_step'] / floor['seconds_per_step']:>11.2f} | {fused['tokens_per_s']:>11.0f} | "
-              f"{seq['tokens_per_s']:>14.0f} | {fused['tokens_per_s'] / seq['tokens_per_s']:>10.2f} | "
-              f"{fused['peak'] / gib:>14.2f} | {seq['peak'] / gib:>13.2f} | {100 * fused['padding']:>5.1f}",
-              flush=True)
-    if one_job_peak:
-        print(f"peak memory with {args.jobs[-1]} fused jobs / 1 job: {fused['peak'] / one_job_peak:.2f}x")
+    start = time.perf_counter()
+    load_avg = os.getloadavg()[0]
+    print(f"model={args.model} device={args.device} cores={os.cpu_count()} load average at start={load_avg:.2f}")
+    for mixed in (False, True):
+        if args.only and args.only != ("mixed" if mixed else "fixed"):
+            continue
+        args.mixed = mixed
+        table(args)
+    print(f"\nbench time {time.perf_counter() - start:.0f} s, load average at end={os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
