@@ -44,6 +44,8 @@ def test_up_policy_down_local(tmp_path):
         assert res.returncode == 0 and "policy: aspen" in res.stdout, res.stderr[-2000:]
         res = lorafleet(home, "policy", "show")
         assert res.returncode == 0 and "policy: aspen" in res.stdout
+        res = lorafleet(home, "policy", "explain", "no-such-job")
+        assert res.returncode == 2 and "no-such-job" in res.stderr, res.stderr[-2000:]
     finally:
         down = lorafleet(home, "down", "--local")
     assert down.returncode == 0, down.stderr[-3000:]
