@@ -382,3 +382,23 @@ def test_worker_passes_trust_remote_code_to_the_model_loader(monkeypatch: pytest
     with pytest.raises(RuntimeError, match="stop here"):
         worker._load()
     assert seen["name"] == "some/model" and seen["trust_remote_code"] is trust
+
+
+def test_gpu_quota_limits_the_workers_an_owner_occupies(tmp_path: Path, fake_workers: _FakeActorClass):
+    """aspen with gpu_quotas {alice: 1}: alice's jobs on two base models need two workers, so only one
+    model's jobs start; bob (no quota) gets a worker for each model. Owners come from the keys."""
+    c = Controller(str(tmp_path / "jobs.db"), str(tmp_path / "storage"),
+                   {"policy": "aspen", "gpu_quotas": {"alice": 1}}, start_loop=False, num_gpus=8)  # fmt: skip
+    try:
+        root = c.add_user("root", admin=True)["key"]
+        keys = {u: c.add_user(u, api_key=root)["key"] for u in ("alice", "bob")}
+        for owner, key in keys.items():
+            for model in ("builtin:smollm2-135m-instruct", "org/other-model"):
+                c.submit({**spec(f"{owner}-{model.split(':')[-1].split('/')[-1]}"), "base_model": model}, api_key=key)
+        for _ in range(3):
+            c.tick()
+        workers = {o: {r.worker for r in c.store.list(owner=o) if r.state == JobState.PROFILING} for o in keys}
+        assert len(workers["alice"]) == 1 and len(workers["bob"]) == 2
+        assert sum(r.state == JobState.QUEUED for r in c.store.list(owner="alice")) == 1
+    finally:
+        c.store.close()
