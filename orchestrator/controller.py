@@ -63,7 +63,7 @@ from policies import (
     parse_policy_config,
 )
 from policies.fairstart import FifoClock
-from policies.memory_model import adapter_bytes, analytic_activation, static_bytes
+from policies.memory_model import adapter_bytes, analytic_activation, loss_head_bytes_per_token, static_bytes
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,19 @@ def job_view(record: JobRecord, now: float, shapes: Mapping[str, Mapping[str, An
         worker_id=worker_id,
         start_time_s=record.start_time if worker_id else None,
         fair_start_s=_fair_start(record),
+        loss_head_per_token=loss_head_bytes_per_token(shape),
     )
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as None (the store keeps strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _fair_start(record: JobRecord) -> float | None:
@@ -803,6 +815,9 @@ class Controller:
                 rec = self.store.get(job_id)
                 if _finite(ev.get("loss")) is not None:  # the last step's loss, if no poll saw it
                     self.store.update_progress(job_id, step=ev.get("step") or rec.step, loss=_finite(ev["loss"]))
+                if isinstance(ev.get("eval"), dict):  # the spec's eval: section, run on the worker
+                    self.store.update_progress(job_id, step=ev.get("step") or rec.step,
+                                               extra={"eval": _json_safe(ev["eval"])})
                 self.store.transition(job_id, JobState.SUCCEEDED, expect=(JobState.RUNNING, JobState.PROFILING),
                                       output=ev.get("output") or rec.output, step=ev.get("step") or rec.step,
                                       reason="finished")  # fmt: skip

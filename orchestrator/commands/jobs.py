@@ -70,8 +70,26 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _row(record: dict) -> dict:
-    return {k: record.get(k) for k in ("id", "name", "state", "step", "total_steps", "loss", "tokens_per_s",
-                                        "worker", "priority", "owner", "error", "output")}  # fmt: skip
+    row = {k: record.get(k) for k in ("id", "name", "state", "step", "total_steps", "loss", "tokens_per_s",
+                                       "worker", "priority", "owner", "error", "output")}  # fmt: skip
+    row["eval"] = (record.get("extra") or {}).get("eval")
+    return row
+
+
+def eval_lines(evaluation: dict | None) -> list[str]:
+    """The held-out evaluation of a finished job (its spec's ``eval:``) as ``metric: base -> adapter`` lines."""
+    if not evaluation:
+        return []
+    if evaluation.get("error"):
+        return [f"eval: {evaluation['error']}"]
+    lines = [f"eval on {evaluation.get('examples', '?')} held-out examples (base -> adapter):"]
+    metrics = evaluation.get("metrics") or {}
+    order = ["loss", "perplexity", "exact_match", "multiple_choice"]
+    for metric in sorted(metrics, key=lambda m: (order.index(m) if m in order else len(order), m)):
+        base, adapter = metrics[metric].get("base"), metrics[metric].get("adapter")
+        if isinstance(base, int | float) and isinstance(adapter, int | float):
+            lines.append(f"  {metric}: {base:.4f} -> {adapter:.4f}")
+    return lines
 
 
 def _eta(record: dict) -> str:
@@ -148,6 +166,8 @@ def do_status(client: Client, args: argparse.Namespace) -> int:
             print(f"  {stamp} {event['from'] or '-'} -> {event['to']}  {event.get('reason') or ''}")
         if records[0].get("error"):
             print(f"  error: {records[0]['error']}")
+        for line in eval_lines((records[0].get("extra") or {}).get("eval")):
+            print(f"  {line}")
     return 0
 
 

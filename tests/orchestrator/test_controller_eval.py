@@ -1,0 +1,56 @@
+"""A finished job's held-out evaluation (the spec's ``eval:``, run on the worker) reaches the job
+store and ``lorafleet status``. The controller runs without Ray: fake worker handles, events fed
+to it as a worker's progress snapshot would carry them."""
+
+from pathlib import Path
+
+import pytest
+
+import orchestrator.controller as controller_mod
+from orchestrator.commands.jobs import _row, eval_lines
+from orchestrator.controller import Controller
+from orchestrator.store import JobState
+from tests.orchestrator.test_tenancy import _FakeActorClass, spec
+
+
+@pytest.fixture
+def ctl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(controller_mod, "worker_actor_class", lambda: _FakeActorClass())
+    monkeypatch.setattr(Controller, "_poll", lambda self, now: None)
+    c = Controller(str(tmp_path / "jobs.db"), str(tmp_path / "storage"), {"policy": "fifo"}, start_loop=False,
+                   num_gpus=1)  # fmt: skip
+    yield c
+    c.store.close()
+
+
+def _finish(c: Controller, job_id: str, evaluation: dict | None) -> None:
+    worker = next(iter(c._workers.values()))
+    events = [{"job": job_id, "kind": "joined", "step": 0, "total_steps": 10},
+              {"job": job_id, "kind": "finished", "output": "out", "step": 10, "loss": 0.5, "eval": evaluation}]
+    c._apply_snapshot(worker, {"events": events, "jobs": {}}, 0.0)  # fmt: skip
+
+
+def test_eval_metrics_are_stored_and_shown_by_status(ctl: Controller):
+    job = ctl.submit(spec("a", eval={"data": "d.jsonl", "metrics": ["loss", "exact_match"]}), "alice")["id"]
+    ctl.tick()
+    evaluation = {"examples": 24, "metrics": {"loss": {"base": 3.9, "adapter": 1.25, "tokens": 300},
+                                              "exact_match": {"base": 0.0, "adapter": 0.625}}}  # fmt: skip
+    _finish(ctl, job, evaluation)
+    record = ctl.status(job)
+    assert record["state"] == JobState.SUCCEEDED.value
+    assert record["extra"]["eval"] == evaluation and _row(record)["eval"] == evaluation
+    assert eval_lines(record["extra"]["eval"]) == [
+        "eval on 24 held-out examples (base -> adapter):", "  loss: 3.9000 -> 1.2500", "  exact_match: 0.0000 -> 0.6250",
+    ]  # fmt: skip
+
+
+def test_failed_or_non_finite_eval_is_kept_without_breaking_the_job(ctl: Controller):
+    a = ctl.submit(spec("a"), "alice")["id"]
+    ctl.tick()
+    _finish(ctl, a, {"examples": 2, "metrics": {"loss": {"base": float("nan"), "adapter": float("inf")}}})
+    stored = ctl.status(a)
+    assert stored["state"] == JobState.SUCCEEDED.value
+    assert stored["extra"]["eval"]["metrics"]["loss"] == {"base": None, "adapter": None}  # strict JSON in the store
+    assert eval_lines({"error": "evaluation failed: eval.data: gone.jsonl: no such file"}) == [
+        "eval: evaluation failed: eval.data: gone.jsonl: no such file"]
+    assert eval_lines(None) == []
