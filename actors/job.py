@@ -39,13 +39,27 @@ def lr_lambda(train: TrainSettings, total_steps: int):
     return factor
 
 
+def _fusable(params: list[torch.nn.Parameter]) -> bool:
+    """torch's fused (one kernel for all tensors) optimizers take floating CPU or CUDA tensors."""
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+
+
 def make_optimizer(train: TrainSettings, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The job's optimizer: torch's fused implementation where the parameters allow it.
+
+    An adapter has hundreds of small tensors (a MixLoRA adapter ~1,000 on a 30-layer model); torch's
+    per-tensor AdamW loop took 16 s per step for 14 M parameters on 2 CPU cores where the fused one
+    took 0.5 s. Same update rule: results agree with the per-tensor loop to rounding.
+    """
+    fused = {"fused": True} if _fusable(params) else {}
     if train.optimizer == "adamw":
         return torch.optim.AdamW(
-            params, lr=train.learning_rate, betas=train.betas, eps=train.eps, weight_decay=train.weight_decay
+            params, lr=train.learning_rate, betas=train.betas, eps=train.eps, weight_decay=train.weight_decay, **fused
         )
     if train.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=train.learning_rate, momentum=train.momentum, weight_decay=train.weight_decay)
+        return torch.optim.SGD(
+            params, lr=train.learning_rate, momentum=train.momentum, weight_decay=train.weight_decay, **fused
+        )
     raise ValueError(f"train.optimizer: must be one of adamw, sgd (got {train.optimizer!r})")
 
 
