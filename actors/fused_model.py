@@ -108,6 +108,7 @@ class FusedModel:
         self.mlps: dict[int, nn.Module] = {}  # decoder layer index -> MultiMixMLP (MixLoRA)
         self.model.requires_grad_(False)
         self.activation_checkpointing = False
+        self.loss_chunk = 512  # label tokens per output-head chunk under activation checkpointing
 
     @property
     def device(self) -> torch.device:
@@ -233,7 +234,7 @@ class FusedModel:
         return not getattr(config, "layer_types", None) or all(t == "full_attention" for t in config.layer_types)
 
     @contextlib.contextmanager
-    def _attention(self, implementation: str | None) -> Iterator[None]:
+    def attention(self, implementation: str | None) -> Iterator[None]:
         """Switch the model's attention implementation for one forward (``None``: leave it)."""
         if implementation is None or implementation == self.config._attn_implementation:
             yield
@@ -275,7 +276,7 @@ class FusedModel:
             decoder = self.model.get_decoder()
             # transformers >= 5.2x names the KV cache argument `cache`; older releases `past_key_values`.
             cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
-            with self._attention(implementation):
+            with self.attention(implementation):
                 out = decoder(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
@@ -322,7 +323,7 @@ class FusedModel:
                     gen.set_state(saved[job])
                 previous, self.context.layout = self.context.layout, layout
                 try:
-                    with self._attention(implementation):
+                    with self.attention(implementation):
                         return forward(*a, **k)
                 finally:
                     self.context.layout = previous
@@ -362,13 +363,22 @@ class FusedModel:
 
         ``hidden`` (1, T, H), ``labels`` (1, T); the label of each sequence's first token is
         ``IGNORE_INDEX`` (see ``actors.data.pack``), so no pair crosses from one span into the next.
+        Under activation checkpointing the head runs on ``loss_chunk`` tokens at a time and is
+        recomputed in backward, so the (K, V) logits never exist at once.
         """
         targets = labels[0, 1:]  # (T-1,): target of position t is label t+1
         where = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (K,) increasing
         losses = hidden.new_zeros(0)
         if where.numel():
-            logits = self.logits(hidden[0, :-1].index_select(0, where)).float()  # (K, V)
-            losses = F.cross_entropy(logits, targets.index_select(0, where), reduction="none")  # (K,)
+            picked = hidden[0, :-1].index_select(0, where)  # (K, H)
+            picked_targets = targets.index_select(0, where)  # (K,)
+            if self.activation_checkpointing and torch.is_grad_enabled() and len(where) > self.loss_chunk:
+                losses = torch.cat([
+                    checkpoint(self._token_losses, h, t, use_reentrant=False)
+                    for h, t in zip(picked.split(self.loss_chunk), picked_targets.split(self.loss_chunk), strict=True)
+                ])  # (K,)
+            else:
+                losses = self._token_losses(picked, picked_targets)  # (K,)
         spans = list(spans)
         starts = torch.tensor([start for start, _ in spans] + [spans[-1][1] if spans else 0], device=where.device)
         cuts = torch.searchsorted(where, starts).tolist()  # label positions of span j: [cuts[j], cuts[j+1])
@@ -376,6 +386,10 @@ class FusedModel:
         for lo, hi in itertools.pairwise(cuts):
             out.append((losses[lo:hi].sum() if hi > lo else hidden.sum() * 0.0, hi - lo))
         return out
+
+    def _token_losses(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of each row: hidden (K, H), targets (K,) -> (K,) fp32."""
+        return F.cross_entropy(self.logits(hidden).float(), targets, reduction="none")
 
 
 def _natural_key(path: str) -> list:
