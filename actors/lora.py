@@ -264,22 +264,34 @@ def apply_segments(
     segments = layout.segments if segments is None else segments
     if stackable(segments, adapters, x.shape[0]):
         return stacked_update(x, base_out, segments, adapters, layout)
+    if not any(seg.job in adapters for seg in segments):
+        return base_out
+    if segments_tile(segments, x.shape[0]):  # one split: its backward concatenates, where a slice per
+        sizes = [seg.stop - seg.start for seg in segments]  # segment would zero-fill a full-size grad each
+        xs, outs = x.split(sizes), base_out.split(sizes)
+    else:
+        xs = [x[seg.start : seg.stop] for seg in segments]
+        outs = [base_out[seg.start : seg.stop] for seg in segments]
     pieces: list[torch.Tensor] = []
-    touched = False
-    for seg in segments:
-        rows_out = base_out[seg.start : seg.stop]
+    for seg, rows_x, rows_out in zip(segments, xs, outs, strict=True):
         weights = adapters[seg.job] if seg.job in adapters else None
         if weights is not None:
             gen = layout.generators.get(seg.job)
             rows_out = rows_out + weights.delta(
-                x[seg.start : seg.stop], rows_out, base, gen, layout.training, seg.length,
-                real=seg.real,
+                rows_x, rows_out, base, gen, layout.training, seg.length, real=seg.real
             )
-            touched = True
         pieces.append(rows_out)
-    if not touched:
-        return base_out
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+
+
+def segments_tile(segments: Sequence[Segment], num_rows: int) -> bool:
+    """Whether the segments cover rows ``0 .. num_rows`` in order, without gaps or overlaps."""
+    pos = 0
+    for seg in segments:
+        if seg.start != pos:
+            return False
+        pos = seg.stop
+    return pos == num_rows
 
 
 def stackable(segments: Sequence[Segment], adapters: nn.ModuleDict, num_rows: int) -> bool:

@@ -52,6 +52,7 @@ from actors.lora import (
     Segment,
     apply_segments,
     dropout_with,
+    segments_tile,
 )
 
 ROUTING_STRATEGIES = {"topk": "mixlora", "dynamic": "mixlora-dynamic", "switch": "mixlora-switch"}
@@ -325,51 +326,59 @@ class MultiMixMLP(nn.Module):
     def _forward_rows(self, x: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
         gate = self.gate_proj(x)  # (N, L, I): base GEMM once for all rows, + plain LoRA on its rows
         up = self.up_proj(x)  # (N, L, I)
+        segments = layout.segments
+        if segments_tile(segments, x.shape[0]):  # one split each: slices would zero-fill full-size grads in backward
+            sizes = [seg.stop - seg.start for seg in segments]
+            parts = list(zip(x.split(sizes), gate.split(sizes), up.split(sizes), strict=True))
+        else:
+            parts = [(x[s.start : s.stop], gate[s.start : s.stop], up[s.start : s.stop]) for s in segments]
         pieces: list[torch.Tensor] = []
-        plain: list[Segment] = []
-        for seg in layout.segments:
+        plain: list[tuple[Segment, torch.Tensor, torch.Tensor]] = []
+        for seg, (rows_x, rows_gate, rows_up) in zip(segments, parts, strict=True):
             if seg.job not in self.jobs:
-                plain.append(seg)
+                plain.append((seg, rows_gate, rows_up))
                 continue
             if plain:
-                pieces.append(self._plain_rows(gate, up, plain, layout))
+                pieces.append(self._plain_rows(plain, layout))
                 plain = []
-            pieces.append(self._mixlora_rows(x, gate, up, seg, layout))
+            pieces.append(self._mixlora_rows(rows_x, rows_gate, rows_up, seg, layout))
         if plain:
-            pieces.append(self._plain_rows(gate, up, plain, layout))
+            pieces.append(self._plain_rows(plain, layout))
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)  # (N, L, H)
 
-    def _plain_rows(
-        self, gate: torch.Tensor, up: torch.Tensor, segments: list[Segment], layout: BatchLayout
-    ) -> torch.Tensor:
-        """The ordinary gated MLP on a run of consecutive rows (plain LoRA on down_proj included)."""
-        start, stop = segments[0].start, segments[-1].stop
-        hidden = self.act_fn(gate[start:stop]) * up[start:stop]  # (n, L, I)
+    def _plain_rows(self, run: list[tuple[Segment, torch.Tensor, torch.Tensor]], layout: BatchLayout) -> torch.Tensor:
+        """The ordinary gated MLP on a run of consecutive segments (plain LoRA on down_proj included);
+        ``run`` holds each segment with its rows of the gate and up outputs."""
+        gate = run[0][1] if len(run) == 1 else torch.cat([g for _, g, _ in run])  # (n, L, I)
+        up = run[0][2] if len(run) == 1 else torch.cat([u for _, _, u in run])  # (n, L, I)
+        hidden = self.act_fn(gate) * up  # (n, L, I)
         base_out = self.down_proj.base(hidden)  # (n, L, H)
-        shifted = [replace(s, start=s.start - start, stop=s.stop - start) for s in segments]
+        start = run[0][0].start
+        shifted = [replace(s, start=s.start - start, stop=s.stop - start) for s, _, _ in run]
         return apply_segments(hidden, base_out, self.down_proj.base, self.down_proj.adapters, layout, shifted)
 
     def _mixlora_rows(
         self, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, seg: Segment, layout: BatchLayout
     ) -> torch.Tensor:
-        """One MixLoRA job's rows: route its real tokens, run experts, pads get zeros."""
-        rows = slice(seg.start, seg.stop)
-        n, length, hidden_size = x[rows].shape
-        flat_x = x[rows].reshape(n * length, hidden_size)  # (n*L, H)
-        if layout.padding_mask is not None:
-            real = layout.padding_mask[rows].reshape(-1).nonzero().squeeze(1)  # (T,)
-        else:
-            real = torch.arange(n * length, device=x.device)
+        """One MixLoRA job's rows (``x`` (n, L, H), ``gate``/``up`` (n, L, I)): route its real tokens,
+        run experts, pads get zeros."""
+        n, length, hidden_size = x.shape
         inter = gate.shape[-1]
+        flat_x = x.reshape(n * length, hidden_size)  # (n*L, H)
+        flat_gate, flat_up = gate.reshape(n * length, inter), up.reshape(n * length, inter)  # (n*L, I)
+        real = None
+        if layout.padding_mask is not None:
+            real = layout.padding_mask[seg.start : seg.stop].reshape(-1).nonzero().squeeze(1)  # (T,)
+            if real.numel() < n * length:
+                flat_x, flat_gate, flat_up = flat_x[real], flat_gate[real], flat_up[real]
+            else:
+                real = None  # no pads in these rows: no gather, no scatter
         out, logits, picks = self.jobs[seg.job](
-            flat_x[real],
-            gate[rows].reshape(n * length, inter)[real],
-            up[rows].reshape(n * length, inter)[real],
-            self,
-            layout.generators.get(seg.job),
-            layout.training,
+            flat_x, flat_gate, flat_up, self, layout.generators.get(seg.job), layout.training
         )  # (T, H)
         layout.aux.setdefault(seg.job, []).append(RouterRecord(self.layer_index, logits, picks))
+        if real is None:
+            return out.to(x.dtype).reshape(n, length, hidden_size)
         full = x.new_zeros(n * length, hidden_size).index_copy(0, real, out.to(x.dtype))  # (n*L, H)
         return full.reshape(n, length, hidden_size)
 
