@@ -8,7 +8,7 @@ Every measurement runs in its own subprocess so peak memory (``VmHWM`` on CPU,
   exactly the tokens of one fused step, packed the same way (no adapters, no optimizer);
 * fused: lorafleet with N LoRA jobs in one batch (one engine step = one micro-batch per job);
   ``fused ckpt`` is the same with activation checkpointing (for its peak memory);
-* PEFT-seq: the same N jobs trained one after another with PEFT + torch AdamW;
+* PEFT-seq: the same N jobs trained one after another with PEFT + torch AdamW (fused, as the engine's);
 * PEFT-par: the same N jobs as N separate PEFT processes at once (peak = sum of their peaks).
 
 On CPU, steps are timed by each process's CPU time (``--clock cpu``): on a shared machine wall
@@ -182,7 +182,8 @@ def peft_jobs(args: argparse.Namespace, base, tok, jobs: list[int]) -> tuple[flo
         model = get_peft_model(
             base, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=list(ALL_TARGETS))
         )
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        # the same fused AdamW the engine gives every job: the comparison is about the model, not the optimizer loop
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
         batch = micro_batch(args, j, base.config.vocab_size)
         ids, labels, mask = (t.to(args.device) for t in collate(batch, tok.pad_token_id or 0))
 
