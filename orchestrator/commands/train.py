@@ -30,6 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="base model dtype [auto: bfloat16 on cuda, float32 on cpu]; adapters stay fp32")
     parser.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints and start over")
     parser.add_argument("--plain", action="store_true", help="log lines instead of live progress bars")
+    parser.add_argument("--no-packing", action="store_true",
+                        help="right-pad jobs' rows instead of packing sequences end to end (docs/performance.md)")
+    parser.add_argument("--autocast", action="store_true",
+                        help="bf16 autocast of the forward (GPU); adapter weights and optimizer stay fp32")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="recompute decoder layers in backward: less memory, about 1/3 more compute")
 
 
 def finished_before(spec: JobSpec) -> dict | None:
@@ -94,6 +100,17 @@ def _device_and_dtype(device: str, dtype: str):
     return device, getattr(torch, dtype)
 
 
+def engine_settings(args: argparse.Namespace):
+    """The engine options chosen on the command line (missing attributes: the defaults)."""
+    from actors.config import EngineSettings
+
+    return EngineSettings(
+        packing=not getattr(args, "no_packing", False),
+        autocast=getattr(args, "autocast", False),
+        activation_checkpointing=getattr(args, "activation_checkpointing", False),
+    )
+
+
 def train_group(
     base_model: str, specs: list[JobSpec], args: argparse.Namespace, view: ProgressView, console: Console
 ) -> list[JobProgress]:
@@ -124,7 +141,7 @@ def train_group(
         for spec in pending:
             results[spec.name] = JobProgress(spec.name, 0, state="failed", message=f"base_model: {exc}")
         return list(results.values())
-    engine = FusedEngine(model, tokenizer, base_model_id=base_model)
+    engine = FusedEngine(model, tokenizer, base_model_id=base_model, settings=engine_settings(args))
 
     for spec in pending:
         try:

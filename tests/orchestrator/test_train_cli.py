@@ -94,3 +94,32 @@ def test_resume_after_interruption_via_cli(tmp_path, tiny_model_dir, capsys):
     want, got = load(final), load((out / "adapter_model.safetensors").read_bytes())
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-7)
+
+
+def test_engine_options_reach_the_engine_and_train_the_same_adapter(tmp_path, tiny_model_dir, monkeypatch):
+    """--no-packing / --activation-checkpointing change how a step runs, not the adapter it trains."""
+    import torch
+    from safetensors.torch import load
+
+    from actors.engine import FusedEngine
+
+    seen = []
+    init = FusedEngine.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        seen.append(self.settings)
+
+    monkeypatch.setattr(FusedEngine, "__init__", spy)
+    data = write_jsonl(tmp_path / "rev.jsonl", alpaca_records(16, seed=5))
+    adapters = {}
+    for flags in ([], ["--no-packing"], ["--activation-checkpointing"]):
+        name = "x" + "".join(f.strip("-")[:2] for f in flags)
+        spec = write_spec(tmp_path, name, tiny_model_dir, data, max_steps=3)
+        assert main(["train", str(spec), "--plain", *flags]) == 0
+        adapters[tuple(flags)] = load((tmp_path / "out" / name / "adapter_model.safetensors").read_bytes())
+    assert [(s.packing, s.activation_checkpointing) for s in seen] == [(True, False), (False, False), (True, True)]
+    want = adapters[()]
+    for flags, got in adapters.items():
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=f"{flags} {key}")
