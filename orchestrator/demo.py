@@ -5,8 +5,9 @@
 2. submit four jobs through the Ray dashboard, as ``lorafleet submit`` does from a laptop: three
    LoRA jobs on different bundled tasks and one MixLoRA job on their mix, on the embedded
    SmolLM2-135M-Instruct; show live progress;
-3. fetch the adapters, evaluate base vs each adapter on its held-out test split (all adapters in
-   fused batches over one copy of the base model), print a summary and write ``out/demo/loss.png``;
+3. fetch the adapters and print a summary with each job's held-out evaluation (its spec's ``eval:``:
+   loss and exact match, base vs adapter, run on the worker before the adapter leaves the engine);
+   write ``out/demo/loss.png``;
 4. stop the controller and the cluster it started.
 
 ``python -m orchestrator.demo --local`` trains the same jobs in this process instead
@@ -25,14 +26,8 @@ from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
-JOBS = {  # job spec -> held-out test split
-    "reverse": "examples/data/reverse.test.jsonl",
-    "arith": "examples/data/arith.test.jsonl",
-    "fanoutqa": "examples/data/fanoutqa.test.jsonl",
-    "mix-mixlora": "examples/data/mix.test.jsonl",
-}
+JOBS = ("reverse", "arith", "fanoutqa", "mix-mixlora")  # examples/jobs/NAME.yaml
 OUT = ROOT / "out" / "demo"
-EVAL_EXAMPLES = 40
 
 
 def spec_paths() -> list[str]:
@@ -54,24 +49,14 @@ def run_local() -> int:
     return code
 
 
-def evaluate_before_after(adapters: dict[str, Path]) -> dict[str, tuple[float, float]]:
-    """Mean token loss of the base model and of each adapter on its task's test split, fused."""
-    from actors.config import DataSettings
-    from actors.data import load_examples
-    from actors.engine import FusedEngine
-    from actors.models import load_base_model
-
-    model, tokenizer = load_base_model("builtin:smollm2-135m-instruct")
-    engine = FusedEngine(model, tokenizer, base_model_id="builtin:smollm2-135m-instruct")
-    for name, directory in adapters.items():
-        engine.attach_adapter(name, directory)
-    out = {}
-    for name in adapters:
-        data = DataSettings(str(ROOT / JOBS[name]), format="alpaca", max_seq_len=128)
-        examples = load_examples(data, tokenizer)[:EVAL_EXAMPLES]
-        (before, _), (after, _) = engine.evaluate([None, name], examples, micro_batch_size=8)
-        out[name] = (before, after)
-    return out
+def before_after(record: dict, metric: str, fmt: str = "{:.3f}") -> str:
+    """``base -> adapter`` for one metric of a finished job's held-out evaluation (its spec's ``eval:``,
+    run on the worker and stored with the job), or ``-``."""
+    values = ((record.get("extra") or {}).get("eval") or {}).get("metrics", {}).get(metric) or {}
+    base, adapter = values.get("base"), values.get("adapter")
+    if not isinstance(base, int | float) or not isinstance(adapter, int | float):
+        return "-"
+    return f"{fmt.format(base)} -> {fmt.format(adapter)}"
 
 
 def run_cluster(num_gpus: int) -> int:
@@ -101,26 +86,23 @@ def run_cluster(num_gpus: int) -> int:
         for job in jobs:
             console.print(f"  {job.id}  {job.name}")
         code = follow(client, [j.id for j in jobs], poll_s=2.0)
-        console.rule("3. fetch adapters, evaluate base vs adapter on held-out data (fused)")
+        console.rule("3. fetch the adapters; held-out evaluation (each spec's eval:, run on the workers)")
         adapters, records = {}, {}
         for job in jobs:
             records[job.name] = client.status(job.id)
             if records[job.name]["state"] == "SUCCEEDED":
                 adapters[job.name] = client.fetch(job.id, OUT / "adapters" / job.name)
-        evals = evaluate_before_after(adapters) if adapters else {}
-        table = Table(title="lorafleet demo: 4 jobs fused on SmolLM2-135M-Instruct")
-        for col in ("job", "adapter", "state", "steps", "final loss", "held-out loss before -> after", "adapter dir"):
+        table = Table(title="lorafleet demo: 4 jobs fused on SmolLM2-135M-Instruct (held-out: base -> adapter)")
+        for col in ("job", "adapter", "state", "steps", "final loss", "held-out loss", "exact match", "adapter dir"):
             table.add_column(col)
         curves = {}
         for name, r in records.items():
             kind = "mixlora" if "mixlora" in name else "lora"
-            before_after = "-"
-            if name in evals:
-                before, after = evals[name]
-                before_after = f"{before:.3f} -> {after:.3f}"
+            if name in adapters and (adapters[name] / "metrics.jsonl").is_file():
                 curves[name] = read_metrics(adapters[name])
             table.add_row(name, kind, r["state"], f"{r.get('step') or 0}/{r.get('total_steps') or '?'}",
-                          f"{r['loss']:.3f}" if r.get("loss") is not None else "-", before_after,
+                          f"{r['loss']:.3f}" if r.get("loss") is not None else "-", before_after(r, "loss"),
+                          before_after(r, "exact_match", "{:.0%}"),
                           str(adapters.get(name, r.get("error") or "")))  # fmt: skip
         console.print(table)
         if curves:
