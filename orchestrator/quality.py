@@ -20,7 +20,7 @@ Training resumes from checkpoints when interrupted (rerun the command). Settings
 the same for every adapter kind, chosen before looking at the results: nothing is tuned to make
 one kind win. Usage::
 
-    python -m orchestrator.quality [--steps 120] [--eval-examples 100] [--out out/quality] [--quick]
+    python -m orchestrator.quality [--steps 100] [--eval-examples 100] [--out out/quality] [--quick]
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ ADAPTERS = {  # kind -> adapter section; same rank, alpha and targets for both k
     },
 }  # fmt: skip
 MIX_SEED = 7
+LOSS_EXAMPLES = 50  # held-out loss on the first 50 test examples (exact match uses all --eval-examples)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -140,7 +141,7 @@ def evaluate(out: Path, specs: dict[str, dict], examples: int, max_new_tokens: i
         prompts = [tokenizer(p, add_special_tokens=True)["input_ids"] for p, _ in pairs]
         outs = generate_greedy(engine, list(names.values()), prompts, max_new_tokens=max_new_tokens, batch_size=16)
         settings = DataSettings(path=str(DATA / f"{task}.test.jsonl"), format="alpaca", max_seq_len=128)
-        tokenized = [tokenize_record(r, "alpaca", tokenizer, settings) for r in records]
+        tokenized = [tokenize_record(r, "alpaca", tokenizer, settings) for r in records[:LOSS_EXAMPLES]]
         losses = engine.evaluate(list(names.values()), tokenized, micro_batch_size=16)
         row: dict = {"examples": len(records), "exact_match": {}, "loss": {}, "samples": []}
         for (col, _), generated, (loss, _) in zip(names.items(), outs, losses, strict=True):
@@ -174,7 +175,7 @@ def report_markdown(results: dict, settings: dict) -> str:
         lines.append(f"| {task} (n={row['examples']}) | " + " | ".join(
             f"{100 * row['exact_match'][c]:.1f}" for c in order) + " |")  # fmt: skip
     lines.append("| **average** | " + " | ".join(f"**{100 * results['average'][c]:.1f}**" for c in order) + " |")
-    lines += ["", "Held-out mean token loss (answer tokens only):", "",
+    lines += ["", f"Held-out mean token loss (answer tokens only; first {LOSS_EXAMPLES} test examples per task):", "",
               "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
     for task, row in results["tasks"].items():
         lines.append(f"| {task} | " + " | ".join(f"{row['loss'][c]:.3f}" for c in order) + " |")
@@ -231,11 +232,11 @@ def plot(results: dict, output: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m orchestrator.quality", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(ROOT / "out" / "quality"), help="output folder [out/quality]")
-    parser.add_argument("--steps", type=int, default=120, help="optimizer steps per adapter [120]")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps per adapter [100]")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per step per single-task adapter (multi-task: 3x) [4]")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine) [1e-3]")
     parser.add_argument("--eval-examples", type=int, default=100, help="held-out examples per task [100]")
-    parser.add_argument("--max-new-tokens", type=int, default=20, help="greedy generation length [20]")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="greedy generation length [16]")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 4 steps, 8 eval examples")
     args = parser.parse_args(argv)
     if args.quick:
