@@ -14,18 +14,11 @@ from actors.data import IGNORE_INDEX, Example, pack
 from actors.engine import FusedEngine
 from actors.fused_model import FusedModel
 from actors.lora import BatchLayout, ForwardContext, MultiLoraLinear, Segment, apply_segments, stackable
-from tests.actors.test_mixlora import examples, job_config, mix_settings, randomize, rel_err
+from tests.actors.test_mixlora import _one_thread, examples, job_config, mix_settings, randomize, rel_err  # noqa: F401
 from tests.conftest import make_tiny_llama, make_tokenizer
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def lora(r: int, dropout: float, *, dora: bool = False, targets=ALL) -> AdapterSettings:
