@@ -21,6 +21,14 @@ Usage::
     python bench/bench_fused.py              # SmolLM2-135M (all 30 layers), N = 1 4 8, L = 128, 2 per job
     python bench/bench_fused.py --quick      # 4 of 30 layers, 1 timed step, fewer baselines: for development
     python bench/bench_fused.py --model tiny --jobs 1 4
+    python bench/bench_fused.py --device cuda --model DIR --autocast --jobs 1 4 8 16 32   # a GPU
+
+On CUDA every measurement runs in ONE process, one after another (fresh model each, peak stats
+reset, memory freed in between; PEFT-par's peak is the sum of each job's own peak alone, i.e. N
+processes without their CUDA contexts), more steps are timed (``--steps 10 --warmup 3``), and the
+table adds model FLOPs utilisation (MFU) against the dense bf16 peak (``--peak-tflops``, 989 for an
+H100/H200 SXM). ``--model`` takes a local transformers directory too; ``bench/random_model.py``
+makes a random-weight copy of a model from its config (same shapes, same step time).
 
 Benchmarks are not tests: nothing here asserts a timing.
 """
@@ -28,6 +36,7 @@ Benchmarks are not tests: nothing here asserts a timing.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -81,11 +90,13 @@ def load(args: argparse.Namespace):
         from tests.conftest import make_tiny_llama, make_tokenizer
 
         model, tok = make_tiny_llama(hidden_size=256, intermediate_size=704, num_hidden_layers=4), make_tokenizer()
+        model = model.to(args.device)
     else:
         from actors.models import load_base_model
 
         dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-        model, tok = load_base_model("builtin:smollm2-135m-instruct", device=args.device, dtype=dtype)
+        name = "builtin:smollm2-135m-instruct" if args.model == "builtin" else args.model
+        model, tok = load_base_model(name, device=args.device, dtype=dtype)
     if args.layers:
         model.model.layers = model.model.layers[: args.layers]
         model.config.num_hidden_layers = args.layers
@@ -96,7 +107,8 @@ def timed(args: argparse.Namespace, step) -> list[float]:
     """Seconds of each of ``args.steps`` steps after a warm-up: this process's CPU time (all its
     threads) with ``--clock cpu``, robust to other processes on a shared machine; else wall time."""
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    step()  # warm-up
+    for _ in range(args.warmup):
+        step()
     _sync(args)
     times = []
     for _ in range(args.steps):
@@ -170,15 +182,17 @@ def run_floor(args: argparse.Namespace) -> dict:
             "peak": peak_bytes(args.device)}
 
 
-def peft_jobs(args: argparse.Namespace, base, tok, jobs: list[int]) -> tuple[float, int]:
-    """Train each job in ``jobs`` alone with PEFT + AdamW (warm-up + ``steps``); (timed seconds, tokens)."""
+def peft_jobs(args: argparse.Namespace, base, tok, jobs: list[int]) -> tuple[float, int, list[int]]:
+    """Train each job in ``jobs`` alone with PEFT + AdamW (warm-up + ``steps``); (timed seconds, tokens,
+    each job's own peak bytes: on CUDA measured from a clean state per job, as its own process would)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     from actors.data import collate
 
-    total_time, tokens = 0.0, 0
+    total_time, tokens, peaks = 0.0, 0, []
     for j in jobs:
+        _reset_peak(args)
         model = get_peft_model(
             base, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=list(ALL_TARGETS))
         )
@@ -197,22 +211,23 @@ def peft_jobs(args: argparse.Namespace, base, tok, jobs: list[int]) -> tuple[flo
         times = timed(args, step)
         total_time += sum(times)
         tokens += int(mask.sum()) * len(times)
+        peaks.append(peak_bytes(args.device))
         base = model.unload()  # the base model without this job's LoRA layers
-        del model, opt
-    return total_time, tokens
+        del model, opt, step
+    return total_time, tokens, peaks
 
 
 def run_peft_sequential(args: argparse.Namespace) -> dict:
     base, tok = load(args)
-    total_time, tokens = peft_jobs(args, base, tok, list(range(args.n)))
+    total_time, tokens, peaks = peft_jobs(args, base, tok, list(range(args.n)))
     return {"seconds_per_step": total_time / args.steps, "tokens_per_s": tokens / total_time,
-            "peak": peak_bytes(args.device)}
+            "peak": max(peaks), "job_peaks": peaks}
 
 
 def run_peft_one(args: argparse.Namespace) -> dict:
     base, tok = load(args)
-    total_time, tokens = peft_jobs(args, base, tok, [args.job])
-    return {"seconds": total_time, "tokens": tokens, "peak": peak_bytes(args.device)}
+    total_time, tokens, peaks = peft_jobs(args, base, tok, [args.job])
+    return {"seconds": total_time, "tokens": tokens, "peak": peaks[0]}
 
 
 def _sync(args: argparse.Namespace) -> None:
@@ -222,19 +237,61 @@ def _sync(args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
 
 
+def _reset_peak(args: argparse.Namespace) -> None:
+    """Free what earlier measurements left and restart the peak counter (CUDA; on CPU a process is fresh)."""
+    if args.device == "cuda":
+        import torch
+
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def model_flops(args: argparse.Namespace, config, n: int, adapters: bool = True) -> float:
+    """FLOPs of one fused step of ``n`` jobs: frozen-base forward + backward to the activations (4 FLOPs per
+    weight per token, output head included), causal attention (score and value products, forward and
+    backward: 6 L^2 d per sequence and layer), and with ``adapters`` each LoRA's forward and backward
+    (6 r (in + out) per token and projection). A documented analytic count, not a profile."""
+    hidden, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv = (config.num_key_value_heads or heads) * head_dim
+    shapes = {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv), "v_proj": (hidden, kv),
+              "o_proj": (heads * head_dim, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
+              "down_proj": (inter, hidden)}
+    weights = layers * sum(i * o for i, o in shapes.values()) + config.vocab_size * hidden
+    lengths = [length for j in range(n) for length in lengths_of(args, j)]
+    tokens = sum(lengths)
+    flops = 4 * weights * tokens + 6 * layers * heads * head_dim * sum(length * length for length in lengths)
+    if adapters:
+        flops += 6 * args.rank * layers * sum(i + o for i, o in shapes.values()) * tokens
+    return float(flops)
+
+
 MODES = {"fused": run_fused, "floor": run_floor, "peft-seq": run_peft_sequential, "peft-one": run_peft_one}
 
 
 def child_command(mode: str, n: int, args: argparse.Namespace, *extra: str) -> list[str]:
     cmd = [sys.executable, __file__, "--child", mode, "--n", str(n), "--model", args.model, "--device", args.device,
            "--seq-len", str(args.seq_len), "--micro", str(args.micro), "--rank", str(args.rank),
-           "--steps", str(args.steps), "--layers", str(args.layers), "--threads", str(args.threads),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--layers", str(args.layers), "--threads", str(args.threads),
            "--clock", args.clock, *extra]
     flags = {"--mixed": args.mixed, "--autocast": args.autocast, "--no-packing": args.no_packing}
     return cmd + [flag for flag, on in flags.items() if on]
 
 
 def measure(mode: str, n: int, args: argparse.Namespace, *extra: str) -> dict:
+    if args.in_process:  # in this process, one measurement after another (see the module docstring)
+        child = argparse.Namespace(**{**vars(args), "n": n, "checkpointing": "--checkpointing" in extra})
+        _reset_peak(child)
+        import torch
+
+        torch.manual_seed(0)
+        try:
+            return MODES[mode](child)
+        finally:
+            _reset_peak(child)
     out = subprocess.run(child_command(mode, n, args, *extra), capture_output=True, text=True, check=False, cwd=ROOT)
     if out.returncode != 0:
         raise RuntimeError(f"{mode} n={n} failed:\n{out.stderr[-3000:]}")
@@ -242,7 +299,10 @@ def measure(mode: str, n: int, args: argparse.Namespace, *extra: str) -> dict:
 
 
 def measure_parallel(n: int, args: argparse.Namespace) -> dict:
-    """N separate PEFT processes at once, one job each: summed peak, throughput over the slowest."""
+    """N separate PEFT processes at once, one job each: summed peak (on CUDA: each job's own peak from
+    the sequential run, which is what its own process would reach, CUDA context aside)."""
+    if args.in_process:
+        return {"peak": sum(args.last_seq["job_peaks"])}
     procs = [subprocess.Popen(child_command("peft-one", n, args, "--job", str(j)), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, cwd=ROOT) for j in range(n)]
     results = []
@@ -264,15 +324,37 @@ def padded_fraction(args: argparse.Namespace, n: int) -> float:
     return 1 - sum(lengths) / (len(lengths) * max(lengths))
 
 
+def mfu_cells(args: argparse.Namespace, n: int, floor: dict, fused: dict, seq: dict) -> str:
+    """Floor, fused and sequential-PEFT model FLOPs utilisation (see :func:`model_flops`)."""
+    from transformers import AutoConfig
+
+    from actors.models import resolve_base_model
+
+    if args.model == "tiny":
+        return ""
+    config = AutoConfig.from_pretrained(resolve_base_model(
+        "builtin:smollm2-135m-instruct" if args.model == "builtin" else args.model))
+    if args.layers:
+        config.num_hidden_layers = args.layers
+    peak = args.peak_tflops * 1e12
+    tokens = sum(sum(lengths_of(args, j)) for j in range(n))
+    with_adapters = model_flops(args, config, n)
+    cells = (model_flops(args, config, n, adapters=False) / floor["seconds_per_step"],
+             with_adapters / fused["seconds_per_step"], with_adapters * seq["tokens_per_s"] / tokens)
+    return "".join(f" | {100 * c / peak:>{w}.1f}" for c, w in zip(cells, (11, 11, 14), strict=True))
+
+
 def table(args: argparse.Namespace) -> None:
     lengths = f"mixed {MIXED[0]}..{MIXED[1]}" if args.mixed else str(args.seq_len)
     print(f"\n== L={lengths}, micro={args.micro}/job, r={args.rank}, layers={args.layers or 'all'}, "
-          f"steps={args.steps} (+1 warm-up), threads={args.threads}, clock={args.clock}, "
+          f"steps={args.steps} (+{args.warmup} warm-up), threads={args.threads}, clock={args.clock}, "
           f"packing={'off' if args.no_packing else 'on'}")
     header = (f"{'jobs':>4} | {'floor s/step':>12} | {'fused s/step':>12} | {'fused/floor':>11} | "
               f"{'fused tok/s':>11} | {'PEFT-seq tok/s':>14} | {'fused/PEFT-seq':>14} | "
               f"{'fused GiB':>9} | {'ckpt GiB':>8} | {'PEFT-seq GiB':>12} | {'PEFT-par GiB':>12} | "
               f"{'pad %':>5} | {'pad % padded':>12}")
+    if args.device == "cuda":
+        header += f" | {'floor MFU %':>11} | {'fused MFU %':>11} | {'PEFT-seq MFU %':>14}"
     print(header)
     print("-" * len(header), flush=True)
     rows = {}
@@ -283,6 +365,7 @@ def table(args: argparse.Namespace) -> None:
         fused = measure("fused", n, args)
         ckpt = measure("fused", n, args, "--checkpointing") if every else None
         seq = measure("peft-seq", n, args)
+        args.last_seq = seq
         par = measure_parallel(n, args) if every else None
         rows[n] = (floor, fused, ckpt, seq, par)
         print(f"{n:>4} | {floor['seconds_per_step']:>12.3f} | {fused['seconds_per_step']:>12.3f} | "
@@ -290,7 +373,8 @@ def table(args: argparse.Namespace) -> None:
               f"{seq['tokens_per_s']:>14.0f} | {fused['tokens_per_s'] / seq['tokens_per_s']:>14.2f} | "
               f"{fused['peak'] / GIB:>9.2f} | "
               f"{_cell(ckpt, 'peak', GIB, 8, 2)} | {seq['peak'] / GIB:>12.2f} | {_cell(par, 'peak', GIB, 12, 2)} | "
-              f"{100 * fused['padding']:>5.1f} | {100 * padded_fraction(args, n):>12.1f}", flush=True)
+              f"{100 * fused['padding']:>5.1f} | {100 * padded_fraction(args, n):>12.1f}"
+              + (mfu_cells(args, n, floor, fused, seq) if args.device == "cuda" else ""), flush=True)
     floor, fused, ckpt, seq, par = rows[last]
     ratio = fused["seconds_per_step"] / floor["seconds_per_step"]
     print(f"fused/floor step time, {last} jobs: {ratio:.2f}x (target <= 1.15x)")
@@ -306,18 +390,24 @@ def table(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, nargs="+", default=[1, 4, 8])
-    parser.add_argument("--model", default="builtin", choices=["builtin", "tiny"])
+    parser.add_argument("--model", default="builtin",
+                        help="builtin (SmolLM2-135M-Instruct), tiny (random 4-layer test model) or a local model directory")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--micro", type=int, default=2, help="sequences per job per step")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 2 on CPU, 10 on CUDA)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 on CPU, 3 on CUDA)")
+    parser.add_argument("--peak-tflops", type=float, default=989.0,
+                        help="the device's dense bf16 peak for MFU (989: H100/H200 SXM datasheet)")
     parser.add_argument("--layers", type=int, default=0, help="keep only the first K decoder layers (0: all)")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads per process")
     parser.add_argument("--clock", choices=["cpu", "wall"], default=None,
                         help="time steps by process CPU time (default on CPU) or wall time (default on CUDA)")
     parser.add_argument("--quick", action="store_true",
                         help="--layers 4 --steps 1, checkpointing and PEFT-par for the fewest and most jobs only")
+    parser.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=None,
+                        help="all measurements in this process (default on CUDA; on CPU peak RSS is then not per run)")
     parser.add_argument("--autocast", action="store_true", help="bf16 autocast (fused, floor and PEFT alike)")
     parser.add_argument("--no-packing", action="store_true", help="fused: right-pad instead of packing")
     parser.add_argument("--only", choices=["fixed", "mixed"], help="print one table only")
@@ -329,6 +419,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.layers, args.steps = args.layers or 4, 1
+    args.in_process = args.device == "cuda" if args.in_process is None else args.in_process
+    args.steps = args.steps or (10 if args.device == "cuda" else 2)
+    args.warmup = args.warmup if args.warmup is not None else (3 if args.device == "cuda" else 1)
     args.clock = args.clock or ("cpu" if args.device == "cpu" else "wall")
     if args.child:
         import torch

@@ -11,6 +11,10 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# The device the engine runs on in the device-aware correctness tests (fused == PEFT alone, MixLoRA fused ==
+# alone, packed == padded): ``LORAFLEET_TEST_DEVICE=cuda pytest ...`` runs them on a GPU, references stay on CPU.
+TEST_DEVICE = os.environ.get("LORAFLEET_TEST_DEVICE", "cpu")
+
 
 def pytest_configure(config) -> None:
     # Tests use tiny models: one intra-op thread is faster than two and keeps 2-core CI machines responsive.

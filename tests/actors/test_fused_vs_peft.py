@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from actors.config import AdapterSettings, DataSettings, JobConfig, LoraSettings, TrainSettings
 from actors.data import IGNORE_INDEX, collate, load_examples
 from actors.engine import FusedEngine
-from tests.conftest import make_tiny_llama, make_tokenizer, token_records, write_jsonl
+from tests.conftest import TEST_DEVICE, make_tiny_llama, make_tokenizer, token_records, write_jsonl
 
 peft = pytest.importorskip("peft")
 
@@ -105,7 +105,7 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fused-vs-peft")
     base = make_tiny_llama(seed=3)
     tok = make_tokenizer()
-    engine = FusedEngine(copy.deepcopy(base), tok, base_model_id="tiny")
+    engine = FusedEngine(copy.deepcopy(base).to(TEST_DEVICE), tok, base_model_id="tiny")  # PEFT stays on CPU
     setups = []
     for k, job in enumerate(JOBS):
         name, r, alpha, targets, lr, opt_name, sched, (lo, hi), batch, micro, clip, rslora, dora = job
@@ -152,7 +152,7 @@ def test_exported_adapter_gives_engine_logits_in_peft(trained):
     ids = torch.tensor([[5, 9, 17, 33, 2, 40, 41, 7], [6, 8, 10, 12, 14, 16, 0, 0]])
     mask = torch.tensor([[1] * 8, [1] * 6 + [0, 0]])
     for job, _init, _examples, cfg in setups:
-        engine_logits = engine.logits(cfg.name, ids, mask)
+        engine_logits = engine.logits(cfg.name, ids, mask).cpu()
         peft_model = PeftModel.from_pretrained(copy.deepcopy(base), cfg.output)
         with torch.no_grad():
             want = peft_model(input_ids=ids, attention_mask=mask).logits

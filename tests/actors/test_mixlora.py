@@ -24,7 +24,7 @@ from actors.data import Example
 from actors.engine import FusedEngine
 from actors.lora import BatchLayout, Segment
 from actors.mixlora import MixLoraJobAdapter, load_balance_loss, route
-from tests.conftest import make_tiny_llama, make_tokenizer, token_records
+from tests.conftest import TEST_DEVICE, make_tiny_llama, make_tokenizer, token_records
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 FFN = ("gate_proj", "up_proj", "down_proj")
@@ -84,7 +84,7 @@ def randomize(adapter, seed: int, router_std: float = 1.0) -> None:
             elif name.endswith("moe_gate.weight"):
                 p.copy_(torch.randn(p.shape, generator=gen) * router_std)
             elif name.endswith("lora_magnitude_vector"):
-                p.mul_(1.0 + 0.1 * torch.rand(p.shape, generator=gen))
+                p.mul_(1.0 + 0.1 * torch.rand(p.shape, generator=gen).to(p.device))
 
 
 def batch_with_pads():
@@ -317,7 +317,7 @@ VARIANTS = {
 
 
 def _train(base, tmp, jobs, tag):
-    engine = FusedEngine(copy.deepcopy(base), make_tokenizer(), base_model_id="tiny")
+    engine = FusedEngine(copy.deepcopy(base).to(TEST_DEVICE), make_tokenizer(), base_model_id="tiny")
     for name, adapter, ex, kwargs in jobs:
         engine.add_job(job_config(name, adapter, tmp / f"{tag}-{name}", **kwargs), examples=ex)
     engine.run()
@@ -330,7 +330,7 @@ def test_mixlora_fused_beside_lora_jobs_equals_alone(tmp_path, variant):
     kwargs, use_init = VARIANTS[variant]
     init_from = None
     if use_init:  # start from an exported adapter with non-zero B (also covers init_from)
-        engine = FusedEngine(copy.deepcopy(base), make_tokenizer(), base_model_id="tiny")
+        engine = FusedEngine(copy.deepcopy(base).to(TEST_DEVICE), make_tokenizer(), base_model_id="tiny")
         seed_job = engine.add_job(job_config("s", mix_settings(**kwargs), tmp_path / "s"), examples=examples(4, 1, 5, 9))
         randomize(seed_job.adapter, seed=11, router_std=0.5)
         init_from = str(ckpt.write_adapter(tmp_path / "init", seed_job.adapter.export_state(),

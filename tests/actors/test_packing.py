@@ -15,7 +15,7 @@ from actors.engine import FusedEngine
 from actors.fused_model import FusedModel
 from actors.lora import BatchLayout, ForwardContext, MultiLoraLinear, Segment, apply_segments, stackable
 from tests.actors.test_mixlora import _one_thread, examples, job_config, mix_settings, randomize, rel_err  # noqa: F401
-from tests.conftest import make_tiny_llama, make_tokenizer
+from tests.conftest import TEST_DEVICE, make_tiny_llama, make_tokenizer
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -38,7 +38,7 @@ def train(
     tmp_path, settings: EngineSettings, jobs=JOBS, steps: int = 2, loss_chunk: int | None = None
 ) -> tuple[dict, list[float]]:
     """Every job's parameters after ``steps`` optimizer steps, and every reported loss."""
-    engine = FusedEngine(make_tiny_llama(seed=3), make_tokenizer(), settings=settings)
+    engine = FusedEngine(make_tiny_llama(seed=3).to(TEST_DEVICE), make_tokenizer(), settings=settings)
     if loss_chunk is not None:
         engine.fused.loss_chunk = loss_chunk
     for k, (name, adapter, (lo, hi)) in enumerate(jobs):
