@@ -207,7 +207,7 @@ class FusedEngine:
         packed = pack(batches)
         device = self.device
         segments = tuple(
-            Segment(job, start, stop, real.shape[1], real=real.to(device))
+            Segment(job, start, stop, real.shape[1], real=real.to(device, non_blocking=True))
             for job, (start, stop), real in zip(generators, packed.spans, packed.reals, strict=True)
         )
         layout = BatchLayout(segments=segments, training=True, generators=generators, packed=True)
@@ -218,7 +218,7 @@ class FusedEngine:
             position_ids=packed.position_ids.to(device),  # (1, T)
             cu_seqlens=packed.cu_seqlens,
         )  # (1, T, H)
-        return hidden, packed.labels.to(device), layout, packed.num_tokens
+        return hidden, packed.labels, layout, packed.num_tokens  # labels stay on the host (packed_loss_sums)
 
     def _padded_forward(
         self, batches: list[list[Example]], generators: dict[str, torch.Generator], length: int

@@ -73,10 +73,11 @@ def varlen_sdpa_attention(
     else:
         outs, order = [], []
         for length, starts in by_length.items():
-            idx = (torch.tensor(starts, device=q.device)[:, None] + torch.arange(length, device=q.device)).reshape(-1)
+            idx = (torch.tensor(starts)[:, None] + torch.arange(length)).reshape(-1).to(q.device, non_blocking=True)
             outs.append(attend(idx, len(starts), length))
             order.append(idx)
-        out = q.new_zeros(heads, total, v.shape[-1]).index_copy(1, torch.cat(order), torch.cat(outs, 1))  # (H, T, Dv)
+        parts = torch.cat(outs, 1)  # (H, T, Dv), in sdpa's output dtype (bf16 under CUDA autocast even for fp32 q)
+        out = parts.new_zeros(heads, total, v.shape[-1]).index_copy(1, torch.cat(order), parts)  # (H, T, Dv)
     return out.transpose(0, 1).unsqueeze(0), None  # (1, T, H, Dv)
 
 
@@ -268,7 +269,7 @@ class FusedModel:
         implementation = None
         if cu_seqlens is not None:
             longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-            cu = cu_seqlens.to(input_ids.device)
+            cu = cu_seqlens.cpu()  # read on the host by the attention of every layer: no device sync there
             extra = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
             implementation = VARLEN_ATTENTION
         self.context.layout = layout
@@ -361,17 +362,19 @@ class FusedModel:
     ) -> list[tuple[torch.Tensor, int]]:
         """``token_loss_sum`` of each token span of a packed row, with one pass through the output head.
 
-        ``hidden`` (1, T, H), ``labels`` (1, T); the label of each sequence's first token is
+        ``hidden`` (1, T, H), ``labels`` (1, T), best on the CPU (no device sync); the label of each sequence's first token is
         ``IGNORE_INDEX`` (see ``actors.data.pack``), so no pair crosses from one span into the next.
         Under activation checkpointing the head runs on ``loss_chunk`` tokens at a time and is
         recomputed in backward, so the (K, V) logits never exist at once.
         """
         targets = labels[0, 1:]  # (T-1,): target of position t is label t+1
-        where = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (K,) increasing
+        found = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (K,) increasing, on the labels' device
+        # labels on the host (the engine's case) keep every index computation off the GPU's queue
+        where = found.to(hidden.device, non_blocking=True)  # (K,)
         losses = hidden.new_zeros(0)
         if where.numel():
             picked = hidden[0, :-1].index_select(0, where)  # (K, H)
-            picked_targets = targets.index_select(0, where)  # (K,)
+            picked_targets = targets.index_select(0, found).to(hidden.device, non_blocking=True)  # (K,)
             if self.activation_checkpointing and torch.is_grad_enabled() and len(where) > self.loss_chunk:
                 losses = torch.cat([
                     checkpoint(self._token_losses, h, t, use_reentrant=False)
@@ -380,8 +383,8 @@ class FusedModel:
             else:
                 losses = self._token_losses(picked, picked_targets)  # (K,)
         spans = list(spans)
-        starts = torch.tensor([start for start, _ in spans] + [spans[-1][1] if spans else 0], device=where.device)
-        cuts = torch.searchsorted(where, starts).tolist()  # label positions of span j: [cuts[j], cuts[j+1])
+        starts = torch.tensor([start for start, _ in spans] + [spans[-1][1] if spans else 0], device=found.device)
+        cuts = torch.searchsorted(found, starts).tolist()  # label positions of span j: [cuts[j], cuts[j+1])
         out = []
         for lo, hi in itertools.pairwise(cuts):
             out.append((losses[lo:hi].sum() if hi > lo else hidden.sum() * 0.0, hi - lo))

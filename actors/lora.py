@@ -338,8 +338,13 @@ def stacked_update(
             for seg, w in zip(segments, weights, strict=True)
         ])  # (N, L, in)
     rows = xf.reshape(n, -1, xf.shape[-1])  # (n, m, in), m = tokens per segment
-    scale = torch.tensor([w.scaling for w in weights], dtype=lora_a.dtype, device=x.device).view(n, 1, 1)
-    low = torch.bmm(rows, lora_a.transpose(1, 2)) * scale  # (n, m, r)
+    low = torch.bmm(rows, lora_a.transpose(1, 2))  # (n, m, r)
+    scalings = {w.scaling for w in weights}
+    if len(scalings) == 1:  # a Python number: no host-to-device copy (a blocking one would drain the GPU queue)
+        low = low * scalings.pop()
+    else:
+        scale = torch.tensor([w.scaling for w in weights], dtype=lora_a.dtype).to(x.device, non_blocking=True)
+        low = low * scale.view(n, 1, 1)
     if base_out.dtype == low.dtype:  # the add fused into the second GEMM
         return torch.baddbmm(base_out.reshape(n, -1, base_out.shape[-1]), low, lora_b.transpose(1, 2)).view(
             base_out.shape

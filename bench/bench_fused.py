@@ -174,7 +174,7 @@ def run_floor(args: argparse.Namespace) -> dict:
                 packed.input_ids.to(device), None, BatchLayout((), packed=True),
                 position_ids=packed.position_ids.to(device), cu_seqlens=packed.cu_seqlens,
             )  # (1, T, H)
-            sums = fused.packed_loss_sums(hidden, packed.labels.to(device), packed.spans)
+            sums = fused.packed_loss_sums(hidden, packed.labels, packed.spans)  # host labels, as the engine
         sum(s for s, _ in sums).backward()
 
     times = timed(args, step)
