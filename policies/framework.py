@@ -174,7 +174,8 @@ class Cycle:
     Attributes: ``view``; ``margin``; ``slots`` (one per worker, in view order); ``running_by_owner``
     (running plus started this cycle); ``workers_by_owner`` (ids of the workers each owner's
     running and this cycle's started jobs occupy); ``pending`` (ids with a pending or new preemption);
-    ``backlog_s`` (:func:`fifo_wait_s` of the view); ``urgent`` (ids the tail guard put first).
+    ``backlog_s`` (:func:`fifo_wait_s` of the view); ``urgent`` (ids the tail guard put first);
+    ``memo`` (plugins' per-cycle cache, e.g. :class:`~policies.plugins.FusionPays`'s tail cut).
     """
 
     def __init__(self, view: ClusterView, margin: float):
@@ -186,6 +187,7 @@ class Cycle:
         self.pending: set[str] = set()
         self.urgent: set[str] = set()  # ids the tail guard put first (filled by the engine)
         self.fair_slack_s: float | None = None  # the policy's, for filters (set by the engine)
+        self.memo: dict = {}  # plugins may cache per-cycle values here
         for job in view.running:
             by_worker.setdefault(job.worker_id or "", []).append(job)
             self.running_by_owner[job.owner] = self.running_by_owner.get(job.owner, 0) + 1

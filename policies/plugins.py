@@ -239,6 +239,13 @@ class FusionPays:
     that many times its own, and no job joins a group so that the step exceeds that many times the
     own step of a member started at its FIFO-fair deadline. Urgent jobs are otherwise exempt
     (``urgent_exempt``).
+
+    ``tail_delay_s`` (None: off) protects the jobs that set their class's p99: a running member
+    whose remaining work is among the ``tail_jobs`` largest of its priority class (queued and
+    running jobs of the view) accepts a newcomer, urgent or not, only if the fused step adds at
+    most ``tail_delay_s`` to its remaining run: ``remaining x (step / own - 1) <= tail_delay_s``,
+    i.e. ``step <= own x (1 + tail_delay_s / remaining)`` (own step ``B x L + half_tokens``). The
+    newcomer's own slowdown is not capped by it (joining beats waiting for an idle worker).
     """
 
     half_tokens: float = 2048.0
@@ -246,13 +253,43 @@ class FusionPays:
     max_slowdown: float | None = None
     urgent_exempt: bool = True
     pressure_slowdown: float | None = None
+    tail_delay_s: float | None = None
+    tail_jobs: int = 2
     name: str = "fusion_pays"
+
+    def tail_cut(self, cycle: Cycle) -> dict[int, float]:
+        """Per priority class, the ``tail_jobs``-th largest remaining work among the view's queued
+        and running jobs (computed once per cycle): members at or above it are tail jobs."""
+        cut = cycle.memo.get("fusion_pays.tail_cut")
+        if cut is None:
+            by_class: dict[int, list[float]] = {}
+            for j in (*cycle.view.queued, *cycle.view.running):
+                by_class.setdefault(j.priority, []).append(j.remaining_work_s)
+            k = max(1, self.tail_jobs)
+            cut = cycle.memo["fusion_pays.tail_cut"] = {p: heapq.nlargest(k, v)[-1] for p, v in by_class.items()}
+        return cut
+
+    def _tail_bound(self, slot: Slot, cycle: Cycle, delay: float) -> float:
+        """The largest fused step (tokens) the group's tail members tolerate (inf: none)."""
+        bound = slot.memo.get("fusion_pays.tail_bound")
+        if bound is None:
+            cut, h = self.tail_cut(cycle), self.half_tokens
+            bound = slot.memo["fusion_pays.tail_bound"] = min(
+                ((j.micro_batch_size * j.seq_len + h) * (1.0 + delay / j.remaining_work_s) for j in slot.jobs
+                 if j.remaining_work_s > 0 and j.remaining_work_s >= cut.get(j.priority, 0.0)),
+                default=float("inf"))  # fmt: skip
+        return bound
 
     def filter(self, job: JobView, slot: Slot, cycle: Cycle) -> str | None:
         if slot.idle:
             return None
         lp = slot.lmax if slot.lmax > job.seq_len else job.seq_len
         urgent = job.job_id in cycle.urgent
+        delay = self.tail_delay_s
+        if delay is not None:
+            step = (slot.rows + job.micro_batch_size) * lp + self.half_tokens
+            if step > self._tail_bound(slot, cycle, delay):
+                return f"fused step {step:.0f} tokens would delay a tail member by more than {delay:g} s"
         cap = self.pressure_slowdown
         if cap is not None:
             step = (slot.rows + job.micro_batch_size) * lp + self.half_tokens

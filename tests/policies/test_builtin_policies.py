@@ -278,16 +278,40 @@ def test_urgent_jobs_are_exempt_from_fusion_rules():
 def test_slowdown_cap_protects_long_members():
     # w0 runs a long job (1 x 2048 tokens, 10^6 s left, longer than the FIFO wait estimate).
     # Adding 1 x 2048: fused step 4096 + 2048 = 6144 > 1.25 x (2048 + 2048) = 5120 -> refused;
-    # at a 1.6 cap (6553.6) it joins. A short member would not be protected.
+    # at a 1.6 cap (6553.6) it joins. A short member would not be protected. (The tail-delay rule,
+    # tested below, is off here: r is its class's longest job and would refuse any newcomer.)
+    nt = {**NO_GUARD, "tail_delay_s": None}
     running = [job("r", seq=2048, dyn_gib=5, worker="w0", work=1e6)]
     workers = [worker("w0", model="m", running=("r",))]
     v = view([job("a", seq=2048, dyn_gib=5, submit=999)], running, workers)
-    assert _aspen(max_slowdown=1.25, **NO_GUARD).schedule(v) == []
-    assert _aspen(max_slowdown=1.6, **NO_GUARD).schedule(v) == [Start("a", "w0")]
+    assert _aspen(max_slowdown=1.25, **nt).schedule(v) == []
+    assert _aspen(max_slowdown=1.6, **nt).schedule(v) == [Start("a", "w0")]
     short = [job("r", seq=2048, dyn_gib=5, worker="w0", work=1)]
     huge = job("huge", dyn_gib=90, work=1000, submit=998)  # fits nowhere; makes the FIFO wait 1010 s
     v = view([job("a", seq=2048, dyn_gib=5, submit=999, work=10), huge], short, workers)
-    assert _aspen(max_slowdown=1.25, **NO_GUARD).schedule(v) == [Start("a", "w0")]
+    assert _aspen(max_slowdown=1.25, **nt).schedule(v) == [Start("a", "w0")]
+
+
+def test_tail_delay_protects_the_longest_jobs_of_a_class():
+    # w0 runs r (1 x 2048 tokens, own step 2048 + 2048 = 4096, 36000 s left) and, of priority 0,
+    # only "s" (100 s left) is shorter: with tail_jobs 2 both are tail jobs, r sets the bound.
+    # Newcomer "a" (1 x 256): fused step 2 x 2048 + 2048 = 6144 tokens, so r's remaining run grows
+    # by 36000 x (6144 / 4096 - 1) = 18000 s. tail_delay_s 1800 refuses; 20000 lets it join.
+    running = [job("r", seq=2048, dyn_gib=5, worker="w0", work=36000)]
+    workers = [worker("w0", model="m", running=("r",))]
+    queued = [job("a", seq=2048, dyn_gib=5, submit=999, work=100)]
+    free = {"max_slowdown": None, "fusion_max_cost": None, **NO_GUARD}
+    assert _aspen(tail_delay_s=1800, **free).schedule(view(queued, running, workers)) == []
+    assert _aspen(tail_delay_s=20000, **free).schedule(view(queued, running, workers)) == [Start("a", "w0")]
+    assert _aspen(tail_delay_s=None, **free).schedule(view(queued, running, workers)) == [Start("a", "w0")]
+    # Two longer priority-0 jobs queued: r is no longer among the class's 2 longest, so it is not
+    # protected; a job of another class does not count (its class has its own tail).
+    longer = [job(f"x{i}", dyn_gib=90, work=50000, submit=900) for i in range(2)]  # fit nowhere
+    assert _aspen(tail_delay_s=1800, **free).schedule(view(queued + longer, running, workers)) == [Start("a", "w0")]
+    other = [job(f"y{i}", priority=1, dyn_gib=90, work=50000, submit=900) for i in range(2)]
+    assert _aspen(tail_delay_s=1800, **free).schedule(view(queued + other, running, workers)) == []
+    assert _aspen(tail_delay_s=1800, tail_jobs=3, **free).schedule(
+        view(queued + longer, running, workers)) == []  # x0, x1, r: r is 3rd
 
 
 def test_fusion_score_prefers_an_idle_worker_then_the_cheapest_group():

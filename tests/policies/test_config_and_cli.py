@@ -12,7 +12,8 @@ from policies.trace import TraceError, format_trace, parse_trace, synth_trace
 def test_aspen_config_fields_reach_the_policy():
     p = parse_policy_config({"policy": "aspen", "margin": 0.3, "weights": {"size": 7}, "quotas": {"default": 2},
                              "starvation_s": None, "max_group_tokens": None, "guard_backlog": 2.0,
-                             "guard_long": None, "max_slowdown": None, "fusion_max_cost": None})  # fmt: skip
+                             "guard_long": None, "max_slowdown": None, "fusion_max_cost": None,
+                             "tail_delay_s": None})  # fmt: skip
     assert p.name == "aspen" and p.margin == 0.3 and p.starvation_s is None
     assert p.guard_backlog == 2.0 and p.guard_long is None
     assert dict((f.name, w) for f, w in p.order.factors)["size"] == 7
@@ -20,6 +21,10 @@ def test_aspen_config_fields_reach_the_policy():
     p = parse_policy_config({"policy": "aspen", "max_slowdown": 1.3, "half_tokens": 1024})
     (pays,) = [f for f in p.filters if f.name == "fusion_pays"]
     assert pays.max_slowdown == 1.3 and pays.half_tokens == 1024 and pays.max_cost == 1.0
+    assert pays.tail_delay_s == 1800 and pays.tail_jobs == 2  # the defaults
+    p = parse_policy_config({"policy": "aspen", "tail_delay_s": 600, "tail_jobs": 3})
+    (pays,) = [f for f in p.filters if f.name == "fusion_pays"]
+    assert pays.tail_delay_s == 600 and pays.tail_jobs == 3
 
 
 def test_priority_defaults_to_preemption():
@@ -41,6 +46,11 @@ def test_priority_defaults_to_preemption():
         ({"policy": "aspen", "quotas": {"bob": 1.5}}, "quotas.bob: must be an integer"),
         ({"policy": "aspen", "backfill": "yes"}, "backfill: must be true or false"),
         ({"policy": "aspen", "max_slowdown": 0.5}, "max_slowdown: must be a number >= 1"),
+        ({"policy": "aspen", "tail_delay_s": -1}, "tail_delay_s: must be a number >= 0 or null"),
+        ({"policy": "aspen", "tail_delay_s": "1h"}, "tail_delay_s: must be a number >= 0 or null"),
+        ({"policy": "aspen", "tail_jobs": 0}, "tail_jobs: must be an integer >= 1"),
+        ({"policy": "aspen", "tail_jobs": 1.5}, "tail_jobs: must be an integer >= 1"),
+        ({"policy": "fifo", "tail_delay_s": 60}, "tail_delay_s: unknown field for policy fifo (only for aspen)"),
         ({"policy": "nosuch.module:X"}, "cannot import module 'nosuch.module'"),
         ({"policy": "tests.policies.custom_policy:Nope"}, "has no attribute 'Nope'"),
         ({"policy": "tests.policies.custom_policy:FirstIdle", "options": {"bad": 1}}, "options:"),
