@@ -34,6 +34,7 @@ Profiling before a job joins uses :mod:`actors.profiler` when it is importable: 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -44,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from actors.config import JobConfig
+from actors.config import EngineSettings, JobConfig
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,10 @@ class TrainingWorker:
         trust_remote_code: run Python shipped with the base model (transformers'
             ``trust_remote_code``). The controller sets it only for jobs that ask for it on a
             cluster whose admin enabled it; off otherwise.
+        packing, autocast, activation_checkpointing: the fused step's ``EngineSettings``
+            (docs/performance.md), shared by every job on this worker; the admin sets them with
+            ``lorafleet up``. Memory predictions come from profiles taken without checkpointing,
+            so with it they err on the safe side.
         start: start the training thread now (tests may start it later with ``start()``).
     """
 
@@ -117,6 +122,9 @@ class TrainingWorker:
         profile: str = "cached",
         staging_dir: str | None = None,
         trust_remote_code: bool = False,
+        packing: bool = True,
+        autocast: bool = False,
+        activation_checkpointing: bool = False,
         start: bool = True,
     ):
         if profile not in ("cached", "measure", "off"):
@@ -128,6 +136,8 @@ class TrainingWorker:
         self.profile_mode = profile
         self.staging_dir = staging_dir
         self.trust_remote_code = trust_remote_code
+        self.engine_settings = EngineSettings(packing=bool(packing), autocast=bool(autocast),
+                                              activation_checkpointing=bool(activation_checkpointing))
         self.engine = None
         self.state = "loading"  # loading | ready | failed | stopped
         self.error: str | None = None
@@ -229,6 +239,7 @@ class TrainingWorker:
                 "device": self.device,
                 "node_id": self.node_id,
                 "model_shape": self.model_shape,
+                "engine": dataclasses.asdict(self.engine_settings),
                 "jobs": jobs,
                 "events": events,
                 "memory": self._memory(),
@@ -288,7 +299,7 @@ class TrainingWorker:
             "dtype_bytes": 4 if dtype == "float32" else 2,
         }
         self.device, self.dtype = device, dtype
-        self.engine = FusedEngine(model, tokenizer, base_model_id=self.base_model)
+        self.engine = FusedEngine(model, tokenizer, base_model_id=self.base_model, settings=self.engine_settings)
         try:  # warm the data loader's import (about 1-2 s) here, not in the first job's join
             import datasets  # noqa: F401
         except ImportError:

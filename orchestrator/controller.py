@@ -386,7 +386,9 @@ class Controller:
                 "recovered": len(self.recovered), "last_error": self._last_error,
                 "auth": "api-keys" if self.store.has_users() else "single-user",
                 "allowed_prefixes": list(self.allowed_prefixes), "allow_remote_code": self.allow_remote_code,
-                "max_upload_bytes": self.max_upload_bytes}  # fmt: skip
+                "max_upload_bytes": self.max_upload_bytes,
+                "worker_engine": {k: self.worker_options[k] for k in ("packing", "autocast", "activation_checkpointing")
+                                  if k in self.worker_options}}  # fmt: skip
 
     # ---------------------------------------------------------------- identity
 

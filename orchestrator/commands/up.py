@@ -31,6 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="artifact root: a path, or a pyarrow URI (s3://, gs://, file://) [~/.lorafleet/storage]")
     parser.add_argument("--memory-budget", type=int, default=None, metavar="BYTES",
                         help="CPU workers: peak RSS above this counts as an OOM")
+    parser.add_argument("--no-packing", action="store_true",
+                        help="workers right-pad jobs' rows instead of packing sequences (docs/performance.md)")
+    parser.add_argument("--autocast", action="store_true",
+                        help="workers run the fused step under bf16 autocast (GPU); adapters stay fp32")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="workers recompute decoder layers in backward: less memory, ~1/3 more compute")
     parser.add_argument("--auth", choices=["disabled", "token"], default="disabled",
                         help="with --local: Ray token authentication; token: a fresh token in "
                              "~/.lorafleet/ray-auth-token (mode 600) [disabled]")
@@ -56,6 +62,20 @@ def read_policy(path: str) -> dict:
     except PolicyConfigError as exc:  # its message already names the file and the field
         raise UserError(str(exc)) from None
     return doc
+
+
+def worker_options_from(args: argparse.Namespace) -> dict:
+    """The ``TrainingWorker`` keyword arguments ``up``'s flags ask for (only those that differ from the defaults)."""
+    options: dict = {}
+    if args.memory_budget is not None:
+        options["memory_budget_bytes"] = args.memory_budget
+    if args.no_packing:
+        options["packing"] = False
+    if args.autocast:
+        options["autocast"] = True
+    if args.activation_checkpointing:
+        options["activation_checkpointing"] = True
+    return options
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,9 +105,10 @@ def run(args: argparse.Namespace) -> int:
         client.connect(address)
     except client.ClusterError as exc:
         raise UserError(str(exc)) from None
-    options = {}
-    if args.memory_budget is not None:
-        options["worker_options"] = {"memory_budget_bytes": args.memory_budget}
+    options: dict = {}
+    worker_options = worker_options_from(args)
+    if worker_options:
+        options["worker_options"] = worker_options
     if args.allow_path_prefix:
         options["allowed_prefixes"] = list(args.allow_path_prefix)
     if args.allow_remote_code:
@@ -111,4 +132,6 @@ def run(args: argparse.Namespace) -> int:
           f"remote code {'allowed' if info['allow_remote_code'] else 'refused'}, "
           f"uploads up to {info['max_upload_bytes']} bytes"
           + ("" if started else " (a running controller keeps its settings)"))  # fmt: skip
+    engine = {"packing": True, "autocast": False, "activation_checkpointing": False, **info.get("worker_engine", {})}
+    print("workers' fused step: " + ", ".join(f"{k.replace('_', ' ')} {'on' if v else 'off'}" for k, v in engine.items()))
     return 0

@@ -217,3 +217,28 @@ def test_remote_output_uploads_and_resumes_elsewhere(worker, tmp_path):
     assert ev["r"]["output"] == uri
     state, _ = read_adapter(tmp_path / "remote/jobs/r")
     assert state
+
+
+def test_engine_settings_reach_the_fused_step_and_train_the_same_adapter(worker, tmp_path, tiny_model_dir):
+    """``lorafleet up --no-packing --activation-checkpointing`` becomes these worker options: the worker
+    reports them, its engine uses them, and the adapters equal the default worker's (same math)."""
+    plain = job_config(tmp_path, "p", seed=3, output=tmp_path / "plain")
+    worker.assign("p", plain)
+    wait_events(worker, {"p": "finished"})
+    assert worker.progress()["engine"] == {"packing": True, "autocast": False, "activation_checkpointing": False}
+    other = TrainingWorker("w5", str(tiny_model_dir), device="cpu", profile="off", packing=False,
+                           activation_checkpointing=True)  # fmt: skip
+    try:
+        other.assign("p", replace(plain, output=str(tmp_path / "ckpt")))
+        wait_events(other, {"p": "finished"})
+        assert other.progress()["engine"] == {"packing": False, "autocast": False, "activation_checkpointing": True}
+        assert other.engine.fused.activation_checkpointing and not other.engine.settings.packing
+    finally:
+        other.shutdown(checkpoint=False)
+    want, _ = read_adapter(tmp_path / "plain")
+    got, _ = read_adapter(tmp_path / "ckpt")
+    assert got.keys() == want.keys()
+    moved = max(float(t.abs().max()) for k, t in want.items() if "lora_B" in k)
+    assert moved > 1e-4  # training moved B away from zero, so equality means something
+    for key, value in want.items():
+        assert float((got[key] - value).norm() / value.norm().clamp_min(1e-12)) < 1e-5, key

@@ -27,11 +27,13 @@ def lorafleet(home: Path, *args: str, timeout: float = 300) -> subprocess.Comple
 
 def test_up_policy_down_local(tmp_path):
     home = tmp_path / "home"
-    up = lorafleet(home, "up", "--local", "--num-gpus", "1", "--num-cpus", "1")
+    up = lorafleet(home, "up", "--local", "--num-gpus", "1", "--num-cpus", "1", "--activation-checkpointing")
     state_file = home / "local-cluster.json"
     try:
         assert up.returncode == 0, up.stderr[-3000:]
         assert "started controller (policy fifo" in up.stdout
+        # the controller holds the workers' engine options and reports them
+        assert "workers' fused step: packing on, autocast off, activation checkpointing on" in up.stdout, up.stdout
         state = json.loads(state_file.read_text())
         assert state["address"].startswith("127.0.0.1:") and state["pids"]
         again = lorafleet(home, "up")
