@@ -17,6 +17,7 @@ step number alone: resume needs no iterator state.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections.abc import Sequence
@@ -51,7 +52,12 @@ class Example:
 
 
 def load_records(path: str) -> list[dict[str, Any]]:
-    """Read every record of a json/jsonl/csv/parquet file through ``datasets``."""
+    """Read every record of a json/jsonl/csv/parquet file.
+
+    JSON Lines and a JSON list of objects are read directly (no ``datasets`` import, which is slow
+    and not needed for them); anything else goes through ``datasets``. Either way every record
+    has every column (missing ones None), as ``datasets`` gives them.
+    """
     file = Path(path)
     if not file.is_file():
         raise DataError(f"data.path: file not found: {path}")
@@ -60,16 +66,52 @@ def load_records(path: str) -> list[dict[str, Any]]:
         raise DataError(
             f"data.path: unsupported file type {file.suffix!r}; allowed: {', '.join(sorted(SUPPORTED_SUFFIXES))}"
         )
-    import datasets
+    records = _read_json_records(file) if kind == "json" else None
+    if records is None:
+        import datasets
 
-    datasets.disable_progress_bars()
-    try:
-        ds = datasets.load_dataset(kind, data_files=str(file), split="train", keep_in_memory=True)
-    except Exception as exc:  # datasets raises many types for a malformed file
-        raise DataError(f"data.path: cannot read {path} as {kind}: {exc}") from exc
-    records = ds.to_list()
+        datasets.disable_progress_bars()
+        try:
+            ds = datasets.load_dataset(kind, data_files=str(file), split="train", keep_in_memory=True)
+        except Exception as exc:  # datasets raises many types for a malformed file
+            raise DataError(f"data.path: cannot read {path} as {kind}: {exc}") from exc
+        records = ds.to_list()
     if not records:
         raise DataError(f"data.path: {path} has no records")
+    return records
+
+
+def _read_json_records(file: Path) -> list[dict[str, Any]] | None:
+    """Records of a JSON Lines file or a JSON list of objects; None for other JSON (left to ``datasets``).
+
+    Raises DataError naming the line of a malformed JSON Lines record.
+    """
+    text = file.read_text(encoding="utf-8")
+    if not text.strip():
+        return []
+    try:
+        doc = json.loads(text)  # a whole-file document: a list of records, or one record on one line
+    except json.JSONDecodeError:
+        doc = None  # several documents: JSON Lines
+    if isinstance(doc, list):
+        records = doc if all(isinstance(r, dict) for r in doc) else None
+    elif isinstance(doc, dict):
+        records = [doc] if len(text.strip().splitlines()) == 1 else None  # a pretty-printed object: datasets
+    else:
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"data.path: cannot read {file} line {number} as JSON: {exc.msg}") from None
+            if not isinstance(record, dict):
+                raise DataError(f"data.path: {file} line {number}: expected a JSON object, got {type(record).__name__}")
+            records.append(record)
+    if records:
+        columns = list(dict.fromkeys(key for record in records for key in record))
+        records = [{key: record.get(key) for key in columns} for record in records]
     return records
 
 

@@ -8,6 +8,9 @@ OUT=${OUT:-/tmp/lorafleet-gpu}
 SRC=${SRC:-.gpu/smollm2-135m}
 PY=${PY:-python3}
 MODEL=/tmp/smollm2-135m-random
+STAGES=${STAGES:-"bench tests train memory"}  # a subset reruns part of it
+BENCH_ARGS=${BENCH_ARGS:-"--jobs 1 4 8 16 32"}
+on() { [[ " $STAGES " == *" $1 "* ]]; }
 mkdir -p "$OUT"
 # Packages the GPU image may lack (pydantic for the job specs) travel as wheels in .whl/, if present.
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -24,26 +27,35 @@ stage environment
 'peft', peft.__version__, torch.cuda.get_device_name())"; } 2>&1 | tee "$OUT/env.txt"
 $PY bench/random_model.py "$SRC" "$MODEL" --dtype bfloat16 2>&1 | tail -1
 
-stage "make bench on the GPU (bf16 base, bf16 autocast, fp32 adapters)"
-timeout 240 $PY bench/bench_fused.py --device cuda --model "$MODEL" --autocast --jobs 1 4 8 16 32 \
-  2>&1 | grep -v Warning | tee "$OUT/bench.txt"
-
+on tests && {
 stage "correctness on CUDA (engine on the GPU, PEFT references on CPU)"
-LORAFLEET_TEST_DEVICE=cuda timeout 150 $PY -m pytest -q -p no:cacheprovider tests/actors/test_fused_vs_peft.py \
+LORAFLEET_TEST_DEVICE=cuda timeout ${TESTS_TIMEOUT:-150} $PY -m pytest -q -p no:cacheprovider tests/actors/test_fused_vs_peft.py \
   tests/actors/test_packing.py "tests/actors/test_mixlora.py::test_mixlora_fused_beside_lora_jobs_equals_alone" \
   2>&1 | tee "$OUT/tests.txt" | tail -25
+}
 
+if on bench; then
+stage "make bench on the GPU (bf16 base, bf16 autocast, fp32 adapters)"
+# shellcheck disable=SC2086
+timeout ${BENCH_TIMEOUT:-240} $PY bench/bench_fused.py --device cuda --model "$MODEL" --autocast $BENCH_ARGS \
+  2>&1 | grep -v -e Warning -e "Loading weights" | tee "$OUT/bench.txt"
+fi
+
+on train && {
 stage "lorafleet train on one GPU: a LoRA and a MixLoRA job fused, no cluster"
 mkdir -p /tmp/specs
 for job in arith mix-mixlora; do
   sed -e "s#builtin:smollm2-135m-instruct#$MODEL#" -e "s#^output: .*#output: /tmp/train-out/$job#" \
     "examples/jobs/$job.yaml" > "/tmp/specs/$job.yaml"
 done
-timeout 100 $PY -m orchestrator.cli train /tmp/specs/arith.yaml /tmp/specs/mix-mixlora.yaml --plain 2>&1 \
+timeout ${TRAIN_TIMEOUT:-100} $PY -m orchestrator.cli train /tmp/specs/arith.yaml /tmp/specs/mix-mixlora.yaml --plain 2>&1 \
   | grep -v Warning | tail -25 | tee "$OUT/train.txt"
 ls /tmp/train-out/* | tee -a "$OUT/train.txt"
+}
 
+on memory && {
 stage "memory model vs NVML"
 timeout 120 $PY bench/bench_memory.py --device cuda --dtype bfloat16 --model "$MODEL" --shared-process --points 8 \
   2>&1 | tail -30 | tee "$OUT/memory.txt"
+}
 stage done
