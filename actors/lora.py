@@ -338,16 +338,63 @@ def stacked_update(
             for seg, w in zip(segments, weights, strict=True)
         ])  # (N, L, in)
     rows = xf.reshape(n, -1, xf.shape[-1])  # (n, m, in), m = tokens per segment
-    low = torch.bmm(rows, lora_a.transpose(1, 2))  # (n, m, r)
     scalings = {w.scaling for w in weights}
-    if len(scalings) == 1:  # a Python number: no host-to-device copy (a blocking one would drain the GPU queue)
-        low = low * scalings.pop()
-    else:
+    alpha = scalings.pop() if len(scalings) == 1 else 1.0  # one scale: a Python number, folded into the GEMM
+    scale = None
+    if scalings:  # per-job scales, built on the host (a blocking copy would drain the GPU queue)
         scale = torch.tensor([w.scaling for w in weights], dtype=lora_a.dtype).to(x.device, non_blocking=True)
-        low = low * scale.view(n, 1, 1)
-    if base_out.dtype == low.dtype:  # the add fused into the second GEMM
-        return torch.baddbmm(base_out.reshape(n, -1, base_out.shape[-1]), low, lora_b.transpose(1, 2)).view(
-            base_out.shape
-        )  # (N, L, out)
-    delta = torch.bmm(low, lora_b.transpose(1, 2))  # (n, m, out)
-    return base_out + delta.view(base_out.shape).to(base_out.dtype)  # (N, L, out)
+        scale = scale.view(n, 1, 1)
+    base3 = base_out.reshape(n, -1, base_out.shape[-1])  # (n, m, out)
+    return _StackedLora.apply(base3, rows, lora_a, lora_b, scale, alpha).view(base_out.shape)  # (N, L, out)
+
+
+class _StackedLora(torch.autograd.Function):
+    """``base + alpha * (scale * rows A^T) B^T`` over stacked jobs, with a hand-written backward.
+
+    The forward is autograd's (``bmm`` + ``baddbmm``); the backward computes each weight gradient
+    directly in its parameter's layout (``(n, r, in)``, ``(n, out, r)``), so the stack's backward
+    hands every job a view autograd keeps as is. Left to autograd, the gradients of ``A^T`` and
+    ``B^T`` come out transposed and autograd copies each job's slice: two extra kernels per job
+    and projection (``bench/bench_dispatch.py`` counts them). Autocast state is replayed in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, base3: torch.Tensor, rows: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                scale: torch.Tensor | None, alpha: float) -> torch.Tensor:
+        device_type = rows.device.type
+        ctx.autocast = torch.is_autocast_enabled(device_type)
+        ctx.autocast_dtype = torch.get_autocast_dtype(device_type) if ctx.autocast else None
+        ctx.alpha = alpha
+        low = torch.bmm(rows, lora_a.transpose(1, 2))  # (n, m, r)
+        if scale is not None:
+            low = low * scale.to(low.dtype)
+        if ctx.autocast or base3.dtype == low.dtype:  # the add fused into the second GEMM
+            out = torch.baddbmm(base3, low, lora_b.transpose(1, 2), alpha=alpha)  # (n, m, out)
+        else:  # e.g. a bf16 base without autocast: the adapter in fp32, added in the base dtype
+            out = base3 + (torch.bmm(low, lora_b.transpose(1, 2)) * alpha).to(base3.dtype)
+        ctx.save_for_backward(rows, lora_a, lora_b, low, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        rows, lora_a, lora_b, low, scale = ctx.saved_tensors
+        need_base, need_rows, need_a, need_b = ctx.needs_input_grad[:4]
+        with torch.autocast(grad.device.type, dtype=ctx.autocast_dtype, enabled=ctx.autocast):
+            g = grad if ctx.autocast else grad.to(lora_b.dtype)  # (n, m, out)
+            grad_b = torch.bmm(g.transpose(1, 2), low) if need_b else None  # (n, out, r)
+            grad_low = torch.bmm(g, lora_b) if (need_a or need_rows) else None  # (n, m, r)
+            if ctx.alpha != 1.0:
+                grad_b = None if grad_b is None else grad_b * ctx.alpha
+                grad_low = None if grad_low is None else grad_low * ctx.alpha
+            if grad_low is not None and scale is not None:
+                grad_low = grad_low * scale.to(grad_low.dtype)
+            grad_a = torch.bmm(grad_low.transpose(1, 2), rows) if need_a else None  # (n, r, in)
+            grad_rows = torch.bmm(grad_low, lora_a) if need_rows else None  # (n, m, in)
+        return (
+            grad if need_base else None,
+            None if grad_rows is None else grad_rows.to(rows.dtype),
+            None if grad_a is None else grad_a.to(lora_a.dtype),
+            None if grad_b is None else grad_b.to(lora_b.dtype),
+            None,
+            None,
+        )

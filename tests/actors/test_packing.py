@@ -136,13 +136,14 @@ def test_packing_falls_back_to_padding_for_a_short_sliding_window():
 # ---------------------------------------------------------------- stacked adapters
 
 
-def test_stacked_adapters_equal_one_adapter_at_a_time():
+@pytest.mark.parametrize("alphas", [(8, 9, 10), (8, 8, 8)], ids=["per-job-scale", "one-scale"])
+def test_stacked_adapters_equal_one_adapter_at_a_time(alphas):
     torch.manual_seed(0)
     base = torch.nn.Linear(12, 10)
     layer = MultiLoraLinear(base, ForwardContext())
     jobs = ["j0", "j1", "j2"]
     for k, job in enumerate(jobs):
-        weights = layer.add_adapter(job, LoraSettings(4, 8 + k, dropout=0.2), torch.Generator().manual_seed(k))
+        weights = layer.add_adapter(job, LoraSettings(4, alphas[k], dropout=0.2), torch.Generator().manual_seed(k))
         with torch.no_grad():
             weights.lora_B.normal_()
     segments = tuple(Segment(job, 2 * k, 2 * k + 2, 5) for k, job in enumerate(jobs))
@@ -167,6 +168,58 @@ def test_stacked_adapters_equal_one_adapter_at_a_time():
     y_loop, g_loop = run(False)
     assert rel_err(y_stacked, y_loop) < 1e-6
     assert max(rel_err(a, b) for a, b in zip(g_stacked, g_loop, strict=True)) < 1e-5
+
+
+@pytest.mark.parametrize("per_job_scale", [False, True])
+def test_stacked_backward_passes_gradcheck(per_job_scale):
+    """The hand-written backward of the stacked update against finite differences (float64)."""
+    from actors.lora import _StackedLora
+
+    torch.manual_seed(1)
+    n, m, din, dout, r = 3, 4, 5, 6, 2
+    args = [torch.randn(n, m, dout, dtype=torch.float64, requires_grad=True),
+            torch.randn(n, m, din, dtype=torch.float64, requires_grad=True),
+            torch.randn(n, r, din, dtype=torch.float64, requires_grad=True),
+            torch.randn(n, dout, r, dtype=torch.float64, requires_grad=True)]  # fmt: skip
+    scale = torch.tensor([0.5, 2.0, 1.5], dtype=torch.float64).view(n, 1, 1) if per_job_scale else None
+    assert torch.autograd.gradcheck(lambda *t: _StackedLora.apply(*t, scale, 1.0 if per_job_scale else 1.7), args)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_stacked_adapters_over_a_bf16_base(autocast):
+    """A bf16 base (the GPU default of ``lorafleet train``) with fp32 adapters, with and without autocast:
+    stacked equals one adapter at a time, and every gradient keeps its parameter's dtype."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 8).to(torch.bfloat16).requires_grad_(False)  # frozen, as in the engine
+    layer = MultiLoraLinear(base, ForwardContext())
+    jobs = ["j0", "j1"]
+    for k, job in enumerate(jobs):
+        weights = layer.add_adapter(job, LoraSettings(4, 8), torch.Generator().manual_seed(k))
+        with torch.no_grad():
+            weights.lora_B.normal_()
+    segments = tuple(Segment(job, 3 * k, 3 * k + 3, 5) for k, job in enumerate(jobs))
+    x = torch.randn(6, 5, 16, dtype=torch.bfloat16, requires_grad=True)
+
+    def run(stacked: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            layout = BatchLayout(segments)
+            base_out = base(x)
+            if stacked:
+                y = apply_segments(x, base_out, base, layer.adapters, layout)
+            else:
+                y = torch.cat([apply_segments(x, base_out, base, layer.adapters, layout, [seg]) for seg in segments])
+        y.float().square().sum().backward()
+        grads = [p.grad.clone() for p in layer.parameters() if p.requires_grad]
+        assert all(g.dtype == torch.float32 for g in grads) and x.grad.dtype == torch.bfloat16
+        layer.zero_grad()
+        x.grad = None
+        return y.detach().float(), grads
+
+    y_stacked, g_stacked = run(True)
+    y_loop, g_loop = run(False)
+    assert y_stacked.dtype == y_loop.dtype
+    assert rel_err(y_stacked, y_loop) < 2e-2
+    assert max(rel_err(a, b) for a, b in zip(g_stacked, g_loop, strict=True)) < 3e-2
 
 
 def test_unequal_segments_are_not_stacked():
