@@ -322,12 +322,14 @@ class FusedEngine:
 
     @torch.no_grad()
     def evaluate(
-        self, names: list[str | None], examples: list[Example], micro_batch_size: int = 8
+        self, names: list[str | None], examples: list[Example], micro_batch_size: int = 8,
+        between: Callable[[], None] | None = None,
     ) -> list[tuple[float, int]]:
         """(mean token loss, label tokens) of each adapter on ``examples``; ``None`` is the base model.
 
         Every forward carries ``micro_batch_size`` examples once per adapter (rows of all adapters
         fused in one batch, ``training=False``): one pass of the base model serves all adapters.
+        ``between`` is called between micro-batches (see ``actors.evaluate.evaluate_job``).
         """
         missing = [n for n in names if n is not None and n not in self.inference and n not in self.jobs]
         if missing:
@@ -352,6 +354,8 @@ class FusedEngine:
                 )
                 sums[k] += float(loss_sum)
                 counts[k] += count
+            if between is not None and i + micro_batch_size < len(order):
+                between()
         return [(s / max(1, c), c) for s, c in zip(sums, counts, strict=True)]
 
     def output_of(self, name: str) -> Path:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,10 +41,12 @@ def generate_greedy(
     *,
     max_new_tokens: int = 32,
     batch_size: int = 8,
+    between: Callable[[], None] | None = None,
 ) -> list[list[list[int]]]:
     """Greedy completions: ``out[a][i]`` is the token ids adapter ``names[a]`` generates for prompt ``i``.
 
-    Generation of a row stops at EOS (not included) or after ``max_new_tokens``.
+    Generation of a row stops at EOS (not included) or after ``max_new_tokens``. ``between`` is
+    called after each batch of prompts (the worker trains its other jobs there).
     """
     from transformers import DynamicCache
 
@@ -90,6 +92,8 @@ def generate_greedy(
             for row, i in enumerate(chunk):
                 seq = tokens[a * n + row]
                 out[a][i] = [t for t in seq[: seq.index(-1)] if t >= 0] if -1 in seq else seq
+        if between is not None and start + batch_size < len(order):
+            between()
     return out
 
 
@@ -120,7 +124,8 @@ class ChoiceItem:
 
 @torch.no_grad()
 def choice_logprobs(
-    engine, names: Sequence[str | None], items: Sequence[ChoiceItem], *, batch_size: int = 16
+    engine, names: Sequence[str | None], items: Sequence[ChoiceItem], *, batch_size: int = 16,
+    between: Callable[[], None] | None = None,
 ) -> list[list[list[float]]]:
     """``out[a][i][c]``: the summed log-probability of choice ``c`` of item ``i`` under adapter ``a``."""
     flat = [(i, c) for i, item in enumerate(items) for c in range(len(item.choices))]
@@ -128,7 +133,7 @@ def choice_logprobs(
         Example(items[i].prompt + items[i].choices[c], [IGNORE_INDEX] * len(items[i].prompt) + items[i].choices[c])
         for i, c in flat
     ]
-    scores = row_logprob_sums(engine, names, examples, batch_size=batch_size)
+    scores = row_logprob_sums(engine, names, examples, batch_size=batch_size, between=between)
     out: list[list[list[float]]] = [[[0.0] * len(item.choices) for item in items] for _ in names]
     for a in range(len(names)):
         for (i, c), value in zip(flat, scores[a], strict=True):
@@ -138,7 +143,8 @@ def choice_logprobs(
 
 @torch.no_grad()
 def row_logprob_sums(
-    engine, names: Sequence[str | None], examples: Sequence[Example], *, batch_size: int = 16
+    engine, names: Sequence[str | None], examples: Sequence[Example], *, batch_size: int = 16,
+    between: Callable[[], None] | None = None,
 ) -> list[list[float]]:
     """Per adapter, per example: the sum of log p(label token | prefix) over the example's label tokens."""
     fused = engine.fused
@@ -159,6 +165,8 @@ def row_logprob_sums(
         for a in range(len(keys)):
             for row in range(n):
                 out[a][start + row] = sums[a * n + row]
+        if between is not None and start + batch_size < len(examples):
+            between()
     return out
 
 
@@ -189,11 +197,13 @@ def _eval_records(config) -> tuple[list[dict], str]:
     return records, fmt
 
 
-def evaluate_job(engine, name: str | None, config) -> dict:
+def evaluate_job(engine, name: str | None, config, between: Callable[[], None] | None = None) -> dict:
     """Evaluate the base model and adapter ``name`` side by side on ``config.eval``'s held-out records.
 
     Returns ``{"examples": n, "metrics": {metric: {"base": x, "adapter": y}}, "samples": [...]}``;
     loss also reports ``perplexity``. Raises ``DataError`` for unusable evaluation data.
+    ``between`` is called between batches (the worker runs a training step of its other jobs
+    there, so an evaluation does not stall them); it must leave the adapter ``name`` attached.
     """
     from actors.data import DataError, build_prompt, tokenize_record
 
@@ -206,7 +216,8 @@ def evaluate_job(engine, name: str | None, config) -> dict:
         usable = [r for r in records if "choices" not in r]
         examples = [tokenize_record(r, fmt, tok, config.data) for r in usable]
         if examples:
-            (base, _), (adapter, count) = engine.evaluate(names, examples, micro_batch_size=ev.batch_size)
+            (base, _), (adapter, count) = engine.evaluate(names, examples, micro_batch_size=ev.batch_size,
+                                                          between=between)  # fmt: skip
             result["metrics"]["loss"] = {"base": base, "adapter": adapter, "tokens": count}
             result["metrics"]["perplexity"] = {"base": math.exp(min(base, 50)), "adapter": math.exp(min(adapter, 50))}
     if "exact_match" in ev.metrics:
@@ -214,7 +225,8 @@ def evaluate_job(engine, name: str | None, config) -> dict:
             raise DataError("eval.metrics: exact_match needs text records (data.format is tokens)")
         pairs = [build_prompt(r, fmt, tok) for r in records]
         prompts = [tok(p, add_special_tokens=True)["input_ids"] for p, _ in pairs]
-        outs = generate_greedy(engine, names, prompts, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size)
+        outs = generate_greedy(engine, names, prompts, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
+                               between=between)  # fmt: skip
         scores = {}
         for key, generated in zip(("base", "adapter"), outs, strict=True):
             texts = [tok.decode(g, skip_special_tokens=True) for g in generated]
@@ -228,11 +240,11 @@ def evaluate_job(engine, name: str | None, config) -> dict:
                 ]
         result["metrics"]["exact_match"] = scores
     if "multiple_choice" in ev.metrics:
-        result["metrics"]["multiple_choice"] = _multiple_choice(engine, names, records, fmt, ev)
+        result["metrics"]["multiple_choice"] = _multiple_choice(engine, names, records, fmt, ev, between)
     return result
 
 
-def _multiple_choice(engine, names, records, fmt, ev) -> dict:
+def _multiple_choice(engine, names, records, fmt, ev, between=None) -> dict:
     from actors.data import DataError, build_prompt
 
     tok = engine.tokenizer
@@ -249,6 +261,6 @@ def _multiple_choice(engine, names, records, fmt, ev) -> dict:
             [tok(str(c), add_special_tokens=False)["input_ids"] for c in r["choices"]],
             int(r["answer"]),
         ))
-    scores = choice_logprobs(engine, names, items, batch_size=ev.batch_size * 2)
+    scores = choice_logprobs(engine, names, items, batch_size=ev.batch_size * 2, between=between)
     answers = [it.answer for it in items]
     return {key: multiple_choice_accuracy(s, answers) for key, s in zip(("base", "adapter"), scores, strict=True)}

@@ -139,6 +139,7 @@ class TrainingWorker:
         self.engine_settings = EngineSettings(packing=bool(packing), autocast=bool(autocast),
                                               activation_checkpointing=bool(activation_checkpointing))
         self.engine = None
+        self._interleaving = False  # a training step runs between evaluation batches (see _evaluate)
         self.state = "loading"  # loading | ready | failed | stopped
         self.error: str | None = None
         self.device = "?"
@@ -515,16 +516,37 @@ class TrainingWorker:
         """
         if info.config.eval is None:
             return None
+        import torch
+
         from actors.checkpoint import atomic_write_json
         from actors.evaluate import evaluate_job
 
+        steps = 0
+
+        def between() -> None:
+            """One fused step of the jobs still training, between two evaluation batches: an
+            evaluation does not stall its neighbours. Not nested: a job that finishes in this step
+            is evaluated at once, without further interleaving."""
+            nonlocal steps
+            if self._interleaving or not any(not j.done for j in self.engine.jobs.values()):
+                return
+            self._interleaving = True
+            try:
+                with torch.enable_grad():
+                    self._train_one_step()
+                steps += 1
+            finally:
+                self._interleaving = False
+
+        start = time.perf_counter()
         try:
-            result = evaluate_job(self.engine, info.job_id, info.config)
+            result = evaluate_job(self.engine, info.job_id, info.config, between=between)
             atomic_write_json(Path(info.config.output) / "eval.json", result)
         except (ValueError, OSError, RuntimeError) as exc:
             log.warning("%s: evaluation of %s failed: %s", self.worker_id, info.job_id, exc)
-            return {"error": f"evaluation failed: {exc}"}
-        return {"examples": result["examples"], "metrics": result["metrics"]}
+            return {"error": f"evaluation failed: {exc}", "trained_steps_meanwhile": steps}
+        return {"examples": result["examples"], "metrics": result["metrics"],
+                "seconds": round(time.perf_counter() - start, 3), "trained_steps_meanwhile": steps}  # fmt: skip
 
     def _upload(self, info: _JobInfo) -> None:
         from actors.storage import sync_up
@@ -553,7 +575,8 @@ class TrainingWorker:
         import torch
 
         self._ooms += 1
-        live = sorted(self._jobs.values(), key=lambda j: j.joined_at)
+        training = {name for name, job in self.engine.jobs.items() if not job.done}  # not one being evaluated
+        live = sorted((j for j in self._jobs.values() if j.job_id in training), key=lambda j: j.joined_at)
         if not live:
             return
         victim = next((j for j in live if j.job_id == victim_hint), live[-1])

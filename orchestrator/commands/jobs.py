@@ -82,7 +82,10 @@ def eval_lines(evaluation: dict | None) -> list[str]:
         return []
     if evaluation.get("error"):
         return [f"eval: {evaluation['error']}"]
-    lines = [f"eval on {evaluation.get('examples', '?')} held-out examples (base -> adapter):"]
+    took = ""
+    if isinstance(evaluation.get("seconds"), int | float):
+        took = f" in {evaluation['seconds']:.0f} s, jobs beside it trained {evaluation.get('trained_steps_meanwhile', 0)} steps meanwhile"
+    lines = [f"eval on {evaluation.get('examples', '?')} held-out examples{took} (base -> adapter):"]
     metrics = evaluation.get("metrics") or {}
     order = ["loss", "perplexity", "exact_match", "multiple_choice"]
     for metric in sorted(metrics, key=lambda m: (order.index(m) if m in order else len(order), m)):

@@ -242,3 +242,22 @@ def test_engine_settings_reach_the_fused_step_and_train_the_same_adapter(worker,
     assert moved > 1e-4  # training moved B away from zero, so equality means something
     for key, value in want.items():
         assert float((got[key] - value).norm() / value.norm().clamp_min(1e-12)) < 1e-5, key
+
+
+def test_evaluation_does_not_stall_the_other_jobs(worker, tmp_path):
+    """A job's ``eval:`` runs batch by batch with a training step of the other jobs in between: the
+    long job keeps training while the short one is scored."""
+    held_out = write_jsonl(tmp_path / "held.jsonl", token_records(8, 9, 6, 12))
+    short = replace(job_config(tmp_path, "short", seed=3, steps=2),
+                    eval=EvalSettings(data=str(held_out), metrics=("loss",), batch_size=1))  # fmt: skip
+    long = job_config(tmp_path, "long", seed=4, steps=40, checkpoint_every=100)
+    worker.assign("long", replace(long, base_model=worker.base_model))
+    worker.assign("short", replace(short, base_model=worker.base_model))
+    done = wait_events(worker, {"short": "finished", "long": "finished"})
+    got = done["short"]["eval"]
+    # 8 examples one at a time: a training step of "long" between consecutive batches (7 gaps)
+    assert got["trained_steps_meanwhile"] == 7, got
+    assert got["examples"] == 8 and json.loads(Path(short.output, "eval.json").read_text())["metrics"] == got["metrics"]
+    assert done["long"]["step"] == 40
+    state, _ = read_adapter(long.output)
+    assert state and all(torch.isfinite(t).all() for t in state.values())

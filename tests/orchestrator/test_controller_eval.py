@@ -42,6 +42,9 @@ def test_eval_metrics_are_stored_and_shown_by_status(ctl: Controller):
     assert eval_lines(record["extra"]["eval"]) == [
         "eval on 24 held-out examples (base -> adapter):", "  loss: 3.9000 -> 1.2500", "  exact_match: 0.0000 -> 0.6250",
     ]  # fmt: skip
+    timed = {**evaluation, "seconds": 61.4, "trained_steps_meanwhile": 12}  # as a worker reports it
+    assert eval_lines(timed)[0] == ("eval on 24 held-out examples in 61 s, jobs beside it trained 12 steps meanwhile "
+                                    "(base -> adapter):")  # fmt: skip
 
 
 def test_failed_or_non_finite_eval_is_kept_without_breaking_the_job(ctl: Controller):
