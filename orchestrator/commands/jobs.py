@@ -142,6 +142,7 @@ def follow(client: Client, job_ids: list[str], poll_s: float = 3.0) -> int:
                             message=r.get("error") or "", output=r.get("output"))  # fmt: skip
                 if r["state"] in TERMINAL:
                     final[job_id] = r
+                    view.jobs[labels[job_id]].eval = (r.get("extra") or {}).get("eval")  # the worker's eval: result
             if len(final) < len(job_ids):
                 time.sleep(poll_s)
     console.print(summary_table(list(view.jobs.values())))
