@@ -362,8 +362,9 @@ class FusedModel:
     ) -> list[tuple[torch.Tensor, int]]:
         """``token_loss_sum`` of each token span of a packed row, with one pass through the output head.
 
-        ``hidden`` (1, T, H), ``labels`` (1, T), best on the CPU (no device sync); the label of each sequence's first token is
-        ``IGNORE_INDEX`` (see ``actors.data.pack``), so no pair crosses from one span into the next.
+        ``hidden`` (1, T, H), ``labels`` (1, T), best on the CPU (then no device sync); the label of
+        each sequence's first token is ``IGNORE_INDEX`` (see ``actors.data.pack``), so no pair crosses
+        from one span into the next.
         Under activation checkpointing the head runs on ``loss_chunk`` tokens at a time and is
         recomputed in backward, so the (K, V) logits never exist at once.
         """
