@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# One prepared GPU session (about 8 minutes on an H200): CUDA correctness tests, `make bench` on the GPU,
-# and the memory model against NVML. Run from the repository root with a CUDA PyTorch, transformers and
+# One prepared GPU session (about 9 minutes on an H200): CUDA correctness tests, `make bench` on the GPU
+# (fixed and mixed lengths), `lorafleet train` on one GPU, and the memory model against NVML. The first run
+# (28 Nov 2026, docs/measurements/h200-2026-11-28) spent its bench stage's 240 s on 5 timed steps x 1-16 jobs of
+# the fixed table alone (sequential PEFT over 16 jobs is the slow part), hence the defaults below. Run from the repository root with a CUDA PyTorch, transformers and
 # peft installed; SRC is a directory with SmolLM2-135M's config.json and tokenizer files (the weights are
 # drawn at random by bench/random_model.py: same shapes, same step time and memory). Results go to $OUT.
 set -u
@@ -9,7 +11,7 @@ SRC=${SRC:-.gpu/smollm2-135m}
 PY=${PY:-python3}
 MODEL=/tmp/smollm2-135m-random
 STAGES=${STAGES:-"bench tests train memory"}  # a subset reruns part of it
-BENCH_ARGS=${BENCH_ARGS:-"--jobs 1 4 8 16 32"}
+BENCH_ARGS=${BENCH_ARGS:-"--jobs 1 4 8 16 --steps 5 --warmup 2"}
 on() { [[ " $STAGES " == *" $1 "* ]]; }
 mkdir -p "$OUT"
 # Packages the GPU image may lack (pydantic for the job specs) travel as wheels in .whl/, if present.
@@ -37,7 +39,7 @@ LORAFLEET_TEST_DEVICE=cuda timeout ${TESTS_TIMEOUT:-150} $PY -m pytest -q -p no:
 if on bench; then
 stage "make bench on the GPU (bf16 base, bf16 autocast, fp32 adapters)"
 # shellcheck disable=SC2086
-timeout ${BENCH_TIMEOUT:-240} $PY bench/bench_fused.py --device cuda --model "$MODEL" --autocast $BENCH_ARGS \
+timeout ${BENCH_TIMEOUT:-330} $PY bench/bench_fused.py --device cuda --model "$MODEL" --autocast $BENCH_ARGS \
   2>&1 | grep -v -e Warning -e "Loading weights" | tee "$OUT/bench.txt"
 fi
 
@@ -55,7 +57,7 @@ ls /tmp/train-out/* | tee -a "$OUT/train.txt"
 
 on memory && {
 stage "memory model vs NVML"
-timeout 120 $PY bench/bench_memory.py --device cuda --dtype bfloat16 --model "$MODEL" --shared-process --points 8 \
+timeout ${MEMORY_TIMEOUT:-120} $PY bench/bench_memory.py --device cuda --dtype bfloat16 --model "$MODEL" --shared-process --points 4 \
   2>&1 | tail -30 | tee "$OUT/memory.txt"
 }
 stage done
