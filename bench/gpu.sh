@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # One prepared GPU session (about 9 minutes on an H200): CUDA correctness tests, `make bench` on the GPU
-# (fixed and mixed lengths), `lorafleet train` on one GPU, and the memory model against NVML. The first run
-# (28 Nov 2026, docs/measurements/h200-2026-11-28) spent its bench stage's 240 s on 10 timed steps x 1-16 jobs of
-# the fixed table alone (sequential PEFT over 16 jobs is the slow part), hence the defaults below. Run from the repository root with a CUDA PyTorch, transformers and
-# peft installed; SRC is a directory with SmolLM2-135M's config.json and tokenizer files (the weights are
-# drawn at random by bench/random_model.py: same shapes, same step time and memory). Results go to $OUT.
+# (fixed and mixed lengths), `lorafleet train` on one GPU, and the memory model against NVML.
+# Run from the repository root with a CUDA PyTorch, transformers and peft installed. SRC is a directory with
+# SmolLM2-135M's config.json and tokenizer files; the weights are drawn at random by bench/random_model.py
+# (same shapes, same step time and memory). Results go to $OUT.
+# The first run (28 Nov 2026, docs/measurements/h200-2026-11-28) spent its bench stage's 240 s on 10 timed
+# steps x 1-16 jobs of the fixed table alone (sequential PEFT over 16 jobs is the slow part): hence the
+# defaults below.
 set -u
 OUT=${OUT:-/tmp/lorafleet-gpu}
 # config + tokenizer of SmolLM2-135M: a copy carried to the machine, else the converted builtin model's cache
