@@ -338,12 +338,12 @@ def stacked_update(
             for seg, w in zip(segments, weights, strict=True)
         ])  # (N, L, in)
     rows = xf.reshape(n, -1, xf.shape[-1])  # (n, m, in), m = tokens per segment
-    scalings = {w.scaling for w in weights}
-    alpha = scalings.pop() if len(scalings) == 1 else 1.0  # one scale: a Python number, folded into the GEMM
-    scale = None
-    if scalings:  # per-job scales, built on the host (a blocking copy would drain the GPU queue)
-        scale = torch.tensor([w.scaling for w in weights], dtype=lora_a.dtype).to(x.device, non_blocking=True)
-        scale = scale.view(n, 1, 1)
+    distinct = {w.scaling for w in weights}
+    if len(distinct) == 1:  # one scale: a Python number, folded into the GEMM
+        alpha, scale = distinct.pop(), None
+    else:  # per-job scales, built on the host (a blocking copy would drain the GPU queue)
+        values = torch.tensor([w.scaling for w in weights], dtype=lora_a.dtype)
+        alpha, scale = 1.0, values.to(x.device, non_blocking=True).view(n, 1, 1)
     base3 = base_out.reshape(n, -1, base_out.shape[-1])  # (n, m, out)
     return _StackedLora.apply(base3, rows, lora_a, lora_b, scale, alpha).view(base_out.shape)  # (N, L, out)
 

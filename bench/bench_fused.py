@@ -298,11 +298,11 @@ def measure(mode: str, n: int, args: argparse.Namespace, *extra: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure_parallel(n: int, args: argparse.Namespace) -> dict:
+def measure_parallel(n: int, args: argparse.Namespace, seq: dict) -> dict:
     """N separate PEFT processes at once, one job each: summed peak (on CUDA: each job's own peak from
     the sequential run, which is what its own process would reach, CUDA context aside)."""
     if args.in_process:
-        return {"peak": sum(args.last_seq["job_peaks"])}
+        return {"peak": sum(seq["job_peaks"])}
     procs = [subprocess.Popen(child_command("peft-one", n, args, "--job", str(j)), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, cwd=ROOT) for j in range(n)]
     results = []
@@ -365,8 +365,7 @@ def table(args: argparse.Namespace) -> None:
         fused = measure("fused", n, args)
         ckpt = measure("fused", n, args, "--checkpointing") if every else None
         seq = measure("peft-seq", n, args)
-        args.last_seq = seq
-        par = measure_parallel(n, args) if every else None
+        par = measure_parallel(n, args, seq) if every else None
         rows[n] = (floor, fused, ckpt, seq, par)
         print(f"{n:>4} | {floor['seconds_per_step']:>12.3f} | {fused['seconds_per_step']:>12.3f} | "
               f"{fused['seconds_per_step'] / floor['seconds_per_step']:>11.2f} | {fused['tokens_per_s']:>11.0f} | "

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from orchestrator.commands.engine_flags import add_engine_arguments, engine_options
 from orchestrator.progress import JobProgress, ProgressView, log_console, summary_table
 from orchestrator.spec import JobSpec, SpecError, load_spec
 
@@ -30,12 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="base model dtype [auto: bfloat16 on cuda, float32 on cpu]; adapters stay fp32")
     parser.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints and start over")
     parser.add_argument("--plain", action="store_true", help="log lines instead of live progress bars")
-    parser.add_argument("--no-packing", action="store_true",
-                        help="right-pad jobs' rows instead of packing sequences end to end (docs/performance.md)")
-    parser.add_argument("--autocast", action="store_true",
-                        help="bf16 autocast of the forward (GPU); adapter weights and optimizer stay fp32")
-    parser.add_argument("--activation-checkpointing", action="store_true",
-                        help="recompute decoder layers in backward: less memory, about 1/3 more compute")
+    add_engine_arguments(parser)
 
 
 def finished_before(spec: JobSpec) -> dict | None:
@@ -104,11 +100,7 @@ def engine_settings(args: argparse.Namespace):
     """The engine options chosen on the command line (missing attributes: the defaults)."""
     from actors.config import EngineSettings
 
-    return EngineSettings(
-        packing=not getattr(args, "no_packing", False),
-        autocast=getattr(args, "autocast", False),
-        activation_checkpointing=getattr(args, "activation_checkpointing", False),
-    )
+    return EngineSettings(**engine_options(args))
 
 
 def train_group(

@@ -9,11 +9,14 @@ apply when the controller starts. See docs/cluster.md and docs/admin.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import yaml
 
+from actors.config import EngineSettings
 from orchestrator.cli import UserError
+from orchestrator.commands.engine_flags import add_engine_arguments, engine_options
 
 HELP = "start (or reattach to) the lorafleet controller on a Ray cluster"
 
@@ -31,12 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="artifact root: a path, or a pyarrow URI (s3://, gs://, file://) [~/.lorafleet/storage]")
     parser.add_argument("--memory-budget", type=int, default=None, metavar="BYTES",
                         help="CPU workers: peak RSS above this counts as an OOM")
-    parser.add_argument("--no-packing", action="store_true",
-                        help="workers right-pad jobs' rows instead of packing sequences (docs/performance.md)")
-    parser.add_argument("--autocast", action="store_true",
-                        help="workers run the fused step under bf16 autocast (GPU); adapters stay fp32")
-    parser.add_argument("--activation-checkpointing", action="store_true",
-                        help="workers recompute decoder layers in backward: less memory, ~1/3 more compute")
+    add_engine_arguments(parser, "workers: ")
     parser.add_argument("--auth", choices=["disabled", "token"], default="disabled",
                         help="with --local: Ray token authentication; token: a fresh token in "
                              "~/.lorafleet/ray-auth-token (mode 600) [disabled]")
@@ -69,13 +67,7 @@ def worker_options_from(args: argparse.Namespace) -> dict:
     options: dict = {}
     if args.memory_budget is not None:
         options["memory_budget_bytes"] = args.memory_budget
-    if args.no_packing:
-        options["packing"] = False
-    if args.autocast:
-        options["autocast"] = True
-    if args.activation_checkpointing:
-        options["activation_checkpointing"] = True
-    return options
+    return {**options, **engine_options(args)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -132,6 +124,6 @@ def run(args: argparse.Namespace) -> int:
           f"remote code {'allowed' if info['allow_remote_code'] else 'refused'}, "
           f"uploads up to {info['max_upload_bytes']} bytes"
           + ("" if started else " (a running controller keeps its settings)"))  # fmt: skip
-    engine = {"packing": True, "autocast": False, "activation_checkpointing": False, **info.get("worker_engine", {})}
+    engine = {**dataclasses.asdict(EngineSettings()), **info.get("worker_engine", {})}
     print("workers' fused step: " + ", ".join(f"{k.replace('_', ' ')} {'on' if v else 'off'}" for k, v in engine.items()))
     return 0
