@@ -197,12 +197,19 @@ def test_killed_worker_costs_only_work_since_checkpoint(controller, tiny_model_d
 
     from orchestrator import client
 
-    specs = make_specs("kw", 2, tiny_model_dir, data_dir, steps=10)
+    # enough steps that the worker is still mid-training when the kill lands (10 steps could finish first)
+    specs = make_specs("kw", 2, tiny_model_dir, data_dir, steps=60)
     ref = reference_adapters(specs, tmp_path / "ref")
     ids = submit_all(specs)
-    victim = wait_until(lambda: next((client.call("status", i) for i in ids
-                                      if client.call("status", i)["step"] >= 3), None),
-                        what="a job past step 3")  # fmt: skip
+
+    def running_past_step_3():
+        for i in ids:
+            rec = client.call("status", i)
+            if rec["state"] == "RUNNING" and 3 <= (rec["step"] or 0) <= 30:
+                return rec
+        return None
+
+    victim = wait_until(running_past_step_3, what="a running job between steps 3 and 30")
     handle = client.call("worker_handle", victim["worker"])
     ray.kill(handle, no_restart=True)
     recs = wait_terminal(ids)
