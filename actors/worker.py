@@ -9,7 +9,9 @@ Threads and contract:
 * A background *training thread* loads the base model once, then loops ``engine.step()``.
   Every command (``assign``, ``cancel``, ``preempt``, ``simulate_oom``) is queued and applied by
   that thread *between* fused steps, so a method call never waits for a step and never sees a
-  half-done step.
+  half-done step. While a finished job's ``eval:`` runs, commands are applied between its
+  batches too; those for the job being evaluated, and a ``shutdown`` (with everything queued
+  after it), wait until the evaluation ends.
 * ``progress()`` never blocks on training: it returns a snapshot (per-job step, loss,
   tokens/s, checkpoint step), the events since the previous call (``joined``, ``finished``,
   ``failed``, ``oom``, ``preempted``, ``cancelled``), memory and timing. Events are delivered
@@ -146,6 +148,7 @@ class TrainingWorker:
         self.model_shape: dict[str, Any] | None = None
         self.node_id = _node_id()
         self._commands: queue.Queue[tuple[str, tuple]] = queue.Queue()
+        self._deferred: list[tuple[str, tuple]] = []  # commands held back during an evaluation
         self._lock = threading.Lock()  # guards the snapshot fields below
         self._events: list[dict[str, Any]] = []
         self._jobs: dict[str, _JobInfo] = {}
@@ -197,7 +200,7 @@ class TrainingWorker:
         """Stop training after the current step; with ``checkpoint`` save every unfinished job.
 
         Returns the ids of the jobs that were checkpointed. Blocks until the thread has stopped
-        (at most one step plus the checkpoints).
+        (at most one step plus the checkpoints, and the rest of an evaluation under way).
         """
         done = threading.Event()
         saved: list[str] = []
@@ -354,12 +357,24 @@ class TrainingWorker:
                 args[2].set()
                 self._stop.set()
 
-    def _apply_commands(self) -> None:
+    def _apply_commands(self, evaluating: str | None = None) -> None:
+        """Apply the queued commands in order. ``evaluating``: a job's evaluation is under way
+        (called between its batches): commands for that job, a shutdown and everything queued after
+        a shutdown are kept, in order, for the first call after the evaluation."""
+        deferred = self._deferred
         while True:
-            try:
-                kind, args = self._commands.get_nowait()
-            except queue.Empty:
-                return
+            if evaluating is None and deferred:
+                kind, args = deferred.pop(0)
+            else:
+                try:
+                    kind, args = self._commands.get_nowait()
+                except queue.Empty:
+                    return
+                if evaluating is not None and (
+                        kind == "shutdown" or args[:1] == (evaluating,)
+                        or any(k == "shutdown" for k, _ in deferred)):  # fmt: skip
+                    deferred.append((kind, args))
+                    continue
             if kind == "assign":
                 self._join(*args)
             elif kind == "cancel":
@@ -490,6 +505,8 @@ class TrainingWorker:
                     log.warning("%s: upload of %s failed (retried at the next checkpoint): %s",
                                 self.worker_id, info.job_id, exc)  # fmt: skip
         for event in result.events:
+            if event.job not in self.engine.jobs:
+                continue  # cancelled or preempted by a command applied during an earlier job's evaluation
             info = self._jobs.get(event.job)
             evaluation = self._evaluate(info) if event.kind == "finished" and info is not None else None
             self._leave(event.job)
@@ -528,10 +545,13 @@ class TrainingWorker:
             evaluation does not stall its neighbours. Not nested: a job that finishes in this step
             is evaluated at once, without further interleaving."""
             nonlocal steps
-            if self._interleaving or not any(not j.done for j in self.engine.jobs.values()):
+            if self._interleaving:
                 return
             self._interleaving = True
             try:
+                self._apply_commands(evaluating=info.job_id)
+                if not any(not j.done for j in self.engine.jobs.values()):
+                    return
                 with torch.enable_grad():
                     self._train_one_step()
                 steps += 1

@@ -261,3 +261,43 @@ def test_evaluation_does_not_stall_the_other_jobs(worker, tmp_path):
     assert done["long"]["step"] == 40
     state, _ = read_adapter(long.output)
     assert state and all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_commands_apply_during_an_evaluation(worker, tmp_path, monkeypatch):
+    """Commands sent while a job is being evaluated take effect between its batches: another job
+    is cancelled and a new one joins before the evaluated job's ``finished`` event; a cancel of the
+    evaluated job itself waits for the evaluation (it has finished training by then)."""
+    import actors.evaluate as evaluate
+
+    held_out = write_jsonl(tmp_path / "held.jsonl", token_records(6, 9, 6, 12))
+    short = replace(job_config(tmp_path, "short", seed=3, steps=2),
+                    eval=EvalSettings(data=str(held_out), metrics=("loss",), batch_size=1))  # fmt: skip
+    victim = job_config(tmp_path, "victim", seed=4, steps=200, checkpoint_every=1000)
+    late = job_config(tmp_path, "late", seed=5, steps=3)
+    real = evaluate.evaluate_job
+    sent = []
+
+    def evaluate_job(engine, job_id, config, between=None):
+        def hook() -> None:
+            if not sent:  # at the first gap between batches: queue the commands, then let one gap pass
+                worker.cancel("victim")
+                worker.assign("late", replace(late, base_model=worker.base_model))
+                worker.cancel("short")
+                sent.append(True)
+            between()
+
+        return real(engine, job_id, config, between=hook)
+
+    monkeypatch.setattr(evaluate, "evaluate_job", evaluate_job)
+    worker.assign("victim", replace(victim, base_model=worker.base_model))
+    worker.assign("short", replace(short, base_model=worker.base_model))
+    events: list[tuple[str, str]] = []
+    deadline = time.time() + 120
+    while ("late", "finished") not in events and time.time() < deadline:
+        events += [(e["job"], e["kind"]) for e in worker.progress()["events"]]
+        time.sleep(0.05)
+    kinds = [e for e in events if e[1] != "joined" or e[0] == "late"]
+    assert kinds.index(("victim", "cancelled")) < kinds.index(("short", "finished")), events
+    assert kinds.index(("late", "joined")) < kinds.index(("short", "finished")), events
+    assert ("short", "cancelled") not in events  # it had finished training: the late cancel finds nothing
+    assert ("victim", "finished") not in events and ("late", "finished") in events
