@@ -50,6 +50,7 @@ def compare(sizes: list[int], seeds: list[int]) -> None:
     print(f"{'trace':<15} {'fifo h':>7} {'prio h':>7} {'sjf h':>7} {'aspen h':>8} {'a/f':>5} {'bound':>5} "
           f"{'OOM f/a':>7}  {'aspen/fifo p99 by priority':<28} ok")  # fmt: skip
     passed = 0
+    tally: dict[str, list[int]] = {}  # size -> [traces, all met, mean met, p99 met, ruled out by the bound]
     for name, trace in cases:
         runs = {p.name: simulate(trace, cluster, p) for p in (fifo(), priority(), sjf(), aspen())}
         m = {k: summarise(r) for k, r in runs.items()}
@@ -60,10 +61,16 @@ def compare(sizes: list[int], seeds: list[int]) -> None:
         ratio = a.mean_jct_s / f.mean_jct_s
         ok = ratio <= 0.70 and a.oom_count == 0 and max(ratios.values()) <= 1.10
         passed += ok
+        t = tally.setdefault("bundled" if name.startswith("bundled") else name.split("(")[-1].rstrip(")"), [0] * 5)
+        for i, hit in enumerate((True, ok, ratio <= 0.70, max(ratios.values()) <= 1.10, bound > 0.70)):
+            t[i] += hit
         print(f"{name:<15} {f.mean_jct_s / 3600:7.2f} {m['priority'].mean_jct_s / 3600:7.2f} "
               f"{m['sjf'].mean_jct_s / 3600:7.2f} {a.mean_jct_s / 3600:8.2f} {ratio:5.2f} {bound:5.2f} "
               f"{f.oom_count:>4}/{a.oom_count:<2}  {p99:<28} {'ok' if ok else '--'}", flush=True)  # fmt: skip
     print(f"{passed}/{len(cases)} traces meet every target")
+    print("per size: jobs  traces  all targets  mean <= 0.70x  every class p99 <= 1.10x  mean out of reach (bound > 0.70)")
+    for size, (n, ok, mean_ok, p99_ok, out) in tally.items():
+        print(f"          {size:>7}  {n:6d}  {ok:11d}  {mean_ok:13d}  {p99_ok:24d}  {out:11d}")
 
 
 def big_view(queued: int, workers: int, idle_fraction: float, seed: int = 0) -> ClusterView:

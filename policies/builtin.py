@@ -23,8 +23,9 @@ All four admit jobs by the same memory model (the engine's fixed filters, see
   worker scores: fusion cost (an idle worker first, then the group the job slows least) and
   model locality. Per-owner quotas: running jobs (``quotas``) and distinct workers occupied
   (``gpu_quotas``). A running job among the ``tail_jobs`` longest remaining of its priority
-  class accepts a newcomer only if the fused step adds at most ``tail_delay_s`` to its run.
-  Preemption off by default.
+  class accepts a newcomer only if the fused step adds at most ``tail_delay_s`` to its run, and
+  no newcomer may project a member's JCT above ``tail_ceiling`` x the largest FIFO-fair JCT of
+  the member's class. Preemption off by default.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ class AspenSettings:
     pressure_slowdown: float | None = None
     tail_delay_s: float | None = 1800.0
     tail_jobs: int = 2
+    tail_ceiling: float | None = 1.0
 
 
 def _preempt_rule(name: str) -> PreemptRule | None:
@@ -147,10 +149,10 @@ def aspen(settings: AspenSettings | None = None) -> ProfilePolicy:
     if s.max_group_tokens:
         filters += (GroupTokenCap(s.max_group_tokens),)
     if (s.fusion_max_cost is not None or s.max_slowdown is not None or s.pressure_slowdown is not None
-            or s.tail_delay_s is not None):  # fmt: skip
+            or s.tail_delay_s is not None or s.tail_ceiling is not None):  # fmt: skip
         filters += (FusionPays(s.half_tokens, s.fusion_max_cost, s.max_slowdown,
                                pressure_slowdown=s.pressure_slowdown, tail_delay_s=s.tail_delay_s,
-                               tail_jobs=s.tail_jobs),)  # fmt: skip
+                               tail_jobs=s.tail_jobs, tail_ceiling=s.tail_ceiling),)  # fmt: skip
     return ProfilePolicy("aspen", Multifactor(factors), filters=filters, scores=scores, margin=s.margin,
                          backfill=s.backfill, preempt=_preempt_rule(s.preemption), queue_depth=s.queue_depth,
                          max_candidates=s.max_candidates, starvation_s=s.starvation_s,

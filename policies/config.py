@@ -32,7 +32,8 @@ from policies.interface import Policy
 COMMON_FIELDS = ("margin", "preemption", "backfill", "queue_depth", "max_candidates")
 ASPEN_FIELDS = ("weights", "max_age_s", "size_half_s", "starvation_s", "guard_backlog", "guard_long",
                 "reservations", "max_group_tokens", "fusion_max_cost", "max_slowdown", "half_tokens", "shares",
-                "quotas", "gpu_quotas", "fair_slack_s", "pressure_slowdown", "tail_delay_s", "tail_jobs")  # fmt: skip
+                "quotas", "gpu_quotas", "fair_slack_s", "pressure_slowdown", "tail_delay_s", "tail_jobs",
+                "tail_ceiling")  # fmt: skip
 PREEMPTION = ("never", "lower_priority")
 
 
@@ -101,6 +102,8 @@ def _aspen(doc: Mapping[str, Any]) -> AspenSettings:
             out[key] = _num(key, doc[key], lo=1.0, nullable=True)
     if "half_tokens" in doc:
         out["half_tokens"] = _num("half_tokens", doc["half_tokens"])
+    if "tail_ceiling" in doc:
+        out["tail_ceiling"] = _num("tail_ceiling", doc["tail_ceiling"], nullable=True)
     if "tail_jobs" in doc:
         out["tail_jobs"] = _num("tail_jobs", doc["tail_jobs"], lo=1, integer=True)
     if "reservations" in doc:

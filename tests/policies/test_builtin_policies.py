@@ -314,6 +314,28 @@ def test_tail_delay_protects_the_longest_jobs_of_a_class():
         view(queued + longer, running, workers)) == []  # x0, x1, r: r is 3rd
 
 
+def test_tail_ceiling_bounds_each_members_projected_jct():
+    # now 1000. w0 runs r (priority 0, submitted at 0, 1 x 2048 tokens: own step 2048 + 2048 = 4096,
+    # 3000 s left, stamped: FIFO-fair JCT 0 - 0 + 3000 = 3000). "a" (1 x 2048) is urgent (deadline
+    # 900): urgency waives the other fusion rules, not this one. Joining makes the step 6144
+    # tokens, so r's projected JCT is 1000 + 3000 x 6144 / 4096 = 5500 s > the class's ceiling (the
+    # largest FIFO-fair JCT of its stamped jobs: 3000): refused. A queued class-0 job allowed 6000 s
+    # raises the ceiling above 5500: a joins; one of class 1 does not count.
+    running = [job("r", seq=2048, dyn_gib=5, worker="w0", work=3000, submit=0, fair=0)]
+    workers = [worker("w0", model="m", running=("r",))]
+    a = job("a", seq=2048, dyn_gib=5, submit=900, work=100, fair=900)
+    free = {"max_slowdown": None, "fusion_max_cost": None, "tail_delay_s": None, **NO_GUARD}
+    assert _aspen(**free).schedule(view([a], running, workers)) == []
+    assert _aspen(**free, tail_ceiling=2.0).schedule(view([a], running, workers)) == [Start("a", "w0")]
+    assert _aspen(**free, tail_ceiling=None).schedule(view([a], running, workers)) == [Start("a", "w0")]
+    big = job("big", dyn_gib=90, work=5000, submit=500, fair=1500)  # fits nowhere; FIFO-fair JCT 6000
+    assert _aspen(**free).schedule(view([a, big], running, workers)) == [Start("a", "w0")]
+    other = job("big", priority=1, dyn_gib=90, work=5000, submit=500, fair=1500)
+    assert _aspen(**free).schedule(view([a, other], running, workers)) == []
+    reason = _aspen(**free).explain(view([a], running, workers), "a").workers[0].rejected_by
+    assert "above its class's FIFO-fair ceiling" in reason
+
+
 def test_fusion_score_prefers_an_idle_worker_then_the_cheapest_group():
     # idle w2 scores 100; of the busy ones, w0 (same length, 1 member) beats w1 (2 members)
     running = [job("r0", seq=512, dyn_gib=5, worker="w0"), job("r1", seq=512, dyn_gib=5, worker="w1"),

@@ -13,7 +13,7 @@ def test_aspen_config_fields_reach_the_policy():
     p = parse_policy_config({"policy": "aspen", "margin": 0.3, "weights": {"size": 7}, "quotas": {"default": 2},
                              "starvation_s": None, "max_group_tokens": None, "guard_backlog": 2.0,
                              "guard_long": None, "max_slowdown": None, "fusion_max_cost": None,
-                             "tail_delay_s": None})  # fmt: skip
+                             "tail_delay_s": None, "tail_ceiling": None})  # fmt: skip
     assert p.name == "aspen" and p.margin == 0.3 and p.starvation_s is None
     assert p.guard_backlog == 2.0 and p.guard_long is None
     assert dict((f.name, w) for f, w in p.order.factors)["size"] == 7
@@ -21,10 +21,12 @@ def test_aspen_config_fields_reach_the_policy():
     p = parse_policy_config({"policy": "aspen", "max_slowdown": 1.3, "half_tokens": 1024})
     (pays,) = [f for f in p.filters if f.name == "fusion_pays"]
     assert pays.max_slowdown == 1.3 and pays.half_tokens == 1024 and pays.max_cost == 1.0
-    assert pays.tail_delay_s == 1800 and pays.tail_jobs == 2  # the defaults
-    p = parse_policy_config({"policy": "aspen", "tail_delay_s": 600, "tail_jobs": 3})
+    assert pays.tail_delay_s == 1800 and pays.tail_jobs == 2 and pays.tail_ceiling == 1.0  # the defaults
+    p = parse_policy_config({"policy": "aspen", "tail_delay_s": 600, "tail_jobs": 3, "tail_ceiling": 1.2})
     (pays,) = [f for f in p.filters if f.name == "fusion_pays"]
-    assert pays.tail_delay_s == 600 and pays.tail_jobs == 3
+    assert pays.tail_delay_s == 600 and pays.tail_jobs == 3 and pays.tail_ceiling == 1.2
+    with pytest.raises(PolicyConfigError, match=r"tail_ceiling: must be a number >= 0 or null \(got 'high'\)"):
+        parse_policy_config({"policy": "aspen", "tail_ceiling": "high"})
 
 
 def test_priority_defaults_to_preemption():

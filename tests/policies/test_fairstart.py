@@ -23,7 +23,7 @@ def test_clock_fifo_start_is_list_scheduling_in_submission_order():
 
 
 def test_clock_deadline_scales_the_wait_and_shares_the_class_tail():
-    clock = FifoClock(1, wait_scale=0.5, tail_share=0.6, tail_quantile=1.0)  # tail: the class's largest
+    clock = FifoClock(1, wait_scale=0.5, tail_share=0.6, tail_quantile=1.0, tail_rank=None)  # tail: the largest
     # a (t 0, 1000 s): wait 0, class-0 tail 0 + 1000 = 1000; deadline 0 + max(0, 600 - 1000) = 0
     assert clock.stamp(0, 1000, priority=0) == 0
     # b (t 100, 10 s): FIFO start 1000, wait 900 x 0.5 = 450; tail max(1000, 460) = 1000;
@@ -35,23 +35,40 @@ def test_clock_deadline_scales_the_wait_and_shares_the_class_tail():
 
 
 @pytest.mark.parametrize(
-    ("quantile", "deadline"),
+    ("quantile", "rank", "deadline"),
     [
         # 10 servers, so nobody waits: FIFO JCT estimates = works 1000, 10, 20, 30 (class 0).
         # The 4th job's tail: the quantile of [10, 20, 30, 1000] at position 3 x q (interpolated),
-        # deadline = 0 + max(wait 0, tail - 30).
-        (1.0, 970.0),  # the largest: 1000 - 30 (one outlier licenses everyone to wait)
-        (0.9, 679.0),  # position 2.7: 30 + 0.7 x (1000 - 30) = 709; 709 - 30
-        (0.5, 0.0),  # position 1.5: 20 + 0.5 x 10 = 25; 25 - 30 < 0 -> its own FIFO start, 0
+        # at most the rank-th largest; deadline = 0 + max(wait 0, tail - 30).
+        (1.0, None, 970.0),  # the largest: 1000 - 30 (one outlier licenses everyone to wait)
+        (0.9, None, 679.0),  # position 2.7: 30 + 0.7 x (1000 - 30) = 709; 709 - 30
+        (0.5, None, 0.0),  # position 1.5: 20 + 0.5 x 10 = 25; 25 - 30 < 0 -> its own FIFO start, 0
+        (0.99, 2, 0.0),  # p99 997.1, capped at the 2nd largest, 30: 30 - 30 = 0, its own FIFO start
+        (0.99, 4, 0.0),  # capped at the 4th largest, 10 (below its own 30): its own FIFO start
+        (0.99, 1, 940.9),  # the largest caps nothing below it: p99 = 30 + 0.97 x 970 = 970.9; 970.9 - 30
     ],
 )
-def test_clock_class_tail_is_a_quantile_of_the_estimates(quantile, deadline):
-    clock = FifoClock(10, wait_scale=1.0, tail_share=1.0, tail_quantile=quantile)
+def test_clock_class_tail_is_a_quantile_of_the_estimates(quantile, rank, deadline):
+    clock = FifoClock(10, wait_scale=1.0, tail_share=1.0, tail_quantile=quantile, tail_rank=rank)
     for work in (1000, 10, 20):
         clock.stamp(0, work)
     assert clock.stamp(0, 30) == pytest.approx(deadline)
     with pytest.raises(ValueError, match="tail_quantile"):
         FifoClock(1, tail_quantile=0.0)
+    with pytest.raises(ValueError, match="tail_rank"):
+        FifoClock(1, tail_rank=0)
+
+
+def test_clock_rank_cap_keeps_one_outlier_from_setting_the_class_tail():
+    # 10 servers (no waits), default share 0.9 and rank 2. Class 0 holds one 100 h job and jobs of
+    # 4 h: a 1 h job may wait until 0.9 x the 2nd largest estimate (4 h) less its work: 2.6 h, not
+    # 0.9 x ~97 h. Another class's outlier does not move class 0's tail.
+    h = 3600.0
+    clock = FifoClock(10)
+    clock.stamp(0, 100 * h, priority=0)
+    clock.stamp(0, 4 * h, priority=0)
+    clock.stamp(0, 500 * h, priority=1)
+    assert clock.stamp(0, 1 * h, priority=0) == pytest.approx(0.9 * 4 * h - 1 * h)
 
 
 def test_clock_resize_adds_free_servers_and_drops_the_busiest():
@@ -108,15 +125,16 @@ def test_pressure_slowdown_caps_fusion_for_deadline_jobs():
     workers = [worker("w0", model="m", running=("r",)), worker("w1", mem_gib=20)]
     a = job("a", submit=1500, seq=2048, work=10, dyn_gib=15, fair=1e9)
     v = view([a], running, workers, now=2000)
-    assert _aspen(max_slowdown=None).schedule(v) == [Start("a", "w0")]
-    assert _aspen(max_slowdown=None, pressure_slowdown=1.1).schedule(v) == []
+    off = {"max_slowdown": None, "tail_ceiling": None}  # the pressure cap alone
+    assert _aspen(**off).schedule(v) == [Start("a", "w0")]
+    assert _aspen(**off, pressure_slowdown=1.1).schedule(v) == []
     # an urgent job is held to the cap on its own step too: "u" (1 x 256, own 2304) joining r's
     # group: step 2 x 512 + 2048 = 3072 = 1.33x its own > 1.1: refused; with cap 1.4 it joins
     # (r's own 2560 x 1.4 = 3584 >= 3072 as well)
     u = job("u", submit=0, seq=256, work=10, dyn_gib=15, fair=100)
     v = view([u], running, workers, now=2000)
-    assert _aspen(max_slowdown=None, pressure_slowdown=1.1).schedule(v) == []
-    assert _aspen(max_slowdown=None, pressure_slowdown=1.4).schedule(v) == [Start("u", "w0")]
+    assert _aspen(**off, pressure_slowdown=1.1).schedule(v) == []
+    assert _aspen(**off, pressure_slowdown=1.4).schedule(v) == [Start("u", "w0")]
 
 
 def test_config_fields():
