@@ -76,6 +76,7 @@ class FusedEngine:
     ):
         self.settings = settings or EngineSettings()
         self.fused = FusedModel(model, name=base_model_id)
+        self.fused.check_head()  # refuse an output head whose logits the loss would not reproduce
         if self.settings.activation_checkpointing:
             self.fused.set_activation_checkpointing(True)
         self.tokenizer = tokenizer

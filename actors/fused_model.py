@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import itertools
+import logging
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -24,6 +25,8 @@ from torch.utils.checkpoint import checkpoint
 
 from actors.data import IGNORE_INDEX
 from actors.lora import BatchLayout, ForwardContext, MultiLoraLinear
+
+log = logging.getLogger(__name__)
 
 VARLEN_ATTENTION = "lorafleet_varlen"
 PACKABLE_ATTENTION = ("sdpa", "eager", VARLEN_ATTENTION)  # implementations whose math varlen_sdpa reproduces
@@ -110,6 +113,7 @@ class FusedModel:
         self.model.requires_grad_(False)
         self.activation_checkpointing = False
         self.loss_chunk = 512  # label tokens per output-head chunk under activation checkpointing
+        self._packing_exact: bool | None = None  # packed == padded on this model (probed once)
 
     @property
     def device(self) -> torch.device:
@@ -232,7 +236,48 @@ class FusedModel:
         window = getattr(config, "sliding_window", None)
         if window and getattr(config, "use_sliding_window", True) and window < longest:
             return False
-        return not getattr(config, "layer_types", None) or all(t == "full_attention" for t in config.layer_types)
+        if getattr(config, "layer_types", None) and any(t != "full_attention" for t in config.layer_types):
+            return False
+        if self._packing_exact is None:
+            self._packing_exact = self._probe_packing()
+        return self._packing_exact
+
+    def _probe_packing(self) -> bool:
+        """Whether two short sequences packed end to end give the hidden states they give padded.
+
+        Packing relies on the sequence bounds reaching every layer's attention through the
+        ``cu_seq_lens_q`` keyword. Some decoders drop the keywords on the way (StableLM's layer
+        calls its attention without them), or compute attention without transformers' attention
+        interface: the sequences would then attend to each other. One base-model forward of 8
+        tokens, once, tells; where it fails, the engine pads (slower, exact) and logs why.
+        """
+        vocab = int(getattr(self.config, "vocab_size", 0) or 0)
+        if vocab < 2:
+            return False
+        lengths = (3, 5)
+        rows = [[(7 * i + 3 * n + 1) % vocab for i in range(n)] for n in lengths]
+        device = self.device
+        padded = torch.zeros(len(rows), max(lengths), dtype=torch.long)
+        mask = torch.zeros_like(padded)
+        for i, row in enumerate(rows):
+            padded[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        ids = torch.tensor([[t for row in rows for t in row]], device=device)
+        positions = torch.tensor([[i for n in lengths for i in range(n)]], device=device)
+        cu = torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32)
+        with torch.no_grad():
+            want = self.hidden_states(padded.to(device), mask.to(device),
+                                      BatchLayout((), training=False, padding_mask=mask.bool().to(device)))
+            got = self.hidden_states(ids, None, BatchLayout((), training=False, packed=True),
+                                     position_ids=positions, cu_seqlens=cu)  # fmt: skip
+        want = torch.cat([want[i, :n] for i, n in enumerate(lengths)]).float()
+        err = float((got[0].float() - want).norm() / want.norm().clamp_min(1e-12))
+        bound = 1e-3 if self.dtype == torch.float32 else 5e-2  # half-precision kernels differ by ~1e-2
+        if err > bound:
+            log.warning("%s: packed sequences do not match padded ones (relative error %.2g): the decoder does not "
+                        "pass sequence bounds to attention; batches are padded instead", self.name or "model", err)
+            return False
+        return True
 
     @contextlib.contextmanager
     def attention(self, implementation: str | None) -> Iterator[None]:
@@ -336,12 +381,47 @@ class FusedModel:
         return run
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The output head on hidden states, with the model's final logit soft-capping if it has one."""
+        """The output head on hidden states, with the model's own scaling of the logits: Cohere's
+        ``logit_scale``, Granite's ``logits_scaling``, Falcon-H1's ``lm_head_multiplier`` and Gemma's
+        final soft-capping. :meth:`check_head` verifies the result against the model's forward."""
         logits = self.model.get_output_embeddings()(hidden)
+        scale = getattr(self.model, "logit_scale", None)
+        if isinstance(scale, int | float) and scale != 1:
+            logits = logits * scale
+        divisor = getattr(self.config, "logits_scaling", None)
+        if isinstance(divisor, int | float) and divisor != 1:
+            logits = logits / divisor
+        multiplier = getattr(getattr(self.model, "model", None), "lm_head_multiplier", None)
+        if isinstance(multiplier, int | float) and multiplier != 1:
+            logits = logits * multiplier
         cap = getattr(self.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    def check_head(self) -> None:
+        """Check once, on 6 tokens, that hidden states + :meth:`logits` reproduce the model's logits.
+
+        Raises:
+            TargetError: the architecture transforms its logits in a way lorafleet does not
+                reproduce (training would optimise a different loss than the model's).
+        """
+        vocab = int(getattr(self.config, "vocab_size", 0) or 0)
+        if vocab < 2 or self.context.layout is not None:
+            return
+        ids = torch.tensor([[(5 * i + 1) % vocab for i in range(6)]], device=self.device)
+        mask = torch.ones_like(ids)
+        with torch.no_grad():
+            want = self.model(input_ids=ids, attention_mask=mask).logits.float()
+            got = self.logits(self.hidden_states(ids, mask, BatchLayout((), training=False,
+                                                                        padding_mask=mask.bool()))).float()  # fmt: skip
+        err = float((got - want).norm() / want.norm().clamp_min(1e-12))
+        bound = 1e-3 if self.dtype == torch.float32 else 5e-2
+        if not err <= bound:
+            raise TargetError(
+                f"{self.name or 'the base model'} ({type(self.model).__name__}) transforms its output logits in a way "
+                f"lorafleet does not reproduce (relative difference {err:.2g}); this architecture is not supported"
+            )
 
     def token_loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Sum of next-token cross-entropy over label tokens of these rows, and their count.

@@ -1,0 +1,123 @@
+"""Fused training equals PEFT alone on decoder families other than LLaMA (tiny random models).
+
+Each family is built from its transformers config at toy size. Two LoRA jobs train fused (one on
+every linear layer of the decoder, one on two of them) and each must match the same job trained
+alone with PEFT. The families cover what differs from LLaMA: biases on q/k/v (Qwen2), fused qkv
+and gate_up projections (Phi-3), GELU MLPs with LayerNorm (Phi, GPT-NeoX, StarCoder2), sliding
+windows and soft-capping (Gemma 2/3), a decoder layer that does not pass the packed sequence
+bounds to attention (StableLM: the engine detects it and pads), and scaled output logits
+(Cohere's ``logit_scale``, Granite's ``logits_scaling``).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from actors.config import AdapterSettings, DataSettings, JobConfig, LoraSettings, TrainSettings
+from actors.data import load_examples
+from actors.engine import FusedEngine
+from actors.fused_model import FusedModel, TargetError
+from tests.actors.test_fused_vs_peft import STEPS, peft_init_dir, rel_err, train_alone_with_peft
+from tests.conftest import make_tokenizer, token_records, write_jsonl
+
+pytest.importorskip("peft")
+
+SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)  # fmt: skip
+FAMILIES = {
+    "qwen2": {},
+    "mistral": {},
+    "qwen3": {"head_dim": 8},
+    "gemma": {"head_dim": 8},
+    "gemma2": {"head_dim": 8, "sliding_window": 4},  # eager attention: transformers has no sdpa for it
+    "gemma3_text": {"head_dim": 8, "sliding_window": 4},
+    "phi3": {"pad_token_id": 0},
+    "phi": {},
+    "gpt_neox": {},
+    "starcoder2": {},
+    "olmo2": {},
+    "stablelm": {},
+    "cohere": {"logit_scale": 0.5},
+    "granite": {"logits_scaling": 4.0, "embedding_multiplier": 2.0, "residual_multiplier": 0.5},
+}
+
+
+def make_model(family: str, seed: int = 3) -> torch.nn.Module:
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    config = CONFIG_MAPPING[family](**{**SMALL, **FAMILIES[family]})
+    config._attn_implementation = "eager" if family == "gemma2" else "sdpa"
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def decoder_linears(model: torch.nn.Module) -> tuple[str, ...]:
+    """Last name components of the decoder layers' linear layers (every adapter target there is)."""
+    layers = FusedModel(model).decoder_layers_path()
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and n.startswith(layers + ".")}  # fmt: skip
+    return tuple(sorted(names))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fused_lora_equals_peft_alone(family, tmp_path):
+    base = make_model(family)
+    tok = make_tokenizer()
+    targets = decoder_linears(base)
+    assert len(targets) >= 4, targets
+    # name, r, alpha, targets, lr, optimizer, scheduler, lengths, batch, micro, clip, rslora, dora
+    jobs = [("a", 4, 8, targets, 5e-3, "adamw", "constant", (6, 12), 4, 2, None, False, False),
+            ("b", 2, 4, targets[:2], 3e-3, "adamw", "linear", (10, 20), 4, 4, 1.0, False, False)]  # fmt: skip
+    engine = FusedEngine(copy.deepcopy(base), tok, base_model_id=family)
+    setups = []
+    for k, job in enumerate(jobs):
+        name, r, alpha, tg, lr, opt, sched, (lo, hi), batch, micro, clip, _, _ = job
+        data = write_jsonl(tmp_path / f"{name}.jsonl", token_records(batch * STEPS, seed=10 + k, min_len=lo, max_len=hi))
+        init = peft_init_dir(tmp_path, base, name, r, alpha, tg, False, False, seed=100 + k)
+        cfg = JobConfig(
+            name=name, base_model=family,
+            adapter=AdapterSettings("lora", LoraSettings(r, alpha, 0.0), tg, init_from=str(init)),
+            data=DataSettings(str(data), format="tokens", shuffle=False),
+            train=TrainSettings(max_steps=STEPS, batch_size=batch, micro_batch_size=micro, learning_rate=lr,
+                                optimizer=opt, lr_scheduler=sched, warmup_steps=1, max_grad_norm=clip,
+                                checkpoint_every=100),
+            output=str(tmp_path / f"out-{name}"),
+        )  # fmt: skip
+        engine.add_job(cfg)
+        setups.append((job, init, load_examples(cfg.data, tok), cfg))
+    engine.run()
+    for job, init, examples, cfg in setups:
+        _model, ref = train_alone_with_peft(base, init, examples, job)
+        ours = load_file(f"{cfg.output}/adapter_model.safetensors")
+        assert set(ours) == set(ref), sorted(set(ours) ^ set(ref))[:4]
+        for key, want in ref.items():
+            assert rel_err(ours[key], want) < 1e-4, (family, job[0], key)
+        start = load_file(f"{init}/adapter_model.safetensors")
+        assert max(rel_err(ref[k], start[k]) for k in ref if "lora_B" in k) > 1e-3  # training moved the weights
+
+
+def test_packing_falls_back_where_the_decoder_drops_the_sequence_bounds():
+    # StableLM's decoder layer calls attention without the keywords that carry cu_seq_lens, so
+    # packed sequences would attend to each other: the probe sees it and the engine pads.
+    assert FusedModel(make_model("stablelm")).packing_supported(16) is False
+    assert FusedModel(make_model("qwen2")).packing_supported(16) is True
+
+
+def test_an_output_head_the_loss_does_not_reproduce_is_refused():
+    model = make_model("qwen2")
+    forward = model.forward
+
+    def doubled(*args, **kwargs):  # a model that scales its logits in its own forward, unknown to us
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * 2
+        return out
+
+    model.forward = doubled
+    with pytest.raises(TargetError, match="transforms its output logits"):
+        FusedEngine(model, make_tokenizer(), base_model_id="odd")
