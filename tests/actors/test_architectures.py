@@ -121,3 +121,38 @@ def test_an_output_head_the_loss_does_not_reproduce_is_refused():
     model.forward = doubled
     with pytest.raises(TargetError, match="transforms its output logits"):
         FusedEngine(model, make_tokenizer(), base_model_id="odd")
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "gemma", "gemma2"])
+def test_mixlora_export_gives_the_reference_packages_logits(family, tmp_path):
+    """The ``mixlora`` package (which supports these families) loads our MixLoRA export on each
+    and computes the logits our engine computes."""
+    mixlora = pytest.importorskip("mixlora")
+    import json
+
+    from tests.actors.test_mixlora import batch_with_pads, job_config, mix_settings, randomize
+    from tests.actors.test_mixlora import examples as token_examples
+
+    base_dir = tmp_path / family
+    make_model(family).save_pretrained(base_dir)
+    make_tokenizer().save_pretrained(base_dir)
+    engine = FusedEngine(make_model(family), make_tokenizer(), base_model_id=str(base_dir))
+    # lora_dropout > 0: the reference refuses 0; evaluation runs without dropout on both sides
+    job = engine.add_job(job_config("m", mix_settings(dropout=0.05), tmp_path / "m"), examples=token_examples(4, 1, 5, 9))
+    randomize(job.adapter, seed=7)
+    out = tmp_path / "export"
+    out.mkdir()
+    torch.save({k: v.clone() for k, v in job.adapter.export_state().items()}, out / "adapter_model.bin")
+    (out / "adapter_config.json").write_text(json.dumps(job.adapter.export_config(str(base_dir))))
+    ref, _config = mixlora.MixLoraModelForCausalLM.from_pretrained(str(out))
+    ref.eval()
+    for layer in ref.model.layers:  # the reference keeps its experts outside the module tree: eval() misses them
+        for expert in layer.mlp.mixlora_moes["default"].experts_.values():
+            expert.eval()
+    ids, mask = batch_with_pads()
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask).logits
+    got = engine.logits("m", ids, mask)
+    real = mask.bool()
+    assert rel_err(got[real], want[real]) < 1e-5, family
+    assert rel_err(got[real], engine.logits(None, ids, mask)[real]) > 1e-2  # the adapter matters
