@@ -129,16 +129,24 @@ def load_base_model(
     """Load a frozen causal LM and its tokenizer for fused adapter training.
 
     The model is put in eval mode (base dropout off), every parameter has
-    ``requires_grad=False``, and attention uses SDPA with an explicit padding mask.
+    ``requires_grad=False``, and attention uses SDPA with an explicit padding mask, or transformers'
+    eager attention for architectures that have no SDPA path (Gemma 2 in transformers 5).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_base_model(name)
     dtype = dtype or torch.float32
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa"
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa"
+        )
+    except ValueError as exc:
+        if "scaled_dot_product_attention" not in str(exc) and "sdpa" not in str(exc):
+            raise
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation="eager"
+        )
     model.to(device)
     model.eval()
     model.requires_grad_(False)

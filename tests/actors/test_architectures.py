@@ -156,3 +156,14 @@ def test_mixlora_export_gives_the_reference_packages_logits(family, tmp_path):
     real = mask.bool()
     assert rel_err(got[real], want[real]) < 1e-5, family
     assert rel_err(got[real], engine.logits(None, ids, mask)[real]) > 1e-2  # the adapter matters
+
+
+def test_loader_falls_back_to_eager_attention_where_there_is_no_sdpa(tmp_path):
+    from actors.models import load_base_model
+
+    make_model("gemma2").save_pretrained(tmp_path)  # transformers 5 has no sdpa path for Gemma 2
+    make_tokenizer().save_pretrained(tmp_path)
+    model, _tok = load_base_model(str(tmp_path))
+    assert model.config._attn_implementation == "eager"
+    engine = FusedEngine(model, make_tokenizer(), base_model_id="gemma2")
+    assert engine.fused.packing_supported(8) is False  # attention soft-capping: padded batches
