@@ -10,9 +10,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-
 
 @dataclass(frozen=True)
 class LoraSettings:

@@ -191,7 +191,7 @@ class FusedModel:
         mlp = getattr(self.model.get_submodule(self.decoder_layers_path())[0], "mlp", None)
         if self.mlps:
             mlp = self.mlps[0].original
-        act = getattr(mlp, "act_fn", None)
+        act = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)
         for name in names:  # the one the model's MLP really uses
             if name in ACT2FN and act is not None and type(ACT2FN[name]) is type(act):
                 return name
@@ -200,24 +200,24 @@ class FusedModel:
     def wrap_mlps(self) -> dict[int, nn.Module]:
         """Wrap (once) every decoder layer's MLP in a ``MultiMixMLP`` and return them by layer index.
 
-        Its gate/up/down projections are wrapped in ``MultiLoraLinear`` first, so plain LoRA jobs
+        Its projections (gate/up/down for a gated MLP) are wrapped in ``MultiLoraLinear`` first, so plain LoRA jobs
         and MixLoRA jobs share them and module paths stay as they were.
 
         Raises:
-            MlpStructureError: the MLPs are not gated gate_proj/up_proj/down_proj blocks.
+            MlpStructureError: the MLPs have none of the shapes of ``actors.mixlora.FFN_SHAPES``.
         """
-        from actors.mixlora import MultiMixMLP, gated_mlp_of
+        from actors.mixlora import MultiMixMLP, mlp_of
 
         if self.mlps:
             return self.mlps
         prefix = self.decoder_layers_path()
         layers = self.model.get_submodule(prefix)
         model_type = getattr(self.config, "model_type", type(self.model).__name__)
-        mlps = [gated_mlp_of(layer, model_type) for layer in layers]  # check all before changing any
-        for index, (layer, mlp) in enumerate(zip(layers, mlps, strict=True)):
-            for name in ("gate_proj", "up_proj", "down_proj"):
+        mlps = [mlp_of(layer, model_type) for layer in layers]  # check all before changing any
+        for index, (layer, (mlp, shape)) in enumerate(zip(layers, mlps, strict=True)):
+            for name in shape.projections:
                 self._wrap(f"{prefix}.{index}.mlp.{name}", getattr(mlp, name))
-            wrapped = MultiMixMLP(mlp, self.context, index)
+            wrapped = MultiMixMLP(mlp, self.context, index, shape)
             layer.mlp = wrapped
             self.mlps[index] = wrapped
         return self.mlps

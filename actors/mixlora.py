@@ -8,6 +8,11 @@ For one token ``x`` of a MixLoRA job, on every decoder layer::
     y_e  = down(x'_e) + s B_d A_d drop(x'_e)
     mlp(x) = sum_{e in S} w_e y_e
 
+for LLaMA-style gated MLPs (LLaMA, Qwen2, Mistral, Gemma, ...). Phi-3's fused ``gate_up_proj``
+(``g, u = split(gate_up(x))``, ``x' = u * act(g)``) and Phi's ``fc2(act(fc1(x)))`` are the other
+two shapes (``FFN_SHAPES``), as in the reference package: an expert's LoRA sits on each of the
+shape's projections it targets.
+
 The frozen ``gate(x)`` and ``up(x)`` GEMMs run once for every row of the fused batch (shared by
 all jobs and all experts); each expert then adds its LoRA deltas on the tokens routed to it,
 runs ``down`` on those tokens only, and the weighted results are scatter-added back.
@@ -36,13 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from actors.adapter import AdapterLoadError, add_lora_params, load_exact
-from actors.config import (
-    ATTENTION_PROJECTIONS,
-    FFN_PROJECTIONS,
-    AdapterSettings,
-    LoraSettings,
-    MixLoraSettings,
-)
+from actors.config import AdapterSettings, LoraSettings, MixLoraSettings
 from actors.fused_model import FusedModel, TargetError
 from actors.lora import (
     BatchLayout,
@@ -57,6 +56,37 @@ from actors.lora import (
 
 ROUTING_STRATEGIES = {"topk": "mixlora", "dynamic": "mixlora-dynamic", "switch": "mixlora-switch"}
 MIXLORA_PREFIX = "mixlora.layers."
+
+
+@dataclass(frozen=True)
+class FfnShape:
+    """How a decoder MLP computes: its input projections, how their outputs combine into the
+    hidden state (``combine``), its output projection, and the attribute holding its activation."""
+
+    kind: str  # gated | fused_gated | plain
+    inputs: tuple[str, ...]
+    output: str
+    act_attr: str
+    families: str
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        return (*self.inputs, self.output)
+
+    def combine(self, act: Any, ins: list[torch.Tensor]) -> torch.Tensor:
+        if self.kind == "gated":
+            return act(ins[0]) * ins[1]
+        if self.kind == "fused_gated":
+            gate, up = ins[0].chunk(2, dim=-1)
+            return up * act(gate)
+        return act(ins[0])
+
+
+FFN_SHAPES = (
+    FfnShape("gated", ("gate_proj", "up_proj"), "down_proj", "act_fn", "LLaMA, Qwen2, Mistral, Gemma"),
+    FfnShape("fused_gated", ("gate_up_proj",), "down_proj", "activation_fn", "Phi-3"),
+    FfnShape("plain", ("fc1",), "fc2", "activation_fn", "Phi"),
+)
 
 
 class MlpStructureError(ValueError):
@@ -156,7 +186,8 @@ class MixLoraLayer(nn.Module):
     ):
         super().__init__()
         self.settings = settings
-        hidden = ffn.gate_proj.in_features
+        shape = ffn.shape
+        hidden = getattr(ffn, shape.inputs[0]).in_features
         router = torch.empty(settings.num_experts, hidden, dtype=torch.float32)  # (E, H)
         router.normal_(0.0, settings.router_init_range, generator=generator)
         self.router = nn.Parameter(router)
@@ -173,18 +204,18 @@ class MixLoraLayer(nn.Module):
                     generator=generator,
                 )
             self.experts.append(expert)
-        self.to(ffn.gate_proj.weight.device)
+        self.to(getattr(ffn, shape.inputs[0]).weight.device)
 
     def forward(
         self,
         x: torch.Tensor,
-        gate_base: torch.Tensor,
-        up_base: torch.Tensor,
+        ins: list[torch.Tensor],
         ffn: MultiMixMLP,
         generator: torch.Generator | None,
         training: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The MoE output (T, H) fp32 for tokens ``x`` (T, H), given the shared base gate/up outputs (T, I).
+        """The MoE output (T, H) fp32 for tokens ``x`` (T, H), given the shared base outputs of the
+        MLP's input projections ``ins`` (each (T, I); gate and up for a gated MLP).
 
         Also returns the router logits (T, E) and the picks (T, K) for the load-balance loss.
         """
@@ -195,51 +226,49 @@ class MixLoraLayer(nn.Module):
             )
             router_in = router_in * noise
         logits = F.linear(router_in, self.router)  # (T, E)
+        out_features = getattr(ffn, ffn.shape.output).out_features
         if x.shape[0] == 0:
-            empty = torch.zeros(0, ffn.down_proj.out_features, dtype=torch.float32, device=x.device)
+            empty = torch.zeros(0, out_features, dtype=torch.float32, device=x.device)
             return empty, logits, torch.zeros(0, 1, dtype=torch.long, device=x.device)
         weights, chosen, picks, dropped = route(logits, self.settings, training)  # (T, K) each
-        out = torch.zeros(x.shape[0], ffn.down_proj.out_features, dtype=torch.float32, device=x.device)  # (T, H)
+        out = torch.zeros(x.shape[0], out_features, dtype=torch.float32, device=x.device)  # (T, H)
         if self.settings.expert.use_dora:  # DoRA needs each expert's weight norm: one expert at a time
             for index, expert in enumerate(self.experts):
                 tokens, slots = torch.where(chosen == index)  # (n,), (n,)
                 if tokens.numel() == 0:
                     continue
-                y = self._expert(expert, x[tokens], gate_base[tokens], up_base[tokens], ffn, generator, training)
+                y = self._expert(expert, x[tokens], [t[tokens] for t in ins], ffn, generator, training)
                 out = out.index_add(0, tokens, y.float() * weights[tokens, slots, None])
         else:  # all (token, expert) pairs at once: a few GEMMs per layer whatever the number of experts
             tokens, slots = torch.where(chosen >= 0)  # (P,), (P,)
             ids = chosen[tokens, slots]  # (P,) expert of each pair
-            y = self._pairs(x[tokens], gate_base[tokens], up_base[tokens], ids, ffn, generator, training)  # (P, H)
+            y = self._pairs(x[tokens], [t[tokens] for t in ins], ids, ffn, generator, training)  # (P, H)
             out = out.index_add(0, tokens, y.float() * weights[tokens, slots, None])
         if dropped is not None and bool(dropped.any()):
             tokens = dropped.nonzero().squeeze(1)  # (n,)
-            y = ffn.down_proj.base(ffn.act_fn(gate_base[tokens]) * up_base[tokens])  # (n, H)
+            y = ffn.output_base(ffn.combine([t[tokens] for t in ins]))  # (n, H): the frozen MLP
             out = out.index_add(0, tokens, y.float() * weights[tokens, 0, None])
         return out, logits, picks
 
     def _pairs(
         self,
         x: torch.Tensor,
-        gate: torch.Tensor,
-        up: torch.Tensor,
+        ins: list[torch.Tensor],
         ids: torch.Tensor,
         ffn: MultiMixMLP,
         generator: torch.Generator | None,
         training: bool,
     ) -> torch.Tensor:
-        """Every (token, expert) pair's expert output: x (P, H), shared base gate/up (P, I) -> (P, H).
-
-        Each pair gets its own dropout mask, as if each expert ran on its own tokens.
-        """
-        if "gate_proj" in self.experts[0]:
-            gate = gate + self._pair_delta("gate_proj", x, ids, generator, training)
-        if "up_proj" in self.experts[0]:
-            up = up + self._pair_delta("up_proj", x, ids, generator, training)
-        hidden = ffn.act_fn(gate) * up  # (P, I)
-        y = ffn.down_proj.base(hidden)  # (P, H)
-        if "down_proj" in self.experts[0]:
-            y = y + self._pair_delta("down_proj", hidden, ids, generator, training)
+        """Every (token, expert) pair's expert output: x (P, H), shared base input-projection
+        outputs (each (P, I)) -> (P, H). Each pair gets its own dropout mask, as if each expert
+        ran on its own tokens."""
+        shape, first = ffn.shape, self.experts[0]
+        ins = [t + self._pair_delta(name, x, ids, generator, training) if name in first else t
+               for name, t in zip(shape.inputs, ins, strict=True)]  # fmt: skip
+        hidden = ffn.combine(ins)  # (P, I)
+        y = ffn.output_base(hidden)  # (P, H)
+        if shape.output in first:
+            y = y + self._pair_delta(shape.output, hidden, ids, generator, training)
         return y
 
     def _pair_delta(
@@ -265,39 +294,37 @@ class MixLoraLayer(nn.Module):
     def _expert(
         expert: nn.ModuleDict,
         x: torch.Tensor,
-        gate: torch.Tensor,
-        up: torch.Tensor,
+        ins: list[torch.Tensor],
         ffn: MultiMixMLP,
         generator: torch.Generator | None,
         training: bool,
     ) -> torch.Tensor:
-        """One expert on its tokens: x (n, H), shared base gate/up (n, I) -> (n, H)."""
-        if "gate_proj" in expert:
-            gate = gate + expert["gate_proj"].delta(x, gate, ffn.gate_proj.base, generator, training)
-        if "up_proj" in expert:
-            up = up + expert["up_proj"].delta(x, up, ffn.up_proj.base, generator, training)
-        hidden = ffn.act_fn(gate) * up  # (n, I)
-        y = ffn.down_proj.base(hidden)  # (n, H)
-        if "down_proj" in expert:
-            y = y + expert["down_proj"].delta(hidden, y, ffn.down_proj.base, generator, training)
+        """One expert on its tokens: x (n, H), shared base input-projection outputs (n, I) -> (n, H)."""
+        shape = ffn.shape
+        ins = [t + expert[name].delta(x, t, getattr(ffn, name).base, generator, training) if name in expert else t
+               for name, t in zip(shape.inputs, ins, strict=True)]  # fmt: skip
+        hidden = ffn.combine(ins)  # (n, I)
+        y = ffn.output_base(hidden)  # (n, H)
+        if shape.output in expert:
+            y = y + expert[shape.output].delta(hidden, y, ffn.output_base, generator, training)
         return y
 
 
 class MultiMixMLP(nn.Module):
-    """A decoder layer's gated MLP, with any number of MixLoRA jobs' routers and experts.
+    """A decoder layer's MLP (one of ``FFN_SHAPES``), with any number of MixLoRA jobs' routers and experts.
 
-    Its ``gate_proj``/``up_proj``/``down_proj`` are the original MLP's projections (already
-    ``MultiLoraLinear``, so plain LoRA jobs keep their adapters there and module paths do not
-    change). The original MLP module is kept, unregistered, for the no-MixLoRA fast path.
+    Its projections (``gate_proj``/``up_proj``/``down_proj`` for a gated MLP) are the original
+    MLP's (already ``MultiLoraLinear``, so plain LoRA jobs keep their adapters there and module
+    paths do not change). The original MLP module is kept, unregistered, for the no-MixLoRA fast path.
     """
 
-    def __init__(self, mlp: nn.Module, context: ForwardContext, layer_index: int):
+    def __init__(self, mlp: nn.Module, context: ForwardContext, layer_index: int, shape: FfnShape = FFN_SHAPES[0]):
         super().__init__()
         object.__setattr__(self, "original", mlp)  # not a submodule: its projections are ours below
-        self.gate_proj: MultiLoraLinear = mlp.gate_proj
-        self.up_proj: MultiLoraLinear = mlp.up_proj
-        self.down_proj: MultiLoraLinear = mlp.down_proj
-        self.act_fn = mlp.act_fn
+        self.shape = shape
+        for name in shape.projections:
+            setattr(self, name, getattr(mlp, name))
+        setattr(self, shape.act_attr, getattr(mlp, shape.act_attr))
         self.context = context
         self.layer_index = layer_index
         self.jobs = nn.ModuleDict()
@@ -315,6 +342,15 @@ class MultiMixMLP(nn.Module):
         if job in self.jobs:  # ModuleDict.pop takes no default
             del self.jobs[job]
 
+    @property
+    def output_base(self) -> nn.Module:
+        """The frozen output projection (``down_proj``; ``fc2`` for Phi)."""
+        return getattr(self, self.shape.output).base
+
+    def combine(self, ins: list[torch.Tensor]) -> torch.Tensor:
+        """The hidden state from the input projections' outputs (``act(gate) * up`` when gated)."""
+        return self.shape.combine(getattr(self, self.shape.act_attr), ins)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layout = self.context.layout
         if layout is None or not any(seg.job in self.jobs for seg in layout.segments):
@@ -324,57 +360,54 @@ class MultiMixMLP(nn.Module):
         return self._forward_rows(x, layout)
 
     def _forward_rows(self, x: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
-        gate = self.gate_proj(x)  # (N, L, I): base GEMM once for all rows, + plain LoRA on its rows
-        up = self.up_proj(x)  # (N, L, I)
+        # the input projections' base GEMMs once for all rows, + plain LoRA on its rows: each (N, L, I)
+        ins = [getattr(self, name)(x) for name in self.shape.inputs]
         segments = layout.segments
         if segments_tile(segments, x.shape[0]):  # one split each: slices would zero-fill full-size grads in backward
             sizes = [seg.stop - seg.start for seg in segments]
-            parts = list(zip(x.split(sizes), gate.split(sizes), up.split(sizes), strict=True))
+            parts = list(zip(x.split(sizes), *(list(t.split(sizes)) for t in ins), strict=True))
         else:
-            parts = [(x[s.start : s.stop], gate[s.start : s.stop], up[s.start : s.stop]) for s in segments]
+            parts = [(x[s.start : s.stop], *(t[s.start : s.stop] for t in ins)) for s in segments]
         pieces: list[torch.Tensor] = []
-        plain: list[tuple[Segment, torch.Tensor, torch.Tensor]] = []
-        for seg, (rows_x, rows_gate, rows_up) in zip(segments, parts, strict=True):
+        plain: list[tuple[Segment, list[torch.Tensor]]] = []
+        for seg, (rows_x, *rows_ins) in zip(segments, parts, strict=True):
             if seg.job not in self.jobs:
-                plain.append((seg, rows_gate, rows_up))
+                plain.append((seg, rows_ins))
                 continue
             if plain:
                 pieces.append(self._plain_rows(plain, layout))
                 plain = []
-            pieces.append(self._mixlora_rows(rows_x, rows_gate, rows_up, seg, layout))
+            pieces.append(self._mixlora_rows(rows_x, rows_ins, seg, layout))
         if plain:
             pieces.append(self._plain_rows(plain, layout))
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)  # (N, L, H)
 
-    def _plain_rows(self, run: list[tuple[Segment, torch.Tensor, torch.Tensor]], layout: BatchLayout) -> torch.Tensor:
-        """The ordinary gated MLP on a run of consecutive segments (plain LoRA on down_proj included);
-        ``run`` holds each segment with its rows of the gate and up outputs."""
-        gate = run[0][1] if len(run) == 1 else torch.cat([g for _, g, _ in run])  # (n, L, I)
-        up = run[0][2] if len(run) == 1 else torch.cat([u for _, _, u in run])  # (n, L, I)
-        hidden = self.act_fn(gate) * up  # (n, L, I)
-        base_out = self.down_proj.base(hidden)  # (n, L, H)
+    def _plain_rows(self, run: list[tuple[Segment, list[torch.Tensor]]], layout: BatchLayout) -> torch.Tensor:
+        """The ordinary MLP on a run of consecutive segments (plain LoRA on the output projection
+        included); ``run`` holds each segment with its rows of the input projections' outputs."""
+        ins = run[0][1] if len(run) == 1 else [torch.cat(parts) for parts in zip(*(r for _, r in run), strict=True)]
+        hidden = self.combine(ins)  # (n, L, I)
+        output = getattr(self, self.shape.output)
+        base_out = output.base(hidden)  # (n, L, H)
         start = run[0][0].start
-        shifted = [replace(s, start=s.start - start, stop=s.stop - start) for s, _, _ in run]
-        return apply_segments(hidden, base_out, self.down_proj.base, self.down_proj.adapters, layout, shifted)
+        shifted = [replace(s, start=s.start - start, stop=s.stop - start) for s, _ in run]
+        return apply_segments(hidden, base_out, output.base, output.adapters, layout, shifted)
 
-    def _mixlora_rows(
-        self, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, seg: Segment, layout: BatchLayout
-    ) -> torch.Tensor:
-        """One MixLoRA job's rows (``x`` (n, L, H), ``gate``/``up`` (n, L, I)): route its real tokens,
+    def _mixlora_rows(self, x: torch.Tensor, ins: list[torch.Tensor], seg: Segment, layout: BatchLayout) -> torch.Tensor:
+        """One MixLoRA job's rows (``x`` (n, L, H), ``ins`` each (n, L, I)): route its real tokens,
         run experts, pads get zeros."""
         n, length, hidden_size = x.shape
-        inter = gate.shape[-1]
         flat_x = x.reshape(n * length, hidden_size)  # (n*L, H)
-        flat_gate, flat_up = gate.reshape(n * length, inter), up.reshape(n * length, inter)  # (n*L, I)
+        flat = [t.reshape(n * length, t.shape[-1]) for t in ins]  # each (n*L, I)
         real = None
         if layout.padding_mask is not None:
             real = layout.padding_mask[seg.start : seg.stop].reshape(-1).nonzero().squeeze(1)  # (T,)
             if real.numel() < n * length:
-                flat_x, flat_gate, flat_up = flat_x[real], flat_gate[real], flat_up[real]
+                flat_x, flat = flat_x[real], [t[real] for t in flat]
             else:
                 real = None  # no pads in these rows: no gather, no scatter
         out, logits, picks = self.jobs[seg.job](
-            flat_x, flat_gate, flat_up, self, layout.generators.get(seg.job), layout.training
+            flat_x, flat, self, layout.generators.get(seg.job), layout.training
         )  # (T, H)
         layout.aux.setdefault(seg.job, []).append(RouterRecord(self.layer_index, logits, picks))
         if real is None:
@@ -383,27 +416,29 @@ class MultiMixMLP(nn.Module):
         return full.reshape(n, length, hidden_size)
 
 
-def gated_mlp_of(layer: nn.Module, model_type: str) -> nn.Module:
-    """The layer's MLP, checked to be ``down(act(gate(x)) * up(x))`` with no other parameters.
+def mlp_of(layer: nn.Module, model_type: str) -> tuple[nn.Module, FfnShape]:
+    """The layer's MLP and its shape: one of ``FFN_SHAPES`` (its projections are linear layers, its
+    activation is callable, and it has no parameters besides the projections').
 
     Raises:
-        MlpStructureError: naming the model type, for MLPs of another shape (GPT-2, Phi, ...).
+        MlpStructureError: naming the model type, for MLPs of another shape (GPT-2, GPT-NeoX, ...).
     """
     mlp = getattr(layer, "mlp", None)
-    ok = mlp is not None and all(
-        isinstance(getattr(mlp, name, None), (nn.Linear, MultiLoraLinear)) for name in FFN_PROJECTIONS
-    )
-    if ok and not isinstance(mlp, MultiMixMLP):
-        ok = callable(getattr(mlp, "act_fn", None))
+    if isinstance(mlp, MultiMixMLP):
+        return mlp, mlp.shape
+    for shape in FFN_SHAPES:
+        if mlp is None or not all(isinstance(getattr(mlp, n, None), (nn.Linear, MultiLoraLinear))
+                                  for n in shape.projections):  # fmt: skip
+            continue
         own = {id(p) for p in mlp.parameters()}
-        proj = {id(p) for name in FFN_PROJECTIONS for p in getattr(mlp, name).parameters()}
-        ok = ok and own == proj
-    if not ok:
-        raise MlpStructureError(
-            f"adapter.type: mixlora needs gated MLPs with gate_proj, up_proj, down_proj and act_fn "
-            f"(LLaMA, Qwen2, Mistral, Gemma); model type {model_type!r} has {type(mlp).__name__}"
-        )
-    return mlp
+        proj = {id(p) for name in shape.projections for p in getattr(mlp, name).parameters()}
+        if callable(getattr(mlp, shape.act_attr, None)) and own == proj:
+            return mlp, shape
+    supported = "; ".join(f"{' + '.join(s.projections)} ({s.families})" for s in FFN_SHAPES)
+    raise MlpStructureError(
+        f"adapter.type: mixlora needs one of these MLP shapes: {supported}; model type {model_type!r} "
+        f"has {type(mlp).__name__}"
+    )
 
 
 # ---------------------------------------------------------------- the job adapter
@@ -415,7 +450,8 @@ class MixLoraJobAdapter:
     Exported names (the reference ``mixlora`` package's)::
 
         mixlora.layers.{L}.mlp.moe_gate.weight                                 (E, H)
-        mixlora.layers.{L}.mlp.{gate,up,down}_proj.experts.{i}.lora_A.weight   (r, in)
+        mixlora.layers.{L}.mlp.{gate,up,down}_proj.experts.{i}.lora_A.weight   (r, in)  (Phi-3: gate_up_proj,
+                                                                               down_proj; Phi: fc1, fc2)
         mixlora.layers.{L}.mlp.{gate,up,down}_proj.experts.{i}.lora_B.weight   (out, r)
         mixlora.layers.{L}.mlp.{proj}.experts.{i}.lora_magnitude_vector        (out,)  DoRA only
         mixlora.layers.{L}.self_attn.{q,k,v,o}_proj.lora_A.weight / .lora_B.weight
@@ -425,12 +461,6 @@ class MixLoraJobAdapter:
     def __init__(self, fused: FusedModel, job: str, settings: AdapterSettings, generator: torch.Generator):
         if settings.mixlora is None:
             raise ValueError("adapter.type: mixlora needs MixLoRA settings (num_experts, top_k, ...)")
-        allowed = ATTENTION_PROJECTIONS + FFN_PROJECTIONS
-        unknown = [t for t in settings.target_modules if t not in allowed]
-        if unknown:
-            raise TargetError(
-                f"adapter.target_modules: MixLoRA supports {', '.join(allowed)}; got {', '.join(unknown)}"
-            )
         if settings.mixlora.routing not in ROUTING_STRATEGIES:
             raise ValueError(f"adapter.routing: must be one of {', '.join(ROUTING_STRATEGIES)}")
         self.job = job
@@ -441,12 +471,14 @@ class MixLoraJobAdapter:
         self._mlps: dict[int, MultiMixMLP] = {}
         self._attn_layers: dict[str, MultiLoraLinear] = {}
         self._window: list[dict[str, Any]] = []
-        attn = [t for t in settings.target_modules if t in ATTENTION_PROJECTIONS]
-        experts_on = tuple(t for t in FFN_PROJECTIONS if t in settings.target_modules)
         try:
             self._mlps = fused.wrap_mlps()
-            self.act_fn_name = fused.activation_name()
+            shape = next(iter(self._mlps.values())).shape
+            self.ffn_projections = shape.projections
+            experts_on = tuple(t for t in shape.projections if t in settings.target_modules)
             self._layers_prefix = fused.decoder_layers_path()
+            attn = self._attention_targets(fused, settings.target_modules, shape)
+            self.act_fn_name = fused.activation_name()
             if attn:
                 self._attn_layers = fused.wrap_targets(attn)
             for path, linear in self._attn_layers.items():
@@ -456,6 +488,23 @@ class MixLoraJobAdapter:
         except BaseException:
             self.detach()
             raise
+
+    def _attention_targets(self, fused: FusedModel, targets: tuple[str, ...], shape: FfnShape) -> list[str]:
+        """The targets outside the MLP: plain LoRA on linear layers of the attention blocks.
+
+        Raises:
+            TargetError: a target is neither one of the MLP's projections nor an attention linear.
+        """
+        layers = self._layers_prefix + "."
+        attention = sorted({p.rsplit(".", 1)[-1] for p in fused.candidate_linears()
+                            if p.startswith(layers) and ".mlp." not in p})  # fmt: skip
+        unknown = [t for t in targets if t not in shape.projections and t not in attention]
+        if unknown:
+            raise TargetError(
+                f"adapter.target_modules: MixLoRA on this model supports {', '.join(attention + list(shape.projections))}; "
+                f"got {', '.join(unknown)}"
+            )
+        return [t for t in targets if t in attention]
 
     def _attention_name(self, path: str) -> str:
         rest = path[len(self._layers_prefix) + 1 :]  # "3.self_attn.q_proj"
@@ -467,7 +516,7 @@ class MixLoraJobAdapter:
         for index, layer in self.layers.items():
             prefix = f"{MIXLORA_PREFIX}{index}.mlp"
             params[f"{prefix}.moe_gate.weight"] = layer.router
-            for name in FFN_PROJECTIONS:
+            for name in self.ffn_projections:
                 for e, expert in enumerate(layer.experts):
                     if name in expert:
                         add_lora_params(params, f"{prefix}.{name}.experts.{e}", expert[name])

@@ -123,10 +123,11 @@ def test_an_output_head_the_loss_does_not_reproduce_is_refused():
         FusedEngine(model, make_tokenizer(), base_model_id="odd")
 
 
-@pytest.mark.parametrize("family", ["qwen2", "mistral", "gemma", "gemma2"])
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "gemma", "gemma2", "phi3", "phi"])
 def test_mixlora_export_gives_the_reference_packages_logits(family, tmp_path):
     """The ``mixlora`` package (which supports these families) loads our MixLoRA export on each
-    and computes the logits our engine computes."""
+    and computes the logits our engine computes: experts on every MLP projection (gate/up/down,
+    Phi-3's fused gate_up/down, Phi's fc1/fc2) and plain LoRA on every attention linear."""
     mixlora = pytest.importorskip("mixlora")
     import json
 
@@ -136,9 +137,14 @@ def test_mixlora_export_gives_the_reference_packages_logits(family, tmp_path):
     base_dir = tmp_path / family
     make_model(family).save_pretrained(base_dir)
     make_tokenizer().save_pretrained(base_dir)
-    engine = FusedEngine(make_model(family), make_tokenizer(), base_model_id=str(base_dir))
+    model = make_model(family)
+    targets = decoder_linears(model)
+    engine = FusedEngine(model, make_tokenizer(), base_model_id=str(base_dir))
     # lora_dropout > 0: the reference refuses 0; evaluation runs without dropout on both sides
-    job = engine.add_job(job_config("m", mix_settings(dropout=0.05), tmp_path / "m"), examples=token_examples(4, 1, 5, 9))
+    settings = mix_settings(dropout=0.05, targets=targets)
+    job = engine.add_job(job_config("m", settings, tmp_path / "m"), examples=token_examples(4, 1, 5, 9))
+    assert {k.split(".experts.")[0].rsplit(".", 1)[-1] for k in job.adapter.export_state() if ".experts." in k} == {
+        t for t in targets if t in job.adapter.ffn_projections}
     randomize(job.adapter, seed=7)
     out = tmp_path / "export"
     out.mkdir()
@@ -167,3 +173,37 @@ def test_loader_falls_back_to_eager_attention_where_there_is_no_sdpa(tmp_path):
     assert model.config._attn_implementation == "eager"
     engine = FusedEngine(model, make_tokenizer(), base_model_id="gemma2")
     assert engine.fused.packing_supported(8) is False  # attention soft-capping: padded batches
+
+
+@pytest.mark.parametrize(("family", "dora"), [("phi3", False), ("phi", False), ("phi3", True)])
+def test_mixlora_fused_beside_lora_equals_alone_on_other_mlp_shapes(family, dora, tmp_path):
+    """Phi-3's fused gate_up MLP and Phi's fc1/fc2 MLP: a MixLoRA job (experts on the MLP, LoRA on
+    attention) trained beside a plain LoRA job on every linear gives the adapter it gives alone,
+    and so does the LoRA job (its rows take the plain-MLP path around the MixLoRA rows)."""
+    from actors import checkpoint as ckpt
+    from tests.actors.test_mixlora import examples as token_examples
+    from tests.actors.test_mixlora import job_config, mix_settings
+
+    base = make_model(family)
+    targets = decoder_linears(base)
+    mix = ("m", mix_settings(targets=targets, dropout=0.1, dora=dora, aux=0.05), token_examples(12, 20, 4, 14),
+           dict(steps=3, batch=4, micro=2))  # fmt: skip
+    lora = ("b", AdapterSettings("lora", LoraSettings(2, 4, 0.1), targets), token_examples(12, 22, 3, 8),
+            dict(steps=2, batch=4, micro=4, lr=5e-3))  # fmt: skip
+
+    def train(jobs, tag):
+        engine = FusedEngine(copy.deepcopy(base), make_tokenizer(), base_model_id=family)
+        for name, adapter, ex, kwargs in jobs:
+            engine.add_job(job_config(name, adapter, tmp_path / f"{tag}-{name}", **kwargs), examples=ex)
+        engine.run()
+
+    train([mix, lora], "fused")
+    train([mix], "alone")
+    train([lora], "alone")
+    for name in ("m", "b"):
+        got = ckpt.read_adapter(tmp_path / f"fused-{name}")[0]
+        want = ckpt.read_adapter(tmp_path / f"alone-{name}")[0]
+        assert set(got) == set(want)
+        assert max(rel_err(got[k], want[k]) for k in want) < 1e-4, name
+    want = ckpt.read_adapter(tmp_path / "alone-m")[0]
+    assert max(float(want[k].abs().max()) for k in want if "lora_B" in k) > 1e-4  # training moved B off zero
