@@ -7,6 +7,7 @@ import pytest
 from orchestrator.controller import (
     FREE_PREFIX,
     Controller,
+    adapter_shape_of,
     build_view,
     effective_spec,
     model_shape_for,
@@ -68,6 +69,25 @@ def test_oom_backoff_halves_micro_batch_then_fails(store):
 def test_overhead_share():
     assert overhead_share({"wall_s": 10.0, "idle_s": 2.0, "step_s": 6.0}) == pytest.approx(0.25)
     assert overhead_share({}) == 0.0
+
+
+def test_other_families_target_names_count_as_the_llama_projections_they_equal():
+    from orchestrator.spec import parse_spec
+    from policies.catalogue import CATALOGUE
+    from policies.memory_model import adapter_param_count
+
+    def shape(targets):
+        doc = spec("j")
+        doc["adapter"]["target_modules"] = targets
+        return adapter_shape_of(parse_spec(doc))
+
+    llama = shape(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    phi3 = shape(["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    assert phi3.target_modules == llama.target_modules  # the same memory estimate, not q and v only
+    assert shape(["dense", "fc1", "fc2"]).target_modules == ("o_proj", "up_proj", "down_proj")
+    assert shape(["wq_unknown"]).target_modules == ("q_proj", "v_proj")  # nothing known: the q, v default
+    model = CATALOGUE["llama-2-7b"]
+    assert adapter_param_count(model, phi3) == adapter_param_count(model, llama)
 
 
 def test_model_shape_from_local_config(tiny_model_dir):
