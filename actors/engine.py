@@ -16,6 +16,7 @@ others continue.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -105,6 +106,9 @@ class FusedEngine:
         """
         if config.name in self.jobs:
             raise ValueError(f"name: a job named {config.name!r} is already training in this engine")
+        targets = self.fused.expand_targets(config.adapter.target_modules)  # "all-linear" -> this model's names
+        if targets != config.adapter.target_modules:
+            config = dataclasses.replace(config, adapter=dataclasses.replace(config.adapter, target_modules=targets))
         factory = ADAPTER_KINDS.get(config.adapter.kind)
         if factory is None:
             raise ValueError(

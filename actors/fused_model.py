@@ -28,6 +28,7 @@ from actors.lora import BatchLayout, ForwardContext, MultiLoraLinear
 
 log = logging.getLogger(__name__)
 
+ALL_LINEAR = "all-linear"  # a target_modules entry: every linear layer of the decoder layers
 VARLEN_ATTENTION = "lorafleet_varlen"
 PACKABLE_ATTENTION = ("sdpa", "eager", VARLEN_ATTENTION)  # implementations whose math varlen_sdpa reproduces
 
@@ -137,6 +138,17 @@ class FusedModel:
             elif isinstance(module, nn.Linear) and module is not head and not path.endswith(".base"):
                 out[path] = module
         return out
+
+    def expand_targets(self, targets: Iterable[str]) -> tuple[str, ...]:
+        """``targets`` with ``all-linear`` (as in PEFT) replaced by the last name of every linear layer
+        in the decoder layers (the output head excluded), in module order: q/k/v/o and gate/up/down
+        for LLaMA, ``qkv_proj``/``o_proj``/``gate_up_proj``/``down_proj`` for Phi-3, ..."""
+        targets = tuple(targets)
+        if ALL_LINEAR not in targets:
+            return targets
+        prefix = self.decoder_layers_path() + "."
+        every = [p.rsplit(".", 1)[-1] for p in self.candidate_linears() if p.startswith(prefix)]
+        return tuple(dict.fromkeys([*(t for t in targets if t != ALL_LINEAR), *every]))
 
     def wrap_targets(self, targets: Iterable[str]) -> dict[str, MultiLoraLinear]:
         """Wrap (once) and return every linear whose last name component is in ``targets``.

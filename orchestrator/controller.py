@@ -124,6 +124,7 @@ TARGET_EQUIVALENTS = {
     "qkv_proj": ("q_proj", "k_proj", "v_proj"), "query_key_value": ("q_proj", "k_proj", "v_proj"),
     "gate_up_proj": ("gate_proj", "up_proj"), "dense": ("o_proj",), "fc1": ("up_proj",), "fc2": ("down_proj",),
     "dense_h_to_4h": ("up_proj",), "dense_4h_to_h": ("down_proj",), "c_fc": ("up_proj",), "c_proj": ("down_proj",),
+    "all-linear": LLAMA_TARGETS,
 }  # fmt: skip
 
 

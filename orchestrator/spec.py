@@ -73,7 +73,8 @@ class AdapterSpec(_Strict):
     target_modules: list[str] = Field(
         default_factory=lambda: list(DEFAULT_TARGETS),
         min_length=1,
-        description="names of the linear layers that get LoRA (suffix match, as in PEFT)",
+        description="names of the linear layers that get LoRA (suffix match, as in PEFT), or all-linear: every "
+        "linear layer of the decoder layers (the model's own names: Phi-3's qkv_proj, gate_up_proj, ...)",
     )
     init_from: str | None = Field(None, description="an adapter directory (PEFT LoRA or MixLoRA) to start from")
     use_rslora: bool = Field(False, description="rank-stabilised scaling alpha / sqrt(r)")
@@ -90,12 +91,19 @@ class AdapterSpec(_Strict):
     jitter_noise: float | None = Field(None, ge=0, lt=1, description="MixLoRA router input jitter [0.0]")
     expert: ExpertSpec | None = Field(None, description="MixLoRA: overrides for the expert LoRAs")
 
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _one_name_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value  # target_modules: all-linear
+
     @field_validator("target_modules")
     @classmethod
     def _targets_are_names(cls, value: list[str]) -> list[str]:
         for name in value:
+            if name == "all-linear":
+                continue
             if not name or not name.replace("_", "").replace(".", "").isalnum():
-                raise ValueError(f"{name!r} is not a module name (letters, digits, '_' and '.')")
+                raise ValueError(f"{name!r} is not a module name (letters, digits, '_' and '.') or all-linear")
         if len(set(value)) != len(value):
             raise ValueError("lists a module twice")
         return value

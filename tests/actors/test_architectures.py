@@ -207,3 +207,31 @@ def test_mixlora_fused_beside_lora_equals_alone_on_other_mlp_shapes(family, dora
         assert max(rel_err(got[k], want[k]) for k in want) < 1e-4, name
     want = ckpt.read_adapter(tmp_path / "alone-m")[0]
     assert max(float(want[k].abs().max()) for k in want if "lora_B" in k) > 1e-4  # training moved B off zero
+
+
+@pytest.mark.parametrize("family", ["phi3", "qwen2"])
+def test_all_linear_targets_every_decoder_linear_by_the_models_own_names(family, tmp_path):
+    """``target_modules: [all-linear]`` (as in PEFT) trains the same adapter as naming every decoder
+    linear, exports the real names (PEFT loads them), and works for MixLoRA too."""
+    import json
+
+    from tests.actors.test_mixlora import examples as token_examples
+    from tests.actors.test_mixlora import job_config, mix_settings
+
+    base = make_model(family)
+    names = decoder_linears(base)
+    engine = FusedEngine(copy.deepcopy(base), make_tokenizer(), base_model_id=family)
+    ex = token_examples(8, 3, 4, 12)
+    for tag, targets in (("all", ("all-linear",)), ("named", names)):
+        adapter = AdapterSettings("lora", LoraSettings(4, 8), targets)
+        engine.add_job(job_config(tag, adapter, tmp_path / tag, steps=2, batch=4, micro=2), examples=ex)
+    mix = engine.add_job(job_config("mix", mix_settings(targets=("all-linear",)), tmp_path / "mix", steps=2),
+                         examples=ex)  # fmt: skip
+    engine.run()
+    assert sorted(engine.jobs["all"].config.adapter.target_modules) == sorted(names)
+    exported = json.loads((tmp_path / "all" / "adapter_config.json").read_text())["target_modules"]
+    assert exported == sorted(names)
+    got, want = (load_file(tmp_path / t / "adapter_model.safetensors") for t in ("all", "named"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert set(json.loads((tmp_path / "mix" / "adapter_config.json").read_text())["target_modules"]) == set(names)
+    assert any(".experts." in k for k in mix.adapter.export_state())

@@ -106,3 +106,11 @@ def test_defaults_and_conversion():
     assert cfg.adapter.mixlora.expert.r == 4 and cfg.adapter.mixlora.expert.alpha == 16
     assert cfg.train.accumulation == 4
     assert cfg.adapter.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def test_all_linear_is_accepted_alone_or_in_a_list():
+    for value in ("all-linear", ["all-linear"], ["all-linear", "lm_proj"]):
+        spec = parse_spec({**GOOD, "adapter": {"target_modules": value}})
+        assert "all-linear" in spec.to_job_config().adapter.target_modules
+    with pytest.raises(SpecError, match=r"adapter\.target_modules.*not a module name"):
+        parse_spec({**GOOD, "adapter": {"target_modules": "all linear"}})
