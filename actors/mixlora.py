@@ -90,7 +90,7 @@ FFN_SHAPES = (
 
 
 class MlpStructureError(ValueError):
-    """The base model's MLP is not a gated gate_proj/up_proj/down_proj block."""
+    """The base model's MLP has none of the shapes in ``FFN_SHAPES``."""
 
 
 # ---------------------------------------------------------------- routing
