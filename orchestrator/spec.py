@@ -40,7 +40,7 @@ from actors.config import (
 from actors.models import DEFAULT_BASE_MODEL
 
 NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
-DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEFAULT_TARGETS = ["all-linear"]  # every linear of the decoder layers: q/k/v/o + gate/up/down on LLaMA
 MAX_SPEC_BYTES = 1 << 20  # a spec file is a few hundred bytes; refuse megabytes of YAML
 
 
