@@ -29,6 +29,7 @@ from actors.lora import BatchLayout, ForwardContext, MultiLoraLinear
 log = logging.getLogger(__name__)
 
 ALL_LINEAR = "all-linear"  # a target_modules entry: every linear layer of the decoder layers
+VARLEN_CALLS = {"bounds": 0, "plain": 0}  # varlen attention calls with / without sequence bounds (packing probe)
 VARLEN_ATTENTION = "lorafleet_varlen"
 PACKABLE_ATTENTION = ("sdpa", "eager", VARLEN_ATTENTION)  # implementations whose math varlen_sdpa reproduces
 
@@ -49,6 +50,7 @@ def varlen_sdpa_attention(
     attention (flash-attention's name). Without it, this is transformers' own sdpa attention.
     """
     cu = kwargs.get("cu_seq_lens_q")
+    VARLEN_CALLS["bounds" if cu is not None else "plain"] += 1
     if cu is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -255,13 +257,16 @@ class FusedModel:
         return self._packing_exact
 
     def _probe_packing(self) -> bool:
-        """Whether two short sequences packed end to end give the hidden states they give padded.
+        """Whether packing is exact on this model: one packed forward of two short sequences.
 
         Packing relies on the sequence bounds reaching every layer's attention through the
         ``cu_seq_lens_q`` keyword. Some decoders drop the keywords on the way (StableLM's layer
         calls its attention without them), or compute attention without transformers' attention
-        interface: the sequences would then attend to each other. One base-model forward of 8
-        tokens, once, tells; where it fails, the engine pads (slower, exact) and logs why.
+        interface: the sequences would then attend to each other. The probe counts the varlen
+        attention calls that received bounds (one per decoder layer, none without); an fp32 model
+        must also give, token by token, the hidden states it gives padded (in half precision the
+        kernels' own differences would blur that comparison). Where it fails, the engine pads
+        (slower, exact) and logs why.
         """
         vocab = int(getattr(self.config, "vocab_size", 0) or 0)
         if vocab < 2:
@@ -277,18 +282,26 @@ class FusedModel:
         ids = torch.tensor([[t for row in rows for t in row]], device=device)
         positions = torch.tensor([[i for n in lengths for i in range(n)]], device=device)
         cu = torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32)
+        layers = len(self.model.get_submodule(self.decoder_layers_path()))
+        before = dict(VARLEN_CALLS)
         with torch.no_grad():
-            want = self.hidden_states(padded.to(device), mask.to(device),
-                                      BatchLayout((), training=False, padding_mask=mask.bool().to(device)))
             got = self.hidden_states(ids, None, BatchLayout((), training=False, packed=True),
                                      position_ids=positions, cu_seqlens=cu)  # fmt: skip
+            calls = {k: VARLEN_CALLS[k] - before[k] for k in before}
+            if calls != {"bounds": layers, "plain": 0}:
+                log.warning("%s: %d of %d decoder layers' attention received the packed sequence bounds; batches are "
+                            "padded instead", self.name or "model", calls["bounds"], layers)  # fmt: skip
+                return False
+            if self.dtype != torch.float32:
+                return True
+            want = self.hidden_states(padded.to(device), mask.to(device),
+                                      BatchLayout((), training=False, padding_mask=mask.bool().to(device)))  # fmt: skip
         want = torch.cat([want[i, :n] for i, n in enumerate(lengths)]).float()  # (8, H)
         # per token: a leak shows at the second sequence's tokens whatever the first's look like
         err = float(((got[0].float() - want).norm(dim=-1) / want.norm(dim=-1).clamp_min(1e-12)).max())
-        bound = 1e-3 if self.dtype == torch.float32 else 5e-2  # half-precision kernels differ by ~1e-2
-        if err > bound:
-            log.warning("%s: packed sequences do not match padded ones (relative error %.2g): the decoder does not "
-                        "pass sequence bounds to attention; batches are padded instead", self.name or "model", err)
+        if err > 1e-3:
+            log.warning("%s: packed sequences do not match padded ones (relative error %.2g); batches are padded "
+                        "instead", self.name or "model", err)  # fmt: skip
             return False
         return True
 
