@@ -17,12 +17,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from actors.config import AdapterSettings, DataSettings, JobConfig, LoraSettings, TrainSettings
-from actors.data import load_examples
+from actors.config import AdapterSettings, LoraSettings
 from actors.engine import FusedEngine
 from actors.fused_model import FusedModel, TargetError
-from tests.actors.test_fused_vs_peft import STEPS, peft_init_dir, rel_err, train_alone_with_peft
-from tests.conftest import make_tokenizer, token_records, write_jsonl
+from tests.actors.test_fused_vs_peft import rel_err, train_alone_with_peft, train_fused
+from tests.conftest import make_tokenizer
 
 pytest.importorskip("peft")
 
@@ -68,30 +67,12 @@ def decoder_linears(model: torch.nn.Module) -> tuple[str, ...]:
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_fused_lora_equals_peft_alone(family, tmp_path):
     base = make_model(family)
-    tok = make_tokenizer()
     targets = decoder_linears(base)
     assert len(targets) >= 4, targets
     # name, r, alpha, targets, lr, optimizer, scheduler, lengths, batch, micro, clip, rslora, dora
     jobs = [("a", 4, 8, targets, 5e-3, "adamw", "constant", (6, 12), 4, 2, None, False, False),
             ("b", 2, 4, targets[:2], 3e-3, "adamw", "linear", (10, 20), 4, 4, 1.0, False, False)]  # fmt: skip
-    engine = FusedEngine(copy.deepcopy(base), tok, base_model_id=family)
-    setups = []
-    for k, job in enumerate(jobs):
-        name, r, alpha, tg, lr, opt, sched, (lo, hi), batch, micro, clip, _, _ = job
-        data = write_jsonl(tmp_path / f"{name}.jsonl", token_records(batch * STEPS, seed=10 + k, min_len=lo, max_len=hi))
-        init = peft_init_dir(tmp_path, base, name, r, alpha, tg, False, False, seed=100 + k)
-        cfg = JobConfig(
-            name=name, base_model=family,
-            adapter=AdapterSettings("lora", LoraSettings(r, alpha, 0.0), tg, init_from=str(init)),
-            data=DataSettings(str(data), format="tokens", shuffle=False),
-            train=TrainSettings(max_steps=STEPS, batch_size=batch, micro_batch_size=micro, learning_rate=lr,
-                                optimizer=opt, lr_scheduler=sched, warmup_steps=1, max_grad_norm=clip,
-                                checkpoint_every=100),
-            output=str(tmp_path / f"out-{name}"),
-        )  # fmt: skip
-        engine.add_job(cfg)
-        setups.append((job, init, load_examples(cfg.data, tok), cfg))
-    engine.run()
+    _engine, setups = train_fused(tmp_path, base, jobs, family)
     for job, init, examples, cfg in setups:
         _model, ref = train_alone_with_peft(base, init, examples, job)
         ours = load_file(f"{cfg.output}/adapter_model.safetensors")
@@ -131,9 +112,14 @@ def test_mixlora_export_gives_the_reference_packages_logits(family, tmp_path):
     and computes the logits our engine computes: experts on every MLP projection (gate/up/down,
     Phi-3's fused gate_up/down, Phi's fc1/fc2) and plain LoRA on every attention linear."""
     mixlora = pytest.importorskip("mixlora")
-    import json
 
-    from tests.actors.test_mixlora import batch_with_pads, job_config, mix_settings, randomize
+    from tests.actors.test_mixlora import (
+        batch_with_pads,
+        job_config,
+        mix_settings,
+        randomize,
+        reference_logits,
+    )
     from tests.actors.test_mixlora import examples as token_examples
 
     base_dir = tmp_path / family
@@ -148,18 +134,8 @@ def test_mixlora_export_gives_the_reference_packages_logits(family, tmp_path):
     assert {k.split(".experts.")[0].rsplit(".", 1)[-1] for k in job.adapter.export_state() if ".experts." in k} == {
         t for t in targets if t in job.adapter.ffn_projections}
     randomize(job.adapter, seed=7)
-    out = tmp_path / "export"
-    out.mkdir()
-    torch.save({k: v.clone() for k, v in job.adapter.export_state().items()}, out / "adapter_model.bin")
-    (out / "adapter_config.json").write_text(json.dumps(job.adapter.export_config(str(base_dir))))
-    ref, _config = mixlora.MixLoraModelForCausalLM.from_pretrained(str(out))
-    ref.eval()
-    for layer in ref.model.layers:  # the reference keeps its experts outside the module tree: eval() misses them
-        for expert in layer.mlp.mixlora_moes["default"].experts_.values():
-            expert.eval()
     ids, mask = batch_with_pads()
-    with torch.no_grad():
-        want = ref(input_ids=ids, attention_mask=mask).logits
+    want = reference_logits(mixlora, job.adapter, str(base_dir), tmp_path / "export", ids, mask)
     got = engine.logits("m", ids, mask)
     real = mask.bool()
     assert rel_err(got[real], want[real]) < 1e-5, family

@@ -100,20 +100,19 @@ def rel_err(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fused-vs-peft")
-    base = make_tiny_llama(seed=3)
+def train_fused(tmp, base, jobs, base_model_id, device="cpu"):
+    """Every job of ``jobs`` (JOBS' tuple layout) from its own PEFT init, fused in one engine on a
+    copy of ``base``; returns (engine, [(job, init dir, examples, JobConfig)])."""
     tok = make_tokenizer()
-    engine = FusedEngine(copy.deepcopy(base).to(TEST_DEVICE), tok, base_model_id="tiny")  # PEFT stays on CPU
+    engine = FusedEngine(copy.deepcopy(base).to(device), tok, base_model_id=base_model_id)  # PEFT stays on CPU
     setups = []
-    for k, job in enumerate(JOBS):
+    for k, job in enumerate(jobs):
         name, r, alpha, targets, lr, opt_name, sched, (lo, hi), batch, micro, clip, rslora, dora = job
         data = write_jsonl(tmp / f"{name}.jsonl", token_records(batch * STEPS, seed=10 + k, min_len=lo, max_len=hi))
         init = peft_init_dir(tmp, base, name, r, alpha, targets, rslora, dora, seed=100 + k)
         cfg = JobConfig(
             name=name,
-            base_model="tiny",
+            base_model=base_model_id,
             adapter=AdapterSettings(
                 "lora", LoraSettings(r, alpha, 0.0, use_rslora=rslora, use_dora=dora), targets, init_from=str(init)
             ),
@@ -127,7 +126,15 @@ def trained(tmp_path_factory):
         engine.add_job(cfg)
         setups.append((job, init, load_examples(cfg.data, tok), cfg))
     engine.run()
-    return base, tok, engine, setups
+    return engine, setups
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fused-vs-peft")
+    base = make_tiny_llama(seed=3)
+    engine, setups = train_fused(tmp, base, JOBS, "tiny", TEST_DEVICE)
+    return base, make_tokenizer(), engine, setups
 
 
 @pytest.mark.parametrize("index", range(len(JOBS)), ids=[j[0] for j in JOBS])

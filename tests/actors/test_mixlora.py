@@ -96,6 +96,21 @@ def batch_with_pads():
 # ---------------------------------------------------------------- the reference package
 
 
+def reference_logits(mixlora, adapter, base_model: str, out, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Export ``adapter`` to ``out`` as the reference package reads it (a pickled state dict and its
+    config), load it with ``mixlora`` over ``base_model`` and return its logits (no dropout)."""
+    out.mkdir()
+    torch.save({k: v.clone() for k, v in adapter.export_state().items()}, out / "adapter_model.bin")
+    (out / "adapter_config.json").write_text(json.dumps(adapter.export_config(base_model)))
+    ref, _config = mixlora.MixLoraModelForCausalLM.from_pretrained(str(out))
+    ref.eval()
+    for layer in ref.model.layers:  # the reference keeps its experts outside the module tree: eval() misses them
+        for expert in layer.mlp.mixlora_moes["default"].experts_.values():
+            expert.eval()
+    with torch.no_grad():
+        return ref(input_ids=ids, attention_mask=mask).logits
+
+
 def test_reference_package_loads_export_and_gives_our_logits(tmp_path, tiny_model_dir):
     mixlora = pytest.importorskip("mixlora")
     from transformers import AutoModelForCausalLM
@@ -105,19 +120,8 @@ def test_reference_package_loads_export_and_gives_our_logits(tmp_path, tiny_mode
     # lora_dropout > 0: the reference refuses 0; evaluation runs without dropout on both sides
     job = engine.add_job(job_config("m", mix_settings(dropout=0.05), tmp_path / "m"), examples=examples(4, 1, 5, 9))
     randomize(job.adapter, seed=7)
-    out = tmp_path / "export"
-    out.mkdir()
-    torch.save({k: v.clone() for k, v in job.adapter.export_state().items()}, out / "adapter_model.bin")
-    (out / "adapter_config.json").write_text(json.dumps(job.adapter.export_config(str(tiny_model_dir))))
-
-    ref, _config = mixlora.MixLoraModelForCausalLM.from_pretrained(str(out))
-    ref.eval()
-    for layer in ref.model.layers:  # the reference keeps its experts outside the module tree: eval() misses them
-        for expert in layer.mlp.mixlora_moes["default"].experts_.values():
-            expert.eval()
     ids, mask = batch_with_pads()
-    with torch.no_grad():
-        want = ref(input_ids=ids, attention_mask=mask).logits
+    want = reference_logits(mixlora, job.adapter, str(tiny_model_dir), tmp_path / "export", ids, mask)
     got = engine.logits("m", ids, mask)
     base_logits = engine.logits(None, ids, mask)
     real = mask.bool()
