@@ -148,9 +148,13 @@ class FusedModel:
         targets = tuple(targets)
         if ALL_LINEAR not in targets:
             return targets
-        prefix = self.decoder_layers_path() + "."
-        every = [p.rsplit(".", 1)[-1] for p in self.candidate_linears() if p.startswith(prefix)]
+        every = [p.rsplit(".", 1)[-1] for p in self.decoder_linear_paths()]
         return tuple(dict.fromkeys([*(t for t in targets if t != ALL_LINEAR), *every]))
+
+    def decoder_linear_paths(self) -> list[str]:
+        """Module paths of the linear layers inside the decoder layers, in module order."""
+        prefix = self.decoder_layers_path() + "."
+        return [p for p in self.candidate_linears() if p.startswith(prefix)]
 
     def wrap_targets(self, targets: Iterable[str]) -> dict[str, MultiLoraLinear]:
         """Wrap (once) and return every linear whose last name component is in ``targets``.

@@ -495,9 +495,7 @@ class MixLoraJobAdapter:
         Raises:
             TargetError: a target is neither one of the MLP's projections nor an attention linear.
         """
-        layers = self._layers_prefix + "."
-        attention = sorted({p.rsplit(".", 1)[-1] for p in fused.candidate_linears()
-                            if p.startswith(layers) and ".mlp." not in p})  # fmt: skip
+        attention = sorted({p.rsplit(".", 1)[-1] for p in fused.decoder_linear_paths() if ".mlp." not in p})
         unknown = [t for t in targets if t not in shape.projections and t not in attention]
         if unknown:
             raise TargetError(
