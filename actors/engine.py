@@ -153,6 +153,12 @@ class FusedEngine:
 
     # ---------------------------------------------------------------- training
 
+    @property
+    def packing_max_len(self) -> int:
+        """The longest sequence this engine packs without padding (0: it pads every step: packing
+        off or not exact on this model); the memory model predicts packed groups from it."""
+        return self.fused.packing_limit() if self.settings.packing else 0
+
     def step(self) -> StepResult:
         """One fused forward/backward over the next micro-batch of every active job."""
         active = [job for job in self.jobs.values() if not job.done]

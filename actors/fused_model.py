@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 ALL_LINEAR = "all-linear"  # a target_modules entry: every linear layer of the decoder layers
 VARLEN_CALLS = {"bounds": 0, "plain": 0}  # varlen attention calls with / without sequence bounds (packing probe)
 VARLEN_ATTENTION = "lorafleet_varlen"
+PACK_ANY_LENGTH = 1 << 40  # packing_limit() of a model that packs sequences of any length
 PACKABLE_ATTENTION = ("sdpa", "eager", VARLEN_ATTENTION)  # implementations whose math varlen_sdpa reproduces
 
 
@@ -259,6 +260,16 @@ class FusedModel:
         if self._packing_exact is None:
             self._packing_exact = self._probe_packing()
         return self._packing_exact
+
+    def packing_limit(self) -> int:
+        """The longest sequence :meth:`packing_supported` packs: 0 where it never does, the sliding
+        window where one applies, else :data:`PACK_ANY_LENGTH`."""
+        if not self.packing_supported(1):
+            return 0
+        window = getattr(self.config, "sliding_window", None)
+        if window and getattr(self.config, "use_sliding_window", True):
+            return int(window)
+        return PACK_ANY_LENGTH
 
     def _probe_packing(self) -> bool:
         """Whether packing is exact on this model: one packed forward of two short sequences.

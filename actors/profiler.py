@@ -54,6 +54,7 @@ from policies.memory_model import (
     fit_activation,
     fused_group_peak_bytes,
     loss_head_bytes_per_token,
+    packs,
     static_bytes,
 )
 
@@ -340,7 +341,8 @@ def run_measurement(request: Mapping[str, Any]) -> list[GroupMeasurement]:
         peak, seconds, start_bytes = _run_group(engine, probe, group, request["base_model"], steps)
         results.append(GroupMeasurement(
             static_bytes=int(static), peak_bytes=int(peak), device_kind=device_kind(torch_device),
-            probe=probe.kind, seconds=seconds, steps=steps, info={**probe.device_info(), "start_bytes": start_bytes},
+            probe=probe.kind, seconds=seconds, steps=steps,
+            info={**probe.device_info(), "start_bytes": start_bytes, "packing_max_len": engine.packing_max_len},
         ))  # fmt: skip
         release_free_memory()
     return results
@@ -410,10 +412,11 @@ class JobPrediction:
 class GroupPrediction:
     static_bytes: int
     static_source: str  # measured | config
-    seq_len: int  # the padded length of the fused batch (longest job L)
+    seq_len: int  # the longest job L: rows are padded to it unless ``packed``
     margin: float
     group_peak_bytes: int
     jobs: tuple[JobPrediction, ...]
+    packed: bool = False  # predicted with the sequences packed end to end (no padding)
 
 
 class Profiler:
@@ -447,7 +450,9 @@ class Profiler:
         self.runner: Runner = runner or measure_groups
         self.runs = 0
         self.cache = ProfileCache.load(self.profiles_path) if self.profiles_path.is_file() else ProfileCache()
-        self.statics: dict[str, int] = self._load_statics()
+        self.statics: dict[str, int] = {}
+        self.packing: dict[str, int] = {}  # static key -> the engine's packing_max_len, as measured
+        self._load_statics()
         self._shapes: dict[str, ModelShape] = {}
         self.device_kind = device_kind(device)
 
@@ -459,15 +464,17 @@ class Profiler:
     def statics_path(self) -> Path:
         return self.cache_dir / "static.json"
 
-    def _load_statics(self) -> dict[str, int]:
+    def _load_statics(self) -> None:
         if not self.statics_path.is_file():
-            return {}
+            return
         try:
             doc = json.loads(self.statics_path.read_text())
-            return {str(k): int(v) for k, v in doc["static"].items()}
+            statics = {str(k): int(v) for k, v in doc["static"].items()}
+            packing = {str(k): int(v) for k, v in (doc.get("packing_max_len") or {}).items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             log.warning("%s: ignoring unreadable static-memory cache (%s)", self.statics_path, err)
-            return {}
+            return
+        self.statics, self.packing = statics, packing
 
     def _save(self) -> None:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -475,7 +482,8 @@ class Profiler:
         self.cache.save(tmp)
         os.replace(tmp, self.profiles_path)
         tmp = self.statics_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"version": 1, "static": self.statics}, indent=1, sort_keys=True) + "\n")
+        doc = {"version": 1, "static": self.statics, "packing_max_len": self.packing}
+        tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
         os.replace(tmp, self.statics_path)
 
     def model_shape(self, base_model: str) -> ModelShape:
@@ -494,8 +502,16 @@ class Profiler:
         out = self.runner(base_model, groups, device=self.device, dtype=self.dtype, steps=self.steps)
         if len(out) != len(groups):
             raise ProfileError(f"runner returned {len(out)} measurements for {len(groups)} groups")
-        self.statics[self._static_key(base_model)] = int(out[0].static_bytes)
+        key = self._static_key(base_model)
+        self.statics[key] = int(out[0].static_bytes)
+        if "packing_max_len" in out[0].info:
+            self.packing[key] = int(out[0].info["packing_max_len"])
         return list(out)
+
+    def packing_max_len(self, base_model: str) -> int:
+        """The longest sequence the engine packs on ``base_model`` (with the default engine settings),
+        as found by a measurement on this device; 0 (predict padded rows: the safe side) until one ran."""
+        return self.packing.get(self._static_key(base_model), 0)
 
     # -- the two parts of the model
 
@@ -546,15 +562,22 @@ class Profiler:
     # -- predictions
 
     def predict(
-        self, base_model: str, members: Sequence[tuple[str, AdapterSettings, int, int]], margin: float = 0.0
+        self,
+        base_model: str,
+        members: Sequence[tuple[str, AdapterSettings, int, int]],
+        margin: float = 0.0,
+        packed: bool | None = None,
     ) -> GroupPrediction:
         """Predicted peak of ``members`` = (name, adapter, B, L) trained fused on ``base_model``.
 
         :func:`policies.memory_model.fused_group_peak_bytes`: ``static + (1 + margin) *
-        (max_j b0_j + sum_j [adapter_bytes_j + activation_j(B_j, L_pad) - b0_j - loss-head
-        padding correction])`` with ``L_pad`` the longest L of the group (rows are padded to
-        it). Each job's ``alone_peak_bytes`` is the same formula for the job alone at its own L;
-        its ``activation_bytes`` is its share in the group (with its own b0).
+        (max_j b0_j + sum_j [adapter_bytes_j + activation_j(B_j, L) - b0_j])``. ``packed``
+        (the engine's default): every job at its own L. Padded: at ``L_pad``, the longest L of
+        the group, less the loss-head padding correction. ``packed=None`` packs where a
+        measurement on this device found that the engine packs this model at ``L_pad``
+        (:meth:`packing_max_len`), else predicts padded rows (the safe side). Each job's
+        ``alone_peak_bytes`` is the formula for the job alone at its own L; its
+        ``activation_bytes`` is its share in the group (with its own b0).
         """
         shape = self.model_shape(base_model)
         fits = [self.activation(base_model, adapter) for _n, adapter, _b, _s in members]  # may measure
@@ -562,14 +585,18 @@ class Profiler:
         rows, jobs = [], []
         head = loss_head_bytes_per_token(shape)
         l_pad = max((m[3] for m in members), default=0)
+        if packed is None:
+            packed = packs(self.packing_max_len(base_model), l_pad)
         for (name, adapter, b, seq), (fit, fit_source) in zip(members, fits, strict=True):
             exact = adapter_bytes(shape, adapter_shape_of(adapter))
             rows.append((exact, fit, b, seq))
             alone = fused_group_peak_bytes(static, [(exact, fit, b, seq)], margin, head)
-            share = max(fit.predict(b, seq), fit.predict(b, l_pad) - head * b * (l_pad - seq))
+            share = fit.predict(b, seq)
+            if not packed:
+                share = max(share, fit.predict(b, l_pad) - head * b * (l_pad - seq))
             jobs.append(JobPrediction(name, b, seq, int(exact), int(share), int(alone), fit_source))
-        peak = fused_group_peak_bytes(static, rows, margin, head)
-        return GroupPrediction(int(static), source, l_pad, margin, int(peak), tuple(jobs))
+        peak = fused_group_peak_bytes(static, rows, margin, head, packed=packed)
+        return GroupPrediction(int(static), source, l_pad, margin, int(peak), tuple(jobs), packed)
 
     def max_micro_batch(
         self,

@@ -146,6 +146,7 @@ class TrainingWorker:
         self.error: str | None = None
         self.device = "?"
         self.model_shape: dict[str, Any] | None = None
+        self._packing_max_len = 0  # until the model is loaded: predict padded rows (safe)
         self.node_id = _node_id()
         self._commands: queue.Queue[tuple[str, tuple]] = queue.Queue()
         self._deferred: list[tuple[str, tuple]] = []  # commands held back during an evaluation
@@ -218,7 +219,8 @@ class TrainingWorker:
 
         Keys: ``worker_id``, ``state`` (loading | ready | failed | stopped), ``error``,
         ``base_model``, ``device``, ``node_id``, ``model_shape`` (config fields for the memory
-        model, once loaded), ``jobs`` (job id -> step, total_steps, loss, tokens_per_s,
+        model, once loaded), ``packing_max_len`` (the longest sequence the engine packs for this
+        model, 0: padded; :attr:`actors.engine.FusedEngine.packing_max_len`), ``jobs`` (job id -> step, total_steps, loss, tokens_per_s,
         checkpoint_step), ``events`` (list of dicts with ``job``, ``kind`` and kind-specific
         fields), ``memory`` (current/peak/budget/total bytes), ``timing`` (``wall_s`` since the
         model was loaded, ``step_s`` inside ``engine.step()``, ``idle_s`` with nothing to train,
@@ -244,6 +246,7 @@ class TrainingWorker:
                 "node_id": self.node_id,
                 "model_shape": self.model_shape,
                 "engine": dataclasses.asdict(self.engine_settings),
+                "packing_max_len": self._packing_max_len,
                 "jobs": jobs,
                 "events": events,
                 "memory": self._memory(),
@@ -304,6 +307,7 @@ class TrainingWorker:
         }
         self.device, self.dtype = device, dtype
         self.engine = FusedEngine(model, tokenizer, base_model_id=self.base_model, settings=self.engine_settings)
+        self._packing_max_len = self.engine.packing_max_len  # probes the model once; the controller's memory model reads it
         try:  # warm the data loader's import (about 1-2 s) here, not in the first job's join
             import datasets  # noqa: F401
         except ImportError:

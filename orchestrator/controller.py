@@ -932,8 +932,8 @@ class Controller:
             state = w.last.get("state", "loading")
             mem = (w.last.get("memory") or {}).get("total") or self.worker_memory_bytes
             out.append(WorkerView(w.worker_id, int(mem), 100.0, loaded_model=w.base_model,
-                                  running=tuple(sorted(w.assigned)),
-                                  accepting=state in ("ready", "loading")))  # fmt: skip
+                                  running=tuple(sorted(w.assigned)), accepting=state in ("ready", "loading"),
+                                  packing_max_len=int(w.last.get("packing_max_len") or 0)))  # fmt: skip
         return out
 
     def _view(self, now: float) -> ClusterView:

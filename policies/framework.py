@@ -53,7 +53,7 @@ from policies.interface import (
     Start,
     WorkerLine,
 )
-from policies.memory_model import fused_terms
+from policies.memory_model import fused_terms, packs
 from policies.snapshot import ClusterView, JobView, WorkerView
 
 
@@ -104,10 +104,12 @@ class Slot:
     ``L`` are ``b0 + sc + sd * L + se * L**2`` (``b0`` the members' largest, the others sums of
     :func:`policies.memory_model.fused_terms`), which is
     :func:`policies.memory_model.fused_group_peak_bytes` (or, for a fit with ``b2 > 0`` and ``b1``
-    below the loss head, an upper bound of it).
+    below the loss head, an upper bound of it). On a worker that packs the group's longest row
+    (``worker.packing_max_len``) they are ``b0 + sown``: every job at its own length, no padding.
     """
 
-    __slots__ = ("b0", "index", "jobs", "lmax", "memo", "model", "rows", "sc", "sd", "se", "static", "worker")
+    __slots__ = ("b0", "index", "jobs", "lmax", "memo", "model", "rows", "sc", "sd", "se", "sown", "static",
+                 "useful", "worker")  # fmt: skip
 
     def __init__(self, worker: WorkerView, index: int, jobs: Sequence[JobView]):
         self.worker = worker
@@ -115,9 +117,10 @@ class Slot:
         self.jobs: list[JobView] = []
         self.model: str | None = None  # the model of the group; None while empty
         self.static = 0
-        self.b0 = self.sc = self.sd = self.se = 0.0
+        self.b0 = self.sc = self.sd = self.se = self.sown = 0.0
         self.lmax = 0
         self.rows = 0
+        self.useful = 0  # tokens of one fused micro-batch without padding
         self.memo: dict = {}  # plugins may cache per-group values here; cleared when a job is added
         for job in jobs:
             self.add(job)
@@ -135,21 +138,30 @@ class Slot:
         self.sc += c
         self.sd += d
         self.se += e
+        seq = job.seq_len
+        self.sown += c + seq * d + seq * seq * e
         self.rows += job.micro_batch_size
-        if job.seq_len > self.lmax:
-            self.lmax = job.seq_len
+        self.useful += job.micro_batch_size * seq
+        if seq > self.lmax:
+            self.lmax = seq
 
     @property
     def idle(self) -> bool:
         return not self.jobs
 
     def dynamic_with(self, job: JobView | None) -> float:
-        """Predicted dynamic bytes of the group (plus ``job``), rows padded to the longest."""
+        """Predicted dynamic bytes of the group (plus ``job``): rows packed where the worker packs
+        the group's longest row, else padded to it."""
         if job is None:
             lp = self.lmax
+            if packs(self.worker.packing_max_len, lp):
+                return self.b0 + self.sown
             return self.b0 + self.sc + lp * self.sd + lp * lp * self.se
         b0, c, d, e = job_terms(job)
-        lp = job.seq_len if job.seq_len > self.lmax else self.lmax
+        seq = job.seq_len
+        lp = seq if seq > self.lmax else self.lmax
+        if packs(self.worker.packing_max_len, lp):
+            return max(self.b0, b0) + self.sown + c + seq * d + seq * seq * e
         return max(self.b0, b0) + self.sc + c + lp * (self.sd + d) + lp * lp * (self.se + e)
 
     def peak_with(self, job: JobView | None, margin: float) -> float:
@@ -162,9 +174,12 @@ class Slot:
         return self.worker.memory_bytes - self.peak_with(None, margin)
 
     def padded_tokens_with(self, job: JobView) -> tuple[int, int]:
-        """(useful tokens, padded tokens) of one fused micro-batch with ``job`` added."""
-        useful = sum(j.micro_batch_size * j.seq_len for j in self.jobs) + job.micro_batch_size * job.seq_len
+        """(useful tokens, processed tokens) of one fused micro-batch with ``job`` added: the
+        processed ones include the padding to the longest row, none where the worker packs."""
+        useful = self.useful + job.micro_batch_size * job.seq_len
         lp = max(self.lmax, job.seq_len)
+        if packs(self.worker.packing_max_len, lp):
+            return useful, useful
         return useful, (self.rows + job.micro_batch_size) * lp
 
 

@@ -259,6 +259,7 @@ def fused_group_peak_bytes(
     jobs: Iterable[tuple[float, ActivationFit, int, int]],
     margin: float,
     loss_head_per_token: float = 0.0,
+    packed: bool = False,
 ) -> float:
     """Predicted peak of a fused group, as measured on the engine (see docs/memory.md).
 
@@ -271,6 +272,10 @@ def fused_group_peak_bytes(
       activation drops by ``loss_head_per_token * B_j * (L_pad - L_j)`` (never below its
       activation at its own ``L_j``). Pass :func:`loss_head_bytes_per_token` or 0 to skip.
 
+    With ``packed`` the engine lays the jobs' sequences end to end with no padding (its default
+    where the model allows, :func:`packs`): each job's activation is at its own ``L_j`` and
+    there is no ``L_pad``; ``b0`` is still paid once.
+
     Returns ``static + (1 + margin) * dynamic``; an empty group costs ``static``. Raises
     MemoryModelError for a negative margin or ``loss_head_per_token``.
     """
@@ -281,13 +286,22 @@ def fused_group_peak_bytes(
     members = list(jobs)
     if not members:
         return float(static)
-    l_pad = max(m[3] for m in members)
     dynamic = max(fit.b0 for _, fit, _, _ in members)
+    if packed:
+        return static + (1.0 + margin) * (dynamic + sum(a + fit.predict(b, seq) - fit.b0 for a, fit, b, seq in members))
+    l_pad = max(m[3] for m in members)
     for a, fit, b, seq in members:
         at_pad = fit.predict(b, l_pad) - fit.b0
         own = fit.predict(b, seq) - fit.b0
         dynamic += a + max(own, at_pad - loss_head_per_token * b * (l_pad - seq))
     return static + (1.0 + margin) * dynamic
+
+
+def packs(packing_max_len: int, longest: int) -> bool:
+    """Whether an engine that packs sequences up to ``packing_max_len`` tokens (0: never; the
+    worker reports it for its model: packing off, a decoder that drops the sequence bounds, or
+    a sliding window shorter than a sequence make it pad) packs a group whose longest row is ``longest``."""
+    return 0 < longest <= packing_max_len
 
 
 def fused_terms(

@@ -80,6 +80,10 @@ class WorkerView:
         loaded_model: the base model in memory, or None.
         running: ids of the jobs in its current fused group (empty: idle).
         accepting: False while it cannot take jobs (restarting after a failure, loading, draining).
+        packing_max_len: the longest sequence its engine packs without padding for the loaded
+            model (:func:`policies.memory_model.packs`); a group whose longest row fits is
+            predicted at each job's own length. 0 (default, and before the model is loaded):
+            rows padded to the group's longest, the safe over-estimate.
     """
 
     worker_id: str
@@ -88,6 +92,7 @@ class WorkerView:
     loaded_model: str | None = None
     running: tuple[str, ...] = ()
     accepting: bool = True
+    packing_max_len: int = 0
 
 
 def _frozen_map(values: Mapping[str, float] | None = None) -> Mapping[str, float]:

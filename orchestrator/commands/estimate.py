@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {
         "base_model": base, "device": args.device, "dtype": dtype, "margin": args.margin,
         "static_bytes": pred.static_bytes, "static_source": pred.static_source, "seq_len": pred.seq_len,
-        "group_peak_bytes": pred.group_peak_bytes,
+        "packed": pred.packed, "group_peak_bytes": pred.group_peak_bytes,
         "jobs": [
             {"name": j.name, "peak_bytes": j.alone_peak_bytes, "micro_batch_size": j.batch, "seq_len": j.seq_len,
              "adapter_bytes": j.adapter_bytes, "activation_bytes": j.activation_bytes,
@@ -126,11 +126,13 @@ def run(args: argparse.Namespace) -> int:
     w = sys.stdout.write
     w(f"base model {base} on {args.device} ({dtype}); static {_gib(pred.static_bytes)} ({pred.static_source}); "
       f"margin {args.margin:g}\n")  # fmt: skip
-    w(f"{'job':24} {'B':>4} {'L':>6} {'adapter':>12} {'activation@Lpad':>16} {'alone peak':>14}  profile\n")
+    act = "activation" if pred.packed else "activation@Lpad"
+    w(f"{'job':24} {'B':>4} {'L':>6} {'adapter':>12} {act:>16} {'alone peak':>14}  profile\n")
     for j in pred.jobs:
         w(f"{j.name:24} {j.batch:>4} {j.seq_len:>6} {_gib(j.adapter_bytes):>12} {_gib(j.activation_bytes):>16} "
           f"{_gib(j.alone_peak_bytes):>14}  {j.source}\n")  # fmt: skip
-    w(f"group peak (rows padded to L={pred.seq_len}): {_gib(pred.group_peak_bytes)}\n")
+    layout = "sequences packed, no padding" if pred.packed else f"rows padded to L={pred.seq_len}"
+    w(f"group peak ({layout}): {_gib(pred.group_peak_bytes)}\n")
     if budget is not None:
         w(f"largest micro-batch (every job) within {_gib(budget)}: {best}\n")
     if args.measure:

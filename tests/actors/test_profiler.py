@@ -30,22 +30,28 @@ STATIC = 900 << 20
 class FakeRunner:
     """Stands in for measure_groups with the physics the model assumes: the group pays b0 once,
     every job's rows cost b1*B*L + b2*B*L^2 at the padded length, except the loss head, which only
-    sees each job's own L; plus the exact adapter bytes."""
+    sees each job's own L; plus the exact adapter bytes. With ``packing_max_len`` (reported like the
+    real engine does) groups whose longest row fits are packed: every job at its own L."""
 
-    def __init__(self, base_model: str):
+    def __init__(self, base_model: str, packing_max_len: int | None = None):
         self.shape = model_shape_from_config(load_model_config(base_model))
         self.head = loss_head_bytes_per_token(self.shape)
         self.calls = 0
+        self.packing_max_len = packing_max_len
 
     def __call__(self, base_model, groups, *, device, dtype, steps):
         self.calls += 1
         out = []
+        info = {} if self.packing_max_len is None else {"packing_max_len": self.packing_max_len}
         for members in groups:
             l_pad = max(m.seq_len for m in members)
-            dyn = TRUE[0] + sum(adapter_bytes(self.shape, adapter_shape_of(m.adapter))
-                                + TRUE[1] * m.batch * l_pad + TRUE[2] * m.batch * l_pad**2
-                                - self.head * m.batch * (l_pad - m.seq_len) for m in members)  # fmt: skip
-            out.append(GroupMeasurement(STATIC, int(STATIC + dyn), "fake", "cpu", steps=steps))
+            packed = self.packing_max_len is not None and l_pad <= self.packing_max_len
+            dyn = TRUE[0]
+            for m in members:
+                length = m.seq_len if packed else l_pad
+                dyn += (adapter_bytes(self.shape, adapter_shape_of(m.adapter)) + TRUE[1] * m.batch * length
+                        + TRUE[2] * m.batch * length**2 - self.head * m.batch * (length - m.seq_len))  # fmt: skip
+            out.append(GroupMeasurement(STATIC, int(STATIC + dyn), "fake", "cpu", steps=steps, info=info))
         return out
 
 
@@ -115,6 +121,33 @@ def test_group_prediction_pads_to_the_longest_job_and_matches_the_fake(tiny_mode
     assert with_margin.group_peak_bytes == pytest.approx(STATIC + 1.1 * (pred.group_peak_bytes - STATIC), rel=1e-6)
 
 
+def test_group_prediction_packs_where_the_engine_packs(tiny_model_dir, tmp_path):
+    """Once a measurement found that the engine packs this model (up to a sliding window of 64
+    here), groups whose longest row fits are predicted at each job's own length, not padded; the
+    finding is kept with the static bytes, so another profiler reads it."""
+    base = str(tiny_model_dir)
+    runner = FakeRunner(base, packing_max_len=64)
+    prof = Profiler(tmp_path, runner=runner)
+    assert prof.packing_max_len(base) == 0  # nothing measured yet: padded
+    short = [("a", LORA_QV, 2, 8), ("b", LORA_ALL, 3, 60)]
+    pred = prof.predict(base, short)  # profiles both shapes, which measures the packing too
+    assert prof.packing_max_len(base) == 64 and pred.packed
+    truth = runner(base, [[GroupMember(n, a, b, s) for n, a, b, s in short]], device="cpu", dtype="float32",
+                   steps=1)[0]  # fmt: skip
+    assert pred.group_peak_bytes == pytest.approx(truth.peak_bytes, rel=1e-6)
+    padded = prof.predict(base, short, packed=False)
+    assert not padded.packed and padded.group_peak_bytes - STATIC > 1.2 * (pred.group_peak_bytes - STATIC)
+    assert pred.jobs[0].activation_bytes == pytest.approx(TRUE[0] + TRUE[1] * 2 * 8 + TRUE[2] * 2 * 64, rel=1e-6)
+    # past the window the engine pads, and so does the prediction
+    long = [("a", LORA_QV, 2, 8), ("b", LORA_ALL, 3, 100)]
+    pred = prof.predict(base, long)
+    truth = runner(base, [[GroupMember(n, a, b, s) for n, a, b, s in long]], device="cpu", dtype="float32",
+                   steps=1)[0]  # fmt: skip
+    assert not pred.packed and pred.group_peak_bytes == pytest.approx(truth.peak_bytes, rel=1e-6)
+    again = Profiler(tmp_path, runner=runner)
+    assert again.packing_max_len(base) == 64 and again.predict(base, short).packed and again.runs == 0
+
+
 def test_max_micro_batch_fits_and_the_next_does_not(tiny_model_dir, tmp_path):
     base = str(tiny_model_dir)
     prof = Profiler(tmp_path, runner=FakeRunner(base))
@@ -146,6 +179,7 @@ def test_real_measurement_in_process(tiny_model_dir):
                           [GroupMember("a", LORA_QV, 1, 8).to_json(), GroupMember("b", LORA_ALL, 2, 24).to_json()]]}  # fmt: skip
     first, second = run_measurement(request)
     assert first.probe == "cpu" and first.static_bytes > 50 << 20
+    assert first.info["packing_max_len"] > 1 << 20  # a Llama packs sequences of any length
     assert first.peak_bytes >= first.static_bytes * 0.9 and second.steps == 2
     assert first.device_kind.startswith("cpu-")
 

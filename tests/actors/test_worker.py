@@ -226,12 +226,14 @@ def test_engine_settings_reach_the_fused_step_and_train_the_same_adapter(worker,
     worker.assign("p", plain)
     wait_events(worker, {"p": "finished"})
     assert worker.progress()["engine"] == {"packing": True, "autocast": False, "activation_checkpointing": False}
+    assert worker.progress()["packing_max_len"] > 1 << 20  # for the controller's memory model: packs any length
     other = TrainingWorker("w5", str(tiny_model_dir), device="cpu", profile="off", packing=False,
                            activation_checkpointing=True)  # fmt: skip
     try:
         other.assign("p", replace(plain, output=str(tmp_path / "ckpt")))
         wait_events(other, {"p": "finished"})
         assert other.progress()["engine"] == {"packing": False, "autocast": False, "activation_checkpointing": True}
+        assert other.progress()["packing_max_len"] == 0  # padded rows: predicted padded
         assert other.engine.fused.activation_checkpointing and not other.engine.settings.packing
     finally:
         other.shutdown(checkpoint=False)

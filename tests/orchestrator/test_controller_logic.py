@@ -132,3 +132,18 @@ def test_view_uses_the_parsed_spec_cache(store):
     view = build_view(store.list(), [], now=0.0, specs={a.id: cached})
     assert view.queued[0].seq_len == 48  # the cached spec, not a fresh parse of the record (64)
     assert build_view(store.list(), [], now=0.0).queued[0].seq_len == 64
+
+
+def test_worker_views_carry_the_packing_the_worker_reports(tmp_path):
+    """The policy predicts a worker's groups packed only once the worker reported that its engine
+    packs the loaded model (``packing_max_len`` in its progress); before that, padded (safe)."""
+    from orchestrator.controller import _Worker
+
+    c = Controller(str(tmp_path / "jobs.db"), str(tmp_path / "storage"), None, start_loop=False)
+    try:
+        c._workers["w-1"] = _Worker("w-1", None, "m", 0.0, last={"state": "loading"})
+        c._workers["w-2"] = _Worker("w-2", None, "m", 0.0, last={"state": "ready", "packing_max_len": 4096})
+        views = {v.worker_id: v for v in c._worker_views()}
+        assert views["w-1"].packing_max_len == 0 and views["w-2"].packing_max_len == 4096
+    finally:
+        c.store.close()

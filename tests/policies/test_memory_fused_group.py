@@ -78,3 +78,37 @@ def test_scheduler_group_sums_match_the_fused_prediction(fits, want):
     assert (exact / gib == pytest.approx(want)) is (fits[0].b2 == 0)
     # with a margin, only the dynamic part grows: 10 + 1.1 x (want - 10)
     assert slot.peak_with(jobs[1], 0.1) / gib == pytest.approx(10 + 1.1 * (want - 10))
+
+
+def test_packed_group_pays_each_job_at_its_own_length():
+    a, b = ActivationFit(4e6, 1e4, 2.0), ActivationFit(1e6, 2e4, 0.0)
+    jobs = [(100.0, a, 2, 50), (200.0, b, 1, 80)]
+    want = 4e6 + 100 + 1e4 * 2 * 50 + 2.0 * 2 * 50**2 + 200 + 2e4 * 80
+    assert fused_group_peak_bytes(0.0, jobs, 0.0, 3000.0, packed=True) == pytest.approx(want)
+    assert fused_group_peak_bytes(5.0, jobs, 0.5, packed=True) == pytest.approx(5.0 + 1.5 * want)
+    assert fused_group_peak_bytes(0.0, jobs, 0.0, 3000.0, packed=False) > want  # the 50-token rows padded to 80
+
+
+def test_scheduler_sums_pack_where_the_worker_packs_the_longest_row():
+    """A worker that packs (``packing_max_len``) holds a 64-token and a 2048-token job at their own
+    lengths; past its packing limit (a sliding window of 1024) the same group is padded."""
+    from policies.framework import Slot
+    from policies.memory_model import packs
+    from policies.snapshot import JobView, WorkerView
+
+    gib = 1024 * MIB
+    fit = ActivationFit(0.5 * gib, MIB, 0.0)  # 1 MiB per token
+    short = JobView("s", "o", 0, 0.0, "m", 10 * gib, gib, fit, 4, 64, 1.0, 1.0, loss_head_per_token=HEAD)
+    long = JobView("l", "o", 0, 0.0, "m", 10 * gib, gib, fit, 2, 2048, 1.0, 1.0, loss_head_per_token=HEAD)
+    rows = [(gib, fit, 4, 64), (gib, fit, 2, 2048)]
+    for limit in (1 << 40, 4096, 2048, 1024, 0):
+        slot = Slot(WorkerView("w", 80 * gib, 1.0, packing_max_len=limit), 0, [short])
+        packed = packs(limit, 2048)
+        want = fused_group_peak_bytes(10 * gib, rows, 0.0, HEAD, packed=packed)
+        assert slot.peak_with(long, 0.0) == pytest.approx(want), limit
+        useful, processed = slot.padded_tokens_with(long)
+        assert (useful, processed) == ((4 * 64 + 2 * 2048), (4 * 64 + 2 * 2048) if packed else 6 * 2048)
+    # packed: 10 + 0.5 (b0) + 2 x 1 GiB adapters + (256 + 4096) MiB = 16.75 GiB; padded: 4 x 2 GiB - head, more
+    packed_peak = Slot(WorkerView("w", 80 * gib, 1.0, packing_max_len=4096), 0, [short]).peak_with(long, 0.0)
+    assert packed_peak / gib == pytest.approx(10 + 0.5 + 2 + (256 + 4096) / 1024)
+    assert Slot(WorkerView("w", 80 * gib, 1.0), 0, [short]).peak_with(long, 0.0) > packed_peak + 4 * gib
