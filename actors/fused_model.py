@@ -25,13 +25,13 @@ from torch.utils.checkpoint import checkpoint
 
 from actors.data import IGNORE_INDEX
 from actors.lora import BatchLayout, ForwardContext, MultiLoraLinear
+from policies.memory_model import PACK_ANY_LENGTH
 
 log = logging.getLogger(__name__)
 
 ALL_LINEAR = "all-linear"  # a target_modules entry: every linear layer of the decoder layers
 VARLEN_CALLS = {"bounds": 0, "plain": 0}  # varlen attention calls with / without sequence bounds (packing probe)
 VARLEN_ATTENTION = "lorafleet_varlen"
-PACK_ANY_LENGTH = 1 << 40  # packing_limit() of a model that packs sequences of any length
 PACKABLE_ATTENTION = ("sdpa", "eager", VARLEN_ATTENTION)  # implementations whose math varlen_sdpa reproduces
 
 

@@ -9,6 +9,8 @@
                  num_attention_heads: 16, intermediate_size: 5632, vocab_size: 32000, dtype_bytes: 2}
     cost_model: {mfu: 0.4, launch_s_per_layer: 0.0005, adapter_overhead_s: 0.002, load_gbps: 2.0}
     checkpoint_every_steps: 50     # optimizer steps between checkpoints (preemption/OOM restart points)
+    packing: false                 # true: workers pack sequences end to end (lorafleet's engine default):
+                                   # no padding in step time or memory; false: rows padded (mLoRA-style)
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class ClusterSpec:
     models: Mapping[str, ModelShape] = field(default_factory=dict)
     cost: CostModel = field(default_factory=CostModel)
     checkpoint_every_steps: int = 50
+    packing: bool = False
 
     def model(self, name: str) -> ModelShape | None:
         """The shape of base model ``name`` (cluster entries first, then the catalogue)."""
@@ -83,7 +86,7 @@ def parse_cluster(doc: Any, source: str = "<cluster>") -> ClusterSpec:
     """Validate a parsed YAML document. Raises ClusterError ``source: field: problem``."""
     if not isinstance(doc, Mapping):
         raise ClusterError(f"{source}: must be a mapping with a 'workers' list")
-    _unknown(source, doc, ("workers", "models", "cost_model", "checkpoint_every_steps"))
+    _unknown(source, doc, ("workers", "models", "cost_model", "checkpoint_every_steps", "packing"))
     raw_workers = doc.get("workers")
     if not isinstance(raw_workers, list) or not raw_workers:
         raise ClusterError(f"{source}: workers: must be a non-empty list of {{count, gpu_memory_gib, tflops}}")
@@ -128,7 +131,10 @@ def parse_cluster(doc: Any, source: str = "<cluster>") -> ClusterSpec:
     except ValueError as err:
         raise ClusterError(f"{source}: cost_model.{err}") from None
     ckpt = int(_number(f"{source}: checkpoint_every_steps", doc.get("checkpoint_every_steps", 50), integer=True))
-    return ClusterSpec(tuple(workers), models, cost, ckpt)
+    packing = doc.get("packing", False)
+    if not isinstance(packing, bool):
+        raise ClusterError(f"{source}: packing: must be true or false (got {packing!r})")
+    return ClusterSpec(tuple(workers), models, cost, ckpt, packing)
 
 
 def load_cluster(path: str | Path) -> ClusterSpec:

@@ -21,7 +21,9 @@ pays for ``half_tokens`` extra tokens of compute, once per group: this, and the 
 launches that do not shrink with small batches), is what makes fusing jobs cheaper than running
 them one by one, as ASPEN measured (+17% throughput). A job of
 ``steps`` optimizer steps with ``batch_size / micro_batch_size`` accumulation runs
-``steps * batch_size / micro_batch_size`` iterations. Switching a worker to another base model
+``steps * batch_size / micro_batch_size`` iterations. With ``packed`` (the cluster YAML's
+``packing: true``: lorafleet's engine, which lays sequences end to end) nothing is padded: every
+job's tokens and attention are at its own length. Switching a worker to another base model
 costs ``static_bytes / (load_gbps * 1e9)`` seconds. Constants are defaults an admin can replace
 (``cost_model:`` in the cluster YAML) with measured values.
 """
@@ -70,24 +72,31 @@ class CostModel:
         if self.load_gbps <= 0:
             raise ValueError(f"load_gbps: must be > 0 (got {self.load_gbps})")
 
-    def iteration_flops(self, model: ModelShape, members: Sequence[Member]) -> float:
-        """FLOPs of one fused iteration (rows padded to the longest member)."""
+    def iteration_flops(self, model: ModelShape, members: Sequence[Member], packed: bool = False) -> float:
+        """FLOPs of one fused iteration: rows padded to the longest member, or with ``packed``
+        (lorafleet's engine default) every job's rows at their own length, attention within each."""
         if not members:
             return 0.0
         lp = max(m.seq_len for m in members)
-        per_token_base = 4.0 * model.num_parameters + 12.0 * model.num_hidden_layers * model.hidden_size * lp
         flops = 0.0
         for m in members:
-            flops += m.micro_batch_size * lp * (per_token_base + 6.0 * m.adapter_params)
+            length = m.seq_len if packed else lp
+            per_token = 4.0 * model.num_parameters + 12.0 * model.num_hidden_layers * model.hidden_size * length
+            flops += m.micro_batch_size * length * (per_token + 6.0 * m.adapter_params)
         return flops
 
-    def iteration_time_s(self, model: ModelShape, members: Sequence[Member], tflops: float) -> float:
-        """Seconds per fused iteration on a device of ``tflops`` peak TFLOP/s; 0 for no members."""
+    def iteration_time_s(self, model: ModelShape, members: Sequence[Member], tflops: float,
+                         packed: bool = False) -> float:  # fmt: skip
+        """Seconds per fused iteration on a device of ``tflops`` peak TFLOP/s; 0 for no members.
+        ``packed``: no padding (``T`` counts each job's rows at its own length)."""
         if not members:
             return 0.0
-        tokens = len(members) and sum(m.micro_batch_size for m in members) * max(m.seq_len for m in members)
+        if packed:
+            tokens = sum(m.micro_batch_size * m.seq_len for m in members)
+        else:
+            tokens = sum(m.micro_batch_size for m in members) * max(m.seq_len for m in members)
         efficiency = self.mfu * tokens / (tokens + self.half_tokens)
-        compute = self.iteration_flops(model, members) / (tflops * 1e12 * efficiency)
+        compute = self.iteration_flops(model, members, packed) / (tflops * 1e12 * efficiency)
         floor = model.num_hidden_layers * self.launch_s_per_layer
         return max(compute, floor) + self.adapter_overhead_s * len(members)
 

@@ -297,6 +297,9 @@ def fused_group_peak_bytes(
     return static + (1.0 + margin) * dynamic
 
 
+PACK_ANY_LENGTH = 1 << 40  # the packing_max_len of an engine that packs sequences of any length
+
+
 def packs(packing_max_len: int, longest: int) -> bool:
     """Whether an engine that packs sequences up to ``packing_max_len`` tokens (0: never; the
     worker reports it for its model: packing off, a decoder that drops the sequence bounds, or

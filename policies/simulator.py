@@ -14,7 +14,8 @@ Accounting rules:
   estimate plus exact adapter bytes, and the model's loss-head bytes per token), the same one the
   controller hands them. A group's peak is
   :func:`policies.memory_model.fused_group_peak_bytes` (rows padded to the longest, the largest
-  ``b0`` once, the loss head at each job's own length), the prediction ``lorafleet estimate``
+  ``b0`` once, the loss head at each job's own length; with the cluster's ``packing: true`` every
+  job at its own length, no padding, in memory and step time alike), the prediction ``lorafleet estimate``
   and the profiler make and the one measured on the engine. The *true* adapter and activation
   coefficients of job j are its predicted ones times ``1 + e_j``, ``e_j`` uniform in
   ``[-memory_noise, +memory_noise]`` drawn from ``(seed, job_id)``: the prediction error that a
@@ -41,6 +42,7 @@ from policies.costmodel import Member
 from policies.fairstart import FifoClock
 from policies.interface import Policy, Preempt, Start
 from policies.memory_model import (
+    PACK_ANY_LENGTH,
     ActivationFit,
     adapter_bytes,
     adapter_param_count,
@@ -186,9 +188,10 @@ class Simulator:
     def view(self) -> ClusterView:
         """The snapshot the policy sees now."""
         running = [j for w in self.workers for j in w.jobs]
+        packing_max_len = PACK_ANY_LENGTH if self.cluster.packing else 0
         workers = tuple(
             WorkerView(w.wid, w.memory, w.tflops, w.loaded, tuple(j.t.job_id for j in w.jobs),
-                       accepting=w.down_until <= self.now)
+                       accepting=w.down_until <= self.now, packing_max_len=packing_max_len)
             for w in self.workers
         )
         queued = tuple(self._job_view(j) for j in self.queued.values())
@@ -209,9 +212,8 @@ class Simulator:
             if w.down_until > self.now:
                 heapq.heappush(self.events, (w.down_until, w.version, w.wid))
             return
-        lp = max(j.t.seq_len for j in w.jobs)
-        members = [Member(j.t.micro_batch_size, lp, j.adapter_params) for j in w.jobs]
-        w.iter_s = self.cost.iteration_time_s(w.jobs[0].model, members, w.tflops)
+        members = [Member(j.t.micro_batch_size, j.t.seq_len, j.adapter_params) for j in w.jobs]
+        w.iter_s = self.cost.iteration_time_s(w.jobs[0].model, members, w.tflops, self.cluster.packing)
         begin = max(self.now, w.ready_at)
         left = min(self._target(j) - j.done for j in w.jobs)
         heapq.heappush(self.events, (begin + max(0.0, left) * w.iter_s, w.version, w.wid))
@@ -226,9 +228,9 @@ class Simulator:
             self.busy_s += dt
             iters = dt / w.iter_s
             rows = sum(j.t.micro_batch_size for j in w.jobs)
-            lp = max(j.t.seq_len for j in w.jobs)
-            self.padded_tokens += iters * rows * lp
-            self.useful_tokens += iters * sum(j.t.micro_batch_size * j.t.seq_len for j in w.jobs)
+            useful = sum(j.t.micro_batch_size * j.t.seq_len for j in w.jobs)
+            self.padded_tokens += iters * (useful if self.cluster.packing else rows * max(j.t.seq_len for j in w.jobs))
+            self.useful_tokens += iters * useful
             for j in w.jobs:
                 j.done = min(self._target(j), j.done + iters)
                 self.usage[j.t.owner] = self.usage.get(j.t.owner, 0.0) + dt * j.t.micro_batch_size / rows
@@ -298,7 +300,7 @@ class Simulator:
         if not w.jobs:
             return
         rows = [(j.true_adapter, j.true_act, j.t.micro_batch_size, j.t.seq_len) for j in w.jobs]
-        peak = fused_group_peak_bytes(w.jobs[0].static, rows, 0.0, w.jobs[0].head)
+        peak = fused_group_peak_bytes(w.jobs[0].static, rows, 0.0, w.jobs[0].head, packed=self.cluster.packing)
         if peak <= w.memory:
             return
         self.oom_count += 1

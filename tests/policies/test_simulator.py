@@ -69,6 +69,46 @@ def test_padding_costs_compute():
     assert cost.iteration_flops(LLAMA, [short, long_]) == cost.iteration_flops(LLAMA, [Member(1, 4096, 0)] * 2)
 
 
+def test_packing_pays_each_job_at_its_own_length():
+    cost = CostModel(mfu=0.5, half_tokens=1000.0, launch_s_per_layer=0.0, adapter_overhead_s=0.0)
+    short, long_ = Member(2, 256, 100), Member(1, 4096, 0)
+    want = cost.iteration_flops(LLAMA, [short]) + cost.iteration_flops(LLAMA, [long_])
+    assert cost.iteration_flops(LLAMA, [short, long_], packed=True) == pytest.approx(want)
+    tokens = 2 * 256 + 4096  # no padding: T counts own lengths
+    t = cost.iteration_time_s(LLAMA, [short, long_], 312.0, packed=True)
+    assert t == pytest.approx(want / (312e12 * 0.5 * tokens / (tokens + 1000.0)))
+    assert t < cost.iteration_time_s(LLAMA, [short, long_], 312.0)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_packing_cluster_runs_mixed_lengths_unpadded(packing):
+    """Two jobs of 512 and 2048 tokens fused on one worker: with ``packing: true`` the group's step
+    time and memory are each job's own, so both finish when the packed cost model says."""
+    from policies.cluster import parse_cluster
+
+    cluster = parse_cluster({"workers": [{"count": 1, "gpu_memory_gib": 141, "tflops": 312}],
+                             "packing": packing, "cost_model": {"load_gbps": 1e9}})  # fmt: skip
+    cluster = type(cluster)(cluster.workers, dict(CATALOGUE), cluster.cost, cluster.checkpoint_every_steps, packing)
+    jobs = [tj("a", model="llama-2-7b", mbs=2, batch=2, seq=2048, steps=10),
+            tj("b", model="llama-2-7b", mbs=2, batch=2, seq=512, steps=10)]  # fmt: skip
+    result = simulate(jobs, cluster, fifo(), memory_noise=0.0)
+    a, b = result.jobs
+    assert a.first_start_s == b.first_start_s == 0.0 and result.oom_count == 0
+    p = adapter_param_count(LLAMA, jobs[0].adapter_shape())
+    iter_s = cluster.cost.iteration_time_s(LLAMA, [Member(2, 2048, p), Member(2, 512, p)], 312.0, packed=packing)
+    load = cluster.cost.load_time_s(LLAMA)
+    assert b.finish_s == pytest.approx(load + 10 * iter_s, rel=1e-9) and a.finish_s == pytest.approx(b.finish_s)
+    padding = 1.0 - result.useful_tokens / result.padded_tokens
+    assert padding == pytest.approx(0.0 if packing else (2 * 1536) / (2 * 2048 * 2), abs=1e-9)
+
+
+def test_packing_must_be_a_boolean():
+    from policies.cluster import ClusterError, parse_cluster
+
+    with pytest.raises(ClusterError, match="packing: must be true or false"):
+        parse_cluster({"workers": [{"count": 1, "gpu_memory_gib": 80, "tflops": 312}], "packing": "yes"})
+
+
 def test_two_jobs_share_a_worker_and_the_second_waits_when_memory_is_short():
     # two llama-2-7b jobs of ~50 GiB each cannot share an 80 GiB worker: the second queues
     jobs = [tj("a", model="llama-2-7b", mbs=4, batch=4, seq=2048, steps=5),
