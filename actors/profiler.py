@@ -502,16 +502,27 @@ class Profiler:
         out = self.runner(base_model, groups, device=self.device, dtype=self.dtype, steps=self.steps)
         if len(out) != len(groups):
             raise ProfileError(f"runner returned {len(out)} measurements for {len(groups)} groups")
-        key = self._static_key(base_model)
-        self.statics[key] = int(out[0].static_bytes)
-        if "packing_max_len" in out[0].info:
-            self.packing[key] = int(out[0].info["packing_max_len"])
+        self.record(base_model, out[0])
         return list(out)
+
+    def record(self, base_model: str, measurement: GroupMeasurement, save: bool = False) -> None:
+        """Keep what any measurement of ``base_model`` on this device found: the static bytes and
+        the engine's packing limit (``save``: write ``static.json`` now)."""
+        key = self._static_key(base_model)
+        self.statics[key] = int(measurement.static_bytes)
+        if "packing_max_len" in measurement.info:
+            self.packing[key] = int(measurement.info["packing_max_len"])
+        if save:
+            self._save()
 
     def packing_max_len(self, base_model: str) -> int:
         """The longest sequence the engine packs on ``base_model`` (with the default engine settings),
         as found by a measurement on this device; 0 (predict padded rows: the safe side) until one ran."""
         return self.packing.get(self._static_key(base_model), 0)
+
+    def packing_measured(self, base_model: str) -> bool:
+        """Whether a measurement on this device has found the engine's packing limit for ``base_model``."""
+        return self._static_key(base_model) in self.packing
 
     # -- the two parts of the model
 

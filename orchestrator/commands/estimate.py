@@ -91,6 +91,14 @@ def run(args: argparse.Namespace) -> int:
     profiler = Profiler(args.profiles, device=args.device, dtype=dtype, profile=not args.no_profile)
     members = [(c.name, c.adapter, c.train.micro_batch_size, min(_planned_len(c, args.seq_len), c.data.max_seq_len))
                for c in configs]  # fmt: skip
+    measured = None
+    if args.measure:  # first: the run also tells whether the engine packs this model, which the prediction uses
+        group = [GroupMember(c.name, c.adapter, b, seq, data=c.data) for c, (_n, _a, b, seq) in zip(configs, members, strict=True)]
+        try:
+            measured = measure_group(base, group, device=args.device, dtype=dtype, steps=args.steps)
+        except ProfileError as err:
+            raise UserError(f"--measure: {err}") from None
+        profiler.record(base, measured, save=True)
     try:
         pred = profiler.predict(base, members, args.margin)
         best = profiler.max_micro_batch(base, members, budget, args.margin) if budget is not None else None
@@ -111,15 +119,10 @@ def run(args: argparse.Namespace) -> int:
     if budget is not None:
         out["budget_bytes"] = budget
         out["max_micro_batch_size"] = best
-    if args.measure:
-        group = [GroupMember(c.name, c.adapter, b, seq, data=c.data) for c, (_n, _a, b, seq) in zip(configs, members, strict=True)]
-        try:
-            m = measure_group(base, group, device=args.device, dtype=dtype, steps=args.steps)
-        except ProfileError as err:
-            raise UserError(f"--measure: {err}") from None
-        out["measured_peak_bytes"] = m.peak_bytes
-        out["measured_static_bytes"] = m.static_bytes
-        out["relative_error"] = (pred.group_peak_bytes - m.peak_bytes) / m.peak_bytes
+    if measured is not None:
+        out["measured_peak_bytes"] = measured.peak_bytes
+        out["measured_static_bytes"] = measured.static_bytes
+        out["relative_error"] = (pred.group_peak_bytes - measured.peak_bytes) / measured.peak_bytes
     if args.json:
         print(json.dumps(out, indent=1))
         return 0
@@ -133,6 +136,9 @@ def run(args: argparse.Namespace) -> int:
           f"{_gib(j.alone_peak_bytes):>14}  {j.source}\n")  # fmt: skip
     layout = "sequences packed, no padding" if pred.packed else f"rows padded to L={pred.seq_len}"
     w(f"group peak ({layout}): {_gib(pred.group_peak_bytes)}\n")
+    if not pred.packed and not profiler.packing_measured(base):
+        w("  (the engine packs most models, which costs less; whether it packs this one is known once a profile or\n"
+          "   --measure has run it on this device: until then the prediction assumes padded rows, the safe side)\n")
     if budget is not None:
         w(f"largest micro-batch (every job) within {_gib(budget)}: {best}\n")
     if args.measure:

@@ -63,6 +63,15 @@ def test_estimate_json_has_the_documented_keys(setup, capsys):
     head = loss_head_bytes_per_token(Profiler(cache).model_shape(base))
     assert out["group_peak_bytes"] == pytest.approx(fused_group_peak_bytes(STATIC, rows, 0.0, head), abs=4)
     assert out["group_peak_bytes"] > STATIC + FIT.b0 + sum(j["adapter_bytes"] for j in out["jobs"])
+    assert out["packed"] is False  # nothing measured the engine on this model yet: padded, the safe side
+    # once a measurement found that the engine packs this model, each job is at its own length
+    prof = Profiler(cache)
+    prof.packing[prof._static_key(base)] = 1 << 40
+    prof._save()
+    packed = _run_json(capsys, ["estimate", str(a), str(b), "--profiles", str(cache), "--json"])
+    assert packed["packed"] is True
+    want = fused_group_peak_bytes(STATIC, rows, 0.0, head, packed=True)
+    assert packed["group_peak_bytes"] == pytest.approx(want, abs=4) and want < out["group_peak_bytes"]
 
 
 def test_estimate_budget_answer_is_consistent_with_the_model(setup, capsys):
@@ -91,6 +100,7 @@ def test_estimate_text_output_and_no_profile(setup, capsys):
     assert main(["estimate", str(a), "--profiles", str(empty), "--no-profile", "--budget", "20GiB"]) == 0
     text = capsys.readouterr().out
     assert "group peak" in text and "analytic" in text and "largest micro-batch" in text
+    assert "rows padded to L=" in text and "assumes padded rows" in text
 
 
 def test_estimate_errors_are_user_errors(setup, capsys, tmp_path):
@@ -105,7 +115,9 @@ def test_estimate_errors_are_user_errors(setup, capsys, tmp_path):
 
 @pytest.mark.slow
 def test_estimate_measure_runs_the_group(setup, capsys):
-    a, b, cache, _ = setup
+    a, b, cache, base = setup
     out = _run_json(capsys, ["estimate", str(a), str(b), "--profiles", str(cache), "--measure", "--json",
                              "--steps", "2"])  # fmt: skip
     assert out["measured_peak_bytes"] > 0 and "relative_error" in out
+    assert out["packed"] is True  # the measurement ran first and found that the engine packs a Llama
+    assert Profiler(cache).packing_measured(base)
