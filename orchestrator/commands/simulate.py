@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         for m in metrics:
             print(json.dumps(m.as_dict()))
     else:
-        _print_tables(metrics, len(trace))
+        _print_tables(metrics, len(trace), cluster.packing)
     if args.plot:
         _plot(results, args.plot)
         if not args.json:
@@ -66,12 +66,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_tables(metrics: list, jobs: int) -> None:
+def _print_tables(metrics: list, jobs: int, packing: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
     base = next((m for m in metrics if m.policy == "fifo"), metrics[0])
-    table = Table(title=f"{jobs} jobs; JCT in hours; 'vs {base.policy}' = mean JCT ratio")
+    layout = "sequences packed (cluster packing: true)" if packing else "rows padded (cluster packing: false)"
+    table = Table(title=f"{jobs} jobs, {layout}; JCT in hours; 'vs {base.policy}' = mean JCT ratio")
     for col in ("policy", "mean JCT", f"vs {base.policy}", "p50 JCT", "p99 JCT", "mean queue", "makespan",
                 "util", "OOMs", "preempt", "FTF mean/max"):  # fmt: skip
         table.add_column(col, justify="left" if col == "policy" else "right")

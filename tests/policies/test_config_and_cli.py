@@ -137,6 +137,11 @@ def test_cli_table_and_user_errors(tmp_path, capsys):
     assert main(["simulate", "--trace", str(trace), "--cluster", "examples/cluster.yaml", "--policy", "fifo,sjf"]) == 0
     out = capsys.readouterr().out
     assert "fifo" in out and "sjf" in out and "priority 0" in out
+    assert "rows padded (cluster packing: false)" in out  # the table says which engine it models
+    packed = tmp_path / "packed.yaml"
+    packed.write_text(yaml.safe_dump({"workers": [{"count": 2, "gpu_memory_gib": 80, "tflops": 312}], "packing": True}))
+    assert main(["simulate", "--trace", str(trace), "--cluster", str(packed), "--policy", "fifo"]) == 0
+    assert "sequences packed (cluster packing: true)" in capsys.readouterr().out
     # two policies of one name (aspen and an aspen YAML) are told apart by what was asked for
     assert main(["simulate", "--trace", str(trace), "--cluster", "examples/cluster.yaml", "--json",
                  "--policy", "aspen,examples/policy.yaml"]) == 0  # fmt: skip
