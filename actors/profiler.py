@@ -44,6 +44,7 @@ from actors.config import AdapterSettings, DataSettings, LoraSettings, MixLoraSe
 from actors.memprobe import cpu_device_kind
 from policies.memory_model import (
     GIB,
+    TARGET_EQUIVALENTS,
     ActivationFit,
     AdapterShape,
     ModelShape,
@@ -51,6 +52,7 @@ from policies.memory_model import (
     ProfileKey,
     adapter_bytes,
     analytic_activation,
+    canonical_targets,
     fit_activation,
     fused_group_peak_bytes,
     loss_head_bytes_per_token,
@@ -130,8 +132,13 @@ def model_shape_from_config(config: Mapping[str, Any], dtype: str = "float32") -
 
 
 def adapter_shape_of(settings: AdapterSettings) -> AdapterShape:
-    """The memory model's view of an engine adapter (LoRA or MixLoRA)."""
-    targets = tuple(settings.target_modules)
+    """The memory model's view of an engine adapter (LoRA or MixLoRA); other families' target names
+    (and ``all-linear``) as the LLaMA projections of the same shapes
+    (:func:`policies.memory_model.canonical_targets`). Raises ValueError when none is known."""
+    targets = canonical_targets(settings.target_modules)
+    if not targets:
+        raise ValueError(f"target_modules: none of {list(settings.target_modules)} is a projection the memory model "
+                         f"knows ({', '.join(TARGET_EQUIVALENTS)} or the LLaMA names)")  # fmt: skip
     if settings.kind == "mixlora":
         mix = settings.mixlora or MixLoraSettings()
         return AdapterShape(kind="mixlora", r=settings.lora.r, target_modules=targets,

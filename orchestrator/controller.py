@@ -63,7 +63,13 @@ from policies import (
     parse_policy_config,
 )
 from policies.fairstart import FifoClock
-from policies.memory_model import adapter_bytes, analytic_activation, loss_head_bytes_per_token, static_bytes
+from policies.memory_model import (
+    adapter_bytes,
+    analytic_activation,
+    canonical_targets,
+    loss_head_bytes_per_token,
+    static_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,23 +124,12 @@ def model_shape_for(base_model: str, reported: Mapping[str, Mapping[str, Any]] |
     return FALLBACK_SHAPE
 
 
-LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Other families' projection names, as the LLaMA projections of the same shapes (the memory model's terms)
-TARGET_EQUIVALENTS = {
-    "qkv_proj": ("q_proj", "k_proj", "v_proj"), "query_key_value": ("q_proj", "k_proj", "v_proj"),
-    "gate_up_proj": ("gate_proj", "up_proj"), "dense": ("o_proj",), "fc1": ("up_proj",), "fc2": ("down_proj",),
-    "dense_h_to_4h": ("up_proj",), "dense_4h_to_h": ("down_proj",), "c_fc": ("up_proj",), "c_proj": ("down_proj",),
-    "all-linear": LLAMA_TARGETS,
-}  # fmt: skip
-
-
 def adapter_shape_of(spec: JobSpec) -> AdapterShape:
     """The memory model's view of a job's adapter. Target names of other families (Phi-3's
     ``qkv_proj``/``gate_up_proj``, Phi's ``dense``/``fc1``/``fc2``, ...) count as the LLaMA
     projections of the same shapes; a spec naming none of them is estimated as q and v."""
     a = spec.adapter
-    mapped = [t for m in a.target_modules for t in (TARGET_EQUIVALENTS.get(m) or ((m,) if m in LLAMA_TARGETS else ()))]
-    known = tuple(dict.fromkeys(mapped)) or ("q_proj", "v_proj")
+    known = canonical_targets(a.target_modules) or ("q_proj", "v_proj")
     if a.type == "mixlora":
         er = a.expert.r if a.expert is not None and a.expert.r else 0
         return AdapterShape("mixlora", a.r, known, a.num_experts or 8, a.top_k or 2, er or 0)

@@ -33,6 +33,22 @@ from pathlib import Path
 GIB = 1 << 30
 ALL_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FFN_TARGETS = frozenset({"gate_proj", "up_proj", "down_proj"})
+# Other families' projection names as the LLaMA projections of the same shapes (the memory model's
+# terms): exact for renamed ones (Phi's dense/fc1/fc2, StarCoder2's c_fc/c_proj), a slight
+# over-estimate for fused ones (Phi-3's qkv_proj is counted as three LoRAs: 2*r*hidden more per layer).
+TARGET_EQUIVALENTS: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"), "query_key_value": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"), "dense": ("o_proj",), "fc1": ("up_proj",), "fc2": ("down_proj",),
+    "dense_h_to_4h": ("up_proj",), "dense_4h_to_h": ("down_proj",), "c_fc": ("up_proj",), "c_proj": ("down_proj",),
+    "all-linear": ALL_TARGETS,
+}  # fmt: skip
+
+
+def canonical_targets(names: Sequence[str]) -> tuple[str, ...]:
+    """A job's ``target_modules`` in the memory model's terms (the LLaMA projection names), by
+    :data:`TARGET_EQUIVALENTS`; names it does not know are dropped. Empty if none is known."""
+    mapped = [t for n in names for t in (TARGET_EQUIVALENTS.get(n) or ((n,) if n in ALL_TARGETS else ()))]
+    return tuple(dict.fromkeys(mapped))
 ADAPTER_BYTES_PER_PARAM = 16  # fp32 weight 4 + grad 4 + AdamW exp_avg 4 + exp_avg_sq 4
 CONTEXT_RESERVE_BYTES = 1 * GIB  # CUDA context, cuBLAS workspaces, allocator slack: once per worker
 ACTIVATION_B0_BYTES = 256 * (1 << 20)  # analytic default: per-job fixed buffers (loss, optimizer scratch)

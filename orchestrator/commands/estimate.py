@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
           f"{_gib(j.alone_peak_bytes):>14}  {j.source}\n")  # fmt: skip
     layout = "sequences packed, no padding" if pred.packed else f"rows padded to L={pred.seq_len}"
     w(f"group peak ({layout}): {_gib(pred.group_peak_bytes)}\n")
-    if not pred.packed and not profiler.packing_measured(base):
+    if not pred.packed and not profiler.packing_measured(base) and len({j.seq_len for j in pred.jobs}) > 1:
         w("  (the engine packs most models, which costs less; whether it packs this one is known once a profile or\n"
           "   --measure has run it on this device: until then the prediction assumes padded rows, the safe side)\n")
     if budget is not None:

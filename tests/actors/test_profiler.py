@@ -188,3 +188,13 @@ def test_real_measurement_in_process(tiny_model_dir):
 def test_real_measurement_in_a_fresh_process(tiny_model_dir):
     m = measure_group(str(tiny_model_dir), [GroupMember("a", LORA_QV, 2, 64)], steps=2)
     assert m.static_bytes > 50 << 20 and m.peak_bytes > m.static_bytes
+
+
+def test_adapter_shape_takes_all_linear_and_other_families_names():
+    from policies.memory_model import ALL_TARGETS
+
+    assert adapter_shape_of(AdapterSettings("lora", LoraSettings(r=4, alpha=8), ("all-linear",))).target_modules == ALL_TARGETS
+    phi3 = adapter_shape_of(AdapterSettings("lora", LoraSettings(r=4, alpha=8), ("qkv_proj", "gate_up_proj")))
+    assert phi3.target_modules == ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+    with pytest.raises(ValueError, match="target_modules"):
+        adapter_shape_of(AdapterSettings("lora", LoraSettings(r=4, alpha=8), ("lm_head",)))

@@ -100,7 +100,38 @@ def test_estimate_text_output_and_no_profile(setup, capsys):
     assert main(["estimate", str(a), "--profiles", str(empty), "--no-profile", "--budget", "20GiB"]) == 0
     text = capsys.readouterr().out
     assert "group peak" in text and "analytic" in text and "largest micro-batch" in text
-    assert "rows padded to L=" in text and "assumes padded rows" in text
+    assert "rows padded to L=" in text and "assumes padded rows" not in text  # one job: nothing to pad
+    a, b, _cache, _ = setup
+    assert main(["estimate", str(a), str(b), "--profiles", str(empty), "--no-profile", "--seq-len", "max"]) == 0
+    assert "assumes padded rows" not in capsys.readouterr().out  # equal lengths: packing changes nothing
+    short = json.loads(b.read_text())
+    short["data"]["max_seq_len"] = 16
+    (b.parent / "short.json").write_text(json.dumps(short))
+    assert main(["estimate", str(a), str(b.parent / "short.json"), "--profiles", str(empty), "--no-profile",
+                 "--seq-len", "max"]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    assert "rows padded to L=64" in text and "assumes padded rows" in text
+
+
+def test_estimate_takes_the_default_all_linear_and_other_families_names(setup, capsys, tmp_path, tiny_model_dir):
+    """A spec without target_modules (all-linear, the default) or with Phi-3's fused names is estimated
+    as the LLaMA projections of the same shapes (it used to fail: 'all-linear' is not one of ...)."""
+    _a, _b, _cache, _ = setup
+    plain = _spec(tmp_path, tiny_model_dir, "plain", 4, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                        "up_proj", "down_proj"], 2)  # fmt: skip
+    default = json.loads(plain.read_text())
+    del default["adapter"]["target_modules"]
+    default["name"] = "default"
+    (tmp_path / "default.json").write_text(json.dumps(default))
+    fused = {**default, "name": "fused", "adapter": {**default["adapter"], "target_modules": ["qkv_proj", "o_proj"]}}
+    (tmp_path / "fused.json").write_text(json.dumps(fused))
+    empty = tmp_path / "no-profiles"
+    outs = {}
+    for name in ("plain", "default", "fused"):
+        outs[name] = _run_json(capsys, ["estimate", str(tmp_path / f"{name}.json"), "--profiles", str(empty),
+                                        "--no-profile", "--json"])["jobs"][0]  # fmt: skip
+    assert outs["default"]["adapter_bytes"] == outs["plain"]["adapter_bytes"] > 0
+    assert 0 < outs["fused"]["adapter_bytes"] < outs["plain"]["adapter_bytes"]
 
 
 def test_estimate_errors_are_user_errors(setup, capsys, tmp_path):

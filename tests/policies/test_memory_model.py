@@ -138,3 +138,13 @@ def test_profile_cache_round_trip(tmp_path):
     path.write_text(json.dumps({"version": 1, "profiles": [{"base_model": "m"}]}))
     with pytest.raises(MemoryModelError, match=r"profiles\[0\]"):
         ProfileCache.load(path)
+
+
+def test_canonical_targets_map_other_families_names_to_the_llama_projections():
+    from policies.memory_model import ALL_TARGETS, canonical_targets
+
+    assert canonical_targets(["all-linear"]) == ALL_TARGETS
+    assert canonical_targets(["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]) == ALL_TARGETS
+    assert canonical_targets(["dense", "fc1", "fc2", "q_proj"]) == ("o_proj", "up_proj", "down_proj", "q_proj")
+    assert canonical_targets(["q_proj", "q_proj", "v_proj"]) == ("q_proj", "v_proj")
+    assert canonical_targets(["lm_head", "unknown"]) == ()
