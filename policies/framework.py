@@ -154,13 +154,13 @@ class Slot:
         the group's longest row, else padded to it."""
         if job is None:
             lp = self.lmax
-            if packs(self.worker.packing_max_len, lp):
+            if 0 < lp <= self.worker.packing_max_len:  # policies.memory_model.packs, inlined: a hot path
                 return self.b0 + self.sown
             return self.b0 + self.sc + lp * self.sd + lp * lp * self.se
         b0, c, d, e = job_terms(job)
         seq = job.seq_len
         lp = seq if seq > self.lmax else self.lmax
-        if packs(self.worker.packing_max_len, lp):
+        if 0 < lp <= self.worker.packing_max_len:
             return max(self.b0, b0) + self.sown + c + seq * d + seq * seq * e
         return max(self.b0, b0) + self.sc + c + lp * (self.sd + d) + lp * lp * (self.se + e)
 
