@@ -167,7 +167,8 @@ def adapter_param_count(model: ModelShape, adapter: AdapterShape) -> int:
 
     LoRA on a linear ``in -> out`` with rank r has ``r * (in + out)`` parameters (A: r x in,
     B: out x r). MixLoRA per layer adds a router ``hidden * num_experts`` and, on each of
-    gate/up/down, ``num_experts`` expert LoRAs of rank ``expert_r``.
+    gate/up/down that ``target_modules`` names, ``num_experts`` expert LoRAs of rank ``expert_r``
+    (as the engine places them).
     """
     per_layer = 0
     for module in adapter.target_modules:
@@ -178,7 +179,7 @@ def adapter_param_count(model: ModelShape, adapter: AdapterShape) -> int:
     if adapter.kind == "mixlora":
         er = adapter.expert_r or adapter.r
         per_layer += model.hidden_size * adapter.num_experts
-        for module in sorted(FFN_TARGETS):
+        for module in sorted(FFN_TARGETS.intersection(adapter.target_modules)):
             d_in, d_out = model.linear_dims(module)
             per_layer += adapter.num_experts * er * (d_in + d_out)
     return per_layer * model.num_hidden_layers

@@ -198,3 +198,28 @@ def test_adapter_shape_takes_all_linear_and_other_families_names():
     assert phi3.target_modules == ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
     with pytest.raises(ValueError, match="target_modules"):
         adapter_shape_of(AdapterSettings("lora", LoraSettings(r=4, alpha=8), ("lm_head",)))
+
+
+@pytest.mark.parametrize(
+    ("kind", "targets"),
+    [("lora", ALL), ("lora", ("k_proj", "down_proj")), ("lora", ("all-linear",)), ("mixlora", ALL),
+     ("mixlora", ("q_proj", "gate_proj")), ("mixlora", ("v_proj", "up_proj", "down_proj"))],
+)  # fmt: skip
+def test_adapter_bytes_count_the_engines_trainable_parameters_exactly(kind, targets):
+    """The memory model's parameter count equals what the engine trains: LoRA on each target,
+    MixLoRA's router on every layer and experts only on the FFN projections it targets."""
+    from actors.config import MixLoraSettings
+    from actors.engine import FusedEngine
+    from policies.memory_model import adapter_param_count
+    from tests.actors.test_mixlora import examples, job_config
+    from tests.conftest import make_tokenizer
+
+    model = make_tiny_llama(seed=1)
+    lora = LoraSettings(r=4, alpha=8)
+    mix = MixLoraSettings(num_experts=3, top_k=2, expert=LoraSettings(r=2, alpha=4)) if kind == "mixlora" else None
+    settings = AdapterSettings(kind, lora, targets, mixlora=mix)
+    engine = FusedEngine(model, make_tokenizer())
+    job = engine.add_job(job_config("j", settings, "unused"), examples=examples(4, 1, 5, 9))
+    trained = sum(p.numel() for p in job.adapter.parameters())
+    shape = model_shape_from_config(model.config.to_dict())
+    assert adapter_param_count(shape, adapter_shape_of(settings)) == trained > 0

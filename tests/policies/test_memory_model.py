@@ -42,6 +42,9 @@ def test_mixlora_params_router_and_experts():
     # per layer 512 + 192 + 3456 = 4160; two layers 8320
     assert adapter_param_count(tiny, shape) == 8320
     assert adapter_bytes(tiny, shape) == 8320 * 16
+    # experts only where the targets say: gate alone is 3 * 2 * (64 + 128) = 1152 per layer
+    partial = AdapterShape("mixlora", 4, ("q_proj", "gate_proj"), num_experts=3, top_k=2, expert_r=2)
+    assert adapter_param_count(tiny, partial) == 2 * (512 + 192 + 1152)
 
 
 def test_static_bytes_is_weights_plus_reserve():
