@@ -49,6 +49,8 @@ def canonical_targets(names: Sequence[str]) -> tuple[str, ...]:
     :data:`TARGET_EQUIVALENTS`; names it does not know are dropped. Empty if none is known."""
     mapped = [t for n in names for t in (TARGET_EQUIVALENTS.get(n) or ((n,) if n in ALL_TARGETS else ()))]
     return tuple(dict.fromkeys(mapped))
+
+
 ADAPTER_BYTES_PER_PARAM = 16  # fp32 weight 4 + grad 4 + AdamW exp_avg 4 + exp_avg_sq 4
 CONTEXT_RESERVE_BYTES = 1 * GIB  # CUDA context, cuBLAS workspaces, allocator slack: once per worker
 ACTIVATION_B0_BYTES = 256 * (1 << 20)  # analytic default: per-job fixed buffers (loss, optimizer scratch)
