@@ -252,8 +252,8 @@ class FusedModel:
             return False
         if getattr(config, "attn_logit_softcapping", None):
             return False
-        window = getattr(config, "sliding_window", None)
-        if window and getattr(config, "use_sliding_window", True) and window < longest:
+        window = self.sliding_window()
+        if window and window < longest:
             return False
         if getattr(config, "layer_types", None) and any(t != "full_attention" for t in config.layer_types):
             return False
@@ -266,10 +266,12 @@ class FusedModel:
         window where one applies, else :data:`PACK_ANY_LENGTH`."""
         if not self.packing_supported(1):
             return 0
+        return self.sliding_window() or PACK_ANY_LENGTH
+
+    def sliding_window(self) -> int | None:
+        """The attention's sliding window where the config turns one on, else None."""
         window = getattr(self.config, "sliding_window", None)
-        if window and getattr(self.config, "use_sliding_window", True):
-            return int(window)
-        return PACK_ANY_LENGTH
+        return int(window) if window and getattr(self.config, "use_sliding_window", True) else None
 
     def _probe_packing(self) -> bool:
         """Whether packing is exact on this model: one packed forward of two short sequences.
