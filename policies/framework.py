@@ -23,7 +23,9 @@ One call of :meth:`ProfilePolicy.schedule` runs one cycle on a snapshot:
    ``percentageOfNodesToScore``), idle ones first.
 3. The candidate with the highest weighted score wins (ties: the worker listed first):
    ``total = sum(weight_i * score_i) / sum(weight_i)``, each score in 0..100.
-4. A job with no candidate: ``preempt`` may name victims (Preempt decisions); then, without
+4. A job with no candidate: ``preempt`` may name victims (Preempt decisions); their worker is
+   then held (:meth:`Cycle.hold`): no later job of the cycle may join it, nor any job of a later
+   cycle while a preemption on it is pending, so the room goes to the job it was freed for. Then, without
    ``backfill`` (strict order), the cycle stops: head-of-line blocking. With backfill, the first
    ``reservations`` such jobs each reserve the busy worker expected to drain soonest for them
    (:meth:`Cycle.reserve_for`) and later jobs may start only elsewhere (EASY backfilling).
@@ -231,6 +233,9 @@ class Cycle:
         self._max_idle = max((k[1] for k, v in self.idle_classes.items() if v), default=0)
         self._ranked: dict[str, list[tuple[float, int, Slot]]] = {}  # busy slots by free memory, lazily
         self._reps: list[Slot] | None = None  # one idle slot per interchangeable class, lazily
+        for s in self.slots:  # a group being preempted frees its room for the job it was preempted for
+            if s.jobs and any(j.job_id in self.pending for j in s.jobs):
+                self.hold(s)
 
     def _scan_max(self, model: str) -> float:
         return max((s.free_bytes(self.margin) for s in self.busy_by_model.get(model, ())), default=-1.0)
@@ -310,12 +315,21 @@ class Cycle:
                 if t < best_t or (t == best_t and best is not None and slot.index < best.index):
                     best, best_t = slot, t
         if best is not None:
-            model = best.model or ""
-            self.reserved.add(best.index)
-            self.busy_by_model[model].remove(best)
+            self.hold(best)
+        return best
+
+    def hold(self, slot: Slot) -> None:
+        """Take a busy slot out of this cycle: no job may join it (a reservation, or a worker whose
+        group is being preempted for another job)."""
+        if slot.index in self.reserved:
+            return
+        self.reserved.add(slot.index)
+        model = slot.model or ""
+        members = self.busy_by_model.get(model)
+        if members is not None and slot in members:
+            members.remove(slot)
             self._ranked.pop(model, None)
             self._max_free[model] = self._scan_max(model)
-        return best
 
     def _need(self, job: JobView) -> tuple[float, float]:
         """(bytes the job needs on an idle worker beyond the model, the least it adds to a busy
@@ -574,6 +588,10 @@ class ProfilePolicy:
                 victims = self.preempt.victims(job, cycle)
                 cycle.pending.update(victims)
                 preempts.extend(Preempt(v) for v in victims)
+                for v in victims:  # later jobs of this cycle must not refill the room being freed
+                    victim = cycle.view.find_job(v)
+                    if victim is not None and victim.worker_id in cycle.slot_of:
+                        cycle.hold(cycle.slot_of[victim.worker_id])
             if not self.backfill:
                 break
             if reserve_left > 0 and cycle.reserve_for(job) is not None:

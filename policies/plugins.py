@@ -444,13 +444,16 @@ class LowerPriorityPreemption:
     Nothing is preempted when the jobs already pending preemption will make room. Otherwise, on
     each accepting worker, victims are taken lowest priority first (latest started first among
     equals) until the job fits (a worker of another model must be emptied entirely); the worker
-    needing the fewest victims wins (ties: lowest index). No worker possible: no victims.
+    needing the fewest victims wins (ties: lowest index). No worker possible: no victims. A job
+    started in this cycle, or at this instant (``start_time_s == now``), is never a victim: it has
+    made no progress, and preempting it would let two jobs trade a worker forever at one instant.
+    The engine holds the victims' worker (:meth:`Cycle.hold`) so that no other job refills the room.
     """
 
     min_priority_gap: int = 1
 
     def victims(self, job: JobView, cycle: Cycle) -> list[str]:
-        pending = cycle.pending
+        pending, now = cycle.pending, cycle.view.now_s
         best: list[str] | None = None
         for slot in cycle.slots:
             if not slot.worker.accepting:
@@ -458,7 +461,11 @@ class LowerPriorityPreemption:
             keep = [j for j in slot.jobs if j.job_id not in pending]
             if self._fits(job, slot, keep, cycle):
                 return []  # pending preemptions will make room: wait for them
-            lower = [j for j in keep if j.priority <= job.priority - self.min_priority_gap]
+            # only jobs that have run since they started: one started in this cycle or at this
+            # instant would stop at once (it is at its checkpoint), so a job could be started and
+            # preempted again and again without time passing (the simulator hung so)
+            lower = [j for j in keep if j.priority <= job.priority - self.min_priority_gap and j.is_running
+                     and (j.start_time_s is None or j.start_time_s < now)]  # fmt: skip
             lower.sort(key=lambda j: (j.priority, -(j.start_time_s or 0.0), j.job_id))
             chosen: list[str] = []
             for victim in lower:

@@ -89,6 +89,44 @@ def test_priority_never_preempts_equal_priority():
     assert priority().schedule(view([job("h", priority=5, dyn_gib=40)], running, workers)) == []
 
 
+PREEMPTIVE_BACKFILL = [
+    pytest.param(lambda: sjf(CommonSettings(preemption="lower_priority", backfill=True)), id="sjf"),
+    pytest.param(lambda: aspen(AspenSettings(preemption="lower_priority", fair_slack_s=None)), id="aspen"),
+]
+
+
+@pytest.mark.parametrize("make", PREEMPTIVE_BACKFILL)
+def test_job_started_this_cycle_is_never_a_victim(make):
+    # "a" (shortest, first) takes the idle w0; "h" (priority 5) then fits nowhere: preempting "a"
+    # would stop it before it ran, and the two would trade w0 at one instant forever
+    jobs = [job("a", work=10, dyn_gib=60), job("h", priority=5, work=50, dyn_gib=60)]
+    assert make().schedule(view(jobs, workers=[worker("w0")])) == [Start("a", "w0")]
+
+
+@pytest.mark.parametrize("make", PREEMPTIVE_BACKFILL)
+def test_job_started_at_this_instant_is_never_a_victim(make):
+    running = [job("r", dyn_gib=60, worker="w0", start=1000.0)]  # the view's now is 1000
+    workers = [worker("w0", model="m", running=("r",))]
+    assert make().schedule(view([job("h", priority=5, dyn_gib=60)], running, workers)) == []
+    running = [job("r", dyn_gib=60, worker="w0", start=999.0)]
+    assert make().schedule(view([job("h", priority=5, dyn_gib=60)], running, workers)) == [Preempt("r")]
+
+
+@pytest.mark.parametrize("make", PREEMPTIVE_BACKFILL)
+def test_worker_being_emptied_takes_no_other_job(make):
+    # "h" (model x) preempts "r" to empty w0; "b" (model m) would fit beside "r" but must not refill w0
+    running = [job("r", dyn_gib=40, worker="w0", start=10)]
+    workers = [worker("w0", model="m", running=("r",))]
+    queued = [job("h", priority=5, model="x", work=10, dyn_gib=40), job("b", submit=5, work=20, dyn_gib=5)]
+    assert make().schedule(view(queued, running, workers)) == [Preempt("r")]
+    # while the preemption is pending, neither "b" nor "h" joins, and nothing more is preempted
+    running = [job("r", dyn_gib=40, worker="w0", start=10, pending=True)]
+    assert make().schedule(view(queued, running, workers)) == []
+    # the same worker without a pending preemption takes "b"
+    running = [job("r", dyn_gib=40, worker="w0", start=10)]
+    assert make().schedule(view([job("b", submit=5, work=20, dyn_gib=5)], running, workers)) == [Start("b", "w0")]
+
+
 def test_priority_empties_worker_of_other_model():
     # w0 runs model x with two low jobs; the high job (model m) needs all of w0
     running = [job("x1", model="x", dyn_gib=20, worker="w0", start=1), job("x2", model="x", dyn_gib=20, worker="w0",

@@ -1,6 +1,6 @@
 import pytest
 
-from policies.builtin import CommonSettings, aspen, fifo
+from policies.builtin import AspenSettings, CommonSettings, aspen, fifo, sjf
 from policies.catalogue import CATALOGUE
 from policies.cluster import default_cluster
 from policies.costmodel import CostModel, Member
@@ -17,7 +17,7 @@ from policies.memory_model import (
 )
 from policies.metrics import percentile, summarise
 from policies.simulator import SimulationError, simulate
-from policies.trace import TraceJob
+from policies.trace import TraceJob, synth_trace
 
 SMOL = CATALOGUE["smollm2-135m"]
 LLAMA = CATALOGUE["llama-2-7b"]
@@ -222,3 +222,18 @@ def test_percentile_interpolates():
     assert percentile([1, 2, 3, 4], 50) == 2.5
     assert percentile([10], 99) == 10
     assert percentile([0, 100], 99) == 99
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", ["aspen", "sjf", "fifo"])
+def test_preemption_with_backfill_finishes_every_job(name):
+    # lower_priority preemption with backfill used to hang here: a job started in a cycle was
+    # preempted (at its checkpoint, so at once) for one that the next start then beat to the worker
+    common = {"preemption": "lower_priority"}
+    policy = {"aspen": lambda: aspen(AspenSettings(**common)),
+              "sjf": lambda: sjf(CommonSettings(backfill=True, **common)),
+              "fifo": lambda: fifo(CommonSettings(backfill=True, **common))}[name]()  # fmt: skip
+    trace = synth_trace(150, 201)
+    result = simulate(trace, default_cluster(), policy)
+    assert sorted(j.job_id for j in result.jobs) == sorted(t.job_id for t in trace)
+    assert result.preemptions > 0
