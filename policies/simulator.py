@@ -322,6 +322,9 @@ class Simulator:
         timings: list[float] = []
         next_arrival = 0
         n = len(self.arrivals)
+        # cycles at one instant: each must start, finish or stop something, so more than this
+        # many means a policy that starts and preempts the same jobs without time passing
+        instant_limit, instant_cycles, last_now = 10 * n + 100, 0, -1.0
         while len(self.finished) < n:
             t_arr = self.arrivals[next_arrival].t.submit_time_s if next_arrival < n else math.inf
             while self.events and self.events[0][1] != self.by_wid[self.events[0][2]].version:
@@ -344,10 +347,18 @@ class Simulator:
                 self._worker_event(w)
                 self._reschedule(w)
             if self.queued:
+                instant_cycles = instant_cycles + 1 if self.now <= last_now + EPS else 0
+                last_now = self.now
                 start = time.perf_counter() if time_decisions else 0.0
                 decisions = self.policy.schedule(self.view())
                 if time_decisions:
                     timings.append(time.perf_counter() - start)
+                if instant_cycles > instant_limit:
+                    shown = ", ".join(map(repr, decisions[:4])) or "none"
+                    raise SimulationError(
+                        f"{self.policy.name}: {instant_cycles} scheduling cycles at t={self.now:.0f}s without time "
+                        f"passing: the policy keeps starting and preempting jobs that have not run (last decisions: "
+                        f"{shown})")  # fmt: skip
                 self._apply(decisions)
         self.finished.sort(key=lambda r: r.job_id)
         return SimResult(self.policy.name, self.finished, len(self.workers), self.busy_s, self.oom_count,

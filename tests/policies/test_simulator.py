@@ -4,7 +4,7 @@ from policies.builtin import AspenSettings, CommonSettings, aspen, fifo, sjf
 from policies.catalogue import CATALOGUE
 from policies.cluster import default_cluster
 from policies.costmodel import CostModel, Member
-from policies.interface import Start
+from policies.interface import Preempt, Start
 from policies.memory_model import (
     GIB,
     adapter_bytes,
@@ -237,3 +237,22 @@ def test_preemption_with_backfill_finishes_every_job(name):
     result = simulate(trace, default_cluster(), policy)
     assert sorted(j.job_id for j in result.jobs) == sorted(t.job_id for t in trace)
     assert result.preemptions > 0
+
+
+class _Churn:
+    """Starts the first queued job on w000 and preempts it in the same decision list: it stops at
+    once (it is at its checkpoint), so it is queued again at the same instant, forever."""
+
+    name = "churn"
+
+    def schedule(self, view):
+        return [d for j in view.queued[:1] for d in (Start(j.job_id, "w000"), Preempt(j.job_id))]
+
+    def explain(self, view, job_id):
+        raise KeyError(job_id)
+
+
+@pytest.mark.timeout(60)
+def test_policy_that_never_lets_time_pass_is_an_error():
+    with pytest.raises(SimulationError, match=r"churn: \d+ scheduling cycles at t=\d+s without time passing"):
+        simulate([tj("a"), tj("b")], default_cluster(), _Churn())
