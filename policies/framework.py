@@ -610,7 +610,8 @@ class ProfilePolicy:
             position = [j.job_id for j in self._ordered(view)].index(job_id)
             cycle = Cycle(view, self.margin)
             for slot in cycle.slots:
-                reason = cycle.fits(job, slot)
+                reason = "held: a preemption on it is pending" if slot.index in cycle.reserved else None
+                reason = reason or cycle.fits(job, slot)
                 for f in self.filters:
                     reason = reason or f.filter(job, slot, cycle)
                 if reason:

@@ -122,6 +122,8 @@ def test_worker_being_emptied_takes_no_other_job(make):
     # while the preemption is pending, neither "b" nor "h" joins, and nothing more is preempted
     running = [job("r", dyn_gib=40, worker="w0", start=10, pending=True)]
     assert make().schedule(view(queued, running, workers)) == []
+    assert make().explain(view(queued, running, workers), "b").workers[0].rejected_by == (
+        "held: a preemption on it is pending")
     # the same worker without a pending preemption takes "b"
     running = [job("r", dyn_gib=40, worker="w0", start=10)]
     assert make().schedule(view([job("b", submit=5, work=20, dyn_gib=5)], running, workers)) == [Start("b", "w0")]
