@@ -208,13 +208,16 @@ def build_view(
     shapes: Mapping[str, Mapping[str, Any]] | None = None,
     preempting: Iterable[str] = (),
     specs: Mapping[str, JobSpec] | None = None,
+    run_starts: Mapping[str, float] | None = None,
 ) -> ClusterView:
     """The snapshot the policy decides on.
 
     QUEUED jobs are queued; PROFILING and RUNNING jobs run on their record's worker. Each
     free GPU (no worker yet) appears as an idle worker ``free-gpu-<i>`` with no model loaded.
     ``specs``: parsed specs by job id (the controller's cache), so a pass does not re-validate
-    every queued spec; a job missing from it is parsed.
+    every queued spec; a job missing from it is parsed. ``run_starts``: when each running job's
+    current run was placed (the controller's record; a job resumed after a preemption has a later
+    one than its record's first ``start_time``, which is used when it is missing).
     """
     workers = list(workers)
     known = {w.worker_id for w in workers}
@@ -226,7 +229,8 @@ def build_view(
             queued.append(job_view(rec, now, shapes, base_spec=specs.get(rec.id)))
         elif rec.state in (JobState.PROFILING, JobState.RUNNING) and rec.worker in known:
             view = job_view(rec, now, shapes, worker_id=rec.worker, base_spec=specs.get(rec.id))
-            running.append(replace(view, preempt_pending=rec.id in preempting))
+            started = (run_starts or {}).get(rec.id, view.start_time_s)
+            running.append(replace(view, preempt_pending=rec.id in preempting, start_time_s=started))
     free = [WorkerView(f"{FREE_PREFIX}{i}", free_memory_bytes, 100.0) for i in range(max(0, free_gpus))]
     queued.sort(key=lambda j: (j.submit_time_s, j.job_id))
     return ClusterView(now_s=now, queued=tuple(queued), running=tuple(running), workers=tuple(workers + free))
@@ -370,6 +374,7 @@ class Controller:
         self._spec_cache: dict[str, JobSpec] = {}  # parsed specs of live jobs (see _view)
         self._logs: dict[str, deque[str]] = defaultdict(lambda: deque(maxlen=200))
         self._preempting: set[str] = set()
+        self._run_starts: dict[str, float] = {}  # job id -> when its current run was placed (see build_view)
         self._gpu_total = 0
         self._gpu_checked = 0.0
         self._stop = threading.Event()
@@ -935,9 +940,12 @@ class Controller:
         records = self.store.list(states=[JobState.QUEUED, JobState.PROFILING, JobState.RUNNING])
         # Parsed specs of live jobs, kept between passes (a stored spec never changes); ended jobs drop out.
         self._spec_cache = {r.id: self._spec_cache.get(r.id) or parse_spec(r.spec, source=r.id) for r in records}
+        running = {r.id for r in records if r.state != JobState.QUEUED}
+        self._run_starts = {k: v for k, v in self._run_starts.items() if k in running}
         return build_view(records, self._worker_views(), now=now, free_gpus=self._free_gpus(now),
                           free_memory_bytes=self.worker_memory_bytes, shapes=self._shapes,
-                          preempting=self._preempting, specs=self._spec_cache)  # fmt: skip
+                          preempting=self._preempting, specs=self._spec_cache,
+                          run_starts=self._run_starts)  # fmt: skip
 
     def _schedule(self, now: float) -> None:
         view = self._view(now)
@@ -989,6 +997,7 @@ class Controller:
             return w.worker_id
         w.assigned.add(job_id)
         w.idle_since = None
+        self._run_starts[job_id] = time.time()
         w.handle.assign.remote(job_id, config, remote)
         self._log(job_id, f"placed on {w.worker_id} ({spec.base_model})")
         return w.worker_id

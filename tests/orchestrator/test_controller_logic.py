@@ -46,6 +46,19 @@ def test_view_from_records(store):
     assert decisions and isinstance(decisions[0], Start) and decisions[0].job_id == a.id
 
 
+def test_running_job_starts_at_its_current_run(store):
+    # a job resumed after a preemption: its record keeps the first start, the view the current run's
+    b = store.create_job(spec=spec("b"), name="b", owner="u", priority=0)
+    store.transition(b.id, JobState.PROFILING, worker="w-1")
+    store.transition(b.id, JobState.RUNNING)
+    first = store.get(b.id).start_time
+    assert first is not None
+    workers = [WorkerView("w-1", 80 << 30, 100.0, loaded_model="builtin:smollm2-135m-instruct", running=(b.id,))]
+    assert build_view(store.list(), workers, now=1e9).running[0].start_time_s == first
+    view = build_view(store.list(), workers, now=1e9, run_starts={b.id: first + 500.0})
+    assert view.running[0].start_time_s == first + 500.0
+
+
 def test_running_job_on_unknown_worker_is_left_out(store):
     b = store.create_job(spec=spec("b"), name="b", owner="u", priority=0)
     store.transition(b.id, JobState.PROFILING, worker="gone")
