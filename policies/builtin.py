@@ -25,7 +25,10 @@ All four admit jobs by the same memory model (the engine's fixed filters, see
   (``gpu_quotas``). A running job among the ``tail_jobs`` longest remaining of its priority
   class accepts a newcomer only if the fused step adds at most ``tail_delay_s`` to its run, and
   no newcomer may project a member's JCT above ``tail_ceiling`` x the largest FIFO-fair JCT of
-  the member's class. Preemption off by default.
+  the member's class. Turns (``turn_max_s``): a job of at most 10 minutes that has waited 5
+  minutes (and twice its work) goes first and, when no worker can take it, may preempt one busy
+  worker's group at its next checkpoint (not a class's longest jobs, nor jobs it would push past
+  0.8 x their FIFO-fair JCT). Priority preemption off by default.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from policies.plugins import (
     OwnerQuota,
     PriorityClassFactor,
     ShortestRemainingWork,
+    ShortJobTurns,
     SizeFactor,
     StaticPriority,
 )
@@ -103,6 +107,9 @@ class AspenSettings:
     tail_delay_s: float | None = 1800.0
     tail_jobs: int = 2
     tail_ceiling: float | None = 1.0
+    turn_max_s: float | None = 600.0  # ShortJobTurns: most work a job may have to be due a turn (None: off)
+    turn_min_wait_s: float = 300.0  # ... least it must have waited (and twice its work)
+    turn_own_slack: float = 0.8  # ... victims keep their projected JCT within this x their FIFO-fair JCT
 
 
 def _preempt_rule(name: str) -> PreemptRule | None:
@@ -157,7 +164,9 @@ def aspen(settings: AspenSettings | None = None) -> ProfilePolicy:
                          backfill=s.backfill, preempt=_preempt_rule(s.preemption), queue_depth=s.queue_depth,
                          max_candidates=s.max_candidates, starvation_s=s.starvation_s,
                          reservations=s.reservations, guard_backlog=s.guard_backlog,
-                         guard_long=s.guard_long, fair_slack_s=s.fair_slack_s)  # fmt: skip
+                         guard_long=s.guard_long, fair_slack_s=s.fair_slack_s,
+                         turns=None if s.turn_max_s is None else ShortJobTurns(
+                             s.turn_max_s, s.turn_min_wait_s, own_slack=s.turn_own_slack))  # fmt: skip
 
 
 BUILTINS = ("fifo", "priority", "sjf", "aspen")

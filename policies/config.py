@@ -33,7 +33,7 @@ COMMON_FIELDS = ("margin", "preemption", "backfill", "queue_depth", "max_candida
 ASPEN_FIELDS = ("weights", "max_age_s", "size_half_s", "starvation_s", "guard_backlog", "guard_long",
                 "reservations", "max_group_tokens", "fusion_max_cost", "max_slowdown", "half_tokens", "shares",
                 "quotas", "gpu_quotas", "fair_slack_s", "pressure_slowdown", "tail_delay_s", "tail_jobs",
-                "tail_ceiling")  # fmt: skip
+                "tail_ceiling", "turn_max_s", "turn_min_wait_s", "turn_own_slack")  # fmt: skip
 PREEMPTION = ("never", "lower_priority")
 
 
@@ -104,6 +104,12 @@ def _aspen(doc: Mapping[str, Any]) -> AspenSettings:
         out["half_tokens"] = _num("half_tokens", doc["half_tokens"])
     if "tail_ceiling" in doc:
         out["tail_ceiling"] = _num("tail_ceiling", doc["tail_ceiling"], nullable=True)
+    if "turn_max_s" in doc:
+        out["turn_max_s"] = _num("turn_max_s", doc["turn_max_s"], lo=1e-9, nullable=True)
+    if "turn_min_wait_s" in doc:
+        out["turn_min_wait_s"] = _num("turn_min_wait_s", doc["turn_min_wait_s"])
+    if "turn_own_slack" in doc:
+        out["turn_own_slack"] = _num("turn_own_slack", doc["turn_own_slack"], lo=1e-9)
     if "tail_jobs" in doc:
         out["tail_jobs"] = _num("tail_jobs", doc["tail_jobs"], lo=1, integer=True)
     if "reservations" in doc:

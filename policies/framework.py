@@ -53,6 +53,7 @@ from policies.interface import (
     QueueOrder,
     Score,
     Start,
+    TurnRule,
     WorkerLine,
 )
 from policies.memory_model import fused_terms, packs
@@ -425,6 +426,9 @@ class ProfilePolicy:
             (:class:`policies.fairstart.FifoClock`) is urgent once ``now >= fair_start_s -
             fair_slack_s``, and the stateless guards above no longer apply to it; urgent jobs go
             earliest deadline first. None: off (every job follows the stateless guards).
+        turns: short jobs' turns on busy workers (:class:`policies.plugins.ShortJobTurns`): its due
+            jobs go first (shortest first, before urgent ones) and, blocked, may preempt one busy
+            worker's group; None: off.
 
     Jobs flagged by a guard are listed in ``cycle.urgent`` for the filters (``FusionPays`` lets
     them join any group that has the memory).
@@ -444,6 +448,7 @@ class ProfilePolicy:
     guard_backlog: float | None = None
     guard_long: float | None = None
     fair_slack_s: float | None = None
+    turns: TurnRule | None = None
 
     @property
     def _active_scores(self) -> tuple[tuple[Score, float], ...]:
@@ -497,6 +502,13 @@ class ProfilePolicy:
         old: list[JobView] = []
         if self.guarded:
             old = self._urgent(view, cycle.backlog_s if cycle is not None else fifo_wait_s(view))
+        if self.turns is not None:
+            now, due = view.now_s, self.turns.due
+            first = sorted((j for j in view.queued if due(j, now)),
+                           key=lambda j: (j.remaining_work_s, j.submit_time_s, j.job_id))  # fmt: skip
+            if first:
+                ids = {j.job_id for j in first}
+                old = first + [j for j in old if j.job_id not in ids]
         ids = {j.job_id for j in old}
         if cycle is not None:
             cycle.urgent = ids
@@ -584,14 +596,20 @@ class ProfilePolicy:
                 cycle.start(job, slot)
                 starts.append(Start(job.job_id, slot.worker.worker_id))
                 continue
-            if self.preempt is not None:
-                victims = self.preempt.victims(job, cycle)
+            victims = self.preempt.victims(job, cycle) if self.preempt is not None else []
+            turn = False
+            if not victims and self.turns is not None:
+                victims = self.turns.victims(job, cycle)
+                turn = bool(victims)
+            if victims:
                 cycle.pending.update(victims)
                 preempts.extend(Preempt(v) for v in victims)
                 for v in victims:  # later jobs of this cycle must not refill the room being freed
                     victim = cycle.view.find_job(v)
                     if victim is not None and victim.worker_id in cycle.slot_of:
                         cycle.hold(cycle.slot_of[victim.worker_id])
+                if turn:
+                    continue  # the job waits for that worker: no reservation of another
             if not self.backfill:
                 break
             if reserve_left > 0 and cycle.reserve_for(job) is not None:

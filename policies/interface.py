@@ -18,6 +18,7 @@ plugins, modelled on the kube-scheduler framework and Slurm's multifactor priori
 * :class:`Score`: how good is this worker for this job, 0..100; a profile combines scores with
   admin weights;
 * :class:`PreemptRule`: which running jobs to preempt for a job that cannot start.
+* :class:`TurnRule`: which short queued jobs are due a turn on a busy worker, and whose group yields it.
 """
 
 from __future__ import annotations
@@ -156,5 +157,14 @@ class Score(Protocol):
 
 class PreemptRule(Protocol):
     """Running jobs to preempt so that ``job`` can start; empty: preempt nothing."""
+
+    def victims(self, job: JobView, cycle: Cycle) -> list[str]: ...
+
+
+class TurnRule(Protocol):
+    """Turns (:class:`policies.plugins.ShortJobTurns`): ``due`` jobs go first in the queue and,
+    blocked, may take a busy worker by preempting its group (``victims``; empty: none)."""
+
+    def due(self, job: JobView, now_s: float) -> bool: ...
 
     def victims(self, job: JobView, cycle: Cycle) -> list[str]: ...

@@ -144,7 +144,7 @@ def _aspen(**kw) -> object:
 
 
 # The tail guard off, for tests of the multifactor order alone.
-NO_GUARD = {"guard_backlog": None, "guard_long": None}
+NO_GUARD = {"guard_backlog": None, "guard_long": None, "turn_max_s": None}  # order tests: no guard, no turns
 
 
 def test_aspen_backfills_past_a_blocked_job():

@@ -83,6 +83,7 @@ def test_clock_resize_adds_free_servers_and_drops_the_busiest():
 
 
 def _aspen(**kw):
+    kw.setdefault("turn_max_s", None)  # these tests are about deadlines; turns go before them (test_turns)
     return aspen(AspenSettings(margin=0.0, **kw))
 
 
