@@ -430,8 +430,8 @@ class ProfilePolicy:
             jobs go first (shortest first, before urgent ones) and, blocked, may preempt one busy
             worker's group; None: off.
 
-    Jobs flagged by a guard are listed in ``cycle.urgent`` for the filters (``FusionPays`` lets
-    them join any group that has the memory).
+    Jobs flagged by a guard, and jobs due a turn, are listed in ``cycle.urgent`` for the filters
+    (``FusionPays`` lets them join any group that has the memory).
     """
 
     name: str
