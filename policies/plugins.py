@@ -225,6 +225,13 @@ class GroupTokenCap:
         return f"group would have {padded} tokens > {self.max_tokens}" if padded > self.max_tokens else None
 
 
+def has_run(job: JobView, now_s: float) -> bool:
+    """Running, and started before this instant. Only such a job may be preempted: one started in
+    this cycle or at this instant would stop at once (it is at its checkpoint), so a job could be
+    started and preempted again and again without time passing (the simulator hung so)."""
+    return job.is_running and (job.start_time_s is None or job.start_time_s < now_s)
+
+
 def class_tail_cut(cycle: Cycle, k: int) -> dict[int, float]:
     """Per priority class, the ``k``-th largest remaining work among the view's queued and running
     jobs (once per cycle and ``k``): jobs at or above it are their class's tail jobs, the ones that
@@ -468,11 +475,7 @@ class LowerPriorityPreemption:
             keep = [j for j in slot.jobs if j.job_id not in pending]
             if self._fits(job, slot, keep, cycle):
                 return []  # pending preemptions will make room: wait for them
-            # only jobs that have run since they started: one started in this cycle or at this
-            # instant would stop at once (it is at its checkpoint), so a job could be started and
-            # preempted again and again without time passing (the simulator hung so)
-            lower = [j for j in keep if j.priority <= job.priority - self.min_priority_gap and j.is_running
-                     and (j.start_time_s is None or j.start_time_s < now)]  # fmt: skip
+            lower = [j for j in keep if j.priority <= job.priority - self.min_priority_gap and has_run(j, now)]
             lower.sort(key=lambda j: (j.priority, -(j.start_time_s or 0.0), j.job_id))
             chosen: list[str] = []
             for victim in lower:
@@ -507,7 +510,7 @@ class ShortJobTurns:
     and takes no other job until it has (the engine's hold); the due job takes the worker, and the
     preempted jobs are queued again with their progress.
 
-    A group may be preempted only if every member has run since it started, is not pending
+    A group may be preempted only if every member has run since it started (:func:`has_run`), is not pending
     preemption, has at least ``min_victim_s`` of work left (a group about to finish is waited
     for), is not among the ``tail_jobs`` longest of its priority class (:func:`class_tail_cut`:
     the jobs that set the class's p99), and keeps, after waiting ``delay_s`` plus the due job's
@@ -560,10 +563,8 @@ class ShortJobTurns:
         return [] if best is None else [m.job_id for m in best[1].jobs]
 
     def _may_yield(self, m: JobView, now: float, delay: float, cut: Mapping[int, float]) -> bool:
-        if not m.is_running or m.preempt_pending or m.fair_start_s is None:
+        if not has_run(m, now) or m.preempt_pending or m.fair_start_s is None:
             return False
-        if m.start_time_s is not None and m.start_time_s >= now:
-            return False  # started at this instant: it would stop at once, before it has run
         if m.remaining_work_s < self.min_victim_s or m.remaining_work_s >= cut.get(m.priority, float("inf")):
             return False
         fair_jct = m.fair_start_s - m.submit_time_s + m.total_work_s
