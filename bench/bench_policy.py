@@ -6,7 +6,8 @@ traces of other seeds and sizes, and the time of one aspen decision with 10,000 
 
 Not a test: it prints figures and asserts nothing. Per trace: mean JCT of each policy (hours), the
 ratio aspen/fifo, the lower bound on that ratio (mean solo time / fifo's mean: no policy can do
-better, since fusing never makes a job faster than alone), OOMs (fifo/aspen) and aspen's p99 JCT
+better, since fusing never makes a job faster than alone), the ideal preemptive SRPT reference
+(``policies/reference.py``: solo speed, free preemption, no model switching, no fusion), OOMs (fifo/aspen) and aspen's p99 JCT
 per priority class as a ratio to fifo's. ``ok`` marks traces meeting all of issue 5's targets
 (mean <= 0.70x, zero OOMs, every class's p99 <= 1.10x).
 """
@@ -36,6 +37,7 @@ from policies.memory_model import (
     static_bytes,
 )
 from policies.metrics import summarise
+from policies.reference import reference
 from policies.simulator import simulate
 from policies.snapshot import ClusterView, JobView, WorkerView
 from policies.trace import read_trace, synth_trace
@@ -47,30 +49,32 @@ def compare(sizes: list[int], seeds: list[int]) -> None:
     cluster = load_cluster(ROOT / "examples/cluster.yaml")
     cases = [("bundled (200)", read_trace(ROOT / "examples/trace.csv"))]
     cases += [(f"seed {s} ({n})", synth_trace(n, s)) for n in sizes for s in seeds]
-    print(f"{'trace':<15} {'fifo h':>7} {'prio h':>7} {'sjf h':>7} {'aspen h':>8} {'a/f':>5} {'bound':>5} "
+    print(f"{'trace':<15} {'fifo h':>7} {'prio h':>7} {'sjf h':>7} {'aspen h':>8} {'a/f':>5} {'bound':>5} {'srpt':>5} "
           f"{'OOM f/a':>7}  {'aspen/fifo p99 by priority':<28} ok")  # fmt: skip
     passed = 0
-    tally: dict[str, list[int]] = {}  # size -> [traces, all met, mean met, p99 met, ruled out by the bound]
+    tally: dict[str, list[int]] = {}  # size -> [traces, all met, mean met, p99 met, ruled out by the bound, srpt miss]
     for name, trace in cases:
         runs = {p.name: simulate(trace, cluster, p) for p in (fifo(), priority(), sjf(), aspen())}
         m = {k: summarise(r) for k, r in runs.items()}
         f, a = m["fifo"], m["aspen"]
-        bound = sum(j.solo_s for j in runs["fifo"].jobs) / len(runs["fifo"].jobs) / f.mean_jct_s
+        ref = reference([(j.submit_s, j.solo_s) for j in runs["fifo"].jobs], runs["fifo"].num_workers)
+        bound, srpt = ref.floor_mean_jct_s / f.mean_jct_s, ref.srpt_mean_jct_s / f.mean_jct_s
         ratios = {p: a.per_priority[p].p99_jct_s / c.p99_jct_s for p, c in f.per_priority.items()}
         p99 = " ".join(f"p{p}:{r:.2f}" for p, r in ratios.items())
         ratio = a.mean_jct_s / f.mean_jct_s
         ok = ratio <= 0.70 and a.oom_count == 0 and max(ratios.values()) <= 1.10
         passed += ok
-        t = tally.setdefault("bundled" if name.startswith("bundled") else name.split("(")[-1].rstrip(")"), [0] * 5)
-        for i, hit in enumerate((True, ok, ratio <= 0.70, max(ratios.values()) <= 1.10, bound > 0.70)):
+        t = tally.setdefault("bundled" if name.startswith("bundled") else name.split("(")[-1].rstrip(")"), [0] * 6)
+        for i, hit in enumerate((True, ok, ratio <= 0.70, max(ratios.values()) <= 1.10, bound > 0.70, srpt > 0.70)):
             t[i] += hit
         print(f"{name:<15} {f.mean_jct_s / 3600:7.2f} {m['priority'].mean_jct_s / 3600:7.2f} "
-              f"{m['sjf'].mean_jct_s / 3600:7.2f} {a.mean_jct_s / 3600:8.2f} {ratio:5.2f} {bound:5.2f} "
+              f"{m['sjf'].mean_jct_s / 3600:7.2f} {a.mean_jct_s / 3600:8.2f} {ratio:5.2f} {bound:5.2f} {srpt:5.2f} "
               f"{f.oom_count:>4}/{a.oom_count:<2}  {p99:<28} {'ok' if ok else '--'}", flush=True)  # fmt: skip
     print(f"{passed}/{len(cases)} traces meet every target")
-    print("per size: jobs  traces  all targets  mean <= 0.70x  every class p99 <= 1.10x  mean out of reach (bound > 0.70)")
-    for size, (n, ok, mean_ok, p99_ok, out) in tally.items():
-        print(f"          {size:>7}  {n:6d}  {ok:11d}  {mean_ok:13d}  {p99_ok:24d}  {out:11d}")
+    print("per size: jobs  traces  all targets  mean <= 0.70x  every class p99 <= 1.10x  mean out of reach "
+          "(bound > 0.70)  ideal SRPT > 0.70x")  # fmt: skip
+    for size, (n, ok, mean_ok, p99_ok, out, srpt_out) in tally.items():
+        print(f"          {size:>7}  {n:6d}  {ok:11d}  {mean_ok:13d}  {p99_ok:24d}  {out:30d}  {srpt_out:17d}")
 
 
 def big_view(queued: int, workers: int, idle_fraction: float, seed: int = 0) -> ClusterView:

@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from policies.cluster import ClusterError, load_cluster
     from policies.config import PolicyConfigError, resolve_policy
     from policies.metrics import summarise
+    from policies.reference import reference
     from policies.simulator import SimulationError, simulate
     from policies.trace import TraceError, read_trace
 
@@ -54,11 +55,14 @@ def run(args: argparse.Namespace) -> int:
         if names.count(r.policy) > 1 and spec != r.policy:  # e.g. aspen and an aspen YAML: say which
             r.policy = f"{r.policy} ({spec})"
     metrics = [summarise(r) for r in results]
+    # Every run of one trace shares its jobs' submit and solo times: the references are the trace's.
+    ref = reference([(j.submit_s, j.solo_s) for j in results[0].jobs], results[0].num_workers)
     if args.json:
         for m in metrics:
-            print(json.dumps(m.as_dict()))
+            print(json.dumps({**m.as_dict(), "floor_mean_jct_s": ref.floor_mean_jct_s,
+                              "srpt_mean_jct_s": ref.srpt_mean_jct_s}))  # fmt: skip
     else:
-        _print_tables(metrics, len(trace), cluster.packing)
+        _print_tables(metrics, len(trace), cluster.packing, ref)
     if args.plot:
         _plot(results, args.plot)
         if not args.json:
@@ -66,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_tables(metrics: list, jobs: int, packing: bool = False) -> None:
+def _print_tables(metrics: list, jobs: int, packing: bool = False, ref: object = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -96,6 +100,13 @@ def _print_tables(metrics: list, jobs: int, packing: bool = False) -> None:
     console = Console() if sys.stdout.isatty() else Console(width=160)  # a pipe or file: never truncate
     console.print(table)
     console.print(per)
+    if ref is not None:
+        vs = base.mean_jct_s
+        console.print(f"What the trace allows (references, not policies; docs/policies.md): every job alone on "
+                      f"arrival {ref.floor_mean_jct_s / h:.2f} h = {ref.floor_mean_jct_s / vs:.2f}x {base.policy}, no "
+                      f"policy beats it; ideal preemptive SRPT on {ref.workers} workers (solo speed, free "
+                      f"preemption, no fusion) {ref.srpt_mean_jct_s / h:.2f} h = {ref.srpt_mean_jct_s / vs:.2f}x.",
+                      highlight=False, soft_wrap=True)  # fmt: skip
 
 
 def _plot(results: list, path: str) -> None:

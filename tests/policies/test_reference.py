@@ -1,0 +1,86 @@
+"""The trace references printed by ``lorafleet simulate``: the solo floor and ideal preemptive SRPT."""
+
+import json
+import random
+
+import pytest
+import yaml
+
+from orchestrator.cli import main
+from policies.reference import reference, srpt_jcts
+
+
+def test_srpt_preempts_the_longest_for_a_shorter_arrival():
+    # one worker: B (3 s) arrives at 2 s while A (10 s) has 8 s left: B runs 2-5, A finishes at 13
+    assert srpt_jcts([(0.0, 10.0), (2.0, 3.0)], 1) == [13.0, 3.0]
+    # equal remaining work does not preempt: A (4 s left at 1 s) keeps the worker over B (4 s)
+    assert srpt_jcts([(0.0, 5.0), (1.0, 4.0)], 1) == [5.0, 8.0]
+
+
+def test_srpt_on_two_workers_by_hand():
+    # t=0: the 1 s and 2 s jobs run, the 4 s one waits; t=1: the 1 s job ends, the 0.5 s job arrives
+    # and runs; t=1.5: it ends and the 4 s job starts (ends 5.5); t=2: the 2 s job ends.
+    jobs = [(0.0, 4.0), (0.0, 2.0), (0.0, 1.0), (1.0, 0.5)]
+    assert srpt_jcts(jobs, 2) == pytest.approx([5.5, 2.0, 1.0, 0.5])
+    # a newcomer shorter than what is left of the longest running job takes its worker
+    jobs = [(0.0, 6.0), (0.0, 5.0), (1.0, 1.0)]  # at t=1 the 6 s job (5 s left) yields; resumes at 2
+    assert srpt_jcts(jobs, 2) == pytest.approx([7.0, 5.0, 1.0])
+
+
+def _fifo_one_worker(jobs):
+    t, out = 0.0, []
+    for submit, work in sorted(jobs):
+        t = max(t, submit) + work
+        out.append(t - submit)
+    return out
+
+
+def test_srpt_properties_on_random_instances():
+    rng = random.Random(7)
+    for _ in range(300):
+        jobs = [(rng.choice((0.0, 1.0, 2.5, 4.0)), rng.choice((0.5, 1.0, 3.0, 8.0))) for _ in range(rng.randint(1, 9))]
+        workers = rng.randint(1, 4)
+        jct = srpt_jcts(jobs, workers)
+        assert all(j >= w - 1e-9 for j, (_, w) in zip(jct, jobs, strict=True))  # nobody beats running alone
+        if workers >= len(jobs):
+            assert jct == pytest.approx([w for _, w in jobs])  # a worker each: nobody waits
+        # SRPT is optimal for the mean on one server: never worse than FIFO there
+        one = srpt_jcts(jobs, 1)
+        assert sum(one) <= sum(_fifo_one_worker(jobs)) + 1e-9
+        # the total work done by each time is right: the last completion is the FIFO makespan
+        assert max(s + j for (s, _), j in zip(jobs, one, strict=True)) == pytest.approx(
+            max(s + j for (s, _), j in zip(sorted(jobs), _fifo_one_worker(jobs), strict=True)))
+
+
+def test_reference_means_and_errors():
+    ref = reference([(0.0, 10.0), (2.0, 3.0)], 1)
+    assert (ref.jobs, ref.workers) == (2, 1)
+    assert ref.floor_mean_jct_s == 6.5 and ref.srpt_mean_jct_s == 8.0
+    with pytest.raises(ValueError, match="workers: must be >= 1"):
+        srpt_jcts([(0.0, 1.0)], 0)
+    with pytest.raises(ValueError, match="job 1: submit and work must be finite"):
+        srpt_jcts([(0.0, 1.0), (0.0, -1.0)], 1)
+    with pytest.raises(ValueError, match="no jobs"):
+        reference([], 2)
+
+
+def test_simulate_prints_and_returns_the_references(tmp_path, capsys):
+    trace = tmp_path / "t.csv"
+    assert main(["trace", "synth", "--jobs", "30", "--seed", "5", "-o", str(trace)]) == 0
+    cluster = tmp_path / "c.yaml"
+    cluster.write_text(yaml.safe_dump({"workers": [{"count": 2, "gpu_memory_gib": 80, "tflops": 312}]}))
+    capsys.readouterr()
+    assert main(["simulate", "--trace", str(trace), "--cluster", str(cluster), "--policy", "fifo,sjf,aspen",
+                 "--json"]) == 0  # fmt: skip
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    floors = {r["floor_mean_jct_s"] for r in rows}
+    assert len(floors) == 1 and len({r["srpt_mean_jct_s"] for r in rows}) == 1  # the trace's, not a policy's
+    floor = floors.pop()
+    for r in rows:
+        assert floor <= r["mean_jct_s"] + 1e-6  # no policy beats every job alone on arrival
+        assert r["srpt_mean_jct_s"] >= floor
+    assert main(["simulate", "--trace", str(trace), "--cluster", str(cluster), "--policy", "fifo"]) == 0
+    out = capsys.readouterr().out
+    assert "What the trace allows" in out and "ideal preemptive SRPT on 2 workers" in out
+    fifo = rows[0]["mean_jct_s"]
+    assert f"= {floor / fifo:.2f}x fifo" in out
