@@ -209,6 +209,7 @@ def build_view(
     preempting: Iterable[str] = (),
     specs: Mapping[str, JobSpec] | None = None,
     run_starts: Mapping[str, float] | None = None,
+    fair_starts: Mapping[str, float] | None = None,
 ) -> ClusterView:
     """The snapshot the policy decides on.
 
@@ -217,20 +218,28 @@ def build_view(
     ``specs``: parsed specs by job id (the controller's cache), so a pass does not re-validate
     every queued spec; a job missing from it is parsed. ``run_starts``: when each running job's
     current run was placed (the controller's record; a job resumed after a preemption has a later
-    one than its record's first ``start_time``, which is used when it is missing).
+    one than its record's first ``start_time``, which is used when it is missing). ``fair_starts``:
+    FIFO-fair start deadlines as of now (:meth:`policies.fairstart.FifoClock.deadline`), in place of
+    those stamped at submission (``extra.fair_start_s``).
     """
     workers = list(workers)
     known = {w.worker_id for w in workers}
     preempting = set(preempting)
     specs = specs or {}
+    fair_starts = fair_starts or {}
     queued, running = [], []
     for rec in records:
         if rec.state == JobState.QUEUED:
-            queued.append(job_view(rec, now, shapes, base_spec=specs.get(rec.id)))
+            view = job_view(rec, now, shapes, base_spec=specs.get(rec.id))
+            if rec.id in fair_starts:
+                view = replace(view, fair_start_s=fair_starts[rec.id])
+            queued.append(view)
         elif rec.state in (JobState.PROFILING, JobState.RUNNING) and rec.worker in known:
             view = job_view(rec, now, shapes, worker_id=rec.worker, base_spec=specs.get(rec.id))
             started = (run_starts or {}).get(rec.id, view.start_time_s)
-            running.append(replace(view, preempt_pending=rec.id in preempting, start_time_s=started))
+            fair = fair_starts.get(rec.id, view.fair_start_s)
+            running.append(replace(view, preempt_pending=rec.id in preempting, start_time_s=started,
+                                   fair_start_s=fair))  # fmt: skip
     free = [WorkerView(f"{FREE_PREFIX}{i}", free_memory_bytes, 100.0) for i in range(max(0, free_gpus))]
     queued.sort(key=lambda j: (j.submit_time_s, j.job_id))
     return ClusterView(now_s=now, queued=tuple(queued), running=tuple(running), workers=tuple(workers + free))
@@ -369,7 +378,7 @@ class Controller:
         self._lock = threading.RLock()
         self._workers: dict[str, _Worker] = {}
         self._shapes: dict[str, dict[str, Any]] = {}
-        self._fifo_clock = FifoClock(1)  # FIFO-fair start deadlines, stamped at submission
+        self._fifo_clock = FifoClock(1)  # FIFO-fair start deadlines: booked at submission, moved per pass
         self._clock_lock = threading.Lock()  # guards _fifo_clock only
         self._spec_cache: dict[str, JobSpec] = {}  # parsed specs of live jobs (see _view)
         self._logs: dict[str, deque[str]] = defaultdict(lambda: deque(maxlen=200))
@@ -584,8 +593,11 @@ class Controller:
             # Its own lock, not the policy loop's: a submission never waits for a scheduling pass.
             with self._clock_lock:
                 self._fifo_clock.resize(self.num_gpus or self._gpu_total or 1)
-                fair = self._fifo_clock.stamp(rec.submit_time, work, rec.priority)
-            self.store.update_progress(rec.id, step=0, extra={"fair_start_s": fair})
+                wait = self._fifo_clock.book(rec.submit_time, work, rec.priority)
+                fair = self._fifo_clock.deadline(rec.submit_time, wait, work, rec.priority)
+            # The wait and work let each pass move the deadline with the class's tail (_fair_starts).
+            self.store.update_progress(rec.id, step=0, extra={"fair_start_s": fair, "fifo_wait_s": wait,
+                                                              "fifo_work_s": work})  # fmt: skip
         except Exception as err:  # never fail a submission over the stamp
             self._log(rec.id, f"no FIFO-fair start deadline ({err})")
 
@@ -945,7 +957,21 @@ class Controller:
         return build_view(records, self._worker_views(), now=now, free_gpus=self._free_gpus(now),
                           free_memory_bytes=self.worker_memory_bytes, shapes=self._shapes,
                           preempting=self._preempting, specs=self._spec_cache,
-                          run_starts=self._run_starts)  # fmt: skip
+                          run_starts=self._run_starts, fair_starts=self._fair_starts(records))  # fmt: skip
+
+    def _fair_starts(self, records: Iterable[JobRecord]) -> dict[str, float]:
+        """Each booked job's FIFO-fair deadline with its class's tail as estimated now. Jobs booked
+        before a controller restart (the virtual FIFO cluster lives in memory) keep their stamp
+        until their class has estimates again."""
+        out: dict[str, float] = {}
+        with self._clock_lock:
+            for rec in records:
+                wait, work = rec.extra.get("fifo_wait_s"), rec.extra.get("fifo_work_s")
+                if isinstance(wait, int | float) and isinstance(work, int | float):
+                    fair = self._fifo_clock.deadline(rec.submit_time, float(wait), float(work), rec.priority)
+                    if fair is not None:
+                        out[rec.id] = fair
+        return out
 
     def _schedule(self, now: float) -> None:
         view = self._view(now)

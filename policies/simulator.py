@@ -97,7 +97,7 @@ class SimResult:
 
 
 class _Job:
-    __slots__ = ("adapter_bytes", "adapter_params", "ckpt_iters", "done", "fair_start", "finish", "first_start", "head",
+    __slots__ = ("adapter_bytes", "adapter_params", "ckpt_iters", "done", "fifo_wait", "finish", "first_start", "head",
                  "iter_ref_s", "model", "pred_act", "pred_adapter", "preempt_pending", "solo_s", "start", "static",
                  "t", "total", "true_act", "true_adapter", "worker")  # fmt: skip
 
@@ -131,7 +131,7 @@ class Simulator:
         self.jobs: dict[str, _Job] = {}
         for t in trace:
             self.jobs[t.job_id] = self._make_job(t, seed, memory_noise, fastest, biggest)
-        self.clock = FifoClock(len(self.workers))  # stamps each arrival's FIFO-fair start deadline
+        self.clock = FifoClock(len(self.workers))  # books arrivals; gives each job's FIFO-fair start deadline
         self.arrivals = sorted(self.jobs.values(), key=lambda j: (j.t.submit_time_s, j.t.job_id))
         self.queued: dict[str, _Job] = {}
         self.usage: dict[str, float] = {}
@@ -163,7 +163,7 @@ class Simulator:
         j.total = t.iterations
         j.ckpt_iters = self.cluster.checkpoint_every_steps * (t.batch_size // t.micro_batch_size)
         j.done = 0.0
-        j.fair_start = None
+        j.fifo_wait = None  # the FIFO clock's wait estimate, booked on arrival
         j.start = j.first_start = j.finish = None
         j.preempt_pending = False
         member = Member(t.micro_batch_size, t.seq_len, j.adapter_params)
@@ -179,10 +179,12 @@ class Simulator:
 
     def _job_view(self, j: _Job) -> JobView:
         t = j.t
+        # The FIFO-fair deadline with the class's tail as estimated now (policies.fairstart).
+        fair = None if j.fifo_wait is None else self.clock.deadline(t.submit_time_s, j.fifo_wait, j.solo_s, t.priority)
         return JobView(t.job_id, t.owner, t.priority, t.submit_time_s, t.base_model, j.static,
                        math.ceil(j.pred_adapter), j.pred_act, t.micro_batch_size, t.seq_len,
                        (j.total - j.done) * j.iter_ref_s, j.total * j.iter_ref_s,
-                       j.worker.wid if j.worker else None, j.start, j.preempt_pending, j.fair_start,
+                       j.worker.wid if j.worker else None, j.start, j.preempt_pending, fair,
                        j.head)  # fmt: skip
 
     def view(self) -> ClusterView:
@@ -336,7 +338,7 @@ class Simulator:
             self._advance(max(self.now, t_next))
             while next_arrival < n and self.arrivals[next_arrival].t.submit_time_s <= self.now + EPS:
                 j = self.arrivals[next_arrival]
-                j.fair_start = self.clock.stamp(j.t.submit_time_s, j.solo_s, j.t.priority)
+                j.fifo_wait = self.clock.book(j.t.submit_time_s, j.solo_s, j.t.priority)
                 self.queued[j.t.job_id] = j
                 next_arrival += 1
             while self.events and self.events[0][0] <= self.now + EPS:

@@ -160,3 +160,29 @@ def test_worker_views_carry_the_packing_the_worker_reports(tmp_path):
         assert views["w-1"].packing_max_len == 0 and views["w-2"].packing_max_len == 4096
     finally:
         c.store.close()
+
+
+def test_fifo_fair_deadlines_follow_the_class_tail(tmp_path):
+    """Each submission books the FIFO clock and keeps its wait and work; each pass's view gives the
+    deadline with the class's tail as estimated then, so it moves as later jobs of the class come
+    in. Without the controller's clock (a restart) the stamp from submission is kept."""
+    c = Controller(str(tmp_path / "jobs.db"), str(tmp_path / "storage"), {"policy": "aspen"}, start_loop=False,
+                   allowed_prefixes=["/data"], num_gpus=8)  # fmt: skip
+    try:
+        short = c.submit(spec("short"), "alice")
+        rec = c.store.get(short["id"])
+        wait, work, stamped = rec.extra["fifo_wait_s"], rec.extra["fifo_work_s"], rec.extra["fair_start_s"]
+        assert wait == 0 and work > 0
+        assert stamped == pytest.approx(rec.submit_time + max(0.0, 0.9 * work - work))  # its own estimate only
+        for name, steps in (("long", 4000), ("longer", 8000)):  # the same class, much longer
+            c.submit({**spec(name), "train": {"max_steps": steps, "batch_size": 4, "micro_batch_size": 2}}, "bob")
+        view = c._view(rec.submit_time + 1.0)
+        fair = {j.job_id: j.fair_start_s for j in view.queued}
+        longs = sorted(c.store.get(j.job_id).extra["fifo_work_s"] for j in view.queued if j.job_id != short["id"])
+        # three estimates, all FIFO waits 0 (8 servers): the tail is their 2nd largest, the 4000-step job
+        assert fair[short["id"]] == pytest.approx(rec.submit_time + 0.9 * longs[0] - work)
+        assert fair[short["id"]] > stamped
+        restarted = build_view(c.store.list(), [], now=rec.submit_time + 1.0)
+        assert {j.job_id: j.fair_start_s for j in restarted.queued}[short["id"]] == stamped
+    finally:
+        c.store.close()

@@ -149,11 +149,39 @@ def test_config_fields():
         parse_policy_config({"policy": "aspen", "fair_slack_s": -1})
 
 
-def test_simulator_stamps_each_arrival_in_submission_order():
+def test_simulator_books_arrivals_in_order_and_gives_deadlines_with_the_current_tail():
     trace = synth_trace(20, 1)
     sim = Simulator(trace, load_cluster("examples/cluster.yaml"), aspen())
     sim.run()
     clock = FifoClock(len(sim.workers))
     for t in sorted(trace, key=lambda t: (t.submit_time_s, t.job_id)):
         j = sim.jobs[t.job_id]
-        assert j.fair_start == clock.stamp(t.submit_time_s, j.solo_s, t.priority) >= t.submit_time_s
+        assert j.fifo_wait == clock.book(t.submit_time_s, j.solo_s, t.priority)
+    for t in trace:  # a view now carries each job's deadline under its class's final tail
+        j = sim.jobs[t.job_id]
+        fair = clock.deadline(t.submit_time_s, j.fifo_wait, j.solo_s, t.priority)
+        assert sim._job_view(j).fair_start_s == fair >= t.submit_time_s
+
+
+def test_deadline_follows_the_class_tail_as_estimates_come_in():
+    # 10 servers (no waits), share 0.9, p99 capped at the 2nd largest. A 1 h job booked after one
+    # 10 h job of its class: the tail is min(p99, 2nd largest) = 1 h, deadline max(0, 0.9 h - 1 h) =
+    # 0. A 3 h job of the class makes the tail 3 h and moves the deadline to 0.9 x 3 h - 1 h; a 6 h
+    # one to 0.9 x 6 h - 1 h; another class's job moves nothing. A later FIFO wait wins over the
+    # tail share. A class with no estimates has no deadline.
+    h = 3600.0
+    clock = FifoClock(10)
+    assert clock.tail(0) is None and clock.deadline(0, 0, h, 0) is None
+    clock.book(0, 10 * h, 0)
+    wait = clock.book(0, 1 * h, 0)
+    assert wait == 0
+    assert clock.deadline(0, wait, 1 * h, 0) == 0  # tail 1 h (below): 0.9 h - 1 h < its FIFO wait 0
+    assert clock.tail(0) == pytest.approx(1 * h)  # two estimates: p99 capped at the 2nd largest, 1 h
+    clock.book(0, 3 * h, 0)
+    assert clock.tail(0) == pytest.approx(3 * h)
+    assert clock.deadline(0, wait, 1 * h, 0) == pytest.approx(0.9 * 3 * h - 1 * h)
+    clock.book(0, 6 * h, 0)
+    clock.book(0, 50 * h, 1)
+    assert clock.deadline(0, wait, 1 * h, 0) == pytest.approx(0.9 * 6 * h - 1 * h)
+    assert clock.deadline(100.0, 2 * h, 1 * h, 0) == pytest.approx(100.0 + 0.9 * 6 * h - 1 * h)
+    assert clock.deadline(100.0, 5 * h, 1 * h, 0) == pytest.approx(100.0 + 5 * h)  # its own FIFO wait
