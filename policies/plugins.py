@@ -269,14 +269,15 @@ class FusionPays:
     i.e. ``step <= own x (1 + tail_delay_s / remaining)`` (own step ``B x L + half_tokens``). The
     newcomer's own slowdown is not capped by it (joining beats waiting for an idle worker).
 
-    ``tail_ceiling`` (None: off) bounds every member's JCT, urgent newcomer or not: a class's
-    *ceiling* is the largest FIFO-fair JCT among the view's stamped jobs of that priority
-    (``fair_start_s - submit_time_s + total_work_s``: what the deadlines allow, about
-    ``tail_share`` x the class's FIFO p99 estimate), and a newcomer may join only if each member's
-    projected JCT, ``now - submit + remaining x step / own`` at the fused step with the
-    newcomer, stays within ``tail_ceiling`` x its class's ceiling. It catches what the rank-based
+    ``tail_ceiling`` (None: off) bounds every member's JCT, urgent newcomer or not: a newcomer may
+    join only if each stamped member's projected JCT, ``now - submit + remaining x step / own`` at
+    the fused step with the newcomer, stays within ``tail_ceiling`` x the member's own FIFO-fair
+    JCT (``fair_start_s - submit_time_s + total_work_s``: what its deadline allows, at least
+    ``tail_share`` x its class's FIFO p99 estimate). It catches what the rank-based
     ``tail_delay_s`` misses: urgent jobs piling onto a group of jobs that are not their class's
-    longest but would end above its p99 (100 jobs, seed 23: two 4.5-5.2 h jobs ran 12-13 h).
+    longest but would end above its p99 (100 jobs, seed 23: two 4.5-5.2 h jobs ran 12-13 h). The
+    bound was the class's largest FIFO-fair JCT in the view until 2026-11-29 (docs/policies.md,
+    "Latest change": every #5 target on 800 instead of 761 of 1,000 traces).
     """
 
     half_tokens: float = 2048.0
@@ -289,26 +290,15 @@ class FusionPays:
     tail_ceiling: float | None = None
     name: str = "fusion_pays"
 
-    def ceilings(self, cycle: Cycle) -> dict[int, float]:
-        """Per priority class, the largest FIFO-fair JCT among the view's stamped jobs (per cycle)."""
-        out = cycle.memo.get("fusion_pays.ceilings")
-        if out is None:
-            out = cycle.memo["fusion_pays.ceilings"] = {}
-            for j in (*cycle.view.queued, *cycle.view.running):
-                if j.fair_start_s is not None:
-                    fair = j.fair_start_s - j.submit_time_s + j.total_work_s
-                    if fair > out.get(j.priority, 0.0):
-                        out[j.priority] = fair
-        return out
-
     def _over_ceiling(self, slot: Slot, cycle: Cycle, step: float) -> JobView | None:
-        """The first member whose projected JCT at fused ``step`` exceeds its class's ceiling."""
-        ceilings, now, h, scale = self.ceilings(cycle), cycle.view.now_s, self.half_tokens, self.tail_ceiling
+        """The first member whose projected JCT at fused ``step`` exceeds ``tail_ceiling`` x its own
+        FIFO-fair JCT (unstamped members are not bounded)."""
+        now, h, scale = cycle.view.now_s, self.half_tokens, self.tail_ceiling
         for m in slot.jobs:
-            top = ceilings.get(m.priority)
-            if top is None or m.remaining_work_s <= 0:
+            if m.fair_start_s is None or m.remaining_work_s <= 0:
                 continue
-            if now - m.submit_time_s + m.remaining_work_s * step / (m.micro_batch_size * m.seq_len + h) > scale * top:
+            fair = m.fair_start_s - m.submit_time_s + m.total_work_s
+            if now - m.submit_time_s + m.remaining_work_s * step / (m.micro_batch_size * m.seq_len + h) > scale * fair:
                 return m
         return None
 
@@ -341,7 +331,7 @@ class FusionPays:
             step = (slot.rows + job.micro_batch_size) * lp + self.half_tokens
             member = self._over_ceiling(slot, cycle, step)
             if member is not None:
-                return f"fused step {step:.0f} tokens would end {member.job_id} above its class's FIFO-fair ceiling"
+                return f"fused step {step:.0f} tokens would end {member.job_id} past its FIFO-fair JCT"
         cap = self.pressure_slowdown
         if cap is not None:
             step = (slot.rows + job.micro_batch_size) * lp + self.half_tokens

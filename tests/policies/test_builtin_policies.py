@@ -354,13 +354,14 @@ def test_tail_delay_protects_the_longest_jobs_of_a_class():
         view(queued + longer, running, workers)) == []  # x0, x1, r: r is 3rd
 
 
-def test_tail_ceiling_bounds_each_members_projected_jct():
+def test_tail_ceiling_bounds_each_members_projected_jct_by_its_own_fifo_fair_jct():
     # now 1000. w0 runs r (priority 0, submitted at 0, 1 x 2048 tokens: own step 2048 + 2048 = 4096,
-    # 3000 s left, stamped: FIFO-fair JCT 0 - 0 + 3000 = 3000). "a" (1 x 2048) is urgent (deadline
+    # 3000 s left, deadline 0: FIFO-fair JCT 0 - 0 + 3000 = 3000). "a" (1 x 2048) is urgent (deadline
     # 900): urgency waives the other fusion rules, not this one. Joining makes the step 6144
-    # tokens, so r's projected JCT is 1000 + 3000 x 6144 / 4096 = 5500 s > the class's ceiling (the
-    # largest FIFO-fair JCT of its stamped jobs: 3000): refused. A queued class-0 job allowed 6000 s
-    # raises the ceiling above 5500: a joins; one of class 1 does not count.
+    # tokens, so r's projected JCT is 1000 + 3000 x 6144 / 4096 = 5500 s > r's FIFO-fair JCT 3000:
+    # refused; with tail_ceiling 2 (6000) or off, a joins. Another job of r's class allowed longer
+    # (FIFO-fair JCT 6000) does not raise r's bound; r's own later deadline (2600: 5600 >= 5500)
+    # does. An unstamped member is not bounded.
     running = [job("r", seq=2048, dyn_gib=5, worker="w0", work=3000, submit=0, fair=0)]
     workers = [worker("w0", model="m", running=("r",))]
     a = job("a", seq=2048, dyn_gib=5, submit=900, work=100, fair=900)
@@ -369,11 +370,13 @@ def test_tail_ceiling_bounds_each_members_projected_jct():
     assert _aspen(**free, tail_ceiling=2.0).schedule(view([a], running, workers)) == [Start("a", "w0")]
     assert _aspen(**free, tail_ceiling=None).schedule(view([a], running, workers)) == [Start("a", "w0")]
     big = job("big", dyn_gib=90, work=5000, submit=500, fair=1500)  # fits nowhere; FIFO-fair JCT 6000
-    assert _aspen(**free).schedule(view([a, big], running, workers)) == [Start("a", "w0")]
-    other = job("big", priority=1, dyn_gib=90, work=5000, submit=500, fair=1500)
-    assert _aspen(**free).schedule(view([a, other], running, workers)) == []
+    assert _aspen(**free).schedule(view([a, big], running, workers)) == []
+    later = [job("r", seq=2048, dyn_gib=5, worker="w0", work=3000, submit=0, fair=2600)]
+    assert _aspen(**free).schedule(view([a], later, workers)) == [Start("a", "w0")]
+    unstamped = [job("r", seq=2048, dyn_gib=5, worker="w0", work=3000, submit=0)]
+    assert _aspen(**free).schedule(view([a], unstamped, workers)) == [Start("a", "w0")]
     reason = _aspen(**free).explain(view([a], running, workers), "a").workers[0].rejected_by
-    assert "above its class's FIFO-fair ceiling" in reason
+    assert "would end r past its FIFO-fair JCT" in reason
 
 
 def test_fusion_score_prefers_an_idle_worker_then_the_cheapest_group():
