@@ -24,8 +24,9 @@ All four admit jobs by the same memory model (the engine's fixed filters, see
   model locality. Per-owner quotas: running jobs (``quotas``) and distinct workers occupied
   (``gpu_quotas``). A running job among the ``tail_jobs`` longest remaining of its priority
   class accepts a newcomer only if the fused step adds at most ``tail_delay_s`` to its run, and
-  no newcomer may project a member's JCT above ``tail_ceiling`` x the member's own FIFO-fair JCT. Turns (``turn_max_s``): a job of at most 10 minutes that has waited 5
-  minutes (and twice its work) goes first and, when no worker can take it, may preempt one busy
+  no newcomer may project a member's JCT above ``tail_ceiling`` x the member's own FIFO-fair
+  JCT. Turns (``turn_max_s``): a job of at most 10 minutes that has waited 5 minutes (and twice
+  its work) goes first and, when no worker can take it, may preempt one busy
   worker's group at its next checkpoint (not a class's longest jobs, nor jobs it would push past
   0.8 x their FIFO-fair JCT). Priority preemption off by default.
 """

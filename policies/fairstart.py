@@ -122,6 +122,5 @@ class FifoClock:
     def stamp(self, submit_time_s: float, work_s: float, priority: int = 0) -> float:
         """Book the job and return its FIFO-fair start deadline as of now."""
         wait = self.book(submit_time_s, work_s, priority)
-        fair = self.deadline(submit_time_s, wait, work_s, priority)
-        assert fair is not None  # the class has this job's estimate
-        return fair
+        tail = self.tail(priority) or 0.0  # the class holds this job's estimate now
+        return submit_time_s + max(wait, self.tail_share * tail - max(0.0, work_s))
