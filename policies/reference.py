@@ -35,7 +35,7 @@ class Reference:
 
 
 def srpt_jcts(jobs: Sequence[tuple[float, float]], workers: int) -> list[float]:
-    """Each job's completion time under preemptive SRPT on ``workers`` identical servers.
+    """Each job's JCT (finish - submit) under preemptive SRPT on ``workers`` identical servers.
 
     ``jobs`` are ``(submit_s, work_s)`` pairs; the result is in the same order. A queued job
     preempts the running job with the most remaining work when it has strictly less; ties go to
