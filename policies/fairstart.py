@@ -115,12 +115,12 @@ class FifoClock:
         """The FIFO-fair start deadline of a booked job, with its class's tail as estimated *now*
         (it moves as the class's estimates come in); None if the class has none (a new clock)."""
         tail = self.tail(priority)
-        if tail is None:
-            return None
-        return submit_time_s + max(wait_s, self.tail_share * tail - max(0.0, work_s))
+        return None if tail is None else self._deadline(submit_time_s, wait_s, work_s, tail)
 
     def stamp(self, submit_time_s: float, work_s: float, priority: int = 0) -> float:
         """Book the job and return its FIFO-fair start deadline as of now."""
         wait = self.book(submit_time_s, work_s, priority)
-        tail = self.tail(priority) or 0.0  # the class holds this job's estimate now
-        return submit_time_s + max(wait, self.tail_share * tail - max(0.0, work_s))
+        return self._deadline(submit_time_s, wait, work_s, self.tail(priority) or 0.0)  # the class has its estimate
+
+    def _deadline(self, submit_time_s: float, wait_s: float, work_s: float, tail: float) -> float:
+        return submit_time_s + max(wait_s, self.tail_share * tail - max(0.0, work_s))

@@ -24,3 +24,16 @@ def worker(wid: str, *, mem_gib: float = 80, model: str | None = None, running: 
 
 def view(queued=(), running=(), workers=(), now: float = 1000.0, usage=None) -> ClusterView:
     return ClusterView(now, tuple(queued), tuple(running), tuple(workers), dict(usage or {}))
+
+
+def synth_files(tmp_path, jobs: int, seed: int, workers: int = 2) -> tuple:
+    """``lorafleet trace synth`` into ``tmp_path/t.csv`` and a ``workers`` x 80 GiB cluster YAML."""
+    import yaml
+
+    from orchestrator.cli import main
+
+    trace = tmp_path / "t.csv"
+    assert main(["trace", "synth", "--jobs", str(jobs), "--seed", str(seed), "-o", str(trace)]) == 0
+    cluster = tmp_path / "c.yaml"
+    cluster.write_text(yaml.safe_dump({"workers": [{"count": workers, "gpu_memory_gib": 80, "tflops": 312}]}))
+    return trace, cluster

@@ -7,6 +7,7 @@ from orchestrator.cli import main
 from policies.cluster import ClusterError, parse_cluster
 from policies.config import PolicyConfigError, parse_policy_config, resolve_policy
 from policies.trace import TraceError, format_trace, parse_trace, synth_trace
+from tests.policies.helpers import synth_files
 
 
 def test_aspen_config_fields_reach_the_policy():
@@ -112,10 +113,7 @@ def test_trace_round_trip_and_errors():
 
 
 def test_cli_synth_and_simulate_json(tmp_path, capsys):
-    trace = tmp_path / "t.csv"
-    assert main(["trace", "synth", "--jobs", "25", "--seed", "3", "-o", str(trace)]) == 0
-    cluster = tmp_path / "c.yaml"
-    cluster.write_text(yaml.safe_dump({"workers": [{"count": 2, "gpu_memory_gib": 80, "tflops": 312}]}))
+    trace, cluster = synth_files(tmp_path, 25, 3)
     capsys.readouterr()
     plot = tmp_path / "jct.png"
     rc = main(["simulate", "--trace", str(trace), "--cluster", str(cluster), "--policy", "fifo,aspen", "--json",

@@ -4,10 +4,10 @@ import json
 import random
 
 import pytest
-import yaml
 
 from orchestrator.cli import main
 from policies.reference import reference, srpt_jcts
+from tests.policies.helpers import synth_files
 
 
 def test_srpt_preempts_the_longest_for_a_shorter_arrival():
@@ -65,10 +65,7 @@ def test_reference_means_and_errors():
 
 
 def test_simulate_prints_and_returns_the_references(tmp_path, capsys):
-    trace = tmp_path / "t.csv"
-    assert main(["trace", "synth", "--jobs", "30", "--seed", "5", "-o", str(trace)]) == 0
-    cluster = tmp_path / "c.yaml"
-    cluster.write_text(yaml.safe_dump({"workers": [{"count": 2, "gpu_memory_gib": 80, "tflops": 312}]}))
+    trace, cluster = synth_files(tmp_path, 30, 5)
     capsys.readouterr()
     assert main(["simulate", "--trace", str(trace), "--cluster", str(cluster), "--policy", "fifo,sjf,aspen",
                  "--json"]) == 0  # fmt: skip
