@@ -277,7 +277,7 @@ class FusionPays:
     ``tail_delay_s`` misses: urgent jobs piling onto a group of jobs that are not their class's
     longest but would end above its p99 (100 jobs, seed 23: two 4.5-5.2 h jobs ran 12-13 h). The
     bound was the class's largest FIFO-fair JCT in the view until 2026-11-29 (docs/policies.md,
-    "Latest change": every #5 target on 800 instead of 761 of 1,000 traces).
+    "deadlines that follow the class tail": every #5 target on 800 instead of 761 of 1,000 traces).
     """
 
     half_tokens: float = 2048.0

@@ -23,7 +23,8 @@ def test_clock_fifo_start_is_list_scheduling_in_submission_order():
 
 
 def test_clock_deadline_scales_the_wait_and_shares_the_class_tail():
-    clock = FifoClock(1, wait_scale=0.5, tail_share=0.6, tail_quantile=1.0, tail_rank=None)  # tail: the largest
+    clock = FifoClock(1, wait_scale=0.5, tail_share=0.6, tail_quantile=1.0, tail_rank=None,  # tail: the largest
+                      tight_wait_scale=None)  # waits scaled by 0.5 throughout
     # a (t 0, 1000 s): wait 0, class-0 tail 0 + 1000 = 1000; deadline 0 + max(0, 600 - 1000) = 0
     assert clock.stamp(0, 1000, priority=0) == 0
     # b (t 100, 10 s): FIFO start 1000, wait 900 x 0.5 = 450; tail max(1000, 460) = 1000;
@@ -57,6 +58,25 @@ def test_clock_class_tail_is_a_quantile_of_the_estimates(quantile, rank, deadlin
         FifoClock(1, tail_quantile=0.0)
     with pytest.raises(ValueError, match="tail_rank"):
         FifoClock(1, tail_rank=0)
+
+
+def test_clock_books_tighter_waits_once_the_load_leaves_room_for_the_mean():
+    # 1 server, six 100 s jobs at t 0: virtual waits 0, 100, ..., 500. After each booking the
+    # floor ratio (summed work / summed FIFO JCT) is 100/100, 200/300, 300/600, 400/1000 = 0.4,
+    # 500/1500 = 0.333, 600/2100 = 0.286: the fifth and sixth are booked under 0.4, at 0.8 x
+    # their wait instead of 0.9 x.
+    clock = FifoClock(1)
+    assert clock.floor_ratio() == 1.0
+    assert [clock.book(0, 100) for _ in range(6)] == pytest.approx([0, 90, 180, 270, 320, 400])
+    assert clock.floor_ratio() == pytest.approx(600 / 2100)
+    off = FifoClock(1, tight_wait_scale=None)
+    assert [off.book(0, 100) for _ in range(6)][-2:] == pytest.approx([360, 450])
+    edge = FifoClock(1, tight_below=0.3)  # only the sixth (0.286) is under 0.3
+    assert [edge.book(0, 100) for _ in range(6)][-2:] == pytest.approx([360, 400])
+    with pytest.raises(ValueError, match="tight_wait_scale"):
+        FifoClock(1, tight_wait_scale=0.0)
+    with pytest.raises(ValueError, match="tight_below"):
+        FifoClock(1, tight_below=1.5)
 
 
 def test_clock_rank_cap_keeps_one_outlier_from_setting_the_class_tail():
