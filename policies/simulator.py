@@ -98,7 +98,7 @@ class SimResult:
 
 class _Job:
     __slots__ = ("adapter_bytes", "adapter_params", "ckpt_iters", "done", "fifo_wait", "finish", "first_start", "head",
-                 "iter_ref_s", "model", "pred_act", "pred_adapter", "preempt_pending", "solo_s", "start", "static",
+                 "iter_ref_s", "model", "pred_act", "pred_adapter", "preempt_pending", "solo_need", "solo_s", "start", "static",
                  "t", "total", "true_act", "true_adapter", "worker")  # fmt: skip
 
 
@@ -131,7 +131,9 @@ class Simulator:
         self.jobs: dict[str, _Job] = {}
         for t in trace:
             self.jobs[t.job_id] = self._make_job(t, seed, memory_noise, fastest, biggest)
-        self.clock = FifoClock(len(self.workers))  # books arrivals; gives each job's FIFO-fair start deadline
+        # books arrivals (each on a server with the memory for it alone) and gives each job its
+        # FIFO-fair start deadline
+        self.clock = FifoClock.of_servers([w.memory for w in self.workers])
         self.arrivals = sorted(self.jobs.values(), key=lambda j: (j.t.submit_time_s, j.t.job_id))
         self.queued: dict[str, _Job] = {}
         self.usage: dict[str, float] = {}
@@ -164,6 +166,7 @@ class Simulator:
         j.ckpt_iters = self.cluster.checkpoint_every_steps * (t.batch_size // t.micro_batch_size)
         j.done = 0.0
         j.fifo_wait = None  # the FIFO clock's wait estimate, booked on arrival
+        j.solo_need = fused_group_peak_bytes(j.static, [(j.pred_adapter, j.pred_act, t.micro_batch_size, t.seq_len)], 0.0)
         j.start = j.first_start = j.finish = None
         j.preempt_pending = False
         member = Member(t.micro_batch_size, t.seq_len, j.adapter_params)
@@ -338,7 +341,7 @@ class Simulator:
             self._advance(max(self.now, t_next))
             while next_arrival < n and self.arrivals[next_arrival].t.submit_time_s <= self.now + EPS:
                 j = self.arrivals[next_arrival]
-                j.fifo_wait = self.clock.book(j.t.submit_time_s, j.solo_s, j.t.priority)
+                j.fifo_wait = self.clock.book(j.t.submit_time_s, j.solo_s, j.t.priority, j.solo_need)
                 self.queued[j.t.job_id] = j
                 next_arrival += 1
             while self.events and self.events[0][0] <= self.now + EPS:

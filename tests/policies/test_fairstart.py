@@ -4,7 +4,7 @@
 import pytest
 
 from policies.builtin import AspenSettings, aspen
-from policies.cluster import load_cluster
+from policies.cluster import load_cluster, parse_cluster
 from policies.config import PolicyConfigError, parse_policy_config
 from policies.fairstart import FifoClock
 from policies.interface import Start
@@ -89,6 +89,51 @@ def test_clock_rank_cap_keeps_one_outlier_from_setting_the_class_tail():
     clock.stamp(0, 4 * h, priority=0)
     clock.stamp(0, 500 * h, priority=1)
     assert clock.stamp(0, 1 * h, priority=0) == pytest.approx(0.9 * 4 * h - 1 * h)
+
+
+def test_clock_of_servers_books_each_job_on_a_server_with_the_memory_for_it():
+    # An 80 and a 40 (GiB, as bytes here) server. a (t 0, 100 s, needs 60) -> the 80 one at 0;
+    # b (t 0, 50 s, needs 30) -> the 40 one, free at 0; c (t 10, needs 60) waits for the 80 one,
+    # at 100, though the 40 one frees at 50; d (t 10, needs 30) takes the 40 one at 50; e needs
+    # more than any server has: the earliest of all, the 40 one at 60. A memory-blind clock of 2
+    # starts c at 50 (on the 40 one), d at 60 and e at 70.
+    clock = FifoClock.of_servers([80, 40])
+    jobs = ((0, 100, 60), (0, 50, 30), (10, 10, 60), (10, 10, 30), (10, 5, 100))
+    assert [clock.fifo_start(t, w, need) for t, w, need in jobs] == [0, 0, 100, 50, 60]
+    blind = FifoClock(2)
+    assert [blind.fifo_start(t, w) for t, w, _ in jobs] == [0, 0, 50, 60, 70]
+    assert clock.workers == 2
+    with pytest.raises(ValueError, match="resize"):
+        clock.resize(3)
+    same = FifoClock.of_servers([80, 80, 80], wait_scale=1.0)  # equal memories: a plain clock of 3
+    assert same.workers == 3 and same.wait_scale == 1.0
+    same.resize(4)
+    assert same.workers == 4
+    with pytest.raises(ValueError, match="memories"):
+        FifoClock.of_servers([])
+    with pytest.raises(ValueError, match="memories"):
+        FifoClock.of_servers([80, 0])
+
+
+def test_simulator_books_jobs_on_workers_that_fit_them():
+    # 1 worker of 80 GiB and 3 of 24 GiB: jobs of 7B-13B models need more than 24 GiB alone, so
+    # they queue for the one worker that fits them; a memory-blind clock of 4 saw no such queue
+    # (heterogeneous clusters: short jobs waited 48 h where fifo's waited 14 h, docs/policies.md).
+    gib = 2**30
+    cluster = parse_cluster({"workers": [{"count": 1, "gpu_memory_gib": 80, "tflops": 312},
+                                         {"count": 3, "gpu_memory_gib": 24, "tflops": 312}]})  # fmt: skip
+    trace = synth_trace(40, 3)
+    sim = Simulator(trace, cluster, aspen())
+    sim.run()
+    order = sorted(trace, key=lambda t: (t.submit_time_s, t.job_id))
+    assert sum(sim.jobs[t.job_id].solo_need > 24 * gib for t in trace) >= 20
+    clock = FifoClock.of_servers([80 * gib] + [24 * gib] * 3)
+    blind = FifoClock(4)
+    for t in order:
+        j = sim.jobs[t.job_id]
+        assert j.fifo_wait == clock.book(t.submit_time_s, j.solo_s, t.priority, j.solo_need)
+        blind.book(t.submit_time_s, j.solo_s, t.priority)
+    assert clock.floor_ratio() < 0.5 * blind.floor_ratio()  # the queue a blind clock missed
 
 
 def test_clock_resize_adds_free_servers_and_drops_the_busiest():
