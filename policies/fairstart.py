@@ -7,8 +7,9 @@ start* is when that server frees (or its submit time, if later), and its estimat
 ``wait + work``. On workers of unequal memory (:meth:`FifoClock.of_servers`, what the simulator
 builds) a job takes only servers with the memory to run it alone: on 4 x 80 + 4 x 40 + 4 x 24 GiB a
 memory-blind clock saw twelve servers where fifo had four for most jobs, and short jobs waited
-48 h where fifo's waited 14 h (docs/policies.md, "a FIFO clock that knows which workers fit a job"). Issue 5 bounds each priority class's p99 JCT by fifo's, so a job may be held back
-as long as it stays within its class's FIFO tail. Its deadline is::
+48 h where fifo's waited 14 h (docs/policies.md, "a FIFO clock that knows which workers fit a
+job"). Issue 5 bounds each priority class's p99 JCT by fifo's, so a job may be held back as long
+as it stays within its class's FIFO tail. Its deadline is::
 
     fair_start = submit + max(wait_scale * wait, tail_share * tail - work)
 
