@@ -108,9 +108,12 @@ def big_view(queued: int, workers: int, idle_fraction: float, seed: int = 0) -> 
         running += group
         ws.append(WorkerView(wid, 80 * GIB, 312.0, m, tuple(j.job_id for j in group)))
     queue = [job(n + i) for i in range(queued)]
-    clock = FifoClock(workers)  # stamp FIFO-fair start deadlines in submission order, as the simulator does
-    fair = {j.job_id: clock.stamp(j.submit_time_s, j.total_work_s, j.priority)
-            for j in sorted(running + queue, key=lambda j: j.submit_time_s)}  # fmt: skip
+    # FIFO-fair start deadlines as the simulator gives them: book in submission order, then each
+    # deadline with its class's tail as estimated at the view
+    clock = FifoClock(workers)
+    booked = [(j, clock.book(j.submit_time_s, j.total_work_s, j.priority))
+              for j in sorted(running + queue, key=lambda j: j.submit_time_s)]  # fmt: skip
+    fair = {j.job_id: clock.deadline(j.submit_time_s, wait, j.total_work_s, j.priority) for j, wait in booked}
     running = [replace(j, fair_start_s=fair[j.job_id]) for j in running]
     queue = [replace(j, fair_start_s=fair[j.job_id]) for j in queue]
     usage = {f"u{i}": rng.uniform(0, 1e5) for i in range(50)}

@@ -98,8 +98,8 @@ class SimResult:
 
 class _Job:
     __slots__ = ("adapter_bytes", "adapter_params", "ckpt_iters", "done", "fifo_wait", "finish", "first_start", "head",
-                 "iter_ref_s", "model", "pred_act", "pred_adapter", "preempt_pending", "solo_need", "solo_s", "start", "static",
-                 "t", "total", "true_act", "true_adapter", "worker")  # fmt: skip
+                 "iter_ref_s", "model", "pred_act", "pred_adapter", "preempt_pending", "solo_need", "solo_s", "start",
+                 "static", "t", "total", "true_act", "true_adapter", "worker")  # fmt: skip
 
 
 class _Worker:
@@ -166,7 +166,9 @@ class Simulator:
         j.ckpt_iters = self.cluster.checkpoint_every_steps * (t.batch_size // t.micro_batch_size)
         j.done = 0.0
         j.fifo_wait = None  # the FIFO clock's wait estimate, booked on arrival
-        j.solo_need = fused_group_peak_bytes(j.static, [(j.pred_adapter, j.pred_act, t.micro_batch_size, t.seq_len)], 0.0)
+        # its predicted peak alone: the FIFO clock books it only on workers with that much memory
+        j.solo_need = fused_group_peak_bytes(j.static, [(j.pred_adapter, j.pred_act, t.micro_batch_size, t.seq_len)],
+                                             0.0)  # fmt: skip
         j.start = j.first_start = j.finish = None
         j.preempt_pending = False
         member = Member(t.micro_batch_size, t.seq_len, j.adapter_params)
