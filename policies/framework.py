@@ -40,8 +40,11 @@ memory per model and updated in place after each start.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+import heapq
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 from policies.interface import (
     Decision,
@@ -72,16 +75,12 @@ def fifo_wait_s(view: ClusterView) -> float:
     n = len(view.running)
     if not n:
         return sum(j.remaining_work_s for j in jobs) / accepting
-    cut = sorted([j.submit_time_s for j in jobs])[n - 1]  # the n-th oldest submit time
-    queue = 0.0
-    ties = 0  # jobs submitted exactly at ``cut`` beyond the n oldest stay in FIFO's queue
-    for j in jobs:
-        t = j.submit_time_s
-        if t > cut:
-            queue += j.remaining_work_s
-        elif t == cut:
-            ties += 1
-    older = sum(1 for j in jobs if j.submit_time_s < cut)
+    times = [j.submit_time_s for j in jobs]
+    ordered = sorted(times)
+    cut = ordered[n - 1]  # the n-th oldest submit time
+    queue = sum([j.remaining_work_s for t, j in zip(times, jobs, strict=True) if t > cut])
+    older = bisect.bisect_left(ordered, cut)
+    ties = bisect.bisect_right(ordered, cut) - older  # jobs submitted exactly at ``cut``: those beyond the n oldest stay queued
     if ties > n - older:
         tied = sorted(j.remaining_work_s for j in jobs if j.submit_time_s == cut)
         queue += sum(tied[n - older:])
@@ -94,9 +93,21 @@ def _deadline(job: JobView) -> tuple[float, float, str]:
     return (job.submit_time_s if fair is None else fair, job.submit_time_s, job.job_id)
 
 
+_last_terms: tuple[JobView | None, tuple[float, float, float, float]] = (None, (0.0, 0.0, 0.0, 0.0))
+
+
 def job_terms(job: JobView) -> tuple[float, float, float, float]:
-    """``(b0, c, d, e)`` of :func:`policies.memory_model.fused_terms` for the job's prediction."""
-    return fused_terms(job.adapter_bytes, job.activation, job.micro_batch_size, job.seq_len, job.loss_head_per_token)
+    """``(b0, c, d, e)`` of :func:`policies.memory_model.fused_terms` for the job's prediction.
+
+    The last job's terms are kept (job views are immutable): scoring asks for the same job once per
+    candidate worker."""
+    global _last_terms
+    last = _last_terms
+    if last[0] is job:
+        return last[1]
+    terms = fused_terms(job.adapter_bytes, job.activation, job.micro_batch_size, job.seq_len, job.loss_head_per_token)
+    _last_terms = (job, terms)
+    return terms
 
 
 class Slot:
@@ -192,8 +203,10 @@ class Cycle:
     Attributes: ``view``; ``margin``; ``slots`` (one per worker, in view order); ``running_by_owner``
     (running plus started this cycle); ``workers_by_owner`` (ids of the workers each owner's
     running and this cycle's started jobs occupy); ``pending`` (ids with a pending or new preemption);
-    ``backlog_s`` (:func:`fifo_wait_s` of the view); ``urgent`` (ids the tail guard put first);
-    ``memo`` (plugins' per-cycle cache, e.g. :class:`~policies.plugins.FusionPays`'s tail cut).
+    ``backlog_s`` (:func:`fifo_wait_s` of the view); ``urgent`` (ids the tail guard or a short
+    job's turn put first; with ``queue_depth``, due jobs beyond the considered ones may be left out);
+    ``worker_of`` (running job id -> worker id); ``memo`` (plugins' per-cycle cache, e.g.
+    :class:`~policies.plugins.FusionPays`'s tail cut).
     """
 
     def __init__(self, view: ClusterView, margin: float):
@@ -206,7 +219,9 @@ class Cycle:
         self.urgent: set[str] = set()  # ids the tail guard put first (filled by the engine)
         self.fair_slack_s: float | None = None  # the policy's, for filters (set by the engine)
         self.memo: dict = {}  # plugins may cache per-cycle values here
+        self.worker_of: dict[str, str | None] = {}  # running job id -> its worker id
         for job in view.running:
+            self.worker_of[job.job_id] = job.worker_id
             by_worker.setdefault(job.worker_id or "", []).append(job)
             self.running_by_owner[job.owner] = self.running_by_owner.get(job.owner, 0) + 1
             if job.worker_id is not None:
@@ -229,7 +244,6 @@ class Cycle:
                 self.idle_classes.setdefault(key, []).append(s)
         for members in self.idle_classes.values():
             members.reverse()  # pop() from the end yields the lowest index first
-        self.backlog_s = fifo_wait_s(view)
         self._max_free: dict[str, float] = {m: self._scan_max(m) for m in self.busy_by_model}
         self._max_idle = max((k[1] for k, v in self.idle_classes.items() if v), default=0)
         self._ranked: dict[str, list[tuple[float, int, Slot]]] = {}  # busy slots by free memory, lazily
@@ -237,6 +251,11 @@ class Cycle:
         for s in self.slots:  # a group being preempted frees its room for the job it was preempted for
             if s.jobs and any(j.job_id in self.pending for j in s.jobs):
                 self.hold(s)
+
+    @cached_property
+    def backlog_s(self) -> float:
+        """:func:`fifo_wait_s` of the view, computed on first use (a pass and a sort of the queue)."""
+        return fifo_wait_s(self.view)
 
     def _scan_max(self, model: str) -> float:
         return max((s.free_bytes(self.margin) for s in self.busy_by_model.get(model, ())), default=-1.0)
@@ -450,21 +469,21 @@ class ProfilePolicy:
     fair_slack_s: float | None = None
     turns: TurnRule | None = None
 
-    @property
+    @cached_property
     def _active_scores(self) -> tuple[tuple[Score, float], ...]:
         return tuple((p, w) for p, w in self.scores if w)
 
-    @property
+    @cached_property
     def _subset_filters(self) -> tuple:
         """The filters that name their workers up front (:class:`~policies.interface.WorkerSubset`);
         :meth:`_place` asks them once per job instead of once per worker."""
         return tuple(f for f in self.filters if hasattr(f, "allowed_workers"))
 
-    @property
+    @cached_property
     def _plain_filters(self) -> tuple:
         return tuple(f for f in self.filters if not hasattr(f, "allowed_workers"))
 
-    @property
+    @cached_property
     def _weight_sum(self) -> float:
         return sum(w for _, w in self.scores if w)
 
@@ -496,16 +515,20 @@ class ProfilePolicy:
         out.sort(key=_deadline)
         return out
 
-    def _ordered(self, view: ClusterView, cycle: Cycle | None = None, limit: int = 0) -> list[JobView]:
-        """The queue in cycle order: urgent jobs (oldest first), then ``order``'s. With ``limit``
-        > 0 only the first ``limit`` (a partial sort when the order has ``top``)."""
+    def _ordered(self, view: ClusterView, cycle: Cycle | None = None, limit: int = 0) -> Iterator[JobView]:
+        """The queue in cycle order, lazily: urgent jobs (oldest first), then ``order``'s. With
+        ``limit`` > 0 only the first ``limit`` (a partial sort when the order has ``top``); without,
+        an order with ``keys`` is heapified and popped only as far as the cycle reads."""
         old: list[JobView] = []
         if self.guarded:
             old = self._urgent(view, cycle.backlog_s if cycle is not None else fifo_wait_s(view))
         if self.turns is not None:
             now, due = view.now_s, self.turns.due
-            first = sorted((j for j in view.queued if due(j, now)),
-                           key=lambda j: (j.remaining_work_s, j.submit_time_s, j.job_id))  # fmt: skip
+            short = getattr(self.turns, "max_work_s", float("inf"))  # a cheap pre-check for ShortJobTurns
+            keys = [(j.remaining_work_s, j.submit_time_s, j.job_id, i) for i, j in enumerate(view.queued)
+                    if j.remaining_work_s <= short and due(j, now)]  # fmt: skip
+            keys = heapq.nsmallest(limit, keys) if limit and len(keys) > limit else sorted(keys)
+            first = [view.queued[k[3]] for k in keys]
             if first:
                 ids = {j.job_id for j in first}
                 old = first + [j for j in old if j.job_id not in ids]
@@ -513,14 +536,26 @@ class ProfilePolicy:
         if cycle is not None:
             cycle.urgent = ids
         if limit and len(old) >= limit:
-            return old[:limit]
-        top = getattr(self.order, "top", None)
+            return iter(old[:limit])
+        rest = self._rest(view, limit + len(old) if limit else 0)  # the urgent ones may be among them
+        if old:
+            rest = itertools.chain(old, (j for j in rest if j.job_id not in ids))
+        return itertools.islice(rest, limit) if limit else iter(rest)
+
+    def _rest(self, view: ClusterView, limit: int) -> Iterable[JobView]:
+        """``order``'s sequence of the queued jobs, at least its first ``limit`` (0: all)."""
+        queued, order = view.queued, self.order
+        top = getattr(order, "top", None)
         if limit and top is not None:
-            rest = top(view.queued, view, limit + len(old))  # the urgent ones may be among them
-        else:
-            rest = self.order.order(view.queued, view)
-        out = old + [j for j in rest if j.job_id not in ids] if old else rest
-        return out[:limit] if limit else out
+            return top(queued, view, limit)
+        keys = getattr(order, "keys", None)
+        if keys is None:
+            return order.order(queued, view)
+        heap = keys(queued, view)
+        if limit:
+            return [queued[k[-1]] for k in heapq.nsmallest(limit, heap)]
+        heapq.heapify(heap)
+        return (queued[heapq.heappop(heap)[-1]] for _ in range(len(heap)))
 
     def _score(self, job: JobView, slot: Slot, cycle: Cycle) -> float:
         total = weights = 0.0
@@ -605,9 +640,9 @@ class ProfilePolicy:
                 cycle.pending.update(victims)
                 preempts.extend(Preempt(v) for v in victims)
                 for v in victims:  # later jobs of this cycle must not refill the room being freed
-                    victim = cycle.view.find_job(v)
-                    if victim is not None and victim.worker_id in cycle.slot_of:
-                        cycle.hold(cycle.slot_of[victim.worker_id])
+                    wid = cycle.worker_of.get(v)
+                    if wid in cycle.slot_of:
+                        cycle.hold(cycle.slot_of[wid])
                 if turn:
                     continue  # the job waits for that worker: no reservation of another
             if not self.backfill:

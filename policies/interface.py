@@ -115,7 +115,14 @@ class Policy(Protocol):
 
 
 class QueueOrder(Protocol):
-    """Orders the queued jobs; ``breakdown`` gives the factors behind one job's place."""
+    """Orders the queued jobs; ``breakdown`` gives the factors behind one job's place.
+
+    Two optional methods let the engine avoid sorting the whole queue when a cycle only reaches
+    its head (a strict policy stops at the first job that cannot start; ``queue_depth`` caps the
+    jobs considered): ``keys(queued, view) -> list[tuple]``, one sortable key per job whose last
+    item is the job's index in ``queued`` (ascending keys are :meth:`order`; the engine heapifies
+    them and pops as it goes), and ``top(queued, view, k)``, the first ``k`` of :meth:`order`.
+    """
 
     def order(self, queued: Sequence[JobView], view: ClusterView) -> list[JobView]: ...
 

@@ -7,7 +7,7 @@ like with like (Slurm multifactor priority; kube-scheduler score plugins).
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from policies.framework import Cycle, Slot
@@ -17,12 +17,19 @@ from policies.snapshot import ClusterView, JobView
 # --- queue orders ------------------------------------------------------------------------------
 
 
+def _sorted_by_keys(queued: Sequence[JobView], keys: list[tuple]) -> list[JobView]:
+    return [queued[k[-1]] for k in sorted(keys)]
+
+
 @dataclass(frozen=True)
 class FirstComeFirstServed:
     """Submit time, then job id."""
 
+    def keys(self, queued: Sequence[JobView], view: ClusterView) -> list[tuple[float, str, int]]:
+        return [(j.submit_time_s, j.job_id, i) for i, j in enumerate(queued)]
+
     def order(self, queued: Sequence[JobView], view: ClusterView) -> list[JobView]:
-        return sorted(queued, key=lambda j: (j.submit_time_s, j.job_id))
+        return _sorted_by_keys(queued, self.keys(queued, view))
 
     def breakdown(self, job: JobView, view: ClusterView) -> tuple[tuple[FactorLine, ...], float]:
         return (FactorLine("submit_s", job.submit_time_s, 1.0),), -job.submit_time_s
@@ -32,8 +39,11 @@ class FirstComeFirstServed:
 class StaticPriority:
     """Higher ``priority`` first; first come, first served within a priority."""
 
+    def keys(self, queued: Sequence[JobView], view: ClusterView) -> list[tuple[int, float, str, int]]:
+        return [(-j.priority, j.submit_time_s, j.job_id, i) for i, j in enumerate(queued)]
+
     def order(self, queued: Sequence[JobView], view: ClusterView) -> list[JobView]:
-        return sorted(queued, key=lambda j: (-j.priority, j.submit_time_s, j.job_id))
+        return _sorted_by_keys(queued, self.keys(queued, view))
 
     def breakdown(self, job: JobView, view: ClusterView) -> tuple[tuple[FactorLine, ...], float]:
         return (FactorLine("priority", float(job.priority), 1.0),), float(job.priority)
@@ -43,8 +53,11 @@ class StaticPriority:
 class ShortestRemainingWork:
     """Least ``remaining_work_s`` first; submit time breaks ties."""
 
+    def keys(self, queued: Sequence[JobView], view: ClusterView) -> list[tuple[float, float, str, int]]:
+        return [(j.remaining_work_s, j.submit_time_s, j.job_id, i) for i, j in enumerate(queued)]
+
     def order(self, queued: Sequence[JobView], view: ClusterView) -> list[JobView]:
-        return sorted(queued, key=lambda j: (j.remaining_work_s, j.submit_time_s, j.job_id))
+        return _sorted_by_keys(queued, self.keys(queued, view))
 
     def breakdown(self, job: JobView, view: ClusterView) -> tuple[tuple[FactorLine, ...], float]:
         return (FactorLine("remaining_s", job.remaining_work_s, 1.0),), -job.remaining_work_s
@@ -57,23 +70,38 @@ class Multifactor:
     factors: tuple[tuple[PriorityFactor, float], ...]
 
     def _totals(self, jobs: Sequence[JobView], view: ClusterView) -> list[float]:
-        totals = [0.0] * len(jobs)
+        totals: list[float] | None = None
         for factor, weight in self.factors:
             if weight:
-                totals = [t + weight * v for t, v in zip(totals, factor.values(jobs, view), strict=True)]
-        return totals
+                values = factor.values(jobs, view)
+                if totals is None:
+                    totals = [weight * v for v in values]
+                else:
+                    totals = [t + weight * v for t, v in zip(totals, values, strict=True)]
+        return [0.0] * len(jobs) if totals is None else totals
 
-    def _keys(self, queued: Sequence[JobView], view: ClusterView) -> Iterable[tuple[float, float, str, int]]:
+    def keys(self, queued: Sequence[JobView], view: ClusterView) -> list[tuple[float, float, str, int]]:
         totals = self._totals(queued, view)
-        return zip([-t for t in totals], [j.submit_time_s for j in queued], [j.job_id for j in queued],
-                   range(len(queued)), strict=True)  # fmt: skip
+        return [(-t, j.submit_time_s, j.job_id, i) for i, (t, j) in enumerate(zip(totals, queued, strict=True))]
 
     def order(self, queued: Sequence[JobView], view: ClusterView) -> list[JobView]:
-        return [queued[k[3]] for k in sorted(self._keys(queued, view))]
+        return _sorted_by_keys(queued, self.keys(queued, view))
 
     def top(self, queued: Sequence[JobView], view: ClusterView, k: int) -> list[JobView]:
-        """The first ``k`` of :meth:`order` (a partial sort: O(n log k))."""
-        return [queued[key[3]] for key in heapq.nsmallest(k, self._keys(queued, view))]
+        """The first ``k`` of :meth:`order` (a partial sort: O(n log k)).
+
+        The ``k``-th largest total is found among plain floats first; only the jobs at or above it
+        (``k`` plus ties) get full sort keys, so the result is exactly :meth:`order`'s head.
+        """
+        if k <= 0:
+            return []
+        totals = self._totals(queued, view)
+        if k >= len(totals):
+            return self.order(queued, view)
+        cut = heapq.nlargest(k, totals)[-1]
+        head = [(-t, queued[i].submit_time_s, queued[i].job_id, i) for i, t in enumerate(totals) if t >= cut]
+        head.sort()
+        return [queued[key[3]] for key in head[:k]]
 
     def breakdown(self, job: JobView, view: ClusterView) -> tuple[tuple[FactorLine, ...], float]:
         # Factors normalise over the queue (e.g. priority class), so evaluate the job among it.
@@ -142,18 +170,20 @@ class FairShareFactor:
 
     def values(self, jobs: Sequence[JobView], view: ClusterView) -> list[float]:
         usage = view.owner_usage_s
-        owners = {j.owner for j in jobs} | {j.owner for j in view.running} | set(usage)
+        owned = [j.owner for j in jobs]
+        queued_owners = set(owned)
+        owners = queued_owners | {j.owner for j in view.running} | set(usage)
         total_share = sum(self.shares.get(o, self.default_share) for o in owners) or 1.0
         total_use = sum(usage.values())
         cache: dict[str, float] = {}
-        for o in {j.owner for j in jobs}:
+        for o in queued_owners:
             if total_use <= 0:
                 cache[o] = 1.0
                 continue
             share = self.shares.get(o, self.default_share) / total_share
             used = usage.get(o, 0.0) / total_use
             cache[o] = 0.0 if share <= 0 else 2.0 ** (-used / share)
-        return [cache[j.owner] for j in jobs]
+        return [cache[o] for o in owned]
 
 
 # --- filters ----------------------------------------------------------------------------------------
@@ -239,11 +269,15 @@ def class_tail_cut(cycle: Cycle, k: int) -> dict[int, float]:
     key = f"tail_cut.{k}"
     cut = cycle.memo.get(key)
     if cut is None:
-        jobs = (*cycle.view.queued, *cycle.view.running)
+        by_class: dict[int, list[float]] = {}
+        for jobs in (cycle.view.queued, cycle.view.running):
+            for j in jobs:
+                work = by_class.get(j.priority)
+                if work is None:
+                    work = by_class[j.priority] = []
+                work.append(j.remaining_work_s)
         k = max(1, k)
-        cut = cycle.memo[key] = {  # one comprehension per class: ~3x a dict-building loop
-            p: heapq.nlargest(k, [j.remaining_work_s for j in jobs if j.priority == p])[-1]
-            for p in {j.priority for j in jobs}}  # fmt: skip
+        cut = cycle.memo[key] = {p: heapq.nlargest(k, work)[-1] for p, work in by_class.items()}
     return cut
 
 
@@ -302,6 +336,25 @@ class FusionPays:
                 return m
         return None
 
+    def _ceiling_bound(self, slot: Slot, cycle: Cycle) -> float:
+        """The fused step (tokens) at which a member's projected JCT reaches ``tail_ceiling`` x its
+        FIFO-fair JCT, least over the members (once per group state; :meth:`_over_ceiling` confirms
+        a step at or above it exactly)."""
+        bound = slot.memo.get("fusion_pays.ceiling")
+        if bound is None:
+            now, h, scale = cycle.view.now_s, self.half_tokens, self.tail_ceiling or 0.0
+            bound = float("inf")
+            for m in slot.jobs:
+                r = m.remaining_work_s
+                if m.fair_start_s is None or r <= 0:
+                    continue
+                room = scale * (m.fair_start_s - m.submit_time_s + m.total_work_s) - (now - m.submit_time_s)
+                b = room * (m.micro_batch_size * m.seq_len + h) / r
+                if b < bound:
+                    bound = b
+            slot.memo["fusion_pays.ceiling"] = bound
+        return bound
+
     def tail_cut(self, cycle: Cycle) -> dict[int, float]:
         """Per priority class, the ``tail_jobs``-th largest remaining work (:func:`class_tail_cut`)."""
         return class_tail_cut(cycle, self.tail_jobs)
@@ -329,7 +382,8 @@ class FusionPays:
                 return f"fused step {step:.0f} tokens would delay a tail member by more than {delay:g} s"
         if self.tail_ceiling is not None:
             step = (slot.rows + job.micro_batch_size) * lp + self.half_tokens
-            member = self._over_ceiling(slot, cycle, step)
+            bound = self._ceiling_bound(slot, cycle)
+            member = self._over_ceiling(slot, cycle, step) if step >= bound - 1e-9 * (1.0 + abs(bound)) else None
             if member is not None:
                 return f"fused step {step:.0f} tokens would end {member.job_id} past its FIFO-fair JCT"
         cap = self.pressure_slowdown

@@ -401,6 +401,117 @@ def test_partial_sort_matches_the_full_order():
         assert [j.job_id for j in order.top(v.queued, v, k)] == full[:k]
 
 
+def test_queue_orders_match_their_documented_keys_and_lazy_heap_order():
+    # Each built-in order's ``keys`` (heapified lazily by the engine) gives the documented order,
+    # ties included: many equal submit times, priorities and work.
+    rng = random.Random(5)
+    jobs = [job(f"j{rng.randrange(1000):03d}-{i}", priority=rng.choice((0, 1, 2)), submit=rng.choice((0, 5, 9)),
+                work=rng.choice((10.0, 100.0))) for i in range(200)]  # fmt: skip
+    v = view(jobs, workers=[worker("w0")])
+    documented = {
+        "fifo": lambda j: (j.submit_time_s, j.job_id),
+        "priority": lambda j: (-j.priority, j.submit_time_s, j.job_id),
+        "sjf": lambda j: (j.remaining_work_s, j.submit_time_s, j.job_id),
+    }
+    for policy in (fifo(), priority(), sjf()):
+        want = [j.job_id for j in sorted(jobs, key=documented[policy.name])]
+        assert [j.job_id for j in policy.order.order(v.queued, v)] == want
+        assert [j.job_id for j in policy._ordered(v)] == want  # the engine's lazy heap
+        assert [j.job_id for j in policy._ordered(v, limit=17)] == want[:17]
+
+
+class _NoShortcuts:
+    """An order with only ``order`` and ``breakdown`` (as a custom policy may have): no keys, no top."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def order(self, queued, view):
+        return self.inner.order(queued, view)
+
+    def breakdown(self, job, view):
+        return self.inner.breakdown(job, view)
+
+
+def test_lazy_ordering_gives_the_same_decisions_as_a_full_sort():
+    from dataclasses import replace
+
+    rng = random.Random(11)
+    running = [job(f"r{i}", dyn_gib=20, worker=f"w{i}", start=0.0, seq=rng.choice((256, 512))) for i in range(6)]
+    workers = [worker(f"w{i}", model="m", running=(f"r{i}",)) for i in range(6)] + [worker("w6"), worker("w7")]
+    queued = [job(f"q{i}", submit=rng.uniform(0, 900), dyn_gib=rng.choice((5, 15, 30, 60)), work=rng.uniform(10, 9000),
+                  priority=rng.choice((0, 1)), seq=rng.choice((256, 512, 1024))) for i in range(400)]  # fmt: skip
+    v = view(queued, running, workers)
+    for policy in (fifo(), priority(), sjf(), _aspen(), _aspen(queue_depth=0)):
+        plain = replace(policy, order=_NoShortcuts(policy.order))
+        decisions = policy.schedule(v)
+        assert decisions and decisions == plain.schedule(v), policy.name
+
+
+def test_fifo_wait_estimate_with_tied_submit_times_matches_a_brute_force_count():
+    # FIFO runs the n oldest (n = running jobs; among equal submit times the least work first, as
+    # the estimate assumes) and queues the rest: their work over the accepting workers.
+    rng = random.Random(2)
+    for _ in range(30):
+        n_run, n_q = rng.randrange(1, 6), rng.randrange(0, 12)
+        running = [job(f"r{i}", submit=rng.choice((0, 1, 2)), work=rng.uniform(1, 100), worker="w0") for i in range(n_run)]
+        queued = [job(f"q{i}", submit=rng.choice((0, 1, 2, 3)), work=rng.uniform(1, 100)) for i in range(n_q)]
+        workers = [worker("w0", model="m", running=tuple(j.job_id for j in running)), worker("w1"),
+                   worker("w2", accepting=False)]  # fmt: skip
+        everyone = sorted(running + queued, key=lambda j: (j.submit_time_s, j.remaining_work_s))
+        expected = sum(j.remaining_work_s for j in everyone[n_run:]) / 2
+        assert fifo_wait_s(view(queued, running, workers)) == pytest.approx(expected)
+
+
+def test_class_tail_cut_is_each_classs_kth_largest_remaining_work():
+    from policies.framework import Cycle
+    from policies.plugins import class_tail_cut
+
+    rng = random.Random(4)
+    running = [job(f"r{i}", priority=rng.choice((0, 2)), work=rng.uniform(1, 50), worker="w0") for i in range(7)]
+    queued = [job(f"q{i}", priority=rng.choice((0, 1, 2)), work=rng.uniform(1, 50)) for i in range(40)]
+    cycle = Cycle(view(queued, running, [worker("w0", model="m", running=tuple(j.job_id for j in running))]), 0.0)
+    for k in (1, 2, 5, 100):
+        cut = class_tail_cut(cycle, k)
+        for p in (0, 1, 2):
+            works = sorted((j.remaining_work_s for j in running + queued if j.priority == p), reverse=True)
+            assert cut[p] == works[min(k, len(works)) - 1]
+        assert set(cut) == {0, 1, 2}
+
+
+def test_tail_ceiling_rejects_exactly_when_a_members_projected_jct_passes_its_fair_jct():
+    # The filter checks a per-group bound on the fused step first; it must agree with the rule as
+    # documented (member m: now - submit + remaining * step / own > ceiling * fair JCT) everywhere.
+    from policies.framework import Cycle
+    from policies.plugins import FusionPays
+
+    rng = random.Random(9)
+    pays = FusionPays(max_cost=None, max_slowdown=None, tail_delay_s=None, tail_ceiling=1.1)
+    now, h, rejected = 5000.0, pays.half_tokens, 0
+    for trial in range(300):
+        members = [job(f"r{i}", submit=rng.uniform(0, 4000), work=rng.uniform(100, 20000), worker="w0", start=1.0,
+                       fair=rng.uniform(0, 6000), mbs=rng.choice((1, 2, 4)), seq=rng.choice((256, 512, 1024)))
+                   for i in range(rng.randrange(1, 4))]  # fmt: skip
+        members = [replace_remaining(m, rng.uniform(0.05, 1.0) * m.total_work_s) for m in members]
+        newcomer = job("a", mbs=rng.choice((1, 2, 4, 8)), seq=rng.choice((128, 512, 2048)))
+        w = worker("w0", model="m", running=tuple(m.job_id for m in members))
+        cycle = Cycle(view([newcomer], members, [w], now=now), 0.0)
+        slot = cycle.slots[0]
+        step = (slot.rows + newcomer.micro_batch_size) * max(slot.lmax, newcomer.seq_len) + h
+        over = any(now - m.submit_time_s + m.remaining_work_s * step / (m.micro_batch_size * m.seq_len + h)
+                   > 1.1 * (m.fair_start_s - m.submit_time_s + m.total_work_s) for m in members)  # fmt: skip
+        reason = pays.filter(newcomer, slot, cycle)
+        assert (reason is not None) == over, trial
+        rejected += over
+    assert 30 < rejected < 270  # both outcomes exercised
+
+
+def replace_remaining(j, remaining: float):
+    from dataclasses import replace
+
+    return replace(j, remaining_work_s=remaining)
+
+
 def test_queue_depth_considers_only_the_first_jobs_of_the_order():
     jobs = [job(f"j{i}", submit=i, work=100 + i, dyn_gib=1) for i in range(10)]
     policy = _aspen(queue_depth=3, **NO_GUARD)
