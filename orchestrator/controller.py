@@ -62,7 +62,7 @@ from policies import (
     WorkerView,
     parse_policy_config,
 )
-from policies.fairstart import FifoClock
+from policies.fairstart import FifoClock, clock_settings
 from policies.memory_model import (
     adapter_bytes,
     analytic_activation,
@@ -378,8 +378,9 @@ class Controller:
         self._lock = threading.RLock()
         self._workers: dict[str, _Worker] = {}
         self._shapes: dict[str, dict[str, Any]] = {}
+        self._clock_lock = threading.Lock()  # guards _fifo_clock and _clock_settings only
+        self._clock_settings: dict[str, Any] = {}
         self._fifo_clock = FifoClock(1)  # FIFO-fair start deadlines: booked at submission, moved per pass
-        self._clock_lock = threading.Lock()  # guards _fifo_clock only
         self._spec_cache: dict[str, JobSpec] = {}  # parsed specs of live jobs (see _view)
         self._logs: dict[str, deque[str]] = defaultdict(lambda: deque(maxlen=200))
         self._preempting: set[str] = set()
@@ -392,6 +393,7 @@ class Controller:
         self._started = time.time()
         self.policy_doc = dict(policy) if policy is not None else self._saved_policy()
         self.policy = parse_policy_config(self.policy_doc, source="policy")
+        self._follow_clock_settings()
         self._save_policy()
         self._metrics = _Metrics()
         self.recovered = self._recover()
@@ -671,9 +673,20 @@ class Controller:
         policy = parse_policy_config(dict(doc), source="policy")  # PolicyConfigError is a ValueError
         with self._lock:
             self.policy, self.policy_doc = policy, dict(doc)
+            self._follow_clock_settings()
             self._save_policy()
         log.info("policy set to %s", policy.name)
         return self.get_policy()
+
+    def _follow_clock_settings(self) -> None:
+        """A policy with other FIFO clock settings (aspen's ``fair_clock``) gets a new clock: jobs
+        booked on the old one keep their stamp until their class has estimates again, as after a
+        restart."""
+        settings = clock_settings(self.policy)
+        with self._clock_lock:
+            if settings != self._clock_settings:
+                self._fifo_clock = FifoClock(max(1, self._fifo_clock.workers), **settings)
+                self._clock_settings = settings
 
     def get_policy(self) -> dict[str, Any]:
         return {"name": self.policy.name, "config": self.policy_doc}

@@ -35,7 +35,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
+from policies.fairstart import CLOCK_SETTINGS, FifoClock
 from policies.framework import ProfilePolicy
 from policies.interface import PreemptRule
 from policies.plugins import (
@@ -110,6 +112,7 @@ class AspenSettings:
     turn_max_s: float | None = 600.0  # ShortJobTurns: most work a job may have to be due a turn (None: off)
     turn_min_wait_s: float = 300.0  # ... least it must have waited (and twice its work)
     turn_own_slack: float = 0.8  # ... victims keep their projected JCT within this x their FIFO-fair JCT
+    fair_clock: Mapping[str, Any] = field(default_factory=dict)  # FifoClock settings (policies.fairstart)
 
 
 def _preempt_rule(name: str) -> PreemptRule | None:
@@ -139,6 +142,11 @@ def sjf(settings: CommonSettings | None = None) -> ProfilePolicy:
 
 def aspen(settings: AspenSettings | None = None) -> ProfilePolicy:
     s = settings or AspenSettings()
+    if s.fair_clock:  # the simulator and the controller build a FifoClock from these: check them now
+        unknown = sorted(set(s.fair_clock) - set(CLOCK_SETTINGS))
+        if unknown:
+            raise ValueError(f"fair_clock.{unknown[0]}: unknown setting (allowed: {', '.join(CLOCK_SETTINGS)})")
+        FifoClock(1, **s.fair_clock)
     w = {**DEFAULT_WEIGHTS, **s.weights}
     factors = (
         (AgeFactor(s.max_age_s), w["age"]),
@@ -166,7 +174,8 @@ def aspen(settings: AspenSettings | None = None) -> ProfilePolicy:
                          reservations=s.reservations, guard_backlog=s.guard_backlog,
                          guard_long=s.guard_long, fair_slack_s=s.fair_slack_s,
                          turns=None if s.turn_max_s is None else ShortJobTurns(
-                             s.turn_max_s, s.turn_min_wait_s, own_slack=s.turn_own_slack))  # fmt: skip
+                             s.turn_max_s, s.turn_min_wait_s, own_slack=s.turn_own_slack),
+                         fair_clock=tuple(sorted(s.fair_clock.items())))  # fmt: skip
 
 
 BUILTINS = ("fifo", "priority", "sjf", "aspen")

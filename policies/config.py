@@ -18,6 +18,7 @@ out-of-range values raise :class:`PolicyConfigError` naming the field and the al
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -27,13 +28,14 @@ import yaml
 
 from policies import builtin
 from policies.builtin import PRIORITY_FACTORS, WORKER_SCORES, AspenSettings, CommonSettings
+from policies.fairstart import CLOCK_SETTINGS
 from policies.interface import Policy
 
 COMMON_FIELDS = ("margin", "preemption", "backfill", "queue_depth", "max_candidates")
 ASPEN_FIELDS = ("weights", "max_age_s", "size_half_s", "starvation_s", "guard_backlog", "guard_long",
                 "reservations", "max_group_tokens", "fusion_max_cost", "max_slowdown", "half_tokens", "shares",
                 "quotas", "gpu_quotas", "fair_slack_s", "pressure_slowdown", "tail_delay_s", "tail_jobs",
-                "tail_ceiling", "turn_max_s", "turn_min_wait_s", "turn_own_slack")  # fmt: skip
+                "tail_ceiling", "turn_max_s", "turn_min_wait_s", "turn_own_slack", "fair_clock")  # fmt: skip
 PREEMPTION = ("never", "lower_priority")
 
 
@@ -117,6 +119,8 @@ def _aspen(doc: Mapping[str, Any]) -> AspenSettings:
     if "max_group_tokens" in doc:
         out["max_group_tokens"] = _num("max_group_tokens", doc["max_group_tokens"], lo=1, integer=True,
                                        nullable=True)  # fmt: skip
+    if "fair_clock" in doc:
+        out["fair_clock"] = _fair_clock(doc["fair_clock"])
     if "shares" in doc:
         out["shares"] = _mapping("shares", doc["shares"])
     if "quotas" in doc:
@@ -124,6 +128,33 @@ def _aspen(doc: Mapping[str, Any]) -> AspenSettings:
     if "gpu_quotas" in doc:
         out["gpu_quotas"] = _mapping("gpu_quotas", doc["gpu_quotas"], integer=True)
     return replace(s, **out)
+
+
+def _fair_clock(value: Any) -> dict[str, Any]:
+    """aspen's ``fair_clock``: settings of the FIFO clock behind its deadlines (policies.fairstart)."""
+    if not isinstance(value, Mapping):
+        raise PolicyConfigError(f"fair_clock: must be a mapping (got {type(value).__name__})")
+    out: dict[str, Any] = {}
+    for key, v in value.items():
+        field = f"fair_clock.{key}"
+        if key not in CLOCK_SETTINGS:
+            raise PolicyConfigError(f"{field}: unknown setting (allowed: {', '.join(CLOCK_SETTINGS)})")
+        if key == "tail_rank":
+            out[key] = _num(field, v, lo=1, integer=True, nullable=True)
+            continue
+        nullable = key == "tight_wait_scale"
+        allowed = {"tight_below": "a number in [0, 1]", "tail_quantile": "a number in (0, 1]",
+                   "tail_share": "a number >= 0"}.get(key, "a number > 0")  # fmt: skip
+        lo = 0.0 if key in ("tight_below", "tail_share") else 1e-300  # "> 0": the least positive float
+        hi = 1.0 if key in ("tight_below", "tail_quantile") else float("inf")
+        if v is None and nullable:
+            out[key] = None
+            continue
+        number = v if isinstance(v, int | float) and not isinstance(v, bool) else None
+        if number is None or not lo <= number <= hi or not math.isfinite(number):  # "not <=" also refuses NaN
+            raise PolicyConfigError(f"{field}: must be {allowed}{' or null' if nullable else ''} (got {v!r})")
+        out[key] = float(number)
+    return out
 
 
 def _custom(path: str, options: Any) -> Policy:

@@ -62,6 +62,15 @@ import heapq
 from collections.abc import Sequence
 from typing import Any
 
+#: The clock's settings an admin may set (aspen's ``fair_clock`` in the policy YAML); what a policy
+#: carries in its ``fair_clock`` attribute, the simulator and the controller build their clock with.
+CLOCK_SETTINGS = ("wait_scale", "tight_wait_scale", "tight_below", "tail_share", "tail_quantile", "tail_rank")
+
+
+def clock_settings(policy: object) -> dict[str, Any]:
+    """The FIFO clock settings a policy asks for (its ``fair_clock`` pairs; none: the defaults)."""
+    return dict(getattr(policy, "fair_clock", ()) or ())
+
 
 class FifoClock:
     """The virtual FIFO cluster (see the module docstring). Stamp jobs in submission order."""
@@ -74,6 +83,10 @@ class FifoClock:
                  tight_below: float = 0.4):  # fmt: skip
         if workers < 1:
             raise ValueError(f"workers: must be >= 1 (got {workers})")
+        if not wait_scale > 0:
+            raise ValueError(f"wait_scale: must be > 0 (got {wait_scale})")
+        if not tail_share >= 0:
+            raise ValueError(f"tail_share: must be >= 0 (got {tail_share})")
         if tight_wait_scale is not None and tight_wait_scale <= 0:
             raise ValueError(f"tight_wait_scale: must be > 0 or None (got {tight_wait_scale})")
         if not 0.0 <= tight_below <= 1.0:

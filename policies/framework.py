@@ -45,6 +45,7 @@ import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 from policies.interface import (
     Decision,
@@ -80,7 +81,7 @@ def fifo_wait_s(view: ClusterView) -> float:
     cut = ordered[n - 1]  # the n-th oldest submit time
     queue = sum([j.remaining_work_s for t, j in zip(times, jobs, strict=True) if t > cut])
     older = bisect.bisect_left(ordered, cut)
-    ties = bisect.bisect_right(ordered, cut) - older  # jobs submitted exactly at ``cut``: those beyond the n oldest stay queued
+    ties = bisect.bisect_right(ordered, cut) - older  # submitted exactly at ``cut``: beyond the n oldest, queued
     if ties > n - older:
         tied = sorted(j.remaining_work_s for j in jobs if j.submit_time_s == cut)
         queue += sum(tied[n - older:])
@@ -448,6 +449,9 @@ class ProfilePolicy:
         turns: short jobs' turns on busy workers (:class:`policies.plugins.ShortJobTurns`): its due
             jobs go first (shortest first, before urgent ones) and, blocked, may preempt one busy
             worker's group; None: off.
+        fair_clock: ``(name, value)`` settings of the FIFO clock that stamps ``fair_start_s``
+            (:class:`policies.fairstart.FifoClock`, names in ``CLOCK_SETTINGS``); the simulator and
+            the controller build their clock with them. Empty: the clock's defaults.
 
     Jobs flagged by a guard, and jobs due a turn, are listed in ``cycle.urgent`` for the filters
     (``FusionPays`` lets them join any group that has the memory).
@@ -468,6 +472,7 @@ class ProfilePolicy:
     guard_long: float | None = None
     fair_slack_s: float | None = None
     turns: TurnRule | None = None
+    fair_clock: tuple[tuple[str, Any], ...] = ()
 
     @cached_property
     def _active_scores(self) -> tuple[tuple[Score, float], ...]:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 from policies.cluster import ClusterSpec
 from policies.costmodel import Member
-from policies.fairstart import FifoClock
+from policies.fairstart import FifoClock, clock_settings
 from policies.interface import Policy, Preempt, Start
 from policies.memory_model import (
     PACK_ANY_LENGTH,
@@ -133,7 +133,7 @@ class Simulator:
             self.jobs[t.job_id] = self._make_job(t, seed, memory_noise, fastest, biggest)
         # books arrivals (each on a server with the memory for it alone) and gives each job its
         # FIFO-fair start deadline
-        self.clock = FifoClock.of_servers([w.memory for w in self.workers])
+        self.clock = FifoClock.of_servers([w.memory for w in self.workers], **clock_settings(policy))
         self.arrivals = sorted(self.jobs.values(), key=lambda j: (j.t.submit_time_s, j.t.job_id))
         self.queued: dict[str, _Job] = {}
         self.usage: dict[str, float] = {}

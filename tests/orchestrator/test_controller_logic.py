@@ -186,3 +186,32 @@ def test_fifo_fair_deadlines_follow_the_class_tail(tmp_path):
         assert {j.job_id: j.fair_start_s for j in restarted.queued}[short["id"]] == stamped
     finally:
         c.store.close()
+
+
+def test_policy_fair_clock_settings_build_the_controllers_clock(tmp_path):
+    """aspen's ``fair_clock`` (policy YAML) sets the controller's FIFO clock at start and on
+    ``set_policy``; a policy with the same settings keeps the clock and its bookings."""
+    from policies.fairstart import FifoClock
+
+    settings = {"wait_scale": 0.5, "tight_wait_scale": None}
+    c = Controller(str(tmp_path / "jobs.db"), str(tmp_path / "storage"), {"policy": "aspen", "fair_clock": settings},
+                   start_loop=False, allowed_prefixes=["/data"], num_gpus=1)  # fmt: skip
+    try:
+        first = c.store.get(c.submit(spec("first"), "alice")["id"])
+        second = c.store.get(c.submit(spec("second"), "alice")["id"])
+        work = first.extra["fifo_work_s"]
+        # one server: the second waits for the first in the virtual FIFO, booked at 0.5x
+        expected = FifoClock(1, **settings)
+        expected.book(first.submit_time, work)
+        raw = max(0.0, first.submit_time + work - second.submit_time)
+        assert second.extra["fifo_wait_s"] == pytest.approx(0.5 * raw) and raw > 0
+        assert second.extra["fifo_wait_s"] == pytest.approx(expected.book(second.submit_time, work))
+        clock = c._fifo_clock
+        c.set_policy({"policy": "aspen", "fair_clock": settings, "margin": 0.2})
+        assert c._fifo_clock is clock  # same settings: same clock, bookings kept
+        c.set_policy({"policy": "aspen"})
+        assert c._fifo_clock is not clock and c._fifo_clock.wait_scale == 0.9  # the defaults again
+        third = c.store.get(c.submit(spec("third"), "alice")["id"])
+        assert third.extra["fifo_wait_s"] == 0.0  # a new clock: no bookings ahead of it
+    finally:
+        c.store.close()

@@ -287,7 +287,8 @@ CUSTOM = st.sampled_from(["json:loads", "json:JSONDecoder", "policies.builtin:as
 policy_names = st.one_of(
     st.sampled_from(builtin.BUILTINS), CUSTOM, text.filter(lambda s: ":" not in s), values
 )
-policy_values = st.one_of(values, st.dictionaries(st.sampled_from(["age", "size", "load", "alice", "default", "x"]),
+policy_values = st.one_of(values, st.dictionaries(st.sampled_from(["age", "size", "load", "alice", "default", "x", "wait_scale",
+                                                                  "tail_rank", "tight_below"]),
                                                   st.one_of(scalars, values), max_size=4))  # fmt: skip
 
 

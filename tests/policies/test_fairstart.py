@@ -250,3 +250,60 @@ def test_deadline_follows_the_class_tail_as_estimates_come_in():
     assert clock.deadline(0, wait, 1 * h, 0) == pytest.approx(0.9 * 6 * h - 1 * h)
     assert clock.deadline(100.0, 2 * h, 1 * h, 0) == pytest.approx(100.0 + 0.9 * 6 * h - 1 * h)
     assert clock.deadline(100.0, 5 * h, 1 * h, 0) == pytest.approx(100.0 + 5 * h)  # its own FIFO wait
+
+
+def test_aspens_fair_clock_settings_reach_the_simulators_clock():
+    # An admin's fair_clock settings (policy YAML) build the simulator's FIFO clock: every booked
+    # wait and deadline is that clock's, and differs from the default clock's.
+    settings = {"wait_scale": 0.5, "tight_wait_scale": None, "tail_rank": None, "tail_share": 0.7}
+    policy = parse_policy_config({"policy": "aspen", "fair_clock": settings})
+    assert dict(policy.fair_clock) == settings
+    trace = synth_trace(60, 4)
+    sim = Simulator(trace, load_cluster("examples/cluster.yaml"), policy)
+    sim.run()
+    clock, default = FifoClock(len(sim.workers), **settings), FifoClock(len(sim.workers))
+    moved = 0
+    for t in sorted(trace, key=lambda t: (t.submit_time_s, t.job_id)):
+        j = sim.jobs[t.job_id]
+        assert j.fifo_wait == clock.book(t.submit_time_s, j.solo_s, t.priority)
+        moved += j.fifo_wait != default.book(t.submit_time_s, j.solo_s, t.priority)
+    assert moved >= 10  # jobs that waited in the virtual FIFO: 0.5x instead of 0.9x (or 0.8x)
+    for t in trace:
+        j = sim.jobs[t.job_id]
+        assert sim._job_view(j).fair_start_s == clock.deadline(t.submit_time_s, j.fifo_wait, j.solo_s, t.priority)
+
+
+@pytest.mark.parametrize(
+    ("clock", "message"),
+    [
+        ({"speed": 1}, r"fair_clock.speed: unknown setting \(allowed: wait_scale, tight_wait_scale, tight_below, "
+                       r"tail_share, tail_quantile, tail_rank\)"),
+        ({"wait_scale": 0}, r"fair_clock.wait_scale: must be a number > 0 \(got 0\)"),
+        ({"wait_scale": None}, r"fair_clock.wait_scale: must be a number > 0 \(got None\)"),
+        ({"wait_scale": "x"}, r"fair_clock.wait_scale: must be a number > 0 \(got 'x'\)"),
+        ({"wait_scale": float("nan")}, r"fair_clock.wait_scale: must be a number > 0 \(got nan\)"),
+        ({"tight_wait_scale": -1}, r"fair_clock.tight_wait_scale: must be a number > 0 or null \(got -1\)"),
+        ({"tight_wait_scale": 0}, r"fair_clock.tight_wait_scale: must be a number > 0 or null \(got 0\)"),
+        ({"tail_quantile": 0}, r"fair_clock.tail_quantile: must be a number in \(0, 1\] \(got 0\)"),
+        ({"tight_below": 1.5}, r"fair_clock.tight_below: must be a number in \[0, 1\] \(got 1.5\)"),
+        ({"tail_quantile": 2}, r"fair_clock.tail_quantile: must be a number in \(0, 1\] \(got 2\)"),
+        ({"tail_rank": 0}, "fair_clock.tail_rank: must be an integer >= 1 or null"),
+        ({"tail_rank": 1.5}, "fair_clock.tail_rank: must be an integer >= 1 or null"),
+        ({"tail_share": -0.1}, "fair_clock.tail_share: must be a number >= 0"),
+        ({"tail_share": float("inf")}, r"fair_clock.tail_share: must be a number >= 0 \(got inf\)"),
+        ([0.9], "fair_clock: must be a mapping"),
+    ],
+)
+def test_fair_clock_config_errors_name_the_setting(clock, message):
+    with pytest.raises(PolicyConfigError, match=message):
+        parse_policy_config({"policy": "aspen", "fair_clock": clock})
+
+
+def test_fair_clock_is_only_for_aspen_and_checked_in_code_too():
+    with pytest.raises(PolicyConfigError, match=r"fair_clock: unknown field for policy fifo \(only for aspen\)"):
+        parse_policy_config({"policy": "fifo", "fair_clock": {}})
+    with pytest.raises(ValueError, match=r"fair_clock\.wait: unknown setting"):
+        aspen(AspenSettings(fair_clock={"wait": 0.5}))
+    with pytest.raises(ValueError, match="tail_quantile: must be in"):
+        aspen(AspenSettings(fair_clock={"tail_quantile": 0}))
+    assert aspen().fair_clock == ()  # the clock's defaults
