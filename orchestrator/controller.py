@@ -393,7 +393,7 @@ class Controller:
         self._started = time.time()
         self.policy_doc = dict(policy) if policy is not None else self._saved_policy()
         self.policy = parse_policy_config(self.policy_doc, source="policy")
-        self._follow_clock_settings()
+        self._follow_clock_settings(clock_settings(self.policy))
         self._save_policy()
         self._metrics = _Metrics()
         self.recovered = self._recover()
@@ -671,18 +671,17 @@ class Controller:
         """Swap the policy at run time (admin-only; jobs keep running); raises ``ValueError`` for a bad config."""
         self._require_admin(api_key, "set the policy")
         policy = parse_policy_config(dict(doc), source="policy")  # PolicyConfigError is a ValueError
+        settings = clock_settings(policy)  # a custom policy's fair_clock too; checked before the swap
         with self._lock:
             self.policy, self.policy_doc = policy, dict(doc)
-            self._follow_clock_settings()
+            self._follow_clock_settings(settings)
             self._save_policy()
         log.info("policy set to %s", policy.name)
         return self.get_policy()
 
-    def _follow_clock_settings(self) -> None:
-        """A policy with other FIFO clock settings (aspen's ``fair_clock``) gets a new clock: jobs
-        booked on the old one keep their stamp until their class has estimates again, as after a
-        restart."""
-        settings = clock_settings(self.policy)
+    def _follow_clock_settings(self, settings: dict[str, Any]) -> None:
+        """Other FIFO clock settings (the policy's ``fair_clock``) get a new clock: jobs booked on
+        the old one keep their stamp until their class has estimates again, as after a restart."""
         with self._clock_lock:
             if settings != self._clock_settings:
                 self._fifo_clock = FifoClock(max(1, self._fifo_clock.workers), **settings)

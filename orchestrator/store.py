@@ -190,9 +190,14 @@ def _opt_int(name: str, value: Any, minimum: int) -> int | None:
     return _int(name, value, minimum)
 
 
+INT64_MAX = 2**63 - 1  # SQLite's INTEGER
+
+
 def _int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}: must be an integer >= {minimum} (got {value!r})")
+    if value > INT64_MAX:
+        raise ValueError(f"{name}: must be at most {INT64_MAX}, what the store holds (got {value!r})")
     return value
 
 
@@ -324,8 +329,9 @@ class JobStore:
         for fname, v in (("name", name), ("owner", owner)):
             if not isinstance(v, str) or not v.strip():
                 raise ValueError(f"{fname}: must be a non-empty string (got {v!r})")
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise ValueError(f"priority: must be an integer (got {priority!r})")
+        int64 = isinstance(priority, int) and -INT64_MAX - 1 <= priority <= INT64_MAX
+        if isinstance(priority, bool) or not int64:
+            raise ValueError(f"priority: must be an integer of at most 64 bits (got {priority!r})")
         total_steps = _opt_int("total_steps", total_steps, 1)
         spec_json = _json("spec", spec)
         now = time.time()

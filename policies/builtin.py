@@ -37,7 +37,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from policies.fairstart import CLOCK_SETTINGS, FifoClock
+from policies.fairstart import clock_settings
 from policies.framework import ProfilePolicy
 from policies.interface import PreemptRule
 from policies.plugins import (
@@ -142,11 +142,7 @@ def sjf(settings: CommonSettings | None = None) -> ProfilePolicy:
 
 def aspen(settings: AspenSettings | None = None) -> ProfilePolicy:
     s = settings or AspenSettings()
-    if s.fair_clock:  # the simulator and the controller build a FifoClock from these: check them now
-        unknown = sorted(set(s.fair_clock) - set(CLOCK_SETTINGS))
-        if unknown:
-            raise ValueError(f"fair_clock.{unknown[0]}: unknown setting (allowed: {', '.join(CLOCK_SETTINGS)})")
-        FifoClock(1, **s.fair_clock)
+    clock_settings(s)  # the simulator and the controller build a FifoClock from these: check them now
     w = {**DEFAULT_WEIGHTS, **s.weights}
     factors = (
         (AgeFactor(s.max_age_s), w["age"]),

@@ -143,17 +143,17 @@ def _fair_clock(value: Any) -> dict[str, Any]:
             out[key] = _num(field, v, lo=1, integer=True, nullable=True)
             continue
         nullable = key == "tight_wait_scale"
-        allowed = {"tight_below": "a number in [0, 1]", "tail_quantile": "a number in (0, 1]",
-                   "tail_share": "a number >= 0"}.get(key, "a number > 0")  # fmt: skip
-        lo = 0.0 if key in ("tight_below", "tail_share") else 1e-300  # "> 0": the least positive float
-        hi = 1.0 if key in ("tight_below", "tail_quantile") else float("inf")
         if v is None and nullable:
             out[key] = None
             continue
-        number = v if isinstance(v, int | float) and not isinstance(v, bool) else None
-        if number is None or not lo <= number <= hi or not math.isfinite(number):  # "not <=" also refuses NaN
+        allowed = {"tight_below": "a number in [0, 1]", "tail_quantile": "a number in (0, 1]",
+                   "tail_share": "a number >= 0"}.get(key, "a number > 0")  # fmt: skip
+        zero_ok = key in ("tight_below", "tail_share")
+        hi = 1.0 if key in ("tight_below", "tail_quantile") else math.inf
+        number = float(v) if isinstance(v, int | float) and not isinstance(v, bool) else math.nan
+        if not (math.isfinite(number) and (number >= 0 if zero_ok else number > 0) and number <= hi):
             raise PolicyConfigError(f"{field}: must be {allowed}{' or null' if nullable else ''} (got {v!r})")
-        out[key] = float(number)
+        out[key] = number
     return out
 
 

@@ -68,8 +68,14 @@ CLOCK_SETTINGS = ("wait_scale", "tight_wait_scale", "tight_below", "tail_share",
 
 
 def clock_settings(policy: object) -> dict[str, Any]:
-    """The FIFO clock settings a policy asks for (its ``fair_clock`` pairs; none: the defaults)."""
-    return dict(getattr(policy, "fair_clock", ()) or ())
+    """The FIFO clock settings a policy asks for (its ``fair_clock`` pairs or mapping; none: the
+    defaults), checked: ValueError naming the setting when the clock would refuse them."""
+    settings = dict(getattr(policy, "fair_clock", ()) or ())
+    unknown = sorted(set(settings) - set(CLOCK_SETTINGS), key=str)
+    if unknown:
+        raise ValueError(f"fair_clock.{unknown[0]}: unknown setting (allowed: {', '.join(CLOCK_SETTINGS)})")
+    FifoClock(1, **settings)  # its own range checks
+    return settings
 
 
 class FifoClock:

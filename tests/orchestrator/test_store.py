@@ -159,6 +159,8 @@ def test_duplicate_name_rules(store: JobStore):
     ({"priority": True}, r"priority: must be an integer"),
     ({"priority": 1.5}, r"priority: must be an integer"),
     ({"total_steps": 0}, r"total_steps: must be an integer >= 1 \(got 0\)"),
+    ({"total_steps": 2**63}, r"total_steps: must be at most 9223372036854775807, what the store holds"),
+    ({"priority": -(2**63) - 1}, r"priority: must be an integer of at most 64 bits"),
     ({"spec": {"f": {1, 2}}}, r"spec: must be JSON-serialisable"),
     ({"spec": {"x": float("nan")}}, r"spec: must be JSON-serialisable"),
     ({"spec": [1]}, r"spec: must be a dict"),
