@@ -307,3 +307,20 @@ def test_fair_clock_is_only_for_aspen_and_checked_in_code_too():
     with pytest.raises(ValueError, match="tail_quantile: must be in"):
         aspen(AspenSettings(fair_clock={"tail_quantile": 0}))
     assert aspen().fair_clock == ()  # the clock's defaults
+
+
+def test_a_custom_policys_fair_clock_attribute_is_checked_like_aspens():
+    from policies.fairstart import clock_settings
+
+    class Custom:
+        name = "custom"
+
+        def __init__(self, clock: dict) -> None:
+            self.fair_clock = clock
+
+    assert clock_settings(Custom({"wait_scale": 0.7})) == {"wait_scale": 0.7}
+    with pytest.raises(ValueError, match=r"wait_scale: must be > 0 \(got 0.0\)"):
+        clock_settings(Custom({"wait_scale": 0.0}))
+    with pytest.raises(ValueError, match=r"fair_clock\.colour: unknown setting"):
+        clock_settings(Custom({"colour": 1}))
+    assert clock_settings(object()) == {}
