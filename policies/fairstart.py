@@ -70,11 +70,21 @@ CLOCK_SETTINGS = ("wait_scale", "tight_wait_scale", "tight_below", "tail_share",
 def clock_settings(policy: object) -> dict[str, Any]:
     """The FIFO clock settings a policy asks for (its ``fair_clock`` pairs or mapping; none: the
     defaults), checked: ValueError naming the setting when the clock would refuse them."""
-    settings = dict(getattr(policy, "fair_clock", ()) or ())
+    raw = getattr(policy, "fair_clock", ()) or ()
+    try:
+        settings = dict(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"fair_clock: must be a mapping of settings (got {type(raw).__name__})") from None
     unknown = sorted(set(settings) - set(CLOCK_SETTINGS), key=str)
     if unknown:
         raise ValueError(f"fair_clock.{unknown[0]}: unknown setting (allowed: {', '.join(CLOCK_SETTINGS)})")
-    FifoClock(1, **settings)  # its own range checks
+    try:
+        FifoClock(1, **settings)  # its own range checks
+    except TypeError as err:  # a value of the wrong type: name the setting
+        bad = next((k for k, v in settings.items() if not (v is None or isinstance(v, int | float))), None)
+        if bad is None:
+            raise ValueError(f"fair_clock: {err}") from None
+        raise ValueError(f"fair_clock.{bad}: must be a number (got {settings[bad]!r})") from None
     return settings
 
 

@@ -323,4 +323,8 @@ def test_a_custom_policys_fair_clock_attribute_is_checked_like_aspens():
         clock_settings(Custom({"wait_scale": 0.0}))
     with pytest.raises(ValueError, match=r"fair_clock\.colour: unknown setting"):
         clock_settings(Custom({"colour": 1}))
+    with pytest.raises(ValueError, match=r"fair_clock\.tail_share: must be a number \(got 'most'\)"):
+        clock_settings(Custom({"wait_scale": 0.5, "tail_share": "most"}))
+    with pytest.raises(ValueError, match=r"fair_clock: must be a mapping of settings \(got int\)"):
+        clock_settings(Custom(7))
     assert clock_settings(object()) == {}
