@@ -1,12 +1,14 @@
 """Each built-in's rules on hand-made snapshots (memory in GiB; workers of 80 GiB unless noted)."""
 
 import random
+from dataclasses import replace
 
 import pytest
 
 from policies.builtin import AspenSettings, CommonSettings, aspen, fifo, priority, sjf
-from policies.framework import fifo_wait_s
+from policies.framework import Cycle, fifo_wait_s
 from policies.interface import Preempt, Start
+from policies.plugins import FusionPays, class_tail_cut
 from tests.policies.helpers import job, view, worker
 
 
@@ -434,8 +436,6 @@ class _NoShortcuts:
 
 
 def test_lazy_ordering_gives_the_same_decisions_as_a_full_sort():
-    from dataclasses import replace
-
     rng = random.Random(11)
     running = [job(f"r{i}", dyn_gib=20, worker=f"w{i}", start=0.0, seq=rng.choice((256, 512))) for i in range(6)]
     workers = [worker(f"w{i}", model="m", running=(f"r{i}",)) for i in range(6)] + [worker("w6"), worker("w7")]
@@ -464,9 +464,6 @@ def test_fifo_wait_estimate_with_tied_submit_times_matches_a_brute_force_count()
 
 
 def test_class_tail_cut_is_each_classs_kth_largest_remaining_work():
-    from policies.framework import Cycle
-    from policies.plugins import class_tail_cut
-
     rng = random.Random(4)
     running = [job(f"r{i}", priority=rng.choice((0, 2)), work=rng.uniform(1, 50), worker="w0") for i in range(7)]
     queued = [job(f"q{i}", priority=rng.choice((0, 1, 2)), work=rng.uniform(1, 50)) for i in range(40)]
@@ -482,9 +479,6 @@ def test_class_tail_cut_is_each_classs_kth_largest_remaining_work():
 def test_tail_ceiling_rejects_exactly_when_a_members_projected_jct_passes_its_fair_jct():
     # The filter checks a per-group bound on the fused step first; it must agree with the rule as
     # documented (member m: now - submit + remaining * step / own > ceiling * fair JCT) everywhere.
-    from policies.framework import Cycle
-    from policies.plugins import FusionPays
-
     rng = random.Random(9)
     pays = FusionPays(max_cost=None, max_slowdown=None, tail_delay_s=None, tail_ceiling=1.1)
     now, h, rejected = 5000.0, pays.half_tokens, 0
@@ -492,7 +486,7 @@ def test_tail_ceiling_rejects_exactly_when_a_members_projected_jct_passes_its_fa
         members = [job(f"r{i}", submit=rng.uniform(0, 4000), work=rng.uniform(100, 20000), worker="w0", start=1.0,
                        fair=rng.uniform(0, 6000), mbs=rng.choice((1, 2, 4)), seq=rng.choice((256, 512, 1024)))
                    for i in range(rng.randrange(1, 4))]  # fmt: skip
-        members = [replace_remaining(m, rng.uniform(0.05, 1.0) * m.total_work_s) for m in members]
+        members = [replace(m, remaining_work_s=rng.uniform(0.05, 1.0) * m.total_work_s) for m in members]
         newcomer = job("a", mbs=rng.choice((1, 2, 4, 8)), seq=rng.choice((128, 512, 2048)))
         w = worker("w0", model="m", running=tuple(m.job_id for m in members))
         cycle = Cycle(view([newcomer], members, [w], now=now), 0.0)
@@ -504,12 +498,6 @@ def test_tail_ceiling_rejects_exactly_when_a_members_projected_jct_passes_its_fa
         assert (reason is not None) == over, trial
         rejected += over
     assert 30 < rejected < 270  # both outcomes exercised
-
-
-def replace_remaining(j, remaining: float):
-    from dataclasses import replace
-
-    return replace(j, remaining_work_s=remaining)
 
 
 def test_queue_depth_considers_only_the_first_jobs_of_the_order():
