@@ -18,7 +18,6 @@ out-of-range values raise :class:`PolicyConfigError` naming the field and the al
 from __future__ import annotations
 
 import importlib
-import math
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -28,7 +27,7 @@ import yaml
 
 from policies import builtin
 from policies.builtin import PRIORITY_FACTORS, WORKER_SCORES, AspenSettings, CommonSettings
-from policies.fairstart import CLOCK_SETTINGS
+from policies.fairstart import check_clock_setting
 from policies.interface import Policy
 
 COMMON_FIELDS = ("margin", "preemption", "backfill", "queue_depth", "max_candidates")
@@ -131,30 +130,14 @@ def _aspen(doc: Mapping[str, Any]) -> AspenSettings:
 
 
 def _fair_clock(value: Any) -> dict[str, Any]:
-    """aspen's ``fair_clock``: settings of the FIFO clock behind its deadlines (policies.fairstart)."""
+    """aspen's ``fair_clock``: settings of the FIFO clock behind its deadlines, checked by the
+    clock's own rules (:func:`policies.fairstart.check_clock_setting`)."""
     if not isinstance(value, Mapping):
         raise PolicyConfigError(f"fair_clock: must be a mapping (got {type(value).__name__})")
-    out: dict[str, Any] = {}
-    for key, v in value.items():
-        field = f"fair_clock.{key}"
-        if key not in CLOCK_SETTINGS:
-            raise PolicyConfigError(f"{field}: unknown setting (allowed: {', '.join(CLOCK_SETTINGS)})")
-        if key == "tail_rank":
-            out[key] = _num(field, v, lo=1, integer=True, nullable=True)
-            continue
-        nullable = key == "tight_wait_scale"
-        if v is None and nullable:
-            out[key] = None
-            continue
-        allowed = {"tight_below": "a number in [0, 1]", "tail_quantile": "a number in (0, 1]",
-                   "tail_share": "a number >= 0"}.get(key, "a number > 0")  # fmt: skip
-        zero_ok = key in ("tight_below", "tail_share")
-        hi = 1.0 if key in ("tight_below", "tail_quantile") else math.inf
-        number = float(v) if isinstance(v, int | float) and not isinstance(v, bool) else math.nan
-        if not (math.isfinite(number) and (number >= 0 if zero_ok else number > 0) and number <= hi):
-            raise PolicyConfigError(f"{field}: must be {allowed}{' or null' if nullable else ''} (got {v!r})")
-        out[key] = number
-    return out
+    try:
+        return {str(key): check_clock_setting(str(key), v) for key, v in value.items()}
+    except ValueError as err:
+        raise PolicyConfigError(str(err)) from None
 
 
 def _custom(path: str, options: Any) -> Policy:

@@ -59,33 +59,52 @@ from __future__ import annotations
 
 import bisect
 import heapq
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
-#: The clock's settings an admin may set (aspen's ``fair_clock`` in the policy YAML); what a policy
-#: carries in its ``fair_clock`` attribute, the simulator and the controller build their clock with.
-CLOCK_SETTINGS = ("wait_scale", "tight_wait_scale", "tight_below", "tail_share", "tail_quantile", "tail_rank")
+#: The clock's settings an admin may set (aspen's ``fair_clock`` in the policy YAML), each with
+#: what it must be: one table read by the YAML parser, :func:`clock_settings` and :class:`FifoClock`.
+#: A value is a finite number (not a bool); ``nullable`` ones may be None.
+_RULES: dict[str, tuple[str, bool, Callable[[float], bool]]] = {  # name: (allowed, nullable, in range)
+    "wait_scale": ("a number > 0", False, lambda x: x > 0),
+    "tight_wait_scale": ("a number > 0 or null", True, lambda x: x > 0),
+    "tight_below": ("a number in [0, 1]", False, lambda x: 0 <= x <= 1),
+    "tail_share": ("a number >= 0", False, lambda x: x >= 0),
+    "tail_quantile": ("a number in (0, 1]", False, lambda x: 0 < x <= 1),
+    "tail_rank": ("an integer >= 1 or null", True, lambda x: x >= 1 and float(x).is_integer()),
+}
+CLOCK_SETTINGS = tuple(_RULES)
+
+
+def check_clock_setting(name: str, value: Any) -> Any:
+    """``value`` checked against setting ``name``'s rule: the value (``tail_rank`` as an int), or
+    ValueError ``"fair_clock.<name>: must be <what> (got <value>)"``, or for an unknown name one
+    that lists the settings."""
+    rule = _RULES.get(name)
+    if rule is None:
+        raise ValueError(f"fair_clock.{name}: unknown setting (allowed: {', '.join(CLOCK_SETTINGS)})")
+    allowed, nullable, in_range = rule
+    if value is None and nullable:
+        return None
+    try:
+        number = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+    except OverflowError:  # an int beyond any float
+        number = math.inf
+    if not (math.isfinite(number) and in_range(number)):
+        raise ValueError(f"fair_clock.{name}: must be {allowed} (got {value!r})")
+    return int(number) if name == "tail_rank" else value
 
 
 def clock_settings(policy: object) -> dict[str, Any]:
     """The FIFO clock settings a policy asks for (its ``fair_clock`` pairs or mapping; none: the
-    defaults), checked: ValueError naming the setting when the clock would refuse them."""
+    defaults), checked: ValueError naming the setting (``fair_clock.wait_scale: must be ...``)."""
     raw = getattr(policy, "fair_clock", ()) or ()
     try:
         settings = dict(raw)
     except (TypeError, ValueError):
         raise ValueError(f"fair_clock: must be a mapping of settings (got {type(raw).__name__})") from None
-    unknown = sorted(set(settings) - set(CLOCK_SETTINGS), key=str)
-    if unknown:
-        raise ValueError(f"fair_clock.{unknown[0]}: unknown setting (allowed: {', '.join(CLOCK_SETTINGS)})")
-    try:
-        FifoClock(1, **settings)  # its own range checks
-    except TypeError as err:  # a value of the wrong type: name the setting
-        bad = next((k for k, v in settings.items() if not (v is None or isinstance(v, int | float))), None)
-        if bad is None:
-            raise ValueError(f"fair_clock: {err}") from None
-        raise ValueError(f"fair_clock.{bad}: must be a number (got {settings[bad]!r})") from None
-    return settings
+    return {str(k): check_clock_setting(str(k), v) for k, v in settings.items()}
 
 
 class FifoClock:
@@ -99,18 +118,10 @@ class FifoClock:
                  tight_below: float = 0.4):  # fmt: skip
         if workers < 1:
             raise ValueError(f"workers: must be >= 1 (got {workers})")
-        if not wait_scale > 0:
-            raise ValueError(f"wait_scale: must be > 0 (got {wait_scale})")
-        if not tail_share >= 0:
-            raise ValueError(f"tail_share: must be >= 0 (got {tail_share})")
-        if tight_wait_scale is not None and tight_wait_scale <= 0:
-            raise ValueError(f"tight_wait_scale: must be > 0 or None (got {tight_wait_scale})")
-        if not 0.0 <= tight_below <= 1.0:
-            raise ValueError(f"tight_below: must be in [0, 1] (got {tight_below})")
-        if not 0.0 < tail_quantile <= 1.0:
-            raise ValueError(f"tail_quantile: must be in (0, 1] (got {tail_quantile})")
-        if tail_rank is not None and tail_rank < 1:
-            raise ValueError(f"tail_rank: must be an integer >= 1 or None (got {tail_rank})")
+        for name, value in (("wait_scale", wait_scale), ("tight_wait_scale", tight_wait_scale),
+                            ("tight_below", tight_below), ("tail_share", tail_share), ("tail_quantile", tail_quantile)):
+            check_clock_setting(name, value)
+        tail_rank = check_clock_setting("tail_rank", tail_rank)  # an int (2.0 from YAML: 2)
         self._free = [0.0] * workers  # a min-heap of the servers' free times
         # servers of unequal memory (of_servers): (memory, min-heap of free times) per memory size,
         # smallest first; empty: the identical servers of _free

@@ -304,7 +304,7 @@ def test_fair_clock_is_only_for_aspen_and_checked_in_code_too():
         parse_policy_config({"policy": "fifo", "fair_clock": {}})
     with pytest.raises(ValueError, match=r"fair_clock\.wait: unknown setting"):
         aspen(AspenSettings(fair_clock={"wait": 0.5}))
-    with pytest.raises(ValueError, match="tail_quantile: must be in"):
+    with pytest.raises(ValueError, match=r"fair_clock\.tail_quantile: must be a number in \(0, 1\] \(got 0\)"):
         aspen(AspenSettings(fair_clock={"tail_quantile": 0}))
     assert aspen().fair_clock == ()  # the clock's defaults
 
@@ -319,12 +319,42 @@ def test_a_custom_policys_fair_clock_attribute_is_checked_like_aspens():
             self.fair_clock = clock
 
     assert clock_settings(Custom({"wait_scale": 0.7})) == {"wait_scale": 0.7}
-    with pytest.raises(ValueError, match=r"wait_scale: must be > 0 \(got 0.0\)"):
+    with pytest.raises(ValueError, match=r"fair_clock\.wait_scale: must be a number > 0 \(got 0.0\)"):
         clock_settings(Custom({"wait_scale": 0.0}))
     with pytest.raises(ValueError, match=r"fair_clock\.colour: unknown setting"):
         clock_settings(Custom({"colour": 1}))
-    with pytest.raises(ValueError, match=r"fair_clock\.tail_share: must be a number \(got 'most'\)"):
+    with pytest.raises(ValueError, match=r"fair_clock\.tail_share: must be a number >= 0 \(got 'most'\)"):
         clock_settings(Custom({"wait_scale": 0.5, "tail_share": "most"}))
     with pytest.raises(ValueError, match=r"fair_clock: must be a mapping of settings \(got int\)"):
         clock_settings(Custom(7))
     assert clock_settings(object()) == {}
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"wait_scale": 0}, r"fair_clock\.wait_scale: must be a number > 0 \(got 0\)"),
+        ({"tail_share": float("inf")}, r"fair_clock\.tail_share: must be a number >= 0 \(got inf\)"),
+        ({"tail_rank": 10**400}, r"fair_clock\.tail_rank: must be an integer >= 1 or null"),
+        ({"tight_below": True}, r"fair_clock\.tight_below: must be a number in \[0, 1\] \(got True\)"),
+    ],
+)
+def test_one_rule_table_gives_yaml_code_and_custom_policies_the_same_message(settings, message):
+    # The YAML parser, a custom policy's fair_clock and FifoClock itself read one table of rules.
+    from policies.fairstart import clock_settings
+
+    class Custom:
+        fair_clock = settings
+
+    with pytest.raises(PolicyConfigError, match=message):
+        parse_policy_config({"policy": "aspen", "fair_clock": settings})
+    with pytest.raises(ValueError, match=message):
+        clock_settings(Custom())
+    with pytest.raises(ValueError, match=message):
+        FifoClock(1, **settings)
+
+
+def test_an_integral_tail_rank_from_yaml_is_an_int():
+    policy = parse_policy_config({"policy": "aspen", "fair_clock": {"tail_rank": 3.0}})
+    assert dict(policy.fair_clock) == {"tail_rank": 3} and isinstance(dict(policy.fair_clock)["tail_rank"], int)
+    assert FifoClock(1, tail_rank=3.0).tail_rank == 3
