@@ -60,12 +60,13 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
 #: The clock's settings an admin may set (aspen's ``fair_clock`` in the policy YAML), each with
 #: what it must be: one table read by the YAML parser, :func:`clock_settings` and :class:`FifoClock`.
-#: A value is a finite number (not a bool); ``nullable`` ones may be None.
+#: A value is a finite real number (not a bool; numpy's too); ``nullable`` ones may be None.
 _RULES: dict[str, tuple[str, bool, Callable[[float], bool]]] = {  # name: (allowed, nullable, in range)
     "wait_scale": ("a number > 0", False, lambda x: x > 0),
     "tight_wait_scale": ("a number > 0 or null", True, lambda x: x > 0),
@@ -88,7 +89,7 @@ def check_clock_setting(name: str, value: Any) -> Any:
     if value is None and nullable:
         return None
     try:
-        number = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+        number = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else math.nan
     except OverflowError:  # an int beyond any float
         number = math.inf
     if not (math.isfinite(number) and in_range(number)):

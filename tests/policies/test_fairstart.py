@@ -358,3 +358,6 @@ def test_an_integral_tail_rank_from_yaml_is_an_int():
     policy = parse_policy_config({"policy": "aspen", "fair_clock": {"tail_rank": 3.0}})
     assert dict(policy.fair_clock) == {"tail_rank": 3} and isinstance(dict(policy.fair_clock)["tail_rank"], int)
     assert FifoClock(1, tail_rank=3.0).tail_rank == 3
+    from fractions import Fraction  # any real number type (numpy's in a notebook too)
+
+    assert FifoClock(1, wait_scale=Fraction(1, 2), tail_rank=Fraction(4, 2)).tail_rank == 2
