@@ -67,6 +67,7 @@ from policies.memory_model import (
     adapter_bytes,
     analytic_activation,
     canonical_targets,
+    fused_group_peak_bytes,
     loss_head_bytes_per_token,
     static_bytes,
 )
@@ -586,16 +587,31 @@ class Controller:
             doc[section][key] = str(target)
         return doc
 
+    def _clock_memories(self) -> list[float]:
+        """One memory size per GPU for the FIFO clock: each worker's reported total (the configured
+        ``worker_memory_bytes`` until it reports), and ``worker_memory_bytes`` for GPUs without a
+        worker, as the policy's view has them."""
+        reported = [float((w.last.get("memory") or {}).get("total") or self.worker_memory_bytes)
+                    for w in list(self._workers.values())]  # fmt: skip
+        gpus = max(self.num_gpus or self._gpu_total or 1, len(reported))
+        return reported + [float(self.worker_memory_bytes)] * (gpus - len(reported))
+
     def _stamp_fair_start(self, rec: JobRecord) -> None:
         """Stamp the job's FIFO-fair start deadline (policies.fairstart) in ``extra``; best effort:
         a job left unstamped falls back to aspen's stateless tail guard. The virtual FIFO
-        cluster lives in memory (after a restart it starts empty; stamped deadlines are kept)."""
+        cluster lives in memory (after a restart it starts empty; stamped deadlines are kept).
+        Its servers are the GPUs with their memory (:meth:`_clock_memories`): on GPUs of unequal
+        memory a job is booked only on those with the memory to run it alone, as the simulator does."""
         try:
-            work = job_view(rec, time.time(), dict(self._shapes)).total_work_s
+            view = job_view(rec, time.time(), dict(self._shapes))
+            work = view.total_work_s
+            need = fused_group_peak_bytes(view.static_bytes, [(view.adapter_bytes, view.activation,
+                                                               view.micro_batch_size, view.seq_len)],
+                                          0.0, view.loss_head_per_token)  # fmt: skip
             # Its own lock, not the policy loop's: a submission never waits for a scheduling pass.
             with self._clock_lock:
-                self._fifo_clock.resize(self.num_gpus or self._gpu_total or 1)
-                wait = self._fifo_clock.book(rec.submit_time, work, rec.priority)
+                self._fifo_clock.reshape(self._clock_memories())
+                wait = self._fifo_clock.book(rec.submit_time, work, rec.priority, need)
                 fair = self._fifo_clock.deadline(rec.submit_time, wait, work, rec.priority)
             # The wait and work let each pass move the deadline with the class's tail (_fair_starts).
             self.store.update_progress(rec.id, step=0, extra={"fair_start_s": fair, "fifo_wait_s": wait,

@@ -5,7 +5,8 @@ deadline follows its class's FIFO tail as estimated at each decision.
 submission order, each on the server that frees first, for its solo run time, so a job's *FIFO
 start* is when that server frees (or its submit time, if later), and its estimated FIFO JCT is
 ``wait + work``. On workers of unequal memory (:meth:`FifoClock.of_servers`, what the simulator
-builds) a job takes only servers with the memory to run it alone: on 4 x 80 + 4 x 40 + 4 x 24 GiB a
+builds; :meth:`FifoClock.reshape`, what the controller keeps up to date with its workers' reported
+memory) a job takes only servers with the memory to run it alone: on 4 x 80 + 4 x 40 + 4 x 24 GiB a
 memory-blind clock saw twelve servers where fifo had four for most jobs, and short jobs waited
 48 h where fifo's waited 14 h (docs/policies.md, "a FIFO clock that knows which workers fit a
 job"). Issue 5 bounds each priority class's p99 JCT by fifo's, so a job may be held back as long
@@ -111,7 +112,7 @@ def clock_settings(policy: object) -> dict[str, Any]:
 class FifoClock:
     """The virtual FIFO cluster (see the module docstring). Stamp jobs in submission order."""
 
-    __slots__ = ("_free", "_jct_sum", "_jcts", "_pools", "_tail", "_work_sum", "tail_quantile", "tail_rank",
+    __slots__ = ("_free", "_jct_sum", "_jcts", "_pools", "_size", "_tail", "_work_sum", "tail_quantile", "tail_rank",
                  "tail_share", "tight_below", "tight_wait_scale", "wait_scale")  # fmt: skip
 
     def __init__(self, workers: int, *, wait_scale: float = 0.9, tail_share: float = 0.9,
@@ -127,6 +128,7 @@ class FifoClock:
         # servers of unequal memory (of_servers): (memory, min-heap of free times) per memory size,
         # smallest first; empty: the identical servers of _free
         self._pools: list[tuple[float, list[float]]] = []
+        self._size: float | None = None  # the memory of _free's servers, when known (of_servers, reshape)
         self._tail: dict[int, float] = {}  # per priority class: the largest FIFO JCT estimate so far
         self._jcts: dict[int, list[float]] = {}  # per class, sorted: every estimate (quantile < 1 or a rank cap)
         self.wait_scale, self.tail_share, self.tail_quantile = wait_scale, tail_share, tail_quantile
@@ -151,6 +153,8 @@ class FifoClock:
             kinds[float(m)] = kinds.get(float(m), 0) + 1
         if len(kinds) > 1:
             clock._pools = [(m, [0.0] * n) for m, n in sorted(kinds.items())]
+        else:
+            clock._size = next(iter(kinds))
         return clock
 
     @property
@@ -170,6 +174,50 @@ class FifoClock:
             free.sort()
             del free[workers:]
         heapq.heapify(free)
+
+    def reshape(self, memories: Sequence[float]) -> None:
+        """Make the servers those of ``memories`` (bytes, one per worker), keeping the bookings: a
+        memory size that stays keeps its servers' free times (fewer: the latest-freeing go, more:
+        see below); servers of a size that goes, and those of a plain clock built without sizes, are
+        handed earliest-free first to the sizes that need servers; any still missing start free at
+        the earliest free time. One size for all makes a plain clock (:meth:`resize`; memory is
+        then not looked at), as :meth:`of_servers` does. What the controller calls before each
+        booking, with its workers' reported memory (the configured size for GPUs without one)."""
+        if not memories:
+            raise ValueError("memories: at least one server is needed")
+        if any(m <= 0 for m in memories):
+            raise ValueError(f"memories: every server's memory must be > 0 bytes (got {min(memories)})")
+        want: dict[float, int] = {}
+        for m in memories:
+            want[float(m)] = want.get(float(m), 0) + 1
+        if len(want) == 1 and not self._pools:
+            self.resize(len(memories))
+            self._size = next(iter(want))
+            return
+        if self._pools:
+            have, spare = {m: sorted(heap) for m, heap in self._pools}, []
+        elif self._size is not None:
+            have, spare = {self._size: sorted(self._free)}, []
+        else:
+            have, spare = {}, sorted(self._free)
+        earliest = min([*spare[:1], *(h[0] for h in have.values() if h)], default=0.0)
+        kept: list[tuple[float, list[float], int]] = []
+        for m, n in sorted(want.items()):
+            mine = have.pop(m, [])
+            kept.append((m, mine[:n], n))
+            spare += mine[n:]
+        spare += [t for heap in have.values() for t in heap]
+        spare.sort(reverse=True)  # pop() hands out the earliest-free first
+        pools = []
+        for m, mine, n in kept:
+            while len(mine) < n:
+                mine.append(spare.pop() if spare else earliest)
+            heapq.heapify(mine)
+            pools.append((m, mine))
+        if len(pools) == 1:
+            self._pools, self._free, self._size = [], pools[0][1], pools[0][0]
+        else:
+            self._pools = pools
 
     def fifo_start(self, submit_time_s: float, work_s: float, need_bytes: float = 0.0) -> float:
         """The job's start in the virtual FIFO cluster; books its server for ``work_s`` from then."""

@@ -6,6 +6,7 @@ import pytest
 
 from orchestrator.controller import (
     FREE_PREFIX,
+    GIB,
     Controller,
     adapter_shape_of,
     build_view,
@@ -186,6 +187,30 @@ def test_fifo_fair_deadlines_follow_the_class_tail(tmp_path):
         assert {j.job_id: j.fair_start_s for j in restarted.queued}[short["id"]] == stamped
     finally:
         c.store.close()
+
+
+def test_fifo_clock_books_jobs_only_on_gpus_with_the_memory_for_them(tmp_path):
+    """The controller's FIFO clock has one server per GPU with the memory its worker reports (the
+    configured size for GPUs without a worker): a job is booked only where it fits alone, so on
+    a GPU too small for it the second job waits for the first in the virtual FIFO, as the simulator
+    books it; with equal GPUs both start at once."""
+    from orchestrator.controller import _Worker
+
+    def waits(small_total: int) -> list[float]:
+        db = tmp_path / f"jobs-{small_total}.db"
+        c = Controller(str(db), str(tmp_path / "storage"), {"policy": "aspen"}, start_loop=False,
+                       allowed_prefixes=["/data"], num_gpus=2)  # fmt: skip
+        try:
+            c._workers["w-big"] = _Worker("w-big", None, "m", 0.0, last={"memory": {"total": 80 * GIB}})
+            c._workers["w-small"] = _Worker("w-small", None, "m", 0.0, last={"memory": {"total": small_total}})
+            ids = [c.submit(spec(name), "alice")["id"] for name in ("first", "second")]
+            return [c.store.get(i).extra["fifo_wait_s"] for i in ids]
+        finally:
+            c.store.close()
+
+    first, second = waits(1 << 20)  # 1 MiB: too small for the job
+    assert first == 0.0 and second > 0.0
+    assert waits(80 * GIB) == [0.0, 0.0]
 
 
 def test_policy_fair_clock_settings_build_the_controllers_clock(tmp_path):

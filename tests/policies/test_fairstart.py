@@ -361,3 +361,37 @@ def test_an_integral_tail_rank_from_yaml_is_an_int():
     from fractions import Fraction  # any real number type (numpy's in a notebook too)
 
     assert FifoClock(1, wait_scale=Fraction(1, 2), tail_rank=Fraction(4, 2)).tail_rank == 2
+
+
+def test_clock_reshape_follows_the_workers_memory_and_keeps_the_bookings():
+    gib = 1 << 30
+
+    def booked() -> FifoClock:
+        clock = FifoClock(2)
+        clock.book(0, 100)
+        clock.book(0, 300)  # servers free at 100 and 300
+        return clock
+
+    same = booked()
+    same.reshape([80 * gib] * 3)  # one size: a plain clock of 3 (as resize: the new one free at the earliest)
+    assert same.workers == 3 and not same._pools and sorted(same._free) == [100.0, 100.0, 300.0]
+    clock = booked()
+    # two sizes: servers of unknown size are handed out earliest-free first, smallest size first;
+    # one still missing starts at the earliest free time
+    clock.reshape([24 * gib, 80 * gib, 80 * gib])
+    assert [(m / gib, sorted(h)) for m, h in clock._pools] == [(24, [100.0]), (80, [100.0, 300.0])]
+    # a job needing 30 GiB is booked only on an 80 GiB server (the earliest: free at 100, then 150)
+    assert clock.fifo_start(0, 50, need_bytes=30 * gib) == 100.0
+    # a size that stays keeps its servers; the one that goes hands its server to the one that comes
+    clock.reshape([40 * gib, 80 * gib, 80 * gib, 80 * gib])
+    assert [(m / gib, sorted(h)) for m, h in clock._pools] == [(40, [100.0]), (80, [100.0, 150.0, 300.0])]
+    # back to one size: that size's servers are kept (the 40 GiB one goes)
+    clock.reshape([80 * gib] * 3)
+    assert not clock._pools and sorted(clock._free) == [100.0, 150.0, 300.0]
+    # fewer of a size: its latest-freeing servers go, to a size that comes (earliest first)
+    clock.reshape([80 * gib, 24 * gib])
+    assert [(m / gib, sorted(h)) for m, h in clock._pools] == [(24, [150.0]), (80, [100.0])]
+    with pytest.raises(ValueError, match="at least one server"):
+        clock.reshape([])
+    with pytest.raises(ValueError, match="must be > 0"):
+        clock.reshape([80 * gib, 0])
