@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -29,6 +30,7 @@ from policies.memory_model import GIB, MemoryModelError, ModelShape
 WORKER_KEYS = ("count", "gpu_memory_gib", "tflops", "device_kind")
 MODEL_KEYS = tuple(f.name for f in fields(ModelShape))
 COST_KEYS = tuple(f.name for f in fields(CostModel))
+MAX_WORKERS = 100_000  # per worker class: the simulator builds every worker
 
 
 class ClusterError(ValueError):
@@ -66,13 +68,19 @@ class ClusterSpec:
         return out
 
 
-def _number(where: str, value: Any, *, minimum: float = 0.0, integer: bool = False) -> float:
+def _number(where: str, value: Any, *, minimum: float = 0.0, integer: bool = False,
+            maximum: float = math.inf) -> float:  # fmt: skip
     ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if integer:
-        ok = ok and float(value).is_integer()
-    if not ok or value <= minimum:
+    try:
+        number = float(value) if ok else math.nan
+    except OverflowError:  # an int beyond any float
+        number = math.inf
+    ok = ok and math.isfinite(number) and (not integer or number.is_integer())
+    if not ok or not minimum < number <= maximum:
         kind = "an integer" if integer else "a number"
-        raise ClusterError(f"{where}: must be {kind} > {minimum:g} (got {value!r})")
+        bottom = f" > {minimum:g}" if minimum > -math.inf else ""
+        top = f" and <= {maximum:g}" if maximum < math.inf else ""
+        raise ClusterError(f"{where}: must be {kind}{bottom}{top} (got {value!r})")
     return value
 
 
@@ -100,7 +108,7 @@ def parse_cluster(doc: Any, source: str = "<cluster>") -> ClusterSpec:
             if key not in w:
                 raise ClusterError(f"{where}: {key}: required")
         workers.append(WorkerClass(
-            int(_number(f"{where}.count", w["count"], integer=True)),
+            int(_number(f"{where}.count", w["count"], integer=True, maximum=MAX_WORKERS)),
             float(_number(f"{where}.gpu_memory_gib", w["gpu_memory_gib"])),
             float(_number(f"{where}.tflops", w["tflops"])),
             str(w.get("device_kind", "gpu")),
@@ -125,12 +133,13 @@ def parse_cluster(doc: Any, source: str = "<cluster>") -> ClusterSpec:
     if not isinstance(raw_cost, Mapping):
         raise ClusterError(f"{source}: cost_model: must be a mapping of {', '.join(COST_KEYS)}")
     _unknown(f"{source}: cost_model", raw_cost, COST_KEYS)
+    values = {k: float(_number(f"{source}: cost_model.{k}", v, minimum=-math.inf)) for k, v in raw_cost.items()}
     try:
-        cost = CostModel(**{k: float(_number(f"{source}: cost_model.{k}", v, minimum=-1e-300))
-                            for k, v in raw_cost.items()})  # fmt: skip
+        cost = CostModel(**values)  # its own ranges
     except ValueError as err:
         raise ClusterError(f"{source}: cost_model.{err}") from None
-    ckpt = int(_number(f"{source}: checkpoint_every_steps", doc.get("checkpoint_every_steps", 50), integer=True))
+    ckpt = int(_number(f"{source}: checkpoint_every_steps", doc.get("checkpoint_every_steps", 50), integer=True,
+                       maximum=1e9))  # fmt: skip
     packing = doc.get("packing", False)
     if not isinstance(packing, bool):
         raise ClusterError(f"{source}: packing: must be true or false (got {packing!r})")

@@ -18,6 +18,7 @@ out-of-range values raise :class:`PolicyConfigError` naming the field and the al
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -46,13 +47,16 @@ def _num(field: str, value: Any, *, lo: float = 0.0, integer: bool = False, null
     if value is None and nullable:
         return None
     ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if integer:
-        ok = ok and float(value).is_integer()
-    if not ok or not value >= lo:  # "not >=" also refuses NaN
+    try:
+        number = float(value) if ok else math.nan
+    except OverflowError:  # an int beyond any float
+        number = math.inf
+    ok = ok and math.isfinite(number) and (not integer or number.is_integer())
+    if not ok or not number >= lo:  # "not >=" also refuses NaN
         kind = "an integer" if integer else "a number"
         extra = " or null" if nullable else ""
         raise PolicyConfigError(f"{field}: must be {kind} >= {lo:g}{extra} (got {value!r})")
-    return int(value) if integer else float(value)
+    return int(value) if integer else number
 
 
 def _mapping(field: str, value: Any, *, integer: bool = False) -> dict[str, Any]:

@@ -60,9 +60,12 @@ class MemoryModelError(ValueError):
     """A shape or sample is invalid; the message names the field and what is allowed."""
 
 
+MAX_DIMENSION = 10**15  # any model's parameter count or size; beyond it byte counts overflow floats
+
+
 def _positive_int(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise MemoryModelError(f"{name}: must be an integer >= 1 (got {value!r})")
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_DIMENSION:
+        raise MemoryModelError(f"{name}: must be an integer in [1, {MAX_DIMENSION:.0e}] (got {value!r})")
 
 
 @dataclass(frozen=True)

@@ -67,18 +67,24 @@ class TraceJob:
         return self.steps * (self.batch_size // self.micro_batch_size)
 
 
+#: Each integer column's largest value: a job spec's own limits (``adapter.r``, ``data.max_seq_len``,
+#: ``train.max_steps``, ``adapter.num_experts``), and a million sequences per step.
+LIMITS = {"rank": 4096, "batch_size": 1_000_000, "micro_batch_size": 1_000_000, "seq_len": 131072,
+          "steps": 1_000_000_000}  # fmt: skip
+
+
 def _check(job: TraceJob) -> str | None:
     if job.adapter not in ("lora", "mixlora"):
         return f"adapter: must be one of lora, mixlora (got {job.adapter!r})"
     if job.submit_time_s < 0 or not math.isfinite(job.submit_time_s):
         return f"submit_time_s: must be a finite number >= 0 (got {job.submit_time_s})"
-    for name in ("rank", "batch_size", "micro_batch_size", "seq_len", "steps"):
-        if getattr(job, name) < 1:
-            return f"{name}: must be >= 1 (got {getattr(job, name)})"
+    for name, most in LIMITS.items():
+        if not 1 <= getattr(job, name) <= most:
+            return f"{name}: must be in [1, {most}] (got {getattr(job, name)})"
     if job.adapter == "lora" and job.num_experts != 0:
         return f"num_experts: must be 0 for adapter lora (got {job.num_experts})"
-    if job.adapter == "mixlora" and job.num_experts < 2:
-        return f"num_experts: must be >= 2 for adapter mixlora (got {job.num_experts})"
+    if job.adapter == "mixlora" and not 2 <= job.num_experts <= 64:
+        return f"num_experts: must be in [2, 64] for adapter mixlora (got {job.num_experts})"
     if job.batch_size % job.micro_batch_size:
         return f"batch_size: must be a multiple of micro_batch_size ({job.micro_batch_size}) (got {job.batch_size})"
     if not job.job_id or not job.owner or not job.base_model:

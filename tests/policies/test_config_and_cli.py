@@ -110,6 +110,47 @@ def test_trace_round_trip_and_errors():
         parse_trace(header + "a,0,o,llama-2-7b,lora,8,0,6,4,512,10,0\n", "t.csv")
     with pytest.raises(TraceError, match="missing column"):
         parse_trace("job_id,owner\na,b\n", "t.csv")
+    # out of a job spec's own ranges: refused by name (10^300 steps used to hang the simulator)
+    for row, message in (
+        ("a,0,o,llama-2-7b,lora,8,0,8,4,512,1" + "0" * 300 + ",0", r"steps: must be in \[1, 1000000000\]"),
+        ("a,0,o,llama-2-7b,lora,5000,0,8,4,512,10,0", r"rank: must be in \[1, 4096\] \(got 5000\)"),
+        ("a,0,o,llama-2-7b,lora,8,0,8,4,200000,10,0", r"seq_len: must be in \[1, 131072\]"),
+        ("a,0,o,llama-2-7b,mixlora,8,65,8,4,512,10,0", r"num_experts: must be in \[2, 64\] for adapter mixlora"),
+    ):
+        with pytest.raises(TraceError, match=r"t\.csv:2: " + message):
+            parse_trace(header + row + "\n", "t.csv")
+
+
+def test_numbers_beyond_a_float_are_refused_by_name():
+    # Python ints have no limit; YAML gives them as ints: each parser names the field instead of
+    # raising OverflowError (or building a billion simulated workers)
+    from policies.cluster import ClusterError, parse_cluster
+
+    one = [{"count": 1, "gpu_memory_gib": 80, "tflops": 312}]
+    huge = 10**400
+
+    def workers(**w: object) -> dict:
+        return {"workers": [{**one[0], **w}]}
+
+    for doc, message in (
+        (workers(count=huge), r"workers\[0\]\.count: must be an integer > 0 and <= 100000"),
+        (workers(count=10**9), r"count: must be an integer > 0 and <= 100000 \(got 1000000000\)"),
+        (workers(gpu_memory_gib=float("inf")), r"gpu_memory_gib: must be a number > 0 \(got inf\)"),
+        ({"workers": one, "checkpoint_every_steps": huge}, "checkpoint_every_steps: must be an integer > 0 and <= 1e"),
+        ({"workers": one, "cost_model": {"mfu": huge}}, r"^<cluster>: cost_model\.mfu: must be a number \(got 1000"),
+        ({"workers": one, "cost_model": {"mfu": -1}}, r"^<cluster>: cost_model\.mfu: must be in \(0, 1\] \(got -1.0\)"),
+        ({"workers": one, "models": {"x": {"num_parameters": huge, "hidden_size": 8, "num_hidden_layers": 1,
+                                           "num_attention_heads": 1, "intermediate_size": 8, "vocab_size": 8}}},
+         r"models\.x\.num_parameters: must be an integer in \[1, 1e\+15\]"),
+    ):  # fmt: skip
+        with pytest.raises(ClusterError, match=message):
+            parse_cluster(doc)
+    for doc, message in (({"policy": "aspen", "margin": huge}, "margin: must be a number >= 0"),
+                         ({"policy": "aspen", "margin": float("inf")}, r"margin: must be a number >= 0 \(got inf\)"),
+                         ({"policy": "aspen", "quotas": {"a": huge}}, "quotas.a: must be an integer >= 0"),
+                         ({"policy": "aspen", "weights": {"age": huge}}, "weights.age: must be a number >= 0")):  # fmt: skip
+        with pytest.raises(PolicyConfigError, match=message):
+            parse_policy_config(doc)
 
 
 def test_cli_synth_and_simulate_json(tmp_path, capsys):
