@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from orchestrator.cli import UserError
 
 HELP = "job traces for the simulator: 'trace synth' writes a synthetic one"
+
+
+MAX_JOBS = 1_000_000  # a million-job trace already takes minutes per policy to simulate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,10 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from policies.trace import synth_trace, write_trace
 
-    if args.jobs < 1:
-        raise UserError(f"--jobs: must be >= 1 (got {args.jobs})")
-    if args.load <= 0 or args.workers < 1 or args.gpu_memory_gib <= 0 or args.tflops <= 0:
-        raise UserError("--load, --workers, --gpu-memory-gib and --tflops must be > 0")
+    if not 1 <= args.jobs <= MAX_JOBS:
+        raise UserError(f"--jobs: must be in [1, {MAX_JOBS}] (got {args.jobs})")
+    for flag, value in (("--load", args.load), ("--workers", args.workers),
+                        ("--gpu-memory-gib", args.gpu_memory_gib), ("--tflops", args.tflops)):  # fmt: skip
+        if not (math.isfinite(value) and value > 0):
+            raise UserError(f"{flag}: must be a finite number > 0 (got {value})")
     if not 0 <= args.mixlora_share <= 1:
         raise UserError(f"--mixlora-share: must be in [0, 1] (got {args.mixlora_share})")
     jobs = synth_trace(args.jobs, args.seed, load=args.load, workers=args.workers,

@@ -190,3 +190,9 @@ def test_cli_table_and_user_errors(tmp_path, capsys):
     assert "lifo" in capsys.readouterr().err
     assert main(["simulate", "--trace", str(tmp_path / "none.csv"), "--cluster", "examples/cluster.yaml"]) == 2
     assert "cannot read trace" in capsys.readouterr().err
+    for args, message in ((["--jobs", "2000000"], "--jobs: must be in [1, 1000000] (got 2000000)"),
+                          (["--jobs", "5", "--load", "nan"], "--load: must be a finite number > 0 (got nan)"),
+                          (["--jobs", "5", "--tflops", "inf"], "--tflops: must be a finite number > 0 (got inf)")):
+        assert main(["trace", "synth", *args, "-o", str(tmp_path / "x.csv")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.csv").exists()
