@@ -79,7 +79,7 @@ def _number(where: str, value: Any, *, minimum: float = 0.0, integer: bool = Fal
     if not ok or not minimum < number <= maximum:
         kind = "an integer" if integer else "a number"
         bottom = f" > {minimum:g}" if minimum > -math.inf else ""
-        top = f" and <= {maximum:g}" if maximum < math.inf else ""
+        top = f" and <= {maximum:,.0f}" if maximum < math.inf else ""
         raise ClusterError(f"{where}: must be {kind}{bottom}{top} (got {value!r})")
     return value
 
@@ -109,8 +109,8 @@ def parse_cluster(doc: Any, source: str = "<cluster>") -> ClusterSpec:
                 raise ClusterError(f"{where}: {key}: required")
         workers.append(WorkerClass(
             int(_number(f"{where}.count", w["count"], integer=True, maximum=MAX_WORKERS)),
-            float(_number(f"{where}.gpu_memory_gib", w["gpu_memory_gib"])),
-            float(_number(f"{where}.tflops", w["tflops"])),
+            float(_number(f"{where}.gpu_memory_gib", w["gpu_memory_gib"], maximum=2**20)),  # 1 PiB
+            float(_number(f"{where}.tflops", w["tflops"], maximum=1e9)),
             str(w.get("device_kind", "gpu")),
         ))  # fmt: skip
     models: dict[str, ModelShape] = {}

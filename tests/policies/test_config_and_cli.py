@@ -133,10 +133,11 @@ def test_numbers_beyond_a_float_are_refused_by_name():
         return {"workers": [{**one[0], **w}]}
 
     for doc, message in (
-        (workers(count=huge), r"workers\[0\]\.count: must be an integer > 0 and <= 100000"),
-        (workers(count=10**9), r"count: must be an integer > 0 and <= 100000 \(got 1000000000\)"),
-        (workers(gpu_memory_gib=float("inf")), r"gpu_memory_gib: must be a number > 0 \(got inf\)"),
-        ({"workers": one, "checkpoint_every_steps": huge}, "checkpoint_every_steps: must be an integer > 0 and <= 1e"),
+        (workers(count=huge), r"workers\[0\]\.count: must be an integer > 0 and <= 100,000"),
+        (workers(count=10**9), r"count: must be an integer > 0 and <= 100,000 \(got 1000000000\)"),
+        (workers(gpu_memory_gib=float("inf")), r"gpu_memory_gib: must be a number > 0 and <= 1,048,576 \(got inf\)"),
+        (workers(gpu_memory_gib=1e300), r"gpu_memory_gib: must be a number > 0 and <= 1,048,576 \(got 1e\+300\)"),
+        ({"workers": one, "checkpoint_every_steps": huge}, "checkpoint_every_steps: must be an integer > 0 and <= 1,000,000,000"),
         ({"workers": one, "cost_model": {"mfu": huge}}, r"^<cluster>: cost_model\.mfu: must be a number \(got 1000"),
         ({"workers": one, "cost_model": {"mfu": -1}}, r"^<cluster>: cost_model\.mfu: must be in \(0, 1\] \(got -1.0\)"),
         ({"workers": one, "models": {"x": {"num_parameters": huge, "hidden_size": 8, "num_hidden_layers": 1,
