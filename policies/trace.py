@@ -67,6 +67,9 @@ class TraceJob:
         return self.steps * (self.batch_size // self.micro_batch_size)
 
 
+#: Latest submit time (s): Unix times fit; later ones lose the float resolution the clock needs
+#: (at 1e300 the simulated clock no longer advanced).
+MAX_SUBMIT_S = 1e12
 #: Each integer column's largest value: a job spec's own limits (``adapter.r``, ``data.max_seq_len``,
 #: ``train.max_steps``, ``adapter.num_experts``), and a million sequences per step.
 LIMITS = {"rank": 4096, "batch_size": 1_000_000, "micro_batch_size": 1_000_000, "seq_len": 131072,
@@ -76,8 +79,8 @@ LIMITS = {"rank": 4096, "batch_size": 1_000_000, "micro_batch_size": 1_000_000, 
 def _check(job: TraceJob) -> str | None:
     if job.adapter not in ("lora", "mixlora"):
         return f"adapter: must be one of lora, mixlora (got {job.adapter!r})"
-    if job.submit_time_s < 0 or not math.isfinite(job.submit_time_s):
-        return f"submit_time_s: must be a finite number >= 0 (got {job.submit_time_s})"
+    if not 0 <= job.submit_time_s <= MAX_SUBMIT_S:  # also refuses NaN
+        return f"submit_time_s: must be a number in [0, {MAX_SUBMIT_S:.0e}] (got {job.submit_time_s})"
     for name, most in LIMITS.items():
         if not 1 <= getattr(job, name) <= most:
             return f"{name}: must be in [1, {most}] (got {getattr(job, name)})"

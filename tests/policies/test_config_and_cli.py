@@ -116,6 +116,8 @@ def test_trace_round_trip_and_errors():
         ("a,0,o,llama-2-7b,lora,5000,0,8,4,512,10,0", r"rank: must be in \[1, 4096\] \(got 5000\)"),
         ("a,0,o,llama-2-7b,lora,8,0,8,4,200000,10,0", r"seq_len: must be in \[1, 131072\]"),
         ("a,0,o,llama-2-7b,mixlora,8,65,8,4,512,10,0", r"num_experts: must be in \[2, 64\] for adapter mixlora"),
+        ("a,1e300,o,llama-2-7b,lora,8,0,8,4,512,10,0", r"submit_time_s: must be a number in \[0, 1e\+12\] \(got 1e\+300\)"),
+        ("a,nan,o,llama-2-7b,lora,8,0,8,4,512,10,0", r"submit_time_s: must be a number in \[0, 1e\+12\] \(got nan\)"),
     ):
         with pytest.raises(TraceError, match=r"t\.csv:2: " + message):
             parse_trace(header + row + "\n", "t.csv")
