@@ -201,10 +201,10 @@ def synth_trace(
     micro-batch (then sequence length) is reduced until it fits alone on one GPU of
     ``gpu_memory_gib`` with a 25% margin. The arrival rate makes the offered work
     ``load`` times what ``workers`` GPUs of ``tflops`` can do running jobs alone.
-    Raises ValueError for n < 1, load <= 0 or workers < 1.
+    Raises ValueError for n < 1, a load not finite and > 0, or workers < 1.
     """
-    if n < 1 or load <= 0 or workers < 1:
-        raise ValueError(f"need n >= 1, load > 0, workers >= 1 (got n={n}, load={load}, workers={workers})")
+    if n < 1 or not 0 < load < math.inf or workers < 1:  # "not 0 < load" also refuses NaN
+        raise ValueError(f"need n >= 1, a finite load > 0, workers >= 1 (got n={n}, load={load}, workers={workers})")
     rng = random.Random(seed)
     cost = CostModel()
     capacity = gpu_memory_gib * GIB

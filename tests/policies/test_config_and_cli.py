@@ -101,6 +101,9 @@ def test_trace_round_trip_and_errors():
     assert parse_trace(format_trace(jobs)) == jobs
     assert synth_trace(30, 5) == jobs and synth_trace(30, 6) != jobs
     assert {j.adapter for j in synth_trace(100, 1)} == {"lora", "mixlora"}
+    for bad in (0.0, float("nan"), float("inf")):  # a NaN load gave NaN submit times
+        with pytest.raises(ValueError, match="a finite load > 0"):
+            synth_trace(4, 1, load=bad)
     header = "job_id,submit_time_s,owner,base_model,adapter,rank,num_experts,batch_size,micro_batch_size,seq_len,steps,priority\n"
     with pytest.raises(TraceError, match=r"t\.csv:2: rank: must be an integer"):
         parse_trace(header + "a,0,o,llama-2-7b,lora,x,0,8,4,512,10,0\n", "t.csv")
