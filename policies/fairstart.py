@@ -123,7 +123,7 @@ class FifoClock:
         for name, value in (("wait_scale", wait_scale), ("tight_wait_scale", tight_wait_scale),
                             ("tight_below", tight_below), ("tail_share", tail_share), ("tail_quantile", tail_quantile)):
             check_clock_setting(name, value)
-        tail_rank = check_clock_setting("tail_rank", tail_rank)  # an int (2.0 from YAML: 2)
+        tail_rank = check_clock_setting("tail_rank", tail_rank)  # an int (3.0 given in code: 3)
         self._free = [0.0] * workers  # a min-heap of the servers' free times
         # servers of unequal memory (of_servers): (memory, min-heap of free times) per memory size,
         # smallest first; empty: the identical servers of _free
