@@ -141,8 +141,8 @@ class DataSpec(_Strict):
 class TrainSpec(_Strict):
     epochs: int = Field(1, ge=1, le=1_000_000, description="passes over the data (ignored when max_steps is set)")
     max_steps: int | None = Field(None, ge=1, le=1_000_000_000, description="optimizer steps; overrides epochs")
-    batch_size: int = Field(16, ge=1, description="sequences per optimizer step")
-    micro_batch_size: int = Field(4, ge=1, description="sequences per forward pass")
+    batch_size: int = Field(16, ge=1, le=1_000_000, description="sequences per optimizer step")
+    micro_batch_size: int = Field(4, ge=1, le=1_000_000, description="sequences per forward pass")
     learning_rate: float = Field(2e-4, gt=0, le=10, description="peak learning rate")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="torch.optim.AdamW or SGD")
     weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (AdamW) / L2 (SGD)")
