@@ -152,7 +152,7 @@ class TrainSpec(_Strict):
     lr_scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="decay after warmup")
     warmup_steps: int = Field(0, ge=0, description="linear warmup from 0 over this many steps")
     max_grad_norm: float | None = Field(None, gt=0, description="clip the job's gradient norm; null: no clipping")
-    seed: int = Field(42, ge=0, description="adapter init, data order and dropout masks")
+    seed: int = Field(42, ge=0, le=2**63 - 1, description="adapter init, data order and dropout masks")
     checkpoint_every: int = Field(100, ge=1, description="optimizer steps between checkpoints")
     log_every: int = Field(1, ge=1, description="optimizer steps between metrics-log lines")
 

@@ -47,6 +47,7 @@ CASES = [
     ({"train__max_steps": 10**30}, "train.max_steps", "<= 1000000000"),
     ({"train__epochs": 10**7}, "train.epochs", "<= 1000000"),
     ({"train__batch_size": 10**9, "train__micro_batch_size": 4}, "train.batch_size", "<= 1000000"),
+    ({"train__seed": 2**64}, "train.seed", "<= 9223372036854775807"),  # was accepted, then torch refused it at job start
     ({"train__warmup_steps": -1}, "train.warmup_steps", ">= 0"),
     ({"train__max_grad_norm": 0}, "train.max_grad_norm", "> 0"),
     ({"train__betas": [0.9, 1.5]}, "train.betas", "[0, 1)"),
