@@ -591,8 +591,7 @@ class Controller:
         """One memory size per GPU for the FIFO clock: each worker's reported total (the configured
         ``worker_memory_bytes`` until it reports), and ``worker_memory_bytes`` for GPUs without a
         worker, as the policy's view has them."""
-        reported = [float((w.last.get("memory") or {}).get("total") or self.worker_memory_bytes)
-                    for w in list(self._workers.values())]  # fmt: skip
+        reported = [float(self._worker_memory(w)) for w in list(self._workers.values())]
         gpus = max(self.num_gpus or self._gpu_total or 1, len(reported))
         return reported + [float(self.worker_memory_bytes)] * (gpus - len(reported))
 
@@ -966,12 +965,15 @@ class Controller:
             total = self._gpu_total
         return max(0, total - len(self._workers))
 
+    def _worker_memory(self, w: _Worker) -> float:
+        """The worker's device memory as it reported it, else the configured ``worker_memory_bytes``."""
+        return (w.last.get("memory") or {}).get("total") or self.worker_memory_bytes
+
     def _worker_views(self) -> list[WorkerView]:
         out = []
         for w in self._workers.values():
             state = w.last.get("state", "loading")
-            mem = (w.last.get("memory") or {}).get("total") or self.worker_memory_bytes
-            out.append(WorkerView(w.worker_id, int(mem), 100.0, loaded_model=w.base_model,
+            out.append(WorkerView(w.worker_id, int(self._worker_memory(w)), 100.0, loaded_model=w.base_model,
                                   running=tuple(sorted(w.assigned)), accepting=state in ("ready", "loading"),
                                   packing_max_len=int(w.last.get("packing_max_len") or 0)))  # fmt: skip
         return out
