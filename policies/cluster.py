@@ -26,6 +26,7 @@ import yaml
 from policies.catalogue import CATALOGUE, lookup
 from policies.costmodel import CostModel
 from policies.memory_model import GIB, MemoryModelError, ModelShape
+from policies.values import finite_number
 
 WORKER_KEYS = ("count", "gpu_memory_gib", "tflops", "device_kind")
 MODEL_KEYS = tuple(f.name for f in fields(ModelShape))
@@ -70,13 +71,8 @@ class ClusterSpec:
 
 def _number(where: str, value: Any, *, minimum: float = 0.0, integer: bool = False,
             maximum: float = math.inf) -> float:  # fmt: skip
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    try:
-        number = float(value) if ok else math.nan
-    except OverflowError:  # an int beyond any float
-        number = math.inf
-    ok = ok and math.isfinite(number) and (not integer or number.is_integer())
-    if not ok or not minimum < number <= maximum:
+    number = finite_number(value)
+    if number is None or (integer and not number.is_integer()) or not minimum < number <= maximum:
         kind = "an integer" if integer else "a number"
         bottom = f" > {minimum:g}" if minimum > -math.inf else ""
         top = f" and <= {maximum:,.0f}" if maximum < math.inf else ""

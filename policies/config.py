@@ -18,7 +18,6 @@ out-of-range values raise :class:`PolicyConfigError` naming the field and the al
 from __future__ import annotations
 
 import importlib
-import math
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -30,6 +29,7 @@ from policies import builtin
 from policies.builtin import PRIORITY_FACTORS, WORKER_SCORES, AspenSettings, CommonSettings
 from policies.fairstart import check_clock_setting
 from policies.interface import Policy
+from policies.values import finite_number
 
 COMMON_FIELDS = ("margin", "preemption", "backfill", "queue_depth", "max_candidates")
 ASPEN_FIELDS = ("weights", "max_age_s", "size_half_s", "starvation_s", "guard_backlog", "guard_long",
@@ -46,13 +46,8 @@ class PolicyConfigError(ValueError):
 def _num(field: str, value: Any, *, lo: float = 0.0, integer: bool = False, nullable: bool = False) -> Any:
     if value is None and nullable:
         return None
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    try:
-        number = float(value) if ok else math.nan
-    except OverflowError:  # an int beyond any float
-        number = math.inf
-    ok = ok and math.isfinite(number) and (not integer or number.is_integer())
-    if not ok or not number >= lo:  # "not >=" also refuses NaN
+    number = finite_number(value)
+    if number is None or (integer and not number.is_integer()) or not number >= lo:
         kind = "an integer" if integer else "a number"
         extra = " or null" if nullable else ""
         raise PolicyConfigError(f"{field}: must be {kind} >= {lo:g}{extra} (got {value!r})")

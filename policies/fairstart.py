@@ -60,10 +60,10 @@ from __future__ import annotations
 
 import bisect
 import heapq
-import math
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from policies.values import finite_number
 
 #: The clock's settings an admin may set (aspen's ``fair_clock`` in the policy YAML), each with
 #: what it must be: one table read by the YAML parser, :func:`clock_settings` and :class:`FifoClock`.
@@ -89,11 +89,8 @@ def check_clock_setting(name: str, value: Any) -> Any:
     allowed, nullable, in_range = rule
     if value is None and nullable:
         return None
-    try:
-        number = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else math.nan
-    except OverflowError:  # an int beyond any float
-        number = math.inf
-    if not (math.isfinite(number) and in_range(number)):
+    number = finite_number(value)
+    if number is None or not in_range(number):
         raise ValueError(f"fair_clock.{name}: must be {allowed} (got {value!r})")
     return int(number) if name == "tail_rank" else value
 
