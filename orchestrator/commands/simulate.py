@@ -8,6 +8,8 @@ import sys
 
 from orchestrator.cli import UserError
 
+LIGHT_JOBS_PER_WORKER = 20  # below this, measured: docs/policies.md, "What makes a trace light"
+
 HELP = "replay a job trace on a simulated cluster under several scheduling policies and compare them"
 
 
@@ -107,6 +109,13 @@ def _print_tables(metrics: list, jobs: int, packing: bool = False, ref: object =
                       f"policy beats it; ideal preemptive SRPT on {ref.workers} workers (solo speed, free "
                       f"preemption, no fusion) {ref.srpt_mean_jct_s / h:.2f} h = {ref.srpt_mean_jct_s / vs:.2f}x.",
                       highlight=False, soft_wrap=True)  # fmt: skip
+        per_worker = jobs / ref.workers
+        if per_worker < LIGHT_JOBS_PER_WORKER:
+            console.print(f"A light trace: {per_worker:.1f} jobs per worker (under about {LIGHT_JOBS_PER_WORKER}). "
+                          f"{base.policy} queues less on such traces, so policies differ less in mean JCT and more "
+                          f"from trace to trace (none gets below {ref.floor_mean_jct_s / vs:.2f}x here); compare policies on traces of "
+                          f"20-40 or more jobs per worker (docs/policies.md, 'What makes a trace light').",
+                          highlight=False, soft_wrap=True)  # fmt: skip
 
 
 def _plot(results: list, path: str) -> None:

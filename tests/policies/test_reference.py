@@ -81,3 +81,22 @@ def test_simulate_prints_and_returns_the_references(tmp_path, capsys):
     assert "What the trace allows" in out and "ideal preemptive SRPT on 2 workers" in out
     fifo = rows[0]["mean_jct_s"]
     assert f"= {floor / fifo:.2f}x fifo" in out
+
+
+def test_simulate_says_when_a_trace_is_light(tmp_path, capsys):
+    # 30 jobs on 2 workers: 15 per worker, under the 20 docs/policies.md measured as light
+    trace, cluster = synth_files(tmp_path, 30, 5)
+    capsys.readouterr()
+    assert main(["simulate", "--trace", str(trace), "--cluster", str(cluster), "--policy", "fifo,aspen",
+                 "--json"]) == 0  # fmt: skip
+    fifo = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert main(["simulate", "--trace", str(trace), "--cluster", str(cluster), "--policy", "fifo,aspen"]) == 0
+    out = capsys.readouterr().out
+    assert "A light trace: 15.0 jobs per worker (under about 20)" in out
+    assert f"none gets below {fifo['floor_mean_jct_s'] / fifo['mean_jct_s']:.2f}x here" in out
+    # the same 30 jobs on one worker: 30 per worker, not light
+    one = tmp_path / "one.yaml"
+    one.write_text("workers: [{count: 1, gpu_memory_gib: 80, tflops: 312}]\n")
+    assert main(["simulate", "--trace", str(trace), "--cluster", str(one), "--policy", "fifo"]) == 0
+    out = capsys.readouterr().out
+    assert "What the trace allows" in out and "light trace" not in out
