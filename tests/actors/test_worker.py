@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import weakref
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,19 +46,30 @@ def job_config(
     )
 
 
+# Events ``progress`` drained but the waiting call did not ask for: the next call sees them first. A
+# job that joins and finishes between two polls reports both at once, and a test waiting for
+# "joined" and then "finished" must not lose the second.
+_UNCLAIMED: weakref.WeakKeyDictionary[TrainingWorker, list[dict]] = weakref.WeakKeyDictionary()
+
+
 def wait_events(worker: TrainingWorker, want: dict[str, str], timeout: float = 120.0) -> dict[str, dict]:
-    """Poll ``progress`` until every job in ``want`` reported the given event kind."""
+    """Poll ``progress`` until every job in ``want`` reported the given event kind (each job's first
+    such event); other events are kept for the next call."""
     seen: dict[str, dict] = {}
+    backlog = _UNCLAIMED.setdefault(worker, [])
     deadline = time.time() + timeout
     while time.time() < deadline:
         snap = worker.progress()
         if snap["state"] == "failed":
             raise AssertionError(snap["error"])
-        for ev in snap["events"]:
-            if want.get(ev["job"]) == ev["kind"]:
+        events, backlog[:] = backlog + snap["events"], []
+        for ev in events:
+            if want.get(ev["job"]) == ev["kind"] and ev["job"] not in seen:
                 seen[ev["job"]] = ev
             elif ev["kind"] in ("failed", "oom") and want.get(ev["job"]) != ev["kind"]:
                 raise AssertionError(f"unexpected {ev}")
+            else:
+                backlog.append(ev)
         if set(seen) == set(want):
             return seen
         time.sleep(0.05)
