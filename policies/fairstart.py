@@ -8,7 +8,7 @@ start* is when that server frees (or its submit time, if later), and its estimat
 builds; :meth:`FifoClock.reshape`, what the controller keeps up to date with its workers' reported
 memory) a job takes only servers with the memory to run it alone: on 4 x 80 + 4 x 40 + 4 x 24 GiB a
 memory-blind clock saw twelve servers where fifo had four for most jobs, and short jobs waited
-48 h where fifo's waited 14 h (docs/policies.md, "a FIFO clock that knows which workers fit a
+48 h where fifo's waited 14 h (docs/policies-history.md, "a FIFO clock that knows which workers fit a
 job"). Issue 5 bounds each priority class's p99 JCT by fifo's, so a job may be held back as long
 as it stays within its class's FIFO tail. Its deadline is::
 
@@ -30,7 +30,7 @@ controller): the estimate improves as the class's later jobs come in, and a dead
 submission kept an early, poor one. On 300 jobs / seed 335 a 10.5 h job stamped when its class's
 2nd largest estimate was a 36.5 h job (the class's FIFO p99 ended at 21.3 h) was preempted by a
 turn and then allowed to wait until 27 h (JCT 31.8 h, class p99 1.59x fifo's). Measured on 1,000
-traces (docs/policies.md, "deadlines that follow the class tail"): every target on
+traces (docs/policies-history.md, "deadlines that follow the class tail"): every target on
 761 instead of 747, average aspen/fifo mean 0.512 instead of 0.562.
 
 How tightly waits are booked follows the load (``tight_wait_scale``, ``tight_below``). The clock
@@ -41,7 +41,7 @@ and a class's p99 is what a policy misses there (1.10-1.26x fifo's, with the mea
 42 of the 680 traces of 200-600 jobs in docs/policies.md's set of 1,000), so waits are booked at
 ``tight_wait_scale`` (0.8) instead of ``wait_scale``: deadlines come earlier and the long jobs that
 set a class's p99 start nearer their FIFO start. Light traces (ratio 0.4 and up) keep
-``wait_scale``: their mean target is the tight one. Measured (docs/policies.md, "waits booked tighter"):
+``wait_scale``: their mean target is the tight one. Measured (docs/policies-history.md, "waits booked tighter"):
 every target on 830 instead of 800 of the 1,000 and on 360 instead of 345 of 440 held out.
 ``tight_wait_scale`` None turns it off.
 

@@ -310,7 +310,7 @@ class FusionPays:
     ``tail_share`` x its class's FIFO p99 estimate). It catches what the rank-based
     ``tail_delay_s`` misses: urgent jobs piling onto a group of jobs that are not their class's
     longest but would end above its p99 (100 jobs, seed 23: two 4.5-5.2 h jobs ran 12-13 h). The
-    bound was the class's largest FIFO-fair JCT in the view until 2026-11-29 (docs/policies.md,
+    bound was the class's largest FIFO-fair JCT in the view until 2026-11-29 (docs/policies-history.md,
     "deadlines that follow the class tail": every #5 target on 800 instead of 761 of 1,000 traces).
     """
 
@@ -564,7 +564,7 @@ class ShortJobTurns:
     most work left in its shortest member, then the lowest index). One turn at a time: nothing is
     preempted while another preemption is pending.
 
-    Measured (docs/policies.md, "Turns"): on 160 traces no choice had seen, every #5 target on 113
+    Measured (docs/policies-history.md, "The change before: turns"): on 160 traces no choice had seen, every #5 target on 113
     instead of 104 (mean JCT met on 126 instead of 115, class p99 141 instead of 144), about 3-4
     preemptions per trace of 100-400 jobs.
     """

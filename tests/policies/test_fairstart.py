@@ -118,7 +118,7 @@ def test_clock_of_servers_books_each_job_on_a_server_with_the_memory_for_it():
 def test_simulator_books_jobs_on_workers_that_fit_them():
     # 1 worker of 80 GiB and 3 of 24 GiB: jobs of 7B-13B models need more than 24 GiB alone, so
     # they queue for the one worker that fits them; a memory-blind clock of 4 saw no such queue
-    # (heterogeneous clusters: short jobs waited 48 h where fifo's waited 14 h, docs/policies.md).
+    # (heterogeneous clusters: short jobs waited 48 h where fifo's waited 14 h, docs/policies-history.md).
     gib = 2**30
     cluster = parse_cluster({"workers": [{"count": 1, "gpu_memory_gib": 80, "tflops": 312},
                                          {"count": 3, "gpu_memory_gib": 24, "tflops": 312}]})  # fmt: skip

@@ -138,7 +138,7 @@ def test_turn_settings_from_yaml(tmp_path):
 
 def test_turns_cut_short_jobs_waiting_on_a_trace():
     # 200 jobs / seed 1: six base models on eight workers; short jobs wait for long groups of other
-    # models to drain (docs/policies.md, "Where the remaining misses come from"). Measured with the
+    # models to drain (docs/policies-history.md, "Where the remaining misses come from"). Measured with the
     # deadlines that follow the class tail: jobs of <= 10 minutes wait 483 s on average with turns,
     # 880 s without; summed JCT 0.92x. (On 150 jobs / seed 204, the case turns were built on, the
     # moving deadlines took most of that gain already: 416 s vs 458 s.)
