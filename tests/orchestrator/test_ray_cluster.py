@@ -249,7 +249,7 @@ def _ping_pid():
 def test_forced_oom_evicts_one_job_group_mates_finish(controller, tiny_model_dir, data_dir):
     from orchestrator import client
 
-    specs = make_specs("oom", 4, tiny_model_dir, data_dir, steps=30)  # long enough to hit mid-run
+    specs = make_specs("oom", 4, tiny_model_dir, data_dir, steps=60)  # long enough to hit mid-run on a fast machine
     ids = submit_all(specs)
 
     def crowded():
