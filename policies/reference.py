@@ -23,6 +23,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+# Under this many jobs per worker a synthetic trace is "light": fifo queues little and the mean target
+# is often out of reach (docs/policies.md, "What makes a trace light"). `simulate` and `trace synth` say so.
+LIGHT_JOBS_PER_WORKER = 20
+
 
 @dataclass(frozen=True)
 class Reference:

@@ -8,8 +8,6 @@ import sys
 
 from orchestrator.cli import UserError
 
-LIGHT_JOBS_PER_WORKER = 20  # below this, measured: docs/policies.md, "What makes a trace light"
-
 HELP = "replay a job trace on a simulated cluster under several scheduling policies and compare them"
 
 
@@ -75,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
 def _print_tables(metrics: list, jobs: int, packing: bool = False, ref: object = None) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    from policies.reference import LIGHT_JOBS_PER_WORKER
 
     base = next((m for m in metrics if m.policy == "fifo"), metrics[0])
     layout = "sequences packed (cluster packing: true)" if packing else "rows padded (cluster packing: false)"

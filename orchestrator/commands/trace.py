@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 from orchestrator.cli import UserError
 
@@ -28,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from policies.reference import LIGHT_JOBS_PER_WORKER
     from policies.trace import synth_trace, write_trace
 
     if not 1 <= args.jobs <= MAX_JOBS:
@@ -46,5 +48,11 @@ def run(args: argparse.Namespace) -> int:
     except OSError as err:
         raise UserError(f"-o: cannot write {args.output}: {err.strerror or err}") from None
     span = jobs[-1].submit_time_s / 3600.0
-    print(f"wrote {len(jobs)} jobs over {span:.1f} h to {args.output}")
+    print(f"wrote {len(jobs)} jobs over {span:.1f} h to {args.output}", flush=True)
+    per_worker = len(jobs) / args.workers
+    if per_worker < LIGHT_JOBS_PER_WORKER:
+        print(f"note: {per_worker:.1f} jobs per worker (--workers {args.workers}) makes a light trace: fifo queues "
+              f"little on it and policies differ less in mean JCT; for a comparison use --jobs "
+              f"{LIGHT_JOBS_PER_WORKER * args.workers} or more (docs/policies.md, 'What makes a trace light')",
+              file=sys.stderr)  # fmt: skip
     return 0

@@ -100,3 +100,14 @@ def test_simulate_says_when_a_trace_is_light(tmp_path, capsys):
     assert main(["simulate", "--trace", str(trace), "--cluster", str(one), "--policy", "fifo"]) == 0
     out = capsys.readouterr().out
     assert "What the trace allows" in out and "light trace" not in out
+
+
+def test_trace_synth_says_when_the_trace_it_wrote_is_light(tmp_path, capsys):
+    out = tmp_path / "t.csv"
+    assert main(["trace", "synth", "--jobs", "100", "-o", str(out)]) == 0  # 100 / 8 workers
+    err = capsys.readouterr().err
+    assert "note: 12.5 jobs per worker (--workers 8) makes a light trace" in err and "--jobs 160 or more" in err
+    assert main(["trace", "synth", "--jobs", "100", "--workers", "4", "-o", str(out)]) == 0  # 25 per worker
+    assert "light" not in capsys.readouterr().err
+    assert main(["trace", "synth", "--jobs", "160", "-o", str(out)]) == 0  # exactly 20 per worker: not light
+    assert "light" not in capsys.readouterr().err
