@@ -109,8 +109,8 @@ def clock_settings(policy: object) -> dict[str, Any]:
 class FifoClock:
     """The virtual FIFO cluster (see the module docstring). Stamp jobs in submission order."""
 
-    __slots__ = ("_free", "_jct_sum", "_jcts", "_pools", "_size", "_tail", "_work_sum", "tail_quantile", "tail_rank",
-                 "tail_share", "tight_below", "tight_wait_scale", "wait_scale")  # fmt: skip
+    __slots__ = ("_free", "_jct_sum", "_jcts", "_pools", "_size", "_tail", "_tail_memo", "_work_sum", "tail_quantile",
+                 "tail_rank", "tail_share", "tight_below", "tight_wait_scale", "wait_scale")  # fmt: skip
 
     def __init__(self, workers: int, *, wait_scale: float = 0.9, tail_share: float = 0.9,
                  tail_quantile: float = 0.99, tail_rank: int | None = 2, tight_wait_scale: float | None = 0.8,
@@ -128,6 +128,8 @@ class FifoClock:
         self._size: float | None = None  # the memory of _free's servers, when known (of_servers, reshape)
         self._tail: dict[int, float] = {}  # per priority class: the largest FIFO JCT estimate so far
         self._jcts: dict[int, list[float]] = {}  # per class, sorted: every estimate (quantile < 1 or a rank cap)
+        # per class: ((estimates, quantile, rank), tail) of the last tail() -- a view asks once per job
+        self._tail_memo: dict[int, tuple[tuple, float]] = {}
         self.wait_scale, self.tail_share, self.tail_quantile = wait_scale, tail_share, tail_quantile
         self.tail_rank = tail_rank
         self.tight_wait_scale, self.tight_below = tight_wait_scale, tight_below
@@ -250,24 +252,31 @@ class FifoClock:
         xs = self._jcts.get(priority)
         if not xs:
             return None
+        key = (len(xs), self.tail_quantile, self.tail_rank)  # estimates are only ever added (book)
+        memo = self._tail_memo.get(priority)
+        if memo is not None and memo[0] == key:
+            return memo[1]
         pos = (len(xs) - 1) * self.tail_quantile  # linear interpolation, as metrics.percentile
         lo = int(pos)
         hi = min(lo + 1, len(xs) - 1)
         tail = xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
         if self.tail_rank is not None and len(xs) >= self.tail_rank:
             tail = min(tail, xs[-self.tail_rank])  # one outlier does not set the class's tail
+        self._tail_memo[priority] = (key, tail)
         return tail
 
     def deadline(self, submit_time_s: float, wait_s: float, work_s: float, priority: int = 0) -> float | None:
         """The FIFO-fair start deadline of a booked job, with its class's tail as estimated *now*
         (it moves as the class's estimates come in); None if the class has none (a new clock)."""
         tail = self.tail(priority)
-        return None if tail is None else self._deadline(submit_time_s, wait_s, work_s, tail)
+        return None if tail is None else self.deadline_at(submit_time_s, wait_s, work_s, tail)
 
     def stamp(self, submit_time_s: float, work_s: float, priority: int = 0) -> float:
         """Book the job and return its FIFO-fair start deadline as of now."""
         wait = self.book(submit_time_s, work_s, priority)
-        return self._deadline(submit_time_s, wait, work_s, self.tail(priority) or 0.0)  # the class has its estimate
+        return self.deadline_at(submit_time_s, wait, work_s, self.tail(priority) or 0.0)  # the class has its estimate
 
-    def _deadline(self, submit_time_s: float, wait_s: float, work_s: float, tail: float) -> float:
+    def deadline_at(self, submit_time_s: float, wait_s: float, work_s: float, tail: float) -> float:
+        """The deadline for a given class tail (:meth:`deadline` with ``tail(priority)``), for callers
+        that view many jobs of one class at once."""
         return submit_time_s + max(wait_s, self.tail_share * tail - max(0.0, work_s))

@@ -11,7 +11,9 @@ from orchestrator.cli import UserError
 HELP = "job traces for the simulator: 'trace synth' writes a synthetic one"
 
 
-MAX_JOBS = 1_000_000  # a million-job trace already takes minutes per policy to simulate
+# A bound on what is written. Replaying a trace costs about O(jobs x queue length): 8,000 jobs take
+# 20-45 s per policy on 2 cores (docs/policies.md, "Simulator"), so far fewer than this replay in minutes.
+MAX_JOBS = 1_000_000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -395,3 +395,19 @@ def test_clock_reshape_follows_the_workers_memory_and_keeps_the_bookings():
         clock.reshape([])
     with pytest.raises(ValueError, match="must be > 0"):
         clock.reshape([80 * gib, 0])
+
+
+def test_tail_is_recomputed_when_estimates_or_settings_change():
+    # tail() remembers its last answer per class; a new estimate or a changed setting makes it stale
+    h = 3600.0
+    clock = FifoClock(10)
+    for work in (1, 2, 10):
+        clock.book(0, work * h, 0)
+    assert clock.tail(0) == pytest.approx(2 * h)  # p99 of 3 capped at the 2nd largest
+    clock.tail_rank = None
+    assert clock.tail(0) == pytest.approx(2 * h + 0.98 * 8 * h)  # the p99 itself
+    clock.tail_quantile = 0.5
+    assert clock.tail(0) == pytest.approx(2 * h)
+    clock.book(0, 20 * h, 0)
+    assert clock.tail(0) == pytest.approx(6 * h)  # median of 1, 2, 10, 20 h
+    assert clock.deadline_at(0, 0, 1 * h, clock.tail(0)) == clock.deadline(0, 0, 1 * h, 0)
