@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,9 +174,9 @@ def tokenize_record(record: dict[str, Any], fmt: str, tokenizer: Any, settings: 
     """One record as input ids and labels, truncated to ``max_seq_len``."""
     max_len = settings.max_seq_len
     if fmt == "tokens":
-        ids = [int(t) for t in record["input_ids"]][:max_len]
+        ids = _token_ids(record["input_ids"], "input_ids")[:max_len]
         labels_src = record.get("labels")
-        labels = list(ids) if labels_src is None else [int(t) for t in labels_src][:max_len]
+        labels = list(ids) if labels_src is None else _token_ids(labels_src, "labels")[:max_len]
         if len(labels) != len(ids):
             raise DataError(f"labels has {len(labels)} tokens but input_ids has {len(ids)}")
         return Example(ids, labels)
@@ -190,6 +191,19 @@ def tokenize_record(record: dict[str, Any], fmt: str, tokenizer: Any, settings: 
     prompt_labels = list(prompt_ids) if settings.train_on_inputs else [IGNORE_INDEX] * len(prompt_ids)
     labels = (prompt_labels + completion_ids)[:max_len]
     return Example(ids, labels)
+
+
+def _token_ids(values: Any, field: str) -> list[int]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise DataError(f"{field} must be a list of integer token ids (got {type(values).__name__})")
+    out = []
+    for t in values:
+        if isinstance(t, bool) or not isinstance(t, (numbers.Integral, float)) or (
+            isinstance(t, float) and not t.is_integer()
+        ):
+            raise DataError(f"{field} has {t!r}, not an integer token id")
+        out.append(int(t))
+    return out
 
 
 def _bos(tokenizer: Any) -> list[int]:
@@ -212,11 +226,18 @@ def _tokenize_chat(messages: list[dict[str, str]], tokenizer: Any, settings: Dat
     return Example(ids[: settings.max_seq_len], labels[: settings.max_seq_len])
 
 
-def load_examples(settings: DataSettings, tokenizer: Any, *, exclude: Sequence[int] = ()) -> list[Example]:
+def load_examples(
+    settings: DataSettings, tokenizer: Any, *, exclude: Sequence[int] = (), vocab_size: int | None = None
+) -> list[Example]:
     """Read, validate and tokenise the data file, leaving out the records at ``exclude``.
 
+    With ``vocab_size`` (the model's embedding rows: :func:`model_vocab_size`), every token id and
+    label must be below it (labels may also be -100, ignored): an id out of range would fail the
+    whole fused step deep in torch, so it is refused here, naming the record.
+
     Raises:
-        DataError: missing or unreadable file, unknown format, a record missing a field.
+        DataError: missing or unreadable file, unknown format, a record missing a field, a record
+            with no token, a token id or label outside the vocabulary.
     """
     records = load_records(settings.path)
     fmt = settings.format if settings.format != "auto" else detect_format(records[0])
@@ -227,12 +248,52 @@ def load_examples(settings: DataSettings, tokenizer: Any, *, exclude: Sequence[i
             continue
         _check_fields(record, fmt, index, settings.path)
         try:
-            examples.append(tokenize_record(record, fmt, tokenizer, settings))
+            example = tokenize_record(record, fmt, tokenizer, settings)
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"{settings.path}: record {index}: {exc}") from exc
+        _check_example(example, index, settings.path, fmt, vocab_size)
+        examples.append(example)
     if not any(ex.num_label_tokens for ex in examples):
         raise DataError(f"{settings.path}: no record has a token to train on (check data.format / max_seq_len)")
     return examples
+
+
+def check_examples(examples: Sequence[Example], vocab_size: int | None, source: str) -> None:
+    """The checks :func:`load_examples` makes, for examples built elsewhere (``source`` names them).
+
+    Raises:
+        DataError: an example with no token, or a token id or label outside the vocabulary.
+    """
+    for index, example in enumerate(examples):
+        _check_example(example, index, source, "tokens", vocab_size)
+
+
+def _check_example(example: Example, index: int, path: str, fmt: str, vocab_size: int | None) -> None:
+    field = "input_ids" if fmt == "tokens" else "the tokenized record"
+    if not example.input_ids:
+        raise DataError(f"{path}: record {index}: {field} is empty; every record needs at least one token")
+    if vocab_size is None:
+        return
+    for name, values, allowed in (("input_ids", example.input_ids, ()), ("labels", example.labels, (IGNORE_INDEX,))):
+        bad = next((t for t in values if not 0 <= t < vocab_size and t not in allowed), None)
+        if bad is not None:
+            what = "a token id" if name == "input_ids" else "a label"
+            also = "" if name == "input_ids" else f" or {IGNORE_INDEX} (ignored)"
+            raise DataError(f"{path}: record {index}: {name} has {what} {bad} outside the model's vocabulary "
+                            f"(allowed: 0 to {vocab_size - 1}{also})")  # fmt: skip
+
+
+def model_vocab_size(model: Any) -> int | None:
+    """Token ids a model takes and predicts: the fewer of its input embedding's rows and its output
+    head's rows (None where neither is found)."""
+    sizes = []
+    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if inputs is not None and hasattr(inputs, "num_embeddings"):
+        sizes.append(int(inputs.num_embeddings))
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and hasattr(head, "out_features"):
+        sizes.append(int(head.out_features))
+    return min(sizes) if sizes else None
 
 
 def held_out_indices(num_records: int, fraction: float, seed: int) -> list[int]:

@@ -29,7 +29,7 @@ from actors import checkpoint as ckpt
 from actors.adapter import AdapterLoadError, JobAdapter, LoraJobAdapter
 from actors.checkpoint import read_adapter
 from actors.config import AdapterSettings, EngineSettings, JobConfig
-from actors.data import Example, collate, load_examples, pack
+from actors.data import Example, check_examples, collate, load_examples, model_vocab_size, pack
 from actors.fused_model import FusedModel
 from actors.job import JobFailed, StepReport, TrainingJob
 from actors.lora import BatchLayout, Segment
@@ -69,6 +69,41 @@ def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gen
     return gen
 
 
+def check_init_settings(want: AdapterSettings, saved: AdapterSettings, source: str) -> None:
+    """Refuse an ``init_from`` adapter trained with settings that change what its weights compute
+    (kind, scaling, rsLoRA, DoRA, MixLoRA's experts and routing): its tensors would load, shape for
+    shape, and silently give another adapter. Dropout, loss coefficients and the like may differ.
+
+    Raises:
+        AdapterLoadError: naming the job's field, both values and the adapter directory.
+    """
+    if want.kind != saved.kind:
+        raise AdapterLoadError(f"adapter.type: {want.kind!r}, but adapter.init_from {source} is a {saved.kind} adapter")
+    pairs = [("", want.lora, saved.lora)]
+    if want.mixlora is not None and saved.mixlora is not None:
+        pairs.append(("expert.", want.mixlora.expert, saved.mixlora.expert))
+    checks = [(f"{pre}{name}", getattr(a, name), getattr(b, name), key)
+              for pre, a, b in pairs
+              for name, key in (("r", "r"), ("alpha", "lora_alpha"), ("use_rslora", "use_rslora"),
+                                ("use_dora", "use_dora"))]  # fmt: skip
+    if want.mixlora is not None and saved.mixlora is not None:
+        mine, theirs = want.mixlora, saved.mixlora
+        checks += [(n, getattr(mine, n), getattr(theirs, n), n) for n in ("num_experts", "top_k", "routing")]
+        if mine.routing == theirs.routing == "dynamic":
+            checks.append(("top_p", mine.top_p, theirs.top_p, "top_p"))
+    def show(value: object) -> str:  # 32.0 as 32, True as true (YAML)
+        if isinstance(value, bool):
+            return str(value).lower()
+        return repr(int(value)) if isinstance(value, float) and value.is_integer() else repr(value)
+
+    for field, mine_value, theirs_value, key in checks:
+        if mine_value != theirs_value:
+            raise AdapterLoadError(
+                f"adapter.{field}: {show(mine_value)}, but adapter.init_from {source} was trained with {key} "
+                f"{show(theirs_value)}; set adapter.{field}: {show(theirs_value)} to continue from it"
+            )
+
+
 class FusedEngine:
     """Many jobs' adapters trained together on one frozen base model."""
 
@@ -85,6 +120,8 @@ class FusedEngine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.jobs: dict[str, TrainingJob] = {}
         self.inference: dict[str, JobAdapter] = {}  # exported adapters attached for evaluation
+        # token ids the model takes and predicts: a job's data is checked against it before it joins
+        self.vocab_size = model_vocab_size(model)
 
     @property
     def device(self) -> torch.device:
@@ -121,12 +158,16 @@ class FusedEngine:
 
                 total = len(load_records(config.data.path))
                 held_out = held_out_indices(total, config.eval.held_out_fraction, config.train.seed)
-            examples = load_examples(config.data, self.tokenizer, exclude=held_out)
+            examples = load_examples(config.data, self.tokenizer, exclude=held_out, vocab_size=self.vocab_size)
+        else:
+            check_examples(examples, self.vocab_size, f"{config.name}: examples")
         seed = config.train.seed
         adapter = factory(self.fused, config.name, config.adapter, seeded_generator(seed))
         try:
             if config.adapter.init_from:
-                state, _ = read_adapter(config.adapter.init_from)
+                state, saved = read_adapter(config.adapter.init_from)
+                check_init_settings(config.adapter, settings_from_export(saved, config.adapter.init_from),
+                                    config.adapter.init_from)  # fmt: skip
                 adapter.load_state(state, config.adapter.init_from)
             job = TrainingJob(
                 config,

@@ -33,6 +33,8 @@ ALL_LINEAR = "all-linear"  # a target_modules entry: every linear layer of the d
 VARLEN_CALLS = {"bounds": 0, "plain": 0}  # varlen attention calls with / without sequence bounds (packing probe)
 VARLEN_ATTENTION = "lorafleet_varlen"
 PACKABLE_ATTENTION = ("sdpa", "eager", VARLEN_ATTENTION)  # implementations whose math varlen_sdpa reproduces
+#: Names a decoder gives its list of layers, tried in this order (decoder_layers_path).
+DECODER_LAYER_LISTS = ("layers", "h", "blocks", "block", "layer")
 
 
 def varlen_sdpa_attention(
@@ -189,15 +191,22 @@ class FusedModel:
         return wrapped
 
     def decoder_layers_path(self) -> str:
-        """Module path of the decoder's list of layers (``model.layers`` for LLaMA).
+        """Module path of the decoder's list of layers: ``model.layers`` for LLaMA, ``transformer.h``
+        for Falcon, GPT-J, Bloom and GPT-BigCode, ``transformer.blocks`` for MPT; failing those names,
+        the decoder's longest ``nn.ModuleList``.
 
         Raises:
-            TargetError: the decoder has no ``layers`` list.
+            TargetError: the decoder has no list of layers.
         """
-        layers = getattr(self.model.get_decoder(), "layers", None)
-        for path, module in self.model.named_modules():
-            if module is layers and isinstance(module, nn.ModuleList):
-                return path
+        decoder = self.model.get_decoder()
+        lists = {name: m for name, m in decoder.named_children() if isinstance(m, nn.ModuleList) and len(m)}
+        name = next((n for n in DECODER_LAYER_LISTS if n in lists), None)
+        if name is None and lists:
+            name = max(lists, key=lambda n: len(lists[n]))
+        if name is not None:
+            for path, module in self.model.named_modules():
+                if module is lists[name]:
+                    return path
         raise TargetError(f"{self.name or 'the base model'}: cannot find the decoder layers")
 
     def activation_name(self) -> str:
@@ -258,7 +267,12 @@ class FusedModel:
         if getattr(config, "layer_types", None) and any(t != "full_attention" for t in config.layer_types):
             return False
         if self._packing_exact is None:
-            self._packing_exact = self._probe_packing()
+            try:
+                self._packing_exact = self._probe_packing()
+            except Exception as exc:  # a decoder that refuses the packed call (or its keywords): pad
+                log.warning("%s: the packing probe failed (%s: %s); batches are padded instead",
+                            self.name or "model", type(exc).__name__, exc)  # fmt: skip
+                self._packing_exact = False
         return self._packing_exact
 
     def packing_limit(self) -> int:

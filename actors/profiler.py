@@ -367,7 +367,8 @@ def _run_group(engine, probe, members: Sequence[GroupMember], base_model: str, s
         if m.data is None:
             examples = _synthetic_examples(m.seq_len, m.batch, vocab, seed=i)
         else:
-            examples = sorted(load_examples(m.data, engine.tokenizer), key=lambda e: -len(e.input_ids))
+            examples = load_examples(m.data, engine.tokenizer, vocab_size=engine.vocab_size)
+            examples = sorted(examples, key=lambda e: -len(e.input_ids))
         plans.append((m, examples))
     with tempfile.TemporaryDirectory(prefix="lorafleet-memprobe-") as out:
         release_free_memory()

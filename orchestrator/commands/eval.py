@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from actors.config import DataSettings
-    from actors.data import DataError, load_examples
+    from actors.data import DataError, load_examples, model_vocab_size
     from actors.engine import FusedEngine
     from actors.models import load_base_model
     from orchestrator.cli import UserError
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         path=args.data, format=args.format, max_seq_len=args.max_seq_len, train_on_inputs=args.train_on_inputs
     )
     try:
-        examples = load_examples(settings, tokenizer)
+        examples = load_examples(settings, tokenizer, vocab_size=model_vocab_size(model))
     except DataError as exc:
         raise UserError(str(exc)) from None
     engine = FusedEngine(model, tokenizer, base_model_id=args.base_model)
