@@ -57,7 +57,7 @@ def compare(sizes: list[int], seeds: list[int]) -> None:
         runs = {p.name: simulate(trace, cluster, p) for p in (fifo(), priority(), sjf(), aspen())}
         m = {k: summarise(r) for k, r in runs.items()}
         f, a = m["fifo"], m["aspen"]
-        ref = reference([(j.submit_s, j.solo_s) for j in runs["fifo"].jobs], runs["fifo"].num_workers)
+        ref = reference([(j.submit_s, j.run_s) for j in runs["fifo"].jobs], runs["fifo"].num_workers)
         bound, srpt = ref.floor_mean_jct_s / f.mean_jct_s, ref.srpt_mean_jct_s / f.mean_jct_s
         ratios = {p: a.per_priority[p].p99_jct_s / c.p99_jct_s for p, c in f.per_priority.items()}
         p99 = " ".join(f"p{p}:{r:.2f}" for p, r in ratios.items())

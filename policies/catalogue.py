@@ -30,16 +30,30 @@ ALIASES: Mapping[str, str] = {
 }
 
 
-def lookup(name: str, extra: Mapping[str, ModelShape] | None = None) -> ModelShape | None:
-    """The shape for ``name`` (``extra`` first, then the catalogue, then aliases); None if unknown."""
-    if extra and name in extra:
-        return extra[name]
+def canonical(name: str, extra: Mapping[str, ModelShape] | None = None) -> str | None:
+    """The one name of the model ``name`` means, or None if unknown: an ``extra`` entry (exactly,
+    else ignoring case), else the catalogue's lower-case name (a hub id through its alias), which
+    an ``extra`` entry of that name (any case) overrides. Two spellings of one model (``LLaMA-2-7B``,
+    ``meta-llama/Llama-2-7b-hf``, ``llama-2-7b``) give one name, so one loaded copy serves both."""
+    extra = extra or {}
+    if name in extra:
+        return name
+    folded = {k.lower(): k for k in extra}
     key = name.lower()
-    if key in CATALOGUE:
-        return CATALOGUE[key]
-    if key in ALIASES:
-        return CATALOGUE[ALIASES[key]]
-    return None
+    if key in folded:
+        return folded[key]
+    key = ALIASES.get(key, key)
+    if key not in CATALOGUE:
+        return None
+    return folded.get(key, key)
+
+
+def lookup(name: str, extra: Mapping[str, ModelShape] | None = None) -> ModelShape | None:
+    """The shape for ``name`` (see :func:`canonical`); None if unknown."""
+    key = canonical(name, extra)
+    if key is None:
+        return None
+    return extra[key] if extra and key in extra else CATALOGUE[key]
 
 
 def known_names(extra: Mapping[str, ModelShape] | None = None) -> list[str]:

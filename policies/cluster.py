@@ -21,12 +21,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from policies.catalogue import CATALOGUE, lookup
 from policies.costmodel import CostModel
 from policies.memory_model import GIB, MemoryModelError, ModelShape
-from policies.values import finite_number
+from policies.values import finite_number, read_yaml
 
 WORKER_KEYS = ("count", "gpu_memory_gib", "tflops", "device_kind")
 MODEL_KEYS = tuple(f.name for f in fields(ModelShape))
@@ -144,13 +142,7 @@ def parse_cluster(doc: Any, source: str = "<cluster>") -> ClusterSpec:
 
 def load_cluster(path: str | Path) -> ClusterSpec:
     """Read a cluster YAML file. Raises ClusterError (also for unreadable or malformed YAML)."""
-    try:
-        doc = yaml.safe_load(Path(path).read_text())
-    except OSError as err:
-        raise ClusterError(f"{path}: cannot read: {err.strerror or err}") from None
-    except yaml.YAMLError as err:
-        raise ClusterError(f"{path}: not valid YAML: {err}") from None
-    return parse_cluster(doc, str(path))
+    return parse_cluster(read_yaml(path, ClusterError), str(path))
 
 
 def default_cluster(count: int = 8, gpu_memory_gib: float = 80.0, tflops: float = 312.0) -> ClusterSpec:

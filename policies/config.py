@@ -23,13 +23,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from policies import builtin
 from policies.builtin import PRIORITY_FACTORS, WORKER_SCORES, AspenSettings, CommonSettings
 from policies.fairstart import check_clock_setting
 from policies.interface import Policy
-from policies.values import finite_number
+from policies.values import finite_number, read_yaml
 
 COMMON_FIELDS = ("margin", "preemption", "backfill", "queue_depth", "max_candidates")
 ASPEN_FIELDS = ("weights", "max_age_s", "size_half_s", "starvation_s", "guard_backlog", "guard_long",
@@ -199,16 +197,7 @@ def _parse(doc: Any) -> Policy:
 
 def load_policy_config(path: str | Path) -> Policy:
     """Read an admin YAML file and build its policy. Raises PolicyConfigError."""
-    try:
-        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as err:
-        raise PolicyConfigError(f"{path}: cannot read: {err.strerror or err}") from None
-    except UnicodeDecodeError as err:
-        raise PolicyConfigError(f"{path}: not valid UTF-8: {err.reason} at byte {err.start}") from None
-    except (yaml.YAMLError, ValueError, RecursionError) as err:
-        # ValueError: an integer past Python's 4300-digit limit; RecursionError: deep nesting.
-        raise PolicyConfigError(f"{path}: not valid YAML: {err or type(err).__name__}") from None
-    return parse_policy_config(doc, str(path))
+    return parse_policy_config(read_yaml(path, PolicyConfigError), str(path))
 
 
 def resolve_policy(spec: str) -> Policy:

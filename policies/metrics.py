@@ -7,7 +7,8 @@
 * utilisation = worker-seconds spent computing / (workers * makespan); loading, restarting and
   idle time count as not utilised.
 * finish-time fairness (Themis) rho = JCT / solo time, where solo time is the job alone on the
-  fastest worker including its model load: mean and max (1 is ideal; larger is worse).
+  fastest worker including its model load: mean and max (1 is running alone; larger is worse; a
+  job that finds its model already loaded can come in under 1, by its load time).
 * per priority: count, mean, p50 and p99 JCT of the jobs of that priority.
 """
 

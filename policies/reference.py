@@ -3,10 +3,12 @@
 A policy's mean JCT is compared with fifo's (issue 5 asks aspen for at most 0.70x), but how low
 any policy can go depends on the trace: on a light trace fifo hardly queues, and no policy beats
 the time jobs need running alone. Two references, both from a run's job records (submit time and
-solo time, which every policy's run of one trace shares):
+run time alone, ``JobRecord.run_s``, which every policy's run of one trace shares):
 
-* ``floor``: every job starts on arrival and runs alone (mean solo time). No policy beats it in
-  the simulator: fusing never makes a job faster than running alone, and waiting only adds.
+* ``floor``: every job starts on arrival and runs alone on a worker that already holds its model
+  (mean run time, no model load). No policy beats it in the simulator: fusing never makes a job
+  faster than running alone, and waiting and loading only add. (Before 2026-12-07 it counted each
+  job's model load too, and a trace of jobs sharing one loaded model could beat it.)
 * ``srpt``: preemptive shortest-remaining-processing-time on the cluster's workers at solo speed,
   with free, instant preemption, any job on any worker (no base-model switching), one job per
   worker. SRPT minimises mean completion time on one server; here it is an idealised target, not
@@ -96,9 +98,9 @@ def srpt_jcts(jobs: Sequence[tuple[float, float]], workers: int) -> list[float]:
 
 
 def reference(submit_and_solo: Sequence[tuple[float, float]], workers: int) -> Reference:
-    """The floor and SRPT mean JCTs of ``(submit_s, solo_s)`` jobs on ``workers`` workers."""
+    """The floor and SRPT mean JCTs of ``(submit_s, run_s)`` jobs on ``workers`` workers."""
     if not submit_and_solo:
         raise ValueError("reference of no jobs")
     n = len(submit_and_solo)
-    floor = sum(solo for _, solo in submit_and_solo) / n
+    floor = sum(run for _, run in submit_and_solo) / n
     return Reference(n, workers, floor, sum(srpt_jcts(submit_and_solo, workers)) / n)

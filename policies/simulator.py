@@ -35,8 +35,9 @@ import heapq
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from policies.catalogue import canonical, known_names
 from policies.cluster import ClusterSpec
 from policies.costmodel import Member
 from policies.fairstart import FifoClock, clock_settings
@@ -73,6 +74,7 @@ class JobRecord:
     first_start_s: float
     finish_s: float
     solo_s: float  # load + all iterations alone on the fastest worker
+    run_s: float = 0.0  # all iterations alone on the fastest worker, no load: no policy finishes the job sooner
 
     @property
     def jct_s(self) -> float:
@@ -128,8 +130,17 @@ class Simulator:
         self.by_wid = {w.wid: w for w in self.workers}
         fastest = max(w.tflops for w in self.workers)
         biggest = max(w.memory for w in self.workers)
+        # Times run from the first submission (Unix-epoch submit times keep their precision: at 1.7e9 s
+        # the spacing of floats is 2.4e-7 s) and are given back in the trace's own time in the records.
+        self.t0 = min((t.submit_time_s for t in trace), default=0.0)
         self.jobs: dict[str, _Job] = {}
         for t in trace:
+            name = canonical(t.base_model, cluster.models)
+            if name is None:
+                raise SimulationError(
+                    f"job {t.job_id}: base_model {t.base_model!r} is neither in the cluster's models nor in the "
+                    f"catalogue (known: {', '.join(known_names(cluster.models))}; hub ids of these are aliases)")
+            t = replace(t, submit_time_s=t.submit_time_s - self.t0, base_model=name)
             self.jobs[t.job_id] = self._make_job(t, seed, memory_noise, fastest, biggest)
         # books arrivals (each on a server with the memory for it alone) and gives each job its
         # FIFO-fair start deadline
@@ -148,9 +159,7 @@ class Simulator:
 
     def _make_job(self, t: TraceJob, seed: int, noise: float, fastest: float, biggest: int) -> _Job:
         model = self.cluster.model(t.base_model)
-        if model is None:
-            raise SimulationError(f"job {t.job_id}: base_model {t.base_model!r} is neither in the cluster's "
-                                  f"models nor in the catalogue")  # fmt: skip
+        assert model is not None  # canonical names only (__init__)
         shape = t.adapter_shape()
         j = _Job()
         j.t, j.model, j.worker = t, model, None
@@ -264,11 +273,17 @@ class Simulator:
     def _worker_event(self, w: _Worker) -> None:
         still = []
         for j in w.jobs:
-            if j.done >= self._target(j) - 1e-6:
-                if j.done >= j.total - 1e-6:
+            left = self._target(j) - j.done
+            # at its target: within 1e-6 iterations, or what is left is too short to move the clock
+            # at all (at Unix-epoch times the spacing of floats is 2.4e-7 s: it would never come)
+            if left <= 1e-6 or self.now + left * w.iter_s <= self.now:
+                if j.done >= j.total - 1e-6 or self._target(j) >= j.total:
+                    j.done = j.total
                     j.finish = self.now
-                    self.finished.append(JobRecord(j.t.job_id, j.t.owner, j.t.priority, j.t.submit_time_s,
-                                                   j.first_start, self.now, j.solo_s))  # fmt: skip
+                    t0 = self.t0  # back to the trace's own time
+                    self.finished.append(JobRecord(j.t.job_id, j.t.owner, j.t.priority, j.t.submit_time_s + t0,
+                                                   j.first_start + t0, self.now + t0, j.solo_s,
+                                                   j.total * j.iter_ref_s))  # fmt: skip
                 else:  # reached the checkpoint it was preempted at
                     j.done = self._target(j)
                     self._requeue(j)
@@ -350,6 +365,9 @@ class Simulator:
         # cycles at one instant: each must start, finish or stop something, so more than this
         # many means a policy that starts and preempts the same jobs without time passing
         instant_limit, instant_cycles, last_now = 10 * n + 100, 0, -1.0
+        # OOMs with no job finishing in between: each OOM corrects the predictions of the jobs in it,
+        # so a policy that heeds them stops; more than this means one that does not (it would loop)
+        oom_limit, ooms_at_finish, finished_before = 10 * n + 100, 0, 0
         while len(self.finished) < n:
             t_arr = self.arrivals[next_arrival].t.submit_time_s if next_arrival < n else math.inf
             while self.events and self.events[0][1] != self.by_wid[self.events[0][2]].version:
@@ -378,6 +396,10 @@ class Simulator:
                 decisions = self.policy.schedule(self.view())
                 if time_decisions:
                     timings.append(time.perf_counter() - start)
+                if not isinstance(decisions, (list, tuple)):
+                    raise SimulationError(
+                        f"{self.policy.name}: schedule() returned {type(decisions).__name__}; it must return a list "
+                        f"of Start and Preempt decisions (an empty list leaves everything as it is)")
                 if instant_cycles > instant_limit:
                     shown = ", ".join(map(repr, decisions[:4])) or "none"
                     raise SimulationError(
@@ -385,6 +407,13 @@ class Simulator:
                         f"passing: the policy keeps starting and preempting jobs that have not run (last decisions: "
                         f"{shown})")  # fmt: skip
                 self._apply(decisions)
+                if self.oom_count - ooms_at_finish > oom_limit:
+                    raise SimulationError(
+                        f"{self.policy.name}: {self.oom_count - ooms_at_finish} OOMs in a row with no job finishing "
+                        f"(t={self.now:.0f}s): the policy keeps starting groups that do not fit their worker "
+                        f"({len(self.finished)} of {n} jobs done)")
+            if len(self.finished) != finished_before:
+                finished_before, ooms_at_finish = len(self.finished), self.oom_count
         self.finished.sort(key=lambda r: r.job_id)
         return SimResult(self.policy.name, self.finished, len(self.workers), self.busy_s, self.oom_count,
                          self.preemptions, self.useful_tokens, self.padded_tokens, timings)  # fmt: skip

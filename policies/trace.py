@@ -97,7 +97,7 @@ def _check(job: TraceJob) -> str | None:
 
 def parse_trace(text: str, source: str = "<trace>") -> list[TraceJob]:
     """Parse CSV text. Raises TraceError ``source:line: column: problem`` at the first bad row."""
-    reader = csv.DictReader(io.StringIO(text))
+    reader = csv.DictReader(io.StringIO(text.removeprefix("\ufeff")))  # a BOM (Excel's UTF-8 CSV) is not data
     try:
         return _parse_rows(reader, source)
     except csv.Error as err:  # a field over csv.field_size_limit(), a stray carriage return, ...
@@ -106,13 +106,15 @@ def parse_trace(text: str, source: str = "<trace>") -> list[TraceJob]:
 
 def _parse_rows(reader: csv.DictReader, source: str) -> list[TraceJob]:
     header = tuple(h.strip() for h in (reader.fieldnames or ()))
+    reader.fieldnames = list(header)  # "job_id, submit_time_s, ...": the values go by the stripped names
     missing = [c for c in COLUMNS if c not in header]
     if missing:
         raise TraceError(f"{source}:1: header: missing column(s) {', '.join(missing)} (need {','.join(COLUMNS)})")
     jobs: list[TraceJob] = []
     seen: set[str] = set()
     types = {f.name: f.type for f in fields(TraceJob)}
-    for line, row in enumerate(reader, start=2):
+    for row in reader:
+        line = reader.line_num  # the file's line (blank lines are skipped, not counted away)
         values: dict[str, object] = {}
         for col in COLUMNS:
             raw = (row.get(col) or "").strip()
@@ -211,7 +213,6 @@ def synth_trace(
     drafts: list[TraceJob] = []
     for i in range(n):
         model_name = str(_pick(rng, MODELS))
-        model = CATALOGUE[model_name]
         mix = rng.random() < mixlora_share
         rank = int(_pick(rng, RANKS))
         experts = rng.choice((4, 8)) if mix else 0
@@ -221,7 +222,18 @@ def synth_trace(
         steps = int(min(20000, max(10, round(rng.lognormvariate(math.log(150), 1.4)))))
         job = TraceJob(f"j{i:05d}", 0.0, str(_pick(rng, OWNERS)), model_name, "mixlora" if mix else "lora", rank,
                        experts, batch, micro, seq, steps, int(_pick(rng, PRIORITIES)))  # fmt: skip
-        drafts.append(_fit_alone(job, model, capacity))
+        fitted = _fit_alone(job, capacity)
+        if fitted is None:  # too big even at micro-batch 1 and 128 tokens: another model of the mix that fits
+            fits = {m: w for m, w in MODELS.items() if _fit_alone(_replace(job, base_model=m), capacity)}
+            if not fits:
+                least = min(_solo_gib(_replace(job, micro_batch_size=1, seq_len=128, base_model=m)) for m in MODELS)
+                raise ValueError(f"gpu_memory_gib: {gpu_memory_gib:g} GiB: no model of the synthetic mix fits one GPU "
+                                 f"(a {job.adapter} job of rank {rank} needs {least:.1f} GiB or more with the 25% "
+                                 f"margin)")  # fmt: skip
+            name = str(_pick(rng, fits))
+            fitted = _fit_alone(_replace(job, base_model=name), capacity)
+        assert fitted is not None  # a model of `fits`
+        drafts.append(fitted)
     mean_work = sum(solo_work_s(j, CATALOGUE[j.base_model], cost, tflops) for j in drafts) / n
     rate = load * workers / mean_work  # jobs per second
     t = 0.0
@@ -236,17 +248,25 @@ def _replace(job: TraceJob, **changes: object) -> TraceJob:
     return TraceJob(**{**asdict(job), **changes})  # type: ignore[arg-type]
 
 
-def _fit_alone(job: TraceJob, model: ModelShape, capacity: float) -> TraceJob:
+def _solo_gib(job: TraceJob) -> float:
+    """GiB ``job`` needs alone on a GPU, with the 25% margin :func:`_fit_alone` keeps."""
+    model = CATALOGUE[job.base_model]
     shape = job.adapter_shape()
-    a_bytes, act = adapter_bytes(model, shape), analytic_activation(model, shape)
+    row = (adapter_bytes(model, shape), analytic_activation(model, shape), job.micro_batch_size, job.seq_len)
+    return fused_group_peak_bytes(static_bytes(model), [row], 0.25) / GIB
+
+
+def _fit_alone(job: TraceJob, capacity: float) -> TraceJob | None:
+    """``job`` with its micro-batch, then its sequence length, halved until it fits alone on a GPU of
+    ``capacity`` bytes with a 25% margin; None if it does not fit even at micro-batch 1 and 128 tokens."""
+    if lookup(job.base_model) is None:
+        raise ValueError(f"base_model: {job.base_model!r} is not in the catalogue")
 
     def peak(j: TraceJob) -> float:
-        return fused_group_peak_bytes(static_bytes(model), [(a_bytes, act, j.micro_batch_size, j.seq_len)], 0.25)
+        return _solo_gib(j) * GIB
 
     while peak(job) > capacity and job.micro_batch_size > 1:
         job = _replace(job, micro_batch_size=job.micro_batch_size // 2)
     while peak(job) > capacity and job.seq_len > 128:
         job = _replace(job, seq_len=job.seq_len // 2)
-    if lookup(job.base_model) is None:
-        raise ValueError(f"base_model: {job.base_model!r} is not in the catalogue")
-    return job
+    return job if peak(job) <= capacity else None

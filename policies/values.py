@@ -1,9 +1,40 @@
-"""The number check every policies parser shares (policy YAML, cluster YAML, the FIFO clock's settings)."""
+"""What every policies parser shares (policy YAML, cluster YAML, the FIFO clock's settings): the
+number check and the YAML reader."""
 
 from __future__ import annotations
 
 import math
 import numbers
+import re
+from pathlib import Path
+
+import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1.2e9`` and ``2e-4`` as numbers as YAML 1.2 does (YAML 1.1
+    wants a dot and a signed exponent, ``1.2e+9``, and gave a string an admin did not mean)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def read_yaml(path: str | Path, error: type[Exception]) -> object:
+    """The document of a YAML file; ``error(message)`` naming the file for anything unreadable:
+    a missing file, bytes that are not UTF-8, bad YAML, an integer past Python's 4,300 digits, or
+    nesting too deep to parse."""
+    try:
+        return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_Loader)  # _Loader is a SafeLoader
+    except OSError as err:
+        raise error(f"{path}: cannot read: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise error(f"{path}: not valid UTF-8: {err.reason} at byte {err.start}") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as err:
+        raise error(f"{path}: not valid YAML: {err or type(err).__name__}") from None
 
 
 def finite_number(value: object) -> float | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from orchestrator.cli import UserError
 
@@ -38,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--policy: name at least one policy")
     if not 0 <= args.memory_noise < 1:
         raise UserError(f"--memory-noise: must be in [0, 1) (got {args.memory_noise})")
+    plot = _plot_path(args.plot) if args.plot else None  # checked before minutes of simulation
     try:
         trace = read_trace(args.trace)
         cluster = load_cluster(args.cluster)
@@ -56,17 +58,17 @@ def run(args: argparse.Namespace) -> int:
             r.policy = f"{r.policy} ({spec})"
     metrics = [summarise(r) for r in results]
     # Every run of one trace shares its jobs' submit and solo times: the references are the trace's.
-    ref = reference([(j.submit_s, j.solo_s) for j in results[0].jobs], results[0].num_workers)
+    ref = reference([(j.submit_s, j.run_s) for j in results[0].jobs], results[0].num_workers)
     if args.json:
         for m in metrics:
             print(json.dumps({**m.as_dict(), "floor_mean_jct_s": ref.floor_mean_jct_s,
                               "srpt_mean_jct_s": ref.srpt_mean_jct_s}))  # fmt: skip
     else:
         _print_tables(metrics, len(trace), cluster.packing, ref)
-    if args.plot:
-        _plot(results, args.plot)
+    if plot:
+        _plot(results, plot)
         if not args.json:
-            print(f"JCT CDF written to {args.plot}", file=sys.stderr)
+            print(f"JCT CDF written to {plot}", file=sys.stderr)
     return 0
 
 
@@ -104,10 +106,12 @@ def _print_tables(metrics: list, jobs: int, packing: bool = False, ref: object =
     console.print(per)
     if ref is not None:
         vs = base.mean_jct_s
+        workers = f"{ref.workers} worker{'s' if ref.workers != 1 else ''}"
         console.print(f"What the trace allows (references, not policies; docs/policies.md): every job alone on "
-                      f"arrival {ref.floor_mean_jct_s / h:.2f} h = {ref.floor_mean_jct_s / vs:.2f}x {base.policy}, no "
-                      f"policy beats it; ideal preemptive SRPT on {ref.workers} workers (solo speed, free "
-                      f"preemption, no fusion) {ref.srpt_mean_jct_s / h:.2f} h = {ref.srpt_mean_jct_s / vs:.2f}x.",
+                      f"arrival, its model loaded, {ref.floor_mean_jct_s / h:.2f} h = {ref.floor_mean_jct_s / vs:.2f}x "
+                      f"{base.policy}, no policy beats it; ideal preemptive SRPT on {workers} (solo speed, free "
+                      f"preemption, no fusion, no loads) {ref.srpt_mean_jct_s / h:.2f} h = "
+                      f"{ref.srpt_mean_jct_s / vs:.2f}x.",
                       highlight=False, soft_wrap=True)  # fmt: skip
         per_worker = jobs / ref.workers
         if per_worker < LIGHT_JOBS_PER_WORKER:
@@ -116,6 +120,19 @@ def _print_tables(metrics: list, jobs: int, packing: bool = False, ref: object =
                           f"from trace to trace (none gets below {ref.floor_mean_jct_s / vs:.2f}x here); compare policies on traces of "
                           f"20-40 or more jobs per worker (docs/policies.md, 'What makes a trace light').",
                           highlight=False, soft_wrap=True)  # fmt: skip
+
+
+PLOT_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
+def _plot_path(path: str) -> str:
+    """``--plot``'s file: a known image suffix, or ``.png`` added where there is none."""
+    suffix = Path(path).suffix.lower()
+    if not suffix:
+        return path + ".png"
+    if suffix not in PLOT_FORMATS:
+        raise UserError(f"--plot: {path}: cannot draw a {suffix} file; use one of {', '.join(PLOT_FORMATS)}")
+    return path
 
 
 def _plot(results: list, path: str) -> None:

@@ -42,9 +42,12 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{flag}: must be a finite number > 0 (got {value})")
     if not 0 <= args.mixlora_share <= 1:
         raise UserError(f"--mixlora-share: must be in [0, 1] (got {args.mixlora_share})")
-    jobs = synth_trace(args.jobs, args.seed, load=args.load, workers=args.workers,
-                       gpu_memory_gib=args.gpu_memory_gib, tflops=args.tflops,
-                       mixlora_share=args.mixlora_share)  # fmt: skip
+    try:
+        jobs = synth_trace(args.jobs, args.seed, load=args.load, workers=args.workers,
+                           gpu_memory_gib=args.gpu_memory_gib, tflops=args.tflops,
+                           mixlora_share=args.mixlora_share)  # fmt: skip
+    except ValueError as err:  # a GPU too small for every model of the mix
+        raise UserError(str(err).replace("gpu_memory_gib:", "--gpu-memory-gib:", 1)) from None
     try:
         write_trace(jobs, args.output)
     except OSError as err:

@@ -10,7 +10,7 @@ against overfitting, also used to choose ``FifoClock``'s tail quantile). Not eve
 marked ``xfail(strict=True)`` with the measured figure, so the record stays honest both ways (an
 improvement turns the mark into a failure, to be removed). docs/policies.md, "Status", has the
 table. The mean target cannot be met by any policy when fifo's mean is within 1/0.7 of the mean
-solo time (fusing never makes a job faster than running alone): ``test_mean_bound`` checks that
+run time alone (fusing never makes a job faster than running alone): ``test_mean_bound`` checks that
 bound for the cases it rules out.
 """
 
@@ -56,7 +56,7 @@ def _run(n: int, seed: int) -> tuple[Metrics, Metrics, float]:
     cluster = load_cluster("examples/cluster.yaml")
     trace = read_trace("examples/trace.csv") if n == 0 else synth_trace(n, seed)
     f = simulate(trace, cluster, fifo())
-    solo = sum(j.solo_s for j in f.jobs) / len(f.jobs)
+    solo = sum(j.run_s for j in f.jobs) / len(f.jobs)
     return summarise(f), summarise(simulate(trace, cluster, aspen())), solo
 
 
@@ -103,13 +103,14 @@ def test_every_class_p99_within_110_of_fifo(n, seed):
 
 @pytest.mark.slow
 def test_mean_bound():
-    # no policy beats the mean solo time; where it exceeds 0.70x fifo's mean, the target is out of reach
+    # no policy beats the mean run time alone (no load); where it exceeds 0.70x fifo's mean, the target is
+    # out of reach
     f, a, solo = _run(100, 3)
     assert solo > 0.70 * f.mean_jct_s
-    assert a.mean_jct_s >= 0.999 * solo - 60  # a model already loaded can save its load time (seconds)
+    assert a.mean_jct_s >= solo and f.mean_jct_s >= solo
     # the reference simulate prints is the same floor, and ideal SRPT sits between it and fifo here
     cluster = load_cluster("examples/cluster.yaml")
     jobs = simulate(synth_trace(100, 3), cluster, fifo()).jobs
-    ref = reference([(j.submit_s, j.solo_s) for j in jobs], len(cluster.worker_list()))
+    ref = reference([(j.submit_s, j.run_s) for j in jobs], len(cluster.worker_list()))
     assert ref.floor_mean_jct_s == pytest.approx(solo)
     assert solo < ref.srpt_mean_jct_s < f.mean_jct_s

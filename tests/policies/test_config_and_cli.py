@@ -202,3 +202,71 @@ def test_cli_table_and_user_errors(tmp_path, capsys):
         assert main(["trace", "synth", *args, "-o", str(tmp_path / "x.csv")]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x.csv").exists()
+
+
+HEADER = ",".join(("job_id", "submit_time_s", "owner", "base_model", "adapter", "rank", "num_experts", "batch_size",
+                   "micro_batch_size", "seq_len", "steps", "priority"))  # fmt: skip
+
+
+def test_trace_csv_as_spreadsheets_write_it(tmp_path):
+    from policies.trace import read_trace
+
+    row = "a,0,o,llama-2-7b,lora,8,0,8,4,512,10,0"
+    want = parse_trace(f"{HEADER}\n{row}\n")
+    bom = tmp_path / "bom.csv"  # Excel's "CSV UTF-8" starts with a byte order mark
+    bom.write_bytes(b"\xef\xbb\xbf" + f"{HEADER}\r\n{row}\r\n".encode())
+    assert read_trace(bom) == want
+    spaced = HEADER.replace(",", ", ")  # "job_id, submit_time_s, ...": the values go by the stripped names
+    assert parse_trace(f"{spaced}\n{row.replace(',', ', ')}\n") == want
+    # blank lines do not shift the line an error names
+    with pytest.raises(TraceError, match=r"t\.csv:5: steps: must be in \[1, 1000000000\] \(got -100\)"):
+        parse_trace(f"{HEADER}\n\n{row}\n\nb,0,o,llama-2-7b,lora,8,0,8,4,512,-100,0\n", "t.csv")
+
+
+def test_unreadable_cluster_files_are_errors_by_name(tmp_path):
+    from policies.cluster import load_cluster
+
+    for name, data, message in (
+        ("bigint.yaml", b"workers: [{count: " + b"9" * 5001 + b", gpu_memory_gib: 80, tflops: 1}]\n",
+         "not valid YAML: Exceeds the limit"),
+        ("latin1.yaml", "workers: [] # caf\xe9\n".encode("latin-1"), "not valid UTF-8"),
+        ("deep.yaml", b"workers: " + b"[" * 5000 + b"]" * 5000 + b"\n", "not valid YAML"),
+    ):  # fmt: skip
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(ClusterError, match=f"{name}: {message}"):
+            load_cluster(path)
+    # 1.2e9 is a number (YAML 1.1 wanted 1.2e+9 and gave PyYAML's users a string)
+    sci = tmp_path / "sci.yaml"
+    sci.write_text("workers: [{count: 1, gpu_memory_gib: 8e1, tflops: 3.12e2}]\n"
+                   "models: {m: {num_parameters: 1.2e9, hidden_size: 2048, num_hidden_layers: 24, "
+                   "num_attention_heads: 16, intermediate_size: 5632, vocab_size: 32000}}\n")  # fmt: skip
+    spec = load_cluster(sci)
+    assert spec.model("m").num_parameters == 1_200_000_000 and spec.workers[0].tflops == 312
+
+
+def test_synth_fits_every_job_on_small_gpus():
+    from policies.trace import _solo_gib
+
+    for gib in (24, 40):
+        jobs = synth_trace(400, 0, workers=4, gpu_memory_gib=gib)
+        assert max(_solo_gib(j) for j in jobs) <= gib  # 24 GiB: the 13B jobs used to stay at 37.6 GiB
+        assert {j.base_model for j in jobs} >= {"smollm2-135m", "llama-2-7b"}
+    assert max(_solo_gib(j) for j in synth_trace(400, 0)) <= 80
+    with pytest.raises(ValueError, match=r"gpu_memory_gib: 1 GiB: no model of the synthetic mix fits one GPU"):
+        synth_trace(10, 0, gpu_memory_gib=1)
+
+
+def test_cli_plot_file_names(tmp_path, capsys):
+    trace, cluster = synth_files(tmp_path, 6, 3)
+    capsys.readouterr()
+    args = ["simulate", "--trace", str(trace), "--cluster", str(cluster), "--policy", "fifo"]
+    assert main([*args, "--plot", str(tmp_path / "jct.xyz")]) == 2
+    err = capsys.readouterr()
+    assert "--plot: " in err.err and "cannot draw a .xyz file; use one of .png, .pdf, .svg" in err.err
+    assert err.out == ""  # refused before simulating
+    assert main([*args, "--plot", str(tmp_path / "jct")]) == 0
+    assert f"JCT CDF written to {tmp_path / 'jct.png'}" in capsys.readouterr().err
+    assert (tmp_path / "jct.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main([*args, "--plot", str(tmp_path / "jct.svg")]) == 0
+    assert (tmp_path / "jct.svg").read_text().lstrip().startswith("<?xml")

@@ -284,3 +284,64 @@ def test_reused_job_views_equal_fresh_ones(policy):
     result = Checked(synth_trace(150, 5), load_cluster("examples/cluster.yaml"), policy, memory_noise=0.3).run()
     assert len(result.jobs) == 150 and Checked.cycles > 100
     assert Checked.reused > Checked.cycles  # the memo is used: queued jobs keep their views between cycles
+
+
+def test_unix_epoch_submit_times_give_the_same_run():
+    """A trace stamped in Unix time (1.7e9 s) replays as the same trace from 0: the simulator used to
+    hang there (the last 5e-6 iterations of a job took less time than the spacing of floats)."""
+    from dataclasses import replace
+
+    trace = synth_trace(60, 3)
+    shifted = [replace(t, submit_time_s=t.submit_time_s + 1.7e9) for t in trace]
+    for policy in (fifo, aspen):
+        want = {j.job_id: j for j in simulate(trace, default_cluster(), policy()).jobs}
+        got = simulate(shifted, default_cluster(), policy()).jobs
+        assert len(got) == len(want)
+        for j in got:
+            assert j.submit_s == want[j.job_id].submit_s + 1.7e9
+            assert j.jct_s == pytest.approx(want[j.job_id].jct_s, rel=1e-6, abs=1e-3)
+    one = simulate([tj(submit=1e12, steps=1, batch=1, mbs=1, seq=16)], default_cluster(), fifo()).jobs[0]
+    alone = simulate([tj(submit=0.0, steps=1, batch=1, mbs=1, seq=16)], default_cluster(), fifo()).jobs[0]
+    assert one.jct_s == pytest.approx(alone.jct_s, abs=1e-3)
+
+
+def test_spellings_of_one_model_share_its_loaded_copy():
+    """A hub id, another case and the catalogue name are one model: fused on one worker, one load."""
+    from policies.cluster import parse_cluster
+
+    cluster = parse_cluster({"workers": [{"count": 1, "gpu_memory_gib": 80, "tflops": 312}]})
+    same = [tj("a", model="llama-2-7b"), tj("b", model="llama-2-7b")]
+    mixed = [tj("a", model="meta-llama/Llama-2-7b-hf"), tj("b", model="LLaMA-2-7B")]
+    want, got = simulate(same, cluster, fifo()), simulate(mixed, cluster, fifo())
+    assert [j.finish_s for j in got.jobs] == [j.finish_s for j in want.jobs]
+    assert got.jobs[0].first_start_s == got.jobs[1].first_start_s == 0.0  # fused, not one after the other
+    # an override in the cluster file applies to every spelling of its model
+    small = {"num_parameters": 1e9, "hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 16,
+             "intermediate_size": 5632, "vocab_size": 32000}  # fmt: skip
+    override = parse_cluster({"workers": [{"count": 1, "gpu_memory_gib": 80, "tflops": 312}],
+                              "models": {"Llama-2-7B": small}})  # fmt: skip
+    for name in ("llama-2-7b", "meta-llama/llama-2-7b-hf", "LLAMA-2-7B"):
+        assert override.model(name) is override.models["Llama-2-7B"]
+    fast = simulate([tj("a", model="meta-llama/Llama-2-7b-hf")], override, fifo()).jobs[0]
+    assert fast.jct_s < 0.5 * want.jobs[0].jct_s
+
+
+def test_a_policy_that_returns_no_list_or_keeps_ooming_is_an_error():
+    class _None(_Bad):
+        name = "none"
+
+        def schedule(self, view):
+            return None
+
+    class _AllOnOne(_Bad):  # every queued job onto the first worker, whatever its memory
+        name = "all-on-one"
+
+        def schedule(self, view):
+            w = view.workers[0]
+            return [Start(j.job_id, w.worker_id) for j in view.queued] if w.accepting else []
+
+    with pytest.raises(SimulationError, match=r"none: schedule\(\) returned NoneType; it must return a list"):
+        simulate([tj()], default_cluster(), _None())
+    big = [tj(f"j{i}", model="llama-2-7b", batch=8, mbs=4, seq=2048) for i in range(6)]  # each fits alone, not all
+    with pytest.raises(SimulationError, match=r"all-on-one: \d+ OOMs in a row with no job finishing .*0 of 6 jobs done"):
+        simulate(big, default_cluster(count=1), _AllOnOne())
