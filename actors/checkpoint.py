@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -97,11 +98,24 @@ def read_adapter(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
     config_path = directory / ADAPTER_CONFIG
     if not config_path.is_file():
         raise FileNotFoundError(f"{directory}: no {ADAPTER_CONFIG}")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{config_path}: not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
     if (directory / ADAPTER_WEIGHTS).is_file():
-        state = load_file(str(directory / ADAPTER_WEIGHTS))
+        path = directory / ADAPTER_WEIGHTS
+        try:
+            state = load_file(str(path))
+        except Exception as exc:  # safetensors raises its own SafetensorError for a damaged file
+            raise ValueError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
     elif (directory / ADAPTER_WEIGHTS_BIN).is_file():
-        state = torch.load(directory / ADAPTER_WEIGHTS_BIN, map_location="cpu", weights_only=True)
+        path = directory / ADAPTER_WEIGHTS_BIN
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError) as exc:
+            raise ValueError(f"{path}: not a readable PyTorch weights file ({type(exc).__name__}: {exc})") from None
     else:
         raise FileNotFoundError(f"{directory}: no {ADAPTER_WEIGHTS} or {ADAPTER_WEIGHTS_BIN}")
     return state, config

@@ -52,13 +52,22 @@ class Example:
         return sum(1 for t in self.labels[1:] if t != IGNORE_INDEX)
 
 
-def load_records(path: str) -> list[dict[str, Any]]:
-    """Read every record of a json/jsonl/csv/parquet file.
+def load_records(path: str, field: str = "data.path") -> list[dict[str, Any]]:
+    """Read every record of a json/jsonl/csv/parquet file; errors name the spec's ``field``.
 
     JSON Lines and a JSON list of objects are read directly (no ``datasets`` import, which is slow
     and not needed for them); anything else goes through ``datasets``. Either way every record
     has every column (missing ones None), as ``datasets`` gives them.
     """
+    try:
+        return _load_records(path)
+    except DataError as exc:
+        if field == "data.path" or not str(exc).startswith("data.path"):
+            raise
+        raise DataError(field + str(exc).removeprefix("data.path")) from exc
+
+
+def _load_records(path: str) -> list[dict[str, Any]]:
     file = Path(path)
     if not file.is_file():
         raise DataError(f"data.path: file not found: {path}")

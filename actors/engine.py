@@ -151,6 +151,10 @@ class FusedEngine:
             raise ValueError(
                 f"adapter.type: {config.adapter.kind!r} is not available; allowed: {', '.join(sorted(ADAPTER_KINDS))}"
             )
+        if config.eval is not None and config.eval.data is not None:
+            from actors.data import load_records
+
+            load_records(config.eval.data, "eval.data")  # refused now, not after the whole training
         if examples is None:
             held_out = []
             if config.eval is not None and config.eval.data is None:

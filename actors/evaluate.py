@@ -188,7 +188,7 @@ def _eval_records(config) -> tuple[list[dict], str]:
     train_records = load_records(config.data.path)
     fmt = config.data.format if config.data.format != "auto" else detect_format(train_records[0])
     if ev.data is not None:
-        records = load_records(ev.data)
+        records = load_records(ev.data, "eval.data")
     else:
         picked = held_out_indices(len(train_records), ev.held_out_fraction, config.train.seed)
         records = [train_records[i] for i in picked]

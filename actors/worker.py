@@ -418,6 +418,10 @@ class TrainingWorker:
         except (ValueError, OSError, RuntimeError) as exc:  # DataError, TargetError, AdapterLoadError, I/O
             self._emit(job_id, "failed", message=str(exc))
             return
+        except Exception as exc:  # anything else (a library's own error type): this job fails, the worker goes on
+            log.error("%s: %s could not join\n%s", self.worker_id, job_id, traceback.format_exc())
+            self._emit(job_id, "failed", message=f"cannot start: {type(exc).__name__}: {exc}")
+            return
         info = _JobInfo(job_id, config, remote_output, time.time(), step=job.step, total_steps=job.total_steps)
         info.checkpoint_step = job.step or None
         fit, source = None, "none"

@@ -34,14 +34,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
 
 
-def finished_before(spec: JobSpec) -> dict | None:
-    """The ``job.json`` of a job whose final adapter is already written, else None."""
+def _summary(spec: JobSpec) -> dict | None:
+    """The ``job.json`` in the job's output directory (None: none, or not readable)."""
     summary = Path(spec.output_dir()) / "job.json"
-    if not summary.is_file():
+    try:
+        data = json.loads(summary.read_text())
+    except (OSError, ValueError):
         return None
-    data = json.loads(summary.read_text())
+    return data if isinstance(data, dict) else None
+
+
+def finished_before(spec: JobSpec) -> dict | None:
+    """The ``job.json`` of this job (by name) whose final adapter is already written, else None."""
+    data = _summary(spec)
+    if data is None or data.get("name") != spec.name:
+        return None
     done = data.get("state") == "succeeded" and (Path(spec.output_dir()) / "adapter_config.json").is_file()
     return data if done else None
+
+
+def other_job_in(spec: JobSpec) -> str | None:
+    """The name of another job whose files are in this job's output directory (its ``job.json``)."""
+    data = _summary(spec)
+    name = None if data is None else data.get("name")
+    return str(name) if name is not None and name != spec.name else None
+
+
+def move_earlier_run(spec: JobSpec) -> Path | None:
+    """``--no-resume``: move what an earlier run left in the output directory (checkpoints, metrics,
+    adapter, job.json) to a sibling ``OUTPUT.previous-YYYYmmdd-HHMMSS`` so the new run neither resumes
+    from it nor mixes its metrics with it, and nothing is deleted. Returns where it went, or None."""
+    import time
+
+    out = Path(spec.output_dir())
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target = out.with_name(f"{out.name}.previous-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = out.with_name(f"{out.name}.previous-{stamp}-{n}")
+    out.rename(target)
+    return target
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     results: list[JobProgress] = []
     groups: dict[str, list[JobSpec]] = defaultdict(list)
     seen: dict[str, str] = {}
+    outputs: dict[str, str] = {}  # resolved output directory -> the job that has it
     for path in args.specs:
         try:
             spec = load_spec(path)
@@ -62,7 +98,14 @@ def run(args: argparse.Namespace) -> int:
             console.print(f"[red]spec error[/] {path}: {msg}", highlight=False)
             results.append(JobProgress(spec.name, 0, state="failed", message=msg))
             continue
-        seen[spec.name] = path
+        output = str(Path(spec.output_dir()).resolve())
+        if output in outputs:
+            msg = (f"output: {spec.output_dir()} is also the output of {outputs[output]}; two jobs would overwrite "
+                   f"each other's adapter, checkpoints and metrics")  # fmt: skip
+            console.print(f"[red]spec error[/] {path}: {msg}", highlight=False)
+            results.append(JobProgress(spec.name, 0, state="failed", message=msg))
+            continue
+        seen[spec.name], outputs[output] = path, f"{spec.name} ({path})"
         groups[spec.base_model].append(spec)
 
     with ProgressView(console, live=False if args.plain else None) as view:
@@ -113,6 +156,17 @@ def train_group(
     results: dict[str, JobProgress] = {}
     pending = []
     for spec in specs:
+        other = other_job_in(spec) if not args.no_resume else None
+        if other is not None:
+            msg = (f"output: {spec.output_dir()} holds job {other!r} (its job.json); choose another output, or "
+                   f"--no-resume to move those files aside and start this job there")  # fmt: skip
+            results[spec.name] = JobProgress(spec.name, 0, state="failed", message=msg)
+            console.print(f"[red]{spec.name} failed[/]: {msg}", highlight=False)
+            continue
+        if args.no_resume:
+            moved = move_earlier_run(spec)
+            if moved is not None:
+                console.print(f"{spec.name}: --no-resume: moved the earlier run's files to {moved}", highlight=False)
         done = finished_before(spec) if not args.no_resume else None
         if done is not None:
             results[spec.name] = JobProgress(
@@ -129,7 +183,8 @@ def train_group(
     console.print(f"loading base model {base_model} on {device} ({str(dtype).removeprefix('torch.')})")
     try:
         model, tokenizer = load_base_model(base_model, device=device, dtype=dtype)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except Exception as exc:  # a corrupt weights file raises the safetensors library's own error type
+        exc = exc if isinstance(exc, (OSError, ValueError, RuntimeError)) else f"{type(exc).__name__}: {exc}"
         for spec in pending:
             results[spec.name] = JobProgress(spec.name, 0, state="failed", message=f"base_model: {exc}")
         return list(results.values())
@@ -138,7 +193,8 @@ def train_group(
     for spec in pending:
         try:
             job = engine.add_job(spec.to_job_config(), resume=not args.no_resume)
-        except (ValueError, OSError) as exc:
+        except Exception as exc:  # this job fails alone (a corrupt init_from raises safetensors' own error)
+            exc = exc if isinstance(exc, (OSError, ValueError)) else f"{type(exc).__name__}: {exc}"
             results[spec.name] = JobProgress(spec.name, 0, state="failed", message=str(exc))
             console.print(f"[red]{spec.name} failed[/]: {exc}", highlight=False)
             continue

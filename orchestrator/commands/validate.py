@@ -26,6 +26,8 @@ def run(args: argparse.Namespace) -> int:
         problems = []
         if not Path(spec.data.path).is_file():
             problems.append(f"{path}: data.path: file not found: {spec.data.path}")
+        if spec.eval is not None and spec.eval.data is not None and not Path(spec.eval.data).is_file():
+            problems.append(f"{path}: eval.data: file not found: {spec.eval.data}")
         if spec.adapter.init_from and not Path(spec.adapter.init_from, "adapter_config.json").is_file():
             problems.append(f"{path}: adapter.init_from: no adapter_config.json in {spec.adapter.init_from}")
         if problems:

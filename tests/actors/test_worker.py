@@ -106,6 +106,38 @@ def test_missing_data_fails_alone(worker, tmp_path):
     assert "nope.jsonl" in ev["bad"]["message"]
 
 
+def test_a_job_that_cannot_join_fails_alone_whatever_it_raises(worker, tmp_path, monkeypatch):
+    """A damaged init_from adapter, and any error type a library raises while a job joins: that job
+    fails, the worker's training thread lives on (it used to die silently, leaving the job and every
+    job placed after it PROFILING while the worker still answered 'ready')."""
+    import dataclasses
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}')
+    (broken / "adapter_model.safetensors").write_bytes(b"\x00" * 7)
+    bad = job_config(tmp_path, "bad")
+    bad = dataclasses.replace(bad, adapter=dataclasses.replace(bad.adapter, init_from=str(broken)))
+    worker.assign("bad", bad)
+    worker.assign("good", job_config(tmp_path, "good"))
+    ev = wait_events(worker, {"bad": "failed", "good": "finished"})
+    assert "adapter_model.safetensors: not a readable safetensors file" in ev["bad"]["message"]
+
+    class LibraryError(Exception):  # not a ValueError / OSError / RuntimeError
+        pass
+
+    def raises(*args, **kwargs):
+        raise LibraryError("its own error type")
+
+    monkeypatch.setattr(worker.engine, "add_job", raises)
+    worker.assign("odd", job_config(tmp_path, "odd"))
+    ev = wait_events(worker, {"odd": "failed"})
+    assert ev["odd"]["message"] == "cannot start: LibraryError: its own error type"
+    monkeypatch.undo()
+    worker.assign("after", job_config(tmp_path, "after"))
+    wait_events(worker, {"after": "finished"})
+
+
 def test_eval_section_runs_after_training_and_reports(worker, tmp_path, tiny_model_dir):
     """A finished job with ``eval:`` is scored before it leaves the engine: the event carries base vs
     adapter loss, ``eval.json`` lands next to the adapter, and the numbers equal a fresh evaluation of

@@ -123,3 +123,52 @@ def test_engine_options_reach_the_engine_and_train_the_same_adapter(tmp_path, ti
     for flags, got in adapters.items():
         for key in want:
             torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=f"{flags} {key}")
+
+
+def test_no_resume_moves_the_earlier_run_aside(tmp_path, tiny_model_dir, capsys):
+    """``--no-resume`` used to leave the earlier run's checkpoints (higher step numbers: the new run's
+    were pruned at once, and a later plain run resumed the old one) and to append to its metrics."""
+    data = write_jsonl(tmp_path / "rev.jsonl", alpaca_records(16, seed=2))
+    old = write_spec(tmp_path, "r", tiny_model_dir, data, max_steps=6, checkpoint_every=1)
+    assert main(["train", str(old), "--plain"]) == 0
+    out = tmp_path / "out" / "r"
+    (out / "job.json").unlink()  # as if interrupted after step 6's checkpoint
+    new = write_spec(tmp_path, "r", tiny_model_dir, data, max_steps=2, checkpoint_every=1, learning_rate=5e-3)
+    capsys.readouterr()
+    assert main(["train", str(new), "--plain", "--no-resume"]) == 0
+    err = capsys.readouterr().err
+    moved = [p for p in (tmp_path / "out").iterdir() if p.name.startswith("r.previous-")]
+    assert len(moved) == 1 and f"moved the earlier run's files to {moved[0]}" in err
+    assert sorted(p.name for p in (moved[0] / "checkpoints").iterdir())[-1] == "step-000005"  # kept, not deleted
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001"]  # the new run's own
+    assert json.loads((out / "job.json").read_text())["step"] == 2
+
+
+def test_two_jobs_with_one_output_and_a_corrupt_adapter_fail_alone(tmp_path, tiny_model_dir, capsys):
+    data = write_jsonl(tmp_path / "rev.jsonl", alpaca_records(8, seed=4))
+    a = write_spec(tmp_path, "a", tiny_model_dir, data)
+    clash = yaml.safe_load(write_spec(tmp_path, "clash", tiny_model_dir, data).read_text())
+    clash["output"] = str(tmp_path / "out" / "a")
+    (tmp_path / "clash.yaml").write_text(yaml.safe_dump(clash))
+    broken = tmp_path / "broken-adapter"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                            "target_modules": ["q_proj", "v_proj"]}))  # fmt: skip
+    (broken / "adapter_model.safetensors").write_bytes(b"\x00" * 7)  # a damaged file
+    init = yaml.safe_load(write_spec(tmp_path, "init", tiny_model_dir, data).read_text())
+    init["adapter"]["init_from"] = str(broken)
+    (tmp_path / "init.yaml").write_text(yaml.safe_dump(init))
+    ev = write_spec(tmp_path, "ev", tiny_model_dir, data, eval_section={"data": str(tmp_path / "no-eval.jsonl")})
+    capsys.readouterr()
+    code = main(["train", str(a), str(tmp_path / "clash.yaml"), str(tmp_path / "init.yaml"), str(ev), "--plain"])
+    err = " ".join(capsys.readouterr().err.split())  # the console wraps long lines
+    assert code == 1
+    assert f"output: {tmp_path / 'out' / 'a'} is also the output of a ({a})" in err
+    assert "adapter_model.safetensors: not a readable safetensors file (SafetensorError" in err
+    assert f"eval.data: file not found: {tmp_path / 'no-eval.jsonl'}" in err  # before training, not after
+    assert json.loads((tmp_path / "out" / "a" / "job.json").read_text())["name"] == "a"
+    assert not (tmp_path / "out" / "ev").exists()
+    # the validate command finds the missing eval file too
+    assert main(["validate", str(ev)]) == 1
+    assert "eval.data: file not found" in capsys.readouterr().out
