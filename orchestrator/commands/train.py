@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="[auto: cuda if present]")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="base model dtype [auto: bfloat16 on cuda, float32 on cpu]; adapters stay fp32")
-    parser.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints and start over")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="start over: move the earlier run's files to OUTPUT.previous-<time> (nothing is deleted)")
     parser.add_argument("--plain", action="store_true", help="log lines instead of live progress bars")
     add_engine_arguments(parser)
 
