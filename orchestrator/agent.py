@@ -8,11 +8,13 @@ the answer back (``orchestrator.remote`` parses it). Registering many specs is O
 
 Actions:
 
-* ``register [--owner O] SPEC...``: validate the specs (files in the job's working directory),
-  copy each job's local data into the caller's uploads area (``<storage>/uploads/<owner>/``; a
-  path under an admin-allowed prefix is kept as is), queue the jobs; result: ``[{id, name}, ...]``.
+* ``register [--owner O] SPEC...``: validate the specs (files in the job's working directory;
+  relative data paths are read relative to that directory, the current one, as ``submit`` and
+  ``validate`` read them), copy each job's local data into the caller's uploads area
+  (``<storage>/uploads/<owner>/``; a path under an admin-allowed prefix is kept as is), queue the
+  jobs all or none (``Controller.submit_many``); result: ``[{id, name}, ...]``.
 * ``call METHOD JSON_KWARGS``: a read-or-cancel controller call (``status``, ``list_jobs``,
-  ``logs``, ``cancel``, ``counts``, ``whoami``).
+  ``logs``, ``logs_since``, ``job_metrics``, ``cancel``, ``counts``, ``whoami``).
 * ``fetch [--owner O] JOB``: the finished adapter's small files, base64-encoded.
 
 The caller's API key (``orchestrator.auth``) travels as the file ``KEY_FILE`` in the job's
@@ -32,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 RESULT_PREFIX = "LORAFLEET-RESULT "
-ALLOWED_CALLS = {"status", "list_jobs", "logs", "cancel", "counts", "ping", "whoami"}
-KEYED_CALLS = {"status", "list_jobs", "logs", "cancel", "whoami"}  # these take the caller's api_key
+ALLOWED_CALLS = {"status", "list_jobs", "logs", "logs_since", "job_metrics", "cancel", "counts", "ping", "whoami"}
+KEYED_CALLS = {"status", "list_jobs", "logs", "logs_since", "job_metrics", "cancel", "whoami"}  # take the api_key
 KEY_FILE = "lorafleet-key"
 FETCH_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "job.json", "eval.json")
 MAX_FETCH_BYTES = 512 << 20
@@ -91,10 +93,14 @@ def stage_data(spec_doc: dict, spec_dir: Path, uploads: str, *, allowed_prefixes
     return doc
 
 
-def register(owner: str | None, specs: list[str], api_key: str | None = None) -> list[dict]:
-    """Validate every spec first (nothing is queued if one is invalid), then stage data and submit.
+def register(owner: str | None, specs: list[str], api_key: str | None = None,
+             base_dir: str | Path | None = None) -> list[dict]:
+    """Validate every spec first, then stage data and queue them all (nothing is queued if one is
+    invalid, if two share a name, or if the controller refuses one: ``Controller.submit_many``).
 
     ``owner``: the declared owner (single-user mode; with API keys the key decides it).
+    ``base_dir``: where relative data paths are read (default: the current directory, as README
+    says and ``submit``/``validate`` do; not the spec file's folder).
     """
     from orchestrator.client import call
     from orchestrator.spec import SpecError, load_spec
@@ -107,19 +113,27 @@ def register(owner: str | None, specs: list[str], api_key: str | None = None) ->
             errors.extend(err.errors)
     if errors:
         raise ValueError("invalid job spec:\n" + "\n".join(errors))
+    first: dict[tuple[str | None, str], int] = {}
+    for i, (_path, spec) in enumerate(parsed):
+        key = (owner or spec.owner, spec.name)  # a declared owner (or the key's) is that of every spec
+        if key in first:
+            raise ValueError(f"name: jobs {first[key] + 1} and {i + 1} of this submission are both named "
+                             f"{spec.name!r}; job names must differ. Nothing was queued")  # fmt: skip
+        first[key] = i
     me = call("whoami", api_key=api_key, owner=owner)  # refuses a missing/unknown key before any copy
     info = call("ping")
     uploads = call("uploads_root", me["name"])
-    out = []
-    for path, spec in parsed:
+    root = Path(base_dir if base_dir is not None else Path.cwd()).resolve()
+    docs = []
+    for _path, spec in parsed:
         doc = spec.model_dump(mode="json", exclude_none=True)
-        doc = stage_data(doc, Path(path).resolve().parent, uploads,
+        doc = stage_data(doc, root, uploads,
                          allowed_prefixes=[p for p in info.get("allowed_prefixes", []) if "://" not in p],
                          limit=info.get("max_upload_bytes"))  # fmt: skip
         doc.pop("output", None)  # the controller places outputs under the storage root
-        record = call("submit", doc, owner, api_key=api_key)
-        out.append({"id": record["id"], "name": record["name"], "state": record["state"]})
-    return out
+        docs.append(doc)
+    records = call("submit_many", docs, owner, api_key=api_key, timeout=60.0 + 0.5 * len(docs))
+    return [{"id": r["id"], "name": r["name"], "state": r["state"]} for r in records]
 
 
 def fetch(owner: str | None, job: str, api_key: str | None = None) -> dict:

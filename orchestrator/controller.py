@@ -20,8 +20,9 @@ Every transition is committed to the store before it is acted on or acknowledged
 from the store: RUNNING, PROFILING and PREEMPTED jobs are queued again and resume from their
 newest checkpoint (the workers of the previous incarnation were its children and died with it).
 
-Client-facing methods (``submit``, ``status``, ``list_jobs``, ``cancel``, ``logs``,
-``set_policy``, ``get_policy``, ``workers``, ``shutdown``, ``add_user``, ...) return plain dicts and
+Client-facing methods (``submit``, ``submit_many``, ``status``, ``list_jobs``, ``cancel``, ``logs``,
+``logs_since``, ``job_metrics``, ``set_policy``, ``get_policy``, ``workers``, ``shutdown``,
+``add_user``, ...) return plain dicts and
 raise ``ValueError``/``LookupError`` with a clear message, or ``orchestrator.auth.AccessError``.
 
 Identity (``orchestrator.auth``): each call carries the caller's ``api_key``; once users are
@@ -89,6 +90,9 @@ PUBLIC_FIELDS = ("id", "name", "owner", "state", "priority", "submit_time", "sta
 # Spec fields that name files the worker reads: confined to the owner's uploads or an admin prefix.
 PATH_FIELDS = (("data", "path"), ("eval", "data"), ("adapter", "init_from"))
 UPLOADS_DIR = "uploads"
+LOG_LINES_KEPT = 200  # progress lines the controller keeps per job (a sliding window; see logs_since)
+METRIC_SAMPLES_KEPT = 512  # step/loss samples kept per job for job_metrics (thinned by half when full)
+MAX_METRIC_RECORDS = 5000  # most records job_metrics returns (evenly thinned, the last one kept)
 
 
 class SpecRejected(ValueError):
@@ -319,6 +323,14 @@ class _Worker:
     assigned: set[str] = field(default_factory=set)
 
 
+@dataclass
+class _Samples:
+    """A job's polled training curve (``Controller._sample``)."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    stride: int = 1
+
+
 class Controller:
     """The control plane (see the module doc). Normally constructed by Ray as a detached actor.
 
@@ -383,7 +395,13 @@ class Controller:
         self._clock_settings: dict[str, Any] = {}
         self._fifo_clock = FifoClock(1)  # FIFO-fair start deadlines: booked at submission, moved per pass
         self._spec_cache: dict[str, JobSpec] = {}  # parsed specs of live jobs (see _view)
-        self._logs: dict[str, deque[str]] = defaultdict(lambda: deque(maxlen=200))
+        # Per job: the last LOG_LINES_KEPT progress lines, each with its sequence number (0, 1, ...
+        # over the job's lines since this controller started), so a follower can ask for the lines
+        # after the last one it printed although the window slides (logs_since).
+        self._logs: dict[str, deque[tuple[int, str]]] = defaultdict(lambda: deque(maxlen=LOG_LINES_KEPT))
+        self._log_lock = threading.Lock()  # guards _logs and _samples (the loop and client threads append)
+        self._log_epoch = uuid.uuid4().hex[:12]  # names this incarnation's sequence numbers
+        self._samples: dict[str, _Samples] = {}  # job id -> polled step/loss samples (job_metrics)
         self._preempting: set[str] = set()
         self._run_starts: dict[str, float] = {}  # job id -> when its current run was placed (see build_view)
         self._gpu_total = 0
@@ -518,6 +536,59 @@ class Controller:
         name. Raises ``AccessError`` for a missing or unknown key.
         """
         ident = self.identify(api_key, owner)
+        parsed, doc, job_owner = self._admit(spec, ident, owner)
+        return self._public(self._create(parsed, doc, job_owner))
+
+    def submit_many(self, specs: list[Mapping[str, Any]], owner: str | None = None,
+                    api_key: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
+        """Admit every spec of ``specs`` first, then queue them all; returns their records in order.
+
+        Nothing is queued if one is refused (as ``submit`` refuses it), if two of them give one
+        owner the same name, or if a name is already that of the owner's live job. Should a job
+        still fail to be queued after the checks (a job of that name submitted meanwhile), the
+        ``ValueError`` names the jobs of the batch queued before it.
+        """
+        ident = self.identify(api_key, owner)
+        if not isinstance(specs, list | tuple) or not specs:
+            raise ValueError("specs: a non-empty list of job specs is needed")
+        admitted = []
+        for i, spec in enumerate(specs):
+            try:
+                admitted.append(self._admit(spec, ident, owner))
+            except SpecRejected:
+                raise
+            except ValueError as err:  # PathError and friends: say which job of the batch
+                if len(specs) == 1:
+                    raise
+                name = spec.get("name") if isinstance(spec, Mapping) else None
+                raise type(err)(f"job {i + 1} of {len(specs)} ({name!r}): {err}; nothing was queued") from None
+        seen: dict[tuple[str, str], int] = {}
+        for i, (parsed, _doc, job_owner) in enumerate(admitted):
+            key = (job_owner, parsed.name)
+            if key in seen:
+                raise ValueError(f"name: jobs {seen[key] + 1} and {i + 1} of this submission are both named "
+                                 f"{parsed.name!r} (owner {job_owner!r}); job names must differ. "
+                                 "Nothing was queued")  # fmt: skip
+            seen[key] = i
+        for job_owner in sorted({o for o, _ in seen}):
+            for rec in self.store.list(states=LIVE, owner=job_owner):
+                if (job_owner, rec.name) in seen:
+                    raise ValueError(f"owner {job_owner!r} already has job {rec.id} named {rec.name!r} in state "
+                                     f"{rec.state.value}; cancel it or wait for it to finish, or choose another "
+                                     "name. Nothing was queued")  # fmt: skip
+        out: list[dict[str, Any]] = []
+        for parsed, doc, job_owner in admitted:
+            try:
+                out.append(self._public(self._create(parsed, doc, job_owner)))
+            except ValueError as err:
+                if not out:
+                    raise
+                queued = ", ".join(f"{r['id']} ({r['name']})" for r in out)
+                raise ValueError(f"{err}\nqueued before this error: {queued}") from None
+        return out
+
+    def _admit(self, spec: Mapping[str, Any], ident: Identity, owner: str | None) -> tuple[JobSpec, dict[str, Any], str]:
+        """``submit``'s admission of one spec: (parsed spec, stored document, owner), or the refusal."""
         if not isinstance(spec, Mapping):
             raise ValueError(f"spec: a job spec must be a mapping of fields (got {type(spec).__name__})")
         try:
@@ -537,6 +608,10 @@ class Controller:
         check_job_name(owner, field="owner")
         doc = self._admit_paths(parsed.model_dump(mode="json"), owner)
         doc["owner"], doc["output"] = owner, None  # outputs always go under <storage>/jobs/<job id>
+        return parsed, doc, owner
+
+    def _create(self, parsed: JobSpec, doc: dict[str, Any], owner: str) -> JobRecord:
+        """Store an admitted job as QUEUED (``ValueError`` for a duplicate live name) and stamp it."""
         try:
             rec = self.store.create_job(spec=doc, name=parsed.name, owner=owner, priority=parsed.priority,
                                         total_steps=parsed.train.max_steps)  # fmt: skip
@@ -544,7 +619,7 @@ class Controller:
             raise ValueError(str(err)) from None
         self._stamp_fair_start(rec)
         self._log(rec.id, f"submitted by {owner}")
-        return self._public(rec)
+        return rec
 
     def uploads_root(self, owner: str) -> str:
         """Where the agent stages ``owner``'s uploaded data: ``<storage>/uploads/<owner>``."""
@@ -655,8 +730,14 @@ class Controller:
         return {s.value: n for s, n in self.store.counts().items()}
 
     def cancel(self, job: str, owner: str | None = None, api_key: str | None = None) -> dict[str, Any]:
-        """Cancel a live job (durably, then tell its worker). Raises ``LookupError``/``ValueError``/``AccessError``."""
+        """Cancel a live job (durably, then tell its worker). Raises ``LookupError``/``ValueError``/``AccessError``.
+
+        The event names the caller: the key's user, or in single-user mode the declared ``owner``
+        (as ``submit`` records it).
+        """
         ident = self.identify(api_key)
+        if not ident.authenticated and owner is not None:
+            ident = self.identify(api_key, owner)
         with self._lock:
             rec = self._find(job, ident, "cancel", owner)
             if rec.state.is_terminal():
@@ -670,17 +751,95 @@ class Controller:
             return self._public(rec)
 
     def logs(self, job: str, lines: int = 50, owner: str | None = None, api_key: str | None = None) -> list[str]:
-        """Recent progress lines of a job (from memory, else the tail of its local metrics.jsonl).
+        """The last ``lines`` progress lines of a job (from memory, else the tail of its local
+        metrics.jsonl); none for ``lines`` <= 0.
 
         Raises ``LookupError``, or ``AccessError`` for another owner's job (unless admin).
         """
         rec = self._find(job, self.identify(api_key), "read the logs of", owner)
-        kept = list(self._logs.get(rec.id, ()))
-        if not kept and rec.output and not rec.output.startswith(("s3:", "gs:")) and "://" not in rec.output:
-            path = Path(rec.output) / "metrics.jsonl"
-            if path.is_file():
-                kept = path.read_text().splitlines()
-        return kept[-lines:]
+        kept, _source = self._log_lines(rec)
+        return [line for _, line in kept[-lines:]] if lines > 0 else []
+
+    def logs_since(self, job: str, since: int | None = None, epoch: str | None = None, lines: int = 50,
+                   owner: str | None = None, api_key: str | None = None) -> dict[str, Any]:  # fmt: skip
+        """A page of a job's progress lines for a follower (``lorafleet logs -f``).
+
+        The controller keeps the last ``LOG_LINES_KEPT`` lines of a job, numbered in order.
+        ``since`` None: the last ``lines`` of them (none for ``lines`` <= 0). Else every kept line
+        numbered ``since`` or later: pass back the ``next`` and ``epoch`` of the previous page to get
+        each line exactly once, in order. ``missed`` counts lines the window dropped before they
+        were asked for. A different ``epoch`` (the controller restarted, or the lines now come from
+        another source) restarts the numbering: the page then has every kept line.
+
+        Returns ``{"id", "lines", "next", "epoch", "missed", "state"}`` (``state``: the job's, read first).
+        Raises ``LookupError``, or ``AccessError`` for another owner's job (unless admin).
+        """
+        rec = self._find(job, self.identify(api_key), "read the logs of", owner)
+        kept, source = self._log_lines(rec)
+        current = f"{self._log_epoch}:{source}"
+        total = kept[-1][0] + 1 if kept else 0
+        if since is None:
+            page = kept[-lines:] if lines > 0 else []
+            missed = 0
+        else:
+            start = int(since) if epoch == current else 0
+            page = [(n, line) for n, line in kept if n >= start]
+            first = page[0][0] if page else total
+            missed = max(0, first - start)
+        return {"id": rec.id, "lines": [line for _, line in page], "next": total, "epoch": current,
+                "missed": missed, "state": rec.state.value}
+
+    def _log_lines(self, rec: JobRecord) -> tuple[list[tuple[int, str]], str]:
+        """(numbered lines, source): the kept progress lines, else those of the local metrics.jsonl."""
+        with self._log_lock:
+            kept = list(self._logs.get(rec.id, ()))
+        if kept:
+            return kept, "memory"
+        path = self._local_metrics(rec)
+        if path is not None:
+            try:
+                return list(enumerate(path.read_text().splitlines())), "file"
+            except OSError:
+                pass
+        return [], "memory"
+
+    @staticmethod
+    def _local_metrics(rec: JobRecord) -> Path | None:
+        """The job's metrics.jsonl if its output is a local path this process can read, else None."""
+        if not rec.output or rec.output.startswith(("s3:", "gs:")) or "://" in rec.output:
+            return None
+        path = Path(rec.output) / "metrics.jsonl"
+        return path if path.is_file() else None
+
+    def job_metrics(self, job: str, owner: str | None = None, api_key: str | None = None) -> list[dict[str, Any]]:
+        """A job's training curve: the records of its metrics.jsonl where the controller can read it
+        (a local output), else the step/loss/tokens-per-second samples it polled from the worker.
+
+        Oldest first, at most ``MAX_METRIC_RECORDS`` (thinned evenly, the last kept). Works while
+        the job runs (``lorafleet plot`` of a live job). Raises ``LookupError`` or ``AccessError``.
+        """
+        rec = self._find(job, self.identify(api_key), "read the metrics of", owner)
+        records: list[dict[str, Any]] = []
+        path = self._local_metrics(rec)
+        if path is not None:
+            try:
+                for line in path.read_text().splitlines():
+                    try:
+                        item = json.loads(line)
+                    except ValueError:
+                        continue  # a line being written
+                    if isinstance(item, dict):
+                        records.append(_json_safe(item))
+            except OSError:
+                records = []
+        if not records:
+            with self._log_lock:
+                samples = self._samples.get(rec.id)
+                records = [dict(r) for r in samples.records] if samples else []
+        if len(records) > MAX_METRIC_RECORDS:
+            stride = math.ceil(len(records) / MAX_METRIC_RECORDS)
+            records = records[-1::-stride][::-1]
+        return records
 
     def set_policy(self, doc: Mapping[str, Any], api_key: str | None = None) -> dict[str, Any]:
         """Swap the policy at run time (admin-only; jobs keep running); raises ``ValueError`` for a bad config."""
@@ -835,9 +994,8 @@ class Controller:
                     log.warning("progress of %s not stored: %s", job_id, exc)
                 line = (f"step {p['step']}/{p.get('total_steps')} loss {p.get('loss') or 0:.4f} "
                         f"tok/s {p.get('tokens_per_s') or 0:.0f} on {w.worker_id}")  # fmt: skip
-                logs = self._logs[job_id]
-                if not logs or logs[-1] != line:
-                    logs.append(line)
+                self._append_log(job_id, line, dedupe=True)
+                self._sample(job_id, p)
                 if self._metrics.enabled:
                     tags = {"job": job_id}
                     if p.get("tokens_per_s") is not None:
@@ -1089,7 +1247,42 @@ class Controller:
     # ------------------------------------------------------------------ helpers
 
     def _log(self, job_id: str, line: str) -> None:
-        self._logs[job_id].append(f"{time.strftime('%H:%M:%S')} {line}")
+        self._append_log(job_id, f"{time.strftime('%H:%M:%S')} {line}")
+
+    def _append_log(self, job_id: str, line: str, *, dedupe: bool = False) -> None:
+        """Keep ``line`` as the job's next numbered progress line (``dedupe``: not if it repeats the last)."""
+        with self._log_lock:
+            kept = self._logs[job_id]
+            if dedupe and kept and kept[-1][1] == line:
+                return
+            kept.append((kept[-1][0] + 1 if kept else 0, line))
+
+    def _sample(self, job_id: str, p: Mapping[str, Any]) -> None:
+        """Keep a polled step of a job for ``job_metrics``: at most ``METRIC_SAMPLES_KEPT`` points, at
+        least ``stride`` steps apart (the stride doubles, dropping every other point, when full), and
+        the newest step as the last point."""
+        step = p.get("step")
+        if not isinstance(step, int) or isinstance(step, bool):
+            return
+        point = {"step": step, "total_steps": p.get("total_steps"), "loss": _finite(p.get("loss")),
+                 "tokens_per_s": _finite(p.get("tokens_per_s")), "time": time.time()}  # fmt: skip
+        with self._log_lock:
+            samples = self._samples.setdefault(job_id, _Samples())
+            recs = samples.records
+            if recs and recs[-1]["step"] >= step:
+                if recs[-1]["step"] == step:
+                    return
+                recs[:] = [r for r in recs if r["step"] < step]  # resumed from an earlier checkpoint
+            if len(recs) >= 2 and recs[-1]["step"] - recs[-2]["step"] < samples.stride:
+                recs[-1] = point  # the newest point moves on until it is a stride past the one before
+            else:
+                recs.append(point)
+            if len(recs) > METRIC_SAMPLES_KEPT:
+                last = recs[-1]
+                recs[:] = recs[::2]
+                if recs[-1] is not last:
+                    recs.append(last)
+                samples.stride *= 2
 
     def _public(self, rec: JobRecord) -> dict[str, Any]:
         return rec.to_dict()

@@ -47,8 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--json", action="store_true")
     elif command == "logs":
         parser.add_argument("job")
-        parser.add_argument("-f", "--follow", action="store_true")
-        parser.add_argument("-n", "--lines", type=int, default=50)
+        parser.add_argument("-f", "--follow", action="store_true",
+                            help="then print each new line once, in order, until the job ends")
+        parser.add_argument("-n", "--lines", type=_count, default=50,
+                            help="print the last N lines first (default 50; 0: none, with -f only the new "
+                                 "ones; the controller keeps the last 200)")
     elif command in ("cancel", "wait"):
         parser.add_argument("job")
     elif command == "fetch":
@@ -57,6 +60,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     elif command == "plot":
         parser.add_argument("jobs", nargs="+", metavar="JOB")
         parser.add_argument("-o", "--output", default="loss.png")
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of lines (got {text!r})") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (got {value})")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -175,17 +188,30 @@ def do_status(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-def do_logs(client: Client, args: argparse.Namespace) -> int:
-    seen: list[str] = []
+def do_logs(client: Client, args: argparse.Namespace, poll_s: float = 3.0) -> int:
+    """The last ``-n`` lines; with ``-f`` then every new line exactly once, in order, until the job ends.
+
+    The controller keeps a sliding window of numbered lines (``Controller.logs_since``): each page
+    asks for the lines after the last one printed, so a window that slid between two polls repeats
+    nothing; lines it dropped before they could be fetched are counted on stderr.
+    """
+    job, since, epoch = args.job, None, None
+    ended = False
     while True:
-        lines = client.logs(args.job, lines=args.lines)
-        new = lines[len(seen) :] if lines[: len(seen)] == seen else lines
-        for line in new:
+        page = client._call("logs_since", job=job, since=since, epoch=epoch, lines=args.lines,
+                            owner=client.owner)  # fmt: skip
+        job = page["id"]  # a name resolves once: a later job of that name is not this one
+        if page["missed"]:
+            print(f"[{page['missed']} lines no longer kept by the controller]", file=sys.stderr, flush=True)
+        for line in page["lines"]:
             print(line, flush=True)
-        seen = lines
-        if not args.follow or client.status(args.job)["state"] in TERMINAL:
+        since, epoch = page["next"], page["epoch"]
+        if not args.follow or ended:
             return 0
-        time.sleep(3)
+        # The state is read before the lines: one more page after the end gets the last lines.
+        ended = page["state"] in TERMINAL
+        if not ended:
+            time.sleep(poll_s)
 
 
 def do_cancel(client: Client, args: argparse.Namespace) -> int:
@@ -207,6 +233,8 @@ def do_fetch(client: Client, args: argparse.Namespace) -> int:
 
 
 def do_plot(client: Client, args: argparse.Namespace) -> int:
+    """Loss curves: a finished job's metrics.jsonl (fetched), a live or ended one's records as the
+    controller has them (``Controller.job_metrics``: its metrics.jsonl, or the steps it polled)."""
     from orchestrator.plot import plot_losses, read_metrics
 
     curves = {}
@@ -216,8 +244,10 @@ def do_plot(client: Client, args: argparse.Namespace) -> int:
             if record["state"] == "SUCCEEDED":
                 curves[record["name"]] = read_metrics(client.fetch(job, f"{tmp}/{record['id']}"))
             else:
-                lines = [json.loads(x) for x in client.logs(job, lines=100000) if x.startswith("{")]
-                curves[record["name"]] = lines
+                curves[record["name"]] = client._call("job_metrics", job=record["id"], owner=client.owner)
+            if not any(r.get("loss") is not None for r in curves[record["name"]]):
+                print(f"{record['name']} ({record['id']}, {record['state']}): no loss recorded yet",
+                      file=sys.stderr)  # fmt: skip
     out = plot_losses(curves, args.output)
     print(f"wrote {out}", file=sys.stderr)
     return 0

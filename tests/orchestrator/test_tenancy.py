@@ -50,6 +50,8 @@ def test_single_user_mode_trusts_the_declared_owner(ctl: Controller):
     assert job["owner"] == "carol" and ctl.whoami()["mode"] == "single-user"
     assert ctl.status(job["id"])["owner"] == "carol"  # any caller may look: one user
     assert ctl.cancel("a", owner="carol")["state"] == "CANCELLED"
+    assert ctl.status(job["id"])["events"][-1]["reason"] == "cancelled by carol"  # not "default"
+    assert ctl.logs(job["id"], lines=1)[0].endswith(" cancelled by carol")
     with pytest.raises(PathError, match="owner: must match"):
         ctl.submit(spec("b"), "../x")
 
@@ -347,8 +349,6 @@ class _Payload:
 
 
 def test_pickled_adapter_code_never_runs(tmp_path: Path):
-    import pickle
-
     import torch
 
     from actors.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS_BIN, read_adapter
@@ -358,8 +358,9 @@ def test_pickled_adapter_code_never_runs(tmp_path: Path):
     adapter.mkdir()
     (adapter / ADAPTER_CONFIG).write_text('{"peft_type": "LORA", "r": 4}')
     torch.save({"w": torch.zeros(2), "x": _Payload(marker)}, adapter / ADAPTER_WEIGHTS_BIN)
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-        read_adapter(adapter)
+    with pytest.raises(ValueError, match=r"adapter_model\.bin: not a readable PyTorch weights file "
+                                         r"\(UnpicklingError: Weights only load failed"):
+        read_adapter(adapter)  # refused as the job's error (it fails alone), the payload never runs
     assert not marker.exists()
     torch.save({"w": torch.ones(2)}, adapter / ADAPTER_WEIGHTS_BIN)  # plain tensors still load
     state, _ = read_adapter(adapter)
