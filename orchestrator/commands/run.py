@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     def cancel_on_stop(signum: int, _frame: object) -> None:
         try:
-            call("cancel", job_id, api_key=api_key)
+            call("cancel", job_id, owner=owner, api_key=api_key)
             print(f"lorafleet job {job_id} cancelled (Ray job stopped)", flush=True)
         except (LookupError, ValueError) as err:
             print(f"could not cancel {job_id}: {err}", file=sys.stderr, flush=True)
