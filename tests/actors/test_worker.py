@@ -141,7 +141,8 @@ def test_a_job_that_cannot_join_fails_alone_whatever_it_raises(worker, tmp_path,
 def test_eval_section_runs_after_training_and_reports(worker, tmp_path, tiny_model_dir):
     """A finished job with ``eval:`` is scored before it leaves the engine: the event carries base vs
     adapter loss, ``eval.json`` lands next to the adapter, and the numbers equal a fresh evaluation of
-    the exported adapter. A job whose eval data is missing still finishes, with the error reported."""
+    the exported adapter. A job whose eval data is missing fails when it joins, naming eval.data (it
+    used to train to the end first), and the other job trains on."""
     from actors.data import load_examples
     from actors.engine import FusedEngine
     from actors.models import load_base_model
@@ -151,10 +152,11 @@ def test_eval_section_runs_after_training_and_reports(worker, tmp_path, tiny_mod
     bad = replace(job_config(tmp_path, "bad", seed=4), eval=EvalSettings(data=str(tmp_path / "gone.jsonl")))
     worker.assign("good", replace(good, base_model=worker.base_model))
     worker.assign("bad", replace(bad, base_model=worker.base_model))
-    done = wait_events(worker, {"good": "finished", "bad": "finished"})
+    done = wait_events(worker, {"good": "finished", "bad": "failed"})
     got = done["good"]["eval"]
     assert got["examples"] == 6 and set(got["metrics"]["loss"]) == {"base", "adapter", "tokens"}
-    assert "gone.jsonl" in done["bad"]["eval"]["error"] and Path(bad.output, "adapter_config.json").is_file()
+    assert done["bad"]["message"] == f"eval.data: file not found: {tmp_path / 'gone.jsonl'}"
+    assert not Path(bad.output, "adapter_config.json").exists()
     stored = json.loads(Path(good.output, "eval.json").read_text())
     assert stored["metrics"] == got["metrics"]
 

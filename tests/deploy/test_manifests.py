@@ -318,3 +318,15 @@ def test_dockerfile_installs_the_project_as_non_root_without_secrets():
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text()
     for src in (s for sources in copied for s in sources.split()):
         assert f"!{src}" in ignore or f"!{src}/**" in ignore, f"{src} is excluded from the build context"
+
+
+def test_the_installed_package_has_every_subpackage():
+    """The image and ``ray up`` install the project without -e: a package left out of pyproject's
+    list is missing there (``orchestrator.commands`` was: every ``lorafleet`` subcommand failed with
+    ModuleNotFoundError in the container while ``lorafleet --help`` still worked)."""
+    import tomllib
+
+    listed = set(tomllib.loads(Path("pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {str(p.parent).replace("/", ".") for top in ("actors", "policies", "orchestrator")
+             for p in Path(top).rglob("__init__.py")}  # fmt: skip
+    assert found == listed, f"pyproject.toml [tool.setuptools] packages: missing {sorted(found - listed)}"
