@@ -215,6 +215,23 @@ def _token_ids(values: Any, field: str) -> list[int]:
     return out
 
 
+def _chat_ids(out: Any) -> list[int]:
+    """Token ids from ``apply_chat_template(tokenize=True)``: a list, or (transformers 5) a
+    ``BatchEncoding``, a mapping that is not a ``dict``, whose ``list()`` would be its key names."""
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def prompt_ids(record: dict[str, Any], fmt: str, tokenizer: Any) -> list[int]:
+    """The tokens a record's prompt is as training tokenises it (what generation continues from):
+    the chat template with its generation prompt, else the text prompt with the tokenizer's special
+    tokens, or BOS alone for an empty prompt (``{text}`` records)."""
+    if fmt == "chat" and getattr(tokenizer, "chat_template", None):
+        messages = record["messages"][:-1]
+        return _chat_ids(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True))
+    prompt, _ = build_prompt(record, fmt, tokenizer)
+    return list(tokenizer(prompt, add_special_tokens=True)["input_ids"]) if prompt else _bos(tokenizer)
+
+
 def _bos(tokenizer: Any) -> list[int]:
     return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
 
@@ -226,8 +243,7 @@ def _tokenize_chat(messages: list[dict[str, str]], tokenizer: Any, settings: Dat
     ids: list[int] = []
     labels: list[int] = []
     for i, msg in enumerate(messages):
-        full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=True, add_generation_prompt=False)
-        full = list(full["input_ids"] if isinstance(full, dict) else full)
+        full = _chat_ids(tokenizer.apply_chat_template(messages[: i + 1], tokenize=True, add_generation_prompt=False))
         new = full[len(ids) :]
         trained = msg.get("role") == "assistant" or settings.train_on_inputs
         ids.extend(new)

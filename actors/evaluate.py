@@ -205,7 +205,7 @@ def evaluate_job(engine, name: str | None, config, between: Callable[[], None] |
     ``between`` is called between batches (the worker runs a training step of its other jobs
     there, so an evaluation does not stall them); it must leave the adapter ``name`` attached.
     """
-    from actors.data import DataError, build_prompt, tokenize_record
+    from actors.data import DataError, build_prompt, check_examples, prompt_ids, tokenize_record
 
     ev = config.eval
     records, fmt = _eval_records(config)
@@ -215,6 +215,7 @@ def evaluate_job(engine, name: str | None, config, between: Callable[[], None] |
     if "loss" in ev.metrics:
         usable = [r for r in records if "choices" not in r]
         examples = [tokenize_record(r, fmt, tok, config.data) for r in usable]
+        check_examples(examples, engine.vocab_size, "eval.data")  # an id out of range would fail in torch
         if examples:
             (base, _), (adapter, count) = engine.evaluate(names, examples, micro_batch_size=ev.batch_size,
                                                           between=between)  # fmt: skip
@@ -224,7 +225,7 @@ def evaluate_job(engine, name: str | None, config, between: Callable[[], None] |
         if fmt == "tokens":
             raise DataError("eval.metrics: exact_match needs text records (data.format is tokens)")
         pairs = [build_prompt(r, fmt, tok) for r in records]
-        prompts = [tok(p, add_special_tokens=True)["input_ids"] for p, _ in pairs]
+        prompts = [prompt_ids(r, fmt, tok) for r in records]  # as training tokenises them (one BOS, chat template)
         outs = generate_greedy(engine, names, prompts, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
                                between=between)  # fmt: skip
         scores = {}

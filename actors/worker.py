@@ -570,9 +570,10 @@ class TrainingWorker:
         try:
             result = evaluate_job(self.engine, info.job_id, info.config, between=between)
             atomic_write_json(Path(info.config.output) / "eval.json", result)
-        except (ValueError, OSError, RuntimeError) as exc:
+        except Exception as exc:  # an evaluation never fails the trained job, whatever it raises
             log.warning("%s: evaluation of %s failed: %s", self.worker_id, info.job_id, exc)
-            return {"error": f"evaluation failed: {exc}", "trained_steps_meanwhile": steps}
+            message = exc if isinstance(exc, (ValueError, OSError, RuntimeError)) else f"{type(exc).__name__}: {exc}"
+            return {"error": f"evaluation failed: {message}", "trained_steps_meanwhile": steps}
         return {"examples": result["examples"], "metrics": result["metrics"],
                 "seconds": round(time.perf_counter() - start, 3), "trained_steps_meanwhile": steps}  # fmt: skip
 

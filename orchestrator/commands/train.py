@@ -219,7 +219,8 @@ def train_group(
             view.update(name, state="evaluating")
             try:
                 view.jobs[name].eval = run_eval(engine, job)
-            except (ValueError, OSError) as exc:
+            except Exception as exc:  # an evaluation never fails the trained job nor the jobs beside it
+                exc = exc if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
                 view.jobs[name].message = f"eval failed: {exc}"
                 console.print(f"[red]{name}: evaluation failed[/]: {exc}", highlight=False)
             view.update(name, state="succeeded")

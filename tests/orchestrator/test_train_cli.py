@@ -172,3 +172,23 @@ def test_two_jobs_with_one_output_and_a_corrupt_adapter_fail_alone(tmp_path, tin
     # the validate command finds the missing eval file too
     assert main(["validate", str(ev)]) == 1
     assert "eval.data: file not found" in capsys.readouterr().out
+
+
+def test_a_failed_evaluation_leaves_the_job_and_its_neighbours_trained(tmp_path, tiny_model_dir, capsys):
+    """An evaluation error of any type is the job's eval error: before, an IndexError (a token id out
+    of the vocabulary in eval.data) ended ``lorafleet train`` with a traceback, no summary and the
+    other jobs' evaluations lost."""
+    from tests.conftest import token_records
+
+    data = write_jsonl(tmp_path / "rev.jsonl", alpaca_records(12, seed=1))
+    a = write_spec(tmp_path, "a", tiny_model_dir, data, eval_section={"held_out_fraction": 0.25})
+    tokens = yaml.safe_load(write_spec(tmp_path, "tok", tiny_model_dir, data).read_text())
+    tokens["data"] = {"path": str(write_jsonl(tmp_path / "tok.jsonl", token_records(8, 1, 4, 8))), "format": "tokens"}
+    tokens["eval"] = {"data": str(write_jsonl(tmp_path / "bad-eval.jsonl", [{"input_ids": [5, 500, 7]}]))}
+    (tmp_path / "tok.yaml").write_text(yaml.safe_dump(tokens))
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "tok.yaml"), str(a), "--plain"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "tok: evaluation failed: eval.data: record 0: input_ids has a token id 500 outside" in err
+    assert json.loads((tmp_path / "out" / "tok" / "job.json").read_text())["state"] == "succeeded"
+    assert json.loads((tmp_path / "out" / "a" / "eval.json").read_text())["examples"] == 3

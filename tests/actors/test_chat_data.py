@@ -1,0 +1,94 @@
+"""Chat records with a tokenizer that has a chat template, and the prompts evaluation generates from.
+
+In transformers 5 ``apply_chat_template(tokenize=True)`` returns a ``BatchEncoding``, a mapping that
+is not a ``dict``: the records were read as the key names (``['input_ids', 'attention_mask']``), so
+every chat job failed, SmolLM2's included. Evaluation tokenised a chat prompt's rendered text again
+with the tokenizer's specials (two BOS where the template writes one) and an empty ``{text}``
+prompt as no token at all; it now takes the tokens training sees.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from actors.config import AdapterSettings, DataSettings, EvalSettings, JobConfig, LoraSettings, TrainSettings
+from actors.data import IGNORE_INDEX, load_examples, prompt_ids, tokenize_record
+from actors.engine import FusedEngine
+from tests.conftest import WORDS, make_tiny_llama, make_tokenizer, write_jsonl
+
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+            "{% if add_generation_prompt %}assistant : {% endif %}")  # fmt: skip
+
+
+def chat_tokenizer():
+    """A LLaMA-style tokenizer: it adds BOS itself, and its chat template writes ``bos_token`` too."""
+    from tokenizers import processors
+
+    tok = make_tokenizer()
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                                  special_tokens=[("<s>", 1)])  # fmt: skip
+    tok.chat_template = TEMPLATE
+    return tok
+
+
+def chat_records(n: int) -> list[dict]:
+    out = []
+    for i in range(n):
+        words = [WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(3)]
+        out.append({"messages": [{"role": "user", "content": " ".join(words)},
+                                 {"role": "assistant", "content": " ".join(reversed(words))}]})  # fmt: skip
+    return out
+
+
+def test_chat_records_tokenise_to_ids_with_only_the_assistant_trained():
+    tok = chat_tokenizer()
+    record = chat_records(1)[0]
+    ex = tokenize_record(record, "chat", tok, DataSettings("x", format="chat", max_seq_len=64))
+    assert all(isinstance(t, int) for t in ex.input_ids) and ex.input_ids[0] == 1
+    assert ex.input_ids.count(1) == 1  # one BOS
+    rendered = tok.apply_chat_template(record["messages"], tokenize=False)
+    assert ex.input_ids == tok(rendered, add_special_tokens=False)["input_ids"]  # the template's tokens, exactly
+    prompt = prompt_ids(record, "chat", tok)
+    user_turn = len(tok(tok.apply_chat_template(record["messages"][:1], tokenize=False),
+                        add_special_tokens=False)["input_ids"])  # fmt: skip
+    assert ex.input_ids[: len(prompt)] == prompt  # generation continues from what training saw
+    assert ex.labels[:user_turn] == [IGNORE_INDEX] * user_turn and IGNORE_INDEX not in ex.labels[user_turn:]
+
+
+def test_an_empty_text_prompt_is_the_bos_training_starts_from():
+    tok = make_tokenizer()
+    record = {"text": "alpha beta"}
+    ex = tokenize_record(record, "text", tok, DataSettings("x", format="text", max_seq_len=64))
+    assert prompt_ids(record, "text", tok) == [1] == ex.input_ids[:1]
+
+
+def test_a_chat_job_trains_and_evaluates(tmp_path):
+    from actors.evaluate import evaluate_job
+
+    tok = chat_tokenizer()
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(8))
+    held = write_jsonl(tmp_path / "held.jsonl", chat_records(3))
+    settings = DataSettings(str(data), format="chat", max_seq_len=64)
+    config = JobConfig("c", "tiny", AdapterSettings("lora", LoraSettings(4, 8, 0.0), ("q_proj", "v_proj")), settings,
+                       TrainSettings(max_steps=2, batch_size=4, micro_batch_size=2, learning_rate=1e-2),
+                       str(tmp_path / "out"), eval=EvalSettings(data=str(held), metrics=("loss", "exact_match"),
+                                                                max_new_tokens=3))  # fmt: skip
+    engine = FusedEngine(copy.deepcopy(make_tiny_llama()), tok)
+    job = engine.add_job(config)
+    assert job.examples == load_examples(settings, tok)
+    engine.run()
+    assert job.error is None and job.step == 2 and torch.isfinite(torch.tensor(job.last_loss))
+    result = evaluate_job(engine, "c", config)
+    assert result["examples"] == 3 and result["metrics"]["loss"]["tokens"] > 0
+    assert 0.0 <= result["metrics"]["exact_match"]["adapter"] <= 1.0
+    assert result["samples"][0]["prompt"].startswith("<s>user : ")  # the rendered template, one BOS
+
+
+def test_chat_without_a_template_falls_back_to_role_lines():
+    tok = make_tokenizer()  # no chat_template
+    record = chat_records(1)[0]
+    ex = tokenize_record(record, "chat", tok, DataSettings("x", format="chat", max_seq_len=64))
+    prompt = prompt_ids(record, "chat", tok)
+    assert all(isinstance(t, int) for t in ex.input_ids) and ex.input_ids[: len(prompt)] == prompt
