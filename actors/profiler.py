@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import random
 import subprocess
@@ -128,6 +129,7 @@ def model_shape_from_config(config: Mapping[str, Any], dtype: str = "float32") -
     return ModelShape(
         num_parameters=params, hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads,
         intermediate_size=inter, vocab_size=vocab, num_key_value_heads=kv, dtype_bytes=DTYPE_BYTES[dtype],
+        head_dim=head_dim if head_dim * heads != h else 0,
     )  # fmt: skip
 
 
@@ -141,9 +143,10 @@ def adapter_shape_of(settings: AdapterSettings) -> AdapterShape:
                          f"knows ({', '.join(TARGET_EQUIVALENTS)} or the LLaMA names)")  # fmt: skip
     if settings.kind == "mixlora":
         mix = settings.mixlora or MixLoraSettings()
-        return AdapterShape(kind="mixlora", r=settings.lora.r, target_modules=targets,
-                            num_experts=mix.num_experts, top_k=mix.top_k, expert_r=mix.expert.r)  # fmt: skip
-    return AdapterShape(kind="lora", r=settings.lora.r, target_modules=targets)
+        return AdapterShape(kind="mixlora", r=settings.lora.r, target_modules=targets, num_experts=mix.num_experts,
+                            top_k=mix.top_k, expert_r=mix.expert.r, dora=settings.lora.use_dora,
+                            expert_dora=mix.expert.use_dora)  # fmt: skip
+    return AdapterShape(kind="lora", r=settings.lora.r, target_modules=targets, dora=settings.lora.use_dora)
 
 
 def adapter_key(settings: AdapterSettings) -> str:
@@ -659,8 +662,9 @@ def parse_bytes(text: str) -> int:
         value = float(number)
     except ValueError:
         raise ValueError(f"cannot read {text!r} as a size (e.g. 20GiB, 512MiB, 8e9)") from None
-    if unit not in units or value < 0:
-        raise ValueError(f"cannot read {text!r} as a size (units: B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")
+    if unit not in units or not 0 <= value < math.inf:  # also refuses NaN, 1e400 (inf)
+        raise ValueError(f"cannot read {text!r} as a size (a finite number >= 0; units: B, KiB, MiB, GiB, TiB, "
+                         "KB, MB, GB, TB)")  # fmt: skip
     return int(value * units[unit])
 
 

@@ -115,16 +115,11 @@ def model_shape_for(base_model: str, reported: Mapping[str, Mapping[str, Any]] |
         return ModelShape(**reported[base_model])
     cfg_path = Path(base_model).expanduser() / "config.json"
     if cfg_path.is_file():
+        from actors.profiler import model_shape_from_config  # no torch import
+
         try:
-            cfg = json.loads(cfg_path.read_text())
-            h, layers, inter, vocab = (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"],
-                                       cfg["vocab_size"])  # fmt: skip
-            kv = cfg.get("num_key_value_heads") or 0
-            heads = cfg["num_attention_heads"]
-            head_dim = h // heads
-            params = layers * (2 * h * h + 2 * h * kv * head_dim + 3 * h * inter) + 2 * vocab * h
-            return ModelShape(params, h, layers, heads, inter, vocab, kv, 2)
-        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+            return model_shape_from_config(json.loads(cfg_path.read_text()), "bfloat16")
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):  # MemoryModelError: a ValueError
             pass
     return FALLBACK_SHAPE
 
@@ -137,8 +132,9 @@ def adapter_shape_of(spec: JobSpec) -> AdapterShape:
     known = canonical_targets(a.target_modules) or ("q_proj", "v_proj")
     if a.type == "mixlora":
         er = a.expert.r if a.expert is not None and a.expert.r else 0
-        return AdapterShape("mixlora", a.r, known, a.num_experts or 8, a.top_k or 2, er or 0)
-    return AdapterShape("lora", a.r, known)
+        return AdapterShape("mixlora", a.r, known, a.num_experts or 8, a.top_k or 2, er or 0, dora=a.use_dora,
+                            expert_dora=a.use_dora)  # fmt: skip (experts take the adapter's use_dora)
+    return AdapterShape("lora", a.r, known, dora=a.use_dora)
 
 
 def effective_spec(record: JobRecord, base: JobSpec | None = None) -> JobSpec:

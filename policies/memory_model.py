@@ -73,7 +73,9 @@ class ModelShape:
     """A decoder-only transformer, with the field names of its transformers ``config.json``.
 
     ``num_key_value_heads`` of 0 means "same as num_attention_heads" (no grouped-query attention).
-    ``dtype_bytes`` is the storage width of the frozen weights (2 for bf16/fp16).
+    ``dtype_bytes`` is the storage width of the frozen weights (2 for bf16/fp16). ``head_dim`` of 0
+    means ``hidden_size / num_attention_heads``; Qwen3 and Gemma set their own (q/k/v/o are then
+    ``num_attention_heads x head_dim`` wide, not ``hidden_size``).
     """
 
     num_parameters: int
@@ -84,6 +86,7 @@ class ModelShape:
     vocab_size: int
     num_key_value_heads: int = 0
     dtype_bytes: int = 2
+    head_dim: int = 0
 
     def __post_init__(self) -> None:
         for name in ("num_parameters", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -93,7 +96,9 @@ class ModelShape:
             raise MemoryModelError(f"num_key_value_heads: must be an integer >= 0 (got {self.num_key_value_heads!r})")
         if self.dtype_bytes not in (1, 2, 4):
             raise MemoryModelError(f"dtype_bytes: must be one of 1, 2, 4 (got {self.dtype_bytes!r})")
-        if self.hidden_size % self.num_attention_heads:
+        if not isinstance(self.head_dim, int) or self.head_dim < 0:
+            raise MemoryModelError(f"head_dim: must be an integer >= 0 (got {self.head_dim!r})")
+        if not self.head_dim and self.hidden_size % self.num_attention_heads:
             raise MemoryModelError(
                 f"hidden_size: must be a multiple of num_attention_heads ({self.num_attention_heads}) "
                 f"(got {self.hidden_size})"
@@ -105,17 +110,19 @@ class ModelShape:
         return self.num_key_value_heads or self.num_attention_heads
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def attention_head_dim(self) -> int:
+        """``head_dim``, or ``hidden_size / num_attention_heads`` where it is 0."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
 
     def linear_dims(self, module: str) -> tuple[int, int]:
         """(in_features, out_features) of one projection of a LLaMA-style layer.
 
         Raises MemoryModelError for a name outside :data:`ALL_TARGETS`.
         """
-        h, kv = self.hidden_size, self.kv_heads * self.head_dim
+        h, d = self.hidden_size, self.attention_head_dim
+        q, kv = self.num_attention_heads * d, self.kv_heads * d
         dims = {
-            "q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+            "q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
             "gate_proj": (h, self.intermediate_size), "up_proj": (h, self.intermediate_size),
             "down_proj": (self.intermediate_size, h),
         }  # fmt: skip
@@ -139,6 +146,8 @@ class AdapterShape:
     num_experts: int = 0
     top_k: int = 2
     expert_r: int = 0
+    dora: bool = False  # DoRA: a magnitude per output feature of every adapted linear (experts' too)
+    expert_dora: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ("lora", "mixlora"):
@@ -171,22 +180,22 @@ def adapter_param_count(model: ModelShape, adapter: AdapterShape) -> int:
     """Exact number of trainable parameters.
 
     LoRA on a linear ``in -> out`` with rank r has ``r * (in + out)`` parameters (A: r x in,
-    B: out x r). MixLoRA per layer adds a router ``hidden * num_experts`` and, on each of
-    gate/up/down that ``target_modules`` names, ``num_experts`` expert LoRAs of rank ``expert_r``
-    (as the engine places them).
+    B: out x r), plus ``out`` with DoRA (its magnitude vector). MixLoRA per layer adds a router
+    ``hidden * num_experts`` and, on each of gate/up/down that ``target_modules`` names,
+    ``num_experts`` expert LoRAs of rank ``expert_r`` (as the engine places them).
     """
     per_layer = 0
     for module in adapter.target_modules:
         if adapter.kind == "mixlora" and module in FFN_TARGETS:
             continue
         d_in, d_out = model.linear_dims(module)
-        per_layer += adapter.r * (d_in + d_out)
+        per_layer += adapter.r * (d_in + d_out) + (d_out if adapter.dora else 0)
     if adapter.kind == "mixlora":
         er = adapter.expert_r or adapter.r
         per_layer += model.hidden_size * adapter.num_experts
         for module in sorted(FFN_TARGETS.intersection(adapter.target_modules)):
             d_in, d_out = model.linear_dims(module)
-            per_layer += adapter.num_experts * er * (d_in + d_out)
+            per_layer += adapter.num_experts * (er * (d_in + d_out) + (d_out if adapter.expert_dora else 0))
     return per_layer * model.num_hidden_layers
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from typing import Any
 
@@ -78,8 +79,10 @@ def run(args: argparse.Namespace) -> int:
     names = [c.name for c in configs]
     if len(set(names)) != len(names):
         raise UserError(f"name: each job of a group needs its own name (got {names})")
-    if args.margin < 0:
-        raise UserError(f"--margin: must be >= 0 (got {args.margin})")
+    if not 0 <= args.margin < math.inf:  # "not 0 <=" also refuses NaN
+        raise UserError(f"--margin: must be a finite number >= 0 (got {args.margin})")
+    if args.measure and args.steps < 1:
+        raise UserError(f"--steps: --measure needs at least 1 fused step (got {args.steps})")
     budget = None
     if args.budget is not None:
         try:

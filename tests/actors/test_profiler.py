@@ -168,7 +168,7 @@ def test_parse_bytes():
     assert parse_bytes("512 MiB") == 512 << 20
     assert parse_bytes("1.5G") == 1_500_000_000
     assert parse_bytes("123") == 123
-    for bad in ("lots", "5 parsecs", "-1GiB"):
+    for bad in ("lots", "5 parsecs", "-1GiB", "1e400", "nanGiB", "inf"):  # 1e400 raised OverflowError
         with pytest.raises(ValueError, match="size"):
             parse_bytes(bad)
 
@@ -222,4 +222,31 @@ def test_adapter_bytes_count_the_engines_trainable_parameters_exactly(kind, targ
     job = engine.add_job(job_config("j", settings, "unused"), examples=examples(4, 1, 5, 9))
     trained = sum(p.numel() for p in job.adapter.parameters())
     shape = model_shape_from_config(model.config.to_dict())
+    assert adapter_param_count(shape, adapter_shape_of(settings)) == trained > 0
+
+
+@pytest.mark.parametrize(
+    ("kind", "dora", "head_dim"),
+    [("lora", True, None), ("mixlora", True, None), ("lora", False, 16), ("mixlora", True, 16)],
+)  # fmt: skip
+def test_adapter_bytes_count_dora_magnitudes_and_a_models_own_head_dim(kind, dora, head_dim):
+    """DoRA trains a magnitude per output feature (its experts' too); a model whose head_dim is not
+    hidden / heads (Qwen3, Gemma) has q/k/v/o of heads x head_dim. Both were left out of the count
+    (``estimate`` gave 28,672 adapter bytes where the export holds 40,960)."""
+    from actors.config import MixLoraSettings
+    from actors.engine import FusedEngine
+    from policies.memory_model import adapter_param_count
+    from tests.actors.test_mixlora import examples, job_config
+    from tests.conftest import make_tokenizer
+
+    model = make_tiny_llama(seed=2, **({"head_dim": head_dim} if head_dim else {}))
+    lora = LoraSettings(r=4, alpha=8, use_dora=dora)
+    mix = (MixLoraSettings(num_experts=3, top_k=2, expert=LoraSettings(r=2, alpha=4, use_dora=dora))
+           if kind == "mixlora" else None)  # fmt: skip
+    settings = AdapterSettings(kind, lora, ALL, mixlora=mix)
+    shape = model_shape_from_config(model.config.to_dict())
+    assert shape.num_parameters == sum(p.numel() for p in model.parameters())  # the base, before any adapter
+    engine = FusedEngine(model, make_tokenizer())
+    job = engine.add_job(job_config("j", settings, "unused"), examples=examples(4, 1, 5, 9))
+    trained = sum(p.numel() for p in job.adapter.parameters())
     assert adapter_param_count(shape, adapter_shape_of(settings)) == trained > 0

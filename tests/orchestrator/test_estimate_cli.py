@@ -142,6 +142,11 @@ def test_estimate_errors_are_user_errors(setup, capsys, tmp_path):
     bad.write_text(json.dumps({"name": "x", "data": {"path": "d.jsonl"}, "adapter": {"r": 0}}))
     assert main(["estimate", str(bad), "--profiles", str(cache)]) == 2
     assert "adapter.r" in capsys.readouterr().err
+    for args, words in ((["--budget", "1e400"], "--budget: cannot read '1e400' as a size (a finite number"),
+                        (["--margin", "nan"], "--margin: must be a finite number >= 0 (got nan)"),
+                        (["--measure", "--steps", "0"], "--steps: --measure needs at least 1 fused step (got 0)")):
+        assert main(["estimate", str(a), "--profiles", str(cache), *args]) == 2
+        assert words in capsys.readouterr().err
 
 
 @pytest.mark.slow
