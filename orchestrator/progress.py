@@ -131,6 +131,12 @@ def log_console() -> Console:
     return console if console.is_terminal else Console(stderr=True, width=160)
 
 
+def _output_and_eval_error(job: JobProgress) -> str:
+    """A finished job's output, and its evaluation's error where that failed (the job still trained)."""
+    failed = job.message if job.message.startswith("eval failed") else ""
+    return "\n".join(x for x in (job.output or "", failed) if x)
+
+
 def summary_table(jobs: list[JobProgress], title: str = "lorafleet summary") -> Table:
     table = Table(title=title)
     for col in ("job", "state", "steps", "final loss", "tok/s", "held-out: base->adapter", "output / error"):
@@ -144,6 +150,6 @@ def summary_table(jobs: list[JobProgress], title: str = "lorafleet summary") -> 
             fmt_float(job.loss),
             fmt_float(job.tokens_per_s, 0),
             eval_summary(job.eval),
-            job.message if job.state == "failed" else (job.output or ""),
+            job.message if job.state == "failed" else _output_and_eval_error(job),
         )
     return table

@@ -190,5 +190,7 @@ def test_a_failed_evaluation_leaves_the_job_and_its_neighbours_trained(tmp_path,
     assert main(["train", str(tmp_path / "tok.yaml"), str(a), "--plain"]) == 0
     err = " ".join(capsys.readouterr().err.split())
     assert "tok: evaluation failed: eval.data: record 0: input_ids has a token id 500 outside" in err
+    summary = err[err.index("lorafleet summary"):]
+    assert "eval failed: eval.data: record 0" in summary.replace("│", "")  # the summary says so too
     assert json.loads((tmp_path / "out" / "tok" / "job.json").read_text())["state"] == "succeeded"
     assert json.loads((tmp_path / "out" / "a" / "eval.json").read_text())["examples"] == 3
