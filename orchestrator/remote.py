@@ -247,6 +247,16 @@ class Client:
     def logs(self, job: str, lines: int = 50) -> list[str]:
         return self._call("logs", job=job, lines=lines, owner=self.owner)
 
+    def logs_since(self, job: str, since: int | None = None, epoch: str | None = None,
+                   lines: int = 50) -> dict[str, Any]:  # fmt: skip
+        """A page of a job's numbered progress lines for following it (``Controller.logs_since``):
+        pass back the previous page's ``next`` and ``epoch`` to get each line exactly once."""
+        return self._call("logs_since", job=job, since=since, epoch=epoch, lines=lines, owner=self.owner)
+
+    def job_metrics(self, job: str) -> list[dict[str, Any]]:
+        """A live or ended job's training curve (``Controller.job_metrics``), oldest first."""
+        return self._call("job_metrics", job=job, owner=self.owner)
+
     def cancel(self, job: str) -> dict[str, Any]:
         return self._call("cancel", job=job, owner=self.owner)
 

@@ -198,8 +198,7 @@ def do_logs(client: Client, args: argparse.Namespace, poll_s: float = 3.0) -> in
     job, since, epoch = args.job, None, None
     ended = False
     while True:
-        page = client._call("logs_since", job=job, since=since, epoch=epoch, lines=args.lines,
-                            owner=client.owner)  # fmt: skip
+        page = client.logs_since(job, since=since, epoch=epoch, lines=args.lines)
         job = page["id"]  # a name resolves once: a later job of that name is not this one
         if page["missed"]:
             print(f"[{page['missed']} lines no longer kept by the controller]", file=sys.stderr, flush=True)
@@ -244,7 +243,7 @@ def do_plot(client: Client, args: argparse.Namespace) -> int:
             if record["state"] == "SUCCEEDED":
                 curves[record["name"]] = read_metrics(client.fetch(job, f"{tmp}/{record['id']}"))
             else:
-                curves[record["name"]] = client._call("job_metrics", job=record["id"], owner=client.owner)
+                curves[record["name"]] = client.job_metrics(record["id"])
             if not any(r.get("loss") is not None for r in curves[record["name"]]):
                 print(f"{record['name']} ({record['id']}, {record['state']}): no loss recorded yet",
                       file=sys.stderr)  # fmt: skip

@@ -16,6 +16,7 @@ from orchestrator import agent
 from orchestrator.cli import build_parser
 from orchestrator.commands import jobs
 from orchestrator.controller import LOG_LINES_KEPT, METRIC_SAMPLES_KEPT, Controller, _Worker
+from orchestrator.remote import Client
 from orchestrator.store import DuplicateJobError, JobState
 
 
@@ -33,24 +34,18 @@ def ctl(tmp_path: Path):
     c.store.close()
 
 
-class ControllerClient:
-    """``orchestrator.remote.Client`` as the laptop commands use it, answered by ``ctl`` through the
-    agent's ``call`` channel (only its allowed methods; JSON both ways, as over a Ray job's log)."""
+class ControllerClient(Client):
+    """The real ``orchestrator.remote.Client`` as the laptop commands use it, its agent calls answered
+    by ``ctl`` (only the agent's allowed methods; JSON both ways, as over a Ray job's log)."""
 
-    def __init__(self, ctl: Controller, owner: str = "alice"):
-        self.ctl, self.owner, self.calls = ctl, owner, []
+    def __init__(self, ctl: Controller, owner: str = "alice"):  # no Ray job submission client
+        self.ctl, self.owner, self.api_key, self.calls = ctl, owner, None, []
 
     def _call(self, method: str, **kwargs: Any) -> Any:
         assert method in agent.ALLOWED_CALLS, method
         self.calls.append(method)
         result = getattr(self.ctl, method)(**json.loads(json.dumps(kwargs)))
         return json.loads(json.dumps(result, default=str))
-
-    def status(self, job: str) -> dict:
-        return self._call("status", job=job, owner=self.owner)
-
-    def logs(self, job: str, lines: int = 50) -> list[str]:
-        return self._call("logs", job=job, lines=lines, owner=self.owner)
 
     def fetch(self, job: str, dest: str) -> Path:
         raise AssertionError("only a SUCCEEDED job is fetched")
