@@ -9,7 +9,7 @@ worker actors (one per GPU, ``num_gpus=1``). A policy-loop thread, every ``loop_
    a doubled activation estimate, or FAILED at micro-batch 1), ``preempted``
    (-> PREEMPTED -> QUEUED), plus step/loss/tokens-per-second progress;
 2. treats a worker whose call raises ``RayActorError`` as lost: its jobs go back to QUEUED
-   (they resume from their last checkpoint) or, after ``max_attempts`` runs, to FAILED;
+   (they resume from their last checkpoint) or, after ``max_attempts`` worker losses, to FAILED;
 3. builds a :class:`policies.ClusterView` (:func:`build_view`) and applies the policy's
    decisions: ``Start`` (store QUEUED -> PROFILING first, then ``worker.assign``; a free GPU
    gets a new worker for the job's base model) and ``Preempt``;
@@ -90,6 +90,7 @@ PUBLIC_FIELDS = ("id", "name", "owner", "state", "priority", "submit_time", "sta
 # Spec fields that name files the worker reads: confined to the owner's uploads or an admin prefix.
 PATH_FIELDS = (("data", "path"), ("eval", "data"), ("adapter", "init_from"))
 UPLOADS_DIR = "uploads"
+WORKER_LOST = "worker lost"  # the reason of a requeue (or failure) because the job's worker was lost
 LOG_LINES_KEPT = 200  # progress lines the controller keeps per job (a sliding window; see logs_since)
 METRIC_SAMPLES_KEPT = 512  # step/loss samples kept per job for job_metrics (thinned by half when full)
 MAX_METRIC_RECORDS = 5000  # most records job_metrics returns (evenly thinned, the last one kept)
@@ -340,7 +341,8 @@ class Controller:
         worker_memory_bytes: memory of a worker when its device does not say (fake GPUs, CPU).
         worker_options: keyword arguments for each ``TrainingWorker`` (device, dtype,
             memory_budget_bytes, profile, staging_dir).
-        max_attempts: runs a job may start before a lost worker makes it FAILED.
+        max_attempts: times a job may lose its worker; the last makes it FAILED (drains, restarts and
+            preemptions do not count).
         loop_interval_s: policy-loop period.
         worker_idle_s: a worker with no jobs for this long is stopped (its GPU freed).
         worker_timeout_s: a worker that does not answer ``progress()`` for this long (never
@@ -384,6 +386,7 @@ class Controller:
         self.worker_idle_s = worker_idle_s
         self.worker_timeout_s = worker_timeout_s
         self._policy_file = Path(store_path).expanduser().parent / "policy.json"
+        self._policy_start_file = self._policy_file.with_name("policy.start.json")  # what start gave it
         self._lock = threading.RLock()
         self._workers: dict[str, _Worker] = {}
         self._shapes: dict[str, dict[str, Any]] = {}
@@ -406,7 +409,17 @@ class Controller:
         self._ticks = 0
         self._last_error: str | None = None
         self._started = time.time()
-        self.policy_doc = dict(policy) if policy is not None else self._saved_policy()
+        # The policy: the saved one (policy.json: the last set_policy survives restarts), unless this
+        # start names another. Ray replays the constructor's arguments when it restarts the actor,
+        # so a policy given at start that equals the one given when policy.json was written is no
+        # new choice: the saved one (perhaps swapped at run time since) stays.
+        self._start_policy = dict(policy) if policy is not None else None
+        saved = self._saved_policy()
+        given_before = self._read_json(self._policy_start_file)
+        if policy is None or (self._policy_file.is_file() and given_before == self._start_policy):
+            self.policy_doc = saved
+        else:
+            self.policy_doc = dict(policy)
         self.policy = parse_policy_config(self.policy_doc, source="policy")
         self._follow_clock_settings(clock_settings(self.policy))
         self._save_policy()
@@ -1081,17 +1094,20 @@ class Controller:
         for rec in self.store.list(states=[JobState.RUNNING, JobState.PROFILING]):
             if rec.worker != w.worker_id:
                 continue
-            if rec.attempts >= self.max_attempts:
+            # Only lost workers count: drains, controller restarts and preemptions requeue a job too
+            # (each starts a run), and four of those made one worker loss fatal.
+            losses = 1 + sum((e.reason or "").startswith(WORKER_LOST) for e in self.store.events(rec.id))
+            if losses >= self.max_attempts:
                 try:
                     self.store.transition(rec.id, JobState.FAILED, expect=rec.state,
-                                          error=f"{message}; gave up after {rec.attempts} runs "
+                                          error=f"{message}; gave up after losing its worker {losses} times "
                                                 f"(max_attempts {self.max_attempts})",
-                                          reason="worker lost")  # fmt: skip
+                                          reason=WORKER_LOST)  # fmt: skip
                 except JobStoreError as exc:
                     log.info("fail of %s skipped: %s", rec.id, exc)
-                self._log(rec.id, f"failed: {message} (attempt {rec.attempts})")
+                self._log(rec.id, f"failed: {message} (worker lost {losses} times)")
             else:
-                self._requeue(rec.id, f"{message}; resumes from its last checkpoint")
+                self._requeue(rec.id, f"{WORKER_LOST}: {message}; resumes from its last checkpoint")
 
     def _stop_worker(self, w: _Worker, why: str) -> None:
         import ray
@@ -1291,10 +1307,18 @@ class Controller:
                 log.warning("%s unreadable (%s); using %s", self._policy_file, exc, DEFAULT_POLICY)
         return dict(DEFAULT_POLICY)
 
+    @staticmethod
+    def _read_json(path: Path) -> Any:
+        try:
+            return json.loads(path.read_text()) if path.is_file() else None
+        except (OSError, ValueError):
+            return None
+
     def _save_policy(self) -> None:
         from actors.checkpoint import atomic_write_json
 
         atomic_write_json(self._policy_file, self.policy_doc)
+        atomic_write_json(self._policy_start_file, self._start_policy)
 
 
 def _norm_prefix(prefix: str) -> str:

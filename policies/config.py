@@ -29,6 +29,7 @@ from policies.fairstart import check_clock_setting
 from policies.interface import Policy
 from policies.values import finite_number, read_yaml
 
+MAX_COUNT = 10**9  # the most jobs a count setting may name
 COMMON_FIELDS = ("margin", "preemption", "backfill", "queue_depth", "max_candidates")
 ASPEN_FIELDS = ("weights", "max_age_s", "size_half_s", "starvation_s", "guard_backlog", "guard_long",
                 "reservations", "max_group_tokens", "fusion_max_cost", "max_slowdown", "half_tokens", "shares",
@@ -41,14 +42,17 @@ class PolicyConfigError(ValueError):
     """An invalid policy configuration; the message names the field and what is allowed."""
 
 
-def _num(field: str, value: Any, *, lo: float = 0.0, integer: bool = False, nullable: bool = False) -> Any:
+def _num(field: str, value: Any, *, lo: float = 0.0, integer: bool = False, nullable: bool = False,
+         hi: float | None = None) -> Any:  # fmt: skip
     if value is None and nullable:
         return None
     number = finite_number(value)
-    if number is None or (integer and not number.is_integer()) or not number >= lo:
+    if (number is None or (integer and not number.is_integer()) or not number >= lo
+            or (hi is not None and number > hi)):  # fmt: skip
         kind = "an integer" if integer else "a number"
         extra = " or null" if nullable else ""
-        raise PolicyConfigError(f"{field}: must be {kind} >= {lo:g}{extra} (got {value!r})")
+        bound = f" and <= {hi:,.0f}" if hi is not None else ""
+        raise PolicyConfigError(f"{field}: must be {kind} >= {lo:g}{bound}{extra} (got {value!r})")
     return int(value) if integer else number
 
 
@@ -70,9 +74,9 @@ def _common(doc: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(doc["backfill"], bool):
             raise PolicyConfigError(f"backfill: must be true or false (got {doc['backfill']!r})")
         out["backfill"] = doc["backfill"]
-    for key in ("queue_depth", "max_candidates"):
+    for key in ("queue_depth", "max_candidates"):  # counts of jobs: 1e19 passed and broke every pass
         if key in doc:
-            out[key] = _num(key, doc[key], integer=True)
+            out[key] = _num(key, doc[key], integer=True, hi=MAX_COUNT)
     return out
 
 

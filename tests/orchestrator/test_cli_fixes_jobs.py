@@ -302,3 +302,51 @@ def test_the_agent_answers_the_new_calls(ctl, monkeypatch, capsys):
     answers = [json.loads(line[len(agent.RESULT_PREFIX):]) for line in capsys.readouterr().out.splitlines()]
     assert answers[0]["ok"] and answers[0]["result"]["id"] == job and answers[0]["result"]["next"] == 1
     assert answers[1]["ok"] and [(r["step"], r["loss"]) for r in answers[1]["result"]] == [(3, 2.5)]
+
+
+def test_only_lost_workers_count_toward_max_attempts(ctl):
+    """Four drains or preemptions (each a new run) used to make the first worker loss fatal: a job
+    fails after losing its worker max_attempts times, whatever else requeued it."""
+    job = ctl.submit(spec("d1"), "alice")["id"]
+
+    def run_on(worker: str) -> None:
+        ctl.store.transition(job, JobState.PROFILING, worker=worker)
+        ctl.store.transition(job, JobState.RUNNING)
+
+    for i in range(4):  # drains / restarts / preemptions
+        run_on(f"w-{i}")
+        assert ctl._requeue(job, "controller restart; resumes from its last checkpoint")
+    for loss in range(1, ctl.max_attempts + 1):
+        run_on("w-lost")
+        ctl._worker_lost(_Worker("w-lost", None, "m", 0.0), f"worker w-lost died: loss {loss}")
+        rec = ctl.store.get(job)
+        if loss < ctl.max_attempts:
+            assert rec.state is JobState.QUEUED, (loss, rec.error)
+        else:
+            assert rec.state is JobState.FAILED
+            assert rec.error == (f"worker w-lost died: loss {loss}; gave up after losing its worker {loss} times "
+                                 f"(max_attempts {ctl.max_attempts})")  # fmt: skip
+    assert rec.attempts == 4 + ctl.max_attempts
+
+
+def test_a_policy_set_at_run_time_survives_a_restart_with_the_start_arguments(tmp_path: Path):
+    """Ray restarts a controller actor with its constructor's arguments: the policy given at start
+    used to replace the one an admin had set since (and overwrite policy.json)."""
+
+    def start(policy):
+        return Controller(str(tmp_path / "store" / "jobs.db"), str(tmp_path / "storage"), policy,
+                          start_loop=False, num_gpus=0)  # fmt: skip
+
+    first = start({"policy": "priority"})
+    first.set_policy({"policy": "aspen", "margin": 0.2})
+    first.store.close()
+    again = start({"policy": "priority"})  # what Ray replays
+    assert again.policy_doc == {"policy": "aspen", "margin": 0.2}
+    again.store.close()
+    other = start({"policy": "fifo"})  # an admin's new choice at start wins
+    assert other.policy_doc == {"policy": "fifo"}
+    other.store.close()
+    plain = start(None)  # no choice: the saved one
+    assert plain.policy_doc == {"policy": "fifo"}
+    assert json.loads((tmp_path / "store" / "policy.json").read_text()) == {"policy": "fifo"}
+    plain.store.close()

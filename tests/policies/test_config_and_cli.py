@@ -57,6 +57,10 @@ def test_priority_defaults_to_preemption():
         ({"policy": "nosuch.module:X"}, "cannot import module 'nosuch.module'"),
         ({"policy": "tests.policies.custom_policy:Nope"}, "has no attribute 'Nope'"),
         ({"policy": "tests.policies.custom_policy:FirstIdle", "options": {"bad": 1}}, "options:"),
+        # a count past any queue: 1e19 was accepted and every scheduling pass then failed in islice
+        ({"policy": "fifo", "queue_depth": 1.0e19},
+         "queue_depth: must be an integer >= 0 and <= 1,000,000,000 (got 1e+19)"),
+        ({"policy": "aspen", "max_candidates": 1e300}, "max_candidates: must be an integer >= 0 and <= 1,000,000,000"),
     ],
 )
 def test_invalid_config_errors(doc, message):
