@@ -35,14 +35,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
 
 
-def _summary(spec: JobSpec) -> dict | None:
-    """The ``job.json`` in the job's output directory (None: none, or not readable)."""
-    summary = Path(spec.output_dir()) / "job.json"
+def _read_json(path: Path) -> dict | None:
+    """A JSON object file (None: none, not readable, or not an object)."""
     try:
-        data = json.loads(summary.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def _summary(spec: JobSpec) -> dict | None:
+    """The ``job.json`` in the job's output directory (None: none, or not readable)."""
+    return _read_json(Path(spec.output_dir()) / "job.json")
 
 
 def finished_before(spec: JobSpec) -> dict | None:
@@ -173,6 +177,7 @@ def train_group(
             results[spec.name] = JobProgress(
                 spec.name, done.get("total_steps", 0), step=done.get("step", 0), loss=done.get("final_loss"),
                 state="succeeded", output=spec.output_dir(), message="already finished",
+                eval=_read_json(Path(spec.output_dir()) / "eval.json"),  # its held-out result, as when it ran
             )
             console.print(f"{spec.name}: already finished in {spec.output_dir()} (--no-resume trains it again)")
             continue
