@@ -91,6 +91,7 @@ def check_init_settings(want: AdapterSettings, saved: AdapterSettings, source: s
         checks += [(n, getattr(mine, n), getattr(theirs, n), n) for n in ("num_experts", "top_k", "routing")]
         if mine.routing == theirs.routing == "dynamic":
             checks.append(("top_p", mine.top_p, theirs.top_p, "top_p"))
+
     def show(value: object) -> str:  # 32.0 as 32, True as true (YAML)
         if isinstance(value, bool):
             return str(value).lower()
