@@ -169,7 +169,13 @@ def train_group(
             console.print(f"[red]{spec.name} failed[/]: {msg}", highlight=False)
             continue
         if args.no_resume:
-            moved = move_earlier_run(spec)
+            try:
+                moved = move_earlier_run(spec)
+            except OSError as exc:  # e.g. no permission on the parent directory: this job fails alone
+                msg = f"output: --no-resume cannot move the earlier run's files aside: {exc}"
+                results[spec.name] = JobProgress(spec.name, 0, state="failed", message=msg)
+                console.print(f"[red]{spec.name} failed[/]: {msg}", highlight=False)
+                continue
             if moved is not None:
                 console.print(f"{spec.name}: --no-resume: moved the earlier run's files to {moved}", highlight=False)
         done = finished_before(spec) if not args.no_resume else None
