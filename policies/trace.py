@@ -14,7 +14,7 @@ import csv
 import io
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -250,10 +250,16 @@ def _replace(job: TraceJob, **changes: object) -> TraceJob:
 
 def _solo_gib(job: TraceJob) -> float:
     """GiB ``job`` needs alone on a GPU, with the 25% margin :func:`_fit_alone` keeps."""
+    return _peak_of(job)(job.micro_batch_size, job.seq_len) / GIB
+
+
+def _peak_of(job: TraceJob) -> Callable[[int, int], float]:
+    """Bytes ``job``'s model and adapter need alone, as a function of (micro-batch, sequence length):
+    the shapes are worked out once, not at every halving."""
     model = CATALOGUE[job.base_model]
     shape = job.adapter_shape()
-    row = (adapter_bytes(model, shape), analytic_activation(model, shape), job.micro_batch_size, job.seq_len)
-    return fused_group_peak_bytes(static_bytes(model), [row], 0.25) / GIB
+    static, a_bytes, act = static_bytes(model), adapter_bytes(model, shape), analytic_activation(model, shape)
+    return lambda micro, seq: fused_group_peak_bytes(static, [(a_bytes, act, micro, seq)], 0.25)
 
 
 def _fit_alone(job: TraceJob, capacity: float) -> TraceJob | None:
@@ -261,9 +267,10 @@ def _fit_alone(job: TraceJob, capacity: float) -> TraceJob | None:
     ``capacity`` bytes with a 25% margin; None if it does not fit even at micro-batch 1 and 128 tokens."""
     if lookup(job.base_model) is None:
         raise ValueError(f"base_model: {job.base_model!r} is not in the catalogue")
+    bytes_at = _peak_of(job)
 
     def peak(j: TraceJob) -> float:
-        return _solo_gib(j) * GIB
+        return bytes_at(j.micro_batch_size, j.seq_len)
 
     while peak(job) > capacity and job.micro_batch_size > 1:
         job = _replace(job, micro_batch_size=job.micro_batch_size // 2)

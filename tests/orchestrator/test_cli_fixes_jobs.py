@@ -18,12 +18,13 @@ from orchestrator.commands import jobs
 from orchestrator.controller import LOG_LINES_KEPT, METRIC_SAMPLES_KEPT, Controller, _Worker
 from orchestrator.remote import Client
 from orchestrator.store import DuplicateJobError, JobState
+from tests.orchestrator.test_tenancy import spec as tenancy_spec
 
 
 def spec(name: str, data: str = "/data/x.jsonl", **extra: Any) -> dict:
-    return {"name": name, "base_model": "builtin:smollm2-135m-instruct", "data": {"path": data, "max_seq_len": 64},
-            "adapter": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
-            "train": {"max_steps": 100000, "batch_size": 4, "micro_batch_size": 2}, **extra}  # fmt: skip
+    """test_tenancy's spec, long enough to stay RUNNING, its data under the allowed /data prefix."""
+    train = {"max_steps": 100000, "batch_size": 4, "micro_batch_size": 2}
+    return tenancy_spec(name, data, **{"train": train, **extra})
 
 
 @pytest.fixture
