@@ -50,6 +50,14 @@ class JobAdapter(Protocol):
         """Extra numbers for the metrics log (MixLoRA's expert load); {} for none."""
         ...
 
+    def metrics_mark(self) -> int:
+        """A mark of the extra metrics recorded so far in this window (for ``metrics_rollback``)."""
+        ...
+
+    def metrics_rollback(self, mark: int) -> None:
+        """Forget the extra metrics recorded after ``mark`` (a micro-batch that is run again)."""
+        ...
+
     def detach(self) -> None:
         """Remove this job's weights from the shared model."""
         ...
@@ -108,6 +116,12 @@ class LoraJobAdapter:
 
     def step_metrics(self) -> dict[str, Any]:
         return {}
+
+    def metrics_mark(self) -> int:
+        return 0
+
+    def metrics_rollback(self, mark: int) -> None:
+        return None
 
     def detach(self) -> None:
         for layer in self._layers.values():

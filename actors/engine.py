@@ -123,6 +123,7 @@ class FusedEngine:
         self.inference: dict[str, JobAdapter] = {}  # exported adapters attached for evaluation
         # token ids the model takes and predicts: a job's data is checked against it before it joins
         self.vocab_size = model_vocab_size(model)
+        self._backward_started = False  # in the current step: a failure after it may have left partial gradients
 
     @property
     def device(self) -> torch.device:
@@ -206,10 +207,58 @@ class FusedEngine:
         return self.fused.packing_limit() if self.settings.packing else 0
 
     def step(self) -> StepResult:
-        """One fused forward/backward over the next micro-batch of every active job."""
+        """One fused forward/backward over the next micro-batch of every active job.
+
+        A step that raises is undone (``TrainingJob.rewind``) and run again with each job alone:
+        a job whose own micro-batch raises fails, with the error in its event; the others train
+        on with the adapters they would have had without it. CUDA out-of-memory is undone and
+        raised: the caller decides whom to evict.
+        """
         active = [job for job in self.jobs.values() if not job.done]
         if not active:
             return StepResult([], [], 0.0, 0, 0, 0)
+        marks = [job.mark() for job in active]
+        self._backward_started = False
+        try:
+            return self._step(active)
+        except Exception as exc:
+            touched = self._backward_started
+            for job, mark in zip(active, marks, strict=True):
+                job.rewind(mark, gradients_touched=touched)
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                raise
+            return self._isolate(active, exc)
+
+    def _isolate(self, active: list[TrainingJob], exc: Exception) -> StepResult:
+        """Run each job of a failed fused step alone; fail those whose own micro-batch raises."""
+        error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        log.error("a fused step of %d job(s) raised %s; running each alone", len(active), error, exc_info=exc)
+        results: list[StepResult] = []
+        events: list[JobEvent] = []
+        for job in active:
+            mark = job.mark()
+            self._backward_started = False
+            try:
+                results.append(self._step([job]))
+            except Exception as own:
+                job.rewind(mark, gradients_touched=self._backward_started)
+                own_error = f"{type(own).__name__}: {own}".splitlines()[0]
+                others = f" (the other {len(active) - 1} job(s) of its fused step train on)" if len(active) > 1 else ""
+                self._fail(job, f"training step {job.step + 1} failed: {own_error}{others}", events)
+                if isinstance(own, torch.cuda.OutOfMemoryError):
+                    torch.cuda.empty_cache()
+        if not events:
+            log.warning("every job of the failed fused step ran alone without error; training goes on fused")
+        return StepResult(
+            [report for r in results for report in r.reports],
+            [event for r in results for event in r.events] + events,
+            sum(r.seconds for r in results),
+            sum(r.rows for r in results),
+            sum(r.tokens for r in results),
+            sum(r.padded_tokens for r in results),
+        )
+
+    def _step(self, active: list[TrainingJob]) -> StepResult:
         start = time.perf_counter()
         picked = [(job, *job.next_micro_batch()) for job in active]
         batches = [batch for _, batch, _ in picked]
@@ -245,6 +294,7 @@ class FusedEngine:
                 aux_info["label_tokens"] = count
                 per_job.append((job, value, sum(len(ex.input_ids) for ex in batch), aux_info))
         if total is not None and total.requires_grad:
+            self._backward_started = True
             total.backward()
         seconds = time.perf_counter() - start
         reports = self._finish_micro(per_job, seconds, events)
@@ -310,6 +360,10 @@ class FusedEngine:
                 report = job.after_backward(value, tokens, seconds, aux_info)
             except (JobFailed, OSError) as exc:
                 self._fail(job, str(exc), events)
+                continue
+            except Exception as exc:  # e.g. the optimizer's own error: this job alone, its step is not run again
+                log.error("%s: optimizer step failed", job.name, exc_info=exc)
+                self._fail(job, f"optimizer step {job.step + 1} failed: {type(exc).__name__}: {exc}", events)
                 continue
             if report is None:
                 continue

@@ -89,6 +89,14 @@ class JobFailed(RuntimeError):
     """This job cannot go on; the others keep training."""
 
 
+@dataclass(frozen=True)
+class StepMark:
+    """What a fused micro-batch changes in a job before its backward pass (see ``TrainingJob.rewind``)."""
+
+    rng: torch.Tensor
+    metrics: int
+
+
 class TrainingJob:
     """Per-job state. Created by the engine (``FusedEngine.add_job``), never shared between jobs."""
 
@@ -125,6 +133,9 @@ class TrainingJob:
         self._window_seconds = 0.0
         self._step_micro_batches: list[list[int]] | None = None
         self._step_tokens = 0
+        # the state at the start of the accumulation window, to run a failed window again (``rewind``)
+        self._window_rng: torch.Tensor | None = None
+        self._window_metrics = 0
 
     # ---------------------------------------------------------------- progress
 
@@ -139,12 +150,44 @@ class TrainingJob:
     def next_micro_batch(self) -> tuple[list[Example], int]:
         """The examples of the next micro-batch and the label-token count of its whole optimizer step."""
         if self._step_micro_batches is None:
+            self._window_rng = self.dropout_generator.get_state()
+            self._window_metrics = self.adapter.metrics_mark()
             self._step_micro_batches = self.plan.micro_batches(self.step)
             self._step_tokens = sum(
                 self.examples[i].num_label_tokens for mb in self._step_micro_batches for i in mb
             )
         indices = self._step_micro_batches[self.micro]
         return [self.examples[i] for i in indices], max(1, self._step_tokens)
+
+    def mark(self) -> StepMark:
+        """This job's state before a fused micro-batch, for ``rewind`` if the step raises."""
+        return StepMark(self.dropout_generator.get_state(), self.adapter.metrics_mark())
+
+    def rewind(self, mark: StepMark, *, gradients_touched: bool) -> None:
+        """Undo a fused micro-batch that raised before ``after_backward``.
+
+        Before the backward pass only the dropout RNG and the extra metrics moved: they go back to
+        ``mark`` and the same micro-batch runs next. Once the backward pass has begun, this job's
+        gradients may hold part of the failed micro-batch: they are dropped and the whole
+        accumulation window runs again from its start (same micro-batches, same dropout draws), so
+        the optimizer step is the one an uninterrupted run takes.
+        """
+        if not gradients_touched:
+            self.dropout_generator.set_state(mark.rng)
+            self.adapter.metrics_rollback(mark.metrics)
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        if self._window_rng is not None and self._step_micro_batches is not None:
+            self.dropout_generator.set_state(self._window_rng)
+            self.adapter.metrics_rollback(self._window_metrics)
+        else:
+            self.dropout_generator.set_state(mark.rng)
+            self.adapter.metrics_rollback(mark.metrics)
+        self.micro = 0
+        self._window_loss = 0.0
+        self._window_tokens = 0
+        self._window_label_tokens = 0
+        self._window_seconds = 0.0
 
     def after_backward(self, loss_value: float, tokens: int, seconds: float, aux: dict[str, Any]) -> StepReport | None:
         """Record one micro-batch; at the end of the accumulation window step the optimizer.

@@ -587,6 +587,12 @@ class MixLoraJobAdapter:
         self._window.append(stats)
         return loss
 
+    def metrics_mark(self) -> int:
+        return len(self._window)
+
+    def metrics_rollback(self, mark: int) -> None:
+        del self._window[mark:]
+
     def step_metrics(self) -> dict[str, Any]:
         """Since the last call: mean aux loss (as added to the loss), mean unscaled balance term
         (``top_k`` when routing is uniform), z-loss for switch, and per layer the fraction of

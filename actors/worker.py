@@ -479,7 +479,7 @@ class TrainingWorker:
             self._step_s += time.perf_counter() - t0
             self._evict_for_oom(str(exc).splitlines()[0] if str(exc) else "out of memory", victim_hint=victim)
             return
-        except Exception as exc:  # an engine bug must not kill the worker: fail the group's jobs
+        except Exception as exc:  # the engine runs a failed step's jobs alone; if even that raises, fail them all
             self._step_s += time.perf_counter() - t0
             message = f"fused step failed: {type(exc).__name__}: {exc}"
             log.error("%s: %s\n%s", self.worker_id, message, traceback.format_exc())
@@ -609,13 +609,8 @@ class TrainingWorker:
         if not live:
             return
         victim = next((j for j in live if j.job_id == victim_hint), live[-1])
-        job = self.engine.jobs.get(victim.job_id)
-        # A step that failed half-way may have left partial gradients on the survivors; the next
-        # micro-batch of a window starts from zero only at a window boundary, so clear them when
-        # the failure hit the first micro-batch (the common case: the forward pass).
-        for other in self.engine.jobs.values():
-            if other is not job and other.micro == 0:
-                other.optimizer.zero_grad(set_to_none=True)
+        # A CUDA OOM half-way through a step was undone by the engine (``FusedEngine.step``): the
+        # survivors run the same micro-batch again, from the same state.
         self._leave(victim.job_id)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

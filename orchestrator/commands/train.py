@@ -219,7 +219,9 @@ def train_group(
             view.update(report.job, step=report.step, loss=report.loss, tokens_per_s=report.tokens_per_s)
         for event in result.events:
             if event.kind == "finished":
-                view.update(event.job, state="succeeded", output=event.output)
+                job = engine.jobs.get(event.job)
+                evaluates = job is not None and job.config.eval is not None  # evaluated once every job has trained
+                view.update(event.job, state="trained" if evaluates else "succeeded", output=event.output)
             else:
                 view.update(event.job, state="failed", message=event.message)
 

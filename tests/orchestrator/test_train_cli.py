@@ -196,3 +196,15 @@ def test_a_failed_evaluation_leaves_the_job_and_its_neighbours_trained(tmp_path,
     assert "eval failed: eval.data: record 0" in summary.replace("│", "")  # the summary says so too
     assert json.loads((tmp_path / "out" / "tok" / "job.json").read_text())["state"] == "succeeded"
     assert json.loads((tmp_path / "out" / "a" / "eval.json").read_text())["examples"] == 3
+
+
+def test_plain_progress_says_succeeded_only_after_the_evaluation(tmp_path, tiny_model_dir, capsys):
+    """Before, ``--plain`` printed ``succeeded`` when training ended and then ``evaluating``."""
+    data = write_jsonl(tmp_path / "rev.jsonl", alpaca_records(12, seed=1))
+    a = write_spec(tmp_path, "a", tiny_model_dir, data, eval_section={"held_out_fraction": 0.25})
+    capsys.readouterr()
+    assert main(["train", str(a), "--plain"]) == 0
+    err = capsys.readouterr().err
+    states = [line.split()[1] for line in err.splitlines() if line.startswith("[a] ")]
+    assert states[-3:] == ["trained", "evaluating", "succeeded"], states
+    assert states.count("succeeded") == 1
