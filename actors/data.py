@@ -237,17 +237,55 @@ def _bos(tokenizer: Any) -> list[int]:
 
 
 def _tokenize_chat(messages: list[dict[str, str]], tokenizer: Any, settings: DataSettings) -> Example:
+    """The conversation as the chat template renders it whole, tokenised once (the ids
+    ``apply_chat_template(tokenize=True)`` gives); labels on each assistant turn's content and
+    end-of-turn, not on its header (the tokens ``add_generation_prompt`` writes, which the
+    model is given at inference), nor on the other turns unless ``train_on_inputs``.
+
+    Turn bounds come from rendering the conversation's prefixes; a template that renders
+    earlier turns differently inside the whole conversation (e.g. one that drops earlier
+    reasoning) is refused, since no token bound is right for it.
+    """
     if not getattr(tokenizer, "chat_template", None):
         prompt, completion = build_prompt({"messages": messages}, "chat", None)
         return tokenize_record({"prompt": prompt, "completion": completion}, "text", tokenizer, settings)
-    ids: list[int] = []
-    labels: list[int] = []
+
+    def render(turns: list[dict[str, str]], generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+
+    full = render(messages, False)
+    spans: list[tuple[int, int]] = []  # character ranges of ``full`` whose tokens are trained
+    if settings.train_on_inputs:
+        spans.append((0, len(full)))
     for i, msg in enumerate(messages):
-        full = _chat_ids(tokenizer.apply_chat_template(messages[: i + 1], tokenize=True, add_generation_prompt=False))
-        new = full[len(ids) :]
-        trained = msg.get("role") == "assistant" or settings.train_on_inputs
-        ids.extend(new)
-        labels.extend(new if trained else [IGNORE_INDEX] * len(new))
+        if msg.get("role") != "assistant" or settings.train_on_inputs:
+            continue
+        upto = render(messages[: i + 1], False)
+        if not full.startswith(upto):
+            raise ValueError(
+                f"the chat template renders the first {i + 1} messages differently inside the whole "
+                "conversation (it rewrites earlier turns), so the assistant turns cannot be located; "
+                "give each assistant turn its own record, or use format: tokens"
+            )
+        try:
+            head = render(messages[:i], True) if i else ""
+        except Exception:  # a template that refuses a conversation of this shape: train the header too
+            head = ""
+        start = len(head) if upto.startswith(head) else len(render(messages[:i], False)) if i else 0
+        spans.append((start, len(upto)))
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        labels = [t if any(a <= first < b for a, b in spans) else IGNORE_INDEX
+                  for t, (first, _) in zip(ids, enc["offset_mapping"], strict=True)]  # fmt: skip
+    else:  # no character offsets: token the prefixes' renderings, turn by turn
+        ids, labels = [], []
+        for i, msg in enumerate(messages):
+            upto = _chat_ids(tokenizer.apply_chat_template(messages[: i + 1], tokenize=True))
+            new = upto[len(ids) :]
+            trained = msg.get("role") == "assistant" or settings.train_on_inputs
+            ids.extend(new)
+            labels.extend(new if trained else [IGNORE_INDEX] * len(new))
     return Example(ids[: settings.max_seq_len], labels[: settings.max_seq_len])
 
 

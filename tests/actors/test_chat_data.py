@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from actors.config import AdapterSettings, DataSettings, EvalSettings, JobConfig, LoraSettings, TrainSettings
@@ -54,7 +55,9 @@ def test_chat_records_tokenise_to_ids_with_only_the_assistant_trained():
     user_turn = len(tok(tok.apply_chat_template(record["messages"][:1], tokenize=False),
                         add_special_tokens=False)["input_ids"])  # fmt: skip
     assert ex.input_ids[: len(prompt)] == prompt  # generation continues from what training saw
-    assert ex.labels[:user_turn] == [IGNORE_INDEX] * user_turn and IGNORE_INDEX not in ex.labels[user_turn:]
+    assert len(prompt) == user_turn + 2  # the user turn and the assistant header "assistant :"
+    # the user turn and the header the model is given at inference are not trained; the answer and its </s> are
+    assert ex.labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt) and ex.labels[len(prompt) :] == ex.input_ids[len(prompt) :]
 
 
 def test_an_empty_text_prompt_is_the_bos_training_starts_from():
@@ -92,3 +95,84 @@ def test_chat_without_a_template_falls_back_to_role_lines():
     ex = tokenize_record(record, "chat", tok, DataSettings("x", format="chat", max_seq_len=64))
     prompt = prompt_ids(record, "chat", tok)
     assert all(isinstance(t, int) for t in ex.input_ids) and ex.input_ids[: len(prompt)] == prompt
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
+
+
+def bpe_chatml_tokenizer():
+    """A byte-level BPE tokenizer (as Qwen2's and SmolLM2's) with a ChatML template, trained here."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["the quick brown fox jumps over the lazy dog", "system user assistant reply answer question",
+              "What is two plus two? Four. And three plus three? Six.", "You are a helpful assistant."] * 20
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    return fast
+
+
+CONVERSATION = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is two plus two?"},
+    {"role": "assistant", "content": "Four."},
+    {"role": "user", "content": "And three plus three?"},
+    {"role": "assistant", "content": "Six, the quick answer."},
+]
+
+
+def trained_runs(tok, ex) -> list[str]:
+    """The decoded text of each run of trained tokens."""
+    runs, current = [], []
+    for token, label in zip(ex.input_ids, ex.labels, strict=True):
+        if label == IGNORE_INDEX:
+            if current:
+                runs.append(current)
+            current = []
+        else:
+            assert label == token
+            current.append(token)
+    return [tok.decode(run) for run in [*runs, current] if run]
+
+
+def test_a_multi_turn_chatml_conversation_trains_each_answer_and_its_end_of_turn():
+    """The ids are the template's tokens for the whole conversation (byte-level BPE, tokenised once),
+    and exactly each assistant turn's content and ``<|im_end|>`` are trained: not the system and user
+    turns, nor the ``<|im_start|>assistant`` header the model is given at inference."""
+    tok = bpe_chatml_tokenizer()
+    ex = tokenize_record({"messages": CONVERSATION}, "chat", tok, DataSettings("x", format="chat", max_seq_len=512))
+    assert ex.input_ids == tok.apply_chat_template(CONVERSATION, tokenize=True)["input_ids"]
+    assert trained_runs(tok, ex) == ["Four.<|im_end|>\n", "Six, the quick answer.<|im_end|>\n"]
+    prompt = prompt_ids({"messages": CONVERSATION}, "chat", tok)
+    assert ex.input_ids[: len(prompt)] == prompt and ex.labels[len(prompt) - 1] == IGNORE_INDEX
+    with_inputs = tokenize_record({"messages": CONVERSATION}, "chat", tok,
+                                  DataSettings("x", format="chat", max_seq_len=512, train_on_inputs=True))  # fmt: skip
+    assert with_inputs.labels == with_inputs.input_ids
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused_by_record(tmp_path):
+    """A template that renders earlier assistant turns differently once the conversation goes on
+    (here: it drops their reasoning, as Qwen3's does) has no token bound for the earlier turns:
+    before, the labels were cut at the wrong tokens without a word."""
+    from actors.data import DataError
+
+    tok = bpe_chatml_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% if m['role'] == 'assistant' and not loop.last %}{{ m['content'].split('</think>')[-1] }}"
+        "{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
+    )
+    turns = [{"role": "user", "content": "What is two plus two?"},
+             {"role": "assistant", "content": "<think>two and two</think>Four."},
+             {"role": "user", "content": "And three plus three?"},
+             {"role": "assistant", "content": "Six."}]  # fmt: skip
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}, {"messages": turns}])
+    with pytest.raises(DataError, match=r"record 1: the chat template renders the first 2 messages differently"):
+        load_examples(DataSettings(str(path), format="chat"), tok)
