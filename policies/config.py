@@ -57,9 +57,11 @@ def _num(field: str, value: Any, *, lo: float = 0.0, integer: bool = False, null
 
 
 def _mapping(field: str, value: Any, *, integer: bool = False) -> dict[str, Any]:
+    """Weights, shares or quotas: each a number (or integer) from 0 to 10^9. Weights of 1e308
+    passed and their sum overflowed to inf: every worker scored NaN and nothing ever started."""
     if not isinstance(value, Mapping):
         raise PolicyConfigError(f"{field}: must be a mapping (got {type(value).__name__})")
-    return {str(k): _num(f"{field}.{k}", v, integer=integer) for k, v in value.items()}
+    return {str(k): _num(f"{field}.{k}", v, integer=integer, hi=MAX_COUNT) for k, v in value.items()}
 
 
 def _common(doc: Mapping[str, Any]) -> dict[str, Any]:

@@ -232,6 +232,7 @@ class Cycle:
         self.slots = [Slot(w, i, by_worker.get(w.worker_id, ())) for i, w in enumerate(view.workers)]
         self.slot_of = {s.worker.worker_id: s for s in self.slots}
         self.reserved: set[int] = set()  # slot indices reserve_for took out of this cycle
+        self.held_why: dict[int, str] = {}  # slot index -> why it is held (for explain)
         # Busy accepting slots per model, and idle accepting slots per interchangeable class.
         self.busy_by_model: dict[str, list[Slot]] = {}
         self.idle_classes: dict[tuple[str | None, int, float], list[Slot]] = {}
@@ -251,7 +252,7 @@ class Cycle:
         self._reps: list[Slot] | None = None  # one idle slot per interchangeable class, lazily
         for s in self.slots:  # a group being preempted frees its room for the job it was preempted for
             if s.jobs and any(j.job_id in self.pending for j in s.jobs):
-                self.hold(s)
+                self.hold(s, "a preemption on it is pending")
 
     @cached_property
     def backlog_s(self) -> float:
@@ -336,15 +337,16 @@ class Cycle:
                 if t < best_t or (t == best_t and best is not None and slot.index < best.index):
                     best, best_t = slot, t
         if best is not None:
-            self.hold(best)
+            self.hold(best, f"reserved for {job.job_id} (it drains soonest for that job)")
         return best
 
-    def hold(self, slot: Slot) -> None:
+    def hold(self, slot: Slot, why: str = "held") -> None:
         """Take a busy slot out of this cycle: no job may join it (a reservation, or a worker whose
         group is being preempted for another job)."""
         if slot.index in self.reserved:
             return
         self.reserved.add(slot.index)
+        self.held_why[slot.index] = why
         model = slot.model or ""
         members = self.busy_by_model.get(model)
         if members is not None and slot in members:
@@ -417,6 +419,16 @@ class Cycle:
         return None
 
 
+@dataclass
+class _Trace:
+    """What :meth:`ProfilePolicy._cycle` saw of one job (see :meth:`ProfilePolicy.explain`)."""
+
+    position: int = -1
+    workers: tuple[WorkerLine, ...] = ()
+    decision: str = ""
+    stopped_at: str | None = None  # the job a cycle without backfill stopped at before the target
+
+
 @dataclass(frozen=True)
 class ProfilePolicy:
     """A policy assembled from plugins and admin weights (see the module docstring).
@@ -431,7 +443,8 @@ class ProfilePolicy:
         preempt: the preemption rule, or None (never preempt).
         queue_depth: at most this many queued jobs are considered per cycle (0: all).
         max_candidates: at most this many feasible workers are scored per job (0: all).
-        starvation_s: jobs waiting longer go first (oldest first); None: off.
+        starvation_s: jobs waiting longer go first (among the urgent, earliest deadline first),
+            deadlines or not; None: off.
         reservations: with backfill, the first this-many jobs that cannot start each reserve the
             worker that should drain soonest for them (no other job starts there this cycle): EASY
             backfilling, so big jobs are not starved by a stream of small ones.
@@ -501,18 +514,18 @@ class ProfilePolicy:
         """The queued jobs the tail guard puts first, earliest deadline first (see the class docstring).
 
         With ``fair_slack_s`` set, a job stamped with ``fair_start_s`` is urgent once
-        ``now >= fair_start_s - fair_slack_s`` and only then (its FIFO-fair start deadline has
-        come); other jobs follow the stateless guards. Deadline: ``fair_start_s``, else the submit time.
+        ``now >= fair_start_s - fair_slack_s`` (its FIFO-fair start deadline has come) or once it
+        has waited ``starvation_s``; other jobs follow the stateless guards. Deadline: ``fair_start_s``, else the submit time.
         """
         now = view.now_s
         st, gb, gl, fs = self.starvation_s, self.guard_backlog, self.guard_long, self.fair_slack_s
         out = []
         for j in view.queued:
-            if fs is not None and j.fair_start_s is not None:
-                if now >= j.fair_start_s - fs:
+            waited = now - j.submit_time_s
+            if fs is not None and j.fair_start_s is not None:  # the stateless guards give way to the deadline,
+                if now >= j.fair_start_s - fs or (st is not None and waited >= st):  # the admin's bound does not
                     out.append(j)
                 continue
-            waited = now - j.submit_time_s
             r = j.remaining_work_s
             if ((st is not None and waited >= st) or (gb is not None and waited >= gb * backlog_s)
                     or (gl is not None and r >= backlog_s and waited >= gl * r)):  # fmt: skip
@@ -625,16 +638,30 @@ class ProfilePolicy:
 
     def schedule(self, view: ClusterView) -> list[Decision]:
         """One cycle on ``view``: Start decisions in order, then any Preempt decisions."""
+        starts, preempts, _ = self._cycle(view)
+        return starts + preempts
+
+    def _cycle(self, view: ClusterView, target: str | None = None) -> tuple[list[Decision], list[Decision], _Trace]:
+        """The cycle :meth:`schedule` runs. With ``target``, it stops once that job is decided and
+        the trace holds what :meth:`explain` shows: its place, every worker's verdict as the cycle
+        stood when its turn came (earlier starts, reservations, urgency), and the decision."""
         cycle = Cycle(view, self.margin)
         cycle.fair_slack_s = self.fair_slack_s
+        trace = _Trace()
         starts: list[Decision] = []
         preempts: list[Decision] = []
         reserve_left = self.reservations
-        for job in self._ordered(view, cycle, self.queue_depth):
+        for position, job in enumerate(self._ordered(view, cycle, self.queue_depth)):
+            if job.job_id == target:
+                trace.position, trace.workers = position, self._verdicts(job, cycle)
             slot = self._place(job, cycle)
             if slot is not None:
                 cycle.start(job, slot)
                 starts.append(Start(job.job_id, slot.worker.worker_id))
+                if job.job_id == target:
+                    trace.decision = f"starts on {slot.worker.worker_id}" + (
+                        f" beside {len(slot.jobs) - 1} running job(s)" if len(slot.jobs) > 1 else "")
+                    break
                 continue
             victims = self.preempt.victims(job, cycle) if self.preempt is not None else []
             turn = False
@@ -647,34 +674,64 @@ class ProfilePolicy:
                 for v in victims:  # later jobs of this cycle must not refill the room being freed
                     wid = cycle.worker_of.get(v)
                     if wid in cycle.slot_of:
-                        cycle.hold(cycle.slot_of[wid])
+                        cycle.hold(cycle.slot_of[wid], f"a preemption for {job.job_id} is pending")
+                if job.job_id == target:
+                    trace.decision = (f"waits: no worker takes it now; preempts {', '.join(victims)} "
+                                      "(at their next checkpoint) to make room")  # fmt: skip
                 if turn:
+                    if job.job_id == target:
+                        break
                     continue  # the job waits for that worker: no reservation of another
             if not self.backfill:
+                if job.job_id == target:
+                    trace.decision = trace.decision or "waits: no worker takes it now"
+                    trace.decision += "; the queue stops here this cycle (no backfill)"
+                else:
+                    trace.stopped_at = job.job_id
                 break
-            if reserve_left > 0 and cycle.reserve_for(job) is not None:
-                reserve_left -= 1
-        return starts + preempts
+            reserved = None
+            if reserve_left > 0:
+                reserved = cycle.reserve_for(job)
+                if reserved is not None:
+                    reserve_left -= 1
+            if job.job_id == target:
+                trace.decision = trace.decision or "waits: no worker takes it now"
+                if reserved is not None:
+                    trace.decision += f"; reserves {reserved.worker.worker_id}, the worker that drains soonest for it"
+                break
+        return starts, preempts, trace
+
+    def _verdicts(self, job: JobView, cycle: Cycle) -> tuple[WorkerLine, ...]:
+        """Every worker's verdict for ``job`` in ``cycle`` as it stands: a reason, or the scores."""
+        lines: list[WorkerLine] = []
+        for slot in cycle.slots:
+            reason = f"held: {cycle.held_why.get(slot.index, 'held')}" if slot.index in cycle.reserved else None
+            reason = reason or cycle.fits(job, slot)
+            for f in self.filters:
+                reason = reason or f.filter(job, slot, cycle)
+            if reason:
+                lines.append(WorkerLine(slot.worker.worker_id, f"{reason}"))
+                continue
+            scores = tuple(FactorLine(p.name, p.score(job, slot, cycle), w) for p, w in self.scores)
+            lines.append(WorkerLine(slot.worker.worker_id, None, scores, self._score(job, slot, cycle)))
+        return tuple(lines)
 
     def explain(self, view: ClusterView, job_id: str) -> Explanation:
-        """The job's priority factors, queue position and, if queued, every worker's verdict."""
+        """The job's priority factors, queue position and, if queued, every worker's verdict as
+        this cycle stands when the job's turn comes, and what the cycle decides for it."""
         job = view.find_job(job_id)
         if job is None:
             raise KeyError(f"job {job_id!r} is neither queued nor running")
         factors, priority = self.order.breakdown(job, view)
-        position = -1
-        lines: list[WorkerLine] = []
-        if not job.is_running:
-            position = [j.job_id for j in self._ordered(view)].index(job_id)
-            cycle = Cycle(view, self.margin)
-            for slot in cycle.slots:
-                reason = "held: a preemption on it is pending" if slot.index in cycle.reserved else None
-                reason = reason or cycle.fits(job, slot)
-                for f in self.filters:
-                    reason = reason or f.filter(job, slot, cycle)
-                if reason:
-                    lines.append(WorkerLine(slot.worker.worker_id, f"{reason}"))
-                    continue
-                scores = tuple(FactorLine(p.name, p.score(job, slot, cycle), w) for p, w in self.scores)
-                lines.append(WorkerLine(slot.worker.worker_id, None, scores, self._score(job, slot, cycle)))
-        return Explanation(job_id, self.name, factors, priority, position, tuple(lines))
+        if job.is_running:
+            return Explanation(job_id, self.name, factors, priority, -1, ())
+        _, _, trace = self._cycle(view, job_id)
+        if trace.position >= 0:
+            return Explanation(job_id, self.name, factors, priority, trace.position, trace.workers, trace.decision)
+        cycle = Cycle(view, self.margin)  # not reached this cycle: its verdicts on an untouched cycle
+        cycle.fair_slack_s = self.fair_slack_s
+        position = [j.job_id for j in self._ordered(view, cycle)].index(job_id)
+        why = (f"the cycle stopped at {trace.stopped_at}, which could not start (no backfill)"
+               if trace.stopped_at is not None else f"only the first {self.queue_depth} queued jobs are considered")  # fmt: skip
+        return Explanation(job_id, self.name, factors, priority, position, self._verdicts(job, cycle),
+                           f"not considered this cycle: {why}")  # fmt: skip

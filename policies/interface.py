@@ -84,10 +84,13 @@ class Explanation:
     priority: float
     position: int  # 0-based place in the queue order; -1 when running
     workers: tuple[WorkerLine, ...]
+    decision: str = ""  # what this cycle does with a queued job, e.g. "starts on w0", "waits: ..."
 
     def format(self) -> str:
         """A few readable lines, e.g. ``age 0.50 x 1000 = 500``."""
         lines = [f"job {self.job_id} under {self.policy}: queue position {self.position}, priority {self.priority:.1f}"]
+        if self.decision:
+            lines.append(f"  this cycle: {self.decision}")
         lines += [f"  {f.name:<10} {f.value:6.3f} x {f.weight:g} = {f.weighted:.1f}" for f in self.factors]
         for w in self.workers:
             if w.rejected_by:

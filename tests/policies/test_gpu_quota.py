@@ -68,10 +68,10 @@ def test_config_key_reaches_the_filter():
     ("value", "message"),
     [
         ([4], "gpu_quotas: must be a mapping (got list)"),
-        ({"alice": 1.5}, "gpu_quotas.alice: must be an integer >= 0 (got 1.5)"),
-        ({"default": -1}, "gpu_quotas.default: must be an integer >= 0 (got -1)"),
-        ({"bob": "4"}, "gpu_quotas.bob: must be an integer >= 0 (got '4')"),
-        ({"bob": True}, "gpu_quotas.bob: must be an integer >= 0 (got True)"),
+        ({"alice": 1.5}, "gpu_quotas.alice: must be an integer >= 0 and <= 1,000,000,000 (got 1.5)"),
+        ({"default": -1}, "gpu_quotas.default: must be an integer >= 0 and <= 1,000,000,000 (got -1)"),
+        ({"bob": "4"}, "gpu_quotas.bob: must be an integer >= 0 and <= 1,000,000,000 (got '4')"),
+        ({"bob": True}, "gpu_quotas.bob: must be an integer >= 0 and <= 1,000,000,000 (got True)"),
     ],
 )
 def test_config_errors_name_the_key(value, message):
