@@ -84,7 +84,11 @@ def _load_records(path: str) -> list[dict[str, Any]]:
         try:
             ds = datasets.load_dataset(kind, data_files=str(file), split="train", keep_in_memory=True)
         except Exception as exc:  # datasets raises many types for a malformed file
-            raise DataError(f"data.path: cannot read {path} as {kind}: {exc}") from exc
+            root = exc  # its message is often generic ("An error occurred while generating the dataset")
+            while (root.__cause__ or root.__context__) is not None and root is not (root.__cause__ or root.__context__):
+                root = root.__cause__ or root.__context__
+            reason = f"{exc}" if root is exc else f"{exc} ({type(root).__name__}: {str(root).strip()})"
+            raise DataError(f"data.path: cannot read {path} as {kind}: {reason}") from exc
         records = ds.to_list()
     if not records:
         raise DataError(f"data.path: {path} has no records")
@@ -96,7 +100,10 @@ def _read_json_records(file: Path) -> list[dict[str, Any]] | None:
 
     Raises DataError naming the line of a malformed JSON Lines record.
     """
-    text = file.read_text(encoding="utf-8")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"data.path: {file} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if not text.strip():
         return []
     try:
@@ -104,7 +111,11 @@ def _read_json_records(file: Path) -> list[dict[str, Any]] | None:
     except json.JSONDecodeError:
         doc = None  # several documents: JSON Lines
     if isinstance(doc, list):
-        records = doc if all(isinstance(r, dict) for r in doc) else None
+        for number, item in enumerate(doc):
+            if not isinstance(item, dict):
+                raise DataError(f"data.path: {file}: item {number} of the JSON list is {_short(item)}, "
+                                "not a record (a JSON object)")  # fmt: skip
+        records = doc
     elif isinstance(doc, dict):
         records = [doc] if len(text.strip().splitlines()) == 1 else None  # a pretty-printed object: datasets
     else:
@@ -126,7 +137,9 @@ def _read_json_records(file: Path) -> list[dict[str, Any]] | None:
 
 
 def detect_format(record: dict[str, Any]) -> str:
-    keys = set(record)
+    """The format of a record from its keys; a key whose value is null counts as absent (a file's
+    records carry every column of the file, missing ones null)."""
+    keys = {key for key, value in record.items() if value is not None}
     if "input_ids" in keys:
         return "tokens"
     if "messages" in keys:
@@ -135,8 +148,9 @@ def detect_format(record: dict[str, Any]) -> str:
         return "alpaca"
     if "text" in keys or {"prompt", "completion"} <= keys:
         return "text"
+    nulls = " (null values count as absent)" if len(keys) < len(record) else ""
     raise DataError(
-        f"data.format: cannot detect the format from record keys {sorted(keys)}; use alpaca "
+        f"data.format: cannot detect the format from record keys {sorted(keys)}{nulls}; use alpaca "
         "{instruction, input, output}, text {text} or {prompt, completion}, chat {messages}, "
         "tokens {input_ids, labels}, or set data.format"
     )
@@ -153,7 +167,7 @@ def build_prompt(record: dict[str, Any], fmt: str, tokenizer: Any = None) -> tup
         template = PROMPT_TEMPLATE_WITH_INPUT if extra else PROMPT_TEMPLATE
         return template.format(instruction=instruction, input=extra), str(record.get("output", ""))
     if fmt == "text":
-        if "prompt" in record and "completion" in record:
+        if record.get("prompt") is not None and record.get("completion") is not None:
             return str(record["prompt"]), str(record["completion"])
         return "", str(record["text"])
     if fmt == "chat":
@@ -167,16 +181,35 @@ def build_prompt(record: dict[str, Any], fmt: str, tokenizer: Any = None) -> tup
 
 
 def _check_fields(record: dict[str, Any], fmt: str, index: int, path: str) -> None:
+    """A record has the fields its format needs, not null (a file's records carry every column of
+    the file, missing ones null: a ``{text}`` record among ``{prompt, completion}`` ones has a null
+    prompt, and trained on the text "None" before)."""
+    if fmt == "text":
+        if record.get("text") is None and (record.get("prompt") is None or record.get("completion") is None):
+            raise DataError(f"{path}: record {index}: field 'text' (or 'prompt' and 'completion') is missing "
+                            "or null (data.format: text)")  # fmt: skip
+        return
     required = {"alpaca": ("instruction", "output"), "chat": ("messages",), "tokens": ("input_ids",)}.get(fmt, ())
-    if fmt == "text" and "text" not in record and not {"prompt", "completion"} <= set(record):
-        required = ("text",)
     for key in required:
         if record.get(key) is None:
-            raise DataError(f"{path}: record {index}: field {key!r} is missing (data.format: {fmt})")
+            raise DataError(f"{path}: record {index}: field {key!r} is missing or null (data.format: {fmt})")
     if fmt == "chat":
         msgs = record["messages"]
-        if not isinstance(msgs, list) or not msgs or msgs[-1].get("role") != "assistant":
-            raise DataError(f"{path}: record {index}: 'messages' must be a list ending with an assistant turn")
+        if not isinstance(msgs, list) or not msgs:
+            raise DataError(f"{path}: record {index}: 'messages' must be a non-empty list of {{role, content}} objects")
+        for number, msg in enumerate(msgs):
+            if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or not isinstance(
+                    msg.get("content"), str):  # fmt: skip
+                raise DataError(f"{path}: record {index}: messages[{number}] must be an object with a string "
+                                f"'role' and a string 'content' (got {_short(msg)})")  # fmt: skip
+        if msgs[-1]["role"] != "assistant":
+            raise DataError(f"{path}: record {index}: 'messages' must end with an assistant turn "
+                            f"(the last role is {msgs[-1]['role']!r})")  # fmt: skip
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def tokenize_record(record: dict[str, Any], fmt: str, tokenizer: Any, settings: DataSettings) -> Example:
@@ -290,13 +323,15 @@ def _tokenize_chat(messages: list[dict[str, str]], tokenizer: Any, settings: Dat
 
 
 def load_examples(
-    settings: DataSettings, tokenizer: Any, *, exclude: Sequence[int] = (), vocab_size: int | None = None
+    settings: DataSettings, tokenizer: Any, *, exclude: Sequence[int] = (), vocab_size: int | None = None,
+    max_positions: int | None = None,
 ) -> list[Example]:
     """Read, validate and tokenise the data file, leaving out the records at ``exclude``.
 
     With ``vocab_size`` (the model's embedding rows: :func:`model_vocab_size`), every token id and
     label must be below it (labels may also be -100, ignored): an id out of range would fail the
-    whole fused step deep in torch, so it is refused here, naming the record.
+    whole fused step deep in torch, so it is refused here, naming the record; so is a record longer
+    than ``max_positions`` (:func:`model_max_positions`).
 
     Raises:
         DataError: missing or unreadable file, unknown format, a record missing a field, a record
@@ -312,29 +347,53 @@ def load_examples(
         _check_fields(record, fmt, index, settings.path)
         try:
             example = tokenize_record(record, fmt, tokenizer, settings)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DataError(f"{settings.path}: record {index}: {exc}") from exc
-        _check_example(example, index, settings.path, fmt, vocab_size)
+        except Exception as exc:  # a chat template's own TemplateError too ("Unknown role: wizard")
+            shown = exc if isinstance(exc, (KeyError, TypeError, ValueError)) else f"{type(exc).__name__}: {exc}"
+            raise DataError(f"{settings.path}: record {index}: {shown}") from exc
+        _check_example(example, index, settings.path, fmt, vocab_size, max_positions)
         examples.append(example)
     if not any(ex.num_label_tokens for ex in examples):
         raise DataError(f"{settings.path}: no record has a token to train on (check data.format / max_seq_len)")
     return examples
 
 
-def check_examples(examples: Sequence[Example], vocab_size: int | None, source: str) -> None:
+def check_records(settings: DataSettings) -> int:
+    """The checks of :func:`load_examples` that need no tokenizer (``lorafleet validate``): the file
+    reads, its format is known, every record has its format's fields. Returns the record count.
+
+    Raises:
+        DataError: naming the file, the record and the field.
+    """
+    records = load_records(settings.path)
+    fmt = settings.format if settings.format != "auto" else detect_format(records[0])
+    for index, record in enumerate(records):
+        _check_fields(record, fmt, index, settings.path)
+    return len(records)
+
+
+def check_examples(
+    examples: Sequence[Example], vocab_size: int | None, source: str, max_positions: int | None = None
+) -> None:
     """The checks :func:`load_examples` makes, for examples built elsewhere (``source`` names them).
 
     Raises:
-        DataError: an example with no token, or a token id or label outside the vocabulary.
+        DataError: an example with no token, a token id or label outside the vocabulary, or more
+            tokens than the model has positions.
     """
     for index, example in enumerate(examples):
-        _check_example(example, index, source, "tokens", vocab_size)
+        _check_example(example, index, source, "tokens", vocab_size, max_positions)
 
 
-def _check_example(example: Example, index: int, path: str, fmt: str, vocab_size: int | None) -> None:
+def _check_example(
+    example: Example, index: int, path: str, fmt: str, vocab_size: int | None, max_positions: int | None = None
+) -> None:
     field = "input_ids" if fmt == "tokens" else "the tokenized record"
     if not example.input_ids:
         raise DataError(f"{path}: record {index}: {field} is empty; every record needs at least one token")
+    if max_positions is not None and len(example.input_ids) > max_positions:
+        raise DataError(f"{path}: record {index}: {len(example.input_ids)} tokens, more than the {max_positions} "
+                        f"positions of the model's position table; set data.max_seq_len: {max_positions} "
+                        "or less")  # fmt: skip
     if vocab_size is None:
         return
     for name, values, allowed in (("input_ids", example.input_ids, ()), ("labels", example.labels, (IGNORE_INDEX,))):
@@ -344,6 +403,19 @@ def _check_example(example: Example, index: int, path: str, fmt: str, vocab_size
             also = "" if name == "input_ids" else f" or {IGNORE_INDEX} (ignored)"
             raise DataError(f"{path}: record {index}: {name} has {what} {bad} outside the model's vocabulary "
                             f"(allowed: 0 to {vocab_size - 1}{also})")  # fmt: skip
+
+
+POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")  # learned absolute positions, by module name
+
+
+def model_max_positions(model: Any) -> int | None:
+    """The longest sequence a model with a learned position table takes (GPT-2, GPT-BigCode, OPT:
+    a longer one fails with an index error deep in torch); None for rotary or ALiBi models, whose
+    ``max_position_embeddings`` is no hard limit."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in POSITION_TABLES and isinstance(module, torch.nn.Embedding):
+            return int(module.num_embeddings) - int(getattr(module, "offset", 0))  # OPT's table starts at 2
+    return None
 
 
 def model_vocab_size(model: Any) -> int | None:

@@ -29,7 +29,15 @@ from actors import checkpoint as ckpt
 from actors.adapter import AdapterLoadError, JobAdapter, LoraJobAdapter
 from actors.checkpoint import read_adapter
 from actors.config import AdapterSettings, EngineSettings, JobConfig
-from actors.data import Example, check_examples, collate, load_examples, model_vocab_size, pack
+from actors.data import (
+    Example,
+    check_examples,
+    collate,
+    load_examples,
+    model_max_positions,
+    model_vocab_size,
+    pack,
+)
 from actors.fused_model import FusedModel
 from actors.job import JobFailed, StepReport, TrainingJob
 from actors.lora import BatchLayout, Segment
@@ -123,6 +131,7 @@ class FusedEngine:
         self.inference: dict[str, JobAdapter] = {}  # exported adapters attached for evaluation
         # token ids the model takes and predicts: a job's data is checked against it before it joins
         self.vocab_size = model_vocab_size(model)
+        self.max_positions = model_max_positions(model)  # learned position tables only (GPT-2, OPT): else None
         self._backward_started = False  # in the current step: a failure after it may have left partial gradients
 
     @property
@@ -153,10 +162,10 @@ class FusedEngine:
             raise ValueError(
                 f"adapter.type: {config.adapter.kind!r} is not available; allowed: {', '.join(sorted(ADAPTER_KINDS))}"
             )
-        if config.eval is not None and config.eval.data is not None:
-            from actors.data import load_records
+        if config.eval is not None:
+            from actors.evaluate import check_eval
 
-            load_records(config.eval.data, "eval.data")  # refused now, not after the whole training
+            check_eval(config)  # refused now, not after the whole training
         if examples is None:
             held_out = []
             if config.eval is not None and config.eval.data is None:
@@ -164,9 +173,10 @@ class FusedEngine:
 
                 total = len(load_records(config.data.path))
                 held_out = held_out_indices(total, config.eval.held_out_fraction, config.train.seed)
-            examples = load_examples(config.data, self.tokenizer, exclude=held_out, vocab_size=self.vocab_size)
+            examples = load_examples(config.data, self.tokenizer, exclude=held_out, vocab_size=self.vocab_size,
+                                     max_positions=self.max_positions)  # fmt: skip
         else:
-            check_examples(examples, self.vocab_size, f"{config.name}: examples")
+            check_examples(examples, self.vocab_size, f"{config.name}: examples", self.max_positions)
         seed = config.train.seed
         adapter = factory(self.fused, config.name, config.adapter, seeded_generator(seed))
         try:

@@ -182,7 +182,7 @@ def multiple_choice_accuracy(scores: Sequence[Sequence[float]], answers: Sequenc
 
 
 def _eval_records(config) -> tuple[list[dict], str]:
-    from actors.data import detect_format, held_out_indices, load_records
+    from actors.data import DataError, detect_format, held_out_indices, load_records
 
     ev = config.eval
     train_records = load_records(config.data.path)
@@ -191,10 +191,63 @@ def _eval_records(config) -> tuple[list[dict], str]:
         records = load_records(ev.data, "eval.data")
     else:
         picked = held_out_indices(len(train_records), ev.held_out_fraction, config.train.seed)
+        if not picked:
+            raise DataError(f"eval.held_out_fraction: {config.data.path} has {len(train_records)} record(s), too few "
+                            "to hold one out and train on the rest; give eval.data")  # fmt: skip
         records = [train_records[i] for i in picked]
     if ev.max_examples is not None:
         records = records[: ev.max_examples]
     return records, fmt
+
+
+def check_eval(config) -> None:
+    """What ``config.eval`` needs of its records, checked before training (``add_job``, ``lorafleet
+    validate``) rather than found after it: the file, a held-out share that holds a record out,
+    metrics the data format allows, and well-formed multiple-choice records.
+
+    Raises:
+        DataError: naming the field (``eval.data``, ``eval.held_out_fraction``, ``eval.metrics``).
+    """
+    from actors.data import DataError
+
+    ev = config.eval
+    if ev is None:
+        return
+    records, fmt = _eval_records(config)
+    source = "eval.data" if ev.data is not None else "eval (held out of data.path)"
+    if "exact_match" in ev.metrics and fmt == "tokens":
+        raise DataError("eval.metrics: exact_match needs text records (data.format is tokens); use loss")
+    if "multiple_choice" in ev.metrics:
+        for i, r in enumerate(records):
+            _choice_fields(r, i, source)
+    if "loss" in ev.metrics and "multiple_choice" not in ev.metrics and all(r.get("choices") is not None
+                                                                            for r in records):  # fmt: skip
+        raise DataError(f"{source}: every record is a multiple-choice record (loss skips them); "
+                        "add multiple_choice to eval.metrics")  # fmt: skip
+
+
+def _choice_fields(record: dict, index: int, source: str) -> tuple[str, list[str], int]:
+    """(question, choices, index of the right choice) of a multiple-choice record: ``choices`` a list
+    of at least two texts, ``answer`` the 0-based index of the right one or its text."""
+    from actors.data import DataError
+
+    where = f"{source}: record {index}"
+    question, choices, answer = record.get("question"), record.get("choices"), record.get("answer")
+    if question is None or choices is None or answer is None:
+        missing = [k for k, v in (("question", question), ("choices", choices), ("answer", answer)) if v is None]
+        raise DataError(f"{where}: multiple_choice needs question, choices, answer ({', '.join(missing)} missing)")
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, (str, int, float)) and
+                                                                     not isinstance(c, bool) for c in choices):  # fmt: skip
+        raise DataError(f"{where}: choices must be a list of at least two texts (got {choices!r})")
+    texts = [str(c) for c in choices]
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        if not 0 <= answer < len(texts):
+            raise DataError(f"{where}: answer {answer} is not a choice index (allowed: 0 to {len(texts) - 1})")
+        return str(question), texts, answer
+    if isinstance(answer, str) and answer in texts:
+        return str(question), texts, texts.index(answer)
+    raise DataError(f"{where}: answer must be the 0-based index of the right choice or its text "
+                    f"(got {answer!r}; choices {texts})")  # fmt: skip
 
 
 def evaluate_job(engine, name: str | None, config, between: Callable[[], None] | None = None) -> dict:
@@ -213,9 +266,9 @@ def evaluate_job(engine, name: str | None, config, between: Callable[[], None] |
     names = [None, name]
     result: dict = {"examples": len(records), "metrics": {}, "samples": []}
     if "loss" in ev.metrics:
-        usable = [r for r in records if "choices" not in r]
+        usable = [r for r in records if r.get("choices") is None]  # a file's records carry every column
         examples = [tokenize_record(r, fmt, tok, config.data) for r in usable]
-        check_examples(examples, engine.vocab_size, "eval.data")  # an id out of range would fail in torch
+        check_examples(examples, engine.vocab_size, "eval.data", engine.max_positions)  # else: failing in torch
         if examples:
             (base, _), (adapter, count) = engine.evaluate(names, examples, micro_batch_size=ev.batch_size,
                                                           between=between)  # fmt: skip
@@ -223,7 +276,7 @@ def evaluate_job(engine, name: str | None, config, between: Callable[[], None] |
             result["metrics"]["perplexity"] = {"base": math.exp(min(base, 50)), "adapter": math.exp(min(adapter, 50))}
     if "exact_match" in ev.metrics:
         if fmt == "tokens":
-            raise DataError("eval.metrics: exact_match needs text records (data.format is tokens)")
+            raise DataError("eval.metrics: exact_match needs text records (data.format is tokens); use loss")
         pairs = [build_prompt(r, fmt, tok) for r in records]
         prompts = [prompt_ids(r, fmt, tok) for r in records]  # as training tokenises them (one BOS, chat template)
         outs = generate_greedy(engine, names, prompts, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
@@ -246,21 +299,20 @@ def evaluate_job(engine, name: str | None, config, between: Callable[[], None] |
 
 
 def _multiple_choice(engine, names, records, fmt, ev, between=None) -> dict:
-    from actors.data import DataError, build_prompt
+    from actors.data import build_prompt
 
     tok = engine.tokenizer
     items = []
     for i, r in enumerate(records):
-        if not {"question", "choices", "answer"} <= set(r):
-            raise DataError(f"eval.data: record {i}: multiple_choice needs question, choices, answer")
+        question, choices, answer = _choice_fields(r, i, "eval.data")
         if fmt == "alpaca":  # the job's own prompt template
-            prompt, _ = build_prompt({"instruction": r["question"], "input": ""}, "alpaca")
+            prompt, _ = build_prompt({"instruction": question, "input": ""}, "alpaca")
         else:
-            prompt = str(r["question"])
+            prompt = question
         items.append(ChoiceItem(
             tok(prompt, add_special_tokens=True)["input_ids"],
-            [tok(str(c), add_special_tokens=False)["input_ids"] for c in r["choices"]],
-            int(r["answer"]),
+            [tok(c, add_special_tokens=False)["input_ids"] for c in choices],
+            answer,
         ))
     scores = choice_logprobs(engine, names, items, batch_size=ev.batch_size * 2, between=between)
     answers = [it.answer for it in items]

@@ -370,7 +370,8 @@ def _run_group(engine, probe, members: Sequence[GroupMember], base_model: str, s
         if m.data is None:
             examples = _synthetic_examples(m.seq_len, m.batch, vocab, seed=i)
         else:
-            examples = load_examples(m.data, engine.tokenizer, vocab_size=engine.vocab_size)
+            examples = load_examples(m.data, engine.tokenizer, vocab_size=engine.vocab_size,
+                                     max_positions=engine.max_positions)  # fmt: skip
             examples = sorted(examples, key=lambda e: -len(e.input_ids))
         plans.append((m, examples))
     with tempfile.TemporaryDirectory(prefix="lorafleet-memprobe-") as out:

@@ -1,10 +1,13 @@
-"""``lorafleet validate A.yaml ...``: check job specs (and that their data files exist) without training."""
+"""``lorafleet validate A.yaml ...``: check job specs, their data files' records and their ``eval:`` sections
+without a model (tokenisation is checked when a job joins)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from actors.data import DataError, check_records
+from actors.evaluate import check_eval
 from orchestrator.spec import SpecError, load_spec
 
 HELP = "check job spec files and print every error"
@@ -24,10 +27,16 @@ def run(args: argparse.Namespace) -> int:
             print("\n".join(err.errors))
             continue
         problems = []
-        if not Path(spec.data.path).is_file():
-            problems.append(f"{path}: data.path: file not found: {spec.data.path}")
-        if spec.eval is not None and spec.eval.data is not None and not Path(spec.eval.data).is_file():
-            problems.append(f"{path}: eval.data: file not found: {spec.eval.data}")
+        try:
+            records = check_records(spec.to_job_config().data)  # files, formats, fields (no tokenizer needed)
+        except DataError as exc:
+            problems.append(f"{path}: {exc}")
+            records = 0
+        if records and spec.eval is not None:
+            try:
+                check_eval(spec.to_job_config())
+            except DataError as exc:
+                problems.append(f"{path}: {exc}")
         if spec.adapter.init_from and not Path(spec.adapter.init_from, "adapter_config.json").is_file():
             problems.append(f"{path}: adapter.init_from: no adapter_config.json in {spec.adapter.init_from}")
         if problems:
