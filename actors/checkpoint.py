@@ -172,14 +172,30 @@ def latest_checkpoint(output: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be read; the message names the file."""
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Everything ``save_checkpoint`` wrote, loaded with ``weights_only=True``."""
+    """Everything ``save_checkpoint`` wrote, loaded with ``weights_only=True``.
+
+    Raises:
+        CheckpointError: a file is missing or damaged (the message names it).
+    """
     path = Path(path)
-    state, config = read_adapter(path)
-    return {
-        "adapter_state": state,
-        "adapter_config": config,
-        "optimizer_state": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
-        "tensors": torch.load(path / "state.pt", map_location="cpu", weights_only=True),
-        "trainer_state": json.loads((path / "trainer_state.json").read_text()),
-    }
+    try:
+        state, config = read_adapter(path)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path}: {exc}") from exc
+    out: dict[str, Any] = {"adapter_state": state, "adapter_config": config}
+    for key, name in (("optimizer_state", "optimizer.pt"), ("tensors", "state.pt"), ("trainer_state", "trainer_state.json")):
+        file = path / name
+        try:
+            if name.endswith(".json"):
+                out[key] = json.loads(file.read_text())
+            else:
+                out[key] = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch.load raises RuntimeError, OSError, pickle errors, EOFError
+            raise CheckpointError(f"checkpoint {path}: {name} is missing or damaged ({type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc  # fmt: skip
+    return out

@@ -192,15 +192,40 @@ class FusedEngine:
                 dropout_generator=seeded_generator(seed + 1, self.device),
                 base_model_id=self.base_model_id or config.base_model,
             )
-            latest = ckpt.latest_checkpoint(config.output) if resume else None
-            if latest is not None:
-                job.restore(latest)
-                log.info("%s: resumed from %s (step %d/%d)", config.name, latest, job.step, job.total_steps)
+            restored = self._restore_newest(job) if resume else None
+            if restored is None:
+                job._truncate_metrics(0)  # a run stopped before its first checkpoint: start the log over
         except BaseException:
             adapter.detach()
             raise
         self.jobs[config.name] = job
         return job
+
+    @staticmethod
+    def _restore_newest(job: TrainingJob) -> Path | None:
+        """Restore the newest readable checkpoint of ``job`` (an older one where the newest is
+        damaged); None when there is none.
+
+        Raises:
+            CheckpointError: every checkpoint is damaged (the newest's error, and how to go on).
+            ValueError: a spec change the checkpoint cannot follow (``TrainingJob.restore``).
+        """
+        found = ckpt.list_checkpoints(job.config.output)
+        first_error: ckpt.CheckpointError | None = None
+        for path in reversed(found):
+            try:
+                job.restore(path)
+            except ckpt.CheckpointError as exc:
+                log.warning("%s: %s; trying an older checkpoint", job.name, exc)
+                first_error = first_error or exc
+                continue
+            note = f" ({first_error})" if first_error is not None else ""
+            log.info("%s: resumed from %s (step %d/%d)%s", job.name, path, job.step, job.total_steps, note)
+            return path
+        if first_error is not None:
+            raise ckpt.CheckpointError(f"{first_error}; no older checkpoint is readable: delete "
+                                       f"{Path(job.config.output) / 'checkpoints'} to start over")  # fmt: skip
+        return None
 
     def remove_job(self, name: str) -> TrainingJob:
         """Detach a job between steps (its files stay); returns its final state."""

@@ -89,6 +89,17 @@ class JobFailed(RuntimeError):
     """This job cannot go on; the others keep training."""
 
 
+# Training settings a checkpoint's optimizer state, schedule and data order depend on: a resume with
+# any of them changed is refused. micro_batch_size may change (the controller halves it after an OOM:
+# the step's gradient is the same); max_steps / epochs may grow (the schedule follows the new length).
+RESUME_FIXED = ("optimizer", "learning_rate", "weight_decay", "betas", "eps", "momentum", "lr_scheduler",
+                "warmup_steps", "batch_size", "seed")  # fmt: skip
+
+
+def _show(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
 @dataclass(frozen=True)
 class StepMark:
     """What a fused micro-batch changes in a job before its backward pass (see ``TrainingJob.rewind``)."""
@@ -254,7 +265,14 @@ class TrainingJob:
         path = self.output / "metrics.jsonl"
         if not path.exists():
             return
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+        kept = []
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                step = json.loads(line)["step"] if line.strip() else None
+            except (ValueError, KeyError, TypeError):  # a line torn by a crash or a full disk mid-append
+                step = None
+            if isinstance(step, int) and step <= last_step:
+                kept.append(line)
         ckpt.atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
 
     def save_checkpoint(self) -> Path:
@@ -266,7 +284,10 @@ class TrainingJob:
             optimizer_state=self.optimizer.state_dict(),
             tensors={
                 "scheduler": self.scheduler.state_dict(),
-                "dropout_rng": self.dropout_generator.get_state(),
+                # mid-window (a preemption between micro-batches) the window runs again from its start
+                # after a restore, so the RNG as it was there: the same dropout and jitter draws
+                "dropout_rng": self._window_rng if self.micro > 0 and self._window_rng is not None
+                else self.dropout_generator.get_state(),
             },
             trainer_state={
                 "job": self.name,
@@ -275,17 +296,41 @@ class TrainingJob:
                 "tokens_seen": self.tokens_seen,
                 "last_loss": self.last_loss,
                 "time": time.time(),
+                "train": {key: getattr(self.config.train, key) for key in RESUME_FIXED},
             },
         )
 
     def restore(self, path: Path) -> None:
-        """Continue from checkpoint ``path``: adapter, optimizer, schedule, data position, dropout RNG."""
+        """Continue from checkpoint ``path``: adapter, optimizer, schedule, data position, dropout RNG.
+
+        Raises:
+            CheckpointError: a damaged file (named).
+            ValueError: the spec changed a setting the checkpoint's optimizer state and schedule
+                fix (``RESUME_FIXED``), or it ends at or before the checkpoint's step.
+        """
         state = ckpt.load_checkpoint(path)
+        trainer = state["trainer_state"]
+        saved = trainer.get("train") or {}  # checkpoints before 2026-12-07 did not record it
+        changed = [f"train.{key}: {_show(saved[key])} when {path.name} was written, now "
+                   f"{_show(getattr(self.config.train, key))}"
+                   for key in RESUME_FIXED if key in saved and _show(saved[key]) != _show(getattr(self.config.train, key))]  # fmt: skip
+        if changed:
+            raise ValueError(
+                f"{'; '.join(changed)}: resuming would mix the two (the optimizer state and the schedule come from "
+                "the checkpoint); set the old value(s) back, or start over (lorafleet train --no-resume, or a new "
+                "output directory)"
+            )
+        if int(trainer["step"]) >= self.total_steps:
+            raise ValueError(
+                f"train: the newest checkpoint, {path}, is at step {trainer['step']}, but this spec trains "
+                f"{self.total_steps} steps (train.max_steps, train.epochs or the data changed since); raise "
+                f"train.max_steps above {trainer['step']} to continue, or start over (lorafleet train --no-resume, "
+                "or a new output directory)"
+            )
         self.adapter.load_state(state["adapter_state"], str(path))
         self.optimizer.load_state_dict(state["optimizer_state"])
         self.scheduler.load_state_dict(state["tensors"]["scheduler"])
         self.dropout_generator.set_state(state["tensors"]["dropout_rng"])
-        trainer = state["trainer_state"]
         self.step = int(trainer["step"])
         self.tokens_seen = int(trainer.get("tokens_seen", 0))
         self.last_loss = trainer.get("last_loss")
