@@ -20,7 +20,14 @@ import torch
 from safetensors.torch import load_file
 
 from actors.checkpoint import CheckpointError, list_checkpoints
-from actors.config import AdapterSettings, DataSettings, JobConfig, LoraSettings, MixLoraSettings, TrainSettings
+from actors.config import (
+    AdapterSettings,
+    DataSettings,
+    JobConfig,
+    LoraSettings,
+    MixLoraSettings,
+    TrainSettings,
+)
 from actors.engine import FusedEngine
 from actors.worker import TrainingWorker
 from tests.conftest import make_tiny_llama, make_tokenizer, token_records, write_jsonl
