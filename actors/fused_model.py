@@ -160,7 +160,8 @@ class FusedModel:
         return [p for p in self.candidate_linears() if p.startswith(prefix)]
 
     def wrap_targets(self, targets: Iterable[str]) -> dict[str, MultiLoraLinear]:
-        """Wrap (once) and return every linear whose last name component is in ``targets``.
+        """Wrap (once) and return every linear that a target names: its last name component (or a
+        longer suffix of its path, or its whole path), as PEFT matches a list of ``target_modules``.
 
         Raises:
             TargetError: a target matches no linear layer; the message lists what exists.
@@ -169,7 +170,7 @@ class FusedModel:
         candidates = self.candidate_linears()
         found: dict[str, MultiLoraLinear] = {}
         for target in targets:
-            paths = [p for p in candidates if p == target or p.endswith("." + target)]
+            paths = _suffix_matches(target, candidates)
             if not paths:
                 names = sorted({p.rsplit(".", 1)[-1] for p in candidates})
                 raise TargetError(
@@ -179,6 +180,55 @@ class FusedModel:
             for path in paths:
                 found[path] = self._wrap(path, candidates[path])
         return dict(sorted(found.items(), key=lambda kv: _natural_key(kv[0])))
+
+    def target_names(self, paths: Iterable[str]) -> tuple[str, ...]:
+        """The ``target_modules`` that make :meth:`wrap_targets` adapt exactly the linear layers at ``paths``:
+        the last name of a module where every linear of that name is among them (``q_proj``), its whole
+        path otherwise (``model.layers.1.self_attn.q_proj``); in module order.
+
+        Raises:
+            TargetError: ``paths`` holds a module that is not a candidate linear, or no list of names
+                selects exactly these modules (a whole path that is also the tail of another one).
+        """
+        chosen = set(paths)
+        candidates = self.candidate_linears()
+        strangers = sorted(chosen - set(candidates), key=_natural_key)
+        if strangers:
+            raise TargetError(f"{', '.join(strangers[:3])}: not a linear layer lorafleet adapts")
+        groups: dict[str, list[str]] = {}
+        for path in candidates:
+            groups.setdefault(path.rsplit(".", 1)[-1], []).append(path)
+        names: list[str] = []
+        for name, group in groups.items():
+            picked = [p for p in group if p in chosen]
+            if picked:
+                names.extend([name] if len(picked) == len(group) else picked)
+        if {p for name in names for p in _suffix_matches(name, candidates)} != chosen:
+            raise TargetError(f"no list of module names selects exactly {', '.join(sorted(chosen, key=_natural_key))}")
+        return tuple(names)
+
+    def module_paths(self) -> dict[str, nn.Module]:
+        """Every module of the base model by path, as the model was before lorafleet wrapped it (what PEFT
+        matches ``target_modules`` against): a ``MultiLoraLinear`` stands for the linear it wraps, and
+        what lorafleet keeps inside its wrappers (the wrapped linear, adapters, MixLoRA experts) is left out."""
+        from actors.mixlora import MultiMixMLP
+
+        out: dict[str, nn.Module] = {}
+        inside: str | None = None  # named_modules is depth first: a subtree follows its root
+        experts: set[str] = set()  # the MixLoRA weights of each wrapped MLP
+        for path, module in self.model.named_modules():
+            if inside is not None and path.startswith(inside):
+                continue
+            inside = None
+            if path in experts:
+                inside = path + "."
+                continue
+            out[path] = module
+            if isinstance(module, MultiLoraLinear):
+                inside = path + "."
+            elif isinstance(module, MultiMixMLP):
+                experts.add(f"{path}.jobs")
+        return out
 
     def _wrap(self, path: str, module: nn.Module) -> MultiLoraLinear:
         if isinstance(module, MultiLoraLinear):
@@ -531,6 +581,11 @@ class FusedModel:
     def _token_losses(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of each row: hidden (K, H), targets (K,) -> (K,) fp32."""
         return F.cross_entropy(self.logits(hidden).float(), targets, reduction="none")
+
+
+def _suffix_matches(target: str, paths: Iterable[str]) -> list[str]:
+    """The paths that ``target`` names in a list of PEFT ``target_modules``: itself, or ending in ``.target``."""
+    return [p for p in paths if p == target or p.endswith("." + target)]
 
 
 def _natural_key(path: str) -> list:

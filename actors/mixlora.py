@@ -32,15 +32,24 @@ Departures from the reference ``mixlora`` package, on purpose:
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actors.adapter import AdapterLoadError, add_lora_params, load_exact
+from actors.adapter import (
+    AdapterLoadError,
+    ExportedSettings,
+    adapter_description,
+    add_lora_params,
+    load_exact,
+)
+from actors.checkpoint import ADAPTER_CONFIG
 from actors.config import AdapterSettings, LoraSettings, MixLoraSettings
 from actors.fused_model import FusedModel, TargetError
 from actors.lora import (
@@ -174,7 +183,8 @@ class MixLoraLayer(nn.Module):
     """One job's router and experts on one decoder layer.
 
     ``router``: (E, H) fp32, N(0, router_init_range). ``experts[e][proj]``: a ``LoraWeights``
-    (LoRA, rsLoRA or DoRA) for each FFN projection the job targets.
+    (LoRA, rsLoRA or DoRA) for each FFN projection the job targets. ``act``: the experts' activation
+    where the adapter's ``act_fn`` is not the base model's (None: the MLP's own).
     """
 
     def __init__(
@@ -183,9 +193,11 @@ class MixLoraLayer(nn.Module):
         settings: MixLoraSettings,
         projections: tuple[str, ...],
         generator: torch.Generator | None,
+        act: nn.Module | None = None,
     ):
         super().__init__()
         self.settings = settings
+        self.act = act
         shape = ffn.shape
         hidden = getattr(ffn, shape.inputs[0]).in_features
         router = torch.empty(settings.num_experts, hidden, dtype=torch.float32)  # (E, H)
@@ -265,7 +277,7 @@ class MixLoraLayer(nn.Module):
         shape, first = ffn.shape, self.experts[0]
         ins = [t + self._pair_delta(name, x, ids, generator, training) if name in first else t
                for name, t in zip(shape.inputs, ins, strict=True)]  # fmt: skip
-        hidden = ffn.combine(ins)  # (P, I)
+        hidden = self._combine(ffn, ins)  # (P, I)
         y = ffn.output_base(hidden)  # (P, H)
         if shape.output in first:
             y = y + self._pair_delta(shape.output, hidden, ids, generator, training)
@@ -290,8 +302,12 @@ class MixLoraLayer(nn.Module):
         low = F.linear(dropped, stacked_a).view(num_pairs, num_experts, settings.r) * select  # (P, E, r)
         return (F.linear(low.view(num_pairs, -1), stacked_b) * first.scaling).to(x.dtype)  # (P, out)
 
-    @staticmethod
+    def _combine(self, ffn: MultiMixMLP, ins: list[torch.Tensor]) -> torch.Tensor:
+        """An expert's hidden state from its input projections' outputs, with the adapter's activation."""
+        return ffn.combine(ins) if self.act is None else ffn.shape.combine(self.act, ins)
+
     def _expert(
+        self,
         expert: nn.ModuleDict,
         x: torch.Tensor,
         ins: list[torch.Tensor],
@@ -303,7 +319,7 @@ class MixLoraLayer(nn.Module):
         shape = ffn.shape
         ins = [t + expert[name].delta(x, t, getattr(ffn, name).base, generator, training) if name in expert else t
                for name, t in zip(shape.inputs, ins, strict=True)]  # fmt: skip
-        hidden = ffn.combine(ins)  # (n, I)
+        hidden = self._combine(ffn, ins)  # (n, I)
         y = ffn.output_base(hidden)  # (n, H)
         if shape.output in expert:
             y = y + expert[shape.output].delta(hidden, y, ffn.output_base, generator, training)
@@ -330,11 +346,16 @@ class MultiMixMLP(nn.Module):
         self.jobs = nn.ModuleDict()
 
     def add_job(
-        self, job: str, settings: MixLoraSettings, projections: tuple[str, ...], generator: torch.Generator | None
+        self,
+        job: str,
+        settings: MixLoraSettings,
+        projections: tuple[str, ...],
+        generator: torch.Generator | None,
+        act: nn.Module | None = None,
     ) -> MixLoraLayer:
         if job in self.jobs:
             raise KeyError(f"job {job!r} already has MixLoRA weights on layer {self.layer_index}")
-        layer = MixLoraLayer(self, settings, projections, generator)
+        layer = MixLoraLayer(self, settings, projections, generator, act)
         self.jobs[job] = layer
         return layer
 
@@ -478,13 +499,16 @@ class MixLoraJobAdapter:
             experts_on = tuple(t for t in shape.projections if t in settings.target_modules)
             self._layers_prefix = fused.decoder_layers_path()
             attn = self._attention_targets(fused, settings.target_modules, shape)
-            self.act_fn_name = fused.activation_name()
+            own = fused.activation_name()
+            # the adapter's act_fn, as the reference package runs its experts (an attached directory's or init_from's)
+            self.act_fn_name = saved_act_fn(settings) or own
+            act = None if self.act_fn_name == own else _activation(self.act_fn_name)
             if attn:
                 self._attn_layers = fused.wrap_targets(attn)
             for path, linear in self._attn_layers.items():
                 self.attention[path] = linear.add_adapter(job, settings.lora, generator)
             for index, mlp in self._mlps.items():
-                self.layers[index] = mlp.add_job(job, self.mix, experts_on, generator)
+                self.layers[index] = mlp.add_job(job, self.mix, experts_on, generator, act)
         except BaseException:
             self.detach()
             raise
@@ -563,7 +587,7 @@ class MixLoraJobAdapter:
         return config
 
     def load_state(self, state: dict[str, torch.Tensor], source: str) -> None:
-        load_exact(self.named_parameters(), state, source)
+        load_exact(self.named_parameters(), state, source, adapter_description(self.job, self.settings, source))
 
     def aux_loss(self, layout: BatchLayout) -> torch.Tensor | None:
         """``router_aux_loss_coef * load_balance_loss`` over all layers of this job's real tokens
@@ -628,20 +652,91 @@ def _json_number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else float(value)
 
 
-def settings_from_export(config: dict[str, Any], source: str) -> AdapterSettings:
-    """The ``AdapterSettings`` of an exported adapter directory's ``adapter_config.json``.
+#: PEFT ``LoraConfig`` fields (peft 0.21) that, set, change what a saved adapter computes (or the base weights PEFT
+#: applies it to), and that lorafleet does not implement; with what they do, for the error message. Unset is None,
+#: false, empty, or ``bias: none``. The other fields only choose the initialisation (``init_lora_weights``,
+#: ``eva_config``, ...) or are bookkeeping (``task_type``, ``revision``, ``inference_mode``, ...).
+PEFT_UNSUPPORTED = {
+    "alora_invocation_tokens": "aLoRA: PEFT applies the adapter only from the invocation tokens on",
+    "bias": "trained biases of the base model's layers",
+    "lora_bias": "a bias on lora_B",
+    "fan_in_fan_out": "weights stored (in, out) for Conv1D layers; lorafleet adapts nn.Linear layers only",
+    "modules_to_save": "fully trained copies of other modules",
+    "trainable_token_indices": "trained rows of the token embeddings",
+    "target_parameters": "LoRA on parameters (MoE experts) rather than on linear layers",
+    "layer_replication": "a model with replicated decoder layers",
+    "layers_to_transform": "LoRA on some decoder layers only",
+    "layers_pattern": "LoRA on some decoder layers only",
+    "rank_pattern": "ranks that differ between modules",
+    "alpha_pattern": "alphas that differ between modules",
+    "megatron_config": "Megatron parallel linear layers",
+    "use_qalora": "QALoRA: the adapter sees pooled inputs",
+    "use_bdlora": "BD-LoRA: block-diagonal LoRA factors",
+    "kasa_config": "KaSA: truncated base weights and trained singular values",
+    "arrow_config": "Arrow: routing between several adapters",
+    "monteclora_config": "MonteCLoRA: sampled LoRA weights and their own trained parameters",
+    "velora_config": "VeLoRA: its own training state, saved with the adapter",
+}
+#: ``init_lora_weights`` values after which PEFT applies the adapter to base weights it modifies (the residual of
+#: the initial adapter, or LoftQ's quantised weights), unless the adapter was saved converted to plain LoRA
+#: (``save_pretrained(path_initial_model_for_weight_conversion=...)``, which writes ``init_lora_weights: true``).
+PEFT_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 
-    Accepts PEFT LoRA (``peft_type: LORA``) and MixLoRA (``peft_type: MIXLORA``) configs.
+
+def _is_set(key: str, value: Any) -> bool:
+    if key == "bias":
+        return value not in (None, "none")
+    return value not in (None, False, "", [], {}, ())
+
+
+def _peft_unsupported(config: dict[str, Any], source: str) -> None:
+    """Refuse a PEFT LoRA config that sets a field lorafleet would silently ignore (``PEFT_UNSUPPORTED``).
+
+    Raises:
+        AdapterLoadError: naming the file, the field and its value.
+    """
+    for key, meaning in PEFT_UNSUPPORTED.items():
+        value = config.get(key)
+        if _is_set(key, value):
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise AdapterLoadError(
+                f"{source}: adapter_config.json: {key} {shown} is not supported ({meaning}); "
+                "lorafleet loads plain LoRA, rsLoRA and DoRA adapters"
+            )
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(PEFT_BASE_CHANGING_INITS):
+        raise AdapterLoadError(
+            f"{source}: adapter_config.json: init_lora_weights {init!r} is not supported (PEFT applies this adapter "
+            "to base weights it modified at initialisation); save it converted to plain LoRA with PEFT's "
+            "save_pretrained(..., path_initial_model_for_weight_conversion=...)"
+        )
+
+
+def _module_names(value: Any, key: str, source: str) -> str | tuple[str, ...]:
+    """A PEFT ``target_modules`` / ``exclude_modules`` value: a list of module names, or one string (a
+    regular expression, or ``all-linear``)."""
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+        return tuple(value)
+    raise AdapterLoadError(
+        f"{source}: adapter_config.json: {key} must be a list of module names or a regular expression (got {value!r})"
+    )
+
+
+def settings_from_export(config: dict[str, Any], source: str) -> ExportedSettings:
+    """The settings of an exported adapter directory's ``adapter_config.json``.
+
+    Accepts PEFT LoRA (``peft_type: LORA``: rsLoRA and DoRA included; ``target_modules`` a list of
+    names or a regular expression, with ``exclude_modules``, resolved against the base model by the
+    adapter) and MixLoRA (``peft_type: MIXLORA``, ``act_fn`` included) configs.
 
     Raises:
         AdapterLoadError: another adapter type, or a config field this engine cannot honour.
     """
     peft_type = str(config.get("peft_type", "")).upper()
-    targets = config.get("target_modules")
-    if isinstance(targets, str):
-        targets = [targets]
-    if not isinstance(targets, list) or not targets:
-        raise AdapterLoadError(f"{source}: adapter_config.json: target_modules must be a list of module names")
+    if peft_type not in ("LORA", "MIXLORA"):
+        raise AdapterLoadError(f"{source}: adapter_config.json: peft_type {peft_type!r}; expected LORA or MIXLORA")
     try:
         lora = LoraSettings(
             r=int(config["r"]),
@@ -653,14 +748,17 @@ def settings_from_export(config: dict[str, Any], source: str) -> AdapterSettings
     except (KeyError, TypeError, ValueError) as exc:
         raise AdapterLoadError(f"{source}: adapter_config.json: missing or bad field {exc}") from None
     if peft_type == "LORA":
-        for key in ("rank_pattern", "alpha_pattern"):
-            if config.get(key):
-                raise AdapterLoadError(f"{source}: adapter_config.json: {key} is not supported")
-        if config.get("layers_to_transform") is not None:
-            raise AdapterLoadError(f"{source}: adapter_config.json: layers_to_transform is not supported")
-        return AdapterSettings("lora", lora, tuple(targets))
-    if peft_type != "MIXLORA":
-        raise AdapterLoadError(f"{source}: adapter_config.json: peft_type {peft_type!r}; expected LORA or MIXLORA")
+        _peft_unsupported(config, source)
+        targets = _module_names(config.get("target_modules"), "target_modules", source)
+        exclude = config.get("exclude_modules")
+        exclude = None if exclude in (None, [], "") else _module_names(exclude, "exclude_modules", source)
+        names = (targets,) if isinstance(targets, str) else targets  # resolved by LoraJobAdapter
+        return ExportedSettings("lora", lora, names, source=source, peft_targets=targets, peft_exclude=exclude)
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        targets = [targets]
+    if not isinstance(targets, list) or not targets:
+        raise AdapterLoadError(f"{source}: adapter_config.json: target_modules must be a list of module names")
     strategies = {v: k for k, v in ROUTING_STRATEGIES.items()}
     strategy = config.get("routing_strategy", "mixlora")
     if strategy not in strategies:
@@ -684,4 +782,54 @@ def settings_from_export(config: dict[str, Any], source: str) -> AdapterSettings
         router_init_range=float(config.get("router_init_range", 0.02)),
         expert=expert,
     )
-    return AdapterSettings("mixlora", lora, tuple(targets), mixlora=mix)
+    return ExportedSettings("mixlora", lora, tuple(targets), mixlora=mix, source=source,
+                            act_fn=_act_fn(config, source))  # fmt: skip
+
+
+def _act_fn(config: dict[str, Any], source: str) -> str | None:
+    """A MixLoRA config's ``act_fn``: the ``ACT2FN`` name the reference package runs every expert with
+    (None when absent: the base model's own activation).
+
+    Raises:
+        AdapterLoadError: an ``act_fn`` transformers does not know.
+    """
+    from transformers.activations import ACT2FN
+
+    name = config.get("act_fn")
+    if name is None:
+        return None
+    if not isinstance(name, str) or name not in ACT2FN:
+        raise AdapterLoadError(
+            f"{source}: adapter_config.json: act_fn {name!r} is not an activation transformers knows "
+            f"(one of {', '.join(sorted(ACT2FN))})"
+        )
+    return name
+
+
+def _activation(name: str) -> nn.Module:
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
+
+
+def saved_act_fn(settings: AdapterSettings) -> str | None:
+    """The expert activation a MixLoRA adapter was trained with: an attached directory's ``act_fn``,
+    or a job's ``adapter.init_from``'s (read from its ``adapter_config.json``); None: the base model's.
+
+    An ``init_from`` that cannot be read gives None here: the engine reports it when it loads it.
+
+    Raises:
+        AdapterLoadError: an ``act_fn`` transformers does not know.
+    """
+    if isinstance(settings, ExportedSettings):
+        return settings.act_fn
+    if not settings.init_from:
+        return None
+    path = Path(settings.init_from) / ADAPTER_CONFIG
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or str(config.get("peft_type", "")).upper() != "MIXLORA":
+        return None
+    return _act_fn(config, settings.init_from)
