@@ -874,11 +874,25 @@ class Controller:
         return {"name": self.policy.name, "config": self.policy_doc}
 
     def explain(self, job: str, api_key: str | None = None) -> str:
-        """The policy's breakdown for a job in the current view (its owner or an admin)."""
+        """The policy's breakdown for a job in the current view (its owner or an admin).
+
+        Raises ``LookupError`` for an unknown job, or a job neither queued nor running (the policy's
+        ``KeyError``), and ``ValueError`` naming the policy when its ``explain`` fails otherwise (a custom
+        policy's bug must not reach the user as a traceback).
+        """
         rec = self._find(job, self.identify(api_key), "explain")
         with self._lock:
-            view = self._view(time.time())
-            return self.policy.explain(view, rec.id).format()
+            view, policy = self._view(time.time()), self.policy
+            try:
+                return policy.explain(view, rec.id).format()
+            except Exception as exc:  # whatever a custom policy raises
+                if isinstance(exc, KeyError) and view.find_job(rec.id) is None:
+                    raise  # not queued nor running: the policy's own message says so
+                err = exc
+        detail = " ".join(f"{type(err).__name__}: {err}".split())
+        detail = detail if len(detail) <= 300 else f"{detail[:297]}..."
+        log.warning("policy %s: explain(%s) failed", policy.name, rec.id, exc_info=err)
+        raise ValueError(f"policy {policy.name!r} could not explain job {rec.id}: {detail}") from None
 
     def workers(self) -> list[dict[str, Any]]:
         """Every worker: id, base model, node, jobs, state, memory, timing and overhead share."""

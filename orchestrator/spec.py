@@ -5,15 +5,22 @@ what was wrong and what is allowed. ``load_spec`` adds the file and line::
 
     jobs/a.yaml:7: adapter.r: must be >= 1 (got 0)
 
-Example (defaults shown)::
+Example (defaults shown; ``name`` and ``data.path`` have none)::
 
     name: reverse-words
     base_model: builtin:smollm2-135m-instruct
-    adapter: {type: lora, r: 8, alpha: 16, dropout: 0.05, target_modules: [q_proj, v_proj]}
+    adapter: {type: lora, r: 8, alpha: 16, dropout: 0.05, target_modules: all-linear}
     data: {path: examples/data/reverse.jsonl, format: auto, max_seq_len: 512}
     train: {epochs: 1, batch_size: 16, micro_batch_size: 4, learning_rate: 2.0e-4}
     priority: 0
-    output: out/reverse-words
+    output: null                    # out/NAME, here out/reverse-words
+
+Types: a number is never a boolean and a boolean never a number. A true/false field
+(``use_rslora``, ``shuffle``, ...) takes only ``true`` or ``false`` (not ``1``, ``"yes"``); a number
+field refuses ``true``/``false``. A float field takes a number or a string of one (``2e-4``, which
+YAML 1.1 reads as a string); an integer field takes an integer, a float with no fraction (``512.0``)
+or a string of an integer (``"512"``). A key given twice in one mapping is an error (YAML and JSON),
+and ``load_spec`` refuses an ``output`` that is an existing file or lies under one.
 """
 
 from __future__ import annotations
@@ -22,11 +29,20 @@ import difflib
 import json
 import re
 import reprlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from actors.config import (
     AdapterSettings,
@@ -52,6 +68,36 @@ class SpecError(ValueError):
         super().__init__("\n".join(errors))
 
 
+def _yaml_word(value: Any) -> str:
+    """``value`` as a spec author wrote it: ``true`` for True, else its short repr."""
+    return str(value).lower() if isinstance(value, bool) else repr(_Short(value))
+
+
+def _no_bool(kind: str) -> Callable[[Any], Any]:
+    """A before-validator refusing a boolean where a number (``kind``) is expected: pydantic's lax
+    mode reads ``r: true`` as 1."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(f"must be {kind}, not true/false (got {_yaml_word(value)})")
+        return value
+
+    return check
+
+
+def _only_bool(value: Any) -> Any:
+    """A before-validator refusing anything but true/false where a boolean is expected: pydantic's
+    lax mode reads ``shuffle: 1`` or ``shuffle: "no"`` as booleans."""
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false (got {_yaml_word(value)})")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_no_bool("an integer"))]
+Float = Annotated[float, BeforeValidator(_no_bool("a number"))]
+Bool = Annotated[bool, BeforeValidator(_only_bool)]
+
+
 class _Strict(BaseModel):
     # allow_inf_nan=False: ``alpha: .inf`` or ``weight_decay: .nan`` would pass the range checks.
     model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True, allow_inf_nan=False)
@@ -60,16 +106,16 @@ class _Strict(BaseModel):
 class ExpertSpec(_Strict):
     """LoRA settings of each MixLoRA expert; unset fields inherit the adapter's r/alpha/dropout."""
 
-    r: int | None = Field(None, ge=1, description="rank of each expert's LoRA")
-    alpha: float | None = Field(None, gt=0, description="expert LoRA alpha")
-    dropout: float | None = Field(None, ge=0, lt=1, description="expert LoRA dropout")
+    r: Int | None = Field(None, ge=1, description="rank of each expert's LoRA")
+    alpha: Float | None = Field(None, gt=0, description="expert LoRA alpha")
+    dropout: Float | None = Field(None, ge=0, lt=1, description="expert LoRA dropout")
 
 
 class AdapterSpec(_Strict):
     type: Literal["lora", "mixlora"] = Field("lora", description="plain LoRA, or MixLoRA experts on the FFN")
-    r: int = Field(8, ge=1, le=4096, description="LoRA rank")
-    alpha: float = Field(16, gt=0, description="LoRA alpha; the update is scaled by alpha / r")
-    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter input (training only)")
+    r: Int = Field(8, ge=1, le=4096, description="LoRA rank")
+    alpha: Float = Field(16, gt=0, description="LoRA alpha; the update is scaled by alpha / r")
+    dropout: Float = Field(0.05, ge=0, lt=1, description="dropout on the adapter input (training only)")
     target_modules: list[str] = Field(
         default_factory=lambda: list(DEFAULT_TARGETS),
         min_length=1,
@@ -77,18 +123,18 @@ class AdapterSpec(_Strict):
         "linear layer of the decoder layers (the model's own names: Phi-3's qkv_proj, gate_up_proj, ...)",
     )
     init_from: str | None = Field(None, description="an adapter directory (PEFT LoRA or MixLoRA) to start from")
-    use_rslora: bool = Field(False, description="rank-stabilised scaling alpha / sqrt(r)")
-    use_dora: bool = Field(False, description="weight-decomposed LoRA (DoRA); trains magnitude vectors too")
+    use_rslora: Bool = Field(False, description="rank-stabilised scaling alpha / sqrt(r)")
+    use_dora: Bool = Field(False, description="weight-decomposed LoRA (DoRA); trains magnitude vectors too")
     # MixLoRA only
-    num_experts: int | None = Field(None, ge=1, le=64, description="MixLoRA: experts per FFN block [8]")
-    top_k: int | None = Field(None, ge=1, description="MixLoRA: experts chosen per token [2]")
+    num_experts: Int | None = Field(None, ge=1, le=64, description="MixLoRA: experts per FFN block [8]")
+    top_k: Int | None = Field(None, ge=1, description="MixLoRA: experts chosen per token [2]")
     routing: Literal["topk", "dynamic", "switch"] | None = Field(None, description="MixLoRA routing [topk]")
-    top_p: float | None = Field(None, gt=0, le=1, description="MixLoRA dynamic routing threshold [0.8]")
-    capacity_factor: float | None = Field(None, gt=0, description="MixLoRA switch routing capacity [1.0]")
-    router_z_loss_coef: float | None = Field(None, ge=0, description="MixLoRA switch z-loss weight [0.001]")
-    router_aux_loss_coef: float | None = Field(None, ge=0, description="MixLoRA load-balance loss weight [0.001]")
-    router_init_range: float | None = Field(None, gt=0, description="MixLoRA router init std [0.02]")
-    jitter_noise: float | None = Field(None, ge=0, lt=1, description="MixLoRA router input jitter [0.0]")
+    top_p: Float | None = Field(None, gt=0, le=1, description="MixLoRA dynamic routing threshold [0.8]")
+    capacity_factor: Float | None = Field(None, gt=0, description="MixLoRA switch routing capacity [1.0]")
+    router_z_loss_coef: Float | None = Field(None, ge=0, description="MixLoRA switch z-loss weight [0.001]")
+    router_aux_loss_coef: Float | None = Field(None, ge=0, description="MixLoRA load-balance loss weight [0.001]")
+    router_init_range: Float | None = Field(None, gt=0, description="MixLoRA router init std [0.02]")
+    jitter_noise: Float | None = Field(None, ge=0, lt=1, description="MixLoRA router input jitter [0.0]")
     expert: ExpertSpec | None = Field(None, description="MixLoRA: overrides for the expert LoRAs")
 
     @field_validator("target_modules", mode="before")
@@ -133,28 +179,28 @@ class DataSpec(_Strict):
         description="record layout: alpaca {instruction,input,output}; text {text} or {prompt,completion}; "
         "chat {messages}; tokens {input_ids[,labels]}; auto picks by the first record's keys",
     )
-    max_seq_len: int = Field(512, ge=2, le=131072, description="longer examples are truncated")
-    train_on_inputs: bool = Field(False, description="false: prompt tokens are masked out of the loss")
-    shuffle: bool = Field(True, description="reshuffle every epoch (seeded by train.seed)")
+    max_seq_len: Int = Field(512, ge=2, le=131072, description="longer examples are truncated")
+    train_on_inputs: Bool = Field(False, description="false: prompt tokens are masked out of the loss")
+    shuffle: Bool = Field(True, description="reshuffle every epoch (seeded by train.seed)")
 
 
 class TrainSpec(_Strict):
-    epochs: int = Field(1, ge=1, le=1_000_000, description="passes over the data (ignored when max_steps is set)")
-    max_steps: int | None = Field(None, ge=1, le=1_000_000_000, description="optimizer steps; overrides epochs")
-    batch_size: int = Field(16, ge=1, le=1_000_000, description="sequences per optimizer step")
-    micro_batch_size: int = Field(4, ge=1, le=1_000_000, description="sequences per forward pass")
-    learning_rate: float = Field(2e-4, gt=0, le=10, description="peak learning rate")
+    epochs: Int = Field(1, ge=1, le=1_000_000, description="passes over the data (ignored when max_steps is set)")
+    max_steps: Int | None = Field(None, ge=1, le=1_000_000_000, description="optimizer steps; overrides epochs")
+    batch_size: Int = Field(16, ge=1, le=1_000_000, description="sequences per optimizer step")
+    micro_batch_size: Int = Field(4, ge=1, le=1_000_000, description="sequences per forward pass")
+    learning_rate: Float = Field(2e-4, gt=0, le=10, description="peak learning rate")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="torch.optim.AdamW or SGD")
-    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (AdamW) / L2 (SGD)")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas (torch defaults)")
-    eps: float = Field(1e-8, gt=0, description="AdamW epsilon (torch default)")
-    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum")
+    weight_decay: Float = Field(0.0, ge=0, description="decoupled weight decay (AdamW) / L2 (SGD)")
+    betas: tuple[Float, Float] = Field((0.9, 0.999), description="AdamW betas (torch defaults)")
+    eps: Float = Field(1e-8, gt=0, description="AdamW epsilon (torch default)")
+    momentum: Float = Field(0.0, ge=0, lt=1, description="SGD momentum")
     lr_scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="decay after warmup")
-    warmup_steps: int = Field(0, ge=0, description="linear warmup from 0 over this many steps")
-    max_grad_norm: float | None = Field(None, gt=0, description="clip the job's gradient norm; null: no clipping")
-    seed: int = Field(42, ge=0, le=2**63 - 1, description="adapter init, data order and dropout masks")
-    checkpoint_every: int = Field(100, ge=1, description="optimizer steps between checkpoints")
-    log_every: int = Field(1, ge=1, description="optimizer steps between metrics-log lines")
+    warmup_steps: Int = Field(0, ge=0, description="linear warmup from 0 over this many steps")
+    max_grad_norm: Float | None = Field(None, gt=0, description="clip the job's gradient norm; null: no clipping")
+    seed: Int = Field(42, ge=0, le=2**63 - 1, description="adapter init, data order and dropout masks")
+    checkpoint_every: Int = Field(100, ge=1, description="optimizer steps between checkpoints")
+    log_every: Int = Field(1, ge=1, description="optimizer steps between metrics-log lines")
 
     @field_validator("betas")
     @classmethod
@@ -179,7 +225,7 @@ class TrainSpec(_Strict):
 
 class EvalSpec(_Strict):
     data: str | None = Field(None, min_length=1, description="held-out data file; null: use held_out_fraction")
-    held_out_fraction: float = Field(
+    held_out_fraction: Float = Field(
         0.0, ge=0, lt=1, description="share of the training data held out (seeded by train.seed) when data is null"
     )
     metrics: list[Literal["loss", "exact_match", "multiple_choice"]] = Field(
@@ -187,10 +233,10 @@ class EvalSpec(_Strict):
         description="loss (mean token loss, perplexity); exact_match (greedy generation with the job's prompt "
         "template); multiple_choice (records {question, choices, answer})",
     )
-    max_new_tokens: int = Field(32, ge=1, le=4096, description="exact_match: generation length limit")
+    max_new_tokens: Int = Field(32, ge=1, le=4096, description="exact_match: generation length limit")
     normalize: Literal["exact", "squad"] = Field("exact", description="exact_match: answer normalisation")
-    max_examples: int | None = Field(None, ge=1, description="evaluate at most this many held-out records")
-    batch_size: int = Field(8, ge=1, description="records per evaluation batch")
+    max_examples: Int | None = Field(None, ge=1, description="evaluate at most this many held-out records")
+    batch_size: Int = Field(8, ge=1, description="records per evaluation batch")
 
     @model_validator(mode="after")
     def _has_source(self) -> EvalSpec:
@@ -204,14 +250,14 @@ class JobSpec(_Strict):
     base_model: str = Field(
         DEFAULT_BASE_MODEL, min_length=1, description="builtin:NAME, a local model directory, or a hub id"
     )
-    trust_remote_code: bool = Field(
+    trust_remote_code: Bool = Field(
         False, description="run Python code shipped with the base model; a cluster refuses it unless the "
         "admin enabled it (`lorafleet up --allow-remote-code`)"
     )
     adapter: AdapterSpec = Field(default_factory=AdapterSpec)
     data: DataSpec
     train: TrainSpec = Field(default_factory=TrainSpec)
-    priority: int = Field(0, ge=-1000, le=1000, description="higher runs first under priority policies")
+    priority: Int = Field(0, ge=-1000, le=1000, description="higher runs first under priority policies")
     owner: str | None = Field(None, pattern=NAME_PATTERN, description="set by the client from its identity")
     output: str | None = Field(None, description="output directory [out/NAME]")
     eval: EvalSpec | None = Field(None, description="held-out evaluation after training (base vs adapter)")
@@ -382,8 +428,101 @@ def parse_spec(data: Any, *, source: str = "<spec>", text: str | None = None) ->
         raise SpecError(lines) from None
 
 
+class _DuplicateKey(Exception):
+    """A key given twice in one mapping of a spec file: the later one would silently replace the first."""
+
+    def __init__(self, field: str, line: int | None = None, first: int | None = None):
+        self.field, self.line, self.first = field, line, first
+        super().__init__(field)
+
+
+def _short_key(key: str) -> str:
+    return key if len(key) <= 80 else f"{key[:77]}..."
+
+
+def _check_unique_keys(root: yaml.Node) -> None:
+    """Raise ``_DuplicateKey`` for the first key (in document order) given twice in one YAML mapping.
+
+    Iterative, and each node is visited once, so neither deep nesting nor an alias tree is a problem.
+    Merge keys (``<<: *base``) are left out: a key beside them overrides the merged one, as YAML intends.
+    """
+    stack: list[tuple[yaml.Node, tuple[str, ...]]] = [(root, ())]
+    visited: set[int] = set()
+    while stack:
+        node, loc = stack.pop()
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        children: list[tuple[yaml.Node, tuple[str, ...]]] = []
+        if isinstance(node, yaml.MappingNode):
+            first: dict[tuple[str, str], int] = {}
+            for key, value in node.value:
+                name = _short_key(str(key.value)) if isinstance(key, yaml.ScalarNode) else "?"
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    line = key.start_mark.line + 1
+                    if (key.tag, key.value) in first:
+                        raise _DuplicateKey(".".join((*loc, name)), line, first[key.tag, key.value])
+                    first[key.tag, key.value] = line
+                children.append((value, (*loc, name)))
+        elif isinstance(node, yaml.SequenceNode):
+            children = [(item, (*loc, str(i))) for i, item in enumerate(node.value)]
+        stack.extend(reversed(children))
+
+
+def _load_yaml(text: str) -> tuple[Any, yaml.Node | None]:
+    """The document of a YAML spec and its node tree (for line numbers); ``_DuplicateKey`` if a key repeats."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None, None
+        _check_unique_keys(root)
+        return loader.construct_document(root), root
+    finally:
+        loader.dispose()
+
+
+def _unique_json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``' object hook: a dict, or ``_DuplicateKey`` when a key repeats."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(_short_key(key))
+        obj[key] = value
+    return obj
+
+
+def output_problem(output: str) -> str | None:
+    """Why ``output`` cannot be a job's output directory on this machine, or None.
+
+    Refused: an existing path that is not a directory (a file, a broken link), and a path whose
+    nearest existing parent is not a directory. A URI, or a path this process may not look at, is
+    left to training to report.
+    """
+    if "://" in output:
+        return None
+    path = Path(output)
+    try:
+        if path.exists():
+            if path.is_dir():
+                return None
+            return f"{output} is a file, not a directory" if path.is_file() else f"{output} is not a directory"
+        if path.is_symlink():
+            return f"{output} is a link to a missing path, not a directory"
+        for parent in path.parents:
+            if parent.exists():
+                return None if parent.is_dir() else f"{output} is under {parent}, which is a file, not a directory"
+    except OSError:
+        return None
+    return None
+
+
 def load_spec(path: str | Path) -> JobSpec:
     """Read and validate a YAML or JSON job spec file.
+
+    Besides the fields, a key given twice and an ``output`` (or the default ``out/NAME``) that is an
+    existing file or lies under one are errors: they would replace a section silently, or fail the
+    job after its first training step.
 
     Raises:
         SpecError: unreadable file, YAML syntax error, or invalid fields (all listed, with lines).
@@ -398,11 +537,28 @@ def load_spec(path: str | Path) -> JobSpec:
         raise SpecError([f"{path}: cannot read spec file: {exc.strerror or exc}"]) from None
     except UnicodeDecodeError as exc:
         raise SpecError([f"{path}: spec file is not valid UTF-8: {exc.reason} at byte {exc.start}"]) from None
+    is_json = path.suffix == ".json"
+    root = None
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        if is_json:
+            data = json.loads(text, object_pairs_hook=_unique_json_object)
+        else:
+            data, root = _load_yaml(text)
+    except _DuplicateKey as dup:
+        where = f"{path}:{dup.line}" if dup.line else str(path)
+        also = f" (first on line {dup.first})" if dup.first else ""
+        raise SpecError([f"{where}: {dup.field}: key given twice{also}; give each key once (the second "
+                         f"would replace the first)"]) from None  # fmt: skip
     except (yaml.YAMLError, ValueError, RecursionError) as exc:
         # ValueError: JSON syntax, or an integer literal past Python's 4300-digit limit (JSON and
         # YAML); RecursionError: thousands of nested brackets.
-        kind = "JSON" if path.suffix == ".json" else "YAML"
+        kind = "JSON" if is_json else "YAML"
         raise SpecError([f"{path}: not valid {kind}: {exc or type(exc).__name__}"]) from None
-    return parse_spec(data, source=str(path), text=text)
+    spec = parse_spec(data, source=str(path), text=text)
+    problem = output_problem(spec.output_dir())
+    if problem is not None:
+        line = _line_of(root, ("output",)) if spec.output is not None else None
+        where = f"{path}:{line}" if line else str(path)
+        default = "" if spec.output is not None else " (output is unset: the default is out/NAME)"
+        raise SpecError([f"{where}: output: {problem}{default}"])
+    return spec

@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seq-len", type=int, default=512, help="longer examples are truncated [512]")
     parser.add_argument("--train-on-inputs", action="store_true", help="count prompt tokens in the loss too")
     parser.add_argument("--batch-size", type=int, default=8, help="examples per adapter per forward [8]")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... [cuda if available]")
+    parser.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 ... [auto: cuda if available]")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--json", action="store_true", help="print a JSON list of {adapter, loss, perplexity, tokens}")
 
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         path = Path(directory)
         if not (path / "adapter_config.json").is_file():
             raise UserError(f"--adapter: {directory}: not an adapter directory (no adapter_config.json)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     try:
         model, tokenizer = load_base_model(args.base_model, device=device, dtype=getattr(torch, args.dtype))
     except (OSError, ValueError, RuntimeError) as exc:
@@ -93,6 +93,32 @@ def run(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['adapter'] or '(base model)':<{width}}  {r['loss']:9.4f}  {r['perplexity']:12.3f}  {r['tokens']:8d}")
     return 0
+
+
+def resolve_device(device: str | None) -> str:
+    """``--device`` checked before the model loads: auto (None), cpu, cuda or cuda:N that torch can use.
+
+    Raises ``UserError`` naming ``--device``, with the same words as ``lorafleet train`` when CUDA is missing.
+    """
+    import torch
+
+    from orchestrator.cli import UserError
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise UserError(f"--device: must be auto, cpu, cuda or cuda:N (got {device!r})")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: no CUDA device is visible to torch")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise UserError(f"--device {device}: torch sees {count} CUDA device(s): cuda:0 to cuda:{count - 1}")
+    return device
 
 
 def _perplexity(loss: float) -> float:

@@ -87,7 +87,7 @@ def move_earlier_run(spec: JobSpec) -> Path | None:
 def run(args: argparse.Namespace) -> int:
     console = log_console()
     results: list[JobProgress] = []
-    groups: dict[str, list[JobSpec]] = defaultdict(list)
+    groups: dict[tuple[str, bool], list[JobSpec]] = defaultdict(list)  # (base model, trust_remote_code)
     seen: dict[str, str] = {}
     outputs: dict[str, str] = {}  # resolved output directory -> the job that has it
     for path in args.specs:
@@ -111,11 +111,11 @@ def run(args: argparse.Namespace) -> int:
             results.append(JobProgress(spec.name, 0, state="failed", message=msg))
             continue
         seen[spec.name], outputs[output] = path, f"{spec.name} ({path})"
-        groups[spec.base_model].append(spec)
+        groups[(spec.base_model, spec.trust_remote_code)].append(spec)  # no job shares a model it did not trust
 
     with ProgressView(console, live=False if args.plain else None) as view:
-        for base_model, specs in groups.items():
-            results.extend(train_group(base_model, specs, args, view, console))
+        for (base_model, trust), specs in groups.items():
+            results.extend(train_group(base_model, specs, args, view, console, trust_remote_code=trust))
     console.print(summary_table(results))
     return 1 if any(r.state != "succeeded" for r in results) else 0
 
@@ -152,7 +152,8 @@ def engine_settings(args: argparse.Namespace):
 
 
 def train_group(
-    base_model: str, specs: list[JobSpec], args: argparse.Namespace, view: ProgressView, console: Console
+    base_model: str, specs: list[JobSpec], args: argparse.Namespace, view: ProgressView, console: Console,
+    *, trust_remote_code: bool = False,
 ) -> list[JobProgress]:
     """Train every job of one base model fused; returns one final ``JobProgress`` per job."""
     from actors.engine import FusedEngine
@@ -194,7 +195,7 @@ def train_group(
     device, dtype = _device_and_dtype(args.device, args.dtype)
     console.print(f"loading base model {base_model} on {device} ({str(dtype).removeprefix('torch.')})")
     try:
-        model, tokenizer = load_base_model(base_model, device=device, dtype=dtype)
+        model, tokenizer = load_base_model(base_model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     except Exception as exc:  # a corrupt weights file raises the safetensors library's own error type
         exc = exc if isinstance(exc, (OSError, ValueError, RuntimeError)) else f"{type(exc).__name__}: {exc}"
         for spec in pending:

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from pathlib import Path
-
-import yaml
 
 from actors.config import EngineSettings
 from orchestrator.cli import UserError
@@ -47,19 +44,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_policy(path: str) -> dict:
-    """The policy YAML as a dict, validated here so errors show before anything starts."""
+    """The policy YAML as a dict, validated here so errors show before anything starts.
+
+    Read as ``lorafleet simulate --policy`` reads one (``policies.values.read_yaml``): a missing file,
+    bytes that are not UTF-8, bad YAML, a huge integer or deep nesting are one-line errors naming the file.
+    """
     from policies import PolicyConfigError, parse_policy_config
+    from policies.values import read_yaml
 
     try:
-        doc = yaml.safe_load(Path(path).read_text())
+        doc = read_yaml(path, PolicyConfigError)
         parse_policy_config(doc, source=path)
-    except OSError as exc:
-        raise UserError(f"--policy: cannot read {path}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML: {exc}") from None
-    except PolicyConfigError as exc:  # its message already names the file and the field
+    except PolicyConfigError as exc:  # its message already names the file (and the field)
         raise UserError(str(exc)) from None
-    return doc
+    return doc  # a mapping: parse_policy_config refuses anything else
 
 
 def worker_options_from(args: argparse.Namespace) -> dict:

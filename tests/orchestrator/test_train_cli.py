@@ -208,3 +208,32 @@ def test_plain_progress_says_succeeded_only_after_the_evaluation(tmp_path, tiny_
     states = [line.split()[1] for line in err.splitlines() if line.startswith("[a] ")]
     assert states[-3:] == ["trained", "evaluating", "succeeded"], states
     assert states.count("succeeded") == 1
+
+
+def test_trust_remote_code_loads_a_model_that_ships_its_code(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """Before, ``lorafleet train`` ignored the spec's ``trust_remote_code: true`` and the job failed with
+    transformers' "contains custom code ... pass trust_remote_code=True"."""
+    import shutil
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = tmp_path / "remote-model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "modeling_mytiny.py").write_text(
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "class MyTinyConfig(LlamaConfig):\n    model_type = 'mytiny'\n"
+        "class MyTinyForCausalLM(LlamaForCausalLM):\n    config_class = MyTinyConfig\n"
+    )
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="mytiny", auto_map={"AutoConfig": "modeling_mytiny.MyTinyConfig",
+                                                 "AutoModelForCausalLM": "modeling_mytiny.MyTinyForCausalLM"})  # fmt: skip
+    (model / "config.json").write_text(json.dumps(config))
+    data = write_jsonl(tmp_path / "rev.jsonl", alpaca_records(8, seed=2))
+    trusted = yaml.safe_load(write_spec(tmp_path, "trusted", model, data).read_text())
+    trusted["trust_remote_code"] = True
+    (tmp_path / "trusted.yaml").write_text(yaml.safe_dump(trusted))
+    untrusted = write_spec(tmp_path, "untrusted", model, data)
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "trusted.yaml"), str(untrusted), "--plain"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert json.loads((tmp_path / "out" / "trusted" / "job.json").read_text())["state"] == "succeeded"
+    assert "trust_remote_code" in err[err.index("untrusted"):]  # the job that did not trust it fails alone
