@@ -269,7 +269,7 @@ class FusedEngine:
         error = f"{type(exc).__name__}: {exc}".splitlines()[0]
         log.error("a fused step of %d job(s) raised %s; running each alone", len(active), error, exc_info=exc)
         results: list[StepResult] = []
-        events: list[JobEvent] = []
+        failures: list[tuple[TrainingJob, str]] = []
         for job in active:
             mark = job.mark()
             self._backward_started = False
@@ -277,12 +277,15 @@ class FusedEngine:
                 results.append(self._step([job]))
             except Exception as own:
                 job.rewind(mark, gradients_touched=self._backward_started)
-                own_error = f"{type(own).__name__}: {own}".splitlines()[0]
-                others = f" (the other {len(active) - 1} job(s) of its fused step train on)" if len(active) > 1 else ""
-                self._fail(job, f"training step {job.step + 1} failed: {own_error}{others}", events)
+                failures.append((job, f"{type(own).__name__}: {own}".splitlines()[0]))
                 if isinstance(own, torch.cuda.OutOfMemoryError):
                     torch.cuda.empty_cache()
-        if not events:
+        events: list[JobEvent] = []
+        others = len(active) - len(failures)
+        for job, own_error in failures:
+            suffix = f" (the other {others} job(s) of its fused step train on)" if others else ""
+            self._fail(job, f"training step {job.step + 1} failed: {own_error}{suffix}", events)
+        if not failures:
             log.warning("every job of the failed fused step ran alone without error; training goes on fused")
         return StepResult(
             [report for r in results for report in r.reports],

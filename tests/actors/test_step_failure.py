@@ -168,3 +168,16 @@ def test_a_lone_job_whose_step_raises_fails_with_its_error(tmp_path):
         events += engine.step().events
     assert [(e.job, e.kind) for e in events] == [("bad", "failed")]
     assert events[0].message == "training step 3 failed: IndexError: index 9999 is out of bounds for dimension 0 with size 128"
+
+
+def test_when_every_job_fails_alone_no_message_says_the_others_train_on(tmp_path):
+    def always(engine) -> None:
+        def hidden_states(input_ids, attention_mask, layout, **kw):
+            raise RuntimeError("CUDA error: device-side assert triggered")
+
+        engine.fused.hidden_states = hidden_states
+
+    _, events, _ = train(tmp_path, "run", ["lora", "mix"], packing=True, sabotage=always)
+    assert [(e.job, e.kind) for e in events] == [("lora", "failed"), ("mix", "failed")]
+    assert all(e.message == "training step 1 failed: RuntimeError: CUDA error: device-side assert triggered"
+               for e in events)  # fmt: skip
