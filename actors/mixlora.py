@@ -237,7 +237,8 @@ class MixLoraLayer(nn.Module):
                 1.0 - self.settings.jitter_noise, 1.0 + self.settings.jitter_noise, generator=generator
             )
             router_in = router_in * noise
-        logits = F.linear(router_in, self.router)  # (T, E)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # the router in fp32 under autocast too
+            logits = F.linear(router_in, self.router)  # (T, E)
         out_features = getattr(ffn, ffn.shape.output).out_features
         if x.shape[0] == 0:
             empty = torch.zeros(0, out_features, dtype=torch.float32, device=x.device)
@@ -247,8 +248,9 @@ class MixLoraLayer(nn.Module):
         if self.settings.expert.use_dora:  # DoRA needs each expert's weight norm: one expert at a time
             for index, expert in enumerate(self.experts):
                 tokens, slots = torch.where(chosen == index)  # (n,), (n,)
-                if tokens.numel() == 0:
-                    continue
+                if tokens.numel() == 0 and not (training and torch.is_grad_enabled()):
+                    continue  # in training an idle expert still runs on no token: a zero gradient, as
+                    # without DoRA, so its optimizer steps it (momentum, weight decay) as the reference does
                 y = self._expert(expert, x[tokens], [t[tokens] for t in ins], ffn, generator, training)
                 out = out.index_add(0, tokens, y.float() * weights[tokens, slots, None])
         else:  # all (token, expert) pairs at once: a few GEMMs per layer whatever the number of experts
@@ -596,7 +598,8 @@ class MixLoraJobAdapter:
         if not records or sum(r.logits.shape[0] for r in records) == 0:
             return None
         logits = torch.cat([r.logits for r in records])  # (layers*T, E)
-        picks = torch.cat([r.picks for r in records])  # (layers*T, K)
+        width = max(r.picks.shape[1] for r in records)  # dynamic routing keeps a different number per layer
+        picks = torch.cat([F.pad(r.picks, (0, width - r.picks.shape[1]), value=-1) for r in records])  # (layers*T, K)
         balance = load_balance_loss(logits, picks)
         loss = self.mix.router_aux_loss_coef * balance
         stats: dict[str, Any] = {"balance": float(balance.detach())}

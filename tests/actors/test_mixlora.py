@@ -15,6 +15,7 @@ from actors.adapter import AdapterLoadError
 from actors.config import (
     AdapterSettings,
     DataSettings,
+    EngineSettings,
     JobConfig,
     LoraSettings,
     MixLoraSettings,
@@ -441,3 +442,80 @@ def test_attach_errors(tmp_path):
     assert not other.fused.mlps[0].jobs  # nothing stays attached
     with pytest.raises(FileNotFoundError):
         other.attach_adapter("x", tmp_path / "missing")
+
+
+def _step_records(engine, job_name: str) -> list:
+    """The router records of ``job_name`` from the next fused step (aux_loss reads them)."""
+    seen = []
+    adapter = engine.jobs[job_name].adapter
+    original = adapter.aux_loss
+
+    def spy(layout):
+        seen.extend(layout.aux.get(job_name) or [])
+        return original(layout)
+
+    adapter.aux_loss = spy
+    engine.step()
+    adapter.aux_loss = original
+    return seen
+
+
+def test_dynamic_routing_with_a_different_width_per_layer_trains(tmp_path):
+    """Decisive routers keep a different number of experts per layer: the aux loss concatenated the
+    layers' picks and the step failed ("Sizes of tensors must match")."""
+    engine = FusedEngine(copy.deepcopy(make_tiny_llama(seed=2)), make_tokenizer())
+    job = engine.add_job(job_config("d", mix_settings(experts=8, routing="dynamic", targets=FFN), tmp_path / "d",
+                                    steps=2, batch=2, micro=2), examples=examples(4, 1, 6, 10))  # fmt: skip
+    params = job.adapter.named_parameters()
+    with torch.no_grad():  # layer 0 decisive (one expert reaches top_p), layer 1 uniform (seven needed)
+        params["mixlora.layers.0.mlp.moe_gate.weight"].normal_(0.0, 20.0, generator=torch.Generator().manual_seed(1))
+        params["mixlora.layers.1.mlp.moe_gate.weight"].zero_()
+    records = _step_records(engine, "d")
+    assert len({r.picks.shape[1] for r in records}) > 1  # the case: layers of different widths
+    assert job.error is None and job.step == 1
+    logits = torch.cat([r.logits for r in records]).detach()
+    probs, counts = torch.softmax(logits, -1).mean(0), torch.zeros(8)
+    for r in records:
+        for e in r.picks[r.picks >= 0].tolist():
+            counts[e] += 1
+    want = 8 * float((counts / logits.shape[0] * probs).sum())  # E * sum_e f_e P_e over all layers' tokens
+    got = json.loads((tmp_path / "d" / "metrics.jsonl").read_text().splitlines()[0])["router_balance"]
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_the_router_runs_in_fp32_under_autocast(tmp_path):
+    """With ``autocast`` (the GPU setting) the router's logits were bf16: top-2 sets and the
+    load-balance loss changed."""
+    base = make_tiny_llama(seed=2)
+    logits = {}
+    for autocast in (False, True):
+        engine = FusedEngine(copy.deepcopy(base), make_tokenizer(), settings=EngineSettings(autocast=autocast))
+        job = engine.add_job(job_config("m", mix_settings(experts=8, targets=FFN), tmp_path / f"m{autocast}",
+                                        steps=1, batch=2, micro=2), examples=examples(4, 1, 6, 10))  # fmt: skip
+        randomize(job.adapter, 3, router_std=0.02)
+        logits[autocast] = [r.logits.detach() for r in _step_records(engine, "m")]
+    assert all(t.dtype == torch.float32 for t in logits[True])
+    for plain, auto in zip(logits[False], logits[True], strict=True):
+        assert rel_err(auto, plain) < 1e-2  # the router's input is the bf16 hidden state; the GEMM is fp32
+    assert [torch.topk(a, 2).indices.sort(-1).values.tolist() for a in logits[True]] == [
+        torch.topk(p, 2).indices.sort(-1).values.tolist() for p in logits[False]]
+
+
+def test_an_idle_dora_expert_is_stepped_like_an_idle_lora_expert(tmp_path):
+    """MoE-PEFT runs every expert, idle ones on no token: a zero gradient, so AdamW keeps moving them
+    with their momentum. DoRA experts skipped the idle ones (no gradient: AdamW left them as they were)."""
+    moved = {}
+    for dora in (False, True):
+        engine = FusedEngine(copy.deepcopy(make_tiny_llama(seed=3)), make_tokenizer())
+        job = engine.add_job(job_config("m", mix_settings(experts=8, top_k=1, dora=dora, targets=FFN), tmp_path / f"{dora}",
+                                        steps=4, batch=1, micro=1), examples=examples(8, 3, 4, 6))  # fmt: skip
+        randomize(job.adapter, 1, router_std=1.0)
+        params = job.adapter.named_parameters()
+        used = {r.layer: set(r.picks.flatten().tolist()) for r in _step_records(engine, "m")}
+        before = {k: v.detach().clone() for k, v in params.items()}
+        now = {r.layer: set(r.picks.flatten().tolist()) for r in _step_records(engine, "m")}
+        idle = sorted(used[0] - now[0])  # used in step 1 (momentum), idle in step 2
+        assert idle, "the case needs an expert idle in step 2"
+        key = f"mixlora.layers.0.mlp.up_proj.experts.{idle[0]}.lora_B.weight"
+        moved[dora] = float((params[key] - before[key]).abs().max())
+    assert moved[False] > 1e-3 and moved[True] > 1e-3  # DoRA: was 0.0
