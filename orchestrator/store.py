@@ -532,8 +532,19 @@ class JobStore:
         return user
 
     def remove_user(self, name: str) -> bool:
-        """Forget ``name`` and its key; returns whether it existed. Its jobs keep their owner."""
+        """Forget ``name`` and its key; returns whether it existed. Its jobs keep their owner.
+
+        Raises ``ValueError`` for the only admin: without one nobody could add users, set the
+        policy or shut the cluster down (and with no user left every caller would be admin again).
+        """
         with self._tx() as c:
+            row = c.execute("SELECT admin FROM users WHERE name=?", (name,)).fetchone()
+            if row is None:
+                return False
+            if row[0] and c.execute("SELECT COUNT(*) FROM users WHERE admin=1").fetchone()[0] <= 1:
+                raise ValueError(f"name: {name!r} is the only admin; add another admin first (lorafleet admin "
+                                 "add-user NAME --admin): without one nobody could add users, set the policy or "
+                                 "shut the cluster down")  # fmt: skip
             return c.execute("DELETE FROM users WHERE name=?", (name,)).rowcount > 0
 
     def user_by_key_hash(self, key_hash: str) -> User | None:

@@ -5,14 +5,18 @@
 runs on the cluster: it validates the spec, stages its data into the storage root, queues the job
 with the controller, prints progress lines into the Ray job's log until the job ends, and exits 0
 only if it SUCCEEDED. Stopping the Ray job (``ray job stop``) cancels the fine-tuning job.
+On a cluster with users, the submitter's API key travels in the working directory (``./api_key``)
+or in the job's runtime environment (``LORAFLEET_API_KEY``); see :func:`job_api_key`.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 from orchestrator.cli import UserError
 from orchestrator.progress import fmt_float
@@ -21,21 +25,46 @@ HELP = "register one job and follow it to the end (inside `ray job submit`)"
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 
 
+KEY_FILE = "api_key"  # the submitter's key, shipped in the Ray job's working directory
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", help="job spec file (in the Ray job's working directory)")
     parser.add_argument("--owner", default=None, help="owner recorded for the job [LORAFLEET_OWNER or login]")
     parser.add_argument("--poll", type=float, default=2.0, help="seconds between progress lines")
+    parser.add_argument("--api-key-file", default=None, metavar="FILE",
+                        help=f"the submitter's API key, in the job's working directory [./{KEY_FILE} if present, "
+                        "else LORAFLEET_API_KEY]")  # fmt: skip
+
+
+def job_api_key(key_file: str | None) -> str | None:
+    """The API key of whoever submitted this Ray job: the key file shipped in its working directory
+    (``--api-key-file``, or ``./api_key`` when present), else ``LORAFLEET_API_KEY`` as the job's
+    runtime environment sets it.
+
+    Never the head's own ``~/.lorafleet/api_key`` or ``LORAFLEET_API_KEY_FILE``, which the general
+    client reads: the entrypoint runs on the head, where those are the admin's, and a submitter who
+    forgot a key would act as the admin (and could name any owner) instead of being refused.
+    """
+    path = Path(key_file or KEY_FILE)
+    if path.is_file():
+        key = path.read_text(encoding="utf-8", errors="replace").strip()
+        if not key:
+            raise UserError(f"--api-key-file: {path} is empty")
+        return key
+    if key_file:
+        raise UserError(f"--api-key-file: {key_file} is not in the job's working directory")
+    return os.environ.get("LORAFLEET_API_KEY", "").strip() or None
 
 
 def run(args: argparse.Namespace) -> int:
     from orchestrator.agent import register
-    from orchestrator.auth import client_api_key
     from orchestrator.client import ClusterError, NoControllerError, call, connect
     from orchestrator.remote import default_owner
     from orchestrator.spec import SpecError
 
     try:
-        api_key = client_api_key()  # LORAFLEET_API_KEY in the Ray job's env, on a cluster with users
+        api_key = job_api_key(args.api_key_file)  # the submitter's, never the head's own key file
         owner = args.owner or (None if api_key else default_owner())
         connect("auto")
         job = register(owner, [args.spec], api_key)[0]

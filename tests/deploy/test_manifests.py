@@ -226,7 +226,10 @@ def test_rayjob_targets_the_cluster_and_ships_a_valid_spec():
     assert argv[:2] == ["lorafleet", "run"]
     working_dir = yaml.safe_load(job["runtimeEnvYAML"])["working_dir"]
     pod = job["submitterPodTemplate"]
-    cm_name = _mounts(pod, _containers(pod)[0])[working_dir]["configMap"]["name"]
+    sources = _mounts(pod, _containers(pod)[0])[working_dir]["projected"]["sources"]
+    cm_name = next(s["configMap"]["name"] for s in sources if "configMap" in s)
+    # the submitter's API key rides in the working directory too (`lorafleet run` reads ./api_key there)
+    assert {"secret": {"name": "lorafleet-user-key", "optional": True}} in sources
     cm = next(d for d in _kuberay("ConfigMap") if d["metadata"]["name"] == cm_name)
     spec = parse_spec(yaml.safe_load(cm["data"][argv[2]]), source=f"{cm_name}/{argv[2]}")
     assert spec.data.path.startswith(

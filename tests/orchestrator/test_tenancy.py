@@ -403,3 +403,42 @@ def test_gpu_quota_limits_the_workers_an_owner_occupies(tmp_path: Path, fake_wor
         assert sum(r.state == JobState.QUEUED for r in c.store.list(owner="alice")) == 1
     finally:
         c.store.close()
+
+
+def test_the_only_admin_cannot_be_removed(ctl: Controller, users: dict[str, str]):
+    """Before, root could remove itself (nobody could manage users, the policy or `down` again), and
+    removing every user silently made every keyless caller an admin."""
+    with pytest.raises(ValueError, match=r"name: 'root' is the only admin; add another admin first"):
+        ctl.remove_user("root", api_key=users["root"])
+    second = ctl.add_user("root2", admin=True, api_key=users["root"])["key"]
+    assert ctl.remove_user("root", api_key=second) == {"removed": "root"}
+    with pytest.raises(ValueError, match="'root2' is the only admin"):
+        ctl.remove_user("root2", api_key=second)
+    assert ctl.store.has_users() and ctl.whoami(api_key=users["alice"])["admin"] is False
+
+
+def test_lorafleet_run_never_takes_the_heads_own_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`lorafleet run` runs on the head, where ~/.lorafleet/api_key is the admin's: a job submitted
+    without a key ran as the admin and could name any owner."""
+    from orchestrator.cli import UserError
+    from orchestrator.commands.run import job_api_key
+
+    home = tmp_path / "home"
+    write_secret(home / ".lorafleet" / "api_key", "admin-key")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("LORAFLEET_API_KEY_FILE", str(home / ".lorafleet" / "api_key"))
+    monkeypatch.delenv("LORAFLEET_API_KEY", raising=False)
+    work = tmp_path / "working-dir"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert client_api_key() == "admin-key"  # what the general client would have used
+    assert job_api_key(None) is None  # the controller then refuses the call on a cluster with users
+    (work / "api_key").write_text("alice-key\n")  # shipped with --working-dir (a projected Secret in rayjob.yaml)
+    assert job_api_key(None) == "alice-key"
+    (work / "mine").write_text("bob-key")
+    assert job_api_key("mine") == "bob-key"
+    with pytest.raises(UserError, match="--api-key-file: nope is not in the job's working directory"):
+        job_api_key("nope")
+    (work / "api_key").unlink()
+    monkeypatch.setenv("LORAFLEET_API_KEY", "env-key")  # set in the job's runtime_env env_vars
+    assert job_api_key(None) == "env-key"
