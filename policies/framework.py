@@ -219,6 +219,7 @@ class Cycle:
         self.pending: set[str] = set()
         self.urgent: set[str] = set()  # ids the tail guard put first (filled by the engine)
         self.fair_slack_s: float | None = None  # the policy's, for filters (set by the engine)
+        self.filters: tuple = ()  # the policy's filters, for preemption rules (set by the engine)
         self.memo: dict = {}  # plugins may cache per-cycle values here
         self.worker_of: dict[str, str | None] = {}  # running job id -> its worker id
         for job in view.running:
@@ -647,6 +648,7 @@ class ProfilePolicy:
         stood when its turn came (earlier starts, reservations, urgency), and the decision."""
         cycle = Cycle(view, self.margin)
         cycle.fair_slack_s = self.fair_slack_s
+        cycle.filters = self.filters
         trace = _Trace()
         starts: list[Decision] = []
         preempts: list[Decision] = []

@@ -497,7 +497,9 @@ class FusionCost:
 
 @dataclass(frozen=True)
 class LowerPriorityPreemption:
-    """Preempt strictly lower-priority running jobs so that ``job`` fits on one worker.
+    """Preempt strictly lower-priority running jobs so that ``job`` fits on one worker: its memory
+    and the policy's filters (before 2026-12-07 memory only, so under aspen a job blocked by its
+    fusion rules or a token cap never preempted).
 
     Nothing is preempted when the jobs already pending preemption will make room. Otherwise, on
     each accepting worker, victims are taken lowest priority first (latest started first among
@@ -533,10 +535,15 @@ class LowerPriorityPreemption:
 
     @staticmethod
     def _fits(job: JobView, slot: Slot, keep: list[JobView], cycle: Cycle) -> bool:
+        """``job`` fits beside ``keep`` on ``slot``'s worker: memory, and the policy's filters
+        (``cycle.filters``: aspen's fusion rules or a token cap can block a job that has the memory;
+        a filter that does not depend on the group, such as the owner's quota, never passes by preempting)."""
         if keep and keep[0].base_model != job.base_model:
             return False
         trial = Slot(slot.worker, slot.index, keep)
-        return trial.peak_with(job, cycle.margin) <= slot.worker.memory_bytes
+        if trial.peak_with(job, cycle.margin) > slot.worker.memory_bytes:
+            return False
+        return all(f.filter(job, trial, cycle) is None for f in cycle.filters)
 
 
 

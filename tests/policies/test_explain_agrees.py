@@ -13,7 +13,7 @@ import pytest
 
 from policies import ActivationFit, ClusterView, JobView, WorkerView, parse_policy_config
 from policies.config import PolicyConfigError
-from policies.interface import Start
+from policies.interface import Preempt, Start
 
 G = 2**30
 SMALL = ActivationFit(0.25 * G, 1000.0, 0.0)
@@ -89,3 +89,20 @@ def test_weights_shares_and_quotas_are_bounded(field):
     with pytest.raises(PolicyConfigError, match=rf"{field}\.{key}: must be .* <= 1,000,000,000 \(got 1e\+308\)"):
         parse_policy_config({"policy": "aspen", field: {key: 1e308}})
     assert parse_policy_config({"policy": "aspen", field: {key: 10**9}}) is not None
+
+
+def test_lower_priority_preemption_makes_room_a_filter_refuses_not_only_memory():
+    """aspen with ``preemption: lower_priority``: a priority-9 job blocked by a token cap on the busy
+    group (memory to spare) preempted nothing before; it preempts the priority-0 job now. A job blocked
+    only by its owner's quota still preempts nothing."""
+    low = JobView("lo", "bob", 0, 0.0, "llama-2-7b", 14 * G, 1 * G, SMALL, 2, 64, 5000.0, 6000.0,
+                  worker_id="w0", start_time_s=10.0)  # fmt: skip
+    high = JobView("hi", "alice", 9, 90.0, "llama-2-7b", 14 * G, 1 * G, SMALL, 2, 64, 3000.0, 3000.0)
+    view = ClusterView(100.0, (high,), (low,), (WorkerView("w0", 80 * G, 312.0, "llama-2-7b", ("lo",)),))
+    doc = {"policy": "aspen", "preemption": "lower_priority", "max_group_tokens": 100, "turn_max_s": None}
+    policy = parse_policy_config(doc)
+    assert policy.schedule(view) == [Preempt("lo")]
+    assert "preempts lo" in policy.explain(view, "hi").decision
+    assert parse_policy_config({**doc, "max_group_tokens": None}).schedule(view) == [Start("hi", "w0")]
+    quota = parse_policy_config({**doc, "quotas": {"alice": 0}})
+    assert quota.schedule(view) == []
