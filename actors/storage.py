@@ -6,7 +6,8 @@ worker trains in place and checkpoints are atomic renames (``actors.checkpoint``
 (``s3://bucket/prefix``, ``gs://...``, ``hdfs://...``, ``file:///abs/path``) is opened with
 ``pyarrow.fs.FileSystem.from_uri``: the worker trains in a local staging directory,
 downloads the job's files before it joins (:func:`sync_down`), and uploads them after each
-checkpoint and at the end (:func:`sync_up`).
+checkpoint and at the end (:func:`sync_up`). Single files (a laptop's uploaded data, a job's
+URI inputs) move with :func:`upload_file` and :func:`download_file`.
 
 Upload order keeps a remote copy usable at every moment: a checkpoint directory is uploaded
 under a temporary name and then moved to ``checkpoints/step-N`` (a rename on local/NFS/HDFS
@@ -17,7 +18,10 @@ adapter files are uploaded only after every checkpoint.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
+
+_CHUNK = 1 << 20
 
 
 def is_uri(root: str) -> bool:
@@ -40,6 +44,67 @@ def _fs(uri: str):
     return fs.FileSystem.from_uri(uri)
 
 
+def upload_file(local: str | os.PathLike, uri: str) -> None:
+    """Upload ONE local file to the object/file ``uri`` (its parent directory is created).
+
+    The bytes go to a temporary name next to ``uri`` first and are then moved there, so a reader
+    never sees half a file on filesystems with a rename (local, HDFS); an object store writes the
+    object at once. Raises ``OSError`` when ``local`` is not a file or ``uri`` cannot be written.
+    """
+    from pyarrow import fs as pafs
+
+    local = Path(local)
+    if not local.is_file():
+        raise FileNotFoundError(f"{local}: not a file, nothing to upload to {uri}")
+    filesystem, path = _fs(uri)
+    parent, _, name = path.rstrip("/").rpartition("/")
+    try:
+        if parent:
+            filesystem.create_dir(parent, recursive=True)
+        if isinstance(filesystem, pafs.LocalFileSystem):
+            tmp = f"{parent}/.tmp-{name}-{os.getpid()}"
+            _copy_stream(local, filesystem, tmp)
+            filesystem.move(tmp, path)
+        else:
+            _copy_stream(local, filesystem, path)
+    except OSError:
+        raise
+    except Exception as exc:  # pyarrow raises ArrowException subclasses not all derived from OSError
+        raise OSError(f"upload of {local} to {uri} failed: {exc}") from exc
+
+
+def _copy_stream(local: Path, filesystem, path: str) -> None:
+    with local.open("rb") as src, filesystem.open_output_stream(path) as dst:
+        shutil.copyfileobj(src, dst, _CHUNK)
+
+
+def download_file(uri: str, local: str | os.PathLike) -> Path:
+    """Download the ONE file at ``uri`` to the local path ``local`` (parent created); returns it.
+
+    Raises ``FileNotFoundError`` when ``uri`` is not a file (missing, or a directory), ``OSError``
+    when it cannot be read.
+    """
+    from pyarrow import fs as pafs
+
+    filesystem, path = _fs(uri)
+    local = Path(local)
+    try:
+        info = filesystem.get_file_info(path)
+        if info.type != pafs.FileType.File:
+            kind = "a directory" if info.type == pafs.FileType.Directory else "no such file"
+            raise FileNotFoundError(f"{uri}: {kind}")
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".tmp-{local.name}-{os.getpid()}")
+        with filesystem.open_input_stream(path) as src, tmp.open("wb") as dst:
+            shutil.copyfileobj(src, dst, _CHUNK)
+        os.replace(tmp, local)
+    except OSError:
+        raise
+    except Exception as exc:
+        raise OSError(f"download of {uri} failed: {exc}") from exc
+    return local
+
+
 def sync_down(uri: str, local: str | os.PathLike) -> bool:
     """Download everything under ``uri`` into ``local`` (created). False if ``uri`` does not exist."""
     from pyarrow import fs as pafs
@@ -57,12 +122,16 @@ def sync_down(uri: str, local: str | os.PathLike) -> bool:
 def sync_up(local: str | os.PathLike, uri: str) -> None:
     """Upload the job directory ``local`` to ``uri``: new checkpoints first, then the other files.
 
+    A single file (not a directory) is uploaded as the file ``uri`` (:func:`upload_file`).
     Raises ``OSError`` when the destination cannot be written.
     """
     from pyarrow import fs as pafs
 
-    filesystem, root = _fs(uri)
     local = Path(local)
+    if local.is_file():
+        upload_file(local, uri)
+        return
+    filesystem, root = _fs(uri)
     lfs = pafs.LocalFileSystem()
     try:
         filesystem.create_dir(root, recursive=True)

@@ -295,15 +295,19 @@ class TrainingWorker:
         model, tokenizer = load_base_model(self.base_model, device=device, dtype=getattr(torch, dtype),
                                            trust_remote_code=self.trust_remote_code)
         cfg = model.config
+        heads = int(cfg.num_attention_heads)
+        head_dim = int(getattr(cfg, "head_dim", 0) or 0)  # Qwen3, Gemma: q/k/v/o are heads x head_dim wide
         self.model_shape = {
             "num_parameters": int(sum(p.numel() for p in model.parameters())),
             "hidden_size": int(cfg.hidden_size),
             "num_hidden_layers": int(cfg.num_hidden_layers),
-            "num_attention_heads": int(cfg.num_attention_heads),
+            "num_attention_heads": heads,
             "intermediate_size": int(cfg.intermediate_size),
             "vocab_size": int(cfg.vocab_size),
             "num_key_value_heads": int(getattr(cfg, "num_key_value_heads", 0) or 0),
             "dtype_bytes": 4 if dtype == "float32" else 2,
+            # 0 where it is hidden / heads, as actors.profiler.model_shape_from_config reads it
+            "head_dim": head_dim if head_dim * heads != int(cfg.hidden_size) else 0,
         }
         self.device, self.dtype = device, dtype
         self.engine = FusedEngine(model, tokenizer, base_model_id=self.base_model, settings=self.engine_settings)
@@ -414,6 +418,7 @@ class TrainingWorker:
                 from actors.storage import sync_down
 
                 sync_down(remote_output, config.output)
+            config = self._stage_inputs(job_id, config)  # URI data / eval data / init_from -> local copies
             job = self.engine.add_job(config, resume=True)
         except (ValueError, OSError, RuntimeError) as exc:  # DataError, TargetError, AdapterLoadError, I/O
             self._emit(job_id, "failed", message=str(exc))
@@ -438,6 +443,77 @@ class TrainingWorker:
             job_id, "joined", step=job.step, total_steps=job.total_steps, setup_s=time.perf_counter() - start,
             activation=fit, profile_source=source,
         )
+
+    def _inputs_root(self) -> Path:
+        """This worker's local copies of its jobs' URI inputs: ``<staging>/.inputs/<worker_id>/<job_id>``
+        (``.inputs`` is never a job id; one folder per worker, so workers of one node never touch
+        each other's files)."""
+        return Path(self.staging_dir or "/tmp/lorafleet-staging") / ".inputs" / self.worker_id
+
+    def _stage_inputs(self, job_id: str, config: JobConfig) -> JobConfig:
+        """``config`` with each URI input (``data.path``, ``eval.data``: a file; ``adapter.init_from``: an
+        adapter directory, of which only the adapter files) downloaded into a fresh local folder
+        (:meth:`_inputs_root`) and replaced by its local path: the engine and the evaluation read
+        local files. Local paths are kept. The copies of jobs that have left this worker are deleted
+        here (the staged files live as long as the job is in the engine: ``eval.data`` is read
+        after training).
+
+        Raises:
+            FileNotFoundError: an input is missing at its URI (the message names the field).
+            OSError: a download failed.
+        """
+        import shutil
+
+        from actors.storage import download_file, is_uri
+
+        root = self._inputs_root()
+        if root.is_dir():
+            for old in root.iterdir():
+                if old.name not in self.engine.jobs:  # never a job still training or being evaluated
+                    shutil.rmtree(old, ignore_errors=True)
+        data_uri = config.data.path if is_uri(config.data.path) else None
+        eval_uri = config.eval.data if config.eval is not None and config.eval.data and is_uri(config.eval.data) else None
+        init_uri = config.adapter.init_from if config.adapter.init_from and is_uri(config.adapter.init_from) else None
+        if data_uri is None and eval_uri is None and init_uri is None:
+            return config
+        local = root / job_id
+
+        def fetch(field: str, uri: str, dest: Path) -> str:
+            try:
+                return str(download_file(uri, dest))
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{field}: file not found: {uri}") from None
+            except OSError as exc:
+                raise OSError(f"{field}: cannot download {uri} to worker {self.worker_id}: {exc}") from None
+
+        if data_uri is not None:
+            name = data_uri.rstrip("/").rsplit("/", 1)[-1]
+            config = dataclasses.replace(config, data=dataclasses.replace(
+                config.data, path=fetch("data.path", data_uri, local / "data" / name)))  # fmt: skip
+        if eval_uri is not None:
+            name = eval_uri.rstrip("/").rsplit("/", 1)[-1]
+            config = dataclasses.replace(config, eval=dataclasses.replace(
+                config.eval, data=fetch("eval.data", eval_uri, local / "eval" / name)))  # fmt: skip
+        if init_uri is not None:
+            from actors.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN
+
+            dest = local / "init_from"
+            base = init_uri.rstrip("/")
+            try:
+                fetch("adapter.init_from", f"{base}/{ADAPTER_CONFIG}", dest / ADAPTER_CONFIG)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"adapter.init_from: {init_uri}: no {ADAPTER_CONFIG}") from None
+            weights = 0
+            for name in (ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN):
+                try:
+                    fetch("adapter.init_from", f"{base}/{name}", dest / name)
+                    weights += 1
+                except FileNotFoundError:
+                    continue
+            if not weights:
+                raise FileNotFoundError(f"adapter.init_from: {init_uri} has no {ADAPTER_WEIGHTS} or {ADAPTER_WEIGHTS_BIN}")
+            config = dataclasses.replace(config, adapter=dataclasses.replace(config.adapter, init_from=str(dest)))
+        return config
 
     def _leave(self, job_id: str):
         """Remove a job from the engine and the snapshot; returns the TrainingJob or None."""

@@ -10,9 +10,10 @@ Actions:
 
 * ``register [--owner O] SPEC...``: validate the specs (files in the job's working directory;
   relative data paths are read relative to that directory, the current one, as ``submit`` and
-  ``validate`` read them), copy each job's local data into the caller's uploads area
-  (``<storage>/uploads/<owner>/``; a path under an admin-allowed prefix is kept as is), queue the
-  jobs all or none (``Controller.submit_many``); result: ``[{id, name}, ...]``.
+  ``validate`` read them), copy each job's local data files and ``adapter.init_from`` adapter
+  directory into the caller's uploads area (``<storage>/uploads/<owner>/``, a directory or a
+  storage URI; a path under an admin-allowed prefix, or a URI, is kept as is), queue the jobs all
+  or none (``Controller.submit_many``); result: ``[{id, name}, ...]``.
 * ``call METHOD JSON_KWARGS``: a read-or-cancel controller call (``status``, ``list_jobs``,
   ``logs``, ``logs_since``, ``job_metrics``, ``cancel``, ``counts``, ``whoami``).
 * ``fetch [--owner O] JOB``: the finished adapter's small files, base64-encoded.
@@ -56,40 +57,83 @@ def read_key(workdir: Path | None = None) -> str | None:
     return key
 
 
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")  # what init_from uploads
+INIT_FROM_HINT = ("to continue from an earlier job's adapter, fetch it (`lorafleet fetch JOB DIR`) and submit "
+                  "with adapter.init_from: DIR (a local adapter directory is uploaded with the spec)")  # fmt: skip
+PATH_SECTIONS = (("data", "path"), ("eval", "data"), ("adapter", "init_from"))
+
+
+def adapter_files(directory: Path, field: str, shown: str) -> list[str]:
+    """The adapter files of ``directory`` to upload (config first), or a ``ValueError`` naming ``field``."""
+    if not (directory / ADAPTER_FILES[0]).is_file():
+        raise ValueError(f"{field}: {shown} has no {ADAPTER_FILES[0]}: name a PEFT LoRA or MixLoRA adapter "
+                         "directory (as `lorafleet fetch` writes it). Nothing was queued")  # fmt: skip
+    names = [n for n in ADAPTER_FILES if (directory / n).is_file()]
+    if len(names) == 1:
+        raise ValueError(f"{field}: {shown} has no {ADAPTER_FILES[1]} or {ADAPTER_FILES[2]}. Nothing was queued")
+    return names
+
+
 def stage_data(spec_doc: dict, spec_dir: Path, uploads: str, *, allowed_prefixes: list[str] | tuple[str, ...] = (),
                limit: int | None = None) -> dict:  # fmt: skip
-    """Copy the spec's data files into ``UPLOADS/UUID/`` (the owner's uploads area) and point the spec there.
+    """Copy the spec's local inputs into ``UPLOADS/UUID/`` (the owner's uploads area) and point the spec there.
 
-    A path under an admin-allowed prefix (``allowed_prefixes``, absolute) stays as it is: the
-    controller admits it without a copy. Anything else must be a file among the submitted ones.
+    Inputs: ``data.path`` and ``eval.data`` (files, as ``UUID/data-NAME``, ``UUID/eval-NAME``) and
+    ``adapter.init_from`` (a directory: only its adapter files, :data:`ADAPTER_FILES`, into
+    ``UUID/init_from/``). ``uploads`` is a local directory or a storage URI (``file://``,
+    ``s3://``...: each file is uploaded, ``actors.storage.upload_file``).
+
+    A path under an admin-allowed prefix (``allowed_prefixes``, absolute) stays as it is, and so
+    does a URI: the controller admits them without a copy. Anything else must be among the
+    submitted files (relative to ``spec_dir``).
     """
-    from actors.storage import is_uri, sync_up
-    from orchestrator.paths import MAX_UPLOAD_BYTES, check_upload_size, confine
+    from actors.storage import is_uri, upload_file
+    from orchestrator.paths import MAX_UPLOAD_BYTES, PathError, check_upload_size, confine
 
     area = f"{uploads.rstrip('/')}/{uuid.uuid4().hex[:12]}"
     doc = json.loads(json.dumps(spec_doc))
-    sections = [("data", "path"), ("eval", "data")]
-    for section, key in sections:
+
+    def put(local: Path, name: str) -> str:
+        if is_uri(uploads):
+            upload_file(local, f"{area}/{name}")
+            return f"{area}/{name}"
+        target = Path(area) / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(local, target)
+        return str(target)
+
+    for section, key in PATH_SECTIONS:
         value = (doc.get(section) or {}).get(key)
         if not value:
             continue
-        if str(value).startswith("/") and allowed_prefixes:
-            doc[section][key] = str(confine(spec_dir, value, field=f"{section}.{key}",
-                                            allowed_prefixes=allowed_prefixes))  # fmt: skip
+        field = f"{section}.{key}"
+        if is_uri(str(value)):
+            continue  # on the cluster's storage: the controller confines it (own uploads or an allowed URI prefix)
+        if str(value).startswith("/"):
+            try:
+                doc[section][key] = str(confine(spec_dir, value, field=field, allowed_prefixes=allowed_prefixes))
+            except PathError as err:
+                if key == "init_from":
+                    raise PathError(f"{err}; {INIT_FROM_HINT}") from None
+                raise
             continue
-        local = confine(spec_dir, value, field=f"{section}.{key}")
+        local = confine(spec_dir, value, field=field)
+        if key == "init_from":
+            if not local.is_dir():
+                raise FileNotFoundError(f"{field}: directory not found in the submitted files: {value}; "
+                                        f"{INIT_FROM_HINT}")  # fmt: skip
+            names = adapter_files(local, field, repr(value))
+            files = [confine(spec_dir, f"{value}/{n}", field=field) for n in names]  # no symlink out
+            for file in files:
+                check_upload_size(file, field=field, limit=limit or MAX_UPLOAD_BYTES)
+            for file, name in zip(files, names, strict=True):
+                put(file, f"init_from/{name}")
+            doc[section][key] = f"{area}/init_from" if is_uri(uploads) else str(Path(area) / "init_from")
+            continue
         if not local.is_file():
-            raise FileNotFoundError(f"{section}.{key}: file not found in the submitted files: {value}")
-        check_upload_size(local, field=f"{section}.{key}", limit=limit or MAX_UPLOAD_BYTES)
-        if is_uri(uploads):
-            target = f"{area}/{section}-{local.name}"
-            sync_up(local, target)
-        else:
-            target_path = Path(area) / f"{section}-{local.name}"
-            target_path.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(local, target_path)
-            target = str(target_path)
-        doc[section][key] = target
+            raise FileNotFoundError(f"{field}: file not found in the submitted files: {value}")
+        check_upload_size(local, field=field, limit=limit or MAX_UPLOAD_BYTES)
+        doc[section][key] = put(local, f"{section}-{local.name}")
     return doc
 
 

@@ -3,8 +3,9 @@
 A laptop needs only the address a cluster publishes for Ray Job Submission (the dashboard,
 ``http://HEAD:8265``): the same channel ``ray job submit`` uses. Every operation runs a short Ray
 job on the cluster (``orchestrator.agent``) that talks to the lorafleet controller and prints its
-answer into the job's log; this client reads it back. Specs and the local data files they name
-travel in the Ray job's working directory.
+answer into the job's log; this client reads it back. Specs and the local files they name (data
+files, and the adapter files of an ``adapter.init_from`` directory) travel in the Ray job's working
+directory; the agent stages them into the owner's upload area.
 
     from orchestrator.remote import Client
     client = Client("http://127.0.0.1:8265")
@@ -35,7 +36,8 @@ from typing import Any
 import yaml
 from ray.exceptions import AuthenticationError
 
-from orchestrator.agent import KEY_FILE, RESULT_PREFIX
+from actors.storage import is_uri
+from orchestrator.agent import ADAPTER_FILES, INIT_FROM_HINT, KEY_FILE, RESULT_PREFIX, adapter_files
 from orchestrator.auth import client_api_key, write_secret
 from orchestrator.spec import JobSpec, load_spec, parse_spec
 
@@ -185,7 +187,8 @@ class Client:
     # ---------------------------------------------------------------- jobs
 
     def submit(self, spec: str | os.PathLike[str] | Mapping[str, Any]) -> Job:
-        """Validate locally, upload the spec and its data files, queue the job. Returns at once."""
+        """Validate locally, upload the spec, its data files and its ``init_from`` adapter, queue the job.
+        Returns at once."""
         return self.submit_many([spec])[0]
 
     def submit_many(self, specs: Sequence[str | os.PathLike[str] | Mapping[str, Any]]) -> list[Job]:
@@ -193,7 +196,8 @@ class Client:
 
         Raises:
             SpecError: a spec is invalid (file, line, field), checked before anything is sent.
-            RemoteError: no controller, a data file missing, or the cluster refused.
+            RemoteError: no controller, a data file or ``init_from`` adapter missing (checked before
+                anything is sent), or the cluster refused.
         """
         workdir = tempfile.mkdtemp(prefix="lorafleet-submit-")
         try:
@@ -205,13 +209,14 @@ class Client:
 
     @staticmethod
     def _stage(spec: str | os.PathLike[str] | Mapping[str, Any], workdir: Path, index: int) -> str:
-        """Copy one spec (rewritten) and its data files into the upload directory."""
+        """Copy one spec (rewritten) and its local inputs into the upload directory: its data files
+        and its ``adapter.init_from`` adapter directory (only the adapter files)."""
         parsed: JobSpec = parse_spec(dict(spec)) if isinstance(spec, Mapping) else load_spec(spec)
         doc = parsed.model_dump(mode="json", exclude_none=True)
         for section, key in (("data", "path"), ("eval", "data")):
             value = (doc.get(section) or {}).get(key)
-            if not value:
-                continue
+            if not value or is_uri(value):
+                continue  # a URI names the cluster's storage; the cluster checks it
             local = Path(value)
             if local.is_absolute() and not local.is_file():
                 continue  # a data set on the cluster (an admin-allowed prefix); the cluster checks it
@@ -220,6 +225,9 @@ class Client:
             upload = f"{index}-{section}-{local.name}"
             shutil.copyfile(local, workdir / upload)
             doc[section][key] = upload
+        init = (doc.get("adapter") or {}).get("init_from")
+        if init:
+            doc["adapter"]["init_from"] = _stage_adapter(init, workdir / f"{index}-init_from")
         name = f"{index}-spec.yaml"
         (workdir / name).write_text(yaml.safe_dump(doc, sort_keys=False))
         return name
@@ -288,6 +296,27 @@ class Client:
         for name, data in result["files"].items():
             (dest / name).write_bytes(base64.b64decode(data))
         return dest
+
+
+def _stage_adapter(value: str, dest: Path) -> str:
+    """Copy the adapter files of the local directory ``value`` into ``dest``; returns the path to
+    put in the spec (``dest``'s name, or ``value`` itself for a path on the cluster)."""
+    local = Path(value)
+    if is_uri(value) or (local.is_absolute() and not local.exists()):
+        return value  # on the cluster (its storage, an admin-allowed prefix); the cluster checks it
+    if local.is_file():
+        raise RemoteError(f"adapter.init_from: {value} is a file; name the adapter directory (holding "
+                          f"{ADAPTER_FILES[0]} and {ADAPTER_FILES[1]}). Nothing was queued")  # fmt: skip
+    if not local.is_dir():
+        raise RemoteError(f"adapter.init_from: directory not found on this machine: {value}; {INIT_FROM_HINT}")
+    try:
+        names = adapter_files(local, "adapter.init_from", value)
+    except ValueError as err:
+        raise RemoteError(str(err)) from None
+    dest.mkdir()
+    for name in names:
+        shutil.copyfile(local / name, dest / name)
+    return dest.name
 
 
 def _is_auth_error(exc: BaseException) -> bool:
