@@ -113,6 +113,20 @@ def check_init_settings(want: AdapterSettings, saved: AdapterSettings, source: s
             )
 
 
+def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse an adapter with a NaN or infinite weight: training from it fails at its first step
+    with a non-finite loss (which blamed the learning rate) and evaluating it gives NaN metrics.
+
+    Raises:
+        AdapterLoadError: naming ``source``, the tensor and how many values are bad.
+    """
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise AdapterLoadError(f"{source}: tensor {name} has {bad} NaN or infinite value(s) of {tensor.numel()}; "
+                                   "the adapter is damaged (or was saved after its training diverged)")  # fmt: skip
+
+
 class FusedEngine:
     """Many jobs' adapters trained together on one frozen base model."""
 
@@ -182,6 +196,7 @@ class FusedEngine:
         try:
             if config.adapter.init_from:
                 state, saved = read_adapter(config.adapter.init_from)
+                check_finite(state, f"adapter.init_from: {config.adapter.init_from}")
                 check_init_settings(config.adapter, settings_from_export(saved, config.adapter.init_from),
                                     config.adapter.init_from)  # fmt: skip
                 adapter.load_state(state, config.adapter.init_from)
@@ -454,6 +469,7 @@ class FusedEngine:
         if name in self.inference or name in self.jobs:
             raise ValueError(f"an adapter named {name!r} is already attached")
         state, config = read_adapter(directory)
+        check_finite(state, str(directory))
         settings = settings_from_export(config, str(directory))
         adapter = ADAPTER_KINDS[settings.kind](self.fused, name, settings, seeded_generator(0))
         try:

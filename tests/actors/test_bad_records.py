@@ -5,6 +5,7 @@ beside it train on: before, an empty record or a token id outside the vocabulary
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -159,3 +160,28 @@ def test_init_from_mixlora_checks_experts_and_routing(tmp_path):
     want = read_adapter(source)[0]
     got = job.adapter.export_state()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_an_adapter_with_a_nan_weight_is_refused_by_name(tmp_path):
+    """Before, ``init_from`` a damaged adapter failed at step 1 with "loss is nan; lower
+    train.learning_rate", and attaching it for evaluation gave NaN metrics."""
+    from safetensors.torch import load_file, save_file
+
+    from actors.adapter import AdapterLoadError
+
+    good = write_jsonl(tmp_path / "good.jsonl", token_records(6, 2, 4, 10))
+    engine = FusedEngine(copy.deepcopy(make_tiny_llama()), make_tokenizer())
+    engine.add_job(job("src", good, tmp_path / "src"))
+    engine.run()
+    weights = tmp_path / "src" / "adapter_model.safetensors"
+    state = load_file(weights)
+    name = sorted(state)[0]
+    state[name].view(-1)[3] = float("nan")
+    save_file(state, weights)
+    config = job("cont", good, tmp_path / "cont")
+    config = dataclasses.replace(config, adapter=dataclasses.replace(config.adapter, init_from=str(tmp_path / "src")))
+    with pytest.raises(AdapterLoadError, match=rf"adapter.init_from: .*src: tensor {name} has 1 NaN or infinite value"):
+        engine.add_job(config)
+    with pytest.raises(AdapterLoadError, match=rf"src: tensor {name} has 1 NaN or infinite value"):
+        engine.attach_adapter("eval", tmp_path / "src")
+    assert "cont" not in engine.jobs and "eval" not in engine.inference
