@@ -653,7 +653,7 @@ class ProfilePolicy:
         starts: list[Decision] = []
         preempts: list[Decision] = []
         reserve_left = self.reservations
-        for position, job in enumerate(self._ordered(view, cycle, self.queue_depth)):
+        for position, job in enumerate(self._queue(view, cycle)):
             if job.job_id == target:
                 trace.position, trace.workers = position, self._verdicts(job, cycle)
             slot = self._place(job, cycle)
@@ -703,6 +703,20 @@ class ProfilePolicy:
                 break
         return starts, preempts, trace
 
+    def _queue(self, view: ClusterView, cycle: Cycle, limit: int | None = None) -> Iterable[JobView]:
+        """The cycle's order: :meth:`_ordered`; with a preemption rule that preempts by priority
+        (``priority_first``), higher priorities first and the policy's order within a priority.
+        Otherwise a job preempted for a higher-priority one, queued again ahead of it by the
+        policy's order (aspen's deadlines; its priority weight is 0), took its worker straight back,
+        and the two traded it at every checkpoint while the higher-priority job waited.
+        ``limit``: at most this many jobs (0: all; None: ``queue_depth``)."""
+        depth = self.queue_depth if limit is None else limit
+        if self.preempt is None or not getattr(self.preempt, "priority_first", False) or getattr(
+                self.order, "by_priority", False):  # fmt: skip
+            return self._ordered(view, cycle, depth)
+        jobs = sorted(self._ordered(view, cycle), key=lambda j: -j.priority)  # stable: the order within a priority
+        return jobs[:depth] if depth else jobs
+
     def _verdicts(self, job: JobView, cycle: Cycle) -> tuple[WorkerLine, ...]:
         """Every worker's verdict for ``job`` in ``cycle`` as it stands: a reason, or the scores."""
         lines: list[WorkerLine] = []
@@ -732,7 +746,8 @@ class ProfilePolicy:
             return Explanation(job_id, self.name, factors, priority, trace.position, trace.workers, trace.decision)
         cycle = Cycle(view, self.margin)  # not reached this cycle: its verdicts on an untouched cycle
         cycle.fair_slack_s = self.fair_slack_s
-        position = [j.job_id for j in self._ordered(view, cycle)].index(job_id)
+        cycle.filters = self.filters
+        position = [j.job_id for j in self._queue(view, cycle, 0)].index(job_id)
         why = (f"the cycle stopped at {trace.stopped_at}, which could not start (no backfill)"
                if trace.stopped_at is not None else f"only the first {self.queue_depth} queued jobs are considered")  # fmt: skip
         return Explanation(job_id, self.name, factors, priority, position, self._verdicts(job, cycle),

@@ -39,6 +39,8 @@ class FirstComeFirstServed:
 class StaticPriority:
     """Higher ``priority`` first; first come, first served within a priority."""
 
+    by_priority = True  # the order already puts higher priorities first (see ProfilePolicy._queue)
+
     def keys(self, queued: Sequence[JobView], view: ClusterView) -> list[tuple[int, float, str, int]]:
         return [(-j.priority, j.submit_time_s, j.job_id, i) for i, j in enumerate(queued)]
 
@@ -511,6 +513,7 @@ class LowerPriorityPreemption:
     """
 
     min_priority_gap: int = 1
+    priority_first = True  # the queue puts higher priorities first: the freed room goes to the job it was freed for
 
     def victims(self, job: JobView, cycle: Cycle) -> list[str]:
         pending, now = cycle.pending, cycle.view.now_s

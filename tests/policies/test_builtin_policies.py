@@ -99,10 +99,12 @@ PREEMPTIVE_BACKFILL = [
 
 @pytest.mark.parametrize("make", PREEMPTIVE_BACKFILL)
 def test_job_started_this_cycle_is_never_a_victim(make):
-    # "a" (shortest, first) takes the idle w0; "h" (priority 5) then fits nowhere: preempting "a"
-    # would stop it before it ran, and the two would trade w0 at one instant forever
+    # Before 2026-12-07 "a" (shortest, first in the policy's order) took the idle w0 and "h" (priority 5),
+    # fitting nowhere, must not preempt it: it would stop "a" before it ran, and the two would trade w0
+    # at one instant forever. With lower_priority the queue now puts higher priorities first: "h" takes
+    # w0 and "a", of lower priority, preempts nothing.
     jobs = [job("a", work=10, dyn_gib=60), job("h", priority=5, work=50, dyn_gib=60)]
-    assert make().schedule(view(jobs, workers=[worker("w0")])) == [Start("a", "w0")]
+    assert make().schedule(view(jobs, workers=[worker("w0")])) == [Start("h", "w0")]
 
 
 @pytest.mark.parametrize("make", PREEMPTIVE_BACKFILL)

@@ -345,3 +345,15 @@ def test_a_policy_that_returns_no_list_or_keeps_ooming_is_an_error():
     big = [tj(f"j{i}", model="llama-2-7b", batch=8, mbs=4, seq=2048) for i in range(6)]  # each fits alone, not all
     with pytest.raises(SimulationError, match=r"all-on-one: \d+ OOMs in a row with no job finishing .*0 of 6 jobs done"):
         simulate(big, default_cluster(count=1), _AllOnOne())
+
+
+def test_aspen_priority_preemption_gives_the_freed_worker_to_the_job_it_was_freed_for():
+    """aspen orders by deadlines and size (priority weight 0): the preempted job, queued again ahead of
+    the high-priority one, took its worker straight back, and they traded it at every checkpoint."""
+    jobs = [tj("lo", model="llama-2-7b", mbs=4, batch=4, seq=2048, steps=400),
+            tj("hi", submit=60.0, model="llama-2-7b", mbs=4, batch=4, seq=2048, steps=300, prio=9)]  # fmt: skip
+    policy = aspen(AspenSettings(preemption="lower_priority", max_group_tokens=1, turn_max_s=None))
+    result = simulate(jobs, default_cluster(count=1), policy)
+    lo, hi = (next(j for j in result.jobs if j.job_id == name) for name in ("lo", "hi"))
+    assert result.preemptions == 1
+    assert hi.finish_s < lo.finish_s  # before: lo retook the worker and hi waited for its end
