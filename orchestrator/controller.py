@@ -128,14 +128,21 @@ def model_shape_for(base_model: str, reported: Mapping[str, Mapping[str, Any]] |
 def adapter_shape_of(spec: JobSpec) -> AdapterShape:
     """The memory model's view of a job's adapter. Target names of other families (Phi-3's
     ``qkv_proj``/``gate_up_proj``, Phi's ``dense``/``fc1``/``fc2``, ...) count as the LLaMA
-    projections of the same shapes; a spec naming none of them is estimated as q and v."""
+    projections of the same shapes; a spec naming none of them is estimated as q and v. Dropout
+    (the experts' defaults to the adapter's) and MixLoRA routing are passed on, with the engine's
+    defaults for unset fields (``orchestrator.spec.JobSpec.to_job_config``)."""
     a = spec.adapter
     known = canonical_targets(a.target_modules) or ("q_proj", "v_proj")
     if a.type == "mixlora":
         er = a.expert.r if a.expert is not None and a.expert.r else 0
+        expert_dropout = a.expert.dropout if a.expert is not None and a.expert.dropout is not None else a.dropout
         return AdapterShape("mixlora", a.r, known, a.num_experts or 8, a.top_k or 2, er or 0, dora=a.use_dora,
-                            expert_dora=a.use_dora)  # fmt: skip (experts take the adapter's use_dora)
-    return AdapterShape("lora", a.r, known, dora=a.use_dora)
+                            expert_dora=a.use_dora, routing=a.routing or "topk",
+                            top_p=0.8 if a.top_p is None else float(a.top_p),
+                            capacity_factor=1.0 if a.capacity_factor is None else float(a.capacity_factor),
+                            dropout=float(a.dropout), expert_dropout=float(expert_dropout),
+                            )  # fmt: skip (experts take the adapter's use_dora)
+    return AdapterShape("lora", a.r, known, dora=a.use_dora, dropout=float(a.dropout))
 
 
 def effective_spec(record: JobRecord, base: JobSpec | None = None) -> JobSpec:
@@ -932,6 +939,7 @@ class Controller:
                 except Exception as exc:  # a dead or hung worker: its jobs still requeue below
                     log.warning("worker %s did not stop cleanly: %s", wid, exc)
                 w = self._workers[wid]
+                self._drain_events(w, timeout_s)  # a job that finished (or failed) during the drain is recorded so
                 for job_id in sorted(w.assigned):
                     if self._requeue(job_id, "controller stopped (lorafleet down)"):
                         requeued.append(job_id)
@@ -939,6 +947,27 @@ class Controller:
             self._workers.clear()
         self.store.close()
         return {"requeued": requeued}
+
+    def _drain_events(self, w: _Worker, timeout_s: float) -> None:
+        """Apply what a stopping worker reported last: the snapshot the loop had asked for and not
+        read, then a fresh one. Before, ``down`` during a finished job's evaluation left it QUEUED
+        (its ``finished`` event unread) and the next ``up`` trained and evaluated it again; the
+        checkpoint steps of the drain were lost the same way."""
+        import ray
+
+        refs = [w.pending] if w.pending is not None else []
+        w.pending = None
+        try:
+            refs.append(w.handle.progress.remote())
+        except Exception as exc:  # a dead worker: nothing more to read
+            log.warning("worker %s: no last progress: %s", w.worker_id, exc)
+        for ref in refs:
+            try:
+                snap = ray.get(ref, timeout=timeout_s)
+            except Exception as exc:  # a dead or hung worker: its jobs requeue from their last recorded checkpoint
+                log.warning("worker %s: last progress not read: %s", w.worker_id, exc)
+                continue
+            self._apply_snapshot(w, snap, time.time())
 
     # ------------------------------------------------------------------ loop
 
@@ -1066,11 +1095,12 @@ class Controller:
             elif kind in ("preempted", "stopped"):
                 self._preempting.discard(job_id)
                 rec = self.store.get(job_id)
+                why = "preempted" if kind == "preempted" else "stopped (lorafleet down)"
                 if rec.state in (JobState.RUNNING, JobState.PROFILING):
-                    self.store.transition(job_id, JobState.PREEMPTED, reason=f"preempted on {w.worker_id}",
+                    self.store.transition(job_id, JobState.PREEMPTED, reason=f"{why} on {w.worker_id}",
                                           checkpoint_step=ev.get("checkpoint_step"))  # fmt: skip
                     self.store.transition(job_id, JobState.QUEUED, expect=JobState.PREEMPTED, reason="requeued")
-                    self._log(job_id, f"preempted at checkpoint step {ev.get('checkpoint_step')}; requeued")
+                    self._log(job_id, f"{why} at checkpoint step {ev.get('checkpoint_step')}; requeued")
         except JobStoreError as exc:  # e.g. cancelled meanwhile: the late event changes nothing
             log.info("event %s of %s ignored: %s", kind, job_id, exc)
 

@@ -57,3 +57,30 @@ def test_failed_or_non_finite_eval_is_kept_without_breaking_the_job(ctl: Control
     assert eval_lines({"error": "evaluation failed: eval.data: gone.jsonl: no such file"}) == [
         "eval: evaluation failed: eval.data: gone.jsonl: no such file"]
     assert eval_lines(None) == []
+
+
+def test_down_during_an_evaluation_records_the_finished_job(ctl: Controller, monkeypatch: pytest.MonkeyPatch):
+    """``lorafleet down`` while a finished job is evaluated: the worker's drain waits for the evaluation
+    and reports ``finished``; the controller read no event after the drain, so the job was requeued
+    (and trained and evaluated again at the next ``up``). The other job's drain checkpoint is kept."""
+    import ray
+
+    a = ctl.submit(spec("a", eval={"data": "d.jsonl"}), "alice")["id"]
+    b = ctl.submit(spec("b"), "alice")["id"]
+    ctl.tick()
+    worker = next(iter(ctl._workers.values()))
+    joined = [{"job": j, "kind": "joined", "step": 0, "total_steps": 10} for j in (a, b)]
+    ctl._apply_snapshot(worker, {"events": joined, "jobs": {}}, 0.0)
+    evaluation = {"examples": 3, "metrics": {"loss": {"base": 3.0, "adapter": 1.0, "tokens": 30}}}
+    last = {"events": [{"job": a, "kind": "finished", "output": "out/a", "step": 10, "loss": 0.4, "eval": evaluation},
+                       {"job": b, "kind": "stopped", "checkpoint_step": 7}], "jobs": {}}  # fmt: skip
+    monkeypatch.setattr(type(worker.handle), "progress", property(lambda self: type("M", (), {
+        "remote": staticmethod(lambda: "progress-ref")})), raising=False)  # fmt: skip
+    monkeypatch.setattr(ray, "get", lambda ref, timeout=None: last if ref == "progress-ref" else [b])
+    monkeypatch.setattr(ray, "kill", lambda handle: None)
+    assert ctl.shutdown()["requeued"] == []
+    ctl.store = type(ctl.store)(ctl.store.path)  # shutdown closed it
+    assert ctl.store.get(a).state == JobState.SUCCEEDED and ctl.store.get(a).extra["eval"] == evaluation
+    rec = ctl.store.get(b)
+    assert rec.state == JobState.QUEUED and rec.checkpoint_step == 7
+    assert "stopped (lorafleet down)" in ctl.status(b)["events"][-2]["reason"]
