@@ -127,11 +127,111 @@ def cpu_device_kind() -> str:
     return f"cpu-{os.uname().machine}"
 
 
+def visible_devices(env: str | None = None) -> list[int | str] | None:
+    """``CUDA_VISIBLE_DEVICES`` as CUDA reads it: physical ordinals or UUIDs (``GPU-...``, ``MIG-...``,
+    possibly unique prefixes) in logical order; None where it is unset. CUDA stops at the first
+    entry it cannot read (an ordinal below 0, or another kind of entry than the first's)."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES") if env is None else env
+    if env is None:
+        return None
+    out: list[int | str] = []
+    uuids = env.strip().startswith(("GPU-", "MIG-"))
+    for raw in env.split(","):
+        entry = raw.strip()
+        if uuids:
+            if not entry.startswith(("GPU-", "MIG-")):
+                break
+            out.append(entry)
+            continue
+        match = re.match(r"[+-]?\d+", entry)
+        if match is None or int(match.group(0)) < 0:
+            break
+        out.append(int(match.group(0)))
+    return out
+
+
+def torch_pci_bus_id(index: int) -> str | None:
+    """The PCI address torch (the CUDA runtime) gives logical device ``index``, as NVML writes it
+    (``00000000:3B:00.0``); None without CUDA or where this torch's device properties lack it."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        props = torch.cuda.get_device_properties(index)
+    except (ImportError, RuntimeError, AssertionError, ValueError):
+        return None
+    bus, device, domain = (getattr(props, f"pci_{n}_id", None) for n in ("bus", "device", "domain"))
+    if not isinstance(bus, int) or not isinstance(device, int):
+        return None
+    return f"{domain or 0:08X}:{bus:02X}:{device:02X}.0"
+
+
+def _handle_by_uuid(nvml: Any, uuid: str) -> Any:
+    """The NVML handle of a full UUID, or of the only device whose UUID starts with ``uuid``
+    (CUDA accepts unique prefixes, NVML only full UUIDs)."""
+    try:
+        return nvml.nvmlDeviceGetHandleByUUID(uuid)
+    except nvml.NVMLError:
+        pass
+    found = []
+    for i in range(int(nvml.nvmlDeviceGetCount())):
+        handle = nvml.nvmlDeviceGetHandleByIndex(i)
+        full = nvml.nvmlDeviceGetUUID(handle)
+        if (full.decode() if isinstance(full, bytes) else str(full)).startswith(uuid):
+            found.append(handle)
+    if len(found) != 1:
+        raise nvml.NVMLError(getattr(nvml, "NVML_ERROR_NOT_FOUND", 6))  # 6: NVML's "not found"
+    return found[0]
+
+
+def nvml_handle(nvml: Any, index: int, env: str | None = None) -> tuple[Any, str]:
+    """NVML's handle of the GPU that torch calls ``cuda:index``, and how it was found.
+
+    torch numbers the devices this process sees (``CUDA_VISIBLE_DEVICES``, which Ray sets for every
+    GPU actor: a worker on physical GPU 3 sees it as ``cuda:0``); NVML numbers every device of the
+    machine in PCI order. In order of preference:
+
+    * a UUID entry of ``CUDA_VISIBLE_DEVICES`` for ``index`` (``GPU-...``, or ``MIG-...``: a MIG
+      instance, which its GPU's PCI address would not tell apart): by UUID;
+    * the PCI address torch reports for ``index`` (``pci_bus_id`` of its device properties): exact
+      whatever ``CUDA_DEVICE_ORDER`` is;
+    * an ordinal entry of ``CUDA_VISIBLE_DEVICES`` for ``index``: NVML's index of that number (CUDA's
+      default order puts the fastest device first; NVML's is PCI order: the same on machines with
+      one kind of GPU, and always with ``CUDA_DEVICE_ORDER=PCI_BUS_ID``);
+    * ``index`` itself (nothing hides devices from this process).
+
+    Returns ``(handle, description)``, e.g. ``(h, "pci 00000000:3B:00.0")``. Raises ``NVMLError``
+    when the last resort fails too.
+    """
+    visible = visible_devices(env)
+    entry = visible[index] if visible is not None and 0 <= index < len(visible) else None
+    if isinstance(entry, str):
+        try:
+            return _handle_by_uuid(nvml, entry), f"uuid {entry}"
+        except nvml.NVMLError as err:
+            log.warning("memory probe: NVML has no device %s (CUDA_VISIBLE_DEVICES entry %d): %s", entry, index, err)
+    bus_id = torch_pci_bus_id(index)
+    if bus_id is not None:
+        try:
+            return nvml.nvmlDeviceGetHandleByPciBusId(bus_id), f"pci {bus_id}"
+        except nvml.NVMLError as err:
+            log.warning("memory probe: NVML has no device at PCI %s (cuda:%d): %s", bus_id, index, err)
+    if isinstance(entry, int):
+        return nvml.nvmlDeviceGetHandleByIndex(entry), f"index {entry} (CUDA_VISIBLE_DEVICES)"
+    if visible is not None and entry is None:
+        log.warning("memory probe: cuda:%d is not in CUDA_VISIBLE_DEVICES=%s; using NVML index %d",
+                    index, os.environ.get("CUDA_VISIBLE_DEVICES") if env is None else env, index)  # fmt: skip
+    return nvml.nvmlDeviceGetHandleByIndex(index), f"index {index}"
+
+
 class CudaProbe:
     """GPU memory of this process: NVML for device and per-process usage, torch for the peak.
 
+    ``index`` is torch's device index; NVML is asked about the same physical GPU
+    (:func:`nvml_handle`), which is not NVML's device ``index`` under ``CUDA_VISIBLE_DEVICES``.
     Construct through :func:`make_probe`; the constructor raises ``pynvml.NVMLError`` when NVML
-    is unusable (no driver, no device at ``index``).
+    is unusable (no driver, no such device).
     """
 
     kind = "cuda"
@@ -141,8 +241,8 @@ class CudaProbe:
 
         pynvml.nvmlInit()
         self._nvml = pynvml
-        self.index = index
-        self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        self.index = index  # torch's (logical) device index
+        self.handle, self.nvml_device = nvml_handle(pynvml, index)  # the same GPU for NVML
         self._overhead = 0  # non-torch usage (context, workspaces) at the last reset
 
     def _process_bytes(self) -> int | None:
@@ -192,6 +292,7 @@ class CudaProbe:
         info: dict[str, Any] = {
             "kind": "cuda",
             "index": self.index,
+            "nvml_device": self.nvml_device,
             "name": name.decode() if isinstance(name, bytes) else str(name),
             "total_bytes": int(mem.total),
             "used_bytes": int(mem.used),

@@ -136,31 +136,34 @@ def model_shape_from_config(config: Mapping[str, Any], dtype: str = "float32") -
 def adapter_shape_of(settings: AdapterSettings) -> AdapterShape:
     """The memory model's view of an engine adapter (LoRA or MixLoRA); other families' target names
     (and ``all-linear``) as the LLaMA projections of the same shapes
-    (:func:`policies.memory_model.canonical_targets`). Raises ValueError when none is known."""
+    (:func:`policies.memory_model.canonical_targets`). Carries what changes activations besides the
+    shapes: dropout (the LoRA's and the experts'), DoRA and the MixLoRA routing with its parameters.
+    Raises ValueError when no target is known."""
     targets = canonical_targets(settings.target_modules)
     if not targets:
         raise ValueError(f"target_modules: none of {list(settings.target_modules)} is a projection the memory model "
                          f"knows ({', '.join(TARGET_EQUIVALENTS)} or the LLaMA names)")  # fmt: skip
+    lora = settings.lora
     if settings.kind == "mixlora":
         mix = settings.mixlora or MixLoraSettings()
-        return AdapterShape(kind="mixlora", r=settings.lora.r, target_modules=targets, num_experts=mix.num_experts,
-                            top_k=mix.top_k, expert_r=mix.expert.r, dora=settings.lora.use_dora,
-                            expert_dora=mix.expert.use_dora)  # fmt: skip
-    return AdapterShape(kind="lora", r=settings.lora.r, target_modules=targets, dora=settings.lora.use_dora)
+        return AdapterShape(kind="mixlora", r=lora.r, target_modules=targets, num_experts=mix.num_experts,
+                            top_k=mix.top_k, expert_r=mix.expert.r, dora=lora.use_dora,
+                            expert_dora=mix.expert.use_dora, routing=mix.routing, top_p=float(mix.top_p),
+                            capacity_factor=float(mix.capacity_factor), dropout=float(lora.dropout),
+                            expert_dropout=float(mix.expert.dropout))  # fmt: skip
+    return AdapterShape(kind="lora", r=lora.r, target_modules=targets, dora=lora.use_dora, dropout=float(lora.dropout))
 
 
 def adapter_key(settings: AdapterSettings) -> str:
-    """``AdapterShape.key()`` plus what changes activations but not the shape.
+    """The adapter part of a profile key: :meth:`policies.memory_model.AdapterShape.key` of
+    :func:`adapter_shape_of`, which holds what changes activations but not the shape.
 
     Dropout keeps a mask and a dropped copy of every adapter input, DoRA a weight norm, so
-    ``+dropout`` / ``+dora`` are appended when set (the dropout *rate* does not change memory).
+    ``+dropout`` / ``+dora`` are appended when set (the dropout *rate* does not change memory);
+    MixLoRA's ``dynamic`` / ``switch`` routing (with ``top_p`` / ``capacity_factor``) replaces
+    ``k<top_k>``. Keys of topk adapters are unchanged, so caches written before stay valid.
     """
-    key = adapter_shape_of(settings).key()
-    if settings.lora.dropout > 0:
-        key += "+dropout"
-    if settings.lora.use_dora:
-        key += "+dora"
-    return key
+    return adapter_shape_of(settings).key()
 
 
 def default_cache_dir() -> Path:

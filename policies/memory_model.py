@@ -54,6 +54,8 @@ def canonical_targets(names: Sequence[str]) -> tuple[str, ...]:
 ADAPTER_BYTES_PER_PARAM = 16  # fp32 weight 4 + grad 4 + AdamW exp_avg 4 + exp_avg_sq 4
 CONTEXT_RESERVE_BYTES = 1 * GIB  # CUDA context, cuBLAS workspaces, allocator slack: once per worker
 ACTIVATION_B0_BYTES = 256 * (1 << 20)  # analytic default: per-job fixed buffers (loss, optimizer scratch)
+ADAPTER_COMPUTE_BYTES = 4  # the engine's adapters compute in fp32 whatever the base model's dtype
+ROUTINGS: tuple[str, ...] = ("topk", "dynamic", "switch")  # MixLoRA routing strategies (actors.mixlora.route)
 
 
 class MemoryModelError(ValueError):
@@ -138,6 +140,12 @@ class AdapterShape:
     kind: ``lora`` or ``mixlora``. For ``mixlora`` the FFN projections (gate/up/down) become
     ``num_experts`` LoRA experts of rank ``expert_r`` (0: same as ``r``) behind a router
     (hidden x num_experts, no bias); attention projections in ``target_modules`` get plain LoRA.
+
+    ``routing`` (MixLoRA only, as the engine's ``actors.mixlora.route``): ``topk`` (``top_k``
+    experts per token), ``dynamic`` (the fewest experts whose probabilities reach ``top_p``) or
+    ``switch`` (one expert per token, at most ``capacity_factor * T / E`` tokens each; the rest
+    take the frozen FFN). ``dropout`` is the plain LoRA's input dropout, ``expert_dropout`` the
+    MixLoRA experts' (training only); both only change activations, and only whether they are 0.
     """
 
     kind: str = "lora"
@@ -148,6 +156,11 @@ class AdapterShape:
     expert_r: int = 0
     dora: bool = False  # DoRA: a magnitude per output feature of every adapted linear (experts' too)
     expert_dora: bool = False
+    routing: str = "topk"
+    top_p: float = 0.8  # dynamic routing threshold
+    capacity_factor: float = 1.0  # switch routing
+    dropout: float = 0.0
+    expert_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in ("lora", "mixlora"):
@@ -160,6 +173,10 @@ class AdapterShape:
                 raise MemoryModelError(f"target_modules: {m!r} is not one of {', '.join(ALL_TARGETS)}")
         if self.kind == "lora" and self.num_experts != 0:
             raise MemoryModelError(f"num_experts: must be 0 for kind lora (got {self.num_experts})")
+        if self.routing not in ROUTINGS:
+            raise MemoryModelError(f"routing: must be one of {', '.join(ROUTINGS)} (got {self.routing!r})")
+        if self.kind == "lora" and self.routing != "topk":
+            raise MemoryModelError(f"routing: only kind mixlora routes (got {self.routing!r} for kind lora)")
         if self.kind == "mixlora":
             _positive_int("num_experts", self.num_experts)
             _positive_int("top_k", self.top_k)
@@ -167,13 +184,59 @@ class AdapterShape:
                 raise MemoryModelError(f"top_k: must be <= num_experts ({self.num_experts}) (got {self.top_k})")
         if not isinstance(self.expert_r, int) or self.expert_r < 0:
             raise MemoryModelError(f"expert_r: must be an integer >= 0 (got {self.expert_r!r})")
+        for name in ("top_p", "capacity_factor"):
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+                raise MemoryModelError(f"{name}: must be a finite number > 0 (got {v!r})")
+        for name in ("dropout", "expert_dropout"):
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or isinstance(v, bool) or not 0 <= v <= 1:
+                raise MemoryModelError(f"{name}: must be a number in [0, 1] (got {v!r})")
+
+    def experts_per_token(self) -> int:
+        """The most (token, expert) pairs one token can make on one layer (0 for plain LoRA).
+
+        ``topk``: ``top_k``. ``switch``: 1 (a token over an expert's capacity takes the frozen FFN
+        instead, which keeps as much). ``dynamic``: the experts before the one that crosses
+        ``top_p`` are at least ``m / E`` of the mass for the ``m`` most probable, so at most
+        ``ceil(top_p * E)`` are kept, all of them when the router is uniform (as it nearly is at
+        initialisation): ``floor(top_p * E) + 1`` (one more where ``top_p * E`` is whole: fp32
+        rounding may keep it), at most ``num_experts``.
+        """
+        if self.kind != "mixlora":
+            return 0
+        if self.routing == "switch":
+            return 1
+        if self.routing == "dynamic":
+            return min(self.num_experts, math.floor(self.top_p * self.num_experts + 1e-4) + 1)
+        return self.top_k
 
     def key(self) -> str:
-        """A stable string for cache keys, e.g. ``mixlora:r16:e8:k2:er16:q_proj,v_proj``."""
+        """A stable string for cache keys, e.g. ``mixlora:r16:e8:k2:er16:q_proj,v_proj``: everything that
+        changes memory. Routing other than topk replaces ``k<top_k>`` (``dynamic-p0.8``, ``switch-c1.0``);
+        ``+dropout`` when the LoRA has dropout (MixLoRA: ``+expert-dropout`` / ``+no-expert-dropout``
+        where the experts' differs), ``+dora`` likewise. A topk adapter's key is what it always was.
+        """
         if self.kind == "lora":
-            return f"lora:r{self.r}:{','.join(self.target_modules)}"
-        return (f"mixlora:r{self.r}:e{self.num_experts}:k{self.top_k}:er{self.expert_r or self.r}:"
-                f"{','.join(self.target_modules)}")  # fmt: skip
+            key = f"lora:r{self.r}:{','.join(self.target_modules)}"
+        else:
+            if self.routing == "dynamic":
+                route = f"dynamic-p{float(self.top_p)!r}"
+            elif self.routing == "switch":
+                route = f"switch-c{float(self.capacity_factor)!r}"
+            else:
+                route = f"k{self.top_k}"
+            key = (f"mixlora:r{self.r}:e{self.num_experts}:{route}:er{self.expert_r or self.r}:"
+                   f"{','.join(self.target_modules)}")  # fmt: skip
+        if self.dropout > 0:
+            key += "+dropout"
+        if self.kind == "mixlora" and (self.expert_dropout > 0) != (self.dropout > 0):
+            key += "+expert-dropout" if self.expert_dropout > 0 else "+no-expert-dropout"
+        if self.dora:
+            key += "+dora"
+        if self.kind == "mixlora" and self.expert_dora != self.dora:
+            key += "+expert-dora" if self.expert_dora else "+no-expert-dora"
+        return key
 
 
 def adapter_param_count(model: ModelShape, adapter: AdapterShape) -> int:
@@ -233,12 +296,39 @@ class ActivationFit:
         return ActivationFit(self.b0 * factor, self.b1 * factor, self.b2 * factor)
 
 
+def dropout_bytes_per_token(model: ModelShape, adapter: AdapterShape) -> float:
+    """Bytes per token, summed over layers, that adapter dropout keeps for backward.
+
+    The engine's dropout (``actors.lora.dropout_with``) multiplies each adapted linear's input by
+    its own mask, in the adapter's fp32: autograd keeps the mask (for the input's gradient) and
+    the dropped copy (the input of ``A``, for A's gradient). That is ``2 * 4 * in_features`` per
+    adapted linear with ``dropout > 0`` (MixLoRA: its attention projections) and, per
+    (token, expert) pair (:meth:`AdapterShape.experts_per_token`), per expert projection with
+    ``expert_dropout > 0``. Without dropout the input itself is shared with the layer (fp32
+    models) or cast once per adapted linear (bf16), which the base term does not count either;
+    so this is what dropout adds, or a little more (fp32). 0 without dropout.
+    """
+    per_layer = 0
+    if adapter.dropout > 0:
+        for module in adapter.target_modules:
+            if adapter.kind == "mixlora" and module in FFN_TARGETS:
+                continue
+            per_layer += model.linear_dims(module)[0]
+    if adapter.kind == "mixlora" and adapter.expert_dropout > 0:
+        expert_in = sum(model.linear_dims(m)[0] for m in FFN_TARGETS.intersection(adapter.target_modules))
+        per_layer += adapter.experts_per_token() * expert_in
+    return float(2 * ADAPTER_COMPUTE_BYTES * per_layer * model.num_hidden_layers)
+
+
 def analytic_activation(model: ModelShape, adapter: AdapterShape, *, flash_attention: bool = True) -> ActivationFit:
     """Default activation estimate from the shapes, for when no profile exists.
 
     Per token, per layer, ``34 * hidden * dtype_bytes / 2`` bytes (Korthikanti et al. 2022,
     "Reducing activation recomputation", no recomputation, no sequence parallelism); MixLoRA
-    adds ``top_k * 3 * intermediate * dtype_bytes`` for the experts' FFN intermediates. The
+    adds ``3 * intermediate * dtype_bytes`` for the FFN intermediates of each (token, expert)
+    pair, :meth:`AdapterShape.experts_per_token` of them (``top_k``; ``dynamic`` routing:
+    up to ``ceil(top_p * num_experts)``; ``switch``: 1). Adapter dropout adds
+    :func:`dropout_bytes_per_token` (a mask and a dropped fp32 copy of each adapted input). The
     logits add ``vocab * (dtype_bytes + 8)`` per token (the logits plus fp32 softmax and its
     gradient). Without flash attention the attention scores add ``5 * heads * dtype_bytes / 2``
     per token per key per layer (the b2 term); with it, b2 = 0. b0 is a fixed 256 MiB.
@@ -246,8 +336,10 @@ def analytic_activation(model: ModelShape, adapter: AdapterShape, *, flash_atten
     d = model.dtype_bytes
     per_layer = 34 * model.hidden_size * d / 2
     if adapter.kind == "mixlora":
-        per_layer += adapter.top_k * 3 * model.intermediate_size * d
+        per_layer += adapter.experts_per_token() * 3 * model.intermediate_size * d
     b1 = model.num_hidden_layers * per_layer + model.vocab_size * (d + 8)
+    if adapter.dropout > 0 or adapter.expert_dropout > 0:
+        b1 += dropout_bytes_per_token(model, adapter)
     b2 = 0.0 if flash_attention else model.num_hidden_layers * 5 * model.num_attention_heads * d / 2
     return ActivationFit(float(ACTIVATION_B0_BYTES), float(b1), float(b2))
 
@@ -423,7 +515,7 @@ class ProfileKey:
     """What a fitted profile is valid for."""
 
     base_model: str
-    adapter: str  # AdapterShape.key()
+    adapter: str  # AdapterShape.key() (actors.profiler.adapter_key)
     device_kind: str  # e.g. "NVIDIA H100 80GB HBM3"
     dtype: str  # e.g. "bfloat16"
 
