@@ -155,6 +155,8 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
     for old in list_checkpoints(output)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+    for stale in final.parent.glob(".tmp-step-*"):  # left by a process killed mid-write (kill -9, power loss)
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 

@@ -310,6 +310,12 @@ class TrainingJob:
         """
         state = ckpt.load_checkpoint(path)
         trainer = state["trainer_state"]
+        if trainer.get("job") not in (None, self.name):
+            raise ValueError(
+                f"output: {path} is a checkpoint of job {trainer['job']!r}, not {self.name!r} (two jobs with one "
+                "output directory); give this job its own output, or start over there (lorafleet train "
+                "--no-resume moves the other job's files aside)"
+            )
         saved = trainer.get("train") or {}  # checkpoints before 2026-12-07 did not record it
         changed = [f"train.{key}: {_show(saved[key])} when {path.name} was written, now "
                    f"{_show(getattr(self.config.train, key))}"

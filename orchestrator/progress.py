@@ -24,13 +24,21 @@ class JobProgress:
     started: float = field(default_factory=time.monotonic)
     tokens: int = 0
     eval: dict | None = None  # evaluate_job's result: {"metrics": {name: {"base": x, "adapter": y}}}
+    start_step: int = -1  # the step this run started from (a resumed checkpoint's); -1: ``step`` when created
+
+    def __post_init__(self) -> None:
+        if self.start_step < 0:
+            self.start_step = self.step
 
     @property
     def eta_s(self) -> float | None:
-        if self.step <= 0 or self.step >= self.total_steps:
+        """Seconds left at the pace of the steps this run made (a resumed run's earlier steps
+        took no time here: counting them gave an ETA of 0:04 where 50 minutes were left)."""
+        done = self.step - self.start_step
+        if done <= 0 or self.step >= self.total_steps:
             return None
         elapsed = time.monotonic() - self.started
-        return elapsed / self.step * (self.total_steps - self.step)
+        return elapsed / done * (self.total_steps - self.step)
 
 
 def fmt_duration(seconds: float | None) -> str:

@@ -58,6 +58,38 @@ def finished_before(spec: JobSpec) -> dict | None:
     return data if done else None
 
 
+LOCK_NAME = ".lorafleet.lock"
+
+
+def lock_output(spec: JobSpec) -> object:
+    """Hold ``OUTPUT/.lorafleet.lock`` (``flock``) while this process trains or evaluates the job: two
+    ``lorafleet train`` on one output interleaved their metrics and checkpoints. The lock goes with the
+    returned file object (kept open until the group ends) or with the process.
+
+    Raises:
+        OSError: another process holds it (the message names its pid), or the directory cannot be made.
+    """
+    import fcntl
+    import os
+
+    out = Path(spec.output_dir())
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / LOCK_NAME, "a+")  # held open on purpose: the lock lives with it
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise OSError(f"{spec.output_dir()} is in use by another lorafleet train (pid {holder}); wait for it, "
+                      "or give this job another output") from None  # fmt: skip
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
 def other_job_in(spec: JobSpec) -> str | None:
     """The name of another job whose files are in this job's output directory (its ``job.json``)."""
     data = _summary(spec)
@@ -71,9 +103,13 @@ def move_earlier_run(spec: JobSpec) -> Path | None:
     from it nor mixes its metrics with it, and nothing is deleted. Returns where it went, or None."""
     import time
 
-    out = Path(spec.output_dir())
-    if not out.is_dir() or not any(out.iterdir()):
+    out = Path(spec.output_dir()).resolve()
+    if not out.is_dir() or not any(p.name != LOCK_NAME for p in out.iterdir()):
         return None
+    here = Path.cwd().resolve()
+    if out == here or out in here.parents:
+        raise ValueError(f"{spec.output_dir()} is the current directory or holds it: --no-resume would move it "
+                         "aside with everything in it; give the job its own output directory")  # fmt: skip
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     target = out.with_name(f"{out.name}.previous-{stamp}")
     n = 1
@@ -85,6 +121,24 @@ def move_earlier_run(spec: JobSpec) -> Path | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """SIGTERM (``kill``, a batch scheduler's time limit) stops training as Ctrl-C does: "interrupted",
+    exit 130, resumable from the last checkpoint (before: a silent exit 143)."""
+    import signal
+    import threading
+
+    def stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        return _run(args)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     console = log_console()
     results: list[JobProgress] = []
     groups: dict[tuple[str, bool], list[JobSpec]] = defaultdict(list)  # (base model, trust_remote_code)
@@ -156,40 +210,82 @@ def train_group(
     *, trust_remote_code: bool = False,
 ) -> list[JobProgress]:
     """Train every job of one base model fused; returns one final ``JobProgress`` per job."""
+    locks: list = []  # each job's output lock, held until this group ends
+    try:
+        return _train_group(base_model, specs, args, view, console, trust_remote_code, locks)
+    finally:
+        for handle in locks:
+            release_output(handle)
+
+
+def release_output(handle) -> None:
+    """Let go of :func:`lock_output`'s lock; an output directory holding nothing else (its job failed
+    before writing anything) is removed with it."""
+    lock = Path(handle.name)
+    handle.close()
+    try:
+        if [p.name for p in lock.parent.iterdir()] == [LOCK_NAME]:
+            lock.unlink()
+            lock.parent.rmdir()
+    except OSError:
+        pass
+
+
+def _train_group(
+    base_model: str, specs: list[JobSpec], args: argparse.Namespace, view: ProgressView, console: Console,
+    trust_remote_code: bool, locks: list,
+) -> list[JobProgress]:
     from actors.engine import FusedEngine
     from actors.models import load_base_model
 
     results: dict[str, JobProgress] = {}
-    pending = []
+    pending: list[JobSpec] = []
+    eval_only: list[tuple[JobSpec, dict]] = []  # trained by an earlier run, not evaluated (Ctrl-C during it)
+
+    def fail(spec: JobSpec, msg: str) -> None:
+        results[spec.name] = JobProgress(spec.name, 0, state="failed", message=msg)
+        console.print(f"[red]{spec.name} failed[/]: {msg}", highlight=False)
+
     for spec in specs:
         other = other_job_in(spec) if not args.no_resume else None
         if other is not None:
-            msg = (f"output: {spec.output_dir()} holds job {other!r} (its job.json); choose another output, or "
-                   f"--no-resume to move those files aside and start this job there")  # fmt: skip
-            results[spec.name] = JobProgress(spec.name, 0, state="failed", message=msg)
-            console.print(f"[red]{spec.name} failed[/]: {msg}", highlight=False)
+            fail(spec, f"output: {spec.output_dir()} holds job {other!r} (its job.json); choose another output, or "
+                       f"--no-resume to move those files aside and start this job there")  # fmt: skip
+            continue
+        try:
+            if args.no_resume:
+                release_output(lock_output(spec))  # not while another process uses the directory
+        except OSError as exc:
+            fail(spec, f"output: {exc}")
             continue
         if args.no_resume:
             try:
                 moved = move_earlier_run(spec)
-            except OSError as exc:  # e.g. no permission on the parent directory: this job fails alone
-                msg = f"output: --no-resume cannot move the earlier run's files aside: {exc}"
-                results[spec.name] = JobProgress(spec.name, 0, state="failed", message=msg)
-                console.print(f"[red]{spec.name} failed[/]: {msg}", highlight=False)
+            except (OSError, ValueError) as exc:  # no permission on the parent, the current directory: this job alone
+                fail(spec, f"output: --no-resume cannot move the earlier run's files aside: {exc}")
                 continue
             if moved is not None:
                 console.print(f"{spec.name}: --no-resume: moved the earlier run's files to {moved}", highlight=False)
+        try:
+            locks.append(lock_output(spec))
+        except OSError as exc:
+            fail(spec, f"output: {exc}")
+            continue
         done = finished_before(spec) if not args.no_resume else None
         if done is not None:
+            evaluated = _read_json(Path(spec.output_dir()) / "eval.json")
+            if spec.eval is not None and evaluated is None:  # trained, not evaluated: interrupted, or eval: added since
+                eval_only.append((spec, done))
+                continue
             results[spec.name] = JobProgress(
                 spec.name, done.get("total_steps", 0), step=done.get("step", 0), loss=done.get("final_loss"),
                 state="succeeded", output=spec.output_dir(), message="already finished",
-                eval=_read_json(Path(spec.output_dir()) / "eval.json"),  # its held-out result, as when it ran
+                eval=evaluated,  # its held-out result, as when it ran
             )
             console.print(f"{spec.name}: already finished in {spec.output_dir()} (--no-resume trains it again)")
             continue
         pending.append(spec)
-    if not pending:
+    if not pending and not eval_only:
         return list(results.values())
 
     device, dtype = _device_and_dtype(args.device, args.dtype)
@@ -245,4 +341,33 @@ def train_group(
         progress.output = str(job.output)
         progress.loss = job.last_loss if progress.loss is None else progress.loss
         results[name] = progress
+    for spec, done in eval_only:
+        results[spec.name] = evaluate_finished(engine, spec, done, view, console)
     return [results[s.name] for s in specs if s.name in results]
+
+
+def evaluate_finished(engine, spec: JobSpec, done: dict, view: ProgressView, console: Console) -> JobProgress:
+    """The held-out evaluation of a job trained by an earlier run that did not evaluate it (stopped
+    during the evaluation, or before it while other jobs trained; or ``eval:`` added since): its
+    exported adapter is attached and scored, nothing is trained again. Before, the rerun said
+    "already finished" and the evaluation never ran."""
+    from actors.checkpoint import atomic_write_json
+    from actors.evaluate import evaluate_job
+
+    total = int(done.get("total_steps") or 0)
+    view.add(spec.name, total, step=int(done.get("step") or total), state="evaluating")
+    progress = view.jobs[spec.name]
+    progress.output, progress.loss = spec.output_dir(), done.get("final_loss")
+    try:
+        engine.attach_adapter(spec.name, spec.output_dir())
+        try:
+            progress.eval = evaluate_job(engine, spec.name, spec.to_job_config())
+            atomic_write_json(Path(spec.output_dir()) / "eval.json", progress.eval)
+        finally:
+            engine.detach_adapter(spec.name)
+    except Exception as exc:  # an evaluation never fails the trained job
+        exc = exc if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
+        progress.message = f"eval failed: {exc}"
+        console.print(f"[red]{spec.name}: evaluation failed[/]: {exc}", highlight=False)
+    view.update(spec.name, state="succeeded")
+    return progress

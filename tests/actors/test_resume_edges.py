@@ -140,3 +140,14 @@ def test_a_damaged_newest_checkpoint_falls_back_to_an_older_one(tmp_path):
                                               rf"checkpoint is readable: delete {tmp_path / 'o' / 'checkpoints'} to "
                                               "start over"):  # fmt: skip
         engine.add_job(config(tmp_path, "o", checkpoint_every=2))
+
+
+def test_a_checkpoint_write_cut_off_by_kill_leaves_nothing_behind_once_the_next_one_is_written(tmp_path):
+    from actors.checkpoint import save_checkpoint
+
+    stale = tmp_path / "o" / "checkpoints" / ".tmp-step-000001-abcd"  # a process killed mid-write (kill -9)
+    stale.mkdir(parents=True)
+    (stale / "optimizer.pt").write_bytes(b"partial")
+    save_checkpoint(tmp_path / "o", 2, adapter_state={"w": torch.zeros(2)}, adapter_config={"r": 1},
+                    optimizer_state={}, tensors={}, trainer_state={"job": "a", "step": 2})  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "o" / "checkpoints").iterdir()) == ["step-000002"]

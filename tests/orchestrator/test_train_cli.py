@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 import yaml
 
 from orchestrator.cli import main
@@ -237,3 +238,106 @@ def test_trust_remote_code_loads_a_model_that_ships_its_code(tmp_path, tiny_mode
     err = " ".join(capsys.readouterr().err.split())
     assert json.loads((tmp_path / "out" / "trusted" / "job.json").read_text())["state"] == "succeeded"
     assert "trust_remote_code" in err[err.index("untrusted"):]  # the job that did not trust it fails alone
+
+
+def test_an_evaluation_cut_off_runs_at_the_next_run_without_training_again(tmp_path, tiny_model_dir, capsys):
+    """Ctrl-C during (or before) a job's evaluation left job.json "succeeded" and no eval.json: the
+    rerun said "already finished" and the evaluation never ran. Also for an eval: added since."""
+    data = write_jsonl(tmp_path / "rev.jsonl", alpaca_records(12, seed=1))
+    a = write_spec(tmp_path, "a", tiny_model_dir, data, eval_section={"held_out_fraction": 0.25})
+    assert main(["train", str(a), "--plain"]) == 0
+    out = tmp_path / "out" / "a"
+    first = json.loads((out / "eval.json").read_text())
+    (out / "eval.json").unlink()  # as if the run had been stopped during the evaluation
+    weights = (out / "adapter_model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["train", str(a), "--plain"]) == 0
+    err = capsys.readouterr().err
+    assert "already finished" not in err and "loading base model" in err
+    assert json.loads((out / "eval.json").read_text())["metrics"] == first["metrics"]  # the same adapter, scored
+    assert (out / "adapter_model.safetensors").read_bytes() == weights  # not trained again
+    assert "held-out" in err and "loss" in err[err.index("lorafleet summary"):]
+
+
+def test_a_checkpoint_of_another_job_in_the_output_is_refused(tmp_path, tiny_model_dir, capsys):
+    """Job x was interrupted after a checkpoint (no job.json yet); job w, given the same output, resumed
+    x's checkpoint and trained on from x's weights."""
+    from actors.checkpoint import list_checkpoints
+
+    data = write_jsonl(tmp_path / "rev.jsonl", alpaca_records(8, seed=2))
+    x = write_spec(tmp_path, "x", tiny_model_dir, data)
+    assert main(["train", str(x), "--plain"]) == 0
+    (tmp_path / "out" / "x" / "job.json").unlink()  # interrupted before its end: checkpoints only
+    (tmp_path / "out" / "x" / "adapter_config.json").unlink()
+    assert list_checkpoints(tmp_path / "out" / "x")
+    w = yaml.safe_load(write_spec(tmp_path, "w", tiny_model_dir, data).read_text())
+    w["output"] = str(tmp_path / "out" / "x")
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump(w))
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "w.yaml"), "--plain"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "is a checkpoint of job 'x', not 'w' (two jobs with one output directory)" in err
+
+
+def test_a_second_process_on_one_output_is_refused(tmp_path, tiny_model_dir, capsys):
+    from orchestrator.commands.train import lock_output
+    from orchestrator.spec import load_spec
+
+    data = write_jsonl(tmp_path / "rev.jsonl", alpaca_records(8, seed=2))
+    a = write_spec(tmp_path, "a", tiny_model_dir, data)
+    held = lock_output(load_spec(str(a)))  # another `lorafleet train` on it (flock is per open file)
+    try:
+        capsys.readouterr()
+        assert main(["train", str(a), "--plain"]) == 1
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"output: {tmp_path / 'out' / 'a'} is in use by another lorafleet train (pid" in err
+        assert not (tmp_path / "out" / "a" / "metrics.jsonl").exists()
+    finally:
+        held.close()
+    assert main(["train", str(a), "--plain"]) == 0
+
+
+def test_no_resume_never_moves_the_current_directory(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    data = write_jsonl(tmp_path / "rev.jsonl", alpaca_records(8, seed=2))
+    spec = yaml.safe_load(write_spec(tmp_path, "a", tiny_model_dir, data).read_text())
+    spec["output"] = "."
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(spec))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "a.yaml", "--plain"]) == 0
+    capsys.readouterr()
+    assert main(["train", "a.yaml", "--plain", "--no-resume"]) == 1  # was a ValueError traceback
+    err = " ".join(capsys.readouterr().err.split())
+    assert "output: --no-resume cannot move the earlier run's files aside: . is the current directory" in err
+    assert (tmp_path / "a.yaml").is_file() and (tmp_path / "adapter_model.safetensors").is_file()
+
+
+def test_eta_counts_only_the_steps_this_run_made():
+    from orchestrator.progress import JobProgress
+
+    job = JobProgress("a", 1000, step=700)  # resumed at step 700
+    job.started -= 500.0  # 50 steps in 500 s since
+    job.step = 750
+    assert job.eta_s == pytest.approx(2500.0, rel=1e-3)  # 250 steps left at 10 s; was 166 s
+
+
+def test_sigterm_stops_training_as_ctrl_c_does(tmp_path, tiny_model_dir):
+    """`kill` (a batch scheduler's time limit) ended `lorafleet train` silently with 143; now it says
+    "interrupted", exits 130 and the rerun resumes from the last checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = write_jsonl(tmp_path / "rev.jsonl", alpaca_records(8, seed=2))
+    spec = write_spec(tmp_path, "a", tiny_model_dir, data, max_steps=100000)
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "train", str(spec), "--plain"],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})  # fmt: skip
+    metrics = tmp_path / "out" / "a" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert (tmp_path / "out" / "a" / "checkpoints").is_dir()
