@@ -87,6 +87,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # the dashboard went away mid-call (e.g. `logs -f` across `lorafleet down`)
+        if not type(exc).__module__.startswith(("requests", "urllib3")):
+            raise
+        print(f"lorafleet {command}: error: lost the connection to the cluster: {type(exc).__name__}: "
+              f"{str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)  # fmt: skip
+        return 2
 
 
 if __name__ == "__main__":

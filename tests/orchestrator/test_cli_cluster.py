@@ -57,3 +57,21 @@ def test_up_policy_down_local(tmp_path):
         assert not Path(f"/proc/{pid}").exists() or ") Z " in Path(f"/proc/{pid}/stat").read_text()
     # the saved policy survives for the next `up`
     assert json.loads((home / "policy.json").read_text())["policy"] == "aspen"
+
+
+def test_losing_the_dashboard_mid_call_is_one_line(monkeypatch, capsys):
+    """`logs -f` across `lorafleet down` died with a 92-line requests traceback."""
+    import requests
+
+    from orchestrator import cli
+
+    def gone(args):
+        raise requests.exceptions.ConnectionError("HTTPConnectionPool(host='127.0.0.1', port=8265): Max retries "
+                                                  "exceeded\nCaused by NewConnectionError")  # fmt: skip
+
+    module = type("M", (), {"add_arguments": staticmethod(lambda p: None), "run": staticmethod(gone)})
+    monkeypatch.setattr(cli.importlib, "import_module", lambda name: module)
+    assert cli.main(["logs"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("lorafleet logs: error: lost the connection to the cluster: ConnectionError: "
+                   "HTTPConnectionPool(host='127.0.0.1', port=8265): Max retries exceeded\n")
