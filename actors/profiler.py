@@ -52,8 +52,8 @@ from policies.memory_model import (
     ProfileCache,
     ProfileKey,
     adapter_bytes,
-    analytic_activation,
     canonical_targets,
+    engine_activation,
     fit_activation,
     fused_group_peak_bytes,
     loss_head_bytes_per_token,
@@ -440,8 +440,9 @@ class Profiler:
     ``runner`` (default :func:`measure_groups`) does the measurements; ``runs`` counts its
     calls (each is one fresh process). With ``isolate`` (default) every grid point of a profile
     gets its own process; without, a profile is one process measuring the points in ascending
-    size. With ``profile=False`` a missing shape uses :func:`analytic_activation` instead of
-    measuring. ``cache_dir`` None means :func:`default_cache_dir`.
+    size. With ``profile=False`` a missing shape uses the shapes' estimate instead of measuring
+    (:func:`policies.memory_model.engine_activation`, what the engine keeps for backward; its source
+    is still ``analytic``). ``cache_dir`` None means :func:`default_cache_dir`.
     """
 
     def __init__(
@@ -583,7 +584,7 @@ class Profiler:
             return cached, "cache"
         if self.profile_missing:
             return self.profile(base_model, adapter), "profiled"
-        return analytic_activation(self.model_shape(base_model), adapter_shape_of(adapter)), "analytic"
+        return engine_activation(self.model_shape(base_model), adapter_shape_of(adapter)), "analytic"
 
     # -- predictions
 

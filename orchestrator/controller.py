@@ -66,8 +66,8 @@ from policies import (
 from policies.fairstart import FifoClock, clock_settings
 from policies.memory_model import (
     adapter_bytes,
-    analytic_activation,
     canonical_targets,
+    engine_activation,
     fused_group_peak_bytes,
     loss_head_bytes_per_token,
     static_bytes,
@@ -159,12 +159,16 @@ def effective_spec(record: JobRecord, base: JobSpec | None = None) -> JobSpec:
 
 def job_view(record: JobRecord, now: float, shapes: Mapping[str, Mapping[str, Any]] | None = None,
              worker_id: str | None = None, *, base_spec: JobSpec | None = None) -> JobView:  # fmt: skip
-    """One store record as the policy sees it (memory predictions from the memory model)."""
+    """One store record as the policy sees it (memory predictions from the memory model).
+
+    Until a worker reports a measured fit the activation is :func:`engine_activation`, counted from
+    what the engine keeps for backward: the trace simulator's :func:`analytic_activation` under-predicts
+    bf16 jobs on the engine by about a third (docs/memory.md, "The analytic default")."""
     spec = effective_spec(record, base_spec)
     shape = model_shape_for(spec.base_model, shapes)
     adapter = adapter_shape_of(spec)
     fit_list = record.extra.get("activation")
-    fit = ActivationFit(*fit_list) if fit_list else analytic_activation(shape, adapter)
+    fit = ActivationFit(*fit_list) if fit_list else engine_activation(shape, adapter)
     scale = float(record.extra.get("activation_scale", 1.0))
     if scale != 1.0:
         fit = fit.scaled(scale)

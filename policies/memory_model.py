@@ -12,8 +12,9 @@ fused into one batch (rows padded to the longest sequence in the group). Its pea
   (:func:`adapter_param_count`).
 * ``activation(B, L) = b0 + b1*B*L + b2*B*L*L``: bytes kept for backward for a micro-batch of B
   rows of length L (:class:`ActivationFit`). Fitted by non-negative least squares on profiler
-  samples (:func:`fit_activation`); :func:`analytic_activation` gives a documented default when
-  no profile exists.
+  samples (:func:`fit_activation`); when no profile exists, :func:`engine_activation` counts what
+  lorafleet's engine keeps (the controller's and the profiler's default) and
+  :func:`analytic_activation` gives Korthikanti's count (the trace simulator's).
 * ``margin``: a fraction of the dynamic part held back for the prediction's error.
 
 For profiling code (on torch, elsewhere): measure ``(B, L, peak - static - adapter_bytes)``
@@ -344,6 +345,107 @@ def analytic_activation(model: ModelShape, adapter: AdapterShape, *, flash_atten
     return ActivationFit(float(ACTIVATION_B0_BYTES), float(b1), float(b2))
 
 
+# the engine's loss head at its backward peak, per label token: the fp32 log-softmax output kept for
+# backward, its incoming gradient and the gradient it computes (vocab fp32 values each), in every dtype
+ENGINE_HEAD_BYTES_PER_VOCAB = 12
+ATTENTION_INPUTS = frozenset({"q_proj", "k_proj", "v_proj"})
+GATED_INPUTS = frozenset({"gate_proj", "up_proj"})
+
+
+def engine_activation(
+    model: ModelShape, adapter: AdapterShape, *, dtype_bytes: int | None = None, flash_attention: bool = True
+) -> ActivationFit:
+    """Activation estimate from the shapes, counted structurally from what lorafleet's engine keeps
+    for backward (docs/memory.md, "What the 34 h term misses"); the controller's, the profiler's and
+    ``lorafleet estimate --no-profile``'s default when no profile exists. The trace simulator keeps
+    :func:`analytic_activation` (mLoRA-style padded rows, Korthikanti's count as prediction and truth).
+
+    Per token per layer, with ``d`` the base dtype's bytes (``dtype_bytes``, default
+    ``model.dtype_bytes``) and ``f = 4`` the adapters' fp32:
+
+    * both RMSNorms keep their input in fp32 (HF casts it): ``2 * h * f`` (+ the 1/rms);
+    * attention keeps q, k and v after RoPE (k and v repeated to every head) and its output:
+      ``4 * q_width * d``, plus a log-sum-exp per head (fp32);
+    * the gated MLP keeps gate, act(gate) and up: ``3 * I * d``; with ``down_proj`` adapted, its
+      input (act * up) too: ``I * f`` (the adapter's fp32 copy, or the product itself in fp32);
+    * the adapters' inputs: in fp32 models the layer's own tensors (each norm output once, where a
+      projection reading it is adapted; ``o``'s and ``down``'s inputs are counted above); otherwise
+      one fp32 copy per adapted linear, ``in * f``. With dropout a mask and a dropped copy,
+      ``2 * in * f`` per adapted linear (:func:`dropout_bytes_per_token`), instead of the copy
+      (added to the shared input in fp32 models). Each adapted linear keeps its ``r`` fp32
+      low-rank product; DoRA also keeps an fp32 output-sized tensor (``out * f``).
+    * MixLoRA: its attention targets as LoRA above; the FFN runs on (token, expert) pairs only
+      (:meth:`AdapterShape.experts_per_token` per token), each keeping the gathered input in fp32
+      (once in fp32 models, per adapted gate/up otherwise), the expert's output and its routing
+      weight (``2 * h * f``), gate/act/up (``3 * I * d``), down's fp32 input (``I * f`` when down
+      is adapted), ``E * r`` fp32 low-rank products (one more than the adapted projections), the
+      expert selection (``E * f`` per adapted projection) and expert dropout's mask and copy
+      (:func:`dropout_bytes_per_token`); per token the router keeps its fp32 input (``h * f``,
+      shared in fp32 models) and fp32 logits / probabilities.
+
+    Per token once: RoPE's cos and sin (``2 * head_dim * d``), the final norm's fp32 input
+    (``h * f``), the loss head's fp32 log-softmax
+    output (``4 * vocab``) and the backward's working set on top of everything kept, the larger of
+    the head's two transient fp32 gradients (``8 * vocab``: the head peaks at ``12 * vocab``) and
+    one layer's gradients (at most the layer's own count above; it only matters for small
+    vocabularies). b0 is the analytic
+    default's fixed 256 MiB; b2 as :func:`analytic_activation`'s (0 with flash attention).
+    Measured against the engine's saved tensors and live bytes in docs/memory.md: it keeps no
+    margin of its own beyond counting what the engine shares once more (fp32 models).
+    """
+    d = model.dtype_bytes if dtype_bytes is None else dtype_bytes
+    if d not in (1, 2, 4):
+        raise MemoryModelError(f"dtype_bytes: must be one of 1, 2, 4 (got {d!r})")
+    f = ADAPTER_COMPUTE_BYTES
+    fp32 = d >= f
+    h, inter = model.hidden_size, model.intermediate_size
+    q_width = model.num_attention_heads * model.attention_head_dim
+    mix = adapter.kind == "mixlora"
+    linear = [m for m in adapter.target_modules if not (mix and m in FFN_TARGETS)]  # plain LoRA linears
+    experts = sorted(FFN_TARGETS.intersection(adapter.target_modules)) if mix else []
+
+    per_layer = 2 * h * f + 2 * f  # norm inputs in fp32 and their 1/rms
+    per_layer += 4 * q_width * d + model.num_attention_heads * f  # q, k, v (repeated), output; lse
+    if not mix:
+        per_layer += 3 * inter * d + (inter * f if "down_proj" in linear and adapter.dropout <= 0 else 0)
+    if fp32:  # the adapters read the layer's own tensors: each norm output once
+        per_layer += h * f * (bool(ATTENTION_INPUTS.intersection(linear)) + bool(GATED_INPUTS.intersection(linear)))
+    for module in linear:
+        d_in, d_out = model.linear_dims(module)
+        if adapter.dropout > 0:
+            per_layer += 2 * d_in * f  # mask + dropped copy
+        elif not fp32 and module != "down_proj":  # down's copy is counted with the MLP
+            per_layer += d_in * f
+        per_layer += adapter.r * f + (d_out * f if adapter.dora else 0)
+    if mix:
+        er, e = adapter.expert_r or adapter.r, adapter.num_experts
+        per_layer += (0 if fp32 else h * f) + 4 * e * f + 4 * 8  # router input, logits/probs, picks
+        pair = 2 * h * f + 3 * inter * d + 8 * 3  # weighted output + weight, gate/act/up, indices
+        gathered_by = [m for m in experts if m in GATED_INPUTS]
+        if adapter.expert_dropout > 0:
+            pair += h * f if fp32 and gathered_by else 0
+        elif gathered_by:
+            pair += h * f * (1 if fp32 else len(gathered_by))
+        if "down_proj" in experts:
+            pair += inter * f * (2 if adapter.expert_dropout > 0 else 1)
+        if experts:
+            pair += (len(experts) + 1) * e * er * f + len(experts) * e * f
+            if adapter.expert_dropout > 0:
+                pair += 2 * f * sum(model.linear_dims(m)[0] for m in gathered_by)
+            if adapter.expert_dora:
+                pair += f * sum(model.linear_dims(m)[1] for m in experts)
+        per_layer += adapter.experts_per_token() * pair
+    # the peak comes in backward, over everything kept: at the loss head (its log-softmax output is
+    # kept, its two gradients are transient) or in one layer's backward (its gradients, at most what
+    # the layer keeps), whichever is larger
+    head_kept = ADAPTER_COMPUTE_BYTES * model.vocab_size
+    working = max((ENGINE_HEAD_BYTES_PER_VOCAB - ADAPTER_COMPUTE_BYTES) * model.vocab_size, per_layer)
+    once = 2 * model.attention_head_dim * d + h * f + f  # RoPE's cos and sin; the final norm's fp32 input
+    b1 = model.num_hidden_layers * per_layer + head_kept + working + once
+    b2 = 0.0 if flash_attention else model.num_hidden_layers * 5 * model.num_attention_heads * d / 2
+    return ActivationFit(float(ACTIVATION_B0_BYTES), float(b1), float(b2))
+
+
 def job_dynamic_bytes(adapter_bytes_: float, activation: ActivationFit, batch: int, seq_len: int) -> float:
     """Adapter state plus activations of one job at padded length ``seq_len`` (no margin)."""
     return adapter_bytes_ + activation.predict(batch, seq_len)
@@ -527,7 +629,7 @@ class ProfileKey:
 class ProfileCache:
     """Fitted activation profiles keyed by (base model, adapter shape, device kind, dtype).
 
-    ``get`` returns None for a missing key (callers fall back to :func:`analytic_activation`).
+    ``get`` returns None for a missing key (callers fall back to :func:`engine_activation`).
     ``save``/``load`` use a JSON object ``{"version": 1, "profiles": [{key fields, b0, b1, b2}]}``.
     """
 

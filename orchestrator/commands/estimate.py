@@ -5,8 +5,9 @@ activation ``b0 + b1*B*L + b2*B*L^2`` at its micro-batch size and the group's pa
 for the group: the static part (base model + framework) plus the jobs' dynamic parts, as
 ``lorafleet train`` runs them (one process, rows padded to the longest job). Profiles that are
 not cached yet are measured first (a few real steps per shape, in fresh processes; cached
-under ``~/.cache/lorafleet/profiles``), unless ``--no-profile`` asks for the analytic default.
-See docs/memory.md.
+under ``~/.cache/lorafleet/profiles``), unless ``--no-profile`` asks for the analytic default: the
+shapes' count of what the engine keeps for backward (``policies.memory_model.engine_activation``,
+reported as ``analytic``; not the trace simulator's formula). See docs/memory.md.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="planned L per job: longest example of its data (capped by max_seq_len), "
                              "or data.max_seq_len [data]")  # fmt: skip
     parser.add_argument("--profiles", metavar="DIR", help="profile cache directory [~/.cache/lorafleet/profiles]")
-    parser.add_argument("--no-profile", action="store_true", help="do not measure missing shapes: analytic default")
+    parser.add_argument("--no-profile", action="store_true", help="do not measure missing shapes: estimate them from the shapes (engine count)")
     parser.add_argument("--measure", action="store_true",
                         help="also train the group for a few steps and print the measured peak and the error")  # fmt: skip
     parser.add_argument("--steps", type=int, default=3, help="fused steps for --measure [3]")

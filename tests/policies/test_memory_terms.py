@@ -185,3 +185,54 @@ def test_simulator_shapes_keep_their_estimate():
         moe = analytic_activation(model, AdapterShape("mixlora", 16, num_experts=8, top_k=2))
         assert moe.b1 == model.num_hidden_layers * (34 * h * d / 2 + 2 * 3 * i * d) + head
         assert lora.b0 == moe.b0 == ACTIVATION_B0_BYTES
+
+
+# ---------------------------------------------------------------- the engine count (engine_activation)
+
+
+def test_engine_count_is_the_census_of_what_the_engine_keeps():
+    from policies.memory_model import engine_activation
+
+    # SmolLM2's shape with 12 layers, LoRA r8 on all 7 projections, no dropout (docs/memory.md):
+    # measured slopes of glibc's live bytes per token, L 1024 -> 2048, B=1
+    smol12 = ModelShape(SMOL.num_parameters, 576, 12, 9, 1536, 49152, 3, 2)
+    lora = AdapterShape("lora", 8, ALL_TARGETS)
+    assert engine_activation(smol12, lora).b1 >= 0.999 * 1055e3  # bfloat16 live 1055 KB per token
+    assert analytic_activation(smol12, lora).b1 < 0.7 * 1055e3  # the simulator's formula: 727 KB
+    assert engine_activation(smol12, lora, dtype_bytes=4).b1 >= 0.999 * 1112e3  # float32 live ~1112 KB
+    # the per-layer count in bfloat16: fp32 norm inputs, q/k/v/out, gate/act/up, one fp32 copy of
+    # each adapted linear's input, the r-wide low-rank products, log-sum-exps and 1/rms
+    h, q, i, heads, r = 576, 576, 1536, 9, 8
+    layer = 2 * h * 4 + 8 + 4 * q * 2 + heads * 4 + 3 * i * 2 + 4 * (5 * h + q + i) + 7 * r * 4
+    head = 4 * 49152 + max(8 * 49152, layer) + 2 * 64 * 2 + h * 4 + 4  # + RoPE, the final norm's input
+    assert engine_activation(smol12, lora).b1 == 12 * layer + head
+    # the real SmolLM2-135M (30 layers): about 1760 KB per token against the analytic 1080 KB
+    assert engine_activation(SMOL, lora).b1 == pytest.approx(1750e3, rel=0.01)
+    # b0 and b2 as the analytic default's
+    for adapter in (lora, mix(), mix(routing="dynamic", dropout=0.05, expert_dropout=0.05)):
+        fit, old = engine_activation(SMOL, adapter, flash_attention=False), analytic_activation(SMOL, adapter, flash_attention=False)
+        assert (fit.b0, fit.b2) == (old.b0, old.b2)
+
+
+def test_engine_count_terms_follow_the_engine():
+    from policies.memory_model import engine_activation
+
+    bf16 = ModelShape(M_TINY.num_parameters, 256, 4, 8, 688, 32768, 4, 2)  # the head's 8 * vocab > a layer
+    lora = AdapterShape("lora", 8, ALL_TARGETS)
+    # fp32 models share each norm output between the adapters; bf16 ones cast it once per linear
+    assert engine_activation(bf16, lora).b1 > engine_activation(bf16, lora, dtype_bytes=4).b1 - 4 * 4 * (256 + 688) * 4
+    # dropout replaces each bf16 copy by a mask and a dropped copy: +4 * in per adapted linear
+    dropped = AdapterShape("lora", 8, ALL_TARGETS, dropout=0.05)
+    extra = 4 * 4 * (5 * 256 + 256 + 688)
+    assert engine_activation(bf16, dropped).b1 - engine_activation(bf16, lora).b1 == extra
+    # MixLoRA: a (token, expert) pair per expert kept; dynamic routing keeps up to 7 of 8
+    pair = engine_activation(bf16, mix(top_k=2)).b1 - engine_activation(bf16, mix(top_k=1)).b1
+    assert pair > 4 * 3 * 688 * 2  # more than gate/act/up: the fp32 inputs, outputs and products
+    assert engine_activation(bf16, mix(routing="dynamic")).b1 - engine_activation(bf16, mix(top_k=2)).b1 == 5 * pair
+    assert engine_activation(bf16, mix(routing="switch")).b1 == engine_activation(bf16, mix(top_k=1)).b1
+    # never below the simulator's formula on the audits' jobs (docs/memory.md's table)
+    for model in (M_TINY, bf16, SMOL):
+        for adapter in (lora, dropped, mix(), mix(routing="dynamic"), mix(dropout=0.05, expert_dropout=0.05)):
+            assert engine_activation(model, adapter).b1 >= 0.85 * analytic_activation(model, adapter).b1
+    with pytest.raises(MemoryModelError, match="dtype_bytes"):
+        engine_activation(M_TINY, lora, dtype_bytes=3)
