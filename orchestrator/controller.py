@@ -1101,8 +1101,9 @@ class Controller:
                 rec = self.store.get(job_id)
                 why = "preempted" if kind == "preempted" else "stopped (lorafleet down)"
                 if rec.state in (JobState.RUNNING, JobState.PROFILING):
+                    saved = ev.get("checkpoint_step")  # None: this stop's checkpoint failed; the last one stands
                     self.store.transition(job_id, JobState.PREEMPTED, reason=f"{why} on {w.worker_id}",
-                                          checkpoint_step=ev.get("checkpoint_step"))  # fmt: skip
+                                          **({"checkpoint_step": saved} if saved is not None else {}))  # fmt: skip
                     self.store.transition(job_id, JobState.QUEUED, expect=JobState.PREEMPTED, reason="requeued")
                     self._log(job_id, f"{why} at checkpoint step {ev.get('checkpoint_step')}; requeued")
         except JobStoreError as exc:  # e.g. cancelled meanwhile: the late event changes nothing

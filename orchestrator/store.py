@@ -283,8 +283,14 @@ class JobStore:
         with self._tx() as c:
             tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             if "meta" in tables:
-                row = c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-                found = int(row[0]) if row else 0
+                try:
+                    row = c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+                    found = int(row[0]) if row else None
+                except (sqlite3.Error, ValueError, TypeError):
+                    found = None
+                if found is None:  # another application's "meta" table: never write into its database
+                    raise SchemaVersionError(f"{self.path}: has a meta table without a lorafleet schema_version; "
+                                             "not a lorafleet job store")  # fmt: skip
                 if found > SCHEMA_VERSION:
                     raise SchemaVersionError(
                         f"{self.path}: job store schema version {found} is newer than this "
@@ -377,8 +383,8 @@ class JobStore:
         if expect is not None:
             items = [expect] if isinstance(expect, (str, JobState)) else list(expect)
             expected = {_state(s, "expect") for s in items}
-        now = time.time()
         with self._tx() as c:
+            now = time.time()  # once the write lock is held: events and start/end times in commit order
             cur = self._get(c, job_id)
             if expected is not None and cur.state not in expected:
                 raise StaleStateError(f"job {job_id}: expected state {_names(expected)} but it is "
@@ -585,6 +591,8 @@ class JobStore:
             out.execute("PRAGMA journal_mode=DELETE")
         finally:
             out.close()
+        for stale in (dest.with_name(dest.name + "-wal"), dest.with_name(dest.name + "-shm")):
+            stale.unlink(missing_ok=True)  # a WAL left by whoever last opened the old copy would replay onto this one
         os.replace(tmp, dest)
         return dest
 

@@ -84,3 +84,15 @@ def test_down_during_an_evaluation_records_the_finished_job(ctl: Controller, mon
     rec = ctl.store.get(b)
     assert rec.state == JobState.QUEUED and rec.checkpoint_step == 7
     assert "stopped (lorafleet down)" in ctl.status(b)["events"][-2]["reason"]
+
+
+def test_a_preemption_whose_checkpoint_failed_keeps_the_last_checkpoint_step(ctl: Controller):
+    a = ctl.submit(spec("a"), "alice")["id"]
+    ctl.tick()
+    worker = next(iter(ctl._workers.values()))
+    ctl._apply_snapshot(worker, {"events": [{"job": a, "kind": "joined", "step": 0, "total_steps": 100}],
+                                 "jobs": {a: {"step": 57, "total_steps": 100, "checkpoint_step": 50}}}, 0.0)  # fmt: skip
+    assert ctl.store.get(a).checkpoint_step == 50
+    ctl._apply_snapshot(worker, {"events": [{"job": a, "kind": "preempted", "checkpoint_step": None}], "jobs": {}}, 1.0)
+    rec = ctl.store.get(a)
+    assert rec.state == JobState.QUEUED and rec.checkpoint_step == 50  # was erased to None

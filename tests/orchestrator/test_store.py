@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -530,3 +531,64 @@ def test_acknowledged_writes_survive_sigkill(tmp_path: Path):
             assert store.get(job_id).step == step and store.get(job_id).loss == 0.5
         assert len(store.list()) >= len(acked)
         assert store._conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_a_backup_over_a_copy_someone_opened_is_not_mixed_with_its_leftover_wal(tmp_path: Path, store: JobStore):
+    """Whoever opened the old copy (as the docs allow) and was killed left copy.db-wal beside it; the new
+    backup was renamed in place and SQLite replayed that WAL onto it: old job states, broken indexes."""
+    a = make(store, "a")
+    dest = store.backup(tmp_path / "backups" / "copy.db")
+    inspector = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(REPO)!r})
+        from orchestrator.store import JobState, JobStore
+        s = JobStore({str(dest)!r})
+        s.transition({a.id!r}, JobState.RUNNING, reason="inspector")
+        os._exit(0)  # killed: its WAL stays beside the copy
+    """)], capture_output=True, text=True)  # fmt: skip
+    assert inspector.returncode == 0, inspector.stderr
+    assert dest.with_name("copy.db-wal").exists()
+    for i in range(21):
+        make(store, f"c{i}")
+    store.transition(a.id, S.CANCELLED)
+    store.backup(dest)
+    with JobStore(dest) as copy:
+        assert copy.get(a.id).state == S.CANCELLED and len(copy.list()) == 22
+        assert copy._conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+@pytest.mark.parametrize("columns", ["key TEXT PRIMARY KEY, value TEXT NOT NULL", "k TEXT, v TEXT"])
+def test_another_applications_meta_table_is_refused_and_left_alone(tmp_path: Path, columns: str):
+    path = tmp_path / "app.db"
+    with sqlite3.connect(path) as c:
+        c.execute(f"CREATE TABLE meta ({columns})")
+        c.execute("CREATE TABLE customers (id INTEGER)")
+    with pytest.raises(SchemaVersionError, match="has a meta table without a lorafleet schema_version; not a lorafleet"):
+        JobStore(path)
+    with sqlite3.connect(path) as c:
+        assert {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")} == {"meta", "customers"}
+        assert c.execute("SELECT COUNT(*) FROM meta").fetchone() == (0,)
+
+
+def test_transition_times_are_taken_once_the_write_lock_is_held(tmp_path: Path):
+    """Two stores on one file: a cancel that waited for the write lock was stamped with the time it
+    began, before a placement that committed first (end_time before start_time)."""
+    path = tmp_path / "jobs.db"
+    with JobStore(path) as a, JobStore(path) as b:
+        job = make(a, "j")
+        blocker = sqlite3.connect(path, timeout=30)
+        blocker.execute("BEGIN IMMEDIATE")
+        released = {}
+
+        def cancel() -> None:
+            a.transition(job.id, S.CANCELLED, reason="cancel")
+
+        waiting = threading.Thread(target=cancel)
+        waiting.start()
+        time.sleep(0.3)  # the cancel now waits for the lock
+        released["t"] = time.time()
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        waiting.join(10)
+        events = b.events(job.id)
+        assert events[-1].to_state == S.CANCELLED and events[-1].time >= released["t"]
