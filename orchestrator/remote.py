@@ -246,11 +246,11 @@ class Client:
         """One job (id or name) with its state history."""
         return self._call("status", job=job, owner=self.owner)
 
-    def list(self, *, states: Sequence[str] | None = None) -> list[dict[str, Any]]:
-        """This owner's jobs, newest first."""
+    def list(self, *, states: Sequence[str] | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        """This owner's jobs, newest first (at most ``limit``; None: all)."""
         if self.api_key and not self.owner:  # the key decides who "this owner" is
-            return self._call("list_jobs", states=list(states) if states else None, mine=True)
-        return self._call("list_jobs", states=list(states) if states else None, owner=self.owner)
+            return self._call("list_jobs", states=list(states) if states else None, mine=True, limit=limit)
+        return self._call("list_jobs", states=list(states) if states else None, owner=self.owner, limit=limit)
 
     def logs(self, job: str, lines: int = 50) -> list[str]:
         return self._call("logs", job=job, lines=lines, owner=self.owner)

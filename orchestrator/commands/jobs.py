@@ -42,9 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--wait", action="store_true", help="follow the jobs; exit 1 if one fails")
     elif command == "list":
         parser.add_argument("--json", action="store_true")
+        parser.add_argument("--limit", type=_count, default=LIST_LIMIT,
+                            help=f"the newest N jobs (default {LIST_LIMIT}; 0: all, slow on a store of 10^4 jobs)")
     elif command == "status":
-        parser.add_argument("job", nargs="?", help="job id or name (default: all your jobs)")
+        parser.add_argument("job", nargs="?", help="job id or name (default: your newest jobs)")
         parser.add_argument("--json", action="store_true")
+        parser.add_argument("--limit", type=_count, default=LIST_LIMIT,
+                            help=f"without a job: the newest N (default {LIST_LIMIT}; 0: all)")
     elif command == "logs":
         parser.add_argument("job")
         parser.add_argument("-f", "--follow", action="store_true",
@@ -162,8 +166,20 @@ def follow(client: Client, job_ids: list[str], poll_s: float = 3.0) -> int:
     return 0 if all(r["state"] == "SUCCEEDED" for r in final.values()) else 1
 
 
+LIST_LIMIT = 100  # the store keeps every job: listing 10^4 took ~1 s, 10^5 ~10 s
+
+
+def _newest(client: Client, limit: int) -> list[dict]:
+    """The caller's newest ``limit`` jobs (0: all); a note on stderr when there are more."""
+    records = client.list(limit=limit + 1 if limit else None)
+    if limit and len(records) > limit:
+        records = records[:limit]
+        print(f"(the newest {limit} jobs; --limit 0 lists all)", file=sys.stderr)
+    return records
+
+
 def do_list(client: Client, args: argparse.Namespace) -> int:
-    records = client.list()
+    records = _newest(client, args.limit)
     if args.json:
         print(json.dumps([_row(r) for r in records], indent=2))
     else:
@@ -172,7 +188,7 @@ def do_list(client: Client, args: argparse.Namespace) -> int:
 
 
 def do_status(client: Client, args: argparse.Namespace) -> int:
-    records = [client.status(args.job)] if args.job else client.list()
+    records = [client.status(args.job)] if args.job else _newest(client, args.limit)
     if args.json:
         print(json.dumps([_row(r) for r in records], indent=2))
         return 0

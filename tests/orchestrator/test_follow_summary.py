@@ -31,3 +31,31 @@ def test_summary_shows_the_stored_eval(capsys):
     assert "EM 0.00->0.33" in row and "loss 3.17->0.90" in row
     plain = next(line for line in rows if "plain" in line)
     assert "EM" not in plain
+
+
+class ListClient:
+    """Answers ``list`` as the controller does: newest first, at most ``limit``."""
+
+    def __init__(self, n: int):
+        self.records = [record(f"j{i}", f"job{i}", None) for i in range(n, 0, -1)]
+        self.limits: list = []
+
+    def list(self, limit=None):
+        self.limits.append(limit)
+        return self.records[:limit] if limit else list(self.records)
+
+
+def test_list_and_status_show_the_newest_jobs_by_default(capsys):
+    """The store keeps every job; listing 10^4 took ~1 s and 10^5 ~10 s through the controller's lock."""
+    import argparse
+
+    client = ListClient(150)
+    assert jobs.do_list(client, argparse.Namespace(json=True, limit=jobs.LIST_LIMIT)) == 0
+    out, err = capsys.readouterr()
+    import json
+
+    shown = json.loads(out)
+    assert len(shown) == 100 and shown[0]["id"] == "j150" and client.limits == [101]
+    assert err == "(the newest 100 jobs; --limit 0 lists all)\n"
+    assert jobs.do_status(client, argparse.Namespace(job=None, json=True, limit=0)) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 150 and client.limits[-1] is None
