@@ -333,9 +333,16 @@ class FusedModel:
         return self.sliding_window() or PACK_ANY_LENGTH
 
     def sliding_window(self) -> int | None:
-        """The attention's sliding window where the config turns one on, else None."""
+        """The attention's sliding window where the config turns one on for some layer, else None
+        (a Qwen2 config with ``use_sliding_window`` whose ``layer_types`` are all full attention
+        limited packing to the window for nothing)."""
         window = getattr(self.config, "sliding_window", None)
-        return int(window) if window and getattr(self.config, "use_sliding_window", True) else None
+        if not window or not getattr(self.config, "use_sliding_window", True):
+            return None
+        types = getattr(self.config, "layer_types", None)
+        if types and not any("sliding" in str(t) for t in types):
+            return None
+        return int(window)
 
     def _probe_packing(self) -> bool:
         """Whether packing is exact on this model: one packed forward of two short sequences.

@@ -263,3 +263,16 @@ def test_bf16_autocast_trains_close_to_fp32(tmp_path):
     err = max_rel_err(bf16, fp32)
     print(f"bf16 autocast vs fp32 after one step: max param rel err {err:.2e}")
     assert err < 1e-1  # Adam's first step is ~lr * sign(grad): tiny gradients that flip sign in bf16 move fully
+
+
+def test_a_sliding_window_no_layer_uses_does_not_limit_packing():
+    """Qwen2 with ``use_sliding_window`` and every layer full attention (``max_window_layers`` at or
+    above the layer count): packing was limited to the window; with one sliding layer it still is."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from actors.fused_model import FusedModel
+
+    small = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                 use_sliding_window=True, sliding_window=8, num_hidden_layers=2)  # fmt: skip
+    assert FusedModel(Qwen2ForCausalLM(Qwen2Config(**small)).eval()).sliding_window() is None
+    assert FusedModel(Qwen2ForCausalLM(Qwen2Config(**small, max_window_layers=1)).eval()).sliding_window() == 8
