@@ -35,7 +35,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 bench: $(STAMP)
-	$(BIN)/python bench/bench_fused.py
+	$(BIN)/python bench/bench_fused.py --quick --threads 1
 
 # Not part of the tests (about an hour on 2 CPU cores): base vs LoRA vs MixLoRA, single- and multi-task.
 quality: $(STAMP)

@@ -107,7 +107,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", default="50,100,150", help="trace sizes, comma-separated [50,100,150]")
     parser.add_argument("--seeds", default="7001-7100", help="seed range FIRST-LAST [7001-7100]")
-    parser.add_argument("--cluster", default="examples/cluster.yaml", help="cluster YAML [examples/cluster.yaml]")
+    parser.add_argument("--cluster", default=str(Path(__file__).resolve().parents[1] / "examples" / "cluster.yaml"),
+                        help="cluster YAML [the repository's examples/cluster.yaml]")
     parser.add_argument("--dt", type=float, default=60.0, help="time step of the clairvoyant schedulers, s [60]")
     args = parser.parse_args()
     first, last = (int(x) for x in args.seeds.split("-"))

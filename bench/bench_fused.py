@@ -349,6 +349,7 @@ def table(args: argparse.Namespace) -> None:
     print(f"\n== L={lengths}, micro={args.micro}/job, r={args.rank}, layers={args.layers or 'all'}, "
           f"steps={args.steps} (+{args.warmup} warm-up), threads={args.threads}, clock={args.clock}, "
           f"packing={'off' if args.no_packing else 'on'}")
+    print("s/step: the fastest timed step (fused/floor and MFU use it); tok/s: the mean over the timed steps")
     header = (f"{'jobs':>4} | {'floor s/step':>12} | {'fused s/step':>12} | {'fused/floor':>11} | "
               f"{'fused tok/s':>11} | {'PEFT-seq tok/s':>14} | {'fused/PEFT-seq':>14} | "
               f"{'fused GiB':>9} | {'ckpt GiB':>8} | {'PEFT-seq GiB':>12} | {'PEFT-par GiB':>12} | "
