@@ -223,6 +223,7 @@ def build_view(
     specs: Mapping[str, JobSpec] | None = None,
     run_starts: Mapping[str, float] | None = None,
     fair_starts: Mapping[str, float] | None = None,
+    cache: dict[str, tuple[tuple, JobView]] | None = None,
 ) -> ClusterView:
     """The snapshot the policy decides on.
 
@@ -233,26 +234,48 @@ def build_view(
     current run was placed (the controller's record; a job resumed after a preemption has a later
     one than its record's first ``start_time``, which is used when it is missing). ``fair_starts``:
     FIFO-fair start deadlines as of now (:meth:`policies.fairstart.FifoClock.deadline`), in place of
-    those stamped at submission (``extra.fair_start_s``).
+    those stamped at submission (``extra.fair_start_s``). ``cache``: each job's view from an earlier
+    pass (the caller's dict, updated here), reused while the record (its ``updated_time``), its worker
+    and its model's reported shape are the same: at 10,000 queued jobs a pass built 10,000 views.
     """
     workers = list(workers)
     known = {w.worker_id for w in workers}
     preempting = set(preempting)
     specs = specs or {}
     fair_starts = fair_starts or {}
+    shape_keys = {m: tuple(sorted(d.items())) for m, d in (shapes or {}).items()}
+    live: set[str] = set()
+
+    def view_of(rec: JobRecord, worker_id: str | None) -> JobView:
+        spec = specs.get(rec.id)
+        model = spec.base_model if spec is not None else rec.spec.get("base_model")
+        key = (rec.updated_time, rec.state, worker_id, shape_keys.get(model))
+        if cache is not None:
+            live.add(rec.id)
+            hit = cache.get(rec.id)
+            if hit is not None and hit[0] == key:
+                return hit[1]
+        view = job_view(rec, now, shapes, worker_id=worker_id, base_spec=spec)
+        if cache is not None:
+            cache[rec.id] = (key, view)
+        return view
+
     queued, running = [], []
     for rec in records:
         if rec.state == JobState.QUEUED:
-            view = job_view(rec, now, shapes, base_spec=specs.get(rec.id))
-            if rec.id in fair_starts:
+            view = view_of(rec, None)
+            if rec.id in fair_starts and fair_starts[rec.id] != view.fair_start_s:
                 view = replace(view, fair_start_s=fair_starts[rec.id])
             queued.append(view)
         elif rec.state in (JobState.PROFILING, JobState.RUNNING) and rec.worker in known:
-            view = job_view(rec, now, shapes, worker_id=rec.worker, base_spec=specs.get(rec.id))
+            view = view_of(rec, rec.worker)
             started = (run_starts or {}).get(rec.id, view.start_time_s)
             fair = fair_starts.get(rec.id, view.fair_start_s)
             running.append(replace(view, preempt_pending=rec.id in preempting, start_time_s=started,
                                    fair_start_s=fair))  # fmt: skip
+    if cache is not None:
+        for gone in [job_id for job_id in cache if job_id not in live]:
+            del cache[gone]
     free = [WorkerView(f"{FREE_PREFIX}{i}", free_memory_bytes, 100.0) for i in range(max(0, free_gpus))]
     queued.sort(key=lambda j: (j.submit_time_s, j.job_id))
     return ClusterView(now_s=now, queued=tuple(queued), running=tuple(running), workers=tuple(workers + free))
@@ -339,6 +362,9 @@ class _Samples:
     stride: int = 1
 
 
+LIVE_REREAD_S = 2.0  # each pass rereads the jobs written this long before its last read (clock steps)
+
+
 class Controller:
     """The control plane (see the module doc). Normally constructed by Ray as a detached actor.
 
@@ -405,6 +431,9 @@ class Controller:
         self._clock_settings: dict[str, Any] = {}
         self._fifo_clock = FifoClock(1)  # FIFO-fair start deadlines: booked at submission, moved per pass
         self._spec_cache: dict[str, JobSpec] = {}  # parsed specs of live jobs (see _view)
+        self._live: dict[str, JobRecord] = {}  # the live jobs as last read (see _live_records)
+        self._live_read: float | None = None  # when they were last read; None: read them all
+        self._view_cache: dict[str, tuple[tuple, JobView]] = {}  # build_view's per-job views
         # Per job: the last LOG_LINES_KEPT progress lines, each with its sequence number (0, 1, ...
         # over the job's lines since this controller started), so a follower can ask for the lines
         # after the last one it printed although the window slides (logs_since).
@@ -1197,8 +1226,26 @@ class Controller:
                                   packing_max_len=int(w.last.get("packing_max_len") or 0)))  # fmt: skip
         return out
 
+    def _live_records(self) -> list[JobRecord]:
+        """The QUEUED, PROFILING and RUNNING jobs, newest first, read incrementally: the jobs written
+        since the last read (``JobStore.changed_since``, less ``LIVE_REREAD_S`` for clock steps) update
+        the copy kept here; the first read takes them all. At 10,000 queued jobs reading and parsing
+        every live row took 0.4 s of every pass."""
+        live = (JobState.QUEUED, JobState.PROFILING, JobState.RUNNING)
+        started = time.time()
+        if self._live_read is None:
+            self._live = {r.id: r for r in self.store.list(states=live)}
+        else:
+            for rec in self.store.changed_since(self._live_read - LIVE_REREAD_S):
+                if rec.state in live:
+                    self._live[rec.id] = rec
+                else:
+                    self._live.pop(rec.id, None)
+        self._live_read = started
+        return sorted(self._live.values(), key=lambda r: (r.submit_time, r.id), reverse=True)
+
     def _view(self, now: float) -> ClusterView:
-        records = self.store.list(states=[JobState.QUEUED, JobState.PROFILING, JobState.RUNNING])
+        records = self._live_records()
         # Parsed specs of live jobs, kept between passes (a stored spec never changes); ended jobs drop out.
         self._spec_cache = {r.id: self._spec_cache.get(r.id) or parse_spec(r.spec, source=r.id) for r in records}
         running = {r.id for r in records if r.state != JobState.QUEUED}
@@ -1206,7 +1253,8 @@ class Controller:
         return build_view(records, self._worker_views(), now=now, free_gpus=self._free_gpus(now),
                           free_memory_bytes=self.worker_memory_bytes, shapes=self._shapes,
                           preempting=self._preempting, specs=self._spec_cache,
-                          run_starts=self._run_starts, fair_starts=self._fair_starts(records))  # fmt: skip
+                          run_starts=self._run_starts, fair_starts=self._fair_starts(records),
+                          cache=self._view_cache)  # fmt: skip
 
     def _fair_starts(self, records: Iterable[JobRecord]) -> dict[str, float]:
         """Each booked job's FIFO-fair deadline with its class's tail as estimated now. Jobs booked

@@ -169,6 +169,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner);
 CREATE INDEX IF NOT EXISTS jobs_name ON jobs(name);
+CREATE INDEX IF NOT EXISTS jobs_updated ON jobs(updated_time);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_live_name ON jobs(owner, name)
     WHERE state NOT IN ('SUCCEEDED', 'FAILED', 'CANCELLED');
 CREATE TABLE IF NOT EXISTS events (
@@ -340,8 +341,8 @@ class JobStore:
             raise ValueError(f"priority: must be an integer of at most 64 bits (got {priority!r})")
         total_steps = _opt_int("total_steps", total_steps, 1)
         spec_json = _json("spec", spec)
-        now = time.time()
         with self._tx() as c:
+            now = time.time()  # under the write lock, as every write's updated_time (see changed_since)
             live = c.execute(
                 "SELECT id, state FROM jobs WHERE owner=? AND name=? AND state NOT IN (?,?,?)",
                 (owner, name, *sorted(s.value for s in TERMINAL_STATES))).fetchone()
@@ -472,6 +473,17 @@ class JobStore:
             raise AmbiguousJobError(f"name {id_or_name!r} is used by owners {owners}: {ids}; "
                                     "pass the job id or an owner")
         return _record(rows[0])
+
+    def changed_since(self, since: float) -> list[JobRecord]:
+        """Jobs written at or after ``since`` (their ``updated_time``), in any state, oldest write first.
+
+        Every write (create, transition, progress) sets ``updated_time`` under the write lock, so
+        writes are stamped in commit order: a reader that keeps the live jobs reads only what changed
+        since its last read (less a margin for clock steps; ``Controller._live_records``).
+        """
+        with self._read() as c:
+            rows = c.execute(_SELECT + " WHERE updated_time >= ? ORDER BY updated_time", (since,)).fetchall()
+        return [_record(r) for r in rows]
 
     def list(self, *, states: Iterable[JobState | str] | None = None, owner: str | None = None,
              limit: int | None = None) -> list[JobRecord]:

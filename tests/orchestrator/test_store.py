@@ -592,3 +592,15 @@ def test_transition_times_are_taken_once_the_write_lock_is_held(tmp_path: Path):
         waiting.join(10)
         events = b.events(job.id)
         assert events[-1].to_state == S.CANCELLED and events[-1].time >= released["t"]
+
+
+def test_changed_since_gives_every_job_written_since(tmp_path: Path, store: JobStore):
+    a, b = make(store, "a"), make(store, "b")
+    mark = time.time()
+    store.transition(a.id, S.CANCELLED)
+    c = make(store, "c")
+    store.update_progress(b.id, step=3)
+    got = store.changed_since(mark)
+    assert [r.id for r in got] == [a.id, c.id, b.id]  # oldest write first, ended jobs included
+    assert got[0].state == S.CANCELLED and got[2].step == 3
+    assert store.changed_since(time.time() + 1) == []
