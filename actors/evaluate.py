@@ -228,7 +228,8 @@ def check_eval(config) -> None:
 
 def _choice_fields(record: dict, index: int, source: str) -> tuple[str, list[str], int]:
     """(question, choices, index of the right choice) of a multiple-choice record: ``choices`` a list
-    of at least two texts, ``answer`` the 0-based index of the right one or its text."""
+    of at least two texts, ``answer`` the text of the right one or its 0-based index (an integer, or
+    an integer written as text or as a whole float; a text that is also a choice is that choice)."""
     from actors.data import DataError
 
     where = f"{source}: record {index}"
@@ -240,12 +241,17 @@ def _choice_fields(record: dict, index: int, source: str) -> tuple[str, list[str
                                                                      not isinstance(c, bool) for c in choices):  # fmt: skip
         raise DataError(f"{where}: choices must be a list of at least two texts (got {choices!r})")
     texts = [str(c) for c in choices]
-    if isinstance(answer, int) and not isinstance(answer, bool):
-        if not 0 <= answer < len(texts):
-            raise DataError(f"{where}: answer {answer} is not a choice index (allowed: 0 to {len(texts) - 1})")
-        return str(question), texts, answer
-    if isinstance(answer, str) and answer in texts:
+    if isinstance(answer, str) and answer in texts:  # the text of the right choice
         return str(question), texts, texts.index(answer)
+    index = answer
+    if isinstance(answer, str) and answer.strip().lstrip("-").isdigit():
+        index = int(answer.strip())  # "1": an index written as text, as files converted from CSV have it
+    elif isinstance(answer, float) and answer.is_integer():
+        index = int(answer)
+    if isinstance(index, int) and not isinstance(index, bool):
+        if not 0 <= index < len(texts):
+            raise DataError(f"{where}: answer {answer!r} is not a choice index (allowed: 0 to {len(texts) - 1})")
+        return str(question), texts, index
     raise DataError(f"{where}: answer must be the 0-based index of the right choice or its text "
                     f"(got {answer!r}; choices {texts})")  # fmt: skip
 

@@ -296,6 +296,9 @@ def _train_group(
         exc = exc if isinstance(exc, (OSError, ValueError, RuntimeError)) else f"{type(exc).__name__}: {exc}"
         for spec in pending:
             results[spec.name] = JobProgress(spec.name, 0, state="failed", message=f"base_model: {exc}")
+        for spec, _ in eval_only:  # trained before; its evaluation needs the model too
+            results[spec.name] = JobProgress(spec.name, 0, state="failed",
+                                             message=f"base_model: {exc} (its evaluation did not run)")  # fmt: skip
         return list(results.values())
     engine = FusedEngine(model, tokenizer, base_model_id=base_model, settings=engine_settings(args))
 

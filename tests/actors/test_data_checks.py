@@ -114,10 +114,15 @@ def test_malformed_multiple_choice_records_are_refused_before_training(record, w
         check_eval(job(tmp_path, data, EvalSettings(data=str(mc), metrics=("multiple_choice",))))
 
 
-def test_a_choice_answer_may_be_the_text_of_the_right_choice(tmp_path):
+def test_a_choice_answer_may_be_the_text_of_the_right_choice_or_its_index_as_text(tmp_path):
+    from actors.evaluate import _choice_fields
+
     data = write_jsonl(tmp_path / "d.jsonl", TEXT)
     mc = write_jsonl(tmp_path / "mc.jsonl", [{"question": "w1", "choices": ["w2", "w3"], "answer": "w3"}])
     check_eval(job(tmp_path, data, EvalSettings(data=str(mc), metrics=("multiple_choice",))))
+    assert _choice_fields({"question": "q", "choices": ["a", "b"], "answer": "1"}, 0, "x")[2] == 1  # as int("1") was
+    assert _choice_fields({"question": "q", "choices": ["a", "b"], "answer": 1.0}, 0, "x")[2] == 1
+    assert _choice_fields({"question": "q", "choices": ["0", "1", "2"], "answer": "2"}, 0, "x")[2] == 2  # its text
 
 
 def test_held_out_fraction_of_a_one_record_file_is_refused(tmp_path):

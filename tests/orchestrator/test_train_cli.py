@@ -341,3 +341,23 @@ def test_sigterm_stops_training_as_ctrl_c_does(tmp_path, tiny_model_dir):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
     assert (tmp_path / "out" / "a" / "checkpoints").is_dir()
+
+
+def test_a_job_to_evaluate_whose_model_fails_to_load_is_reported_failed(tmp_path, capsys):
+    """It vanished from the summary and the command exited 0."""
+    from tests.conftest import make_tiny_llama, make_tokenizer
+
+    model = tmp_path / "model"
+    make_tiny_llama().save_pretrained(model)
+    make_tokenizer().save_pretrained(model)
+    data = write_jsonl(tmp_path / "rev.jsonl", alpaca_records(12, seed=1))
+    a = write_spec(tmp_path, "a", model, data, eval_section={"held_out_fraction": 0.25})
+    assert main(["train", str(a), "--plain"]) == 0
+    (tmp_path / "out" / "a" / "eval.json").unlink()  # cut off during the evaluation
+    for weights in model.glob("model*.safetensors"):
+        weights.unlink()
+    capsys.readouterr()
+    assert main(["train", str(a), "--plain"]) == 1
+    err = capsys.readouterr().err
+    row = next(line for line in err.splitlines() if line.startswith("│ a "))  # the summary's row of job a
+    assert "failed" in row and "base_model:" in row
