@@ -33,14 +33,6 @@ from tests.conftest import make_tiny_llama, make_tokenizer
 SEED = 11  # the base model of every test here
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def engine() -> FusedEngine:
     return FusedEngine(make_tiny_llama(seed=SEED), make_tokenizer())
 

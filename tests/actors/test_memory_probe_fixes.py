@@ -57,27 +57,7 @@ def mixlora(dropout: float, routing: str = "topk", top_p: float = 0.8, top_k: in
 
 def saved_bytes(adapter: AdapterSettings, batch: int, seq_len: int, out: Path) -> int:
     """Bytes autograd keeps for backward in one fused step of one job (distinct storages, not weights)."""
-    import actors.mixlora  # noqa: F401  (registers the MixLoRA adapter kind)
-    from actors.engine import FusedEngine
-
-    model = make_tiny_llama(seed=0)
-    engine = FusedEngine(model, make_tokenizer(), base_model_id="tiny")
-    config = JobConfig(name="j", base_model="tiny", adapter=adapter,
-                       data=DataSettings(path="<synthetic>", max_seq_len=seq_len, shuffle=False),
-                       train=TrainSettings(batch_size=batch, micro_batch_size=batch, max_steps=4), output=str(out))  # fmt: skip
-    job = engine.add_job(config, examples=_synthetic_examples(seq_len, batch, 128, seed=0), resume=False)
-    weights = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *job.adapter.parameters()]}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:
-            seen.setdefault(storage.data_ptr(), storage.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        engine.step()
-    return sum(seen.values())
+    return saved_bytes_of(make_tiny_llama(seed=0), adapter, batch, seq_len, out, warm=False)
 
 
 @pytest.mark.parametrize("make", [lora, mixlora], ids=["lora", "mixlora"])
@@ -317,9 +297,11 @@ CENSUS_ADAPTERS = {
 }
 
 
-def saved_bytes_of(model: torch.nn.Module, adapter: AdapterSettings, batch: int, seq_len: int, out: Path) -> int:
+def saved_bytes_of(
+    model: torch.nn.Module, adapter: AdapterSettings, batch: int, seq_len: int, out: Path, warm: bool = True
+) -> int:
     """Bytes autograd keeps for backward in one fused step of one job on ``model`` (its dtype),
-    distinct storages, weights excluded; the step after a first one (optimizer state exists)."""
+    distinct storages, weights excluded; with ``warm``, the step after a first one (optimizer state exists)."""
     import actors.mixlora  # noqa: F401  (registers the MixLoRA adapter kind)
     from actors.engine import FusedEngine
 
@@ -330,7 +312,8 @@ def saved_bytes_of(model: torch.nn.Module, adapter: AdapterSettings, batch: int,
     vocab = int(model.config.vocab_size)
     job = engine.add_job(config, examples=_synthetic_examples(seq_len, batch, vocab, seed=0), resume=False)
     weights = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *job.adapter.parameters()]}
-    engine.step()
+    if warm:
+        engine.step()
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
