@@ -174,13 +174,13 @@ def _run(args: argparse.Namespace) -> int:
     return 1 if any(r.state != "succeeded" for r in results) else 0
 
 
-def run_eval(engine, job) -> dict:
-    """Held-out evaluation of a finished job (base vs adapter), written to ``OUTPUT/eval.json``."""
+def run_eval(engine, name: str, config, output: str | Path) -> dict:
+    """Held-out evaluation of the adapter ``name`` (base vs adapter), written to ``OUTPUT/eval.json``."""
     from actors.checkpoint import atomic_write_json
     from actors.evaluate import evaluate_job
 
-    result = evaluate_job(engine, job.name, job.config)
-    atomic_write_json(job.output / "eval.json", result)
+    result = evaluate_job(engine, name, config)
+    atomic_write_json(Path(output) / "eval.json", result)
     return result
 
 
@@ -331,7 +331,7 @@ def _train_group(
         if job.error is None and job.config.eval is not None:
             view.update(name, state="evaluating")
             try:
-                view.jobs[name].eval = run_eval(engine, job)
+                view.jobs[name].eval = run_eval(engine, name, job.config, job.output)
             except Exception as exc:  # an evaluation never fails the trained job nor the jobs beside it
                 exc = exc if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
                 view.jobs[name].message = f"eval failed: {exc}"
@@ -354,9 +354,6 @@ def evaluate_finished(engine, spec: JobSpec, done: dict, view: ProgressView, con
     during the evaluation, or before it while other jobs trained; or ``eval:`` added since): its
     exported adapter is attached and scored, nothing is trained again. Before, the rerun said
     "already finished" and the evaluation never ran."""
-    from actors.checkpoint import atomic_write_json
-    from actors.evaluate import evaluate_job
-
     total = int(done.get("total_steps") or 0)
     view.add(spec.name, total, step=int(done.get("step") or total), state="evaluating")
     progress = view.jobs[spec.name]
@@ -364,8 +361,7 @@ def evaluate_finished(engine, spec: JobSpec, done: dict, view: ProgressView, con
     try:
         engine.attach_adapter(spec.name, spec.output_dir())
         try:
-            progress.eval = evaluate_job(engine, spec.name, spec.to_job_config())
-            atomic_write_json(Path(spec.output_dir()) / "eval.json", progress.eval)
+            progress.eval = run_eval(engine, spec.name, spec.to_job_config(), spec.output_dir())
         finally:
             engine.detach_adapter(spec.name)
     except Exception as exc:  # an evaluation never fails the trained job
