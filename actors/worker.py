@@ -421,10 +421,12 @@ class TrainingWorker:
             config = self._stage_inputs(job_id, config)  # URI data / eval data / init_from -> local copies
             job = self.engine.add_job(config, resume=True)
         except (ValueError, OSError, RuntimeError) as exc:  # DataError, TargetError, AdapterLoadError, I/O
+            self._drop_inputs(job_id)
             self._emit(job_id, "failed", message=str(exc))
             return
         except Exception as exc:  # anything else (a library's own error type): this job fails, the worker goes on
             log.error("%s: %s could not join\n%s", self.worker_id, job_id, traceback.format_exc())
+            self._drop_inputs(job_id)
             self._emit(job_id, "failed", message=f"cannot start: {type(exc).__name__}: {exc}")
             return
         info = _JobInfo(job_id, config, remote_output, time.time(), step=job.step, total_steps=job.total_steps)
@@ -454,9 +456,9 @@ class TrainingWorker:
         """``config`` with each URI input (``data.path``, ``eval.data``: a file; ``adapter.init_from``: an
         adapter directory, of which only the adapter files) downloaded into a fresh local folder
         (:meth:`_inputs_root`) and replaced by its local path: the engine and the evaluation read
-        local files. Local paths are kept. The copies of jobs that have left this worker are deleted
-        here (the staged files live as long as the job is in the engine: ``eval.data`` is read
-        after training).
+        local files. Local paths are kept. A job's copies are deleted when it leaves the engine
+        (:meth:`_leave`: after its evaluation, which reads ``eval.data``) or fails to join; copies
+        of jobs that left another way (the worker process died) are deleted here, at the next join.
 
         Raises:
             FileNotFoundError: an input is missing at its URI (the message names the field).
@@ -515,10 +517,18 @@ class TrainingWorker:
             config = dataclasses.replace(config, adapter=dataclasses.replace(config.adapter, init_from=str(dest)))
         return config
 
+    def _drop_inputs(self, job_id: str) -> None:
+        """Delete the local copies of ``job_id``'s URI inputs (:meth:`_stage_inputs`), if any."""
+        import shutil
+
+        shutil.rmtree(self._inputs_root() / job_id, ignore_errors=True)
+
     def _leave(self, job_id: str):
-        """Remove a job from the engine and the snapshot; returns the TrainingJob or None."""
+        """Remove a job from the engine and the snapshot, and its staged inputs; returns the
+        TrainingJob or None."""
         with self._lock:
             self._jobs.pop(job_id, None)
+        self._drop_inputs(job_id)
         if job_id not in self.engine.jobs:
             return None
         return self.engine.remove_job(job_id)
