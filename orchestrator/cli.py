@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("orchestrator.commands.up", "start (or reattach to) the lorafleet controller on a Ray cluster"),
     "down": ("orchestrator.commands.down", "stop the controller (and with --local the local Ray cluster)"),
     "policy": ("orchestrator.commands.policy", "show the controller's scheduling policy, or set a new one at run time"),
-    "admin": ("orchestrator.commands.admin", "users and API keys on a shared cluster: add-user, remove-user, users, whoami"),
+    "admin": ("orchestrator.commands.admin", "users and API keys on a shared cluster: add-user, remove-user, users, whoami; prune old jobs"),
     "submit": ("orchestrator.commands.jobs", "submit job specs (and their data) to a cluster; --wait follows them"),
     "run": ("orchestrator.commands.run", "register one job and follow it to the end (inside `ray job submit`)"),
     "list": ("orchestrator.commands.jobs", "your jobs on the cluster"),

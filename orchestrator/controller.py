@@ -22,7 +22,7 @@ newest checkpoint (the workers of the previous incarnation were its children and
 
 Client-facing methods (``submit``, ``submit_many``, ``status``, ``list_jobs``, ``cancel``, ``logs``,
 ``logs_since``, ``job_metrics``, ``set_policy``, ``get_policy``, ``workers``, ``shutdown``,
-``add_user``, ...) return plain dicts and
+``add_user``, ``prune_jobs``, ...) return plain dicts and
 raise ``ValueError``/``LookupError`` with a clear message, or ``orchestrator.auth.AccessError``.
 
 Identity (``orchestrator.auth``): each call carries the caller's ``api_key``; once users are
@@ -362,6 +362,7 @@ class _Samples:
     stride: int = 1
 
 
+PRUNE_IDS_SHOWN = 20  # prune_jobs returns this many of the deleted ids
 LIVE_REREAD_S = 2.0  # each pass rereads the jobs written this long before its last read (clock steps)
 
 
@@ -572,6 +573,43 @@ class Controller:
         """Every registered user (admin-only): name, admin, created. Never key material."""
         self._require_admin(api_key, "list users")
         return [{"name": u.name, "admin": u.admin, "created": u.created} for u in self.store.users()]
+
+    def prune_jobs(self, older_than_s: float, states: list[str] | None = None, owner: str | None = None,
+                   dry_run: bool = False, api_key: str | None = None) -> dict[str, Any]:
+        """Delete ended jobs (SUCCEEDED, FAILED, CANCELLED) that ended more than ``older_than_s`` seconds
+        ago, with their events (admin-only; ``JobStore.prune``). ``states`` narrows the ended states,
+        ``owner`` keeps only that owner's jobs, ``dry_run`` deletes nothing. Files in the artifact
+        storage (adapters, checkpoints) are never deleted.
+
+        Returns ``{"deleted": n, "ids": [the first PRUNE_IDS_SHOWN, oldest first], "dry_run": bool}``
+        (with ``dry_run``, ``deleted`` counts the jobs that would go). Raises ``AccessError``, or
+        ``ValueError`` for a bad age, a live or unknown state, or an empty owner.
+        """
+        ident = self._require_admin(api_key, "prune jobs")
+        # Under the loop's lock: a job that ended since the last pass is still live in the view kept by
+        # _live_records, and changed_since never reports a deleted row, so the ids leave that view here.
+        with self._lock:
+            ids = self.store.prune(older_than_s=older_than_s, states=states, owner=owner, dry_run=bool(dry_run))
+            if not dry_run:
+                self._forget_jobs(ids)
+        if ids and not dry_run:
+            log.info("%s pruned %d ended jobs older than %.0f s", ident.name, len(ids), older_than_s)
+        return {"deleted": len(ids), "ids": ids[:PRUNE_IDS_SHOWN], "dry_run": bool(dry_run)}
+
+    def _forget_jobs(self, ids: list[str]) -> None:
+        """Drop deleted jobs from every in-memory table (the live view, caches, logs, samples)."""
+        for job_id in ids:
+            self._live.pop(job_id, None)
+            self._spec_cache.pop(job_id, None)
+            self._view_cache.pop(job_id, None)
+            self._run_starts.pop(job_id, None)
+            self._preempting.discard(job_id)
+            for w in self._workers.values():
+                w.assigned.discard(job_id)
+        with self._log_lock:
+            for job_id in ids:
+                self._logs.pop(job_id, None)
+                self._samples.pop(job_id, None)
 
     # ---------------------------------------------------------------- jobs
 

@@ -24,11 +24,14 @@ Side effects of ``transition`` (in the same transaction as the state and its eve
 entering RUNNING increments ``attempts`` and sets ``start_time`` the first time; entering
 a terminal state sets ``end_time``; entering QUEUED or PREEMPTED clears ``worker``.
 Explicit ``**fields`` win over these defaults.
+
+Ended jobs are kept until ``prune`` deletes them (their rows and events only, never files).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import sqlite3
@@ -583,6 +586,57 @@ class JobStore:
             return c.execute("SELECT 1 FROM users LIMIT 1").fetchone() is not None
 
     # ---- maintenance --------------------------------------------------------------------
+
+    def prune(self, *, older_than_s: float, states: JobState | str | Iterable[JobState | str] | None = None,
+              owner: str | None = None, dry_run: bool = False) -> list[str]:
+        """Delete ended jobs whose ``end_time`` is more than ``older_than_s`` seconds ago, with their events.
+
+        Only SUCCEEDED, FAILED and CANCELLED jobs are ever deleted (``states`` narrows them, ``owner``
+        keeps only that owner's), so a live job is never touched. The rows and their event rows go in
+        one write transaction; ``dry_run`` deletes nothing and returns what would go. Returns the
+        deleted ids, oldest ``end_time`` first. No file is deleted: adapters, checkpoints and outputs
+        in the artifact storage stay where they are (they belong to the users).
+
+        A controller keeps the live jobs it last read (``changed_since``); a job that ended since its
+        last pass is still live there, so prune a running controller's store through its
+        ``prune_jobs`` (``lorafleet admin prune``), which also drops the ids from that view.
+
+        Raises ``ValueError`` for an ``older_than_s`` that is not a finite number >= 0, an unknown
+        or non-terminal state in ``states``, or an empty ``owner``.
+        """
+        if (isinstance(older_than_s, bool) or not isinstance(older_than_s, (int, float))
+                or not math.isfinite(older_than_s) or older_than_s < 0):
+            raise ValueError(f"older_than_s: must be a finite number of seconds >= 0 (got {older_than_s!r})")
+        allowed = _names(TERMINAL_STATES)
+        if states is None:
+            wanted = set(TERMINAL_STATES)
+        else:
+            items = [states] if isinstance(states, (str, JobState)) else list(states)
+            wanted = {_state(s, "states") for s in items}
+            live = sorted(s.value for s in wanted - TERMINAL_STATES)
+            if live:
+                what = "is not a terminal state" if len(live) == 1 else "are not terminal states"
+                raise ValueError(f"states: {', '.join(live)} {what}; prune deletes only ended jobs "
+                                 f"(allowed: {allowed})")  # fmt: skip
+            if not wanted:
+                raise ValueError(f"states: empty; give at least one of {allowed}, or None for all of them")
+        if owner is not None and (not isinstance(owner, str) or not owner.strip()):
+            raise ValueError(f"owner: must be a non-empty string or None (got {owner!r})")
+        names = sorted(s.value for s in wanted)
+        where = f"state IN ({','.join('?' * len(names))}) AND end_time IS NOT NULL AND end_time < ?"
+        if owner is not None:
+            where += " AND owner=?"
+        with (self._read() if dry_run else self._tx()) as c:
+            # The cutoff is taken once the lock is held, as every write's time is.
+            params = [*names, time.time() - older_than_s, *([owner] if owner is not None else [])]
+            ids = [r[0] for r in c.execute(f"SELECT id FROM jobs WHERE {where} ORDER BY end_time, seq",
+                                           params).fetchall()]  # fmt: skip
+            if ids and not dry_run:
+                c.execute(f"DELETE FROM events WHERE job_id IN (SELECT id FROM jobs WHERE {where})", params)
+                deleted = c.execute(f"DELETE FROM jobs WHERE {where}", params).rowcount
+                if deleted != len(ids):  # cannot happen under BEGIN IMMEDIATE; never commit a partial prune
+                    raise JobStoreError(f"prune: selected {len(ids)} jobs but deleted {deleted}; rolled back")
+        return ids
 
     def backup(self, dest_path: str | Path) -> Path:
         """Write a consistent copy of the store to ``dest_path`` with SQLite's online backup API.

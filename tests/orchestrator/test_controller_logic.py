@@ -283,3 +283,20 @@ def test_the_controller_reads_only_the_jobs_written_since_its_last_pass(tmp_path
         assert set(c._view_cache) == {j.job_id for j in view.queued}  # views of ended jobs are dropped
     finally:
         c.store.close()
+
+
+def test_pruned_jobs_leave_the_controllers_live_view(tmp_path):
+    """The controller keeps the live jobs it read and learns of changes from changed_since, which
+    never reports a deleted row: a job cancelled after the last pass and pruned before the next one
+    would stay QUEUED in that view for good (and a pass placing it would raise on the missing row)."""
+    c = Controller(str(tmp_path / "jobs.db"), str(tmp_path / "storage"), {"policy": "fifo"}, start_loop=False,
+                   num_gpus=0)  # fmt: skip
+    try:
+        a, b = (c.store.create_job(spec=spec(n), name=n, owner="u", priority=0).id for n in ("a", "b"))
+        assert {j.job_id for j in c._view(0.0).queued} == {a, b}
+        c.cancel(a, owner="u")
+        assert c.prune_jobs(0) == {"deleted": 1, "ids": [a], "dry_run": False}
+        assert [j.job_id for j in c._view(0.0).queued] == [b]
+        assert a not in c._live and a not in c._view_cache and a not in c._spec_cache and a not in c._logs
+    finally:
+        c.store.close()

@@ -12,6 +12,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -604,3 +605,141 @@ def test_changed_since_gives_every_job_written_since(tmp_path: Path, store: JobS
     assert [r.id for r in got] == [a.id, c.id, b.id]  # oldest write first, ended jobs included
     assert got[0].state == S.CANCELLED and got[2].step == 3
     assert store.changed_since(time.time() + 1) == []
+
+
+# ---- retention (prune) -------------------------------------------------------------------
+
+DAY = 86400.0
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The store's clock (its ``time.time()``), set by the test: ``clock[0] = t``."""
+    import orchestrator.store as store_module
+
+    now = [1_000_000.0]
+    monkeypatch.setattr(store_module, "time", SimpleNamespace(time=lambda: now[0]))
+    return now
+
+
+def ended(store: JobStore, clock: list[float], name: str, state: JobState, at: float, owner: str = "alice"):
+    """A job created a second before ``at`` that reaches ``state`` (terminal) at time ``at``."""
+    clock[0] = at - 1
+    job = make(store, name, owner=owner)
+    path = PATH_TO[state]
+    for step in path[:-1]:
+        job = store.transition(job.id, step)
+    clock[0] = at
+    return store.transition(job.id, path[-1], reason="done")
+
+
+def event_rows(store: JobStore, job_id: str) -> int:
+    with sqlite3.connect(store.path) as c:
+        return c.execute("SELECT COUNT(*) FROM events WHERE job_id=?", (job_id,)).fetchone()[0]
+
+
+def test_prune_deletes_only_ended_jobs_older_than_the_cutoff(store: JobStore, clock: list[float]):
+    t0 = clock[0]
+    old_ok = ended(store, clock, "old-ok", S.SUCCEEDED, t0)
+    old_failed = ended(store, clock, "old-failed", S.FAILED, t0 + 10)
+    old_cancelled = ended(store, clock, "old-cancelled", S.CANCELLED, t0 + 20, owner="bob")
+    new_ok = ended(store, clock, "new-ok", S.SUCCEEDED, t0 + 29 * DAY)
+    clock[0] = t0 + 5  # live jobs, created long ago (every live state)
+    live = {s: reach(store, s, f"live-{s.value.lower()}") for s in S if not s.is_terminal()}
+    assert event_rows(store, old_ok.id) == 3
+    clock[0] = t0 + 30 * DAY + 15  # 30 days after: old-ok and old-failed ended > 30 d ago, old-cancelled 5 s less
+    dry = store.prune(older_than_s=30 * DAY, dry_run=True)
+    assert dry == [old_ok.id, old_failed.id]  # oldest end_time first
+    assert len(store.list()) == 8 and event_rows(store, old_ok.id) == 3  # dry run deleted nothing
+    assert store.prune(older_than_s=30 * DAY) == [old_ok.id, old_failed.id]
+    for gone in (old_ok, old_failed):
+        with pytest.raises(UnknownJobError):
+            store.get(gone.id)
+        assert event_rows(store, gone.id) == 0
+    remaining = {r.id for r in store.list()}
+    assert remaining == {old_cancelled.id, new_ok.id, *(j.id for j in live.values())}
+    for s, job in live.items():
+        assert store.get(job.id).state is s and len(store.events(job.id)) == len(PATH_TO[s]) + 1
+    assert store.prune(older_than_s=30 * DAY) == []  # nothing left that old
+    clock[0] = t0 + 40 * DAY
+    assert store.prune(older_than_s=0) == [old_cancelled.id, new_ok.id]  # 0: every ended job
+    assert {r.id for r in store.list()} == {j.id for j in live.values()}
+    assert [r.id for r in store.recover()] == [j.id for j in live.values()]
+
+
+def test_prune_filters_by_state_and_owner(store: JobStore, clock: list[float]):
+    t0 = clock[0]
+    a_ok = ended(store, clock, "a-ok", S.SUCCEEDED, t0)
+    a_failed = ended(store, clock, "a-failed", S.FAILED, t0 + 1)
+    b_failed = ended(store, clock, "b-failed", S.FAILED, t0 + 2, owner="bob")
+    b_cancelled = ended(store, clock, "b-cancelled", S.CANCELLED, t0 + 3, owner="bob")
+    clock[0] = t0 + DAY
+    assert store.prune(older_than_s=60, states=["FAILED"], dry_run=True) == [a_failed.id, b_failed.id]
+    assert store.prune(older_than_s=60, states=[S.FAILED, "CANCELLED"], owner="bob") == [b_failed.id, b_cancelled.id]
+    assert store.prune(older_than_s=60, states="SUCCEEDED", owner="bob") == []  # bob has none left
+    assert store.prune(older_than_s=60, owner="carol") == []
+    assert {r.id for r in store.list()} == {a_ok.id, a_failed.id}
+    assert store.prune(older_than_s=60, states=[S.SUCCEEDED]) == [a_ok.id]
+    assert [r.id for r in store.list()] == [a_failed.id]
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    ({"older_than_s": -1}, r"older_than_s: must be a finite number of seconds >= 0 \(got -1\)"),
+    ({"older_than_s": float("inf")}, r"older_than_s: must be a finite number .*\(got inf\)"),
+    ({"older_than_s": float("nan")}, r"older_than_s: must be a finite number .*\(got nan\)"),
+    ({"older_than_s": "30d"}, r"older_than_s: must be a finite number .*\(got '30d'\)"),
+    ({"older_than_s": True}, r"older_than_s: must be a finite number"),
+    ({"older_than_s": 1, "states": ["RUNNING"]},
+     r"states: RUNNING is not a terminal state; prune deletes only ended jobs \(allowed: CANCELLED, FAILED, SUCCEEDED\)"),
+    ({"older_than_s": 1, "states": ["FAILED", "PREEMPTED", "QUEUED"]},
+     r"states: PREEMPTED, QUEUED are not terminal states; .*\(allowed: CANCELLED, FAILED, SUCCEEDED\)"),
+    ({"older_than_s": 1, "states": ["DONE"]}, r"states: unknown job state 'DONE'"),
+    ({"older_than_s": 1, "states": []}, r"states: empty; give at least one of CANCELLED, FAILED, SUCCEEDED"),
+    ({"older_than_s": 1, "owner": ""}, r"owner: must be a non-empty string or None"),
+])  # fmt: skip
+def test_prune_refuses_bad_arguments_and_deletes_nothing(store: JobStore, clock: list[float], kwargs, pattern):
+    job = ended(store, clock, "j", S.SUCCEEDED, clock[0])
+    clock[0] += DAY
+    with pytest.raises(ValueError, match=pattern):
+        store.prune(**kwargs)
+    assert store.get(job.id).state is S.SUCCEEDED and event_rows(store, job.id) == 3
+
+
+def test_changed_since_and_names_after_prune(store: JobStore, clock: list[float]):
+    t0 = clock[0]
+    old = ended(store, clock, "reused", S.CANCELLED, t0)
+    clock[0] = t0 + 100
+    live = make(store, "live")
+    clock[0] = t0 + 200
+    newer = ended(store, clock, "newer", S.FAILED, t0 + 200)
+    clock[0] = t0 + 300
+    assert store.prune(older_than_s=150) == [old.id]
+    assert [r.id for r in store.changed_since(t0)] == [live.id, newer.id]  # the pruned row is simply gone
+    clock[0] = t0 + 400
+    store.update_progress(live.id, step=2)
+    again = make(store, "reused")  # the name of a pruned job is free; so it was before (it had ended)
+    assert again.id != old.id and store.find("reused").id == again.id
+    assert [r.id for r in store.changed_since(t0 + 350)] == [live.id, again.id]
+    assert [e.to_state for e in store.events(again.id)] == [S.QUEUED]
+    assert store.list()[0].id == again.id  # newest first, as before
+
+
+def test_prune_waits_for_another_writer_and_leaves_a_sound_file(tmp_path: Path, clock: list[float]):
+    path = tmp_path / "jobs.db"
+    with JobStore(path) as store, JobStore(path, timeout_s=0.2) as impatient:
+        ids = [ended(store, clock, f"j{i}", S.SUCCEEDED, clock[0] + 1).id for i in range(50)]
+        clock[0] += DAY
+        blocker = sqlite3.connect(path, timeout=30)
+        blocker.execute("BEGIN IMMEDIATE")  # another process is writing: prune takes the write lock or nothing
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            impatient.prune(older_than_s=0)
+        assert impatient.prune(older_than_s=0, dry_run=True) == ids  # a dry run only reads
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        assert len(store.list()) == 50
+        assert impatient.prune(older_than_s=0) == ids
+        assert store.list() == []  # the other connection sees the commit
+    with sqlite3.connect(path) as c:
+        assert c.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert c.execute("SELECT COUNT(*) FROM jobs").fetchone() == (0,)
+        assert c.execute("SELECT COUNT(*) FROM events").fetchone() == (0,)

@@ -136,6 +136,37 @@ def test_admin_only_operations(ctl: Controller, users: dict[str, str]):
         ctl.list_jobs(api_key=users["bob"])
 
 
+def test_only_an_admin_may_prune_jobs(ctl: Controller, users: dict[str, str]):
+    done = [ctl.submit(spec(f"done-{i}"), api_key=users["alice"])["id"] for i in range(22)]
+    for job in done:
+        ctl.cancel(job, api_key=users["alice"])
+    theirs = ctl.submit(spec("bobs"), api_key=users["bob"])["id"]
+    ctl.cancel(theirs, api_key=users["bob"])
+    live = ctl.submit(spec("live"), api_key=users["alice"])["id"]
+    with pytest.raises(AccessError, match="only an admin may prune jobs \\(you are 'alice'\\)"):
+        ctl.prune_jobs(0, api_key=users["alice"])
+    with pytest.raises(AccessError, match="requires an API key"):
+        ctl.prune_jobs(0)
+    assert len(ctl.store.list()) == 24  # the refusals deleted nothing
+    with pytest.raises(ValueError, match="states: QUEUED is not a terminal state"):
+        ctl.prune_jobs(0, states=["QUEUED"], api_key=users["root"])
+    assert ctl.prune_jobs(3600, api_key=users["root"]) == {"deleted": 0, "ids": [], "dry_run": False}
+    dry = ctl.prune_jobs(0, owner="alice", dry_run=True, api_key=users["root"])
+    assert dry == {"deleted": 22, "ids": done[:20], "dry_run": True}  # the first 20 ids, oldest first
+    assert len(ctl.store.list()) == 24
+    out = ctl.prune_jobs(0, states=["CANCELLED"], owner="alice", api_key=users["root"])
+    assert out == {"deleted": 22, "ids": done[:20], "dry_run": False}
+    assert {r.id for r in ctl.store.list()} == {theirs, live}
+    with pytest.raises(LookupError):
+        ctl.status(done[0], api_key=users["alice"])
+
+
+def test_single_user_mode_may_prune_like_the_other_admin_calls(ctl: Controller):
+    job = ctl.submit(spec("a"), "carol")["id"]
+    ctl.cancel(job, owner="carol")
+    assert ctl.prune_jobs(0.0) == {"deleted": 1, "ids": [job], "dry_run": False}
+
+
 def test_client_key_sources_and_file_modes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("LORAFLEET_API_KEY", raising=False)
     monkeypatch.setenv("LORAFLEET_HOME", str(tmp_path / "home"))

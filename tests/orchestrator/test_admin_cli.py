@@ -1,0 +1,109 @@
+"""``lorafleet admin prune``: the ``--older-than`` parser, argument errors caught before connecting,
+and the command against a real controller in this process (its calls answered without Ray)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator import cli, client
+from orchestrator.cli import UserError
+from orchestrator.commands.admin import parse_duration, parse_states
+from orchestrator.controller import Controller
+from tests.orchestrator.test_tenancy import spec
+
+FORMS = "use 90s, 45m, 12h, 30d, or a bare number of seconds"
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("90s", 90.0), ("45m", 2700.0), ("12h", 43200.0), ("30d", 2592000.0), ("3600", 3600.0), ("0", 0.0),
+    ("1.5h", 5400.0), (" 7D ", 604800.0), ("0.5", 0.5),
+])  # fmt: skip
+def test_durations(text: str, seconds: float):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "soon", "-5d", "5w", "30 days", "d", "5dd", "1e3", "inf", "nan", "1,5h",
+                                  ".5h", "5.h"])  # fmt: skip
+def test_bad_durations_name_the_option_and_the_forms(text: str):
+    with pytest.raises(UserError) as err:
+        parse_duration(text)
+    assert str(err.value) == f"--older-than: {text!r} is not a duration; {FORMS}"
+
+
+def test_a_duration_too_large_for_a_float_is_refused():
+    with pytest.raises(UserError, match=f"--older-than: '9+' is too large; {FORMS}"):
+        parse_duration("9" * 400)
+
+
+def test_states():
+    assert parse_states("succeeded,FAILED, cancelled") == ["CANCELLED", "FAILED", "SUCCEEDED"]
+    with pytest.raises(UserError, match=r"--state: 'running' is not an ended state; use a comma-separated list "
+                                        r"of succeeded, failed, cancelled"):  # fmt: skip
+        parse_states("succeeded,running")
+    with pytest.raises(UserError, match="--state: no state given"):
+        parse_states(",")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["prune"], "admin prune: give --older-than AGE (90s, 45m, 12h, 30d, or a bare number of seconds), "
+                "e.g. --older-than 30d"),
+    (["prune", "--older-than", "soon"], f"--older-than: 'soon' is not a duration; {FORMS}"),
+    (["prune", "--older-than=-1d"], f"--older-than: '-1d' is not a duration; {FORMS}"),
+    (["prune", "alice", "--older-than", "1d"],
+     "admin prune: takes no NAME (got 'alice'); to prune one owner's jobs use --owner alice"),
+    (["prune", "--older-than", "1d", "--state", "queued"], "--state: 'queued' is not an ended state"),
+    (["remove-user", "bob", "--dry-run"], "admin remove-user: --dry-run applies only to prune"),
+    (["users", "--older-than", "1d"], "admin users: --older-than applies only to prune"),
+    (["remove-user"], "admin remove-user: give the user NAME"),  # unchanged
+])  # fmt: skip
+def test_argument_errors_are_one_line_before_connecting(monkeypatch, capsys, argv: list[str], message: str):
+    monkeypatch.setattr(client, "connect", lambda address: pytest.fail("connected despite a bad argument"))
+    assert cli.main(["admin", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lorafleet admin: error: {message}") and err.count("\n") == 1, err
+
+
+@pytest.fixture
+def ctl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A controller in this process; ``client.call`` answers from it (JSON both ways, as over Ray)."""
+    c = Controller(str(tmp_path / "store" / "jobs.db"), str(tmp_path / "storage"), {"policy": "fifo"},
+                   start_loop=False, num_gpus=0)  # fmt: skip
+
+    def call(method: str, *args: Any, **kwargs: Any) -> Any:
+        result = getattr(c, method)(*json.loads(json.dumps(args)), **json.loads(json.dumps(kwargs)))
+        return json.loads(json.dumps(result))
+
+    monkeypatch.setattr(client, "connect", lambda address: None)
+    monkeypatch.setattr(client, "call", call)
+    monkeypatch.delenv("LORAFLEET_API_KEY_FILE", raising=False)
+    yield c
+    c.store.close()
+
+
+def test_prune_command(ctl: Controller, monkeypatch, capsys):
+    root = ctl.add_user("root", admin=True)["key"]
+    alice = ctl.add_user("alice", api_key=root)["key"]
+    done = [ctl.submit(spec(f"d{i}"), api_key=alice)["id"] for i in range(12)]
+    for job in done:
+        ctl.cancel(job, api_key=alice)
+    live = ctl.submit(spec("live"), api_key=alice)["id"]
+
+    monkeypatch.setenv("LORAFLEET_API_KEY", alice)
+    assert cli.main(["admin", "prune", "--older-than", "0"]) == 2
+    assert "only an admin may prune jobs (you are 'alice')" in capsys.readouterr().err
+
+    monkeypatch.setenv("LORAFLEET_API_KEY", root)
+    assert cli.main(["admin", "prune", "--older-than", "30d"]) == 0
+    assert capsys.readouterr().out == "no job that ended more than 30d ago matches; nothing deleted\n"
+    assert cli.main(["admin", "prune", "--older-than", "0", "--dry-run", "--owner", "alice"]) == 0
+    assert capsys.readouterr().out == (f"would delete 12 jobs that ended more than 0 ago (dry run: nothing "
+                                       f"deleted): {', '.join(done[:10])} and 2 more\n")  # fmt: skip
+    assert len(ctl.store.list()) == 13
+    assert cli.main(["admin", "prune", "--older-than", "0", "--state", "cancelled,failed"]) == 0
+    assert capsys.readouterr().out == (f"deleted 12 jobs that ended more than 0 ago from the job store (their "
+                                       f"files in the storage are kept): {', '.join(done[:10])} and 2 more\n")  # fmt: skip
+    assert [r.id for r in ctl.store.list()] == [live]
