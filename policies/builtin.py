@@ -4,8 +4,8 @@ All four admit jobs by the same memory model (the engine's fixed filters, see
 :mod:`policies.framework`); they differ in order, worker choice, margin, backfill and preemption.
 
 * ``fifo``: first come, first served, strictly in order: the head job goes to the feasible worker
-  with the most free predicted memory (ties: first listed); when the head fits nowhere, nothing
-  behind it starts (head-of-line blocking). Several jobs share a worker when memory allows. No
+  with the most free predicted memory (ties: first listed); when the head fits nowhere now, nothing
+  behind it starts (head-of-line blocking; a job that fits no worker even alone is passed over). Several jobs share a worker when memory allows. No
   preference for workers holding the model, no grouping by length, margin 0, never preempts.
 * ``priority``: like ``fifo`` but ordered by priority (highest first; FCFS within a priority),
   and preemptive: when the head fits nowhere, strictly lower-priority running jobs are preempted

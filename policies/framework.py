@@ -23,7 +23,10 @@ One call of :meth:`ProfilePolicy.schedule` runs one cycle on a snapshot:
    ``percentageOfNodesToScore``), idle ones first.
 3. The candidate with the highest weighted score wins (ties: the worker listed first):
    ``total = sum(weight_i * score_i) / sum(weight_i)``, each score in 0..100.
-4. A job with no candidate: ``preempt`` may name victims (Preempt decisions); their worker is
+4. A job that would not fit even alone on the largest worker (:meth:`Cycle.fits_nowhere`) is
+   passed over by every policy, strict ones included: waiting cannot help it, so it never blocks
+   the jobs behind it, preempts or reserves (``explain`` says so, with its predicted peak).
+   Another job with no candidate: ``preempt`` may name victims (Preempt decisions); their worker is
    then held (:meth:`Cycle.hold`): no later job of the cycle may join it, nor any job of a later
    cycle while a preemption on it is pending, so the room goes to the job it was freed for. Then, without
    ``backfill`` (strict order), the cycle stops: head-of-line blocking. With backfill, the first
@@ -60,7 +63,7 @@ from policies.interface import (
     TurnRule,
     WorkerLine,
 )
-from policies.memory_model import fused_terms, packs
+from policies.memory_model import GIB, fused_terms, packs
 from policies.snapshot import ClusterView, JobView, WorkerView
 
 
@@ -340,6 +343,21 @@ class Cycle:
         if best is not None:
             self.hold(best, f"reserved for {job.job_id} (it drains soonest for that job)")
         return best
+
+    @cached_property
+    def largest_memory(self) -> int:
+        """The most memory of any worker in the view, accepting or not (0 with none)."""
+        return max((w.memory_bytes for w in self.view.workers), default=0)
+
+    def alone_bytes(self, job: JobView) -> float:
+        """``job``'s predicted peak alone on an emptied worker, with the margin."""
+        b0, c, d, e = job_terms(job)
+        seq = job.seq_len
+        return job.static_bytes + (1.0 + self.margin) * (b0 + c + d * seq + e * seq * seq)
+
+    def fits_nowhere(self, job: JobView) -> bool:
+        """True when ``job`` would not fit even alone on the largest worker: waiting cannot help it."""
+        return self.alone_bytes(job) > self.largest_memory
 
     def hold(self, slot: Slot, why: str = "held") -> None:
         """Take a busy slot out of this cycle: no job may join it (a reservation, or a worker whose
@@ -663,6 +681,13 @@ class ProfilePolicy:
                 if job.job_id == target:
                     trace.decision = f"starts on {slot.worker.worker_id}" + (
                         f" beside {len(slot.jobs) - 1} running job(s)" if len(slot.jobs) > 1 else "")
+                    break
+                continue
+            if cycle.fits_nowhere(job):  # waiting cannot help it: never let it block the queue behind it
+                if job.job_id == target:
+                    trace.decision = (f"waits: fits no worker even alone (predicted peak {cycle.alone_bytes(job) / GIB:.1f} "
+                                      f"GiB with the margin; the largest worker has {cycle.largest_memory / GIB:.1f} "
+                                      "GiB): lower its micro_batch_size or max_seq_len; the jobs behind it go on")  # fmt: skip
                     break
                 continue
             victims = self.preempt.victims(job, cycle) if self.preempt is not None else []

@@ -20,9 +20,31 @@ def test_fifo_packs_by_memory_in_submit_order():
 
 
 def test_fifo_head_of_line_blocks():
-    # head "a" needs 10 + 80 > 80 everywhere; "b" would fit but fifo never bypasses the head
-    jobs = [job("a", submit=1, dyn_gib=80), job("b", submit=2, dyn_gib=5)]
-    assert fifo().schedule(view(jobs, workers=[worker("w0")])) == []
+    # w0 runs r: 10 + 50. Head "a" needs 40 more (100 > 80) but fits once w0 drains (10 + 40);
+    # "b" would fit now (65) but fifo never bypasses the head
+    running = [job("r", dyn_gib=50, worker="w0", start=0)]
+    jobs = [job("a", submit=1, dyn_gib=40), job("b", submit=2, dyn_gib=5)]
+    assert fifo().schedule(view(jobs, running, [worker("w0", model="m", running=("r",))])) == []
+
+
+@pytest.mark.parametrize("make", [fifo, priority, sjf, aspen])
+def test_a_job_that_fits_no_worker_even_alone_never_blocks_the_queue(make):
+    """A job that no worker could take even empty (10 + 100 GiB on 80 and 40 GiB workers) waits
+    without blocking the jobs behind it, preempting or reserving: a strict policy's head-of-line
+    blocking would otherwise stop the cluster for good (one tenant's oversized job)."""
+    running = [job("r", priority=0, dyn_gib=20, worker="w0", start=0)]
+    workers = [worker("w0", model="m", running=("r",)), worker("w1", mem_gib=40)]
+    jobs = [job("big", submit=1, priority=9, dyn_gib=100), job("b", submit=2, dyn_gib=5)]
+    v = view(jobs, running, workers)
+    decisions = make().schedule(v)
+    assert decisions and all(isinstance(d, Start) and d.job_id == "b" for d in decisions)
+    peak = 10 + (1 + make().margin) * 100  # 110 GiB, 125 with aspen's margin of 0.15
+    assert (f"fits no worker even alone (predicted peak {peak:.1f} GiB with the margin; the largest worker has "
+            "80.0 GiB)") in make().explain(v, "big").decision  # fmt: skip
+    # the same job with 60 GiB (fits w0 once it drains) blocks fifo as before
+    jobs[0] = job("big", submit=1, priority=9, dyn_gib=60)
+    if make is fifo:
+        assert fifo().schedule(view(jobs, running, workers)) == []
 
 
 def test_fifo_picks_most_free_memory_ignores_locality():

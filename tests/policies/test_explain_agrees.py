@@ -60,9 +60,10 @@ def test_a_worker_reserved_for_an_earlier_job_is_explained_as_held():
 
 
 def test_a_job_behind_a_blocked_head_is_explained_as_not_reached():
-    """fifo (no backfill) stops at a head that does not fit: the job behind it is not considered."""
-    head, behind = queued("a", 1.0, 100.0, act=ActivationFit(0.25 * G, 80 * G / 512, 0.0)), queued("b", 2.0, 100.0)
-    view = ClusterView(10.0, (head, behind), (), (WorkerView("w0", 80 * G, 312.0, None),))
+    """fifo (no backfill) stops at a head that does not fit now (alone it would, 55.25 of 56 GiB; beside m
+    it needs 56.25): the job behind it is not considered."""
+    head, behind = queued("a", 1.0, 100.0, act=ActivationFit(0.25 * G, 40 * G / 2048, 0.0)), queued("b", 2.0, 100.0)
+    view = ClusterView(10.0, (head, behind), (run("m", 2000.0),), (WorkerView("w0", 56 * G, 312.0, "llama-2-7b", ("m",)),))
     policy = parse_policy_config({"policy": "fifo"})
     assert policy.schedule(view) == []
     assert policy.explain(view, "a").decision.endswith("the queue stops here this cycle (no backfill)")
