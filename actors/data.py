@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import os
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -76,7 +77,10 @@ def _load_records(path: str) -> list[dict[str, Any]]:
         raise DataError(
             f"data.path: unsupported file type {file.suffix!r}; allowed: {', '.join(sorted(SUPPORTED_SUFFIXES))}"
         )
-    records = _read_json_records(file) if kind == "json" else None
+    if kind == "parquet":
+        records: list[dict[str, Any]] | None = _read_parquet_records(file, path)
+    else:
+        records = _read_json_records(file) if kind == "json" else None
     if records is None:
         import datasets
 
@@ -92,6 +96,46 @@ def _load_records(path: str) -> list[dict[str, Any]]:
         records = ds.to_list()
     if not records:
         raise DataError(f"data.path: {path} has no records")
+    return records
+
+
+def max_decoded_bytes() -> int:
+    """The most bytes a parquet data file may decode to (Arrow's in-memory size): ``LORAFLEET_MAX_DATA_GIB``
+    (default 4) GiB. Every record is held in memory, in the worker process that the other jobs on
+    its base model share, so a small file that decodes to much more would take them down with it."""
+    raw = os.environ.get("LORAFLEET_MAX_DATA_GIB", "4")
+    try:
+        gib = float(raw)
+    except ValueError:
+        gib = float("nan")
+    if not 0 < gib < float("inf"):
+        raise DataError(f"LORAFLEET_MAX_DATA_GIB: must be a number of GiB > 0 (got {raw!r})")
+    return int(gib * 2**30)
+
+
+def _read_parquet_records(file: Path, path: str) -> list[dict[str, Any]]:
+    """Every record of a parquet file (what ``datasets`` gives: one dict per row, every column),
+    decoded a batch at a time: past :func:`max_decoded_bytes` of decoded data it stops and refuses
+    the file. Parquet's own sizes cannot bound that beforehand: a dictionary-encoded column of one
+    repeated text is a few KB on disk and in the footer whatever its row count."""
+    import pyarrow.parquet as pq
+
+    limit = max_decoded_bytes()
+    records: list[dict[str, Any]] = []
+    decoded = 0
+    try:
+        reader = pq.ParquetFile(file)
+        for batch in reader.iter_batches(batch_size=1024):
+            decoded += batch.nbytes
+            if decoded > limit:
+                raise DataError(f"data.path: {path} decodes to more than the {limit / 2**30:g} GiB a data file may "
+                                f"hold in memory ({reader.metadata.num_rows} rows, {file.stat().st_size / 2**20:.1f} "
+                                "MiB on disk); split it, or raise LORAFLEET_MAX_DATA_GIB")  # fmt: skip
+            records.extend(batch.to_pylist())
+    except DataError:
+        raise
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
+        raise DataError(f"data.path: cannot read {path} as parquet: {type(exc).__name__}: {exc}") from exc
     return records
 
 

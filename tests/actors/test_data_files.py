@@ -56,3 +56,49 @@ def test_malformed_json_lines_name_the_line(tmp_path, text, words):
     with pytest.raises(DataError, match=words) as err:
         load_records(str(path))
     assert str(err.value).startswith("data.path:")
+
+
+def test_parquet_that_decodes_past_the_limit_is_refused(tmp_path, monkeypatch):
+    """A small compressed file that decodes to far more (here 100,000 rows of one 1,000-character text,
+    dictionary-encoded: about 100 MB decoded from a file of a few KB, whose footer says so too) was read
+    whole into the worker that every job on its base model shares. It is decoded a batch at a time and
+    refused once past the limit."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "bomb.parquet"
+    pq.write_table(pa.table({"text": ["a" * 1000] * 100_000}), path, compression="zstd")
+    assert path.stat().st_size < 2**20
+    monkeypatch.setenv("LORAFLEET_MAX_DATA_GIB", "0.01")
+    with pytest.raises(DataError, match=r"data\.path: .*bomb\.parquet decodes to more than the 0\.01 GiB a data file may "
+                                        r"hold in memory \(100000 rows, 0\.0 MiB on disk\); split it, or raise "
+                                        r"LORAFLEET_MAX_DATA_GIB"):  # fmt: skip
+        load_records(str(path))
+    monkeypatch.setenv("LORAFLEET_MAX_DATA_GIB", "lots")
+    with pytest.raises(DataError, match=r"LORAFLEET_MAX_DATA_GIB: must be a number of GiB > 0 \(got 'lots'\)"):
+        load_records(str(path))
+    monkeypatch.delenv("LORAFLEET_MAX_DATA_GIB")
+    assert len(load_records(str(path))) == 100_000  # the default 4 GiB takes it
+
+
+def test_parquet_records_equal_what_datasets_reads(tmp_path):
+    """Parquet is read with pyarrow directly now; the records are what ``datasets`` gave: every column,
+    nulls as None, lists and nested structs as Python lists and dicts."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    datasets = pytest.importorskip("datasets")
+    table = pa.table({
+        "instruction": ["add", "reverse", None],
+        "input": ["1 + 2", None, "x"],
+        "input_ids": [[1, 2, 3], [4], []],
+        "score": [1.5, None, -2.0],
+        "n": [1, 2, None],
+        "messages": [[{"role": "user", "content": "hi"}], [], None],
+    })  # fmt: skip
+    path = tmp_path / "d.parquet"
+    pq.write_table(table, path, row_group_size=2)  # two row groups
+    want = datasets.load_dataset("parquet", data_files=str(path), split="train", keep_in_memory=True).to_list()
+    assert load_records(str(path)) == want
+    assert load_records(str(path))[2]["messages"] is None and load_records(str(path))[1]["input_ids"] == [4]
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match=r"data\.path: cannot read .*bad\.parquet as parquet: "):
+        load_records(str(tmp_path / "bad.parquet"))
