@@ -88,7 +88,8 @@ class Explanation:
 
     def format(self) -> str:
         """A few readable lines, e.g. ``age 0.50 x 1000 = 500``."""
-        lines = [f"job {self.job_id} under {self.policy}: queue position {self.position}, priority {self.priority:.1f}"]
+        where = f"queue position {self.position}" if self.position >= 0 else "running"
+        lines = [f"job {self.job_id} under {self.policy}: {where}, priority {self.priority:.1f}"]
         if self.decision:
             lines.append(f"  this cycle: {self.decision}")
         lines += [f"  {f.name:<10} {f.value:6.3f} x {f.weight:g} = {f.weighted:.1f}" for f in self.factors]

@@ -56,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
         path = Path(directory)
         if not (path / "adapter_config.json").is_file():
             raise UserError(f"--adapter: {directory}: not an adapter directory (no adapter_config.json)")
+    if not Path(args.data).is_file():  # before the model loads (tens of seconds)
+        raise UserError(f"--data: file not found: {args.data}")
     device = resolve_device(args.device)
     try:
         model, tokenizer = load_base_model(args.base_model, device=device, dtype=getattr(torch, args.dtype))
@@ -66,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         examples = load_examples(settings, tokenizer, vocab_size=model_vocab_size(model))
-    except DataError as exc:
-        raise UserError(str(exc)) from None
+    except DataError as exc:  # its messages name the spec's fields: here they are flags
+        raise UserError(_as_flags(str(exc))) from None
     engine = FusedEngine(model, tokenizer, base_model_id=args.base_model)
     names: list[str | None] = []
     for index, directory in enumerate(args.adapter):
@@ -93,6 +95,16 @@ def run(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['adapter'] or '(base model)':<{width}}  {r['loss']:9.4f}  {r['perplexity']:12.3f}  {r['tokens']:8d}")
     return 0
+
+
+SPEC_FLAGS = {"data.path": "--data", "data.format": "--format", "data.max_seq_len": "--max-seq-len"}
+
+
+def _as_flags(message: str) -> str:
+    """A data error that names a spec field (``data.path: ...``), naming this command's flag instead."""
+    for field, flag in SPEC_FLAGS.items():
+        message = message.replace(f"{field}:", f"{flag}:").replace(f"set {field}", f"give {flag}")
+    return message
 
 
 def resolve_device(device: str | None) -> str:

@@ -76,3 +76,27 @@ def test_eval_errors_name_the_adapter(adapters, tiny_model_dir, tmp_path, capsys
     assert main(["eval", "--base-model", str(other), "--adapter", mix_dir, "--data", str(data)]) == 2
     err = capsys.readouterr().err
     assert mix_dir in err and "shape" in err
+
+
+def test_eval_data_errors_name_the_flag_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """A missing --data was reported after the model had loaded, as ``data.path: ...`` (a spec field)."""
+    import actors.models
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model must not load before --data is checked")
+
+    monkeypatch.setattr(actors.models, "load_base_model", no_load)
+    assert main(["eval", "--base-model", "builtin:smollm2-135m-instruct", "--data", str(tmp_path / "nope.jsonl")]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"--data: file not found: {tmp_path / 'nope.jsonl'}")
+
+
+def test_eval_data_record_errors_name_the_flag(adapters, tiny_model_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": null}\n')
+    assert main(["eval", "--base-model", str(tiny_model_dir), "--data", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "error: --format: cannot detect the format" in err and "or give --format" in err and "data." not in err
+    bad.write_text('{"text": "fine"}\n{"text": null}\n')
+    assert main(["eval", "--base-model", str(tiny_model_dir), "--data", str(bad), "--format", "text"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {bad}: record 1: field 'text'" in err and "(--format: text)" in err and "data." not in err

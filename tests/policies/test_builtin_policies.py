@@ -529,3 +529,11 @@ def test_queue_depth_considers_only_the_first_jobs_of_the_order():
     policy = _aspen(queue_depth=3, **NO_GUARD)
     decisions = policy.schedule(view(jobs, workers=[worker("w0")], now=20))
     assert [d.job_id for d in decisions] == ["j0", "j1", "j2"]
+
+
+def test_explain_of_a_running_job_says_running():
+    """It said ``queue position -1``."""
+    running = [job("r", dyn_gib=20, worker="w0", start=0)]
+    text = aspen().explain(view([], running, [worker("w0", model="m", running=("r",))]), "r").format()
+    assert text.splitlines()[0].startswith("job r under aspen: running, priority ")
+    assert "position" not in text
