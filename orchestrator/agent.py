@@ -28,10 +28,11 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import re
 import shutil
 import sys
 import uuid
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 RESULT_PREFIX = "LORAFLEET-RESULT "
@@ -74,13 +75,33 @@ def adapter_files(directory: Path, field: str, shown: str) -> list[str]:
     return names
 
 
+UPLOAD_NAME_MAX = 100  # characters of an uploaded file's name (file systems allow 255 bytes)
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def safe_upload_name(section: str, filename: str) -> str:
+    """The name a submitted file is uploaded under: ``SECTION-NAME`` with every character of ``filename``
+    outside ``[A-Za-z0-9._-]`` replaced by ``_`` (so ``data-d.jsonl`` stays as it is).
+
+    A Linux file name may hold ``%2F`` or ``?``, which the storage layer (pyarrow) decodes or strips in a
+    URI: ``data-x%2F..%2Fjobs%2F...`` was written into another job's output. The prefix means the name
+    never starts with a dot and is never empty; a long name keeps its end (the reader picks the format by
+    the suffix, e.g. ``.jsonl`` or ``.parquet``) within :data:`UPLOAD_NAME_MAX` characters.
+    """
+    name = f"{section}-{_UNSAFE_NAME_CHARS.sub('_', filename)}"
+    if len(name) > UPLOAD_NAME_MAX:
+        suffix = "".join(PurePosixPath(name).suffixes)[-20:]
+        name = name[: UPLOAD_NAME_MAX - len(suffix)] + suffix
+    return name
+
+
 def stage_data(spec_doc: dict, spec_dir: Path, uploads: str, *, allowed_prefixes: list[str] | tuple[str, ...] = (),
                limit: int | None = None) -> dict:  # fmt: skip
     """Copy the spec's local inputs into ``UPLOADS/UUID/`` (the owner's uploads area) and point the spec there.
 
-    Inputs: ``data.path`` and ``eval.data`` (files, as ``UUID/data-NAME``, ``UUID/eval-NAME``) and
-    ``adapter.init_from`` (a directory: only its adapter files, :data:`ADAPTER_FILES`, into
-    ``UUID/init_from/``). ``uploads`` is a local directory or a storage URI (``file://``,
+    Inputs: ``data.path`` and ``eval.data`` (files, as ``UUID/data-NAME``, ``UUID/eval-NAME``, with NAME
+    made safe by :func:`safe_upload_name`) and ``adapter.init_from`` (a directory: only its adapter
+    files, :data:`ADAPTER_FILES`, into ``UUID/init_from/``). ``uploads`` is a local directory or a storage URI (``file://``,
     ``s3://``...: each file is uploaded, ``actors.storage.upload_file``).
 
     A path under an admin-allowed prefix (``allowed_prefixes``, absolute) stays as it is, and so
@@ -88,16 +109,22 @@ def stage_data(spec_doc: dict, spec_dir: Path, uploads: str, *, allowed_prefixes
     submitted files (relative to ``spec_dir``).
     """
     from actors.storage import is_uri, upload_file
+    from orchestrator.controller import confine_uri
     from orchestrator.paths import MAX_UPLOAD_BYTES, PathError, check_upload_size, confine
 
     area = f"{uploads.rstrip('/')}/{uuid.uuid4().hex[:12]}"
     doc = json.loads(json.dumps(spec_doc))
 
-    def put(local: Path, name: str) -> str:
+    def put(local: Path, name: str, field: str) -> str:
+        # ``name`` is made of safe_upload_name()s; the final place is checked as the controller checks it
+        # (confine_uri: no escapes, no '..', under the uploads area) before anything is written.
         if is_uri(uploads):
-            upload_file(local, f"{area}/{name}")
-            return f"{area}/{name}"
+            uri = confine_uri(f"{area}/{name}", [uploads.rstrip("/") + "/"], field)
+            upload_file(local, uri)
+            return uri
         target = Path(area) / name
+        if ".." in PurePosixPath(name).parts or not target.resolve().is_relative_to(Path(uploads).resolve()):
+            raise PathError(f"{field}: upload name {name!r} leaves the uploads area {uploads}")
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(local, target)
         return str(target)
@@ -127,13 +154,13 @@ def stage_data(spec_doc: dict, spec_dir: Path, uploads: str, *, allowed_prefixes
             for file in files:
                 check_upload_size(file, field=field, limit=limit or MAX_UPLOAD_BYTES)
             for file, name in zip(files, names, strict=True):
-                put(file, f"init_from/{name}")
+                put(file, f"init_from/{name}", field)
             doc[section][key] = f"{area}/init_from" if is_uri(uploads) else str(Path(area) / "init_from")
             continue
         if not local.is_file():
             raise FileNotFoundError(f"{field}: file not found in the submitted files: {value}")
         check_upload_size(local, field=field, limit=limit or MAX_UPLOAD_BYTES)
-        doc[section][key] = put(local, f"{section}-{local.name}")
+        doc[section][key] = put(local, safe_upload_name(section, local.name), field)
     return doc
 
 

@@ -29,8 +29,10 @@ Identity (``orchestrator.auth``): each call carries the caller's ``api_key``; on
 registered the controller derives the caller (and so a job's owner) from it and refuses another
 owner's job details, logs, adapter and cancellation unless the caller is an admin. Without users
 (single-user mode) every caller is trusted and the declared ``owner`` is recorded. Admission also
-confines every path a spec names (``PATH_FIELDS``) to the owner's upload area or an admin-allowed
-prefix, and refuses ``trust_remote_code`` unless the admin enabled it. See docs/admin.md.
+confines every path a spec names (``PATH_FIELDS``, URIs through ``confine_uri``, and with users a local
+``base_model``) to the owner's upload area or an admin-allowed prefix, never the jobs' output area or
+another owner's uploads, bounds a spec's shape before serialising it (``_check_spec_shape``), and
+refuses ``trust_remote_code`` unless the admin enabled it. See docs/admin.md.
 """
 
 from __future__ import annotations
@@ -39,17 +41,26 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 import time
+import urllib.parse
 import uuid
 from collections import defaultdict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from orchestrator.auth import AccessError, Identity, hash_key, new_api_key
-from orchestrator.paths import MAX_UPLOAD_BYTES, PathError, check_job_name, check_upload_size, confine
+from orchestrator.paths import (
+    JOBS_DIR,
+    MAX_UPLOAD_BYTES,
+    PathError,
+    check_job_name,
+    check_upload_size,
+    confine,
+)
 from orchestrator.spec import MAX_SPEC_BYTES, JobSpec, SpecError, parse_spec
 from orchestrator.store import JobRecord, JobState, JobStore, JobStoreError
 from policies import (
@@ -386,8 +397,9 @@ class Controller:
         worker_timeout_s: a worker that does not answer ``progress()`` for this long (never
             placed, or hung) is killed and counted as lost.
         start_loop: start the policy loop thread (tests may drive ``tick()`` by hand).
-        allowed_prefixes: absolute directories (or URI prefixes) a spec's data paths may name
-            besides the owner's uploads (admin-set, e.g. a read-only data set mount).
+        allowed_prefixes: absolute directories (or URI prefixes) a spec's data paths (and, once
+            users exist, a local ``base_model``) may name besides the owner's uploads (admin-set,
+            e.g. a read-only data set or model mount).
         allow_remote_code: admit specs with ``trust_remote_code: true`` (the worker then runs
             Python shipped with the base model). Off by default.
         max_upload_bytes: largest data file a spec may name in the uploads area.
@@ -678,6 +690,7 @@ class Controller:
         """``submit``'s admission of one spec: (parsed spec, stored document, owner), or the refusal."""
         if not isinstance(spec, Mapping):
             raise ValueError(f"spec: a job spec must be a mapping of fields (got {type(spec).__name__})")
+        _check_spec_shape(spec)  # bounds json.dumps' work: shared references would expand exponentially
         try:
             size = len(json.dumps(spec, default=str))
         except (TypeError, ValueError, RecursionError):
@@ -693,7 +706,7 @@ class Controller:
                              "enables it with `lorafleet up --allow-remote-code`")  # fmt: skip
         owner = ident.name if ident.authenticated else (owner or parsed.owner or "default")
         check_job_name(owner, field="owner")
-        doc = self._admit_paths(parsed.model_dump(mode="json"), owner)
+        doc = self._admit_paths(parsed.model_dump(mode="json"), owner, confine_model=ident.authenticated)
         doc["owner"], doc["output"] = owner, None  # outputs always go under <storage>/jobs/<job id>
         return parsed, doc, owner
 
@@ -717,12 +730,15 @@ class Controller:
             return f"{self.storage.rstrip('/')}/{UPLOADS_DIR}/{owner}"
         return str(Path(self.storage).expanduser().resolve() / UPLOADS_DIR / owner)
 
-    def _admit_paths(self, doc: dict[str, Any], owner: str) -> dict[str, Any]:
+    def _admit_paths(self, doc: dict[str, Any], owner: str, *, confine_model: bool = False) -> dict[str, Any]:
         """``doc`` with every path field confined (resolved, absolute) or a ``PathError`` naming the field.
 
         Allowed: the owner's uploads area (relative paths resolve there) and the admin's
         ``allowed_prefixes``; never ``..``, NUL bytes or a symlink out. URIs must lie under the
-        owner's uploads URI or an allowed URI prefix. Files in the uploads area are size-checked.
+        owner's uploads URI or an allowed URI prefix (``confine_uri``). Files in the uploads area are
+        size-checked. Even under an allowed prefix that covers the storage root, a path may not name
+        the jobs' output area (``<storage>/jobs/``) or another owner's uploads. ``confine_model``
+        (a cluster with users): ``base_model`` too, when it is a local path (``_admit_base_model``).
         """
         from actors.storage import is_uri
 
@@ -733,7 +749,9 @@ class Controller:
                 continue
             field_name = f"{section}.{key}"
             if isinstance(value, str) and is_uri(value):
-                _confine_uri(value, [uploads + "/", *(p for p in self.allowed_prefixes if is_uri(p))], field_name)
+                uri_prefixes = [uploads + "/", *(p for p in self.allowed_prefixes if is_uri(p))]
+                doc[section][key] = confine_uri(value, uri_prefixes, field_name)
+                self._refuse_storage_areas(field_name, value, owner)
                 continue
             if is_uri(uploads):
                 local_prefixes = [p for p in self.allowed_prefixes if not is_uri(p)]
@@ -746,8 +764,102 @@ class Controller:
                 target = confine(uploads, value, field=field_name, allowed_prefixes=prefixes)
                 if target.is_relative_to(uploads) and target.is_file():
                     check_upload_size(target, field=field_name, limit=self.max_upload_bytes)
+            self._refuse_storage_areas(field_name, value, owner, target)
             doc[section][key] = str(target)
+        if confine_model:
+            self._admit_base_model(doc, owner)
         return doc
+
+    def _admit_base_model(self, doc: dict[str, Any], owner: str) -> None:
+        """Confine a spec's ``base_model`` when it names a local directory (a cluster with users).
+
+        ``builtin:NAME`` and hub ids (``NAME`` or ``ORG/NAME``, :data:`HUB_ID`) are kept as they are
+        (a worker with network access downloads a hub id). A path (``/...`` or ``~...``, ``~`` expanded
+        on the controller) must lie in the owner's uploads or under an admin prefix
+        (``--allow-path-prefix``), outside the jobs' output area and other owners' uploads; it is
+        stored resolved. Anything else is refused: a relative path would be read from the worker's
+        current directory.
+        """
+        from actors.models import BUILTIN_PREFIX
+        from actors.storage import is_uri
+
+        value = doc.get("base_model")
+        if not isinstance(value, str) or value.startswith(BUILTIN_PREFIX):
+            return
+        if "\x00" in value:
+            raise PathError(f"base_model: {value!r} contains a NUL byte")
+        if not value.startswith(("/", "~")):
+            if HUB_ID.fullmatch(value):
+                return
+            raise PathError(f"base_model: {value!r} is neither {BUILTIN_PREFIX}NAME, a hub id (NAME or ORG/NAME: "
+                            "letters, digits and '._-') nor an absolute path to a model directory under an allowed "
+                            "prefix")  # fmt: skip
+        expanded = os.path.expanduser(value)
+        if not expanded.startswith("/"):
+            raise PathError(f"base_model: {value!r}: '~' names no user on the controller's machine; name an "
+                            "absolute path to a model directory under an allowed prefix")  # fmt: skip
+        uploads = self.uploads_root(owner)
+        prefixes = [p for p in self.allowed_prefixes if not is_uri(p)]
+        if not is_uri(uploads):
+            prefixes.insert(0, uploads)
+        shown = repr(value) if expanded == value else f"{value!r} (= {expanded!r})"
+        if ".." in PurePosixPath(expanded).parts:
+            raise PathError(f"base_model: {shown} has a '..' component, which is not allowed")
+        absolute = Path(os.path.abspath(expanded))
+        if not any(absolute.is_relative_to(os.path.abspath(p)) for p in prefixes):
+            allowed = ", ".join(prefixes) or "none"
+            raise PathError(f"base_model: {shown} is a local path outside your uploads and the allowed prefixes "
+                            f"({allowed}); name {BUILTIN_PREFIX}NAME, a hub id (ORG/NAME), or a model directory "
+                            "under a prefix an admin allows (`lorafleet up --allow-path-prefix DIR`)")  # fmt: skip
+        target = confine("/", expanded, field="base_model", allowed_prefixes=prefixes)  # symlinks must stay inside
+        self._refuse_storage_areas("base_model", value, owner, target)
+        doc["base_model"] = str(target)
+
+    def _storage_local_root(self) -> Path | None:
+        """The storage root as a local directory (a path, or a ``file://`` URI), else None."""
+        from actors.storage import is_uri
+
+        if not is_uri(self.storage):
+            return Path(self.storage).expanduser().resolve()
+        scheme, authority, segments = _uri_parts(self.storage)
+        if scheme == "file" and authority in ("", "localhost"):
+            return Path(urllib.parse.unquote("/" + "/".join(segments))).resolve()
+        return None
+
+    def _refuse_storage_areas(self, field_name: str, value: str, owner: str, target: Path | None = None) -> None:
+        """``PathError`` if ``target`` (a resolved local path) or the URI ``value`` lies in the jobs' output
+        area (``<storage>/jobs/``) or in the uploads of an owner other than ``owner``: an admin prefix may
+        cover the storage root, and neither area is any job's to read. A ``file://`` URI is also checked
+        as the local path it names (and a local path against a ``file://`` storage root)."""
+        from actors.storage import is_uri
+
+        area: tuple[str, str] | None = None  # (which, where it is shown)
+        if target is None and is_uri(value):
+            parts = _uri_parts(value)
+            if is_uri(self.storage):
+                root = self.storage.rstrip("/")
+                if _uri_within(parts, _uri_parts(f"{root}/{JOBS_DIR}"), strict=False):
+                    area = ("jobs", f"{root}/{JOBS_DIR}/")
+                elif _uri_within(parts, _uri_parts(f"{root}/{UPLOADS_DIR}"), strict=False) and not _uri_within(
+                        parts, _uri_parts(f"{root}/{UPLOADS_DIR}/{owner}"), strict=False):  # fmt: skip
+                    area = ("uploads", f"{root}/{UPLOADS_DIR}/")
+            if parts[0] == "file" and parts[1] in ("", "localhost"):
+                target = Path("/" + "/".join(parts[2])).resolve()
+        local = self._storage_local_root()
+        if area is None and target is not None and local is not None:
+            if target.is_relative_to(local / JOBS_DIR):
+                area = ("jobs", f"{local / JOBS_DIR}/")
+            elif target.is_relative_to(local / UPLOADS_DIR) and not target.is_relative_to(local / UPLOADS_DIR / owner):
+                area = ("uploads", f"{local / UPLOADS_DIR}/")
+        if area is None:
+            return
+        if area[0] == "jobs":
+            hint = ("to continue from an earlier job's adapter, fetch it (`lorafleet fetch JOB DIR`) and submit that "
+                    "directory" if field_name == "adapter.init_from" else "a job reads no other job's output")
+            raise PathError(f"{field_name}: {value!r} is in the jobs' output area ({area[1]}), which no spec may "
+                            f"name; {hint}")  # fmt: skip
+        raise PathError(f"{field_name}: {value!r} is in another owner's upload area (under {area[1]}); name your "
+                        f"own uploads ({self.uploads_root(owner)}/) or a path under an allowed prefix")  # fmt: skip
 
     def _clock_memories(self) -> list[float]:
         """One memory size per GPU for the FIFO clock: each worker's reported total (the configured
@@ -972,23 +1084,48 @@ class Controller:
         log.warning("policy %s: explain(%s) failed", policy.name, rec.id, exc_info=err)
         raise ValueError(f"policy {policy.name!r} could not explain job {rec.id}: {detail}") from None
 
-    def workers(self) -> list[dict[str, Any]]:
-        """Every worker: id, base model, node, jobs, state, memory, timing and overhead share."""
+    def workers(self, api_key: str | None = None) -> list[dict[str, Any]]:
+        """Every worker: id, base model, node, jobs, state, memory, timing and overhead share.
+
+        Once users exist a valid key is needed (``AccessError``). A non-admin sees what ``list_jobs``
+        shows of other owners' jobs: their ids, but no spec, so a worker's ``base_model`` (a job's
+        spec) only when one of its jobs is the caller's; otherwise it is None and ``"redacted": True``.
+        """
+        ident = self.identify(api_key)
         with self._lock:
             out = []
             for w in self._workers.values():
                 last = w.last
-                out.append({
+                row = {
                     "worker_id": w.worker_id, "base_model": w.base_model, "node_id": last.get("node_id"),
                     "state": last.get("state", "starting"), "jobs": sorted(w.assigned),
                     "memory": last.get("memory"), "timing": last.get("timing"),
                     "overhead_share": overhead_share(last.get("timing") or {}), "ooms": last.get("ooms", 0),
-                })  # fmt: skip
+                }  # fmt: skip
+                if not ident.admin and not any(self._owns(ident.name, job_id) for job_id in w.assigned):
+                    row.update(base_model=None, redacted=True)
+                out.append(row)
             return out
 
-    def worker_handle(self, worker_id: str) -> Any:
-        """The actor handle of a worker (tests and drills: kill it, force an OOM)."""
-        return self._workers[worker_id].handle
+    def _owns(self, owner: str, job_id: str) -> bool:
+        """Whether the job ``job_id`` (the live view's record, else the store's) belongs to ``owner``."""
+        rec = self._live.get(job_id)
+        if rec is None:
+            try:
+                rec = self.store.get(job_id)
+            except LookupError:  # pruned meanwhile
+                return False
+        return rec.owner == owner
+
+    def worker_handle(self, worker_id: str, api_key: str | None = None) -> Any:
+        """The actor handle of a worker (admin-only: tests and drills kill it or force an OOM; the handle can
+        cancel, preempt or break any job on it). Raises ``AccessError`` or ``LookupError``."""
+        self._require_admin(api_key, "get a worker's actor handle")
+        with self._lock:
+            w = self._workers.get(worker_id)
+        if w is None:
+            raise LookupError(f"worker_id: no worker {worker_id!r} (`workers` lists them)")
+        return w.handle
 
     def shutdown(self, timeout_s: float = 60.0, api_key: str | None = None) -> dict[str, Any]:
         """Stop the loop, checkpoint every running job, requeue it durably, stop the workers (admin-only).
@@ -1466,14 +1603,115 @@ def _norm_prefix(prefix: str) -> str:
     return os.path.abspath(prefix)
 
 
-def _confine_uri(value: str, prefixes: Iterable[str], field_name: str) -> None:
-    """Refuse a URI with a ``..`` segment or outside every prefix (``PathError`` naming the field)."""
-    if "\x00" in value or ".." in value.split("://", 1)[1].split("/"):
-        raise PathError(f"{field_name}: {value!r} escapes the job area ('..' is not allowed)")
+# Characters a URI in a spec may not contain: pyarrow (``FileSystem.from_uri``, what workers and the agent
+# open URIs with) percent-decodes the path (``%2E%2E`` reads as ``..``, ``%2F`` as ``/``) and takes ``?``
+# and ``#`` as options and a fragment, so the path it opens would differ from the one checked here.
+URI_REFUSED_CHARS = {
+    "%": "a percent-escape ('%'), which the storage layer decodes ('%2E%2E' reads as '..', '%2F' as '/')",
+    "?": "a '?', after which the storage layer reads options, not the path",
+    "#": "a '#', after which the storage layer ignores the path",
+    "\\": "a backslash",
+    "\x00": "a NUL byte",
+}
+
+
+def _uri_parts(uri: str) -> tuple[str, str, list[str]]:
+    """``(scheme in lower case, authority, path segments)`` of ``scheme://authority/a/b``; a trailing
+    slash is dropped, other empty segments are kept (``a//b`` has one)."""
+    scheme, _, rest = uri.partition("://")
+    authority, _, path = rest.partition("/")
+    segments = path.split("/") if path else []
+    if segments and segments[-1] == "":
+        segments.pop()
+    return scheme.lower(), authority, segments
+
+
+def _uri_within(parts: tuple[str, str, list[str]], prefix: tuple[str, str, list[str]], *, strict: bool) -> bool:
+    """Whether the URI ``parts`` lies under ``prefix`` (whole segments: ``/datasets2`` is not under
+    ``/datasets``); ``strict``: below it, not the prefix itself."""
+    (scheme, authority, segs), (p_scheme, p_authority, p_segs) = parts, prefix
+    if (scheme, authority) != (p_scheme, p_authority) or segs[: len(p_segs)] != p_segs:
+        return False
+    return len(segs) > len(p_segs) or not strict
+
+
+def confine_uri(value: object, prefixes: Iterable[str], field_name: str) -> str:
+    """``value``, a URI a spec names, if it lies under one of ``prefixes``; else ``PathError`` naming the field.
+
+    The check is made on the path as the storage layer will open it. pyarrow percent-decodes a URI's
+    path and takes ``?``/``#`` as options, so any ``%``, ``?``, ``#`` (and backslash, NUL) is refused
+    outright rather than decoded here: no name the agent uploads contains one, and a literal check
+    cannot disagree with a decoder. The path must be normalised: no ``..``, ``.`` or empty segment
+    (one trailing slash is allowed and dropped). It must then lie strictly below a prefix, compared
+    by scheme, authority and whole path segments. Returns the URI without a trailing slash.
+    """
+    if not isinstance(value, str):
+        raise PathError(f"{field_name}: must be a URI string (got {type(value).__name__})")
+    for char, what in URI_REFUSED_CHARS.items():
+        if char in value:
+            raise PathError(f"{field_name}: {value!r} contains {what}; a URI here must name its object literally: "
+                            "plain path segments separated by '/', without '%', '?', '#' or '\\'")  # fmt: skip
+    parts = _uri_parts(value)
+    bad = [s for s in parts[2] if s in ("", ".", "..")]
+    if ".." in bad:
+        raise PathError(f"{field_name}: {value!r} escapes the job area ('..' is not allowed in a URI path)")
+    if bad:
+        what = "a '.' segment" if "." in bad else "an empty segment ('//')"
+        raise PathError(f"{field_name}: {value!r} has {what}; URI paths must be normalised ('.', '..' and empty "
+                        "segments are not allowed)")  # fmt: skip
     prefixes = [p if p.endswith("/") else p + "/" for p in prefixes]
-    if not any(value.startswith(p) for p in prefixes):
+    if not any(_uri_within(parts, _uri_parts(p), strict=True) for p in prefixes):
         raise PathError(f"{field_name}: {value!r} is outside your uploads and the allowed prefixes "
                         f"({', '.join(prefixes)})")  # fmt: skip
+    return value[:-1] if value.endswith("/") else value
+
+
+# A job spec's shape before it is serialised (``_check_spec_shape``): JSON writes a list or mapping once per
+# reference, so a spec that shares them (small when pickled by Ray) could expand exponentially in json.dumps.
+MAX_SPEC_NODES = 100_000  # values reached, counting each reference again; a real spec has a few dozen
+MAX_SPEC_DEPTH = 64  # nesting levels; a real spec has at most five
+MAX_SPEC_TEXT = 4 * MAX_SPEC_BYTES  # characters of strings reached (keys too), counting each reference again
+
+
+def _check_spec_shape(spec: Mapping[str, Any]) -> None:
+    """Refuse (``ValueError`` starting ``spec: ``) a spec whose JSON form would be huge or deeply nested,
+    without serialising it: an iterative walk that counts every value as often as JSON would write it,
+    and stops at ``MAX_SPEC_NODES`` values, ``MAX_SPEC_DEPTH`` levels or ``MAX_SPEC_TEXT`` characters of
+    strings. Within these bounds ``json.dumps`` is cheap, and measures the exact size."""
+    nodes, text = 1, 0
+    stack: list[tuple[Any, int, Any]] = [(spec, 1, None)]  # (value, depth, (parent trail, key) or None)
+    while stack:
+        value, depth, trail = stack.pop()
+        if isinstance(value, str | bytes):
+            text += len(value) + 2
+        elif isinstance(value, Mapping | list | tuple):
+            if depth >= MAX_SPEC_DEPTH and len(value):
+                keys = []
+                while trail is not None:
+                    trail, key = trail
+                    keys.append(key)
+                where = ".".join(reversed(keys))[:120] or "the top level"
+                raise ValueError(f"spec: nested more than {MAX_SPEC_DEPTH} levels deep (at {where}); a job spec "
+                                 "is a few levels deep")  # fmt: skip
+            nodes += len(value)  # counted before they are pushed: a huge container is refused unread
+            if nodes > MAX_SPEC_NODES:
+                raise ValueError(f"spec: more than {MAX_SPEC_NODES:,} values as JSON (each reference to a shared "
+                                 "list or mapping counts again, as JSON writes it again); a job spec has a few dozen")
+            if isinstance(value, Mapping):
+                for key, item in value.items():
+                    text += len(key) + 4 if isinstance(key, str) else 4
+                    stack.append((item, depth + 1, (trail, key[:20] if isinstance(key, str) else "?")))
+            else:
+                stack.extend((item, depth + 1, (trail, str(i))) for i, item in enumerate(value))
+        if text > MAX_SPEC_TEXT:
+            raise ValueError(f"spec: more than {MAX_SPEC_TEXT:,} characters of text as JSON (each reference to a "
+                             f"shared value counts again); the limit is {MAX_SPEC_BYTES} bytes as JSON")  # fmt: skip
+
+
+# A Hugging Face hub id as huggingface_hub validates it: NAME or ORG/NAME, each of letters, digits and '._-'
+# starting and ending with a letter, digit or '_' (so never '.', '..', a leading '/' or '~').
+_HUB_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
+HUB_ID = re.compile(rf"(?:{_HUB_PART}/)?{_HUB_PART}")
 
 
 def _finite(x: Any) -> float | None:

@@ -33,8 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--owner", default=None, help="owner recorded for the job [LORAFLEET_OWNER or login]")
     parser.add_argument("--poll", type=float, default=2.0, help="seconds between progress lines")
     parser.add_argument("--api-key-file", default=None, metavar="FILE",
-                        help=f"the submitter's API key, in the job's working directory [./{KEY_FILE} if present, "
-                        "else LORAFLEET_API_KEY]")  # fmt: skip
+                        help=f"the submitter's API key: a relative path inside the job's working directory "
+                        f"[./{KEY_FILE} if present, else LORAFLEET_API_KEY]")  # fmt: skip
 
 
 def job_api_key(key_file: str | None) -> str | None:
@@ -44,17 +44,42 @@ def job_api_key(key_file: str | None) -> str | None:
 
     Never the head's own ``~/.lorafleet/api_key`` or ``LORAFLEET_API_KEY_FILE``, which the general
     client reads: the entrypoint runs on the head, where those are the admin's, and a submitter who
-    forgot a key would act as the admin (and could name any owner) instead of being refused.
+    forgot a key would act as the admin (and could name any owner) instead of being refused. For the
+    same reason the key file must be a relative path that stays inside the working directory once
+    symlinks are resolved (:func:`key_file_in_working_dir`): ``--api-key-file /root/.lorafleet/api_key``
+    or a planted symlink to it is refused.
     """
-    path = Path(key_file or KEY_FILE)
+    path = key_file_in_working_dir(key_file or KEY_FILE, given=key_file is not None)
     if path.is_file():
         key = path.read_text(encoding="utf-8", errors="replace").strip()
         if not key:
-            raise UserError(f"--api-key-file: {path} is empty")
+            raise UserError(f"--api-key-file: {key_file or KEY_FILE} is empty")
         return key
     if key_file:
         raise UserError(f"--api-key-file: {key_file} is not in the job's working directory")
     return os.environ.get("LORAFLEET_API_KEY", "").strip() or None
+
+
+def key_file_in_working_dir(name: str, *, given: bool = True) -> Path:
+    """``name`` resolved inside the current (the Ray job's working) directory, or ``UserError``.
+
+    Refused: an absolute path, and a relative one that leaves the directory through ``..`` or a
+    symlink. ``given``: the user named it (``--api-key-file``); else it is the default ``./api_key``.
+    """
+    flag = "--api-key-file" if given else f"./{KEY_FILE}"
+    allowed = ("a relative path to a file in the job's working directory (shipped with `ray job submit "
+               "--working-dir`), e.g. --api-key-file api_key")  # fmt: skip
+    if "\x00" in name:
+        raise UserError(f"{flag}: {name!r} contains a NUL byte; give {allowed}")
+    if os.path.isabs(name) or name.startswith("~"):
+        raise UserError(f"{flag}: {name} is not a relative path; give {allowed} (this command runs on the head, "
+                        "where other paths could name the head's own key files)")  # fmt: skip
+    cwd = Path.cwd().resolve()
+    path = (cwd / name).resolve()
+    if not path.is_relative_to(cwd):
+        raise UserError(f"{flag}: {name} resolves to {path}, outside the job's working directory {cwd} (through "
+                        f"'..' or a symlink); give {allowed}")  # fmt: skip
+    return path
 
 
 def run(args: argparse.Namespace) -> int:

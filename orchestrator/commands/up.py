@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --local: Ray token authentication; token: a fresh token in "
                              "~/.lorafleet/ray-auth-token (mode 600) [disabled]")
     parser.add_argument("--allow-path-prefix", action="append", default=[], metavar="DIR",
-                        help="absolute directory (or URI prefix) job data may name besides uploads; repeatable")
+                        help="absolute directory (or URI prefix) that job data, and with users a local base_model, "
+                        "may name besides uploads; repeatable")
     parser.add_argument("--allow-remote-code", action="store_true",
                         help="admit specs with trust_remote_code: true (runs Python shipped with models)")
     parser.add_argument("--max-upload-bytes", type=int, default=None, metavar="BYTES",
