@@ -217,6 +217,12 @@ def check_eval(config) -> None:
     source = "eval.data" if ev.data is not None else "eval (held out of data.path)"
     if "exact_match" in ev.metrics and fmt == "tokens":
         raise DataError("eval.metrics: exact_match needs text records (data.format is tokens); use loss")
+    if "exact_match" in ev.metrics and fmt == "text":
+        for i, r in enumerate(records):
+            if r.get("choices") is None and (r.get("prompt") is None or r.get("completion") is None):
+                raise DataError(f"{source}: record {i}: exact_match needs a prompt and an answer ({{prompt, "
+                                "completion}, alpaca or chat records); a {text} record has none (it scored 0 "
+                                "whatever the model wrote); use loss for it")  # fmt: skip
     if "multiple_choice" in ev.metrics:
         for i, r in enumerate(records):
             _choice_fields(r, i, source)

@@ -60,23 +60,48 @@ def is_builtin(name: str) -> bool:
     return name.startswith(BUILTIN_PREFIX)
 
 
+def looks_local(name: str) -> bool:
+    """True for a name that can only be a local path (``/x``, ``./x``, ``../x``, ``~/x``), never a hub id."""
+    return name.startswith(("/", "./", "../", "~")) or name in (".", "..")
+
+
+def check_base_model(name: str) -> None:
+    """What can be told of ``base_model`` without loading anything: a known ``builtin:`` name, and a
+    local path that is a model directory (a missing one was sent to the hub, which answered with a
+    repo-id error).
+
+    Raises:
+        ValueError: naming ``base_model`` and what is wrong.
+    """
+    if is_builtin(name):
+        key = name[len(BUILTIN_PREFIX) :]
+        if key not in BUILTIN_MODELS:
+            raise ValueError(f"base_model: unknown builtin model {key!r}; available: "
+                             + ", ".join(BUILTIN_PREFIX + k for k in sorted(BUILTIN_MODELS)))  # fmt: skip
+        return
+    path = Path(name).expanduser()
+    if looks_local(name) or path.exists():
+        if not path.exists():
+            raise ValueError(f"base_model: directory not found: {name}")
+        if not path.is_dir():
+            raise ValueError(f"base_model: {name} is a file; give a transformers model directory (with config.json)")
+        if not (path / "config.json").is_file():
+            raise ValueError(f"base_model: {name} has no config.json; give a transformers model directory")
+
+
 def resolve_base_model(name: str) -> str:
     """Return a path or hub id that ``from_pretrained`` accepts for ``name``.
 
     ``builtin:`` names are converted on first use (about 30 s for SmolLM2) and cached.
 
     Raises:
-        ValueError: unknown builtin name.
+        ValueError: unknown builtin name, or a local path that is no model directory (:func:`check_base_model`).
         RuntimeError: the package that carries a builtin model is not installed.
     """
+    check_base_model(name)
     if not is_builtin(name):
-        return name
+        return str(Path(name).expanduser()) if looks_local(name) else name
     key = name[len(BUILTIN_PREFIX) :]
-    if key not in BUILTIN_MODELS:
-        raise ValueError(
-            f"base_model: unknown builtin model {key!r}; available: "
-            + ", ".join(BUILTIN_PREFIX + k for k in sorted(BUILTIN_MODELS))
-        )
     target = cache_root() / "models" / key
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return str(target)

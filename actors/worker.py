@@ -328,8 +328,9 @@ class TrainingWorker:
         try:
             self._load()
         except Exception as exc:  # the worker reports any load failure instead of dying silently
+            why = str(exc).removeprefix("base_model: ")
             with self._lock:
-                self.state, self.error = "failed", f"cannot load base model {self.base_model!r}: {exc}"
+                self.state, self.error = "failed", f"cannot load base model {self.base_model!r}: {why}"
             log.error("%s: %s", self.worker_id, self.error)
             self._drain_after_failure()
             return

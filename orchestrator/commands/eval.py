@@ -56,9 +56,9 @@ def run(args: argparse.Namespace) -> int:
         path = Path(directory)
         if not (path / "adapter_config.json").is_file():
             raise UserError(f"--adapter: {directory}: not an adapter directory (no adapter_config.json)")
+    device = resolve_device(args.device)
     if not Path(args.data).is_file():  # before the model loads (tens of seconds)
         raise UserError(f"--data: file not found: {args.data}")
-    device = resolve_device(args.device)
     try:
         model, tokenizer = load_base_model(args.base_model, device=device, dtype=getattr(torch, args.dtype))
     except (OSError, ValueError, RuntimeError) as exc:

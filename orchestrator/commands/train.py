@@ -293,12 +293,13 @@ def _train_group(
     try:
         model, tokenizer = load_base_model(base_model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     except Exception as exc:  # a corrupt weights file raises the safetensors library's own error type
-        exc = exc if isinstance(exc, (OSError, ValueError, RuntimeError)) else f"{type(exc).__name__}: {exc}"
+        why = str(exc) if isinstance(exc, (OSError, ValueError, RuntimeError)) else f"{type(exc).__name__}: {exc}"
+        why = why if why.startswith("base_model:") else f"base_model: {why}"
         for spec in pending:
-            results[spec.name] = JobProgress(spec.name, 0, state="failed", message=f"base_model: {exc}")
+            results[spec.name] = JobProgress(spec.name, 0, state="failed", message=why)
         for spec, _ in eval_only:  # trained before; its evaluation needs the model too
             results[spec.name] = JobProgress(spec.name, 0, state="failed",
-                                             message=f"base_model: {exc} (its evaluation did not run)")  # fmt: skip
+                                             message=f"{why} (its evaluation did not run)")  # fmt: skip
         return list(results.values())
     engine = FusedEngine(model, tokenizer, base_model_id=base_model, settings=engine_settings(args))
 

@@ -4,10 +4,12 @@ without a model (tokenisation is checked when a job joins)."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from actors.data import DataError, check_records
 from actors.evaluate import check_eval
+from actors.models import check_base_model
 from orchestrator.spec import SpecError, load_spec
 
 HELP = "check job spec files and print every error"
@@ -37,11 +39,38 @@ def run(args: argparse.Namespace) -> int:
                 check_eval(spec.to_job_config())
             except DataError as exc:
                 problems.append(f"{path}: {exc}")
-        if spec.adapter.init_from and not Path(spec.adapter.init_from, "adapter_config.json").is_file():
-            problems.append(f"{path}: adapter.init_from: no adapter_config.json in {spec.adapter.init_from}")
+        try:
+            check_base_model(spec.base_model)  # a builtin name, a local model directory (nothing is loaded)
+        except ValueError as exc:
+            problems.append(f"{path}: {exc}")
+        if spec.adapter.init_from:
+            problem = _init_from_problem(spec)
+            if problem:
+                problems.append(f"{path}: {problem}")
         if problems:
             bad += 1
             print("\n".join(problems))
         else:
             print(f"{path}: ok ({spec.name}, {spec.adapter.type}, base {spec.base_model})")
     return 1 if bad else 0
+
+
+def _init_from_problem(spec) -> str | None:
+    """Why ``adapter.init_from`` cannot continue this job, from its ``adapter_config.json`` alone (the
+    settings a worker would refuse when the job joins: type, r, alpha, rsLoRA, DoRA, experts, routing,
+    and PEFT fields lorafleet does not implement), or None."""
+    source = spec.adapter.init_from
+    file = Path(source, "adapter_config.json")
+    if not file.is_file():
+        return f"adapter.init_from: no adapter_config.json in {source}"
+    from actors.engine import check_init_settings
+    from actors.mixlora import settings_from_export
+
+    try:
+        saved = json.loads(file.read_text(encoding="utf-8"))
+        if not isinstance(saved, dict):
+            return f"adapter.init_from: {file} is not a JSON object"
+        check_init_settings(spec.to_job_config().adapter, settings_from_export(saved, source), source)
+    except (ValueError, OSError, KeyError, TypeError) as exc:  # json, the adapter checks, unreadable file
+        return str(exc) if str(exc).startswith("adapter.") else f"adapter.init_from: {exc}"
+    return None

@@ -369,3 +369,70 @@ def test_json_spec_without_duplicates_still_loads(tmp_path: Path):
     path = tmp_path / "a.json"
     path.write_text(json.dumps({"name": "a", "data": {"path": "d.jsonl"}, "train": {"learning_rate": "2e-4"}}))
     assert load_spec(path).train.learning_rate == 2e-4
+
+
+def _valid_job(tmp_path: Path, **changes: Any) -> Path:
+    """A spec with a real data file, so that validate reaches the base model and init_from checks."""
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": "d"}\n')
+    doc: dict[str, Any] = {"name": "a", "data": {"path": str(data)}, "output": str(tmp_path / "out")}
+    for key, value in changes.items():
+        doc[key] = value
+    path = tmp_path / "a.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("base_model", "words"),
+    [("builtin:smollm2-135m", "base_model: unknown builtin model 'smollm2-135m'; available: builtin:smollm2-135m-instruct"),
+     ("{tmp}/tinyy", "base_model: directory not found: {tmp}/tinyy"),
+     ("./no-such-model-dir", "base_model: directory not found: ./no-such-model-dir"),
+     ("{tmp}/d.jsonl", "base_model: {tmp}/d.jsonl is a file; give a transformers model directory (with config.json)"),
+     ("{tmp}", "base_model: {tmp} has no config.json; give a transformers model directory")],
+)  # fmt: skip
+def test_validate_checks_the_base_model_without_loading_it(tmp_path: Path, capsys, base_model: str, words: str):
+    """These passed validate; train then failed with a hub repo-id error (a missing directory) or a doubled
+    ``base_model: base_model:`` prefix (a builtin typo)."""
+    path = _valid_job(tmp_path, base_model=base_model.format(tmp=tmp_path))
+    code, out, _ = lorafleet(capsys, "validate", str(path))
+    assert code == 1 and out == f"{path}: {words.format(tmp=tmp_path)}\n"
+
+
+def test_a_missing_local_base_model_fails_train_with_one_base_model_prefix(tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a short path: the summary table does not wrap it
+    path = _valid_job(tmp_path, base_model="./tinyy")
+    code, out, err = lorafleet(capsys, "train", str(path), "--plain")
+    text = out + err
+    assert code == 1
+    assert "base_model: directory not found: ./tinyy" in text and "base_model: base_model" not in text
+    assert "Repo id" not in text
+
+
+def test_validate_refuses_an_init_from_trained_with_other_settings(tmp_path: Path, capsys):
+    """An r mismatch passed validate and failed only on the worker."""
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+        "use_rslora": False, "use_dora": False, "base_model_name_or_path": "m"}))  # fmt: skip
+    path = _valid_job(tmp_path, adapter={"type": "lora", "r": 8, "alpha": 8, "init_from": str(saved)})
+    code, out, _ = lorafleet(capsys, "validate", str(path))
+    assert code == 1
+    assert out == (f"{path}: adapter.r: 8, but adapter.init_from {saved} was trained with r 4; set adapter.r: 4 "
+                   "to continue from it\n")  # fmt: skip
+    path = _valid_job(tmp_path, adapter={"type": "lora", "r": 4, "alpha": 8, "init_from": str(saved)})
+    code, out, _ = lorafleet(capsys, "validate", str(path))
+    assert code == 0 and out.endswith("ok (a, lora, base builtin:smollm2-135m-instruct)\n")
+
+
+def test_exact_match_on_text_records_is_refused(tmp_path: Path, capsys):
+    """A ``{text}`` record has no answer: exact match scored 0.00 whatever the model wrote."""
+    text = tmp_path / "t.jsonl"
+    text.write_text('{"text": "a b c"}\n{"text": "d e f"}\n')
+    path = _valid_job(tmp_path, data={"path": str(text)}, eval={"data": str(text), "metrics": ["exact_match"]})
+    code, out, _ = lorafleet(capsys, "validate", str(path))
+    assert code == 1
+    assert out == (f"{path}: eval.data: record 0: exact_match needs a prompt and an answer ({{prompt, completion}}, "
+                   "alpaca or chat records); a {text} record has none (it scored 0 whatever the model wrote); use "
+                   "loss for it\n")  # fmt: skip
