@@ -103,6 +103,8 @@ PATH_FIELDS = (("data", "path"), ("eval", "data"), ("adapter", "init_from"))
 UPLOADS_DIR = "uploads"
 WORKER_LOST = "worker lost"  # the reason of a requeue (or failure) because the job's worker was lost
 LOG_LINES_KEPT = 200  # progress lines the controller keeps per job (a sliding window; see logs_since)
+ENDED_LOGS_KEPT = 1000  # ended jobs whose lines and samples stay in memory; older ones read their metrics.jsonl
+LOG_TRIM_BATCH = 100  # _trim_logs works once this many ended jobs are over ENDED_LOGS_KEPT
 METRIC_SAMPLES_KEPT = 512  # step/loss samples kept per job for job_metrics (thinned by half when full)
 MAX_METRIC_RECORDS = 5000  # most records job_metrics returns (evenly thinned, the last one kept)
 
@@ -1066,8 +1068,7 @@ class Controller:
     def explain(self, job: str, api_key: str | None = None) -> str:
         """The policy's breakdown for a job in the current view (its owner or an admin).
 
-        Raises ``LookupError`` for an unknown job, or a job neither queued nor running (the policy's
-        ``KeyError``), and ``ValueError`` naming the policy when its ``explain`` fails otherwise (a custom
+        Raises ``LookupError`` for an unknown job, or a job neither queued nor running, and ``ValueError`` naming the policy when its ``explain`` fails otherwise (a custom
         policy's bug must not reach the user as a traceback).
         """
         rec = self._find(job, self.identify(api_key), "explain")
@@ -1076,8 +1077,9 @@ class Controller:
             try:
                 return policy.explain(view, rec.id).format()
             except Exception as exc:  # whatever a custom policy raises
-                if isinstance(exc, KeyError) and view.find_job(rec.id) is None:
-                    raise  # not queued nor running: the policy's own message says so
+                if isinstance(exc, KeyError) and view.find_job(rec.id) is None:  # a LookupError, not KeyError,
+                    state = rec.state.value if isinstance(rec.state, JobState) else rec.state  # whose str() quotes
+                    raise LookupError(f"job {rec.id} is {state}: explain covers queued and running jobs") from None
                 err = exc
         detail = " ".join(f"{type(err).__name__}: {err}".split())
         detail = detail if len(detail) <= 300 else f"{detail[:297]}..."
@@ -1147,10 +1149,16 @@ class Controller:
                 except Exception as exc:  # a dead or hung worker: its jobs still requeue below
                     log.warning("worker %s did not stop cleanly: %s", wid, exc)
                 w = self._workers[wid]
-                self._drain_events(w, timeout_s)  # a job that finished (or failed) during the drain is recorded so
-                for job_id in sorted(w.assigned):
-                    if self._requeue(job_id, "controller stopped (lorafleet down)"):
-                        requeued.append(job_id)
+                on_it = sorted(w.assigned)
+                self._drain_events(w, timeout_s)  # a job that finished (or failed) during the drain is recorded so;
+                for job_id in sorted(w.assigned):  # one it stopped at a checkpoint is requeued there
+                    self._requeue(job_id, "controller stopped (lorafleet down)")
+                for job_id in on_it:  # requeued by the drain or just now (the drain's were not counted)
+                    try:
+                        if self.store.get(job_id).state in (JobState.QUEUED, JobState.PREEMPTED):
+                            requeued.append(job_id)
+                    except LookupError:
+                        continue
                 ray.kill(w.handle)
             self._workers.clear()
         self.store.close()
@@ -1186,6 +1194,7 @@ class Controller:
             self._poll(now)
             self._reap(now)
             self._schedule(now)
+            self._trim_logs()
             self._export_metrics()
             self._ticks += 1
 
@@ -1540,6 +1549,28 @@ class Controller:
             if dedupe and kept and kept[-1][1] == line:
                 return
             kept.append((kept[-1][0] + 1 if kept else 0, line))
+
+    def _trim_logs(self) -> None:
+        """Keep the progress lines and samples of live jobs and of the ``ENDED_LOGS_KEPT`` ended jobs
+        logged last; drop the others, oldest first (a long-lived controller grew by about 50 KB per
+        job it had ever run). ``logs`` and ``job_metrics`` of a dropped job read its metrics.jsonl.
+        Runs in the loop (``_live`` is current); does the work once per ``LOG_TRIM_BATCH`` ended jobs."""
+        with self._log_lock:
+            excess = len(self._logs) - len(self._live) - ENDED_LOGS_KEPT
+            if excess < LOG_TRIM_BATCH:
+                return
+            old = [j for j in self._logs if j not in self._live][:excess]
+        ended = set()
+        for job_id in old:  # not live in the view: ended, or submitted since the pass read the store
+            try:
+                if self.store.get(job_id).state.is_terminal:
+                    ended.add(job_id)
+            except LookupError:  # pruned
+                ended.add(job_id)
+        with self._log_lock:
+            for job_id in ended:
+                self._logs.pop(job_id, None)
+                self._samples.pop(job_id, None)
 
     def _sample(self, job_id: str, p: Mapping[str, Any]) -> None:
         """Keep a polled step of a job for ``job_metrics``: at most ``METRIC_SAMPLES_KEPT`` points, at

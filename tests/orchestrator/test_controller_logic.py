@@ -300,3 +300,31 @@ def test_pruned_jobs_leave_the_controllers_live_view(tmp_path):
         assert a not in c._live and a not in c._view_cache and a not in c._spec_cache and a not in c._logs
     finally:
         c.store.close()
+
+
+def test_ended_jobs_progress_lines_are_trimmed_oldest_first(tmp_path, monkeypatch):
+    """A long-lived controller kept every job's progress lines and samples it had ever run (about 50 KB
+    a job in a soak). It keeps the live jobs' and the ENDED_LOGS_KEPT most recent ended ones'; ``logs``
+    of a dropped job reads its metrics.jsonl instead."""
+    import orchestrator.controller as controller_mod
+
+    monkeypatch.setattr(controller_mod, "ENDED_LOGS_KEPT", 3)
+    monkeypatch.setattr(controller_mod, "LOG_TRIM_BATCH", 2)
+    c = Controller(str(tmp_path / "jobs.db"), str(tmp_path / "storage"), {"policy": "fifo"}, start_loop=False,
+                   num_gpus=0)  # fmt: skip
+    try:
+        ids = [c.store.create_job(spec=spec(f"j{i}"), name=f"j{i}", owner="u", priority=0).id for i in range(8)]
+        live = c.store.create_job(spec=spec("live"), name="live", owner="u", priority=0).id
+        c._log(live, "placed")
+        for job_id in ids:
+            c._sample(job_id, {"step": 1, "loss": 1.0})
+            c.cancel(job_id, owner="u")
+        c.tick()
+        kept = set(c._logs)
+        assert kept == {*ids[-3:], live}  # the 5 oldest ended ones went; the live one and the 3 newest stay
+        assert set(c._samples) == set(ids[-3:])
+        assert c.logs(ids[0]) == [] and c.logs(ids[-1])[-1].endswith("cancelled by u")
+        c.tick()
+        assert set(c._logs) == kept  # under the batch: nothing more to do
+    finally:
+        c.store.close()
