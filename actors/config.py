@@ -79,6 +79,7 @@ class TrainSettings:
     max_grad_norm: float | None = None
     seed: int = 42
     checkpoint_every: int = 100
+    keep_checkpoints: int = 3  # newest kept while training (at least 1); 0: none once the job has finished
     log_every: int = 1
 
     @property

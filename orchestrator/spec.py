@@ -200,6 +200,8 @@ class TrainSpec(_Strict):
     max_grad_norm: Float | None = Field(None, gt=0, description="clip the job's gradient norm; null: no clipping")
     seed: Int = Field(42, ge=0, le=2**63 - 1, description="adapter init, data order and dropout masks")
     checkpoint_every: Int = Field(100, ge=1, description="optimizer steps between checkpoints")
+    keep_checkpoints: Int = Field(3, ge=0, le=1000, description="newest checkpoints kept while training (at least "
+                                  "1, to resume); once the job has finished, 0 deletes them all")
     log_every: Int = Field(1, ge=1, description="optimizer steps between metrics-log lines")
 
     @field_validator("betas")

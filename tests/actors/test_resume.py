@@ -76,3 +76,25 @@ def test_jobs_join_and_leave_between_steps(tmp_path):
     assert set(layer.adapters) == {"a"}
     # Same model object throughout: nothing reloaded.
     assert eng.fused.model is base
+
+
+def test_keep_checkpoints(tmp_path):
+    """``train.keep_checkpoints``: the newest N are kept while training (at least one, to resume); 0 deletes
+    them once the job has finished and its adapter is written (they filled storage: 3 per finished job)."""
+    from dataclasses import replace
+
+    base = make_tiny_llama(seed=1)
+    data = write_jsonl(tmp_path / "d.jsonl", token_records(10, seed=3, min_len=5, max_len=14))
+    eng = FusedEngine(base, make_tokenizer())
+    jobs = {}
+    for keep in (0, 2):
+        cfg = job(tmp_path, f"k{keep}", f"k{keep}", data, steps=7, dropout=0.0)
+        jobs[keep] = eng.add_job(replace(cfg, train=replace(cfg.train, keep_checkpoints=keep, checkpoint_every=1)))
+    while jobs[0].step < 5:
+        eng.step()
+    assert [p.name for p in list_checkpoints(tmp_path / "k0")] == ["step-000005"]  # one while training
+    assert [p.name for p in list_checkpoints(tmp_path / "k2")] == ["step-000004", "step-000005"]
+    eng.run()
+    assert list_checkpoints(tmp_path / "k0") == [] and (tmp_path / "k0" / "checkpoints").is_dir()
+    assert (tmp_path / "k0" / "adapter_model.safetensors").is_file()
+    assert [p.name for p in list_checkpoints(tmp_path / "k2")] == ["step-000005", "step-000006"]
