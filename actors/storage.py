@@ -44,6 +44,27 @@ def _fs(uri: str):
     return fs.FileSystem.from_uri(uri)
 
 
+def delete_tree(target: str) -> bool:
+    """Delete the directory ``target`` (a local path or a storage URI) and everything under it; False
+    when it did not exist. Raises ``OSError`` when it exists and cannot be deleted."""
+    if not is_uri(target):
+        path = Path(target)
+        if not path.is_dir():
+            return False
+        shutil.rmtree(path)
+        return True
+    from pyarrow import fs as pafs
+
+    filesystem, path = _fs(target)
+    if filesystem.get_file_info(path).type != pafs.FileType.Directory:
+        return False
+    try:
+        filesystem.delete_dir(path)
+    except Exception as exc:  # pyarrow raises ArrowException subclasses not all derived from OSError
+        raise OSError(f"cannot delete {target}: {exc}") from exc
+    return True
+
+
 def upload_file(local: str | os.PathLike, uri: str) -> None:
     """Upload ONE local file to the object/file ``uri`` (its parent directory is created).
 

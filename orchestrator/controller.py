@@ -589,26 +589,61 @@ class Controller:
         return [{"name": u.name, "admin": u.admin, "created": u.created} for u in self.store.users()]
 
     def prune_jobs(self, older_than_s: float, states: list[str] | None = None, owner: str | None = None,
-                   dry_run: bool = False, api_key: str | None = None) -> dict[str, Any]:
+                   dry_run: bool = False, uploads: bool = False, api_key: str | None = None) -> dict[str, Any]:
         """Delete ended jobs (SUCCEEDED, FAILED, CANCELLED) that ended more than ``older_than_s`` seconds
         ago, with their events (admin-only; ``JobStore.prune``). ``states`` narrows the ended states,
-        ``owner`` keeps only that owner's jobs, ``dry_run`` deletes nothing. Files in the artifact
-        storage (adapters, checkpoints) are never deleted.
+        ``owner`` keeps only that owner's jobs, ``dry_run`` deletes nothing. Adapters, checkpoints and
+        other job outputs are never deleted. ``uploads``: also delete the upload areas
+        (``<storage>/uploads/<owner>/<id>/``, one per submission: the copies of a laptop's data, eval
+        data and ``init_from``) that the pruned jobs named and no remaining job names.
 
-        Returns ``{"deleted": n, "ids": [the first PRUNE_IDS_SHOWN, oldest first], "dry_run": bool}``
-        (with ``dry_run``, ``deleted`` counts the jobs that would go). Raises ``AccessError``, or
+        Returns ``{"deleted": n, "ids": [the first PRUNE_IDS_SHOWN, oldest first], "dry_run": bool,
+        "uploads_deleted": [areas]}`` (with ``dry_run``, what would go). Raises ``AccessError``, or
         ``ValueError`` for a bad age, a live or unknown state, or an empty owner.
         """
         ident = self._require_admin(api_key, "prune jobs")
         # Under the loop's lock: a job that ended since the last pass is still live in the view kept by
         # _live_records, and changed_since never reports a deleted row, so the ids leave that view here.
         with self._lock:
+            areas: dict[str, str] = {}  # upload area -> the text that marks a spec naming it
+            if uploads:
+                for job_id in self.store.prune(older_than_s=older_than_s, states=states, owner=owner, dry_run=True):
+                    areas.update(self._upload_areas(self.store.get(job_id)))
             ids = self.store.prune(older_than_s=older_than_s, states=states, owner=owner, dry_run=bool(dry_run))
             if not dry_run:
                 self._forget_jobs(ids)
+            gone = []
+            for area, mark in sorted(areas.items()):
+                if set(self.store.jobs_naming(mark)) - set(ids):
+                    continue  # a remaining job (one submitted with them) still names it
+                if dry_run:
+                    gone.append(area)
+                    continue
+                try:
+                    from actors.storage import delete_tree
+
+                    if delete_tree(area):
+                        gone.append(area)
+                except OSError as exc:
+                    log.warning("prune: upload area %s not deleted: %s", area, exc)
         if ids and not dry_run:
-            log.info("%s pruned %d ended jobs older than %.0f s", ident.name, len(ids), older_than_s)
-        return {"deleted": len(ids), "ids": ids[:PRUNE_IDS_SHOWN], "dry_run": bool(dry_run)}
+            log.info("%s pruned %d ended jobs older than %.0f s (%d upload areas)", ident.name, len(ids),
+                     older_than_s, len(gone))  # fmt: skip
+        return {"deleted": len(ids), "ids": ids[:PRUNE_IDS_SHOWN], "dry_run": bool(dry_run), "uploads_deleted": gone}
+
+    def _upload_areas(self, rec: JobRecord) -> dict[str, str]:
+        """The upload areas a job's spec names: ``{area: mark}``, ``mark`` being ``/<owner>/<id>/``, the
+        ASCII text any spec naming that area contains (JSON may escape the rest of a path)."""
+        root = self.uploads_root(rec.owner).rstrip("/")
+        out = {}
+        for section, key in PATH_FIELDS:
+            value = (rec.spec.get(section) or {}).get(key) if isinstance(rec.spec.get(section), dict) else None
+            if not isinstance(value, str) or not value.startswith(root + "/"):
+                continue
+            area_id = value[len(root) + 1:].split("/", 1)[0]
+            if re.fullmatch(r"[0-9a-f]{12}", area_id):  # an area the agent made (stage_data's uuid4 hex)
+                out[f"{root}/{area_id}"] = f"/{rec.owner}/{area_id}/"
+        return out
 
     def _forget_jobs(self, ids: list[str]) -> None:
         """Drop deleted jobs from every in-memory table (the live view, caches, logs, samples)."""

@@ -638,6 +638,12 @@ class JobStore:
                     raise JobStoreError(f"prune: selected {len(ids)} jobs but deleted {deleted}; rolled back")
         return ids
 
+    def jobs_naming(self, text: str) -> list[str]:
+        """Ids of the jobs whose stored spec contains ``text`` (literally: ``%`` and ``_`` are not wildcards)."""
+        pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        with self._read() as c:
+            return [r[0] for r in c.execute("SELECT id FROM jobs WHERE spec LIKE ? ESCAPE '\\'", (pattern,))]
+
     def backup(self, dest_path: str | Path) -> Path:
         """Write a consistent copy of the store to ``dest_path`` with SQLite's online backup API.
 

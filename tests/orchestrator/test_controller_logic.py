@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from orchestrator.controller import (
@@ -326,5 +328,45 @@ def test_ended_jobs_progress_lines_are_trimmed_oldest_first(tmp_path, monkeypatc
         assert c.logs(ids[0]) == [] and c.logs(ids[-1])[-1].endswith("cancelled by u")
         c.tick()
         assert set(c._logs) == kept  # under the batch: nothing more to do
+    finally:
+        c.store.close()
+
+
+def test_prune_with_uploads_deletes_the_areas_only_pruned_jobs_named(tmp_path):
+    """Every ``lorafleet submit`` copies the laptop's data into ``uploads/<owner>/<id>/``; nothing ever
+    deleted them (a soak: one area per submission). ``prune_jobs(uploads=True)`` deletes the areas of the
+    pruned jobs that no remaining job names; a dry run lists them and deletes nothing."""
+    c = Controller(str(tmp_path / "jobs.db"), str(tmp_path / "storage"), {"policy": "fifo"}, start_loop=False,
+                   num_gpus=0)  # fmt: skip
+    try:
+        root = Path(c.uploads_root("u"))
+        areas = {}
+        for area_id in ("aaaaaaaaaaa1", "aaaaaaaaaaa2", "aaaaaaaaaaa3"):
+            (root / area_id).mkdir(parents=True)
+            (root / area_id / "data-d.jsonl").write_text('{"text": "x"}\n')
+            areas[area_id] = root / area_id
+        (root / "not-an-area").mkdir()  # not made by the agent: never touched
+
+        def job(name: str, area_id: str, end: bool) -> str:
+            doc = spec(name)
+            doc["data"]["path"] = str(areas[area_id] / "data-d.jsonl")
+            job_id = c.submit(doc, "u")["id"]
+            if end:
+                c.cancel(job_id, owner="u")
+            return job_id
+
+        old = job("old", "aaaaaaaaaaa1", end=True)  # its area is named by no one else: goes
+        job("shared-ended", "aaaaaaaaaaa2", end=True)
+        job("shared-live", "aaaaaaaaaaa2", end=False)  # submitted with it, still queued: the area stays
+        job("live", "aaaaaaaaaaa3", end=False)
+        dry = c.prune_jobs(0, dry_run=True, uploads=True)
+        assert dry["deleted"] == 2 and dry["uploads_deleted"] == [str(areas["aaaaaaaaaaa1"])]
+        assert all(p.is_dir() for p in areas.values())
+        assert c.prune_jobs(0)["uploads_deleted"] == [] and all(p.is_dir() for p in areas.values())  # not asked
+        job("old2", "aaaaaaaaaaa1", end=True)
+        out = c.prune_jobs(0, uploads=True)
+        assert out["deleted"] == 1 and out["uploads_deleted"] == [str(areas["aaaaaaaaaaa1"])]
+        assert not areas["aaaaaaaaaaa1"].exists() and areas["aaaaaaaaaaa2"].is_dir() and areas["aaaaaaaaaaa3"].is_dir()
+        assert (root / "not-an-area").is_dir() and old not in c._live
     finally:
         c.store.close()

@@ -743,3 +743,11 @@ def test_prune_waits_for_another_writer_and_leaves_a_sound_file(tmp_path: Path, 
         assert c.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         assert c.execute("SELECT COUNT(*) FROM jobs").fetchone() == (0,)
         assert c.execute("SELECT COUNT(*) FROM events").fetchone() == (0,)
+
+
+def test_jobs_naming_matches_literally(tmp_path):
+    with JobStore(tmp_path / "j.db") as s:
+        a = s.create_job(spec={"data": {"path": "/up/u/abc_1/x%y.jsonl"}}, name="a", owner="u", priority=0).id
+        b = s.create_job(spec={"data": {"path": "/up/u/abcd1/xzy.jsonl"}}, name="b", owner="u", priority=0).id
+        assert s.jobs_naming("/u/abc_1/") == [a]  # '_' is not a wildcard (it would match abcd1)
+        assert s.jobs_naming("x%y") == [a] and s.jobs_naming("/u/abcd1/") == [b] and s.jobs_naming("/v/") == []
