@@ -408,11 +408,30 @@ def check_records(settings: DataSettings) -> int:
     Raises:
         DataError: naming the file, the record and the field.
     """
+    count, problems = record_problems(settings, limit=1)
+    if problems:
+        raise DataError(problems[0])
+    return count
+
+
+def record_problems(settings: DataSettings, limit: int = 10) -> tuple[int, list[str]]:
+    """:func:`check_records` that goes on past a bad record: ``(record count, the first `limit`
+    problems)``, a last line counting the bad records beyond them. A file that cannot be read, or
+    whose format cannot be told, still raises ``DataError``."""
     records = load_records(settings.path)
     fmt = settings.format if settings.format != "auto" else detect_format(records[0])
+    problems: list[str] = []
+    bad = 0
     for index, record in enumerate(records):
-        _check_fields(record, fmt, index, settings.path)
-    return len(records)
+        try:
+            _check_fields(record, fmt, index, settings.path)
+        except DataError as exc:
+            bad += 1
+            if len(problems) < limit:
+                problems.append(str(exc))
+    if bad > len(problems):
+        problems.append(f"{settings.path}: ... and {bad - len(problems)} more bad record(s)")
+    return len(records), problems
 
 
 def check_examples(

@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from actors.data import DataError, check_records
+from actors.data import DataError, record_problems
 from actors.evaluate import check_eval
 from actors.models import check_base_model
 from orchestrator.spec import SpecError, load_spec
@@ -29,12 +29,13 @@ def run(args: argparse.Namespace) -> int:
             print("\n".join(err.errors))
             continue
         problems = []
-        try:
-            records = check_records(spec.to_job_config().data)  # files, formats, fields (no tokenizer needed)
+        try:  # files, formats, fields (no tokenizer needed); every bad record, up to ten
+            records, record_errors = record_problems(spec.to_job_config().data)
+            problems += [f"{path}: {line}" for line in record_errors]
         except DataError as exc:
             problems.append(f"{path}: {exc}")
             records = 0
-        if records and spec.eval is not None:
+        if records and not problems and spec.eval is not None:
             try:
                 check_eval(spec.to_job_config())
             except DataError as exc:

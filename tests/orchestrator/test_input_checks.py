@@ -440,3 +440,15 @@ def test_exact_match_on_text_records_is_refused(tmp_path: Path, capsys):
     assert out == (f"{path}: eval.data: record 0: exact_match needs a prompt and an answer ({{prompt, completion}}, "
                    "alpaca or chat records); a {text} record has none (it scored 0 whatever the model wrote); use "
                    "loss for it\n")  # fmt: skip
+
+
+def test_validate_lists_every_bad_record_up_to_ten(tmp_path: Path, capsys):
+    """Only record 0 was reported; a user fixed the file one record per run."""
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n' + '{"prompt": "a"}\n' * 12)
+    path = _valid_job(tmp_path, data={"path": str(data), "format": "text"})
+    code, out, _ = lorafleet(capsys, "validate", str(path))
+    lines = out.splitlines()
+    assert code == 1 and len(lines) == 11
+    assert [line.split(": record ")[1].split(":")[0] for line in lines[:10]] == [str(i) for i in range(1, 11)]
+    assert lines[-1] == f"{path}: {data}: ... and 2 more bad record(s)"
