@@ -12,13 +12,16 @@ Functions the CLI (``up``, ``down``, ``policy``) and the laptop client build on:
 * :func:`start_local_cluster` / :func:`stop_local_cluster`: ``lorafleet up --local`` starts
   ``ray start --head`` bound to 127.0.0.1 with its own temp dir and records its PIDs in
   ``~/.lorafleet/local-cluster.json`` so that ``lorafleet down --local`` stops exactly those
-  processes (never ``ray stop``, which would end every Ray process on the machine).
+  processes (never ``ray stop``, which would end every Ray process on the machine) and then
+  deletes that temp dir. :func:`recorded_local_cluster`: the record while its cluster runs (the
+  laptop client's address when it is given none).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -233,6 +236,8 @@ def start_local_cluster(num_gpus: int = 0, num_cpus: int | None = None, port: in
     port = port or free_port()
     tmp = tempfile.mkdtemp(prefix="lf-ray-", dir="/tmp")
     env = loopback_env()
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):  # a client's `export RAY_ADDRESS=http://...`
+        env.pop(name, None)  # names a dashboard, not this cluster: its processes must not inherit it
     env["RAY_TMPDIR"] = tmp
     env["RAY_AUTH_MODE"] = auth
     token_path = None
@@ -263,20 +268,43 @@ def start_local_cluster(num_gpus: int = 0, num_cpus: int | None = None, port: in
     if proc.returncode != 0:
         raise ClusterError(f"`{' '.join(cmd)}` failed:\n{proc.stderr.strip() or proc.stdout.strip()}")
     pids = sorted(_pids_under(tmp))  # only processes of OUR temp dir: never another user's Ray
+    # temp_dir_created: `down --local` may delete it (and only it) once the cluster's processes are gone
     state = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard_port}",
-             "temp_dir": tmp, "pids": pids, "num_gpus": num_gpus, "auth": auth, "token_path": token_path,
-             "started": time.time()}  # fmt: skip
+             "temp_dir": tmp, "temp_dir_created": True, "pids": pids, "num_gpus": num_gpus, "auth": auth,
+             "token_path": token_path, "started": time.time()}  # fmt: skip
     LOCAL_STATE.parent.mkdir(parents=True, exist_ok=True)
     LOCAL_STATE.write_text(json.dumps(state, indent=1) + "\n")
     return state
 
 
-def stop_local_cluster(timeout_s: float = 30.0) -> list[int]:
-    """Stop exactly the processes ``start_local_cluster`` recorded (plus any still using its temp dir)."""
+def recorded_local_cluster() -> dict[str, Any] | None:
+    """The state :func:`start_local_cluster` recorded in ``LOCAL_STATE``, if that cluster still runs
+    (one of its recorded processes is alive and belongs to its temp dir, so a PID reused after a
+    reboot does not count); else None. Laptop commands use its ``dashboard`` when given no address."""
+    try:
+        state = json.loads(LOCAL_STATE.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict) or not isinstance(state.get("temp_dir"), str):
+        return None
+    pids = [p for p in state.get("pids") or [] if isinstance(p, int) and not isinstance(p, bool)]
+    return state if any(_alive(pid) and _belongs_to(pid, state["temp_dir"]) for pid in pids) else None
+
+
+def stop_local_cluster(timeout_s: float = 30.0) -> dict[str, Any]:
+    """Stop exactly the processes ``start_local_cluster`` recorded (plus any still using its temp dir),
+    then delete its temp dir (Ray's logs and session files: megabytes a day) once none of them runs.
+
+    Only a temp dir ``start_local_cluster`` created is deleted: the record says so (``temp_dir_created``),
+    or, for a record written before that key, the dir is ``/tmp/lf-ray-*`` as it names them.
+
+    Returns ``{"pids": [...], "temp_dir": str, "removed": bool, "warning": str (only when it was kept)}``.
+    """
     if not LOCAL_STATE.is_file():
         raise ClusterError(f"no local cluster recorded in {LOCAL_STATE}")
     state = json.loads(LOCAL_STATE.read_text())
-    pids = sorted(set(state["pids"]) | _pids_under(state["temp_dir"]))
+    temp_dir = state["temp_dir"]
+    pids = sorted(set(state["pids"]) | _pids_under(temp_dir))
     for sig in (signal.SIGTERM, signal.SIGKILL):
         alive = [p for p in pids if _alive(p)]
         for pid in alive:
@@ -288,7 +316,27 @@ def stop_local_cluster(timeout_s: float = 30.0) -> list[int]:
         while time.time() < deadline and any(_alive(p) for p in alive):
             time.sleep(0.2)
     LOCAL_STATE.unlink()
-    return pids
+    out: dict[str, Any] = {"pids": pids, "temp_dir": temp_dir, "removed": False}
+    if not _created_temp_dir(state) or not Path(temp_dir).is_dir():
+        return out
+    running = sorted(p for p in set(pids) | _pids_under(temp_dir) if _alive(p))
+    if running:
+        out["warning"] = f"kept the cluster's temp dir {temp_dir}: processes {running} still use it"
+        return out
+    failed: list[str] = []
+    shutil.rmtree(temp_dir, onerror=lambda _f, path, info: failed.append(f"{path}: {info[1]}"))
+    out["removed"] = not Path(temp_dir).exists()
+    if failed:
+        out["warning"] = f"could not delete all of the cluster's temp dir {temp_dir}: {failed[0]}"
+    return out
+
+
+def _created_temp_dir(state: dict[str, Any]) -> bool:
+    """Whether ``start_local_cluster`` created the recorded temp dir (and so may delete it)."""
+    if "temp_dir_created" in state:
+        return state["temp_dir_created"] is True
+    path = Path(state["temp_dir"])  # a record from before the key: mkdtemp(prefix="lf-ray-", dir="/tmp")
+    return path.parent == Path("/tmp") and path.name.startswith("lf-ray-") and not path.is_symlink()
 
 
 def _alive(pid: int) -> bool:
@@ -300,6 +348,17 @@ def _alive(pid: int) -> bool:
         return True
     stat = Path(f"/proc/{pid}/stat")
     return not (stat.is_file() and ") Z " in stat.read_text())
+
+
+def _belongs_to(pid: int, temp_dir: str) -> bool:
+    """Whether process ``pid`` is one of the cluster of ``temp_dir`` (as :func:`_pids_under` finds them)."""
+    proc = Path(f"/proc/{pid}")
+    try:
+        if temp_dir in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+            return True
+        return f"RAY_TMPDIR={temp_dir}".encode() in (proc / "environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
 
 
 def _cmdlines() -> dict[int, str]:

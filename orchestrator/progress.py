@@ -147,8 +147,10 @@ def _output_and_eval_error(job: JobProgress) -> str:
 
 def summary_table(jobs: list[JobProgress], title: str = "lorafleet summary") -> Table:
     table = Table(title=title)
-    for col in ("job", "state", "steps", "final loss", "tok/s", "held-out: base->adapter", "output / error"):
-        table.add_column(col)
+    # The job's name is how status, logs and fetch find it: never cut; the other columns wrap instead.
+    table.add_column("job", no_wrap=True, min_width=max([3, *(len(job.name) for job in jobs)]))
+    for col in ("state", "steps", "final loss", "tok/s", "held-out: base->adapter", "output / error"):
+        table.add_column(col, overflow="fold")
     for job in jobs:
         style = {"succeeded": "green", "failed": "red"}.get(job.state, "")
         table.add_row(

@@ -13,7 +13,9 @@ directory; the agent stages them into the owner's upload area.
     job.wait()
     job.fetch("adapters/reverse")          # ready for peft.PeftModel.from_pretrained
 
-The address also comes from ``RAY_API_SERVER_ADDRESS`` or ``RAY_ADDRESS``; with Ray token
+The address is ``address``, else ``RAY_API_SERVER_ADDRESS`` or ``RAY_ADDRESS`` (an ``http(s)://``
+dashboard URL), else the dashboard of the local cluster ``lorafleet up --local`` recorded on this
+machine (while it runs), else ``http://127.0.0.1:8265`` (:func:`resolve_address`); with Ray token
 authentication the token comes from ``token=`` or Ray's own ``RAY_AUTH_TOKEN`` /
 ``RAY_AUTH_TOKEN_PATH`` / ``~/.ray/auth_token``. On a cluster with users, the lorafleet API key
 comes from ``api_key=``, ``LORAFLEET_API_KEY``, or ``~/.lorafleet/api_key`` (``orchestrator.auth``).
@@ -22,24 +24,26 @@ comes from ``api_key=``, ``LORAFLEET_API_KEY``, or ``~/.lorafleet/api_key`` (``o
 from __future__ import annotations
 
 import base64
+import contextlib
 import getpass
 import json
 import os
+import re
 import shlex
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
-from ray.exceptions import AuthenticationError
+from ray.exceptions import AuthenticationError, RayError
 
 from actors.storage import is_uri
 from orchestrator.agent import ADAPTER_FILES, INIT_FROM_HINT, KEY_FILE, RESULT_PREFIX, adapter_files
 from orchestrator.auth import client_api_key, write_secret
-from orchestrator.spec import JobSpec, load_spec, parse_spec
+from orchestrator.spec import JobSpec, SpecError, load_spec, parse_spec
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
@@ -49,18 +53,84 @@ class RemoteError(RuntimeError):
     """The cluster could not do what was asked; the message says why and what to do."""
 
 
+ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # Ray's own order: the first set one wins
+DASHBOARD_FORM = "the lorafleet client talks to the Ray dashboard (http://HOST:8265)"
+
+
 def resolve_address(address: str | None) -> str:
-    """``address``, else ``RAY_API_SERVER_ADDRESS``, else an http ``RAY_ADDRESS``, else the local default."""
-    for value in (address, os.environ.get("RAY_API_SERVER_ADDRESS"), os.environ.get("RAY_ADDRESS")):
-        if value and value != "auto":
-            return value if "://" in value else f"http://{value}"
-    return DEFAULT_ADDRESS
+    """The Ray dashboard URL to talk to; see :func:`address_and_source`."""
+    return address_and_source(address)[0]
+
+
+def address_and_source(address: str | None) -> tuple[str, str]:
+    """The Ray dashboard URL and where it came from.
+
+    In order: ``address`` (``HOST:PORT`` means ``http://HOST:PORT``; ``auto`` counts as not given),
+    else ``RAY_API_SERVER_ADDRESS``, else ``RAY_ADDRESS`` (either must be an ``http(s)://`` URL:
+    ``auto`` or a GCS address ``HOST:6379`` names Ray's cluster, not its dashboard), else the
+    dashboard of the local cluster ``lorafleet up --local`` recorded (``LORAFLEET_HOME/local-cluster.json``)
+    while its processes run, else :data:`DEFAULT_ADDRESS`. The source is ``"address"``, the variable's
+    name, ``"local cluster"`` or ``"default"``.
+
+    Raises:
+        RemoteError: the address, or the variable that decides it, is not an http(s) dashboard URL.
+    """
+    if address and address != "auto":
+        if "://" not in address:
+            return f"http://{address}".rstrip("/"), "address"
+        if not address.startswith(("http://", "https://")):
+            raise RemoteError(f"address {address!r} is not a Ray dashboard URL: {DASHBOARD_FORM}. "
+                              f"Pass --address http://HOST:8265{_local_hint()}")  # fmt: skip
+        return address.rstrip("/"), "address"
+    for variable in ADDRESS_VARIABLES:
+        value = os.environ.get(variable, "").strip()
+        if not value:
+            continue
+        if not value.startswith(("http://", "https://")):
+            raise RemoteError(f"{variable}={value!r} is not a Ray dashboard URL: {DASHBOARD_FORM}. Set "
+                              f"{variable}=http://HOST:8265, unset it, or pass --address{_local_hint()}")  # fmt: skip
+        return value.rstrip("/"), variable
+    from orchestrator.client import recorded_local_cluster
+
+    state = recorded_local_cluster()
+    if state is not None and isinstance(state.get("dashboard"), str):
+        return state["dashboard"], "local cluster"
+    return DEFAULT_ADDRESS, "default"
+
+
+def _local_hint() -> str:
+    """`` (the local cluster's is http://...)`` where ``lorafleet up --local`` recorded a running cluster."""
+    from orchestrator.client import recorded_local_cluster
+
+    state = recorded_local_cluster()
+    return f" (the local cluster's is {state['dashboard']})" if state and state.get("dashboard") else ""
+
+
+@contextlib.contextmanager
+def _without_address_variables() -> Iterator[None]:
+    """Ray's JobSubmissionClient takes ``RAY_API_SERVER_ADDRESS`` / ``RAY_ADDRESS`` over the address it
+    is given (and treats one without ``http://`` as a GCS address to look the dashboard up from, ~35 s
+    of retries): hide both while it is built, so the address :func:`resolve_address` chose is the one used."""
+    saved = {name: os.environ.pop(name) for name in ADDRESS_VARIABLES if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def default_owner() -> str:
     """The client's identity: ``LORAFLEET_OWNER``, else the login name."""
     owner = os.environ.get("LORAFLEET_OWNER") or getpass.getuser()
     return "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in owner)[:64] or "default"
+
+
+def declared_owner(owner: str | None, api_key: str | None) -> str | None:
+    """The owner a client declares with each call: ``owner``, else ``LORAFLEET_OWNER``; without an
+    API key (single-user mode) else the login name (:func:`default_owner`). With a key, None lets
+    the key decide."""
+    if api_key:
+        return owner or os.environ.get("LORAFLEET_OWNER") or None
+    return owner or default_owner()
 
 
 class Job:
@@ -117,21 +187,19 @@ class Client:
 
         from orchestrator.auth import AccessError
 
-        self.address = resolve_address(address)
+        self.address, self.address_source = address_and_source(address)
         try:
             self.api_key = client_api_key(api_key)
         except AccessError as exc:
             raise RemoteError(str(exc)) from None
-        if self.api_key:
-            self.owner = owner or os.environ.get("LORAFLEET_OWNER") or None
-        else:
-            self.owner = owner or default_owner()
+        self.owner = declared_owner(owner, self.api_key)
         self.timeout_s = timeout_s
         headers = {"Authorization": f"Bearer {token}"} if token else None
         try:
-            self._ray = JobSubmissionClient(self.address, headers=headers)
-        except (ConnectionError, RuntimeError, ValueError, AuthenticationError) as exc:
-            raise _connect_error(self.address, exc) from None
+            with _without_address_variables():
+                self._ray = JobSubmissionClient(self.address, headers=headers)
+        except (ConnectionError, RuntimeError, ValueError, OSError, RayError) as exc:  # RayError: RpcError, auth
+            raise _connect_error(self.address, exc, self.address_source) from None
 
     # ---------------------------------------------------------------- the agent channel
 
@@ -155,7 +223,7 @@ class Client:
                 ray_job = self._ray.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
                                                metadata={"lorafleet": args[0]})  # fmt: skip
                 break
-            except AuthenticationError as exc:  # e.g. a token rotated since this client connected
+            except RayError as exc:  # e.g. a token rotated since this client connected (AuthenticationError)
                 raise _connect_error(self.address, exc) from None
             except RuntimeError as exc:
                 # A cluster that just started has no job agent yet; Ray says to try again.
@@ -167,15 +235,15 @@ class Client:
                 raise RemoteError(f"Ray refused the request at {self.address}: {_first_line(exc)}") from None
         delay = 0.2
         while True:
-            status = str(self._ray.get_job_status(ray_job))
+            status = str(self._job_call(self._ray.get_job_status, ray_job))
             if status.upper().endswith(("SUCCEEDED", "FAILED", "STOPPED")):
                 break
             if time.monotonic() > deadline:
-                self._ray.stop_job(ray_job)
+                self._job_call(self._ray.stop_job, ray_job)
                 raise RemoteError(f"the cluster did not answer within {self.timeout_s:.0f} s (Ray job {ray_job})")
             time.sleep(delay)
             delay = min(1.0, delay * 1.5)
-        logs = self._ray.get_job_logs(ray_job)
+        logs = self._job_call(self._ray.get_job_logs, ray_job)
         for line in reversed(logs.splitlines()):
             if line.startswith(RESULT_PREFIX):
                 body = json.loads(line[len(RESULT_PREFIX) :])
@@ -183,6 +251,17 @@ class Client:
                     return body["result"]
                 raise RemoteError(body["error"])
         raise RemoteError(f"the cluster's agent job {ray_job} ended {status} without an answer:\n{logs[-2000:]}")
+
+    def _job_call(self, method: Callable[..., Any], *args: Any) -> Any:
+        """One Ray Job Submission call on a submitted agent job; the dashboard going away (``lorafleet
+        down``, a network error) is a one-line ``RemoteError``, not a traceback."""
+        import requests
+
+        try:
+            return method(*args)
+        except (requests.exceptions.RequestException, ConnectionError, RuntimeError, RayError) as exc:
+            raise RemoteError(f"lost the connection to the Ray dashboard at {self.address}: "
+                              f"{type(exc).__name__}: {_first_line(exc)}") from None  # fmt: skip
 
     # ---------------------------------------------------------------- jobs
 
@@ -194,14 +273,28 @@ class Client:
     def submit_many(self, specs: Sequence[str | os.PathLike[str] | Mapping[str, Any]]) -> list[Job]:
         """Submit several specs in ONE Ray job; nothing is queued if any spec is invalid.
 
+        Every spec is checked before anything is sent, and every problem of every spec is reported,
+        each line starting with the spec file it is about (as ``lorafleet validate`` prints them).
+
         Raises:
-            SpecError: a spec is invalid (file, line, field), checked before anything is sent.
-            RemoteError: no controller, a data file or ``init_from`` adapter missing (checked before
-                anything is sent), or the cluster refused.
+            SpecError: a spec is invalid (file, line, field).
+            RemoteError: a data file or ``init_from`` adapter missing (with the spec errors, if any), no
+                controller, or the cluster refused.
         """
         workdir = tempfile.mkdtemp(prefix="lorafleet-submit-")
         try:
-            names = [self._stage(spec, Path(workdir), i) for i, spec in enumerate(specs)]
+            names, spec_errors, local_errors = [], [], []
+            for i, spec in enumerate(specs):
+                try:
+                    names.append(self._stage(spec, Path(workdir), i))
+                except SpecError as err:  # its lines already name the file (and the line)
+                    spec_errors.extend(err.errors)
+                except RemoteError as err:
+                    local_errors.append(f"{_source(spec)}: {err}")
+            if local_errors:
+                raise RemoteError("\n".join([*spec_errors, *local_errors]))
+            if spec_errors:
+                raise SpecError(spec_errors)
             result = self._agent(["register", *self._owner_args(), *names], workdir=workdir)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -298,6 +391,11 @@ class Client:
         return dest
 
 
+def _source(spec: str | os.PathLike[str] | Mapping[str, Any]) -> str:
+    """How errors name a spec: its file as given, or ``<spec>`` (``parse_spec``'s name for a mapping)."""
+    return "<spec>" if isinstance(spec, Mapping) else str(spec)
+
+
 def _stage_adapter(value: str, dest: Path) -> str:
     """Copy the adapter files of the local directory ``value`` into ``dest``; returns the path to
     put in the spec (``dest``'s name, or ``value`` itself for a path on the cluster)."""
@@ -319,22 +417,28 @@ def _stage_adapter(value: str, dest: Path) -> str:
     return dest.name
 
 
+_ADDRESSES = re.compile(r"\S+://\S*|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?|\bport=\d+")
+_AUTH_WORDS = re.compile(r"\b40[13]\b|Unauthorized|Forbidden|authentication|auth token")
+
+
 def _is_auth_error(exc: BaseException) -> bool:
+    """Whether the dashboard refused a Ray token (401/403), read from the error's words and status codes,
+    not from the addresses in it: a dashboard on port 40311 is not a 403."""
     if isinstance(exc, AuthenticationError):
         return True
-    text = str(exc)
-    return any(w in text for w in ("401", "403", "Unauthorized", "Forbidden", "authentication", "auth token"))
+    return bool(_AUTH_WORDS.search(_ADDRESSES.sub(" ", str(exc))))
 
 
-def _connect_error(address: str, exc: BaseException) -> RemoteError:
+def _connect_error(address: str, exc: BaseException, source: str | None = None) -> RemoteError:
     if _is_auth_error(exc):
         return RemoteError(
             f"the Ray cluster at {address} refused this client: it requires a Ray auth token "
             f"({_first_line(exc)}). Pass --token, or set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) as your admin "
             "gave it to you."
         )
+    where = {"local cluster": " (the local cluster `lorafleet up --local` recorded)"}.get(source or "", "")
     return RemoteError(
-        f"cannot reach the Ray dashboard at {address}: {_first_line(exc)}. Check --address "
+        f"cannot reach the Ray dashboard at {address}{where}: {_first_line(exc)}. Check --address "
         "(or RAY_ADDRESS / RAY_API_SERVER_ADDRESS) and that the cluster is up (`lorafleet up --local`)."
     )
 

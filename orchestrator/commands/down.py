@@ -4,6 +4,7 @@ everything) and, with ``--local``, the Ray cluster ``lorafleet up --local`` star
 from __future__ import annotations
 
 import argparse
+import sys
 
 from orchestrator.cli import UserError
 
@@ -23,6 +24,8 @@ def run(args: argparse.Namespace) -> int:
         client.connect(args.address)
         out = client.stop_controller(api_key=client_api_key())
         print(f"controller stopped; {len(out.get('requeued', []))} running jobs checkpointed and requeued")
+        if out.get("warning"):
+            print(f"warning: {out['warning']}", file=sys.stderr)
     except AccessError as exc:
         raise UserError(str(exc)) from None
     except (client.ClusterError, client.NoControllerError) as exc:
@@ -34,8 +37,11 @@ def run(args: argparse.Namespace) -> int:
 
         ray.shutdown()
         try:
-            pids = client.stop_local_cluster()
+            stopped = client.stop_local_cluster()
         except client.ClusterError as exc:
             raise UserError(str(exc)) from None
-        print(f"local Ray cluster stopped (pids {pids})")
+        removed = f"; deleted its temp dir {stopped['temp_dir']}" if stopped["removed"] else ""
+        print(f"local Ray cluster stopped (pids {stopped['pids']}){removed}")
+        if stopped.get("warning"):
+            print(f"warning: {stopped['warning']}", file=sys.stderr)
     return 0

@@ -2,8 +2,9 @@
 
 One module serves these subcommands (``COMMANDS`` maps each to it); the subcommand's name is the
 last word of its parser's ``prog``. Every one takes ``--address`` (else ``RAY_API_SERVER_ADDRESS`` /
-``RAY_ADDRESS``, else http://127.0.0.1:8265), ``--token`` (else Ray's own token variables) and
-``--owner`` (else ``LORAFLEET_OWNER`` or the login name). On a cluster with users the API key comes
+``RAY_ADDRESS``, else the dashboard of the running local cluster ``lorafleet up --local`` recorded in
+``LORAFLEET_HOME``, else http://127.0.0.1:8265: ``remote.address_and_source``), ``--token`` (else
+Ray's own token variables) and ``--owner`` (else ``LORAFLEET_OWNER`` or the login name). On a cluster with users the API key comes
 from ``LORAFLEET_API_KEY`` / ``LORAFLEET_API_KEY_FILE`` / ``~/.lorafleet/api_key`` (never a flag:
 command lines are visible to other local users) and decides the owner.
 """
@@ -16,6 +17,7 @@ import sys
 import tempfile
 import time
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -32,7 +34,8 @@ def _command(parser: argparse.ArgumentParser) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", help="Ray dashboard address, e.g. http://HEAD:8265")
+    parser.add_argument("--address", help="Ray dashboard address, e.g. http://HEAD:8265 [RAY_ADDRESS, else the "
+                        "local cluster `lorafleet up --local` started, else http://127.0.0.1:8265]")
     parser.add_argument("--token", help="Ray auth token (default: RAY_AUTH_TOKEN / ~/.ray/auth_token)")
     parser.add_argument("--owner", help="your identity on a single-user cluster (default: LORAFLEET_OWNER or login); "
                         "with an API key the key decides, and only an admin may name another owner")
@@ -79,6 +82,8 @@ def _count(text: str) -> int:
 def run(args: argparse.Namespace) -> int:
     try:
         client = Client(args.address, token=args.token, owner=args.owner)
+        if client.address_source == "local cluster":  # not the default: say which cluster this talks to
+            print(f"(the local cluster `lorafleet up --local` started: {client.address})", file=sys.stderr)
         return HANDLERS[args.command](client, args)
     except SpecError as err:
         raise UserError("\n".join(err.errors)) from None
@@ -119,15 +124,53 @@ def _eta(record: dict) -> str:
     return fmt_duration((time.time() - start) / step * (total - step))
 
 
-def _table(records: list[dict]) -> Table:
-    table = Table()
-    for col in ("id", "name", "state", "step", "loss", "tok/s", "ETA", "worker", "prio", "owner"):
-        table.add_column(col)
-    for r in records:
-        table.add_row(r["id"], r["name"], r["state"], f"{r.get('step') or 0}/{r.get('total_steps') or '?'}",
-                      fmt_float(r.get("loss")), fmt_float(r.get("tokens_per_s"), 0), _eta(r),
-                      str(r.get("worker") or "-"), str(r.get("priority", 0)), str(r.get("owner") or "-"))  # fmt: skip
-    return table
+COLUMNS = ("id", "name", "state", "step", "loss", "tok/s", "ETA", "worker", "prio", "owner")
+
+
+def _cells(r: dict) -> list[str]:
+    return [str(r["id"]), str(r["name"]), str(r["state"]), f"{r.get('step') or 0}/{r.get('total_steps') or '?'}",
+            fmt_float(r.get("loss")), fmt_float(r.get("tokens_per_s"), 0), _eta(r), str(r.get("worker") or "-"),
+            str(r.get("priority", 0)), str(r.get("owner") or "-")]  # fmt: skip
+
+
+def _table(records: list[dict]) -> tuple[Table, int]:
+    """The jobs as a table whose id and name columns are never cut (the id is what status, logs,
+    cancel and fetch take), and the narrowest width it fits: the other columns wrap down to
+    ``SOFT_MIN_WIDTH`` characters to fit a terminal."""
+    rows = [_cells(r) for r in records]
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    need = 2 * (len(COLUMNS) - 1)  # two spaces between columns
+    for i, col in enumerate(COLUMNS):
+        longest = max([len(col), *(len(row[i]) for row in rows)])
+        if i < 2:
+            table.add_column(col, no_wrap=True, min_width=longest)
+            need += longest
+        else:
+            table.add_column(col, overflow="fold", min_width=min(longest, SOFT_MIN_WIDTH))
+            need += min(longest, SOFT_MIN_WIDTH)
+    for row in rows:
+        table.add_row(*row)
+    return table, need
+
+
+SOFT_MIN_WIDTH = 4
+
+
+def print_jobs(records: list[dict], console: Console | None = None) -> None:
+    """The jobs table on a terminal; elsewhere (a pipe, a file) a header and one tab-separated line
+    per job, never wrapped nor cut. On a terminal narrower than the id and name columns and the
+    narrowest other columns, lines run past its edge (it wraps them) rather than cut an id
+    (``console``'s width is raised to what the table needs)."""
+    console = console or Console()
+    if not console.is_terminal:
+        for row in [list(COLUMNS), *(_cells(r) for r in records)]:
+            console.file.write("\t".join(" ".join(cell.split()) or "-" for cell in row) + "\n")
+        console.file.flush()
+        return
+    table, need = _table(records)
+    if console.width < need:
+        console.width = need  # print() caps a table at the console's width
+    console.print(table, crop=False)
 
 
 def do_submit(client: Client, args: argparse.Namespace) -> int:
@@ -183,7 +226,7 @@ def do_list(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([_row(r) for r in records], indent=2))
     else:
-        Console().print(_table(records))
+        print_jobs(records)
     return 0
 
 
@@ -192,7 +235,7 @@ def do_status(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([_row(r) for r in records], indent=2))
         return 0
-    Console().print(_table(records))
+    print_jobs(records)
     if args.job:
         for event in records[0].get("events", []):
             stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))

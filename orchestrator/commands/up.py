@@ -125,4 +125,8 @@ def run(args: argparse.Namespace) -> int:
           + ("" if started else " (a running controller keeps its settings)"))  # fmt: skip
     engine = {**dataclasses.asdict(EngineSettings()), **info.get("worker_engine", {})}
     print("workers' fused step: " + ", ".join(f"{k.replace('_', ' ')} {'on' if v else 'off'}" for k, v in engine.items()))
+    if args.local:
+        print("lorafleet submit/status/... and Client() with this LORAFLEET_HOME use this cluster's dashboard "
+              "by themselves; elsewhere (another LORAFLEET_HOME, `ray job submit`):")  # fmt: skip
+        print(f"export RAY_ADDRESS={state['dashboard']}")
     return 0

@@ -1,6 +1,7 @@
 """``lorafleet up --local`` / ``policy`` / ``down --local`` as a user runs them (subprocesses).
 
-Checks that ``down --local`` stops exactly the processes ``up --local`` started, and that the
+Checks that ``down --local`` stops exactly the processes ``up --local`` started (and deletes its
+temp dir), that laptop commands on that machine find the cluster with no address, and that the
 client says clearly when no controller runs.
 """
 
@@ -18,8 +19,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def lorafleet(home: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LORAFLEET_HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0"}
+def lorafleet(home: Path, *args: str, timeout: float = 300, **extra_env: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env.update({"LORAFLEET_HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0", **extra_env})
     exe = Path(sys.executable).with_name("lorafleet")  # the console script, as users run it
     return subprocess.run([str(exe), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
@@ -27,7 +29,9 @@ def lorafleet(home: Path, *args: str, timeout: float = 300) -> subprocess.Comple
 
 def test_up_policy_down_local(tmp_path):
     home = tmp_path / "home"
-    up = lorafleet(home, "up", "--local", "--num-gpus", "1", "--num-cpus", "1", "--activation-checkpointing")
+    # a shell that still exports the dashboard of an earlier `up --local` (as that one printed it)
+    up = lorafleet(home, "up", "--local", "--num-gpus", "1", "--num-cpus", "1", "--activation-checkpointing",
+                   RAY_ADDRESS="http://127.0.0.1:1")  # fmt: skip
     state_file = home / "local-cluster.json"
     try:
         assert up.returncode == 0, up.stderr[-3000:]
@@ -36,6 +40,8 @@ def test_up_policy_down_local(tmp_path):
         assert "workers' fused step: packing on, autocast off, activation checkpointing on" in up.stdout, up.stdout
         state = json.loads(state_file.read_text())
         assert state["address"].startswith("127.0.0.1:") and state["pids"]
+        assert f"\nexport RAY_ADDRESS={state['dashboard']}\n" in up.stdout
+        check_client_commands(home, state, tmp_path)
         again = lorafleet(home, "up")
         assert again.returncode == 0 and "reattached to controller" in again.stdout, again.stderr[-2000:]
         bad = tmp_path / "bad.yaml"
@@ -52,11 +58,49 @@ def test_up_policy_down_local(tmp_path):
         down = lorafleet(home, "down", "--local")
     assert down.returncode == 0, down.stderr[-3000:]
     assert "controller stopped" in down.stdout and "local Ray cluster stopped" in down.stdout
-    assert not state_file.exists()
+    assert f"deleted its temp dir {state['temp_dir']}" in down.stdout
+    assert not state_file.exists() and not Path(state["temp_dir"]).exists()
     for pid in state["pids"]:
         assert not Path(f"/proc/{pid}").exists() or ") Z " in Path(f"/proc/{pid}/stat").read_text()
     # the saved policy survives for the next `up`
     assert json.loads((home / "policy.json").read_text())["policy"] == "aspen"
+
+
+def check_client_commands(home: Path, state: dict, tmp_path: Path) -> None:
+    """README's laptop commands on the machine that ran `up --local`: no address needed; an explicit one
+    wins over RAY_ADDRESS; RAY_ADDRESS=<the GCS address up printed> is a one-line error; submit errors
+    name the spec file; whoami names the owner jobs get."""
+    url = state["dashboard"]
+    res = lorafleet(home, "list", timeout=120)  # its dashboard port is a free one, not 8265
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"(the local cluster `lorafleet up --local` started: {url})" in res.stderr
+    assert res.stdout.startswith("id\tname\tstate\t")  # piped: plain rows
+    nothing = f"127.0.0.1:{free_port()}"
+    res = lorafleet(home, "list", "--address", url, timeout=120, RAY_ADDRESS=nothing)
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = lorafleet(home, "status", timeout=60, RAY_ADDRESS=state["address"])
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr[-2000:]
+    assert res.stderr.startswith(f"lorafleet status: error: RAY_ADDRESS={state['address']!r} is not a Ray "
+                                 "dashboard URL: the lorafleet client talks to the Ray dashboard")  # fmt: skip
+    assert f"(the local cluster's is {url})" in res.stderr
+
+    spec = tmp_path / "c.yaml"
+    spec.write_text("name: walkthrough-c\nbase_model: builtin:smollm2-135m-instruct\ndata: {path: tokens.jsonl}\n")
+    res = lorafleet(home, "submit", str(spec), str(tmp_path / "missing.yaml"), timeout=60)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert f"{tmp_path / 'missing.yaml'}: cannot read spec file" in res.stderr
+    assert f"{spec}: data.path: file not found on this machine: tokens.jsonl" in res.stderr
+
+    res = lorafleet(home, "admin", "whoami", timeout=120, LORAFLEET_OWNER="carol")
+    assert res.returncode == 0 and res.stdout == "carol (admin, single-user mode)\n", res.stderr[-2000:]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def test_losing_the_dashboard_mid_call_is_one_line(monkeypatch, capsys):
