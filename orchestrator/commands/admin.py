@@ -23,7 +23,7 @@ DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 DURATION_FORMS = "90s, 45m, 12h, 30d, or a bare number of seconds"
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
 PRUNE_STATES = ("succeeded", "failed", "cancelled")
-PRUNE_OPTIONS = ("older_than", "state", "owner", "dry_run")  # prune's own options, refused elsewhere
+PRUNE_OPTIONS = ("older_than", "state", "owner", "dry_run", "uploads")  # prune's own options, refused elsewhere
 IDS_PRINTED = 10
 
 
@@ -62,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--owner", metavar="NAME", help="prune: only this owner's jobs")
     parser.add_argument("--dry-run", action="store_true",
                         help="prune: print what would be deleted and delete nothing")
+    parser.add_argument("--uploads", action="store_true",
+                        help="prune: also delete the uploaded inputs (one area per submission) that only the "
+                        "pruned jobs named")  # fmt: skip
     parser.add_argument("--address", default="auto", help="Ray cluster address [auto]")
 
 
@@ -74,7 +77,7 @@ def _prune_arguments(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"admin prune: give --older-than AGE ({DURATION_FORMS}), e.g. --older-than 30d")
     return {"older_than_s": parse_duration(args.older_than),
             "states": parse_states(args.state) if args.state is not None else None,
-            "owner": args.owner, "dry_run": bool(args.dry_run)}  # fmt: skip
+            "owner": args.owner, "dry_run": bool(args.dry_run), "uploads": bool(args.uploads)}  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -111,7 +114,11 @@ def run(args: argparse.Namespace) -> int:
             out = client.call("prune_jobs", api_key=key, **prune)
             print(prune_summary(out, args.older_than))
         else:
-            me = client.call("whoami", api_key=key)
+            from orchestrator.remote import declared_owner
+
+            # The owner submit, status, ... declare (LORAFLEET_OWNER or the login name without a key):
+            # single-user mode names the owner jobs from this shell get, not "default".
+            me = client.call("whoami", api_key=key, owner=declared_owner(None, key))
             print(f"{me['name']} ({'admin' if me['admin'] else 'user'}, {me['mode']} mode)")
     except (client.ClusterError, client.NoControllerError, ValueError, LookupError, PermissionError) as exc:
         raise UserError(str(exc)) from None
@@ -127,6 +134,9 @@ def prune_summary(out: dict[str, Any], age: str) -> str:
     shown = out["ids"][:IDS_PRINTED]
     more = f" and {n - len(shown)} more" if n > len(shown) else ""
     ids = f"{', '.join(shown)}{more}"
+    areas = out.get("uploads_deleted") or []
+    uploads = f"; and {len(areas)} upload area{'' if len(areas) == 1 else 's'}" if areas else ""
     if out["dry_run"]:
-        return f"would delete {jobs} (dry run: nothing deleted): {ids}"
-    return f"deleted {jobs} from the job store (their files in the storage are kept): {ids}"
+        return f"would delete {jobs}{uploads} (dry run: nothing deleted): {ids}"
+    kept = "their outputs in the storage are kept" if areas else "their files in the storage are kept"
+    return f"deleted {jobs} from the job store{uploads} ({kept}): {ids}"

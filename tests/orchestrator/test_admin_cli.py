@@ -107,3 +107,24 @@ def test_prune_command(ctl: Controller, monkeypatch, capsys):
     assert capsys.readouterr().out == (f"deleted 12 jobs that ended more than 0 ago from the job store (their "
                                        f"files in the storage are kept): {', '.join(done[:10])} and 2 more\n")  # fmt: skip
     assert [r.id for r in ctl.store.list()] == [live]
+
+
+def test_prune_uploads_flag(ctl: Controller, monkeypatch, capsys):
+    """``--uploads`` reaches the controller and the summary counts the deleted upload areas."""
+    from pathlib import Path
+
+    root = ctl.add_user("root", admin=True)["key"]
+    area = Path(ctl.uploads_root("root")) / "0123456789ab"
+    area.mkdir(parents=True)
+    (area / "data-d.jsonl").write_text('{"text": "x"}\n')
+    doc = spec("up")
+    doc["data"] = {"path": str(area / "data-d.jsonl")}
+    job = ctl.submit(doc, api_key=root)["id"]
+    ctl.cancel(job, api_key=root)
+    monkeypatch.setenv("LORAFLEET_API_KEY", root)
+    assert cli.main(["admin", "prune", "--older-than", "0", "--uploads"]) == 0
+    assert capsys.readouterr().out == (f"deleted 1 job that ended more than 0 ago from the job store; and 1 upload "
+                                       f"area (their outputs in the storage are kept): {job}\n")  # fmt: skip
+    assert not area.exists()
+    assert cli.main(["admin", "users", "--uploads"]) == 2
+    assert "--uploads applies only to prune" in capsys.readouterr().err

@@ -297,7 +297,7 @@ def test_pruned_jobs_leave_the_controllers_live_view(tmp_path):
         a, b = (c.store.create_job(spec=spec(n), name=n, owner="u", priority=0).id for n in ("a", "b"))
         assert {j.job_id for j in c._view(0.0).queued} == {a, b}
         c.cancel(a, owner="u")
-        assert c.prune_jobs(0) == {"deleted": 1, "ids": [a], "dry_run": False}
+        assert c.prune_jobs(0) == {"deleted": 1, "ids": [a], "dry_run": False, "uploads_deleted": []}
         assert [j.job_id for j in c._view(0.0).queued] == [b]
         assert a not in c._live and a not in c._view_cache and a not in c._spec_cache and a not in c._logs
     finally:

@@ -150,12 +150,12 @@ def test_only_an_admin_may_prune_jobs(ctl: Controller, users: dict[str, str]):
     assert len(ctl.store.list()) == 24  # the refusals deleted nothing
     with pytest.raises(ValueError, match="states: QUEUED is not a terminal state"):
         ctl.prune_jobs(0, states=["QUEUED"], api_key=users["root"])
-    assert ctl.prune_jobs(3600, api_key=users["root"]) == {"deleted": 0, "ids": [], "dry_run": False}
+    assert ctl.prune_jobs(3600, api_key=users["root"]) == {"deleted": 0, "ids": [], "dry_run": False, "uploads_deleted": []}
     dry = ctl.prune_jobs(0, owner="alice", dry_run=True, api_key=users["root"])
-    assert dry == {"deleted": 22, "ids": done[:20], "dry_run": True}  # the first 20 ids, oldest first
+    assert dry == {"deleted": 22, "ids": done[:20], "dry_run": True, "uploads_deleted": []}  # the first 20 ids, oldest first
     assert len(ctl.store.list()) == 24
     out = ctl.prune_jobs(0, states=["CANCELLED"], owner="alice", api_key=users["root"])
-    assert out == {"deleted": 22, "ids": done[:20], "dry_run": False}
+    assert out == {"deleted": 22, "ids": done[:20], "dry_run": False, "uploads_deleted": []}
     assert {r.id for r in ctl.store.list()} == {theirs, live}
     with pytest.raises(LookupError):
         ctl.status(done[0], api_key=users["alice"])
@@ -164,7 +164,7 @@ def test_only_an_admin_may_prune_jobs(ctl: Controller, users: dict[str, str]):
 def test_single_user_mode_may_prune_like_the_other_admin_calls(ctl: Controller):
     job = ctl.submit(spec("a"), "carol")["id"]
     ctl.cancel(job, owner="carol")
-    assert ctl.prune_jobs(0.0) == {"deleted": 1, "ids": [job], "dry_run": False}
+    assert ctl.prune_jobs(0.0) == {"deleted": 1, "ids": [job], "dry_run": False, "uploads_deleted": []}
 
 
 def test_client_key_sources_and_file_modes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
