@@ -160,6 +160,20 @@ def save_checkpoint(
     return final
 
 
+def drop_checkpoints(output: str | Path) -> int:
+    """Delete every checkpoint of a finished job (``train.keep_checkpoints: 0``); returns how many.
+
+    Called by whoever finished the job once it is recorded as finished (the worker after its
+    ``finished`` event, ``lorafleet train`` after the evaluation), never at export: a worker lost in
+    between has its job requeued, and it resumes from these. The empty ``checkpoints/`` stays, so an
+    upload (``actors.storage.sync_up``) deletes the uploaded copies too.
+    """
+    found = list_checkpoints(output)
+    for old in found:
+        shutil.rmtree(old, ignore_errors=True)
+    return len(found)
+
+
 def list_checkpoints(output: str | Path) -> list[Path]:
     """Complete checkpoint directories, oldest first."""
     root = Path(output) / "checkpoints"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -348,9 +347,6 @@ class TrainingJob:
         """Write the final adapter and ``job.json`` into the output directory."""
         ckpt.write_adapter(self.output, self.adapter.export_state(), self.adapter.export_config(self.base_model_id))
         self.write_summary("succeeded")
-        if self.config.train.keep_checkpoints == 0:  # the final adapter is written: nothing resumes from them now
-            for old in ckpt.list_checkpoints(self.output):  # the empty checkpoints/ stays: an upload mirrors it
-                shutil.rmtree(old, ignore_errors=True)
         return self.output
 
     def write_summary(self, state: str) -> None:

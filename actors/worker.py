@@ -616,6 +616,8 @@ class TrainingWorker:
                         continue
                 self._emit(event.job, "finished", output=output, step=info.step if info else None,
                            loss=info.loss if info else None, eval=evaluation)  # fmt: skip
+                if info is not None and info.config.train.keep_checkpoints == 0:
+                    self._drop_checkpoints(info)
             else:
                 self._emit(event.job, "failed", message=event.message)
 
@@ -663,6 +665,17 @@ class TrainingWorker:
             return {"error": f"evaluation failed: {message}", "trained_steps_meanwhile": steps}
         return {"examples": result["examples"], "metrics": result["metrics"],
                 "seconds": round(time.perf_counter() - start, 3), "trained_steps_meanwhile": steps}  # fmt: skip
+
+    def _drop_checkpoints(self, info: _JobInfo) -> None:
+        """``keep_checkpoints: 0``: delete a finished job's checkpoints, after its ``finished`` event (a
+        worker lost before it has the job requeued, and it resumes from them); uploaded copies too."""
+        from actors.checkpoint import drop_checkpoints
+
+        try:
+            if drop_checkpoints(info.config.output) and info.remote_output is not None:
+                self._upload(info)  # mirrors the empty checkpoints/ (sync_up deletes what is gone locally)
+        except OSError as exc:
+            log.warning("%s: checkpoints of finished job %s not deleted: %s", self.worker_id, info.job_id, exc)
 
     def _upload(self, info: _JobInfo) -> None:
         from actors.storage import sync_up

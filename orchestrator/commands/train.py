@@ -235,6 +235,7 @@ def _train_group(
     base_model: str, specs: list[JobSpec], args: argparse.Namespace, view: ProgressView, console: Console,
     trust_remote_code: bool, locks: list,
 ) -> list[JobProgress]:
+    from actors.checkpoint import drop_checkpoints
     from actors.engine import FusedEngine
     from actors.models import load_base_model
 
@@ -342,6 +343,8 @@ def _train_group(
         progress = view.jobs[name]
         if job.error is None and progress.state != "succeeded":
             progress.state = "succeeded"
+        if job.error is None and job.config.train.keep_checkpoints == 0:  # trained and evaluated: nothing resumes
+            drop_checkpoints(job.output)
         progress.output = str(job.output)
         progress.loss = job.last_loss if progress.loss is None else progress.loss
         results[name] = progress
@@ -370,4 +373,8 @@ def evaluate_finished(engine, spec: JobSpec, done: dict, view: ProgressView, con
         progress.message = f"eval failed: {exc}"
         console.print(f"[red]{spec.name}: evaluation failed[/]: {exc}", highlight=False)
     view.update(spec.name, state="succeeded")
+    if spec.train.keep_checkpoints == 0:  # kept while its evaluation was pending
+        from actors.checkpoint import drop_checkpoints
+
+        drop_checkpoints(spec.output_dir())
     return progress

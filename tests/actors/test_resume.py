@@ -79,22 +79,31 @@ def test_jobs_join_and_leave_between_steps(tmp_path):
 
 
 def test_keep_checkpoints(tmp_path):
-    """``train.keep_checkpoints``: the newest N are kept while training (at least one, to resume); 0 deletes
-    them once the job has finished and its adapter is written (they filled storage: 3 per finished job)."""
+    """``train.keep_checkpoints``: the newest N are kept while training, and at least one. Export keeps
+    that one even for 0: a worker lost between the export and its ``finished`` event has the job
+    requeued, and it must resume from there, not from step 0 (the worker and ``lorafleet train`` delete
+    it once the job is recorded finished: tests/actors/test_worker.py, tests/orchestrator/test_train_cli.py)."""
     from dataclasses import replace
+
+    from actors.checkpoint import drop_checkpoints
 
     base = make_tiny_llama(seed=1)
     data = write_jsonl(tmp_path / "d.jsonl", token_records(10, seed=3, min_len=5, max_len=14))
-    eng = FusedEngine(base, make_tokenizer())
-    jobs = {}
+    eng = FusedEngine(copy.deepcopy(base), make_tokenizer())
+    configs = {}
     for keep in (0, 2):
         cfg = job(tmp_path, f"k{keep}", f"k{keep}", data, steps=7, dropout=0.0)
-        jobs[keep] = eng.add_job(replace(cfg, train=replace(cfg.train, keep_checkpoints=keep, checkpoint_every=1)))
-    while jobs[0].step < 5:
+        configs[keep] = replace(cfg, train=replace(cfg.train, keep_checkpoints=keep, checkpoint_every=1))
+        eng.add_job(configs[keep])
+    while eng.jobs["k0"].step < 5:
         eng.step()
     assert [p.name for p in list_checkpoints(tmp_path / "k0")] == ["step-000005"]  # one while training
     assert [p.name for p in list_checkpoints(tmp_path / "k2")] == ["step-000004", "step-000005"]
     eng.run()
+    assert [p.name for p in list_checkpoints(tmp_path / "k0")] == ["step-000006"]  # export keeps it
+    assert [p.name for p in list_checkpoints(tmp_path / "k2")] == ["step-000005", "step-000006"]
+    again = FusedEngine(copy.deepcopy(base), make_tokenizer()).add_job(configs[0], resume=True)
+    assert again.step == 6  # a requeue after the export resumes there
+    assert drop_checkpoints(tmp_path / "k0") == 1
     assert list_checkpoints(tmp_path / "k0") == [] and (tmp_path / "k0" / "checkpoints").is_dir()
     assert (tmp_path / "k0" / "adapter_model.safetensors").is_file()
-    assert [p.name for p in list_checkpoints(tmp_path / "k2")] == ["step-000005", "step-000006"]

@@ -349,3 +349,24 @@ def test_commands_apply_during_an_evaluation(worker, tmp_path, monkeypatch):
     assert kinds.index(("late", "joined")) < kinds.index(("short", "finished")), events
     assert ("short", "cancelled") not in events  # it had finished training: the late cancel finds nothing
     assert ("victim", "finished") not in events and ("late", "finished") in events
+
+
+def test_keep_checkpoints_0_deletes_them_after_the_finished_event(worker, tmp_path):
+    """``train.keep_checkpoints: 0``: the worker deletes a finished job's checkpoints once it has reported
+    ``finished``; the job beside it (default 3) keeps its own."""
+    import time
+    from dataclasses import replace
+
+    from actors.checkpoint import list_checkpoints
+
+    cfg = job_config(tmp_path, "k0", steps=4, checkpoint_every=1)
+    worker.assign("k0", replace(cfg, base_model=worker.base_model,
+                                train=replace(cfg.train, keep_checkpoints=0)))  # fmt: skip
+    other = job_config(tmp_path, "k3", steps=4, checkpoint_every=1)
+    worker.assign("k3", replace(other, base_model=worker.base_model))
+    wait_events(worker, {"k0": "finished", "k3": "finished"})
+    deadline = time.monotonic() + 30
+    while list_checkpoints(cfg.output) and time.monotonic() < deadline:  # right after the event
+        time.sleep(0.05)
+    assert list_checkpoints(cfg.output) == [] and (Path(cfg.output) / "adapter_model.safetensors").is_file()
+    assert [p.name for p in list_checkpoints(other.output)] == ["step-000001", "step-000002", "step-000003"]

@@ -361,3 +361,20 @@ def test_a_job_to_evaluate_whose_model_fails_to_load_is_reported_failed(tmp_path
     err = capsys.readouterr().err
     row = next(line for line in err.splitlines() if line.startswith("│ a "))  # the summary's row of job a
     assert "failed" in row and "base_model:" in row
+
+
+def test_keep_checkpoints_0_deletes_them_once_trained_and_evaluated(tmp_path, tiny_model_dir, capsys):
+    from actors.checkpoint import list_checkpoints
+
+    data = write_jsonl(tmp_path / "rev.jsonl", alpaca_records(12, seed=1))
+    k0 = write_spec(tmp_path, "k0", tiny_model_dir, data, eval_section={"held_out_fraction": 0.25},
+                    keep_checkpoints=0, max_steps=4)  # fmt: skip
+    k3 = write_spec(tmp_path, "k3", tiny_model_dir, data, max_steps=4)
+    assert main(["train", str(k0), str(k3), "--plain"]) == 0
+    assert list_checkpoints(tmp_path / "out" / "k0") == []
+    assert (tmp_path / "out" / "k0" / "eval.json").is_file() and (tmp_path / "out" / "k0" / "adapter_model.safetensors").is_file()
+    assert [p.name for p in list_checkpoints(tmp_path / "out" / "k3")] == ["step-000001", "step-000002", "step-000003"]
+    metrics = (tmp_path / "out" / "k0" / "metrics.jsonl").read_text()
+    assert main(["train", str(k0), "--plain"]) == 0  # a rerun skips the finished job: nothing trains again
+    assert list_checkpoints(tmp_path / "out" / "k0") == []
+    assert (tmp_path / "out" / "k0" / "metrics.jsonl").read_text() == metrics
