@@ -126,7 +126,7 @@ def _read_parquet_records(file: Path, path: str) -> list[dict[str, Any]]:
     try:
         reader = pq.ParquetFile(file)
         for batch in reader.iter_batches(batch_size=1024):
-            decoded += batch.nbytes
+            decoded += _decoded_nbytes(batch)
             if decoded > limit:
                 raise DataError(f"data.path: {path} decodes to more than the {limit / 2**30:g} GiB a data file may "
                                 f"hold in memory ({reader.metadata.num_rows} rows, {file.stat().st_size / 2**20:.1f} "
@@ -137,6 +137,18 @@ def _read_parquet_records(file: Path, path: str) -> list[dict[str, Any]]:
     except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
         raise DataError(f"data.path: cannot read {path} as parquet: {type(exc).__name__}: {exc}") from exc
     return records
+
+
+def _decoded_nbytes(batch) -> int:
+    """Arrow bytes of a record batch as its rows decode: a dictionary column counts its values per row,
+    not its whole dictionary per batch (``nbytes`` does that: a categorical column of 50,000 distinct
+    1 KB texts counted 2.4 GiB for 49 MiB)."""
+    import pyarrow.types as pat
+
+    total = 0
+    for column in batch.columns:
+        total += column.dictionary_decode().nbytes if pat.is_dictionary(column.type) else column.nbytes
+    return total
 
 
 def _read_json_records(file: Path) -> list[dict[str, Any]] | None:

@@ -102,3 +102,21 @@ def test_parquet_records_equal_what_datasets_reads(tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(DataError, match=r"data\.path: cannot read .*bad\.parquet as parquet: "):
         load_records(str(tmp_path / "bad.parquet"))
+
+
+def test_parquet_dictionary_columns_count_their_decoded_rows(tmp_path, monkeypatch):
+    """A categorical column (pandas ``Categorical`` written with ``to_parquet``) of many distinct texts:
+    each 1,024-row batch carried the whole dictionary in ``nbytes``, so 50,000 rows of 1 KB (49 MiB)
+    counted 2.4 GiB and the file was refused."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    texts = [f"{i:06d}" + "x" * 1000 for i in range(20_000)]
+    table = pa.table({"text": pa.array(texts).dictionary_encode()})
+    path = tmp_path / "cat.parquet"
+    pq.write_table(table, path)
+    monkeypatch.setenv("LORAFLEET_MAX_DATA_GIB", "0.1")  # 100 MiB: the 20 MB of texts fit
+    records = load_records(str(path))
+    assert len(records) == 20_000 and records[123]["text"] == texts[123]
+    monkeypatch.setenv("LORAFLEET_MAX_DATA_GIB", "0.01")  # 10 MiB: they do not
+    with pytest.raises(DataError, match=r"decodes to more than the 0\.01 GiB"):
+        load_records(str(path))
