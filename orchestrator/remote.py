@@ -32,6 +32,7 @@ import re
 import shlex
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -62,6 +63,9 @@ def resolve_address(address: str | None) -> str:
     return address_and_source(address)[0]
 
 
+_ADDRESS_LOCK = threading.RLock()  # the address variables are hidden while a client connects (one at a time)
+
+
 def address_and_source(address: str | None) -> tuple[str, str]:
     """The Ray dashboard URL and where it came from.
 
@@ -83,7 +87,8 @@ def address_and_source(address: str | None) -> tuple[str, str]:
                               f"Pass --address http://HOST:8265{_local_hint()}")  # fmt: skip
         return address.rstrip("/"), "address"
     for variable in ADDRESS_VARIABLES:
-        value = os.environ.get(variable, "").strip()
+        with _ADDRESS_LOCK:  # not while another thread's client has them hidden
+            value = os.environ.get(variable, "").strip()
         if not value:
             continue
         if not value.startswith(("http://", "https://")):
@@ -111,11 +116,12 @@ def _without_address_variables() -> Iterator[None]:
     """Ray's JobSubmissionClient takes ``RAY_API_SERVER_ADDRESS`` / ``RAY_ADDRESS`` over the address it
     is given (and treats one without ``http://`` as a GCS address to look the dashboard up from, ~35 s
     of retries): hide both while it is built, so the address :func:`resolve_address` chose is the one used."""
-    saved = {name: os.environ.pop(name) for name in ADDRESS_VARIABLES if name in os.environ}
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
+    with _ADDRESS_LOCK:  # another thread resolving an address meanwhile would not see the variables
+        saved = {name: os.environ.pop(name) for name in ADDRESS_VARIABLES if name in os.environ}
+        try:
+            yield
+        finally:
+            os.environ.update(saved)
 
 
 def default_owner() -> str:

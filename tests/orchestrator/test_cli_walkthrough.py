@@ -324,3 +324,29 @@ def test_down_prints_the_controllers_warning(monkeypatch, capsys):
     out = capsys.readouterr()
     assert out.out == "controller stopped; 0 running jobs checkpointed and requeued\n"
     assert out.err == "warning: controller did not shut down cleanly: GetTimeoutError: Get timed out\n"
+
+
+def test_an_address_resolved_while_another_client_connects_still_sees_ray_address(monkeypatch):
+    """A client connecting hides RAY_ADDRESS from Ray's JobSubmissionClient; a Client built in another
+    thread meanwhile resolved to the local cluster or http://127.0.0.1:8265 instead of RAY_ADDRESS."""
+    import threading
+
+    from orchestrator import remote
+
+    monkeypatch.setenv("RAY_ADDRESS", "http://prod-head:8265")
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    seen = []
+    inside = threading.Event()
+
+    def other() -> None:
+        inside.wait(5)
+        seen.append(remote.address_and_source(None))
+
+    t = threading.Thread(target=other)
+    t.start()
+    with remote._without_address_variables():
+        inside.set()
+        t.join(0.3)  # the other thread waits for the variables to come back
+        assert t.is_alive()
+    t.join(5)
+    assert seen == [("http://prod-head:8265", "RAY_ADDRESS")]
