@@ -126,6 +126,31 @@ def download_file(uri: str, local: str | os.PathLike) -> Path:
     return local
 
 
+def read_tail(uri: str, limit: int) -> tuple[bytes, int]:
+    """The last ``limit`` bytes (at most) of the ONE file at ``uri``, and the offset they start at (0: the
+    whole file). Object stores read only that range.
+
+    Raises ``FileNotFoundError`` when ``uri`` is not a file, ``OSError`` when it cannot be read (no
+    access, an unparseable URI).
+    """
+    from pyarrow import fs as pafs
+
+    try:
+        filesystem, path = _fs(uri)
+        info = filesystem.get_file_info(path)
+        if info.type != pafs.FileType.File:
+            kind = "a directory" if info.type == pafs.FileType.Directory else "no such file"
+            raise FileNotFoundError(f"{uri}: {kind}")
+        start = max(0, (info.size or 0) - max(0, limit))
+        with filesystem.open_input_file(path) as src:
+            src.seek(start)
+            return src.read(max(0, limit)), start
+    except OSError:
+        raise
+    except Exception as exc:  # pyarrow raises ArrowException subclasses not all derived from OSError
+        raise OSError(f"read of {uri} failed: {exc}") from exc
+
+
 def sync_down(uri: str, local: str | os.PathLike) -> bool:
     """Download everything under ``uri`` into ``local`` (created). False if ``uri`` does not exist."""
     from pyarrow import fs as pafs

@@ -107,6 +107,7 @@ ENDED_LOGS_KEPT = 1000  # ended jobs whose lines and samples stay in memory; old
 LOG_TRIM_BATCH = 100  # _trim_logs works once this many ended jobs are over ENDED_LOGS_KEPT
 METRIC_SAMPLES_KEPT = 512  # step/loss samples kept per job for job_metrics (thinned by half when full)
 MAX_METRIC_RECORDS = 5000  # most records job_metrics returns (evenly thinned, the last one kept)
+METRICS_READ_LIMIT = 4 << 20  # bytes of a URI output's metrics.jsonl logs and job_metrics read (its end)
 
 
 class SpecRejected(ValueError):
@@ -376,6 +377,9 @@ class _Samples:
 
 
 PRUNE_IDS_SHOWN = 20  # prune_jobs returns this many of the deleted ids
+# What marks a spec naming an upload area: ``/<owner>/<id>/``, an owner being a safe name (check_job_name)
+# and the id stage_data's 12 hex digits; a lookahead, so that overlapping marks are all found.
+UPLOAD_MARK = re.compile(r"(?=(/[A-Za-z0-9._-]{1,64}/[0-9a-f]{12}/))")
 LIVE_REREAD_S = 2.0  # each pass rereads the jobs written this long before its last read (clock steps)
 
 
@@ -602,19 +606,30 @@ class Controller:
         ``ValueError`` for a bad age, a live or unknown state, or an empty owner.
         """
         ident = self._require_admin(api_key, "prune jobs")
-        # Under the loop's lock: a job that ended since the last pass is still live in the view kept by
-        # _live_records, and changed_since never reports a deleted row, so the ids leave that view here.
-        with self._lock:
-            areas: dict[str, str] = {}  # upload area -> the text that marks a spec naming it
-            if uploads:
-                for job_id in self.store.prune(older_than_s=older_than_s, states=states, owner=owner, dry_run=True):
+        areas: dict[str, str] = {}  # upload area -> the text that marks a spec naming it (UPLOAD_MARK)
+        if uploads:
+            # Read before the lock: the specs of the jobs about to go (a job that ends in the moment
+            # between this read and the prune is pruned without its areas being looked at: they stay).
+            for job_id in self.store.prune(older_than_s=older_than_s, states=states, owner=owner, dry_run=True):
+                try:
                     areas.update(self._upload_areas(self.store.get(job_id)))
-            ids = self.store.prune(older_than_s=older_than_s, states=states, owner=owner, dry_run=bool(dry_run))
-            if not dry_run:
+                except LookupError:
+                    continue  # pruned meanwhile by another caller
+        if dry_run:
+            ids = self.store.prune(older_than_s=older_than_s, states=states, owner=owner, dry_run=True)
+        else:
+            # Under the loop's lock: a job that ended since the last pass is still live in the view kept by
+            # _live_records, and changed_since never reports a deleted row, so the ids leave that view here.
+            # Nothing else is done under it: the scan for areas still named and the deletions (network I/O
+            # on an object store) take time in proportion to the store and to the areas.
+            with self._lock:
+                ids = self.store.prune(older_than_s=older_than_s, states=states, owner=owner)
                 self._forget_jobs(ids)
-            gone = []
+        gone = []
+        if areas:
+            in_use = self.store.spec_matches(UPLOAD_MARK, exclude=ids)  # one pass over the remaining specs
             for area, mark in sorted(areas.items()):
-                if set(self.store.jobs_naming(mark)) - set(ids):
+                if mark in in_use:
                     continue  # a remaining job (one submitted with them) still names it
                 if dry_run:
                     gone.append(area)
@@ -633,7 +648,8 @@ class Controller:
 
     def _upload_areas(self, rec: JobRecord) -> dict[str, str]:
         """The upload areas a job's spec names: ``{area: mark}``, ``mark`` being ``/<owner>/<id>/``, the
-        ASCII text any spec naming that area contains (JSON may escape the rest of a path)."""
+        ASCII text any spec naming that area contains (``UPLOAD_MARK``; JSON may escape the rest of a path,
+        and ``confine_uri`` stores a URI with its path in one spelling, so never ``%61lice`` for ``alice``)."""
         root = self.uploads_root(rec.owner).rstrip("/")
         out = {}
         for section, key in PATH_FIELDS:
@@ -860,7 +876,7 @@ class Controller:
             return Path(self.storage).expanduser().resolve()
         scheme, authority, segments = _uri_parts(self.storage)
         if scheme == "file" and authority in ("", "localhost"):
-            return Path(urllib.parse.unquote("/" + "/".join(segments))).resolve()
+            return Path("/" + "/".join(segments)).resolve()  # _uri_parts decoded them
         return None
 
     def _refuse_storage_areas(self, field_name: str, value: str, owner: str, target: Path | None = None) -> None:
@@ -987,8 +1003,8 @@ class Controller:
             return self._public(rec)
 
     def logs(self, job: str, lines: int = 50, owner: str | None = None, api_key: str | None = None) -> list[str]:
-        """The last ``lines`` progress lines of a job (from memory, else the tail of its local
-        metrics.jsonl); none for ``lines`` <= 0.
+        """The last ``lines`` progress lines of a job (from memory, else the tail of its metrics.jsonl,
+        local or read through the storage layer); none for ``lines`` <= 0.
 
         Raises ``LookupError``, or ``AccessError`` for another owner's job (unless admin).
         """
@@ -1026,52 +1042,66 @@ class Controller:
                 "missed": missed, "state": rec.state.value}
 
     def _log_lines(self, rec: JobRecord) -> tuple[list[tuple[int, str]], str]:
-        """(numbered lines, source): the kept progress lines, else those of the local metrics.jsonl."""
+        """(numbered lines, source): the kept progress lines, else those of the job's metrics.jsonl."""
         with self._log_lock:
             kept = list(self._logs.get(rec.id, ()))
         if kept:
             return kept, "memory"
-        path = self._local_metrics(rec)
-        if path is not None:
-            try:
-                return list(enumerate(path.read_text().splitlines())), "file"
-            except OSError:
-                pass
+        text = self._metrics_text(rec)
+        if text is not None:
+            return list(enumerate(text.splitlines())), "file"
         return [], "memory"
 
     @staticmethod
-    def _local_metrics(rec: JobRecord) -> Path | None:
-        """The job's metrics.jsonl if its output is a local path this process can read, else None."""
-        if not rec.output or rec.output.startswith(("s3:", "gs:")) or "://" in rec.output:
+    def _metrics_text(rec: JobRecord) -> str | None:
+        """The job's metrics.jsonl, or None where it has none or it cannot be read: a local output's whole
+        file; a URI output's (``file://``, ``s3://``...) through the storage layer, its last
+        ``METRICS_READ_LIMIT`` bytes from the first whole line on (a cut first line is dropped)."""
+        from actors.storage import is_uri, read_tail
+
+        if not rec.output:
             return None
-        path = Path(rec.output) / "metrics.jsonl"
-        return path if path.is_file() else None
+        if not is_uri(rec.output):
+            try:
+                return (Path(rec.output) / "metrics.jsonl").read_text(errors="replace")
+            except OSError:
+                return None
+        try:
+            data, start = read_tail(f"{rec.output.rstrip('/')}/metrics.jsonl", METRICS_READ_LIMIT)
+        except OSError:  # missing, no access
+            return None
+        if start:
+            data = data[data.find(b"\n") + 1:] if b"\n" in data else b""
+        return data.decode("utf-8", errors="replace")
 
     def job_metrics(self, job: str, owner: str | None = None, api_key: str | None = None) -> list[dict[str, Any]]:
-        """A job's training curve: the records of its metrics.jsonl where the controller can read it
-        (a local output), else the step/loss/tokens-per-second samples it polled from the worker.
+        """A job's training curve: the records of its metrics.jsonl or the step/loss/tokens-per-second
+        samples the controller polled from the worker. A local output's file is written as the job runs
+        and is read first; a URI output's is uploaded at checkpoints, so the samples come first and the
+        file (``_metrics_text``) is read when there are none (a job whose samples were dropped, or one
+        that ran before the controller started).
 
         Oldest first, at most ``MAX_METRIC_RECORDS`` (thinned evenly, the last kept). Works while
         the job runs (``lorafleet plot`` of a live job). Raises ``LookupError`` or ``AccessError``.
         """
+        from actors.storage import is_uri
+
         rec = self._find(job, self.identify(api_key), "read the metrics of", owner)
         records: list[dict[str, Any]] = []
-        path = self._local_metrics(rec)
-        if path is not None:
-            try:
-                for line in path.read_text().splitlines():
-                    try:
-                        item = json.loads(line)
-                    except ValueError:
-                        continue  # a line being written
-                    if isinstance(item, dict):
-                        records.append(_json_safe(item))
-            except OSError:
-                records = []
-        if not records:
-            with self._log_lock:
-                samples = self._samples.get(rec.id)
-                records = [dict(r) for r in samples.records] if samples else []
+        with self._log_lock:
+            samples = self._samples.get(rec.id)
+            polled = [dict(r) for r in samples.records] if samples else []
+        if polled and rec.output and is_uri(rec.output):
+            records = polled
+        else:
+            for line in (self._metrics_text(rec) or "").splitlines():
+                try:
+                    item = json.loads(line)
+                except ValueError:
+                    continue  # a line being written
+                if isinstance(item, dict):
+                    records.append(_json_safe(item))
+            records = records or polled
         if len(records) > MAX_METRIC_RECORDS:
             stride = math.ceil(len(records) / MAX_METRIC_RECORDS)
             records = records[-1::-stride][::-1]
@@ -1669,27 +1699,35 @@ def _norm_prefix(prefix: str) -> str:
     return os.path.abspath(prefix)
 
 
-# Characters a URI in a spec may not contain: pyarrow (``FileSystem.from_uri``, what workers and the agent
-# open URIs with) percent-decodes the path (``%2E%2E`` reads as ``..``, ``%2F`` as ``/``) and takes ``?``
-# and ``#`` as options and a fragment, so the path it opens would differ from the one checked here.
+# Characters a URI in a spec may not contain as they are: pyarrow (``FileSystem.from_uri``, what workers and
+# the agent open URIs with) takes ``?`` and ``#`` as options and a fragment, so the path it opened would
+# differ from the one checked here. A ``%`` starts a percent-escape: ``confine_uri`` decodes those as
+# pyarrow does (``%20`` is a space, ``%2E%2E`` reads as ``..``, ``%2F`` as ``/``) and checks the result.
 URI_REFUSED_CHARS = {
-    "%": "a percent-escape ('%'), which the storage layer decodes ('%2E%2E' reads as '..', '%2F' as '/')",
     "?": "a '?', after which the storage layer reads options, not the path",
     "#": "a '#', after which the storage layer ignores the path",
     "\\": "a backslash",
     "\x00": "a NUL byte",
 }
+# What a URI path segment may hold as it is (RFC 3986: unreserved characters, sub-delims, ':' and '@',
+# and percent-escapes), the only text pyarrow's parser takes there: a space or an 'é' must be escaped.
+_URI_SEGMENT = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+,;=:@-]|%[0-9A-Fa-f]{2})*")
+_URI_AUTHORITY = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@\[\]-]*")  # a host or bucket: no escapes
+_URI_KEPT = "!$&'()*+,;=:@"  # characters a stored URI keeps unescaped (besides letters, digits and '-._~')
+# What a segment may not decode to: a separator or what pyarrow would take as one, a control character.
+_URI_DECODED_REFUSED = re.compile(r"[/\\?#\x00-\x1f\x7f]")
 
 
 def _uri_parts(uri: str) -> tuple[str, str, list[str]]:
-    """``(scheme in lower case, authority, path segments)`` of ``scheme://authority/a/b``; a trailing
-    slash is dropped, other empty segments are kept (``a//b`` has one)."""
+    """``(scheme in lower case, authority, path segments percent-decoded)`` of ``scheme://authority/a/b``,
+    the segments as the storage layer opens them; a trailing slash is dropped, other empty segments are
+    kept (``a//b`` has one)."""
     scheme, _, rest = uri.partition("://")
     authority, _, path = rest.partition("/")
     segments = path.split("/") if path else []
     if segments and segments[-1] == "":
         segments.pop()
-    return scheme.lower(), authority, segments
+    return scheme.lower(), authority, [urllib.parse.unquote(s) for s in segments]
 
 
 def _uri_within(parts: tuple[str, str, list[str]], prefix: tuple[str, str, list[str]], *, strict: bool) -> bool:
@@ -1701,35 +1739,87 @@ def _uri_within(parts: tuple[str, str, list[str]], prefix: tuple[str, str, list[
     return len(segs) > len(p_segs) or not strict
 
 
+def _uri_char(value: str, segment: str, field_name: str) -> PathError:
+    """The error for the first character of ``segment`` (of ``value``) that a URI cannot hold as it is."""
+    i = 0
+    while _URI_SEGMENT.fullmatch(segment[i:i + 3] if segment[i] == "%" else segment[i]):
+        i += 3 if segment[i] == "%" else 1
+    char = segment[i]
+    if char == "%":
+        return PathError(f"{field_name}: {value!r} has a '%' that starts no percent-escape (two hex digits); "
+                         "write a '%' in a name as '%25'")  # fmt: skip
+    if not char.isprintable():
+        return PathError(f"{field_name}: {value!r} contains a control character ({char!r}), which no URI here "
+                         "may hold")  # fmt: skip
+    what = "a space" if char == " " else repr(char)
+    return PathError(f"{field_name}: {value!r} contains {what}, which the storage layer cannot parse in a URI; "
+                     f"percent-encode it as {urllib.parse.quote(char, safe='')!r} (UTF-8), as in "
+                     "'s3://bucket/team%20a/donn%C3%A9es.jsonl'")  # fmt: skip
+
+
 def confine_uri(value: object, prefixes: Iterable[str], field_name: str) -> str:
     """``value``, a URI a spec names, if it lies under one of ``prefixes``; else ``PathError`` naming the field.
 
-    The check is made on the path as the storage layer will open it. pyarrow percent-decodes a URI's
-    path and takes ``?``/``#`` as options, so any ``%``, ``?``, ``#`` (and backslash, NUL) is refused
-    outright rather than decoded here: no name the agent uploads contains one, and a literal check
-    cannot disagree with a decoder. The path must be normalised: no ``..``, ``.`` or empty segment
-    (one trailing slash is allowed and dropped). It must then lie strictly below a prefix, compared
-    by scheme, authority and whole path segments. Returns the URI without a trailing slash.
+    The check is made on the path as the storage layer will open it. pyarrow takes ``?``/``#`` as
+    options and a fragment, so those (and a backslash or NUL) are refused outright. It parses only
+    RFC 3986's characters in a path (letters, digits, ``-._~!$&'()*+,;=:@``) and percent-escapes, so any
+    other character (a space, an ``é``) is refused with a hint to percent-encode it. pyarrow decodes
+    the escapes; so does this check, segment by segment: a segment that decodes to ``..`` or ``.``
+    (``%2E%2E``), or to text with a ``/`` (``%2F``), backslash, ``?``, ``#``, NUL or other control
+    character, or that is not UTF-8, is refused. The path must be normalised: no ``..``, ``.`` or
+    empty segment (one trailing slash is allowed and dropped). It must then lie strictly below a
+    prefix, compared by scheme, authority and whole decoded path segments.
+
+    Returns the URI with its path in one spelling: a trailing slash dropped, each segment decoded
+    and escaped again where needed (``%7E`` becomes ``~``, ``%c3%a9`` ``%C3%A9``), so a stored spec
+    names an object one way. pyarrow opens the same object with either.
     """
     if not isinstance(value, str):
         raise PathError(f"{field_name}: must be a URI string (got {type(value).__name__})")
     for char, what in URI_REFUSED_CHARS.items():
         if char in value:
-            raise PathError(f"{field_name}: {value!r} contains {what}; a URI here must name its object literally: "
-                            "plain path segments separated by '/', without '%', '?', '#' or '\\'")  # fmt: skip
-    parts = _uri_parts(value)
-    bad = [s for s in parts[2] if s in ("", ".", "..")]
-    if ".." in bad:
-        raise PathError(f"{field_name}: {value!r} escapes the job area ('..' is not allowed in a URI path)")
-    if bad:
-        what = "a '.' segment" if "." in bad else "an empty segment ('//')"
-        raise PathError(f"{field_name}: {value!r} has {what}; URI paths must be normalised ('.', '..' and empty "
-                        "segments are not allowed)")  # fmt: skip
+            raise PathError(f"{field_name}: {value!r} contains {what}; a URI here names its object by path "
+                            "segments separated by '/', with any other character percent-encoded "
+                            "('%3F' for '?', '%23' for '#')")  # fmt: skip
+    scheme, _, rest = value.partition("://")
+    authority, _, path = rest.partition("/")
+    if not _URI_AUTHORITY.fullmatch(authority):
+        raise PathError(f"{field_name}: {value!r} has a host or bucket ({authority!r}) the storage layer cannot "
+                        "parse; name it as it is, without escapes or spaces")  # fmt: skip
+    raw = path.split("/") if path else []
+    if raw and raw[-1] == "":
+        raw.pop()
+    for seg in raw:
+        if not _URI_SEGMENT.fullmatch(seg):
+            raise _uri_char(value, seg, field_name)
+    decoded = []
+    for seg in raw:
+        try:
+            text = urllib.parse.unquote(seg, errors="strict")
+        except UnicodeDecodeError:
+            raise PathError(f"{field_name}: {value!r} has a percent-escape that is not UTF-8 text (in {seg!r})") from None
+        if seg == "..":
+            raise PathError(f"{field_name}: {value!r} escapes the job area ('..' is not allowed in a URI path)")
+        if seg in ("", "."):
+            what = "a '.' segment" if seg == "." else "an empty segment ('//')"
+            raise PathError(f"{field_name}: {value!r} has {what}; URI paths must be normalised ('.', '..' and empty "
+                            "segments are not allowed)")  # fmt: skip
+        if text in (".", ".."):
+            raise PathError(f"{field_name}: {value!r} has a segment {seg!r} that the storage layer decodes to "
+                            f"{text!r}; '.' and '..' are not allowed in a URI path, escaped or not")  # fmt: skip
+        found = _URI_DECODED_REFUSED.search(text)
+        if found:
+            char = found.group(0)
+            what = {"/": "a '/'", "\\": "a backslash", "?": "a '?'", "#": "a '#'"}.get(char, "a control character")
+            raise PathError(f"{field_name}: {value!r} has a segment {seg!r} that the storage layer decodes to "
+                            f"text with {what} ({text!r}); a segment names one file or directory")  # fmt: skip
+        decoded.append(text)
+    parts = (scheme.lower(), authority, decoded)
     prefixes = [p if p.endswith("/") else p + "/" for p in prefixes]
     if not any(_uri_within(parts, _uri_parts(p), strict=True) for p in prefixes):
         raise PathError(f"{field_name}: {value!r} is outside your uploads and the allowed prefixes "
                         f"({', '.join(prefixes)})")  # fmt: skip
-    return value[:-1] if value.endswith("/") else value
+    return f"{scheme}://{authority}/" + "/".join(urllib.parse.quote(s, safe=_URI_KEPT) for s in decoded)
 
 
 # A job spec's shape before it is serialised (``_check_spec_shape``): JSON writes a list or mapping once per

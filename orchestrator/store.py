@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import secrets
 import sqlite3
 import threading
@@ -638,11 +639,28 @@ class JobStore:
                     raise JobStoreError(f"prune: selected {len(ids)} jobs but deleted {deleted}; rolled back")
         return ids
 
-    def jobs_naming(self, text: str) -> list[str]:
-        """Ids of the jobs whose stored spec contains ``text`` (literally: ``%`` and ``_`` are not wildcards)."""
-        pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        with self._read() as c:
-            return [r[0] for r in c.execute("SELECT id FROM jobs WHERE spec LIKE ? ESCAPE '\\'", (pattern,))]
+    def spec_matches(self, pattern: str | re.Pattern[str], *, exclude: Iterable[str] = (),
+                     page: int = 500) -> set[str]:  # fmt: skip
+        """Every text ``pattern`` matches in the stored specs (as JSON) of the jobs not in ``exclude``: its
+        first group where it has one, else the whole match (a lookahead group finds overlapping ones).
+
+        One pass over the jobs, ``page`` rows per read: the store's lock is held for each read only, not
+        while the texts are searched, so other callers wait at most one page.
+        """
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        skip = set(exclude)
+        found: set[str] = set()
+        last = 0
+        while True:
+            with self._read() as c:
+                rows = c.execute("SELECT seq, id, spec FROM jobs WHERE seq > ? ORDER BY seq LIMIT ?",
+                                 (last, page)).fetchall()  # fmt: skip
+            for _seq, job_id, text in rows:
+                if job_id not in skip:
+                    found.update(m.group(1) if regex.groups else m.group(0) for m in regex.finditer(text))
+            if len(rows) < page:
+                return found
+            last = rows[-1][0]
 
     def backup(self, dest_path: str | Path) -> Path:
         """Write a consistent copy of the store to ``dest_path`` with SQLite's online backup API.

@@ -85,16 +85,31 @@ def test_percent_encoded_dot_dot_in_a_uri_is_refused(uri_cluster, field: str, es
     doc = with_path(spec("steal", data=f"{storage}/uploads/bob/u1/d.jsonl"), field, uri)
     with pytest.raises(PathError) as err:
         c.submit(doc, api_key=keys["bob"])
-    assert str(err.value).startswith(f"{field}: {uri!r} contains a percent-escape ('%'), which the storage layer "
-                                     "decodes ('%2E%2E' reads as '..', '%2F' as '/'); a URI here must name its "
-                                     "object literally")  # fmt: skip
+    assert str(err.value) == (f"{field}: {uri!r} has a segment {escape!r} that the storage layer decodes to '..'; "
+                              "'.' and '..' are not allowed in a URI path, escaped or not")  # fmt: skip
     assert sum(c.store.counts().values()) == 0
 
 
 @pytest.mark.parametrize(
     ("tail", "words"),
-    [("bob/%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd", "contains a percent-escape"),
-     ("bob/x%2F..%2F..%2Falice/u1/data-secret.jsonl", "contains a percent-escape"),
+    [("bob/%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd", "has a segment '%2e%2e' that the storage layer decodes to '..'"),
+     ("bob/x%2F..%2F..%2Falice/u1/data-secret.jsonl", "has a segment 'x%2F..%2F..%2Falice' that the storage layer "
+                                                      "decodes to text with a '/' ('x/../../alice')"),
+     ("bob/%2E/u1/d.jsonl", "has a segment '%2E' that the storage layer decodes to '.'"),
+     ("bob/u1%5C..%5Calice/d.jsonl", "decodes to text with a backslash"),
+     ("bob/u1/d.jsonl%3Fendpoint_override=evil", "decodes to text with a '?'"),
+     ("bob/u1/d%23x.jsonl", "decodes to text with a '#'"),
+     ("bob/u1/d%00.jsonl", "decodes to text with a control character"),
+     ("bob/u1/d%0A.jsonl", "decodes to text with a control character"),
+     ("bob/u1/%FF.jsonl", "has a percent-escape that is not UTF-8 text (in '%FF.jsonl')"),
+     ("bob/u1/50%.jsonl", "has a '%' that starts no percent-escape (two hex digits); write a '%' in a name as '%25'"),
+     ("bob/u1/d%zz.jsonl", "has a '%' that starts no percent-escape"),
+     ("bob/team a/d.jsonl", "contains a space, which the storage layer cannot parse in a URI; percent-encode it as "
+                            "'%20' (UTF-8)"),
+     ("bob/u1/donn\u00e9es.jsonl", "contains '\u00e9', which the storage layer cannot parse in a URI; percent-encode it "
+                                 "as '%C3%A9' (UTF-8)"),
+     ("bob/u1/a|b.jsonl", "contains '|', which the storage layer cannot parse in a URI; percent-encode it as '%7C'"),
+     ("bob/u1/d\tx.jsonl", "contains a control character ('\\t'), which no URI here may hold"),
      ("bob/u1/d.jsonl?endpoint_override=evil", "contains a '?', after which the storage layer reads options"),
      ("bob/u1/d.jsonl#x", "contains a '#'"),
      ("bob/../alice/u1/data-secret.jsonl", "escapes the job area ('..' is not allowed in a URI path)"),
@@ -111,6 +126,66 @@ def test_uri_paths_are_checked_as_the_storage_layer_opens_them(uri_cluster, tail
     assert str(err.value).startswith(f"data.path: {uri!r} ") and words in str(err.value)
     ok = c.submit(spec("ok", data=f"{storage}/uploads/bob/u1/d.jsonl"), api_key=keys["bob"])
     assert c.store.get(ok["id"]).spec["data"]["path"] == f"{storage}/uploads/bob/u1/d.jsonl"
+
+
+def test_percent_encoded_spaces_and_non_ascii_name_their_objects(tmp_path: Path):
+    """pyarrow parses no space or non-ASCII character in a URI, so a file named ``d é.jsonl`` is named
+    ``d%20%C3%A9.jsonl``; refusing every '%' had made it impossible to name. The escaped form is admitted
+    (stored in one spelling) and opens the file; the literal form is refused at admission with the hint,
+    not later by the worker ("Cannot parse URI")."""
+    from pyarrow import ArrowInvalid, fs
+
+    allowed = tmp_path / "allowed"
+    target = allowed / "sp ace" / "d \u00e9.jsonl"
+    target.parent.mkdir(parents=True)
+    target.write_text('{"text": "x"}\n')
+    c = make_controller(tmp_path, f"file://{tmp_path}/storage", prefixes=[f"file://{allowed}"])
+    try:
+        keys = add_users(c)
+        uri = f"file://{allowed}/sp%20ace/d%20%c3%a9.jsonl"
+        job = c.submit(spec("encoded", data=uri), api_key=keys["bob"])
+        stored = c.store.get(job["id"]).spec["data"]["path"]
+        assert stored == f"file://{allowed}/sp%20ace/d%20%C3%A9.jsonl"
+        filesystem, path = fs.FileSystem.from_uri(stored)
+        assert path == str(target)
+        with filesystem.open_input_stream(path) as f:
+            assert f.read() == b'{"text": "x"}\n'
+        literal = f"file://{allowed}/sp ace/d \u00e9.jsonl"
+        with pytest.raises(ArrowInvalid, match="Cannot parse URI"):
+            fs.FileSystem.from_uri(literal)  # what the worker would have met
+        with pytest.raises(PathError) as err:
+            c.submit(spec("literal", data=literal), api_key=keys["bob"])
+        assert str(err.value) == (f"data.path: {literal!r} contains a space, which the storage layer cannot parse "
+                                  "in a URI; percent-encode it as '%20' (UTF-8), as in "
+                                  "'s3://bucket/team%20a/donn%C3%A9es.jsonl'")  # fmt: skip
+        assert sum(c.store.counts().values()) == 1  # the literal form was not queued
+        assert confine_uri("s3://b/d/team%20a/donn%C3%A9es.jsonl", ["s3://b/d"], "data.path") == \
+            "s3://b/d/team%20a/donn%C3%A9es.jsonl"  # fmt: skip
+        assert confine_uri("s3://b/d/%7Ex/a+b%2B(1)%25.jsonl", ["s3://b/d"], "data.path") == \
+            "s3://b/d/~x/a+b+(1)%25.jsonl"  # fmt: skip
+    finally:
+        c.store.close()
+
+
+def test_percent_escapes_never_reach_another_owners_area(tmp_path: Path):
+    """Escapes are compared decoded: with an admin prefix over the whole storage, ``uploads/%61lice``
+    is alice's area and ``%6Aobs`` the jobs' output area, refused as their plain spellings are; bob's
+    own area written with escapes is his, and is stored plainly."""
+    c = make_controller(tmp_path, "s3://b/lf", prefixes=["s3://b/"])
+    try:
+        keys = add_users(c)
+        for uri, words in (("s3://b/lf/uploads/%61lice/u1/data-secret.jsonl", "is in another owner's upload area"),
+                           ("s3://b/lf/upl%6Fads/alice/u1/data-secret.jsonl", "is in another owner's upload area"),
+                           ("s3://b/lf/%6Aobs/lf-alice1/adapter_model.safetensors", "is in the jobs' output area"),
+                           ("s3://b/lf/uploads/bob%2F..%2Falice/u1/d.jsonl", "decodes to text with a '/'"),
+                           ("s3://b/lf/uploads/bob/%2E%2E/alice/u1/d.jsonl", "decodes to '..'")):
+            with pytest.raises(PathError, match=f"^data.path: '{uri}' .*{words}"):
+                c.submit(spec("x", data=uri), api_key=keys["bob"])
+        job = c.submit(spec("mine", data="s3://b/lf/uploads/%62ob/u/d.jsonl"), api_key=keys["bob"])
+        assert c.store.get(job["id"]).spec["data"]["path"] == "s3://b/lf/uploads/bob/u/d.jsonl"
+        assert sum(c.store.counts().values()) == 1
+    finally:
+        c.store.close()
 
 
 def test_uri_prefixes_match_whole_segments_and_never_cover_the_storage_areas(tmp_path: Path):
@@ -180,8 +255,8 @@ def test_the_final_upload_uri_is_checked_before_anything_is_written(uri_cluster,
     laptop.mkdir()
     (laptop / "d.jsonl").write_text("{}\n")
     monkeypatch.setattr(agent, "safe_upload_name", lambda section, name: f"{section}-{EVIL_NAME}")
-    with pytest.raises(PathError, match=r"^data.path: 'file://.*/uploads/bob/[0-9a-f]+/data-x%2F\.\..*' contains a "
-                                        r"percent-escape"):  # fmt: skip
+    with pytest.raises(PathError, match=r"^data.path: 'file://.*/uploads/bob/[0-9a-f]+/data-x%2F\.\..*' has a segment "
+                                        r"'data-x%2F\.\..*' that the storage layer decodes to text with a '/'"):  # fmt: skip
         agent.stage_data({"data": {"path": "d.jsonl"}}, laptop, f"{storage}/uploads/bob")
     assert (root / "storage" / "jobs" / "lf-alice1" / "adapter_config.json").read_text() == '{"owner": "alice"}'
     assert not (root / "storage" / "uploads" / "bob").exists()

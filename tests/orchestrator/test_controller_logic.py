@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -332,6 +334,56 @@ def test_ended_jobs_progress_lines_are_trimmed_oldest_first(tmp_path, monkeypatc
         c.store.close()
 
 
+def test_trimmed_jobs_read_their_metrics_through_the_storage_layer(tmp_path, monkeypatch):
+    """With ``file://`` (or ``s3://``) storage, a job whose lines were trimmed had empty logs and plot data:
+    only a local output's metrics.jsonl was read. A URI output's is read through the storage layer, its
+    last ``METRICS_READ_LIMIT`` bytes from the first whole line; a missing file gives nothing, as before."""
+    import orchestrator.controller as controller_mod
+
+    monkeypatch.setattr(controller_mod, "ENDED_LOGS_KEPT", 1)
+    monkeypatch.setattr(controller_mod, "LOG_TRIM_BATCH", 1)
+    storage = f"file://{tmp_path}/storage"
+    c = Controller(str(tmp_path / "jobs.db"), storage, {"policy": "fifo"}, start_loop=False, num_gpus=0)
+    try:
+        records = [{"step": i, "total_steps": 30, "loss": 3.0 - i / 10} for i in range(1, 31)]
+        ids = []
+        for i in range(4):
+            job_id = c.store.create_job(spec=spec(f"j{i}"), name=f"j{i}", owner="u", priority=0).id
+            ids.append(job_id)
+            c._append_log(job_id, f"step 30/30 loss 0.1 (job {i})")
+            c._sample(job_id, {"step": 30, "loss": 0.1})
+            c.store.transition(job_id, JobState.PROFILING, worker="w0")
+            c.store.transition(job_id, JobState.RUNNING)
+            c.store.transition(job_id, JobState.SUCCEEDED, output=f"{storage}/jobs/u/{job_id}")
+        for job_id in ids[:2]:
+            out = tmp_path / "storage" / "jobs" / "u" / job_id
+            out.mkdir(parents=True)
+            (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        assert c.job_metrics(ids[0]) == [{"step": 30, "total_steps": None, "loss": 0.1, "tokens_per_s": None,
+                                          "time": c._samples[ids[0]].records[0]["time"]}]  # fmt: skip
+        c.tick()
+        assert set(c._logs) == {ids[-1]} and set(c._samples) == {ids[-1]}  # the older three were trimmed
+        assert c.logs(ids[0], lines=2) == [json.dumps(r) for r in records[-2:]]
+        assert c.job_metrics(ids[0]) == records
+        assert c.logs_since(ids[1])["lines"] == [json.dumps(r) for r in records[-50:]]
+        assert c.logs(ids[2]) == [] and c.job_metrics(ids[2]) == []  # no metrics.jsonl: nothing, no error
+        limit = sum(len(json.dumps(r)) + 1 for r in records[-3:]) + 5  # three whole lines and part of one more
+        monkeypatch.setattr(controller_mod, "METRICS_READ_LIMIT", limit)
+        assert c.job_metrics(ids[0]) == records[-3:]  # the cut line is dropped
+        assert c.logs(ids[0]) == [json.dumps(r) for r in records[-3:]]
+        from actors.storage import read_tail
+
+        with pytest.raises(FileNotFoundError, match="a directory"):
+            read_tail(storage, 10)
+        with pytest.raises(OSError, match="Cannot parse URI"):
+            read_tail(f"file://{tmp_path}/sp ace", 10)  # pyarrow's ArrowInvalid, as an OSError
+        size = (tmp_path / "storage" / "jobs" / "u" / ids[0] / "metrics.jsonl").stat().st_size
+        assert read_tail(f"{storage}/jobs/u/{ids[0]}/metrics.jsonl", 10 * size) == (
+            (tmp_path / "storage" / "jobs" / "u" / ids[0] / "metrics.jsonl").read_bytes(), 0)
+    finally:
+        c.store.close()
+
+
 def test_prune_with_uploads_deletes_the_areas_only_pruned_jobs_named(tmp_path):
     """Every ``lorafleet submit`` copies the laptop's data into ``uploads/<owner>/<id>/``; nothing ever
     deleted them (a soak: one area per submission). ``prune_jobs(uploads=True)`` deletes the areas of the
@@ -368,5 +420,76 @@ def test_prune_with_uploads_deletes_the_areas_only_pruned_jobs_named(tmp_path):
         assert out["deleted"] == 1 and out["uploads_deleted"] == [str(areas["aaaaaaaaaaa1"])]
         assert not areas["aaaaaaaaaaa1"].exists() and areas["aaaaaaaaaaa2"].is_dir() and areas["aaaaaaaaaaa3"].is_dir()
         assert (root / "not-an-area").is_dir() and old not in c._live
+    finally:
+        c.store.close()
+
+
+def _lock_held(lock) -> bool:
+    """Whether some thread holds ``lock``, probed from a new thread (an RLock, which the thread holding it
+    could acquire again, and which has no ``locked()`` before Python 3.14)."""
+    got: list[bool] = []
+
+    def probe() -> None:
+        got.append(lock.acquire(blocking=False))
+        if got[0]:
+            lock.release()
+
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join()
+    return not got[0]
+
+
+def test_prune_scans_and_deletes_upload_areas_outside_the_loop_lock(tmp_path, monkeypatch):
+    """``prune_jobs(uploads=True)`` held the policy loop's lock while it scanned every spec once per area
+    and deleted each area (network I/O on an object store): with 6000 jobs another caller waited 9 s.
+    Only the store prune and dropping the ids from the live view are done under the lock; the areas
+    still named are found in one pass over the remaining specs."""
+    import actors.storage
+
+    c = Controller(str(tmp_path / "jobs.db"), str(tmp_path / "storage"), {"policy": "fifo"}, start_loop=False,
+                   num_gpus=0)  # fmt: skip
+    try:
+        root = Path(c.uploads_root("u"))
+        ids = []
+        for i in range(6):
+            area = root / f"{i:012x}"
+            area.mkdir(parents=True)
+            (area / "data-d.jsonl").write_text('{"text": "x"}\n')
+            doc = spec(f"j{i}")
+            doc["data"]["path"] = str(area / "data-d.jsonl")
+            ids.append(c.submit(doc, "u")["id"])
+        for job_id in ids[:3]:
+            c.cancel(job_id, owner="u")
+        c._lock.acquire()  # held by this thread: prune_jobs, in another thread, must wait for it
+        try:
+            out: list[dict] = []
+            t = threading.Thread(target=lambda: out.append(c.prune_jobs(0, uploads=True)))
+            t.start()
+            t.join(0.5)
+            assert t.is_alive() and not out  # waits for the lock, to prune
+        finally:
+            c._lock.release()
+        t.join(10)
+        assert out[0]["deleted"] == 3
+        seen: list[tuple[str, bool]] = []
+        scan, delete = c.store.spec_matches, actors.storage.delete_tree
+
+        def spec_matches(*args, **kwargs):
+            seen.append(("scan", _lock_held(c._lock)))
+            return scan(*args, **kwargs)
+
+        def delete_tree(target):
+            seen.append(("delete", _lock_held(c._lock)))
+            return delete(target)
+
+        monkeypatch.setattr(c.store, "spec_matches", spec_matches)
+        monkeypatch.setattr(actors.storage, "delete_tree", delete_tree)
+        for job_id in ids[3:5]:
+            c.cancel(job_id, owner="u")
+        out = c.prune_jobs(0, uploads=True)
+        assert out["deleted"] == 2 and out["uploads_deleted"] == [str(root / f"{i:012x}") for i in (3, 4)]
+        assert seen == [("scan", False), ("delete", False), ("delete", False)]  # one scan; the lock is free
+        assert [p.name for p in sorted(root.iterdir())] == [f"{5:012x}"]
     finally:
         c.store.close()

@@ -745,9 +745,17 @@ def test_prune_waits_for_another_writer_and_leaves_a_sound_file(tmp_path: Path, 
         assert c.execute("SELECT COUNT(*) FROM events").fetchone() == (0,)
 
 
-def test_jobs_naming_matches_literally(tmp_path):
+def test_spec_matches_finds_overlapping_marks_in_one_paged_pass(tmp_path):
+    """``spec_matches`` (what prune --uploads uses to find the upload areas still named): every match of a
+    pattern in the specs of the jobs not excluded, a lookahead group finding overlapping ones, read a
+    page of rows at a time."""
+    mark = r"(?=(/[a-z]+/[0-9a-f]{4}/))"
     with JobStore(tmp_path / "j.db") as s:
-        a = s.create_job(spec={"data": {"path": "/up/u/abc_1/x%y.jsonl"}}, name="a", owner="u", priority=0).id
-        b = s.create_job(spec={"data": {"path": "/up/u/abcd1/xzy.jsonl"}}, name="b", owner="u", priority=0).id
-        assert s.jobs_naming("/u/abc_1/") == [a]  # '_' is not a wildcard (it would match abcd1)
-        assert s.jobs_naming("x%y") == [a] and s.jobs_naming("/u/abcd1/") == [b] and s.jobs_naming("/v/") == []
+        a = s.create_job(spec={"data": {"path": "/up/u/abcd/beef/x.jsonl"}}, name="a", owner="u", priority=0).id
+        s.create_job(spec={"data": {"path": "/up/v/0123/y%z.jsonl"}}, name="b", owner="u", priority=0)
+        s.create_job(spec={"eval": {"data": "/up/w/4567/e.jsonl"}}, name="c", owner="u", priority=0)
+        every = {"/u/abcd/", "/abcd/beef/", "/v/0123/", "/w/4567/"}
+        assert s.spec_matches(mark) == every  # '/u/abcd/' and '/abcd/beef/' overlap
+        assert s.spec_matches(mark, page=1) == s.spec_matches(mark, page=2) == every
+        assert s.spec_matches(mark, exclude=[a], page=2) == {"/v/0123/", "/w/4567/"}
+        assert s.spec_matches(r"y%z") == {"y%z"} and s.spec_matches("/nothing/") == set()
