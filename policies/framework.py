@@ -304,7 +304,7 @@ class Cycle:
         scale = 1.0 + self.margin
         seq = job.seq_len
         jb0, jc, jd, je = job_terms(job)
-        alone = job.static_bytes + scale * (jb0 + jc + seq * jd + seq * seq * je)  # on an emptied worker
+        alone = self.alone_bytes(job)  # on an emptied worker
         for members in self.busy_by_model.values():
             for slot in members:
                 mem = slot.worker.memory_bytes

@@ -3,9 +3,7 @@ and the command against a real controller in this process (its calls answered wi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -68,20 +66,8 @@ def test_argument_errors_are_one_line_before_connecting(monkeypatch, capsys, arg
 
 
 @pytest.fixture
-def ctl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A controller in this process; ``client.call`` answers from it (JSON both ways, as over Ray)."""
-    c = Controller(str(tmp_path / "store" / "jobs.db"), str(tmp_path / "storage"), {"policy": "fifo"},
-                   start_loop=False, num_gpus=0)  # fmt: skip
-
-    def call(method: str, *args: Any, **kwargs: Any) -> Any:
-        result = getattr(c, method)(*json.loads(json.dumps(args)), **json.loads(json.dumps(kwargs)))
-        return json.loads(json.dumps(result))
-
-    monkeypatch.setattr(client, "connect", lambda address: None)
-    monkeypatch.setattr(client, "call", call)
-    monkeypatch.delenv("LORAFLEET_API_KEY_FILE", raising=False)
-    yield c
-    c.store.close()
+def ctl(cli_controller: Controller) -> Controller:
+    return cli_controller
 
 
 def test_prune_command(ctl: Controller, monkeypatch, capsys):
@@ -111,7 +97,6 @@ def test_prune_command(ctl: Controller, monkeypatch, capsys):
 
 def test_prune_uploads_flag(ctl: Controller, monkeypatch, capsys):
     """``--uploads`` reaches the controller and the summary counts the deleted upload areas."""
-    from pathlib import Path
 
     root = ctl.add_user("root", admin=True)["key"]
     area = Path(ctl.uploads_root("root")) / "0123456789ab"

@@ -23,7 +23,6 @@ from typing import Any
 import pytest
 
 from orchestrator import agent
-from orchestrator import controller as controller_mod
 from orchestrator.auth import AccessError, write_secret
 from orchestrator.controller import MAX_SPEC_DEPTH, MAX_SPEC_NODES, Controller, confine_uri
 from orchestrator.paths import PathError
@@ -350,14 +349,6 @@ def test_single_user_mode_keeps_local_base_models_as_they_are(tmp_path: Path):
 
 
 # ---------------------------------------------------------------------------------- 4. workers
-
-
-@pytest.fixture
-def fake_workers(monkeypatch: pytest.MonkeyPatch) -> _FakeActorClass:
-    fake = _FakeActorClass()
-    monkeypatch.setattr(controller_mod, "worker_actor_class", lambda: fake)
-    monkeypatch.setattr(Controller, "_poll", lambda self, now: None)  # no Ray: nothing to poll
-    return fake
 
 
 def test_workers_needs_a_key_and_hides_other_owners_models(model_cluster, fake_workers: _FakeActorClass):

@@ -21,7 +21,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -38,28 +37,15 @@ from tests.orchestrator.test_tenancy import spec as tenancy_spec
 ADDRESS_VARIABLES = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
 
 
+@pytest.fixture
+def ctl(cli_controller: Controller) -> Controller:
+    return cli_controller
+
+
 @pytest.fixture(autouse=True)
 def no_address_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ADDRESS_VARIABLES:
         monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture
-def ctl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Controller]:
-    """A controller in this process; ``client.call`` (what ``admin`` uses over Ray) answers from it,
-    JSON both ways, as in ``test_admin_cli``."""
-    c = Controller(str(tmp_path / "store" / "jobs.db"), str(tmp_path / "storage"), {"policy": "fifo"},
-                   start_loop=False, num_gpus=0)  # fmt: skip
-
-    def call(method: str, *args: Any, **kwargs: Any) -> Any:
-        result = getattr(c, method)(*json.loads(json.dumps(args)), **json.loads(json.dumps(kwargs)))
-        return json.loads(json.dumps(result))
-
-    monkeypatch.setattr(client, "connect", lambda address: None)
-    monkeypatch.setattr(client, "call", call)
-    monkeypatch.delenv("LORAFLEET_API_KEY_FILE", raising=False)
-    yield c
-    c.store.close()
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-from orchestrator import controller as controller_mod
 from orchestrator.auth import AccessError, client_api_key, hash_key, read_secret, write_secret
 from orchestrator.controller import PUBLIC_FIELDS, Controller
 from orchestrator.paths import PathError
@@ -304,14 +303,6 @@ class _FakeActorClass:
     def remote(self, worker_id: str, base_model: str, **options: Any) -> _FakeHandle:
         self.handles.append(_FakeHandle(worker_id, base_model, **options))
         return self.handles[-1]
-
-
-@pytest.fixture
-def fake_workers(monkeypatch: pytest.MonkeyPatch) -> _FakeActorClass:
-    fake = _FakeActorClass()
-    monkeypatch.setattr(controller_mod, "worker_actor_class", lambda: fake)
-    monkeypatch.setattr(Controller, "_poll", lambda self, now: None)  # no Ray: nothing to poll
-    return fake
 
 
 def test_running_jobs_quota_is_enforced_per_owner(tmp_path: Path, fake_workers: _FakeActorClass):
