@@ -75,6 +75,7 @@ from policies import (
     parse_policy_config,
 )
 from policies.fairstart import FifoClock, clock_settings
+from policies.framework import Cycle
 from policies.memory_model import (
     adapter_bytes,
     canonical_targets,
@@ -462,6 +463,7 @@ class Controller:
         self._samples: dict[str, _Samples] = {}  # job id -> polled step/loss samples (job_metrics)
         self._preempting: set[str] = set()
         self._run_starts: dict[str, float] = {}  # job id -> when its current run was placed (see build_view)
+        self._unplaceable: dict[str, str] = {}  # queued job id -> why no worker can run it even alone
         self._gpu_total = 0
         self._gpu_checked = 0.0
         self._stop = threading.Event()
@@ -952,6 +954,9 @@ class Controller:
         """
         rec = self._find(job, self.identify(api_key), "see the details of", owner)
         out = self._public(rec)
+        waiting = self._unplaceable.get(rec.id)
+        if waiting is not None and rec.state == JobState.QUEUED:
+            out["waiting"] = waiting
         out["events"] = [
             {"time": e.time, "from": e.from_state.value if e.from_state else None, "to": e.to_state.value,
              "reason": e.reason}
@@ -1521,6 +1526,7 @@ class Controller:
 
     def _schedule(self, now: float) -> None:
         view = self._view(now)
+        self._note_unplaceable(view)
         if not view.queued:
             return
         decisions = self.policy.schedule(view)
@@ -1533,6 +1539,26 @@ class Controller:
                 wid = self._start(d.job_id, wid)
                 if wid and d.worker_id.startswith(FREE_PREFIX):
                     created[d.worker_id] = wid
+
+    def _note_unplaceable(self, view: ClusterView) -> None:
+        """Find the queued jobs no worker could run even alone (every built-in policy passes them
+        over); log each once in the job's log and keep the reason for ``status``. The margin is the
+        policy's (0 for a custom policy without one). A larger worker joining clears it."""
+        found: dict[str, str] = {}
+        if view.queued and view.workers:
+            cycle = Cycle(view, float(getattr(self.policy, "margin", 0.0) or 0.0))
+            for job in view.queued:
+                if not cycle.fits_nowhere(job):
+                    continue
+                why = self._unplaceable.get(job.job_id)
+                if why is None:
+                    why = (f"fits no worker even alone: predicted peak {cycle.alone_bytes(job) / GIB:.1f} GiB with "
+                           f"the policy's margin, the largest worker has {cycle.largest_memory / GIB:.1f} GiB; "
+                           "it waits for a larger worker (cancel it and submit with a smaller micro_batch_size "
+                           "or max_seq_len)")  # fmt: skip
+                    self._log(job.job_id, f"waiting: {why}")
+                found[job.job_id] = why
+        self._unplaceable = found
 
     def _preempt(self, job_id: str) -> None:
         for w in self._workers.values():

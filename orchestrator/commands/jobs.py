@@ -95,6 +95,8 @@ def _row(record: dict) -> dict:
     row = {k: record.get(k) for k in ("id", "name", "state", "step", "total_steps", "loss", "tokens_per_s",
                                        "worker", "priority", "owner", "error", "output")}  # fmt: skip
     row["eval"] = (record.get("extra") or {}).get("eval")
+    if record.get("waiting"):  # only `status JOB` has it: why a queued job cannot start anywhere
+        row["waiting"] = record["waiting"]
     return row
 
 
@@ -242,6 +244,8 @@ def do_status(client: Client, args: argparse.Namespace) -> int:
             print(f"  {stamp} {event['from'] or '-'} -> {event['to']}  {event.get('reason') or ''}")
         if records[0].get("error"):
             print(f"  error: {records[0]['error']}")
+        if records[0].get("waiting"):
+            print(f"  waiting: {records[0]['waiting']}")
         for line in eval_lines((records[0].get("extra") or {}).get("eval")):
             print(f"  {line}")
     return 0

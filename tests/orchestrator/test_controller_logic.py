@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -491,5 +492,36 @@ def test_prune_scans_and_deletes_upload_areas_outside_the_loop_lock(tmp_path, mo
         assert out["deleted"] == 2 and out["uploads_deleted"] == [str(root / f"{i:012x}") for i in (3, 4)]
         assert seen == [("scan", False), ("delete", False), ("delete", False)]  # one scan; the lock is free
         assert [p.name for p in sorted(root.iterdir())] == [f"{5:012x}"]
+    finally:
+        c.store.close()
+
+
+def test_a_job_no_worker_can_run_even_alone_says_why_in_status_and_its_log(tmp_path, fake_workers):
+    """With 2 GiB GPUs, a job of 32 x 4,096 tokens on SmolLM2 fits nowhere: every policy passes it
+    over (the small job behind it starts), and ``status``/``logs`` say why, once, until a worker
+    large enough joins."""
+    from tests.orchestrator.test_tenancy import spec as small_spec
+
+    c = Controller(str(tmp_path / "jobs.db"), str(tmp_path / "storage"), {"policy": "fifo"}, start_loop=False,
+                   num_gpus=2, worker_memory_bytes=2 * GIB)  # fmt: skip
+    try:
+        big = c.submit({**small_spec("big"), "data": {"path": "d.jsonl", "max_seq_len": 4096},
+                        "train": {"max_steps": 10, "batch_size": 32, "micro_batch_size": 32}}, "alice")  # fmt: skip
+        small = c.submit(small_spec("small"), "alice")
+        for _ in range(3):
+            c.tick()
+        assert c.store.get(small["id"]).state == JobState.PROFILING
+        assert c.store.get(big["id"]).state == JobState.QUEUED
+        waiting = c.status(big["id"])["waiting"]
+        assert re.fullmatch(r"fits no worker even alone: predicted peak [0-9.]+ GiB with the policy's margin, the "
+                            r"largest worker has 2\.0 GiB; it waits for a larger worker \(cancel it and submit "
+                            r"with a smaller micro_batch_size or max_seq_len\)", waiting)  # fmt: skip
+        assert float(waiting.split("peak ")[1].split(" ")[0]) > 2.0
+        assert [line for line in c.logs(big["id"]) if "fits no worker" in line] != []
+        assert sum("fits no worker" in line for line in c.logs(big["id"])) == 1  # once, not every pass
+        assert "waiting" not in c.status(small["id"])
+        c.worker_memory_bytes = 4096 * GIB  # a large GPU joins: the reason goes
+        c.tick()
+        assert "waiting" not in c.status(big["id"])
     finally:
         c.store.close()
