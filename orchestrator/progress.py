@@ -156,7 +156,7 @@ def summary_table(jobs: list[JobProgress], title: str = "lorafleet summary") -> 
         table.add_row(
             job.name,
             f"[{style}]{job.state}[/]" if style else job.state,
-            f"{job.step}/{job.total_steps}",
+            f"{job.step}/{job.total_steps}" if job.total_steps else "-",  # failed before its steps were known
             fmt_float(job.loss),
             fmt_float(job.tokens_per_s, 0),
             eval_summary(job.eval),

@@ -378,3 +378,16 @@ def test_keep_checkpoints_0_deletes_them_once_trained_and_evaluated(tmp_path, ti
     assert main(["train", str(k0), "--plain"]) == 0  # a rerun skips the finished job: nothing trains again
     assert list_checkpoints(tmp_path / "out" / "k0") == []
     assert (tmp_path / "out" / "k0" / "metrics.jsonl").read_text() == metrics
+
+
+def test_the_summary_shows_no_step_count_for_a_job_that_failed_before_its_steps_were_known():
+    from rich.console import Console
+
+    from orchestrator.progress import JobProgress, summary_table
+
+    console = Console(width=200, record=True)
+    console.print(summary_table([JobProgress("early", 0, state="failed", message="base_model: not found"),
+                                 JobProgress("ran", 7, step=3, state="failed", message="boom")]))  # fmt: skip
+    rows = {line.split("│")[1].strip(): line.split("│")[3].strip() for line in console.export_text().splitlines()
+            if line.count("│") > 3 and line.split("│")[1].strip() in ("early", "ran")}  # fmt: skip
+    assert rows == {"early": "-", "ran": "3/7"}
