@@ -111,6 +111,22 @@ def _local_hint() -> str:
     return f" (the local cluster's is {state['dashboard']})" if state and state.get("dashboard") else ""
 
 
+def _local_cluster_token(address: str) -> str | None:
+    """The Ray token of the cluster ``lorafleet up --local --auth token`` recorded on this machine, when
+    ``address`` is its dashboard and Ray's own token variables are unset (they win); else None."""
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return None
+    from orchestrator.client import recorded_local_cluster
+
+    state = recorded_local_cluster()
+    if not state or state.get("auth") != "token" or state.get("dashboard") != address or not state.get("token_path"):
+        return None
+    try:
+        return Path(state["token_path"]).read_text().strip() or None
+    except OSError:
+        return None
+
+
 @contextlib.contextmanager
 def _without_address_variables() -> Iterator[None]:
     """Ray's JobSubmissionClient takes ``RAY_API_SERVER_ADDRESS`` / ``RAY_ADDRESS`` over the address it
@@ -200,6 +216,7 @@ class Client:
             raise RemoteError(str(exc)) from None
         self.owner = declared_owner(owner, self.api_key)
         self.timeout_s = timeout_s
+        token = token or _local_cluster_token(self.address)
         headers = {"Authorization": f"Bearer {token}"} if token else None
         try:
             with _without_address_variables():

@@ -66,6 +66,15 @@ def test_token_file_is_private_and_recorded(cluster):
     assert mode == 0o600 and len(Path(state["token_path"]).read_text().strip()) == 64
 
 
+def test_commands_on_the_head_read_the_local_clusters_token_from_its_record(cluster):
+    """`status` finds the `up --local` cluster through its record, and its token with it (it was
+    refused without `--token` before)."""
+    res = cli(cluster["head"], "status", timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = cli(cluster["head"], "status", "--token", "0" * 64, timeout=120)  # an explicit token wins
+    assert res.returncode == 2 and "Invalid authentication token" in res.stderr, res.stderr
+
+
 def test_laptop_without_or_with_a_wrong_token_is_refused(cluster, tmp_path):
     laptop = tmp_path / "lf"
     url = cluster["state"]["dashboard"]
