@@ -40,6 +40,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -211,18 +212,18 @@ class TrainSpec(_Strict):
             raise ValueError(f"each beta must be in [0, 1) (got {list(value)})")
         return value
 
-    @model_validator(mode="after")
-    def _micro_divides_batch(self) -> TrainSpec:
-        if self.micro_batch_size > self.batch_size:
-            raise ValueError(
-                f"micro_batch_size: must be <= batch_size ({self.batch_size}) (got {self.micro_batch_size})"
-            )
-        if self.batch_size % self.micro_batch_size:
-            raise ValueError(
-                f"batch_size: must be a multiple of micro_batch_size ({self.micro_batch_size}) "
-                f"(got {self.batch_size})"
-            )
-        return self
+    @field_validator("micro_batch_size")
+    @classmethod
+    def _micro_divides_batch(cls, value: int, info: ValidationInfo) -> int:
+        # A field validator, not a model one: it runs (and is reported) beside other fields' errors.
+        batch = info.data.get("batch_size")
+        if batch is None:  # batch_size itself is invalid: its own error says so
+            return value
+        if value > batch:
+            raise ValueError(f"micro_batch_size: must be <= batch_size ({batch}) (got {value})")
+        if batch % value:
+            raise ValueError(f"batch_size: must be a multiple of micro_batch_size ({value}) (got {batch})")
+        return value
 
 
 class EvalSpec(_Strict):
@@ -383,6 +384,8 @@ def _format_error(err: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
         head, sep, rest = msg.partition(": ")
         if sep and head.replace("_", "").replace(", ", "").isalnum() and " " not in head.replace(", ", ""):
             first = head.split(", ")[0]
+            if loc and isinstance(loc[-1], str) and {loc[-1], first} <= set(_allowed_fields(loc[:-1])):
+                loc = loc[:-1]  # a field validator naming itself or a sibling field (micro_batch_size, batch_size)
             return (*loc, first), f"{rest}" if "," not in head else msg
         return loc, msg
     return loc, f"{err['msg'].lower()} (got {given!r})" if given is not None else err["msg"].lower()

@@ -118,3 +118,23 @@ def test_all_linear_is_accepted_alone_or_in_a_list():
         assert "all-linear" in spec.to_job_config().adapter.target_modules
     with pytest.raises(SpecError, match=r"adapter\.target_modules.*not a module name"):
         parse_spec({**GOOD, "adapter": {"target_modules": "all linear"}})
+
+
+def test_batch_size_errors_are_reported_beside_the_sections_other_errors():
+    """The micro-batch checks used to run only once every other train field was valid, so a user fixed
+    one error and met the next."""
+    with pytest.raises(SpecError) as info:
+        parse_spec(spec_with(train__batch_size=6, train__micro_batch_size=4, train__learning_rate=-1,
+                             adapter__r=0), source="job.yaml")  # fmt: skip
+    assert info.value.errors == [
+        "job.yaml: adapter.r: must be >= 1 (got 0)",
+        "job.yaml: train.batch_size: must be a multiple of micro_batch_size (4) (got 6)",
+        "job.yaml: train.learning_rate: must be > 0.0 (got -1)",
+    ]
+    with pytest.raises(SpecError) as info:  # the default batch_size (16) counts; an invalid one is its own error
+        parse_spec(spec_with(train__micro_batch_size=32, train__eps=0), source="job.yaml")
+    assert info.value.errors == ["job.yaml: train.micro_batch_size: must be <= batch_size (16) (got 32)",
+                                 "job.yaml: train.eps: must be > 0.0 (got 0)"]  # fmt: skip
+    with pytest.raises(SpecError) as info:
+        parse_spec(spec_with(train__batch_size=0, train__micro_batch_size=3), source="job.yaml")
+    assert info.value.errors == ["job.yaml: train.batch_size: must be >= 1 (got 0)"]
