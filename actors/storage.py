@@ -9,10 +9,13 @@ downloads the job's files before it joins (:func:`sync_down`), and uploads them 
 checkpoint and at the end (:func:`sync_up`). Single files (a laptop's uploaded data, a job's
 URI inputs) move with :func:`upload_file` and :func:`download_file`.
 
-Upload order keeps a remote copy usable at every moment: a checkpoint directory is uploaded
-under a temporary name and then moved to ``checkpoints/step-N`` (a rename on local/NFS/HDFS
-filesystems; on object stores a copy, after which the directory is complete), and the final
-adapter files are uploaded only after every checkpoint.
+Upload order keeps a remote copy usable at every moment: on filesystems that rename directories
+(local, NFS, HDFS) a checkpoint directory is uploaded under a temporary name and then moved to
+``checkpoints/step-N``; object stores (S3, GCS) cannot rename a directory, so its files are
+written in place with ``trainer_state.json`` last (each object appears whole; a checkpoint without
+that file is incomplete, and resuming skips it for an older one). The final adapter files are
+uploaded only after every checkpoint. ``tests/actors/test_storage_s3.py`` runs all of this against
+an S3 server on loopback (moto).
 """
 
 from __future__ import annotations
@@ -165,6 +168,24 @@ def sync_down(uri: str, local: str | os.PathLike) -> bool:
     return True
 
 
+#: written last into every checkpoint directory (actors.checkpoint.save_checkpoint): one that lacks it is incomplete
+CHECKPOINT_MARKER = "trainer_state.json"
+
+
+def _renames_directories(filesystem) -> bool:
+    """Whether ``filesystem.move`` renames a whole directory (local and HDFS); object stores
+    (S3, GCS) move only single objects."""
+    from pyarrow import fs as pafs
+
+    return isinstance(filesystem, pafs.LocalFileSystem) or type(filesystem).__name__ == "HadoopFileSystem"
+
+
+def _complete_checkpoint(filesystem, path: str) -> bool:
+    from pyarrow import fs as pafs
+
+    return filesystem.get_file_info(f"{path}/{CHECKPOINT_MARKER}").type == pafs.FileType.File
+
+
 def sync_up(local: str | os.PathLike, uri: str) -> None:
     """Upload the job directory ``local`` to ``uri``: new checkpoints first, then the other files.
 
@@ -184,18 +205,27 @@ def sync_up(local: str | os.PathLike, uri: str) -> None:
         ckpts = local / "checkpoints"
         if ckpts.is_dir():
             filesystem.create_dir(f"{root}/checkpoints", recursive=True)
+            renames = _renames_directories(filesystem)
             for entry in sorted(ckpts.iterdir()):
                 if not entry.is_dir() or entry.name.startswith("."):
                     continue
                 final = f"{root}/checkpoints/{entry.name}"
-                if filesystem.get_file_info(final).type != pafs.FileType.NotFound:
+                if _complete_checkpoint(filesystem, final):
                     continue  # checkpoints never change once written
-                tmp = f"{root}/checkpoints/.tmp-{entry.name}"
-                filesystem.create_dir(tmp, recursive=True)
-                pafs.copy_files(
-                    str(entry.resolve()), tmp, source_filesystem=lfs, destination_filesystem=filesystem
-                )
-                filesystem.move(tmp, final)
+                if renames:
+                    tmp = f"{root}/checkpoints/.tmp-{entry.name}"
+                    filesystem.create_dir(tmp, recursive=True)
+                    pafs.copy_files(str(entry.resolve()), tmp, source_filesystem=lfs, destination_filesystem=filesystem)
+                    if filesystem.get_file_info(final).type != pafs.FileType.NotFound:
+                        filesystem.delete_dir(final)  # an earlier, interrupted upload
+                    filesystem.move(tmp, final)
+                else:
+                    # Object stores (S3, GCS) cannot rename a directory, but each object appears whole:
+                    # the files go straight to their place, the marker last. A reader that finds a
+                    # checkpoint without it skips that checkpoint (actors.engine resumes from an older one).
+                    files = sorted(p for p in entry.iterdir() if p.is_file())
+                    for file in sorted(files, key=lambda p: p.name == CHECKPOINT_MARKER):
+                        _copy_stream(file, filesystem, f"{final}/{file.name}")
             kept = {p.name for p in ckpts.iterdir()}
             for info in filesystem.get_file_info(pafs.FileSelector(f"{root}/checkpoints")):
                 if info.base_name not in kept and not info.base_name.startswith("."):
