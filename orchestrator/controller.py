@@ -91,6 +91,7 @@ CONTROLLER_NAME = "lorafleet-controller"
 NAMESPACE = "lorafleet"
 DEFAULT_POLICY: dict[str, Any] = {"policy": "fifo"}
 GIB = 1 << 30
+USAGE_HALF_LIFE_S = 7 * 86400.0  # fair-share usage decay (Controller._account_usage)
 # A ~135M-parameter Llama (SmolLM2-135M) when the base model's config cannot be read.
 FALLBACK_SHAPE = ModelShape(134_515_008, 576, 30, 9, 1536, 49152, 3, 2)
 NOMINAL_TOKENS_PER_S = 2000.0  # for remaining-work estimates before a job has reported
@@ -239,6 +240,7 @@ def build_view(
     run_starts: Mapping[str, float] | None = None,
     fair_starts: Mapping[str, float] | None = None,
     cache: dict[str, tuple[tuple, JobView]] | None = None,
+    owner_usage_s: Mapping[str, float] | None = None,
 ) -> ClusterView:
     """The snapshot the policy decides on.
 
@@ -252,6 +254,8 @@ def build_view(
     those stamped at submission (``extra.fair_start_s``). ``cache``: each job's view from an earlier
     pass (the caller's dict, updated here), reused while the record (its ``updated_time``), its worker
     and its model's reported shape are the same: at 10,000 queued jobs a pass built 10,000 views.
+    ``owner_usage_s``: GPU-seconds each owner has used (:meth:`Controller._account_usage`), for
+    fair share.
     """
     workers = list(workers)
     known = {w.worker_id for w in workers}
@@ -293,7 +297,8 @@ def build_view(
             del cache[gone]
     free = [WorkerView(f"{FREE_PREFIX}{i}", free_memory_bytes, 100.0) for i in range(max(0, free_gpus))]
     queued.sort(key=lambda j: (j.submit_time_s, j.job_id))
-    return ClusterView(now_s=now, queued=tuple(queued), running=tuple(running), workers=tuple(workers + free))
+    return ClusterView(now_s=now, queued=tuple(queued), running=tuple(running), workers=tuple(workers + free),
+                       owner_usage_s=dict(owner_usage_s or {}))  # fmt: skip
 
 
 def oom_backoff(record: JobRecord, group_size: int) -> tuple[dict[str, Any] | None, str]:
@@ -464,6 +469,10 @@ class Controller:
         self._preempting: set[str] = set()
         self._run_starts: dict[str, float] = {}  # job id -> when its current run was placed (see build_view)
         self._unplaceable: dict[str, str] = {}  # queued job id -> why no worker can run it even alone
+        self._usage_file = Path(store_path).expanduser().parent / "usage.json"
+        self._usage: dict[str, float] = self._load_usage()  # owner -> GPU-seconds used (fair share)
+        self._usage_at: float | None = None  # when usage was last accounted
+        self._usage_saved = 0.0
         self._gpu_total = 0
         self._gpu_checked = 0.0
         self._stop = threading.Event()
@@ -1508,7 +1517,7 @@ class Controller:
                           free_memory_bytes=self.worker_memory_bytes, shapes=self._shapes,
                           preempting=self._preempting, specs=self._spec_cache,
                           run_starts=self._run_starts, fair_starts=self._fair_starts(records),
-                          cache=self._view_cache)  # fmt: skip
+                          cache=self._view_cache, owner_usage_s=self._usage)  # fmt: skip
 
     def _fair_starts(self, records: Iterable[JobRecord]) -> dict[str, float]:
         """Each booked job's FIFO-fair deadline with its class's tail as estimated now. Jobs booked
@@ -1526,6 +1535,7 @@ class Controller:
 
     def _schedule(self, now: float) -> None:
         view = self._view(now)
+        self._account_usage(view)
         self._note_unplaceable(view)
         if not view.queued:
             return
@@ -1539,6 +1549,43 @@ class Controller:
                 wid = self._start(d.job_id, wid)
                 if wid and d.worker_id.startswith(FREE_PREFIX):
                     created[d.worker_id] = wid
+
+    def _load_usage(self) -> dict[str, float]:
+        doc = self._read_json(self._usage_file)
+        if not isinstance(doc, dict):
+            return {}
+        return {str(k): float(v) for k, v in doc.items() if isinstance(v, int | float) and math.isfinite(v) and v >= 0}
+
+    def _account_usage(self, view: ClusterView) -> None:
+        """Add the GPU-seconds since the last pass to each owner's usage, for fair share: each worker's
+        time split across its running group by rows (micro-batch sizes), as the simulator splits it.
+        Past usage decays with a half-life of ``USAGE_HALF_LIFE_S`` (7 days, Slurm's
+        ``PriorityDecayHalfLife`` default), so last month's heavy user is not penalised forever; a
+        simulated trace (days) does not decay. Saved to ``usage.json`` beside the store at most every
+        30 s, so a restart keeps it."""
+        now, last = view.now_s, self._usage_at
+        self._usage_at = now
+        if last is None or now <= last:
+            return
+        dt = min(now - last, 60.0)  # a stalled loop (or a clock step) is not usage
+        decay = 0.5 ** (dt / USAGE_HALF_LIFE_S)
+        self._usage = {o: u * decay for o, u in self._usage.items() if u * decay >= 1.0}  # under 1 GPU-second: gone
+        groups: dict[str, list[JobView]] = defaultdict(list)
+        for job in view.running:
+            if job.worker_id is not None:
+                groups[job.worker_id].append(job)
+        for jobs in groups.values():
+            rows = sum(j.micro_batch_size for j in jobs)
+            for j in jobs:
+                self._usage[j.owner] = self._usage.get(j.owner, 0.0) + dt * j.micro_batch_size / rows
+        if groups and now - self._usage_saved >= 30.0:
+            from actors.checkpoint import atomic_write_json
+
+            try:
+                atomic_write_json(self._usage_file, self._usage)
+                self._usage_saved = now
+            except OSError as exc:
+                log.warning("cannot save %s: %s", self._usage_file, exc)
 
     def _note_unplaceable(self, view: ClusterView) -> None:
         """Find the queued jobs no worker could run even alone (every built-in policy passes them

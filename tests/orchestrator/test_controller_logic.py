@@ -525,3 +525,38 @@ def test_a_job_no_worker_can_run_even_alone_says_why_in_status_and_its_log(tmp_p
         assert "waiting" not in c.status(big["id"])
     finally:
         c.store.close()
+
+
+def test_fair_share_usage_is_accounted_saved_and_reaches_the_policy(tmp_path):
+    """The controller gave the policy no usage (``owner_usage_s`` empty), so aspen's fair share never
+    acted on a live cluster. Each pass now adds each worker's time, split by rows, to its owners."""
+    from policies.builtin import AspenSettings, aspen
+    from policies.snapshot import ClusterView
+    from tests.policies.helpers import job, worker
+
+    store = tmp_path / "jobs.db"
+    c = Controller(str(store), str(tmp_path / "storage"), {"policy": "aspen"}, start_loop=False, num_gpus=2)
+    try:
+        running = (job("a1", owner="alice", mbs=3, worker="w0", start=0), job("b1", owner="bob", mbs=1, worker="w0",
+                   start=0), job("a2", owner="alice", mbs=2, worker="w1", start=0))  # fmt: skip
+        for now in (1000.0, 1040.0, 1040.0 + 3600.0):  # the last gap counts 60 s at most (a stalled loop)
+            c._account_usage(ClusterView(now, (), running, (worker("w0"), worker("w1"))))
+        decay = 0.5 ** (100.0 / (7 * 86400.0))
+        assert c._usage["alice"] == pytest.approx(100 * (3 / 4 + 1) * decay, rel=1e-4)
+        assert c._usage["bob"] == pytest.approx(100 * (1 / 4) * decay, rel=1e-4)
+        assert json.loads((tmp_path / "usage.json").read_text()).keys() == {"alice", "bob"}
+        assert c._view(2000.0).owner_usage_s == c._usage
+    finally:
+        c.store.close()
+    again = Controller(str(store), str(tmp_path / "storage"), {"policy": "aspen"}, start_loop=False, num_gpus=2)
+    try:
+        assert again._usage["alice"] == pytest.approx(175 * 0.5 ** (40.0 / (7 * 86400.0)), rel=1e-3)  # as saved
+    finally:
+        again.store.close()
+    # what it changes: alice's job waits behind bob's later one under fair share alone
+    queued = (job("a", owner="alice", submit=0), job("b", owner="bob", submit=10))
+    policy = aspen(AspenSettings(weights={"fairshare": 1.0, "size": 0.0, "age": 0.0, "priority": 0.0}))
+    free = (worker("w0"),)
+    assert [d.job_id for d in policy.schedule(ClusterView(100.0, queued, (), free))][0] == "a"
+    busy = ClusterView(100.0, queued, (), free, {"alice": 175.0, "bob": 25.0})
+    assert [d.job_id for d in policy.schedule(busy)][0] == "b"
