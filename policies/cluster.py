@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,10 @@ def parse_cluster(doc: Any, source: str = "<cluster>") -> ClusterSpec:
         if not isinstance(m, Mapping):
             raise ClusterError(f"{where}: must be a mapping of {', '.join(MODEL_KEYS)}")
         _unknown(where, m, MODEL_KEYS)
+        missing = [f.name for f in fields(ModelShape) if f.default is MISSING and f.name not in m]
+        if missing:
+            raise ClusterError(f"{where}: missing {', '.join(missing)} (required: "
+                               f"{', '.join(f.name for f in fields(ModelShape) if f.default is MISSING)})")  # fmt: skip
         try:
             models[str(name)] = ModelShape(**{k: int(v) if isinstance(v, float) and v.is_integer() else v
                                               for k, v in m.items()})  # fmt: skip

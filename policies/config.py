@@ -25,7 +25,7 @@ from typing import Any
 
 from policies import builtin
 from policies.builtin import PRIORITY_FACTORS, WORKER_SCORES, AspenSettings, CommonSettings
-from policies.fairstart import check_clock_setting
+from policies.fairstart import check_clock_setting, clock_settings
 from policies.interface import Policy
 from policies.values import finite_number, read_yaml
 
@@ -165,6 +165,13 @@ def _custom(path: str, options: Any) -> Policy:
     if not isinstance(policy, Policy):
         raise PolicyConfigError(f"policy: {path} does not implement the Policy protocol "
                                 f"(name, schedule(view), explain(view, job_id))")  # fmt: skip
+    if not isinstance(getattr(policy, "name", None), str) or not policy.name:
+        raise PolicyConfigError(f"policy: {path}'s name must be a non-empty string "
+                                f"(got {getattr(policy, 'name', None)!r})")  # fmt: skip
+    try:  # the FIFO clock's settings, checked here and not minutes into a replay or in the controller's loop
+        clock_settings(policy)
+    except ValueError as err:
+        raise PolicyConfigError(f"{path}: {err}") from None
     return policy
 
 

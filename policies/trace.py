@@ -110,11 +110,17 @@ def _parse_rows(reader: csv.DictReader, source: str) -> list[TraceJob]:
     missing = [c for c in COLUMNS if c not in header]
     if missing:
         raise TraceError(f"{source}:1: header: missing column(s) {', '.join(missing)} (need {','.join(COLUMNS)})")
+    twice = sorted({h for h in header if header.count(h) > 1})
+    if twice:  # csv keeps the last of them: a silent pick
+        raise TraceError(f"{source}:1: header: column(s) {', '.join(twice)} appear more than once")
     jobs: list[TraceJob] = []
     seen: set[str] = set()
     types = {f.name: f.type for f in fields(TraceJob)}
     for row in reader:
         line = reader.line_num  # the file's line (blank lines are skipped, not counted away)
+        if None in row:  # DictReader files values past the header's columns under None
+            raise TraceError(f"{source}:{line}: {len(header) + len(row[None])} values for {len(header)} header "
+                             "columns (a comma inside a value, or a column missing from the header?)")  # fmt: skip
         values: dict[str, object] = {}
         for col in COLUMNS:
             raw = (row.get(col) or "").strip()

@@ -13,7 +13,25 @@ import yaml
 
 class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader, reading ``1.2e9`` and ``2e-4`` as numbers as YAML 1.2 does (YAML 1.1
-    wants a dot and a signed exponent, ``1.2e+9``, and gave a string an admin did not mean)."""
+    wants a dot and a signed exponent, ``1.2e+9``, and gave a string an admin did not mean), and
+    refusing a key given twice in one mapping (PyYAML keeps the last: ``margin: 0.1`` then
+    ``margin: 0.9`` silently gave 0.9)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[object, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base constructor reports it
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} given twice (line {first} and line "
+                        f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)  # fmt: skip
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(

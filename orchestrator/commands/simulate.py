@@ -46,15 +46,19 @@ def run(args: argparse.Namespace) -> int:
         policies = [resolve_policy(s) for s in specs]
     except (TraceError, ClusterError, PolicyConfigError) as err:
         raise UserError(str(err)) from None
-    results = []
-    for policy in policies:
+    results, ran, failed = [], [], []
+    for policy, spec in zip(policies, specs, strict=True):
         try:
             results.append(simulate(trace, cluster, policy, seed=args.seed, memory_noise=args.memory_noise))
-        except SimulationError as err:
-            raise UserError(str(err)) from None
+            ran.append(spec)
+        except SimulationError as err:  # the other policies' results are still shown
+            failed.append(str(err))
+    if not results:
+        raise UserError("\n".join(failed))
     names = [r.policy for r in results]
-    for r, spec in zip(results, specs, strict=True):
-        if names.count(r.policy) > 1 and spec != r.policy:  # e.g. aspen and an aspen YAML: say which
+    for r, spec in zip(results, ran, strict=True):
+        # e.g. aspen and an aspen YAML, or a tuned fifo YAML that must not pass for the 'vs fifo' baseline
+        if spec != r.policy and (names.count(r.policy) > 1 or spec.endswith((".yaml", ".yml"))):
             r.policy = f"{r.policy} ({spec})"
     metrics = [summarise(r) for r in results]
     # Every run of one trace shares its jobs' submit and solo times: the references are the trace's.
@@ -69,7 +73,9 @@ def run(args: argparse.Namespace) -> int:
         _plot(results, plot)
         if not args.json:
             print(f"JCT CDF written to {plot}", file=sys.stderr)
-    return 0
+    for err in failed:  # after the tables, where they are seen
+        print(f"lorafleet simulate: error: {err}", file=sys.stderr)
+    return 2 if failed else 0
 
 
 def _print_tables(metrics: list, jobs: int, packing: bool = False, ref: object = None) -> None:

@@ -1,5 +1,7 @@
 """A custom policy for the import-path test: start every queued job on the first idle worker."""
 
+from typing import ClassVar
+
 from policies.interface import Explanation, Start
 
 
@@ -13,3 +15,16 @@ class FirstIdle:
 
     def explain(self, view, job_id):
         return Explanation(job_id, self.name, (), 0.0, 0, ())
+
+
+class Raises(FirstIdle):
+    """A policy with a bug: ``lorafleet simulate`` must say where, in one line."""
+
+    def schedule(self, view):
+        raise RuntimeError("boom in schedule")
+
+
+class BadClock(FirstIdle):
+    """Asks for a FIFO clock setting out of range: refused when the policy is loaded."""
+
+    fair_clock: ClassVar[dict] = {"wait_scale": -1}

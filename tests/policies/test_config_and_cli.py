@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import yaml
@@ -274,3 +275,78 @@ def test_cli_plot_file_names(tmp_path, capsys):
     assert (tmp_path / "jct.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main([*args, "--plot", str(tmp_path / "jct.svg")]) == 0
     assert (tmp_path / "jct.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_custom_policy_bugs_and_bad_clock_settings_are_one_line_errors(tmp_path, capsys):
+    trace = tmp_path / "t.csv"
+    main(["trace", "synth", "--jobs", "6", "-o", str(trace)])
+    with pytest.raises(PolicyConfigError, match=r"^tests.policies.custom_policy:BadClock: fair_clock.wait_scale: "
+                                                 r"must be a number > 0 \(got -1\)$"):  # fmt: skip
+        resolve_policy("tests.policies.custom_policy:BadClock")
+    capsys.readouterr()
+    assert main(["simulate", "--trace", str(trace), "--cluster", "examples/cluster.yaml",
+                 "--policy", "fifo,tests.policies.custom_policy:Raises"]) == 2  # fmt: skip
+    out, err = capsys.readouterr()
+    assert "fifo" in out  # the policies that ran are still shown
+    from tests.policies import custom_policy
+
+    line = custom_policy.Raises.schedule.__code__.co_firstlineno + 1  # the raise
+    assert err.strip().splitlines() == [
+        f"lorafleet simulate: error: first-idle: schedule() raised at t=0s: {custom_policy.__file__}:{line}: "
+        "RuntimeError: boom in schedule"]
+
+
+def test_a_job_that_fits_alone_only_without_the_policys_margin_is_refused_before_the_replay(tmp_path, capsys):
+    """77.9 GiB predicted alone on an 80 GiB GPU: fifo (margin 0) runs it; aspen (margin 0.15, 87.5
+    GiB) would pass it over for good, and the replay used to end in a stall after running everything."""
+    trace = tmp_path / "t.csv"
+    trace.write_text(HEADER + "\nd,0,alice,llama-2-7b,lora,8,0,7,7,2048,50,0\n")
+    cluster = tmp_path / "c.yaml"
+    cluster.write_text(yaml.safe_dump({"workers": [{"count": 1, "gpu_memory_gib": 80, "tflops": 312}]}))
+    assert main(["simulate", "--trace", str(trace), "--cluster", str(cluster), "--policy", "fifo,aspen",
+                 "--json"]) == 2  # fmt: skip
+    out, err = capsys.readouterr()
+    assert [json.loads(line)["policy"] for line in out.splitlines()] == ["fifo"]
+    assert re.fullmatch(r"lorafleet simulate: error: job d: predicted peak alone (8[1-9]|9\d)\.\d GiB with aspen's "
+                        r"margin 0\.15, more than any worker has \(80\.0 GiB\): aspen would pass it over for good "
+                        r"\(a live cluster leaves it queued\); lower the policy's margin, or the job's "
+                        r"micro_batch_size or seq_len", err.strip()), err  # fmt: skip
+
+
+def test_trace_and_yaml_ambiguities_are_refused(tmp_path):
+    """A header naming a column twice (csv kept the last), a row with more values than the header
+    (the extras were dropped), a key given twice in a policy or cluster YAML (the last won), and a
+    model missing required fields (a raw TypeError) are errors that say so."""
+    from policies.cluster import load_cluster
+    from policies.config import load_policy_config
+
+    row = "a,0,alice,smollm2-135m,lora,8,0,4,4,512,10,0"
+    with pytest.raises(TraceError, match=r"^t.csv:1: header: column\(s\) rank appear more than once$"):
+        parse_trace(HEADER + ",rank\n" + row + ",99\n", source="t.csv")
+    with pytest.raises(TraceError, match=r"^t.csv:3: 13 values for 12 header columns"):
+        parse_trace(HEADER + "\n" + row + "\n" + row.replace("a,", "b,", 1) + ",extra\n", source="t.csv")
+    policy = tmp_path / "p.yaml"
+    policy.write_text("policy: aspen\nmargin: 0.1\nweights: {size: 1, size: 2}\n")
+    with pytest.raises(PolicyConfigError, match=r"key 'size' given twice \(line 3 and line 3\); keep one"):
+        load_policy_config(policy)
+    cluster = tmp_path / "c.yaml"
+    cluster.write_text("workers: [{count: 1, gpu_memory_gib: 80, tflops: 312}]\nworkers: []\n")
+    with pytest.raises(ClusterError, match=r"key 'workers' given twice \(line 1 and line 2\)"):
+        load_cluster(cluster)
+    with pytest.raises(ClusterError, match=r"^c.yaml: models.mine: missing num_hidden_layers, num_attention_heads, "
+                                           r"intermediate_size, vocab_size \(required: num_parameters, "):  # fmt: skip
+        parse_cluster({"workers": [{"count": 1, "gpu_memory_gib": 80, "tflops": 312}],
+                       "models": {"mine": {"num_parameters": 100, "hidden_size": 8}}}, "c.yaml")  # fmt: skip
+
+
+def test_a_policy_from_a_yaml_file_is_labelled_with_its_file(tmp_path, capsys):
+    """A tuned fifo YAML used to print as plain "fifo" and become the "vs fifo" baseline."""
+    trace = tmp_path / "t.csv"
+    main(["trace", "synth", "--jobs", "6", "-o", str(trace)])
+    tuned = tmp_path / "fifo_bf.yaml"
+    tuned.write_text("policy: fifo\nbackfill: true\n")
+    capsys.readouterr()
+    assert main(["simulate", "--trace", str(trace), "--cluster", "examples/cluster.yaml", "--json",
+                 "--policy", f"{tuned},aspen"]) == 0  # fmt: skip
+    assert [json.loads(line)["policy"] for line in capsys.readouterr().out.splitlines()] == [
+        f"fifo ({tuned})", "aspen"]
