@@ -89,6 +89,21 @@ def check_base_model(name: str) -> None:
             raise ValueError(f"base_model: {name} has no config.json; give a transformers model directory")
 
 
+def check_hub_id_here(name: str) -> None:
+    """On a cluster worker a ``base_model`` such as ``org/model`` is a hub id, but transformers first
+    loads a directory of that name from the current directory when there is one: the worker's
+    directory (Ray's) would then decide which weights a job trains on. Refuse that case.
+
+    Raises:
+        ValueError: naming ``base_model``, the directory, and what to give instead.
+    """
+    if is_builtin(name) or looks_local(name) or not Path(name).exists():
+        return
+    raise ValueError(f"base_model: {name!r} is taken as a hub id here, but this worker's current directory "
+                     f"({os.getcwd()}) has a {'folder' if Path(name).is_dir() else 'file'} of that name, which "
+                     "transformers would load instead; give the model's absolute path, or remove that entry")  # fmt: skip
+
+
 def resolve_base_model(name: str) -> str:
     """Return a path or hub id that ``from_pretrained`` accepts for ``name``.
 
@@ -150,16 +165,23 @@ def load_base_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
+    hub_ids_only: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a frozen causal LM and its tokenizer for fused adapter training.
 
     The model is put in eval mode (base dropout off), every parameter has
     ``requires_grad=False``, and attention uses SDPA with an explicit padding mask, or transformers'
     eager attention for architectures that have no SDPA path (Gemma 2 in transformers 5).
+
+    ``hub_ids_only`` (cluster workers): a name that is neither ``builtin:`` nor a path (``/``, ``./``,
+    ``~``) is a hub id, and a file or folder of that name in the current directory, which
+    transformers would load in its place, is refused (:func:`check_hub_id_here`).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if hub_ids_only:
+        check_hub_id_here(name)
     path = resolve_base_model(name)
     dtype = dtype or torch.float32
     try:

@@ -293,7 +293,7 @@ class TrainingWorker:
         if dtype == "auto":
             dtype = "bfloat16" if device == "cuda" else "float32"
         model, tokenizer = load_base_model(self.base_model, device=device, dtype=getattr(torch, dtype),
-                                           trust_remote_code=self.trust_remote_code)
+                                           trust_remote_code=self.trust_remote_code, hub_ids_only=True)
         cfg = model.config
         heads = int(cfg.num_attention_heads)
         head_dim = int(getattr(cfg, "head_dim", 0) or 0)  # Qwen3, Gemma: q/k/v/o are heads x head_dim wide

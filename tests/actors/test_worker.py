@@ -370,3 +370,29 @@ def test_keep_checkpoints_0_deletes_them_after_the_finished_event(worker, tmp_pa
         time.sleep(0.05)
     assert list_checkpoints(cfg.output) == [] and (Path(cfg.output) / "adapter_model.safetensors").is_file()
     assert [p.name for p in list_checkpoints(other.output)] == ["step-000001", "step-000002", "step-000003"]
+
+
+def test_a_hub_id_shadowed_by_a_folder_in_the_workers_directory_is_refused(tmp_path, tiny_model_dir, monkeypatch):
+    """transformers loads ``org/tiny`` from the current directory when a folder of that name is there:
+    on a worker (Ray's directory) that would pick the weights a job trains on. The worker refuses."""
+    import shutil
+
+    shutil.copytree(tiny_model_dir, tmp_path / "org" / "tiny")  # a loadable decoy
+    monkeypatch.chdir(tmp_path)
+    w = TrainingWorker("w-hub", "org/tiny", device="cpu", profile="off")
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and w.progress()["state"] not in ("failed", "ready"):
+            time.sleep(0.05)
+        snap = w.progress()
+        assert snap["state"] == "failed", snap
+        assert snap["error"] == (f"cannot load base model 'org/tiny': 'org/tiny' is taken as a hub id here, but this "
+                                 f"worker's current directory ({tmp_path}) has a folder of that name, which "
+                                 "transformers would load instead; give the model's absolute path, or remove that "
+                                 "entry")  # fmt: skip
+    finally:
+        w.shutdown(checkpoint=False)
+    from actors.models import load_base_model
+
+    model, _ = load_base_model("org/tiny")  # `lorafleet train` on a laptop: a relative folder is the user's own
+    assert model.config.num_hidden_layers > 0
