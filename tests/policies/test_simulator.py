@@ -357,3 +357,46 @@ def test_aspen_priority_preemption_gives_the_freed_worker_to_the_job_it_was_free
     lo, hi = (next(j for j in result.jobs if j.job_id == name) for name in ("lo", "hi"))
     assert result.preemptions == 1
     assert hi.finish_s < lo.finish_s  # before: lo retook the worker and hi waited for its end
+
+
+def test_turns_fire_on_waiting_time_alone():
+    """The policy runs again every ``tick_s`` while jobs wait, as the controller's loop does: a short
+    job of another model becomes due for a turn 300 s after arriving, with no arrival or finish
+    after it. Event-driven only (``tick_s=0``), it waited ~10,000 s for the first long job."""
+    jobs = [tj(x, model="llama-2-7b", mbs=4, batch=4, seq=1024, steps=8000) for x in ("l1", "l2", "l3")]
+    jobs.append(tj("s", submit=100.0, model="mistral-7b", mbs=4, batch=4, seq=1024, steps=80))
+    cluster = default_cluster(count=1, gpu_memory_gib=40)
+    ticked = simulate(jobs, cluster, aspen())
+    short = next(j for j in ticked.jobs if j.job_id == "s")
+    assert ticked.preemptions == 1 and short.jct_s < 1000
+    assert 400 <= short.first_start_s <= 400 + 60 + 1  # due at 100 + 300 s; seen within one tick
+    untimed = simulate(jobs, cluster, aspen(), tick_s=0)
+    assert untimed.preemptions == 0 and next(j for j in untimed.jobs if j.job_id == "s").jct_s > 9000
+    with pytest.raises(SimulationError, match=r"tick_s: must be >= 0 \(got -1\)"):
+        simulate(jobs, cluster, aspen(), tick_s=-1)
+
+
+def test_a_start_that_fails_at_once_does_not_end_the_jobs_queueing():
+    """fifo (margin 0) starts a and x1 together on 52 GiB: the group's first step runs out of memory.
+    x1's only real start comes later; its queue delay runs until then, not 0."""
+    jobs = [tj(x, model="llama-2-7b", mbs=4, batch=4, seq=1024, steps=200) for x in ("a", "x1")]
+    result = simulate(jobs, default_cluster(count=1, gpu_memory_gib=52), fifo())
+    assert result.oom_count == 1
+    starts = sorted(j.first_start_s for j in result.jobs)
+    assert starts[0] >= 30 and starts[1] > starts[0] + 60  # both start again after the 30 s restart; x1 after a
+    assert summarise(result).mean_queue_s == pytest.approx(sum(starts) / 2)
+
+
+class _NoLines(_Idle):
+    name = "nolines"
+
+    def explain(self, view, job_id):
+        from policies.interface import Explanation
+
+        return Explanation(job_id, self.name, (), 0.0, 0, ())
+
+
+def test_a_stall_message_ends_cleanly_without_worker_lines():
+    with pytest.raises(SimulationError) as info:
+        simulate([tj()], default_cluster(), _NoLines())
+    assert str(info.value).endswith("with 1 job(s) queued (a) and nothing running or arriving")
