@@ -43,16 +43,18 @@ class PolicyConfigError(ValueError):
 
 
 def _num(field: str, value: Any, *, lo: float = 0.0, integer: bool = False, nullable: bool = False,
-         hi: float | None = None) -> Any:  # fmt: skip
+         hi: float | None = None, positive: bool = False) -> Any:  # fmt: skip
+    """``positive``: must be > ``lo`` (not >=), e.g. a time or a factor that 0 makes meaningless."""
     if value is None and nullable:
         return None
     number = finite_number(value)
-    if (number is None or (integer and not number.is_integer()) or not number >= lo
-            or (hi is not None and number > hi)):  # fmt: skip
+    low_ok = number is not None and (number > lo if positive else number >= lo)
+    if not low_ok or number is None or (integer and not number.is_integer()) or (hi is not None and number > hi):
         kind = "an integer" if integer else "a number"
         extra = " or null" if nullable else ""
         bound = f" and <= {hi:,.0f}" if hi is not None else ""
-        raise PolicyConfigError(f"{field}: must be {kind} >= {lo:g}{bound}{extra} (got {value!r})")
+        raise PolicyConfigError(f"{field}: must be {kind} {'>' if positive else '>='} {lo:g}{bound}{extra} "
+                                f"(got {value!r})")  # fmt: skip
     return int(value) if integer else number
 
 
@@ -97,7 +99,7 @@ def _aspen(doc: Mapping[str, Any]) -> AspenSettings:
         out["weights"] = merged
     for key in ("max_age_s", "size_half_s"):
         if key in doc:
-            out[key] = _num(key, doc[key], lo=1e-9)
+            out[key] = _num(key, doc[key], positive=True)
     for key in ("starvation_s", "guard_backlog", "guard_long", "fusion_max_cost", "fair_slack_s", "tail_delay_s"):
         if key in doc:
             out[key] = _num(key, doc[key], nullable=True)
@@ -109,11 +111,11 @@ def _aspen(doc: Mapping[str, Any]) -> AspenSettings:
     if "tail_ceiling" in doc:
         out["tail_ceiling"] = _num("tail_ceiling", doc["tail_ceiling"], nullable=True)
     if "turn_max_s" in doc:
-        out["turn_max_s"] = _num("turn_max_s", doc["turn_max_s"], lo=1e-9, nullable=True)
+        out["turn_max_s"] = _num("turn_max_s", doc["turn_max_s"], positive=True, nullable=True)
     if "turn_min_wait_s" in doc:
         out["turn_min_wait_s"] = _num("turn_min_wait_s", doc["turn_min_wait_s"])
     if "turn_own_slack" in doc:
-        out["turn_own_slack"] = _num("turn_own_slack", doc["turn_own_slack"], lo=1e-9)
+        out["turn_own_slack"] = _num("turn_own_slack", doc["turn_own_slack"], positive=True)
     if "tail_jobs" in doc:
         out["tail_jobs"] = _num("tail_jobs", doc["tail_jobs"], lo=1, integer=True)
     if "reservations" in doc:

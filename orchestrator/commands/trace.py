@@ -54,6 +54,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"-o: cannot write {args.output}: {err.strerror or err}") from None
     span = jobs[-1].submit_time_s / 3600.0
     print(f"wrote {len(jobs)} jobs over {span:.1f} h to {args.output}", flush=True)
+    counts: dict[str, int] = {}
+    for job in jobs:
+        counts[job.base_model] = counts.get(job.base_model, 0) + 1
+    # a small --gpu-memory-gib swaps jobs to smaller models of the mix: say what the trace holds
+    print("models: " + ", ".join(f"{m} {c}" for m, c in sorted(counts.items(), key=lambda mc: -mc[1])), flush=True)
     per_worker = len(jobs) / args.workers
     if per_worker < LIGHT_JOBS_PER_WORKER:
         print(f"note: {per_worker:.1f} jobs per worker (--workers {args.workers}) makes a light trace: fifo queues "

@@ -350,3 +350,13 @@ def test_a_policy_from_a_yaml_file_is_labelled_with_its_file(tmp_path, capsys):
                  "--policy", f"{tuned},aspen"]) == 0  # fmt: skip
     assert [json.loads(line)["policy"] for line in capsys.readouterr().out.splitlines()] == [
         f"fifo ({tuned})", "aspen"]
+
+
+def test_trace_synth_says_which_models_the_trace_holds(tmp_path, capsys):
+    """On a 4 GiB GPU every job of the mix is swapped to the one model that fits: said, not silent."""
+    out = tmp_path / "t.csv"
+    assert main(["trace", "synth", "--jobs", "10", "--gpu-memory-gib", "4", "-o", str(out)]) == 0
+    assert "models: smollm2-135m 10\n" in capsys.readouterr().out
+    assert main(["trace", "synth", "--jobs", "40", "--seed", "3", "-o", str(out)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("models: "))
+    assert sum(int(part.rsplit(" ", 1)[1]) for part in line.removeprefix("models: ").split(", ")) == 40
