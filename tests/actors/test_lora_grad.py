@@ -81,3 +81,50 @@ def test_rows_without_an_adapter_pass_through_unchanged():
     y = layer(x)
     torch.testing.assert_close(y[2:], base(x[2:]))
     assert float((y[:2] - base(x[:2])).abs().max()) > 1e-3
+
+
+def _dora_step(weights, base, x, seed, frozen_path: bool):
+    """One DoRA delta with dropout on ``base`` and its backward; returns (delta, grads, saved tensors)."""
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        if frozen_path:
+            y = weights.delta(x, base(x), base, torch.Generator().manual_seed(seed), True)
+        else:  # the reference: the same formula with the fp32 cast of W left to autograd
+            from actors.lora import dropout_with
+
+            xf = x.float()
+            dropped = dropout_with(xf, weights.settings.dropout, torch.Generator().manual_seed(seed), None)
+            lora = F.linear(F.linear(dropped, weights.lora_A), weights.lora_B)
+            w = base.weight.float()
+            norm = (w + weights.scaling * (weights.lora_B @ weights.lora_A)).norm(p=2, dim=1).detach()
+            mag = weights.lora_magnitude_vector / norm
+            y = ((mag - 1.0) * F.linear(dropped, w) + mag * lora * weights.scaling).to(x.dtype)
+    y.float().square().sum().backward()
+    grads = [p.grad.clone() for p in (weights.lora_A, weights.lora_B, weights.lora_magnitude_vector)]
+    grads.append(x.grad.clone())
+    for p in (weights.lora_A, weights.lora_B, weights.lora_magnitude_vector, x):
+        p.grad = None
+    return y.detach(), grads, saved
+
+
+def test_dora_with_dropout_on_a_bf16_base_keeps_no_fp32_copy_of_the_weight():
+    """Autograd kept the fp32 cast of the bf16 base weight for W drop(x) until the backward: per
+    adapted linear per DoRA job, a cost the memory model did not count (audit: 3 such jobs on a bf16
+    model peaked at 1.23 GiB against 0.56 GiB predicted). The same numbers, without the copy."""
+    from actors.lora import LoraWeights
+
+    torch.manual_seed(0)
+    base = nn.Linear(64, 96, bias=False).to(torch.bfloat16)
+    base.requires_grad_(False)
+    weights = LoraWeights(64, 96, LoraSettings(r=4, alpha=8, dropout=0.2, use_dora=True), base_weight=base.weight,
+                          generator=torch.Generator().manual_seed(1))  # fmt: skip
+    with torch.no_grad():
+        weights.lora_B.normal_()
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16, requires_grad=True)
+    y, grads, saved = _dora_step(weights, base, x, 7, frozen_path=True)
+    y_ref, grads_ref, saved_ref = _dora_step(weights, base, x, 7, frozen_path=False)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    for g, r in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-7)
+    copies = [t for t in saved if t.shape == base.weight.shape and t.dtype == torch.float32]
+    assert copies == [] and any(t.shape == base.weight.shape and t.dtype == torch.float32 for t in saved_ref)
