@@ -109,6 +109,11 @@ class Policy(Protocol):
     ``schedule`` must be a pure function of the view: same view, same decisions. It returns
     Start decisions only for queued jobs and workers in the view, and Preempt only for running
     jobs. ``explain`` raises KeyError for a job not in the view.
+
+    Optional: ``wake_at(view) -> float | None``, when the decisions could next change with nothing
+    happening but time passing (a job's waiting time reaching a rule's threshold); None: only events
+    change them. The simulator runs the policy then (the controller runs it every 0.5 s anyway); a
+    policy without it is run every ``tick_s`` (10 s) of simulated time while jobs wait.
     """
 
     name: str

@@ -594,6 +594,13 @@ class ShortJobTurns:
         return (job.worker_id is None and work <= self.max_work_s
                 and now_s - job.submit_time_s >= max(self.min_wait_s, self.wait_factor * work))  # fmt: skip
 
+    def due_at(self, job: JobView) -> float | None:
+        """When the queued ``job`` becomes due (:meth:`due`), or None when it never will (too long)."""
+        work = job.remaining_work_s
+        if work > self.max_work_s:
+            return None
+        return job.submit_time_s + max(self.min_wait_s, self.wait_factor * work)
+
     def victims(self, job: JobView, cycle: Cycle) -> list[str]:
         """The members of the busy worker the due ``job`` may take (empty: none, or not due)."""
         view = cycle.view

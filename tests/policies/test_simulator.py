@@ -359,21 +359,54 @@ def test_aspen_priority_preemption_gives_the_freed_worker_to_the_job_it_was_free
     assert hi.finish_s < lo.finish_s  # before: lo retook the worker and hi waited for its end
 
 
-def test_turns_fire_on_waiting_time_alone():
-    """The policy runs again every ``tick_s`` while jobs wait, as the controller's loop does: a short
-    job of another model becomes due for a turn 300 s after arriving, with no arrival or finish
-    after it. Event-driven only (``tick_s=0``), it waited ~10,000 s for the first long job."""
+class _NoWake:
+    """aspen's decisions from a policy that cannot say when to wake (no ``wake_at``): the simulator
+    runs it every ``tick_s`` while jobs wait."""
+
+    def __init__(self):
+        self.inner = aspen()
+        self.name = "aspen-no-wake"
+
+    def schedule(self, view):
+        return self.inner.schedule(view)
+
+    def explain(self, view, job_id):
+        return self.inner.explain(view, job_id)
+
+
+def _turn_trace():
     jobs = [tj(x, model="llama-2-7b", mbs=4, batch=4, seq=1024, steps=8000) for x in ("l1", "l2", "l3")]
-    jobs.append(tj("s", submit=100.0, model="mistral-7b", mbs=4, batch=4, seq=1024, steps=80))
+    return [*jobs, tj("s", submit=100.0, model="mistral-7b", mbs=4, batch=4, seq=1024, steps=80)]
+
+
+def test_turns_fire_on_waiting_time_alone():
+    """A short job of another model becomes due for a turn 300 s after arriving, with no arrival or
+    finish after it. The simulator used to run the policy only at events, so it waited ~10,000 s for
+    the first long job; the controller's loop (every 0.5 s) would have given it its turn at once."""
     cluster = default_cluster(count=1, gpu_memory_gib=40)
-    ticked = simulate(jobs, cluster, aspen())
-    short = next(j for j in ticked.jobs if j.job_id == "s")
-    assert ticked.preemptions == 1 and short.jct_s < 1000
-    assert 400 <= short.first_start_s <= 400 + 60 + 1  # due at 100 + 300 s; seen within one tick
-    untimed = simulate(jobs, cluster, aspen(), tick_s=0)
+    woken = simulate(_turn_trace(), cluster, aspen())  # aspen says when: wake_at, due at 400 s
+    short = next(j for j in woken.jobs if j.job_id == "s")
+    assert woken.preemptions == 1 and short.jct_s < 1000
+    ticked = simulate(_turn_trace(), cluster, _NoWake(), tick_s=10)  # a policy that cannot say: every 10 s
+    assert ticked.preemptions == 1
+    assert abs(next(j for j in ticked.jobs if j.job_id == "s").first_start_s - short.first_start_s) <= 10
+    untimed = simulate(_turn_trace(), cluster, _NoWake(), tick_s=0)  # at events only: the old replay
     assert untimed.preemptions == 0 and next(j for j in untimed.jobs if j.job_id == "s").jct_s > 9000
     with pytest.raises(SimulationError, match=r"tick_s: must be >= 0 \(got -1\)"):
-        simulate(jobs, cluster, aspen(), tick_s=-1)
+        simulate(_turn_trace(), cluster, aspen(), tick_s=-1)
+
+
+def test_wake_at_is_the_next_waiting_time_trigger_within_a_minute():
+    from tests.policies.helpers import job, view, worker
+
+    queued = [job("s", submit=0.0, work=100.0), job("long", submit=0.0, work=5000.0, fair=900.0)]
+    v = lambda now: view(queued, (), [worker("w0")], now=now)  # noqa: E731
+    assert fifo().wake_at(v(100.0)) is None and sjf().wake_at(v(100.0)) is None  # no rule reads the clock
+    assert aspen().wake_at(v(100.0)) == 160.0  # the next minute: gradual changes
+    assert aspen().wake_at(v(250.0)) == 300.0  # "s" is due a turn at max(300, 2 x 100) s
+    assert aspen().wake_at(v(320.0)) == 380.0  # due already; "long" is urgent from 900 - slack
+    slack = aspen().fair_slack_s
+    assert aspen().wake_at(v(900.0 - slack - 30.0)) == 900.0 - slack
 
 
 def test_a_start_that_fails_at_once_does_not_end_the_jobs_queueing():
