@@ -39,8 +39,8 @@ CASES += [(f"{n}-jobs-seed-{s}", n, s) for n in FRESH_SIZES for s in FRESH_SEEDS
 # under 0.4), with the simulator running the policy again when a rule fires on waiting time alone
 # and at least every minute while jobs wait, as the controller's loop would (2026-12-07; before,
 # it ran the policy only at arrivals and finishes, so turns and deadlines waited for the next event:
-# 5 of these traces missed a target then, 6 now: 200/3 and 300/5 miss a class p99, 150/9's mean
-# moved from 0.704x to 0.708x; docs/policies-history.md, "Waking the policy").
+# 5 of these traces missed a target then, 7 now: 200/3 (mean 0.704x, class p99 1.33x) and 300/5
+# (class p99 1.12x) are new; docs/policies-history.md, "Waking the policy").
 MEAN_MISSES = {  # bound: the solo-time floor; srpt: ideal preemptive SRPT (policies/reference.py)
     "100-jobs-seed-3": "mean 0.90x; unreachable: the solo-time bound is 0.73x (srpt 0.79x)",
     "100-jobs-seed-4": "mean 0.82x (bound 0.58x, srpt 0.68x)",
