@@ -1592,8 +1592,10 @@ class Controller:
         over); log each once in the job's log and keep the reason for ``status``. The margin is the
         policy's (0 for a custom policy without one). A larger worker joining clears it."""
         found: dict[str, str] = {}
+        margin = getattr(self.policy, "margin", 0.0)
+        margin = float(margin) if isinstance(margin, int | float) and math.isfinite(margin) and margin >= 0 else 0.0
         if view.queued and view.workers:
-            cycle = Cycle(view, float(getattr(self.policy, "margin", 0.0) or 0.0))
+            cycle = Cycle(view, margin)
             for job in view.queued:
                 if not cycle.fits_nowhere(job):
                     continue
