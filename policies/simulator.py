@@ -439,12 +439,18 @@ class Simulator:
                 last_now = self.now
                 start = time.perf_counter() if time_decisions else 0.0
                 view = self.view()
+                call = "schedule()"
                 try:
                     decisions = self.policy.schedule(view)
+                    call = "wake_at()"
                     next_wake = wake(view) if wake is not None else None
                 except Exception as err:  # a custom policy's bug: one clear line, not a traceback
-                    raise SimulationError(f"{self.policy.name}: schedule() raised at t={self.now:.0f}s: "
+                    raise SimulationError(f"{self.policy.name}: {call} raised at t={self.now:.0f}s: "
                                           f"{_where(err)}{type(err).__name__}: {err}") from err  # fmt: skip
+                if next_wake is not None and (isinstance(next_wake, bool) or not isinstance(next_wake, int | float)
+                                              or math.isnan(next_wake)):  # fmt: skip
+                    raise SimulationError(f"{self.policy.name}: wake_at() returned {next_wake!r}; it must return a "
+                                          "time in seconds (the view's clock) or None")  # fmt: skip
                 if time_decisions:
                     timings.append(time.perf_counter() - start)
                 if not isinstance(decisions, (list, tuple)):

@@ -433,3 +433,22 @@ def test_a_stall_message_ends_cleanly_without_worker_lines():
     with pytest.raises(SimulationError) as info:
         simulate([tj()], default_cluster(), _NoLines())
     assert str(info.value).endswith("with 1 job(s) queued (a) and nothing running or arriving")
+
+
+class _BadWake(_NoWake):
+    def __init__(self, answer):
+        super().__init__()
+        self.answer = answer
+
+    def wake_at(self, view):
+        if self.answer == "raise":
+            raise ValueError("no clock")
+        return self.answer
+
+
+@pytest.mark.parametrize(("answer", "words"), [
+    ("soon", r"wake_at\(\) returned 'soon'; it must return a time in seconds \(the view's clock\) or None"),
+    ("raise", r"wake_at\(\) raised at t=0s: .*test_simulator.py:\d+: ValueError: no clock")])  # fmt: skip
+def test_a_custom_wake_at_that_raises_or_returns_no_time_is_a_clear_error(answer, words):
+    with pytest.raises(SimulationError, match=r"^aspen-no-wake: " + words):
+        simulate(_turn_trace(), default_cluster(count=1, gpu_memory_gib=40), _BadWake(answer))
