@@ -576,7 +576,8 @@ class ShortJobTurns:
 
     Measured (docs/policies-history.md, "The change before: turns"): on 160 traces no choice had seen, every #5 target on 113
     instead of 104 (mean JCT met on 126 instead of 115, class p99 141 instead of 144), about 3-4
-    preemptions per trace of 100-400 jobs.
+    preemptions per trace of 100-400 jobs then; since the simulator wakes the policy on waiting time
+    as the controller does (2026-12-07), about one per 15-20 jobs (docs/admin.md).
     """
 
     max_work_s: float = 600.0
