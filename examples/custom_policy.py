@@ -67,6 +67,13 @@ class SmallestFirst:
             members[best.worker_id].append(job)
         return decisions
 
+    def wake_at(self, view: ClusterView) -> float | None:
+        """Optional. None: no rule here reads the clock, so only events (arrivals, finishes) change the
+        decisions and the simulator need not run this policy in between (without this method it runs
+        it every 10 s of simulated time while jobs wait). A policy with waiting-time rules returns the
+        next time one could fire."""
+        return None
+
     def explain(self, view: ClusterView, job_id: str) -> Explanation:
         order = self._order(view)
         position = next((i for i, j in enumerate(order) if j.job_id == job_id), -1)

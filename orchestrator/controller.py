@@ -1551,10 +1551,16 @@ class Controller:
                     created[d.worker_id] = wid
 
     def _load_usage(self) -> dict[str, float]:
+        """``usage.json`` (``{"at": time, "usage": {owner: GPU-seconds}}``), decayed for the time since it
+        was saved: a controller down for two weeks comes back with a quarter of it."""
         doc = self._read_json(self._usage_file)
-        if not isinstance(doc, dict):
+        if not isinstance(doc, dict) or not isinstance(doc.get("usage"), dict):
             return {}
-        return {str(k): float(v) for k, v in doc.items() if isinstance(v, int | float) and math.isfinite(v) and v >= 0}
+        at = doc.get("at")
+        elapsed = max(0.0, time.time() - at) if isinstance(at, int | float) and math.isfinite(at) else 0.0
+        decay = 0.5 ** (elapsed / USAGE_HALF_LIFE_S)
+        return {str(k): float(v) * decay for k, v in doc["usage"].items()
+                if isinstance(v, int | float) and math.isfinite(v) and v >= 0}  # fmt: skip
 
     def _account_usage(self, view: ClusterView) -> None:
         """Add the GPU-seconds since the last pass to each owner's usage, for fair share: each worker's
@@ -1567,9 +1573,10 @@ class Controller:
         self._usage_at = now
         if last is None or now <= last:
             return
+        decay = 0.5 ** ((now - last) / USAGE_HALF_LIFE_S)
+        # an owner idle for about 6 weeks (under 0.01 GPU-second left) is forgotten
+        self._usage = {o: u * decay for o, u in self._usage.items() if u * decay >= 0.01}
         dt = min(now - last, 60.0)  # a stalled loop (or a clock step) is not usage
-        decay = 0.5 ** (dt / USAGE_HALF_LIFE_S)
-        self._usage = {o: u * decay for o, u in self._usage.items() if u * decay >= 1.0}  # under 1 GPU-second: gone
         groups: dict[str, list[JobView]] = defaultdict(list)
         for job in view.running:
             if job.worker_id is not None:
@@ -1582,7 +1589,7 @@ class Controller:
             from actors.checkpoint import atomic_write_json
 
             try:
-                atomic_write_json(self._usage_file, self._usage)
+                atomic_write_json(self._usage_file, {"at": now, "usage": self._usage})
                 self._usage_saved = now
             except OSError as exc:
                 log.warning("cannot save %s: %s", self._usage_file, exc)
@@ -1599,12 +1606,11 @@ class Controller:
             for job in view.queued:
                 if not cycle.fits_nowhere(job):
                     continue
-                why = self._unplaceable.get(job.job_id)
-                if why is None:
-                    why = (f"fits no worker even alone: predicted peak {cycle.alone_bytes(job) / GIB:.1f} GiB with "
-                           f"the policy's margin, the largest worker has {cycle.largest_memory / GIB:.1f} GiB; "
-                           "it waits for a larger worker (cancel it and submit with a smaller micro_batch_size "
-                           "or max_seq_len)")  # fmt: skip
+                why = (f"fits no worker even alone: predicted peak {cycle.alone_bytes(job) / GIB:.1f} GiB with "
+                       f"the policy's margin, the largest worker has {cycle.largest_memory / GIB:.1f} GiB; "
+                       "it waits for a larger worker (cancel it and submit with a smaller micro_batch_size "
+                       "or max_seq_len)")  # fmt: skip
+                if job.job_id not in self._unplaceable:  # logged once; status shows today's numbers
                     self._log(job.job_id, f"waiting: {why}")
                 found[job.job_id] = why
         self._unplaceable = found

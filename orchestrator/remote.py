@@ -118,8 +118,12 @@ def _local_cluster_token(address: str) -> str | None:
         return None
     from orchestrator.client import recorded_local_cluster
 
+    def same(url: object) -> str:  # http://localhost:PORT/ and http://127.0.0.1:PORT are one dashboard
+        return str(url).strip().rstrip("/").lower().replace("://localhost:", "://127.0.0.1:")
+
     state = recorded_local_cluster()
-    if not state or state.get("auth") != "token" or state.get("dashboard") != address or not state.get("token_path"):
+    if (not state or state.get("auth") != "token" or not state.get("token_path")
+            or same(state.get("dashboard")) != same(address)):  # fmt: skip
         return None
     try:
         return Path(state["token_path"]).read_text().strip() or None

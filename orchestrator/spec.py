@@ -384,8 +384,11 @@ def _format_error(err: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
         head, sep, rest = msg.partition(": ")
         if sep and head.replace("_", "").replace(", ", "").isalnum() and " " not in head.replace(", ", ""):
             first = head.split(", ")[0]
-            if loc and isinstance(loc[-1], str) and {loc[-1], first} <= set(_allowed_fields(loc[:-1])):
-                loc = loc[:-1]  # a field validator naming itself or a sibling field (micro_batch_size, batch_size)
+            if (loc and isinstance(loc[-1], str) and {loc[-1], first} <= set(_allowed_fields(loc[:-1]))
+                    and _allowed_fields(loc) == _allowed_fields(loc[:-1])):  # fmt: skip
+                # a field validator (loc ends at a leaf field, not a section) naming itself or a sibling
+                # field: micro_batch_size's check reports batch_size
+                loc = loc[:-1]
             return (*loc, first), f"{rest}" if "," not in head else msg
         return loc, msg
     return loc, f"{err['msg'].lower()} (got {given!r})" if given is not None else err["msg"].lower()

@@ -543,10 +543,10 @@ class ProfilePolicy:
         only with events. The controller's loop runs every 0.5 s and needs none of this."""
         st, gb, gl, fs = self.starvation_s, self.guard_backlog, self.guard_long, self.fair_slack_s
         due_at = getattr(self.turns, "due_at", None)
-        if not self.guarded and due_at is None:
+        if not self.guarded and self.turns is None:
             return None
         now = view.now_s
-        best = now + GRADUAL_S
+        best = now + GRADUAL_S  # also the only wake-up for a turns rule that cannot say when a job is due
         backlog = fifo_wait_s(view) if gb is not None or gl is not None else 0.0
         for j in view.queued:
             times = []

@@ -65,6 +65,9 @@ EPS = 1e-9
 #: (the controller's loop runs every 0.5 s; for aspen, 10 s gave the results of 2 s, to 0.001 of the
 #: mean, on the four traces compared)
 TICK_S = 10.0
+#: wake-ups in a row with nothing running or arriving and no decision before the replay is a stall
+#: (aspen wakes at least every minute: 1,000 of them is over 16 h of an idle cluster)
+IDLE_WAKES = 1000
 
 
 class SimulationError(RuntimeError):
@@ -404,13 +407,12 @@ class Simulator:
         wake = getattr(self.policy, "wake_at", None)
         wake = wake if callable(wake) else None
         next_wake: float | None = None
+        idle_wakes = 0  # wake-ups in a row with nothing running or arriving and no decision
         while len(self.finished) < n:
             t_arr = self.arrivals[next_arrival].t.submit_time_s if next_arrival < n else math.inf
             while self.events and self.events[0][1] != self.by_wid[self.events[0][2]].version:
                 heapq.heappop(self.events)
             t_ev = self.events[0][0] if self.events else math.inf
-            if min(t_arr, t_ev) == math.inf:
-                raise SimulationError(self._stall_message())
             # while jobs wait, the policy runs again as the controller's loop would: when the policy says
             # a rule fires on waiting time alone (its wake_at: turns, deadlines, guards), or every tick_s
             # for a policy that cannot say
@@ -420,6 +422,14 @@ class Simulator:
                     t_tick = next_wake if next_wake is not None else math.inf
                 elif self.tick_s > 0:
                     t_tick = last_now + self.tick_s
+            if min(t_arr, t_ev) == math.inf:
+                # nothing runs or arrives: only a wake-up can change anything (a policy holding a job
+                # back on purpose); after IDLE_WAKES of them with no decision, it is a stall
+                idle_wakes += 1
+                if t_tick == math.inf or idle_wakes > IDLE_WAKES:
+                    raise SimulationError(self._stall_message())
+            else:
+                idle_wakes = 0
             t_next = min(t_arr, t_ev, t_tick)
             self._advance(max(self.now, t_next))
             while next_arrival < n and self.arrivals[next_arrival].t.submit_time_s <= self.now + EPS:
@@ -451,6 +461,11 @@ class Simulator:
                                               or math.isnan(next_wake)):  # fmt: skip
                     raise SimulationError(f"{self.policy.name}: wake_at() returned {next_wake!r}; it must return a "
                                           "time in seconds (the view's clock) or None")  # fmt: skip
+                if next_wake is not None and next_wake <= self.now + EPS:
+                    raise SimulationError(f"{self.policy.name}: wake_at() returned {next_wake:.0f}, not after the view's "
+                                          f"now ({self.now:.0f}); return a later time, or None for no wake-up")  # fmt: skip
+                if decisions:
+                    idle_wakes = 0
                 if time_decisions:
                     timings.append(time.perf_counter() - start)
                 if not isinstance(decisions, (list, tuple)):

@@ -475,3 +475,20 @@ def test_lorafleet_run_key_file_must_stay_in_the_working_directory(head: Path, t
     (head / "inside").symlink_to(head / "keys" / "mine")  # a symlink that stays inside is fine
     assert job_api_key("inside") == "bob-key"
     assert job_api_key(None) is None  # no key at all: the controller refuses the call
+
+
+def test_the_local_clusters_token_is_found_for_any_spelling_of_its_dashboard(tmp_path, monkeypatch):
+    from orchestrator import client as client_mod
+    from orchestrator import remote
+
+    token = tmp_path / "ray-auth-token"
+    token.write_text("t" * 64 + "\n")
+    state = {"auth": "token", "token_path": str(token), "dashboard": "http://127.0.0.1:40311"}
+    monkeypatch.setattr(client_mod, "recorded_local_cluster", lambda: state)
+    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    for address in ("http://127.0.0.1:40311", "http://localhost:40311/", "HTTP://127.0.0.1:40311"):
+        assert remote._local_cluster_token(address) == "t" * 64, address
+    assert remote._local_cluster_token("http://127.0.0.1:8265") is None  # another cluster: no token sent
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", "/elsewhere")  # Ray's own variables win
+    assert remote._local_cluster_token("http://127.0.0.1:40311") is None

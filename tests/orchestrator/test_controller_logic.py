@@ -520,6 +520,12 @@ def test_a_job_no_worker_can_run_even_alone_says_why_in_status_and_its_log(tmp_p
         assert [line for line in c.logs(big["id"]) if "fits no worker" in line] != []
         assert sum("fits no worker" in line for line in c.logs(big["id"])) == 1  # once, not every pass
         assert "waiting" not in c.status(small["id"])
+        peak = float(waiting.split("peak ")[1].split(" ")[0])
+        middle = int((2.0 + peak) / 2)
+        c.worker_memory_bytes = middle * GIB  # larger GPUs, still too small: today's numbers
+        c.tick()
+        assert f"the largest worker has {middle:.1f} GiB" in c.status(big["id"])["waiting"]
+        assert sum("fits no worker" in line for line in c.logs(big["id"])) == 1
         c.worker_memory_bytes = 4096 * GIB  # a large GPU joins: the reason goes
         c.tick()
         assert "waiting" not in c.status(big["id"])
@@ -529,28 +535,38 @@ def test_a_job_no_worker_can_run_even_alone_says_why_in_status_and_its_log(tmp_p
 
 def test_fair_share_usage_is_accounted_saved_and_reaches_the_policy(tmp_path):
     """The controller gave the policy no usage (``owner_usage_s`` empty), so aspen's fair share never
-    acted on a live cluster. Each pass now adds each worker's time, split by rows, to its owners."""
+    acted on a live cluster. Each pass now adds each worker's time, split by rows, to its owners, at
+    the loop's real cadence (0.5 s), decays it, and keeps it across a restart."""
+    import time
+
     from policies.builtin import AspenSettings, aspen
     from policies.snapshot import ClusterView
     from tests.policies.helpers import job, worker
 
     store = tmp_path / "jobs.db"
     c = Controller(str(store), str(tmp_path / "storage"), {"policy": "aspen"}, start_loop=False, num_gpus=2)
+    t0 = time.time() - 3600.0
     try:
         running = (job("a1", owner="alice", mbs=3, worker="w0", start=0), job("b1", owner="bob", mbs=1, worker="w0",
                    start=0), job("a2", owner="alice", mbs=2, worker="w1", start=0))  # fmt: skip
-        for now in (1000.0, 1040.0, 1040.0 + 3600.0):  # the last gap counts 60 s at most (a stalled loop)
-            c._account_usage(ClusterView(now, (), running, (worker("w0"), worker("w1"))))
-        decay = 0.5 ** (100.0 / (7 * 86400.0))
-        assert c._usage["alice"] == pytest.approx(100 * (3 / 4 + 1) * decay, rel=1e-4)
-        assert c._usage["bob"] == pytest.approx(100 * (1 / 4) * decay, rel=1e-4)
-        assert json.loads((tmp_path / "usage.json").read_text()).keys() == {"alice", "bob"}
-        assert c._view(2000.0).owner_usage_s == c._usage
+        workers = (worker("w0"), worker("w1"))
+        for i in range(7201):  # one hour of passes every 0.5 s (a first cut dropped owners under 1 s each pass)
+            c._account_usage(ClusterView(t0 + 0.5 * i, (), running, workers))
+        decay = 0.5 ** (1800.0 / (7 * 86400.0))  # on average half an hour old
+        assert c._usage["alice"] == pytest.approx(3600 * (3 / 4 + 1) * decay, rel=1e-3)
+        assert c._usage["bob"] == pytest.approx(3600 * (1 / 4) * decay, rel=1e-3)
+        c._account_usage(ClusterView(t0 + 3600.0 + 3600.0, (), running, workers))  # a stalled hour: 60 s of use
+        assert c._usage["bob"] == pytest.approx(900 * decay * 0.5 ** (3600.0 / (7 * 86400.0)) + 15, rel=1e-3)
+        saved = json.loads((tmp_path / "usage.json").read_text())
+        assert set(saved) == {"at", "usage"} and saved["usage"].keys() == {"alice", "bob"}
+        assert c._view(time.time()).owner_usage_s == c._usage
     finally:
         c.store.close()
+    # saved two weeks ago: back at a quarter
+    (tmp_path / "usage.json").write_text(json.dumps({"at": time.time() - 14 * 86400.0, "usage": {"alice": 1000.0}}))
     again = Controller(str(store), str(tmp_path / "storage"), {"policy": "aspen"}, start_loop=False, num_gpus=2)
     try:
-        assert again._usage["alice"] == pytest.approx(175 * 0.5 ** (40.0 / (7 * 86400.0)), rel=1e-3)  # as saved
+        assert again._usage == {"alice": pytest.approx(250.0, rel=1e-3)}
     finally:
         again.store.close()
     # what it changes: alice's job waits behind bob's later one under fair share alone

@@ -138,3 +138,11 @@ def test_batch_size_errors_are_reported_beside_the_sections_other_errors():
     with pytest.raises(SpecError) as info:
         parse_spec(spec_with(train__batch_size=0, train__micro_batch_size=3), source="job.yaml")
     assert info.value.errors == ["job.yaml: train.batch_size: must be >= 1 (got 0)"]
+
+
+def test_a_sections_own_check_still_points_into_that_section():
+    """eval's "no data source" check names ``data``, which is also a top-level field: it must stay
+    ``eval.data`` (the sibling-field rule of the batch-size check moved it to the top level)."""
+    with pytest.raises(SpecError) as info:
+        parse_spec(spec_with(eval={}), source="job.yaml")
+    assert info.value.errors == ["job.yaml: eval.data: set eval.data or eval.held_out_fraction > 0"]

@@ -360,3 +360,15 @@ def test_trace_synth_says_which_models_the_trace_holds(tmp_path, capsys):
     assert main(["trace", "synth", "--jobs", "40", "--seed", "3", "-o", str(out)]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("models: "))
     assert sum(int(part.rsplit(" ", 1)[1]) for part in line.removeprefix("models: ").split(", ")) == 40
+
+
+def test_yaml_merge_keys_and_trailing_commas_still_read(tmp_path):
+    """The duplicate-key check must not refuse YAML merge keys (``<<: *anchor``), nor the trace check a
+    row ending in a comma (a spreadsheet's export): both read as before."""
+    from policies.config import load_policy_config
+
+    policy = tmp_path / "p.yaml"
+    policy.write_text("policy: aspen\nweights: &w {size: 1000, fairshare: 10}\nshares: {<<: *w, alice: 2}\n")
+    assert dict(load_policy_config(policy).order.factors[1][0].shares) == {"size": 1000, "fairshare": 10, "alice": 2}
+    rows = parse_trace(HEADER + "\na,0,alice,smollm2-135m,lora,8,0,4,4,512,10,0,\n", source="t.csv")
+    assert [j.job_id for j in rows] == ["a"]

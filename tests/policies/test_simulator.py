@@ -452,3 +452,31 @@ class _BadWake(_NoWake):
 def test_a_custom_wake_at_that_raises_or_returns_no_time_is_a_clear_error(answer, words):
     with pytest.raises(SimulationError, match=r"^aspen-no-wake: " + words):
         simulate(_turn_trace(), default_cluster(count=1, gpu_memory_gib=40), _BadWake(answer))
+
+
+class _HoldsThirtySeconds(_NoWake):
+    """Starts a job only once it has waited 30 s, and says so with wake_at: nothing runs meanwhile."""
+
+    name = "hold-30"
+
+    def schedule(self, view):
+        return [Start(j.job_id, view.workers[0].worker_id) for j in view.queued[:1]
+                if view.now_s - j.submit_time_s >= 30 and not view.running]  # fmt: skip
+
+    def wake_at(self, view):
+        times = [j.submit_time_s + 30 for j in view.queued if j.submit_time_s + 30 > view.now_s]
+        return min(times, default=None)
+
+
+def test_a_policy_holding_a_job_on_an_idle_cluster_is_woken_not_reported_stalled():
+    result = simulate([tj("a")], default_cluster(count=1), _HoldsThirtySeconds())
+    assert result.jobs[0].first_start_s == pytest.approx(30.0)
+    never = _HoldsThirtySeconds()
+    never.wake_at = lambda view: view.now_s + 60  # wakes forever without deciding: a stall after IDLE_WAKES
+    never.schedule = lambda view: []
+    with pytest.raises(SimulationError, match="stalled at t=60000s"):
+        simulate([tj("a")], default_cluster(count=1), never)
+    early = _HoldsThirtySeconds()
+    early.wake_at = lambda view: view.now_s
+    with pytest.raises(SimulationError, match=r"wake_at\(\) returned 0, not after the view's now \(0\)"):
+        simulate([tj("a")], default_cluster(count=1), early)
