@@ -119,7 +119,7 @@ def _parse_rows(reader: csv.DictReader, source: str) -> list[TraceJob]:
     for row in reader:
         line = reader.line_num  # the file's line (blank lines are skipped, not counted away)
         if None in row and any((v or "").strip() for v in row[None]):  # values past the header (empty: a trailing comma)
-            raise TraceError(f"{source}:{line}: {len(header) + len(row[None])} values for {len(header)} header "
+            raise TraceError(f"{source}:{line}: row: {len(header) + len(row[None])} values for {len(header)} header "
                              "columns (a comma inside a value, or a column missing from the header?)")  # fmt: skip
         values: dict[str, object] = {}
         for col in COLUMNS:

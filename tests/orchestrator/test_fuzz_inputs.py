@@ -370,7 +370,7 @@ def test_traces_raise_only_trace_errors_naming_the_column(raw: str):
         m = re.match(rf"^{re.escape(SOURCE)}(?::\d+)?: (?P<rest>.*)$", msg, re.DOTALL)
         assert m, msg
         rest = m["rest"]
-        allowed = (*COLUMNS, "header", "no jobs", "not valid CSV")
+        allowed = (*COLUMNS, "header", "row", "no jobs", "not valid CSV")
         assert rest.startswith(allowed), f"no column: {msg!r}"
     else:
         assert jobs and all(j.steps >= 1 and j.micro_batch_size >= 1 for j in jobs)

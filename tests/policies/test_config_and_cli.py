@@ -323,7 +323,7 @@ def test_trace_and_yaml_ambiguities_are_refused(tmp_path):
     row = "a,0,alice,smollm2-135m,lora,8,0,4,4,512,10,0"
     with pytest.raises(TraceError, match=r"^t.csv:1: header: column\(s\) rank appear more than once$"):
         parse_trace(HEADER + ",rank\n" + row + ",99\n", source="t.csv")
-    with pytest.raises(TraceError, match=r"^t.csv:3: 13 values for 12 header columns"):
+    with pytest.raises(TraceError, match=r"^t.csv:3: row: 13 values for 12 header columns"):
         parse_trace(HEADER + "\n" + row + "\n" + row.replace("a,", "b,", 1) + ",extra\n", source="t.csv")
     policy = tmp_path / "p.yaml"
     policy.write_text("policy: aspen\nmargin: 0.1\nweights: {size: 1, size: 2}\n")
