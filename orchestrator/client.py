@@ -386,4 +386,20 @@ def _pids_under(temp_dir: str) -> set[int]:
                     found.add(int(d.name))
             except OSError:
                 continue
+    # and their descendants: the raylet's dashboard and runtime-env agents carry neither mark at times
+    # (`down --local` left them running, reparented to init, once their temp dir was deleted)
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    todo = list(found)
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found and child != me:
+                found.add(child)
+                todo.append(child)
     return found

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+from pathlib import Path
 
 import pytest
 
@@ -31,3 +32,33 @@ def test_flags_become_worker_options(argv, want):
     assert got == want
     accepted = inspect.signature(TrainingWorker.__init__).parameters
     assert all(key in accepted for key in got)  # every option is a worker keyword argument
+
+
+def test_a_local_clusters_processes_include_the_children_of_its_marked_ones(tmp_path):
+    """Ray's dashboard and runtime-env agents are the raylet's children and at times carry neither
+    the temp dir in their command line nor RAY_TMPDIR: `down --local` left them running. A marked
+    process's descendants count as the cluster's; an unrelated process does not."""
+    import subprocess
+    import time
+
+    from orchestrator.client import _pids_under
+
+    marker = str(tmp_path / "lf-ray-marker")
+    parent = subprocess.Popen(["bash", "-c", "sleep 300 & wait", marker])  # $0 = the temp dir: marked
+    other = subprocess.Popen(["sleep", "300"])
+    try:
+        deadline = time.time() + 10
+        child = None
+        while child is None and time.time() < deadline:
+            kids = Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split()
+            child = int(kids[0]) if kids else None
+            time.sleep(0.05)
+        assert child is not None
+        found = _pids_under(marker)
+        assert {parent.pid, child} <= found and other.pid not in found
+    finally:
+        for p in (parent, other):
+            p.kill()
+            p.wait()
+        if child is not None:
+            subprocess.run(["kill", "-9", str(child)], check=False)
