@@ -62,6 +62,8 @@ def load_records(path: str, field: str = "data.path") -> list[dict[str, Any]]:
     """
     try:
         return _load_records(path)
+    except PermissionError as exc:  # a worker fails this job alone; validate and train name the field
+        raise DataError(f"{field}: cannot read {path}: {exc.strerror or exc}") from None
     except DataError as exc:
         if field == "data.path" or not str(exc).startswith("data.path"):
             raise
@@ -70,6 +72,8 @@ def load_records(path: str, field: str = "data.path") -> list[dict[str, Any]]:
 
 def _load_records(path: str) -> list[dict[str, Any]]:
     file = Path(path)
+    if file.is_dir():
+        raise DataError(f"data.path: {path} is a directory; give a .json, .jsonl, .csv or .parquet file")
     if not file.is_file():
         raise DataError(f"data.path: file not found: {path}")
     kind = SUPPORTED_SUFFIXES.get(file.suffix.lower())

@@ -214,7 +214,10 @@ def fetch(owner: str | None, job: str, api_key: str | None = None) -> dict:
 
     record = call("status", job, owner, api_key=api_key)
     if record["state"] != "SUCCEEDED":
-        raise ValueError(f"job {record['id']} ({record['name']}) is {record['state']}: no final adapter to fetch yet")
+        state = record["state"]
+        why = ("it ended without a final adapter (its checkpoints stay in its output)"
+               if state in ("FAILED", "CANCELLED") else "no final adapter to fetch yet")  # fmt: skip
+        raise ValueError(f"job {record['id']} ({record['name']}) is {state}: {why}")
     source = record.get("output")
     if not source:
         raise ValueError(f"job {record['id']} has no output recorded")

@@ -533,7 +533,8 @@ class Controller:
         if not api_key:
             raise AccessError("this cluster requires an API key: set LORAFLEET_API_KEY (or write it to "
                               "~/.lorafleet/api_key, mode 600) to the key `lorafleet admin add-user` "
-                              "printed for you")  # fmt: skip
+                              "printed for you; with `ray job submit ... lorafleet run`, put it in a file "
+                              "`api_key` in the working dir or LORAFLEET_API_KEY in the runtime env")  # fmt: skip
         user = self.store.user_by_key_hash(hash_key(str(api_key)))
         if user is None:
             raise AccessError("API key not recognised (mistyped or revoked); ask an admin for a new one "

@@ -308,6 +308,9 @@ class Client:
             RemoteError: a data file or ``init_from`` adapter missing (with the spec errors, if any), no
                 controller, or the cluster refused.
         """
+        specs = list(specs)
+        if not specs:
+            raise RemoteError("submit_many: no specs given (pass one or more spec files, paths or mappings)")
         workdir = tempfile.mkdtemp(prefix="lorafleet-submit-")
         try:
             names, spec_errors, local_errors = [], [], []
@@ -331,7 +334,8 @@ class Client:
     def _stage(spec: str | os.PathLike[str] | Mapping[str, Any], workdir: Path, index: int) -> str:
         """Copy one spec (rewritten) and its local inputs into the upload directory: its data files
         and its ``adapter.init_from`` adapter directory (only the adapter files)."""
-        parsed: JobSpec = parse_spec(dict(spec)) if isinstance(spec, Mapping) else load_spec(spec)
+        parsed: JobSpec = (parse_spec(dict(spec), source=f"spec {index + 1} ({spec.get('name', 'unnamed')})")
+                           if isinstance(spec, Mapping) else load_spec(spec))  # fmt: skip
         doc = parsed.model_dump(mode="json", exclude_none=True)
         for section, key in (("data", "path"), ("eval", "data")):
             value = (doc.get(section) or {}).get(key)
@@ -340,10 +344,16 @@ class Client:
             local = Path(value)
             if local.is_absolute() and not local.is_file():
                 continue  # a data set on the cluster (an admin-allowed prefix); the cluster checks it
+            if local.is_dir():
+                raise RemoteError(f"{section}.{key}: {value} is a directory on this machine; give a data file")
             if not local.is_file():
                 raise RemoteError(f"{section}.{key}: file not found on this machine: {value}")
             upload = f"{index}-{section}-{local.name}"
-            shutil.copyfile(local, workdir / upload)
+            try:
+                shutil.copyfile(local, workdir / upload)
+            except OSError as exc:  # unreadable (permissions), or a device error
+                raise RemoteError(f"{section}.{key}: cannot read {value} on this machine: "
+                                  f"{exc.strerror or exc}") from None  # fmt: skip
             doc[section][key] = upload
         init = (doc.get("adapter") or {}).get("init_from")
         if init:
@@ -410,8 +420,10 @@ class Client:
 
     def fetch(self, job: str, dest: str | os.PathLike[str]) -> Path:
         """Copy the finished adapter (config, weights, metrics, eval) into ``dest``."""
-        result = self._agent(["fetch", *self._owner_args(), job])
         dest = Path(dest)
+        if dest.exists() and not dest.is_dir():  # said before the download, not after it
+            raise RemoteError(f"fetch: {dest} is a file; give a directory (created if missing)")
+        result = self._agent(["fetch", *self._owner_args(), job])
         dest.mkdir(parents=True, exist_ok=True)
         for name, data in result["files"].items():
             (dest / name).write_bytes(base64.b64decode(data))

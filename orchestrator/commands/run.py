@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         if r["state"] in TERMINAL:
             if r.get("error"):
                 print(f"[{r['name']}] error: {r['error']}", flush=True)
-            if r.get("output"):
+            if r.get("output") and r["state"] == "SUCCEEDED":  # a failed or cancelled job has no adapter there
                 print(f"[{r['name']}] adapter: {r['output']}", flush=True)
             return 0 if r["state"] == "SUCCEEDED" else 1
         time.sleep(args.poll)

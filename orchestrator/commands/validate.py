@@ -35,6 +35,9 @@ def run(args: argparse.Namespace) -> int:
         except DataError as exc:
             problems.append(f"{path}: {exc}")
             records = 0
+        except OSError as exc:  # unreadable (permissions), a directory, a device error
+            problems.append(f"{path}: data.path: cannot read {spec.data.path}: {exc.strerror or exc}")
+            records = 0
         if records and not problems and spec.eval is not None:
             try:
                 check_eval(spec.to_job_config())

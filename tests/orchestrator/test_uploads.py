@@ -178,3 +178,43 @@ def test_object_store_storage_takes_a_laptop_submission_end_to_end(laptop, worke
             p.name for p in (remote / "jobs" / job["id"]).iterdir()}  # fmt: skip
     finally:
         ctl.store.close()
+
+
+def test_unreadable_or_directory_data_and_bad_fetch_targets_are_one_line_errors(tmp_path, monkeypatch):
+    """An unreadable data file raised a bare PermissionError from submit (and validate printed a
+    traceback); a directory was "file not found"; fetch into an existing file failed after the
+    download; submit_many([]) sent a Ray job that failed on its arguments."""
+    import shutil
+
+    from actors.data import DataError, load_records
+
+    data = write_jsonl(tmp_path / "d.jsonl", token_records(2, 0, 4, 6))
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({"name": "s", "data": {"path": str(data)}}))
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "copyfile", denied)
+        with pytest.raises(RemoteError, match=rf"^data.path: cannot read {data} on this machine: Permission denied$"):
+            Client._stage(str(spec), tmp_path / "w", 0)
+    with monkeypatch.context() as m:
+        m.setattr(Path, "read_text", denied)
+        with pytest.raises(DataError, match=rf"^eval.data: cannot read {data}: Permission denied$"):
+            load_records(str(data), field="eval.data")
+    (tmp_path / "w").mkdir()
+    (tmp_path / "folder").mkdir()
+    monkeypatch.chdir(tmp_path)
+    spec.write_text(yaml.safe_dump({"name": "s", "data": {"path": "folder"}}))
+    with pytest.raises(RemoteError, match=r"^data.path: .*folder is a directory on this machine; give a data file$"):
+        Client._stage(str(spec), tmp_path / "w", 0)
+    with pytest.raises(DataError, match=r"is a directory; give a .json, .jsonl, .csv or .parquet file$"):
+        load_records(str(tmp_path))
+
+    client = object.__new__(Client)  # no cluster: both are refused before anything is sent
+    client._agent = lambda *a, **k: pytest.fail("sent to the cluster")
+    with pytest.raises(RemoteError, match=r"^submit_many: no specs given"):
+        client.submit_many([])
+    with pytest.raises(RemoteError, match=rf"^fetch: {data} is a file; give a directory"):
+        client.fetch("lf-x", data)
