@@ -565,7 +565,18 @@ class Controller:
         Raises ``LookupError`` (unknown or ambiguous) or ``AccessError`` (another owner's job).
         """
         if ident.admin:
-            return self.store.find(job, owner=owner)
+            try:
+                return self.store.find(job, owner=owner)
+            except LookupError as err:
+                if owner is None:
+                    raise
+                try:  # a job id is unique: another owner's job, by id, is found too
+                    rec = self.store.find(job)
+                except LookupError:
+                    raise err from None
+                if rec.id != job:
+                    raise
+                return rec
         try:
             rec = self.store.find(job, owner=ident.name)
         except LookupError:

@@ -464,3 +464,14 @@ def test_lorafleet_run_never_takes_the_heads_own_key(tmp_path: Path, monkeypatch
     (work / "api_key").unlink()
     monkeypatch.setenv("LORAFLEET_API_KEY", "env-key")  # set in the job's runtime_env env_vars
     assert job_api_key(None) == "env-key"
+
+
+def test_single_user_mode_finds_another_owners_job_by_id(ctl: Controller):
+    """Everyone is trusted as admin without users; root's shell declares owner 'root' and got
+    "no job of owner 'root'" for bob's job id. Names still resolve among the declared owner's jobs."""
+    bobs = ctl.submit(spec("shared"), "bob")
+    assert ctl.status(bobs["id"], owner="root")["owner"] == "bob"
+    with pytest.raises(LookupError, match="no job of owner 'root' with id or name 'shared'"):
+        ctl.status("shared", owner="root")
+    with pytest.raises(LookupError, match="no job of owner 'root' with id or name 'lf-nope'"):
+        ctl.status("lf-nope", owner="root")
