@@ -94,7 +94,11 @@ def run(args: argparse.Namespace) -> int:
         connect("auto")
         job = register(owner, [args.spec], api_key)[0]
     except SpecError as err:
-        raise UserError("\n".join(err.errors)) from None
+        lines = list(err.errors)
+        if any("cannot read spec file" in line for line in lines):  # the usual cause under `ray job submit`
+            lines.append("(`ray job submit` runs in its --working-dir: pass --working-dir with the spec and its data, "
+                         "and the spec's path relative to it)")  # fmt: skip
+        raise UserError("\n".join(lines)) from None
     except (NoControllerError, ClusterError, ValueError, OSError) as err:
         raise UserError(str(err)) from None
     job_id = job["id"]
