@@ -615,7 +615,8 @@ class TrainingWorker:
                         self._emit(event.job, "failed", message=f"cannot upload the adapter to {info.remote_output}: {exc}")
                         continue
                 self._emit(event.job, "finished", output=output, step=info.step if info else None,
-                           loss=info.loss if info else None, eval=evaluation)  # fmt: skip
+                           loss=info.loss if info else None, eval=evaluation,
+                           tokens_per_s=info.tokens_per_s if info else None)  # fmt: skip
                 if info is not None and info.config.train.keep_checkpoints == 0:
                     self._drop_checkpoints(info)
             else:

@@ -1385,8 +1385,9 @@ class Controller:
                     self._metrics.profiling.inc(float(ev["setup_s"]))
             elif kind == "finished":
                 rec = self.store.get(job_id)
-                if _finite(ev.get("loss")) is not None:  # the last step's loss, if no poll saw it
-                    self.store.update_progress(job_id, step=ev.get("step") or rec.step, loss=_finite(ev["loss"]))
+                if _finite(ev.get("loss")) is not None:  # the last step's loss and speed, if no poll saw them
+                    self.store.update_progress(job_id, step=ev.get("step") or rec.step, loss=_finite(ev["loss"]),
+                                               tokens_per_s=_finite(ev.get("tokens_per_s")))  # fmt: skip
                 if isinstance(ev.get("eval"), dict):  # the spec's eval: section, run on the worker
                     self.store.update_progress(job_id, step=ev.get("step") or rec.step,
                                                extra={"eval": _json_safe(ev["eval"])})

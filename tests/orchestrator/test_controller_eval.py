@@ -26,7 +26,8 @@ def ctl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 def _finish(c: Controller, job_id: str, evaluation: dict | None) -> None:
     worker = next(iter(c._workers.values()))
     events = [{"job": job_id, "kind": "joined", "step": 0, "total_steps": 10},
-              {"job": job_id, "kind": "finished", "output": "out", "step": 10, "loss": 0.5, "eval": evaluation}]
+              {"job": job_id, "kind": "finished", "output": "out", "step": 10, "loss": 0.5, "eval": evaluation,
+               "tokens_per_s": 123.0}]
     c._apply_snapshot(worker, {"events": events, "jobs": {}}, 0.0)  # fmt: skip
 
 
@@ -38,6 +39,7 @@ def test_eval_metrics_are_stored_and_shown_by_status(ctl: Controller):
     _finish(ctl, job, evaluation)
     record = ctl.status(job)
     assert record["state"] == JobState.SUCCEEDED.value
+    assert (record["loss"], record["tokens_per_s"]) == (0.5, 123.0)  # a job done before any poll shows its speed
     assert record["extra"]["eval"] == evaluation and _row(record)["eval"] == evaluation
     assert eval_lines(record["extra"]["eval"]) == [
         "eval on 24 held-out examples (base -> adapter):", "  loss: 3.9000 -> 1.2500", "  exact_match: 0.0000 -> 0.6250",
