@@ -157,7 +157,6 @@ class Simulator:
                     f"catalogue (known: {', '.join(known_names(cluster.models))}; hub ids of these are aliases)")
             t = replace(t, submit_time_s=t.submit_time_s - self.t0, base_model=name)
             self.jobs[t.job_id] = self._make_job(t, seed, memory_noise, fastest, biggest)
-        self._check_fits_with_margin(biggest)
         # books arrivals (each on a server with the memory for it alone) and gives each job its
         # FIFO-fair start deadline
         self.clock = FifoClock.of_servers([w.memory for w in self.workers], **clock_settings(policy))
@@ -204,25 +203,19 @@ class Simulator:
         if solo_peak > biggest:
             raise SimulationError(f"job {t.job_id}: needs {solo_peak / 2**30:.1f} GiB alone, more than any "
                                   f"worker has ({biggest / 2**30:.1f} GiB)")  # fmt: skip
-        return j
-
-    def _check_fits_with_margin(self, biggest: int) -> None:
-        """Refuse, before replaying, a job whose *predicted* peak alone with the policy's margin exceeds
-        every worker: every built-in policy passes such a job over (it never fits), so the replay
-        would only end in a stall."""
+        # the prediction alone with the policy's margin: every built-in policy passes over a job it says
+        # fits nowhere, so the replay would only end in a stall
         margin = getattr(self.policy, "margin", 0.0)
-        if not isinstance(margin, int | float) or margin <= 0:
-            return
-        for j in self.jobs.values():
-            t = j.t
-            need = fused_group_peak_bytes(j.static, [(math.ceil(j.pred_adapter), j.pred_act, t.micro_batch_size,
-                                                      t.seq_len)], float(margin))  # fmt: skip
+        if isinstance(margin, int | float) and margin > 0:
+            need = j.static + (1.0 + margin) * (j.solo_need - j.static)
             if need > biggest:
+                name = self.policy.name
                 raise SimulationError(
-                    f"job {t.job_id}: predicted peak alone {need / 2**30:.1f} GiB with {self.policy.name}'s margin "
-                    f"{margin:g}, more than any worker has ({biggest / 2**30:.1f} GiB): {self.policy.name} would pass "
-                    f"it over for good (a live cluster leaves it queued); lower the policy's margin, or the job's "
-                    f"micro_batch_size or seq_len")  # fmt: skip
+                    f"job {t.job_id}: predicted peak alone {need / 2**30:.1f} GiB with {name}'s margin {margin:g}, "
+                    f"more than any worker has ({biggest / 2**30:.1f} GiB): {name} would pass it over for good (a "
+                    f"live cluster leaves it queued); lower the policy's margin, or the job's micro_batch_size or "
+                    f"seq_len")  # fmt: skip
+        return j
 
     # --- views ----------------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from actors.storage import (
     sync_up,
     upload_file,
 )
-from tests.actors.test_worker import job_config, wait_events
+from tests.actors.test_worker import job_config, preempt_after, wait_events
 from tests.conftest import token_records, write_jsonl
 
 BUCKET = "lorafleet-test"
@@ -162,12 +162,7 @@ def test_a_job_on_s3_reads_its_data_from_s3_and_resumes_on_a_clean_node(s3_root:
     cfg = job_config(tmp_path, "r", steps=12, checkpoint_every=2, output=tmp_path / "stage1" / "r")
     cfg = replace(cfg, base_model=worker.base_model, data=replace(cfg.data, path=data_uri))
     worker.assign("r", cfg, uri)
-    deadline = time.time() + 60
-    while worker.progress()["jobs"].get("r", {}).get("step", 0) < 3 and time.time() < deadline:
-        time.sleep(0.02)
-    worker.preempt("r")
-    ev = wait_events(worker, {"r": "preempted"})
-    step = ev["r"]["checkpoint_step"]
+    step = preempt_after(worker, "r", 3)["r"]["checkpoint_step"]
     assert f"checkpoints/step-{step:06d}/{CHECKPOINT_MARKER}" in _remote_files(s3_root, "jobs/lf-r")
     worker.assign("r", replace(cfg, output=str(tmp_path / "stage2" / "r")), uri)  # an empty staging folder
     assert wait_events(worker, {"r": "joined"})["r"]["step"] == step

@@ -243,16 +243,21 @@ def test_remote_storage_roundtrip(tmp_path):
     assert not sync_down(job_output(f"file://{tmp_path}/remote", "lf-none"), tmp_path / "x")
 
 
+def preempt_after(worker: TrainingWorker, job: str, step: int, timeout: float = 60.0) -> dict[str, dict]:
+    """Let ``job`` reach ``step``, preempt it and return its ``preempted`` event (by job)."""
+    deadline = time.time() + timeout
+    while worker.progress()["jobs"].get(job, {}).get("step", 0) < step and time.time() < deadline:
+        time.sleep(0.02)
+    worker.preempt(job)
+    return wait_events(worker, {job: "preempted"})
+
+
 def test_remote_output_uploads_and_resumes_elsewhere(worker, tmp_path):
     """A job whose output is a URI trains in staging, uploads, and resumes from the URI on a clean node."""
     uri = f"file://{tmp_path}/remote/jobs/r"
     cfg = job_config(tmp_path, "r", steps=12, checkpoint_every=2, output=tmp_path / "stage1" / "r")
     worker.assign("r", cfg, uri)
-    deadline = time.time() + 60
-    while worker.progress()["jobs"].get("r", {}).get("step", 0) < 3 and time.time() < deadline:
-        time.sleep(0.02)
-    worker.preempt("r")
-    ev = wait_events(worker, {"r": "preempted"})
+    ev = preempt_after(worker, "r", 3)
     remote_ckpts = sorted(p.name for p in (tmp_path / "remote/jobs/r/checkpoints").iterdir())
     assert f"step-{ev['r']['checkpoint_step']:06d}" in remote_ckpts
     moved = replace(cfg, output=str(tmp_path / "stage2" / "r"))  # another node: empty staging dir
