@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from actors.storage import CHECKPOINT_MARKER  # trainer_state.json: an object-store upload writes it last
+
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_BIN = "adapter_model.bin"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -144,7 +146,7 @@ def save_checkpoint(
         _write_adapter_files(tmp, adapter_state, adapter_config)
         torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(tensors, tmp / "state.pt")
-        atomic_write_json(tmp / "trainer_state.json", trainer_state)
+        atomic_write_json(tmp / CHECKPOINT_MARKER, trainer_state)
         _fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -204,7 +206,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path}: {exc}") from exc
     out: dict[str, Any] = {"adapter_state": state, "adapter_config": config}
-    for key, name in (("optimizer_state", "optimizer.pt"), ("tensors", "state.pt"), ("trainer_state", "trainer_state.json")):
+    for key, name in (("optimizer_state", "optimizer.pt"), ("tensors", "state.pt"), ("trainer_state", CHECKPOINT_MARKER)):
         file = path / name
         try:
             if name.endswith(".json"):
