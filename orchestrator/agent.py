@@ -165,13 +165,16 @@ def stage_data(spec_doc: dict, spec_dir: Path, uploads: str, *, allowed_prefixes
 
 
 def register(owner: str | None, specs: list[str], api_key: str | None = None,
-             base_dir: str | Path | None = None) -> list[dict]:
+             base_dir: str | Path | None = None, given: list[dict[str, str]] | None = None) -> list[dict]:
     """Validate every spec first, then stage data and queue them all (nothing is queued if one is
     invalid, if two share a name, or if the controller refuses one: ``Controller.submit_many``).
 
     ``owner``: the declared owner (single-user mode; with API keys the key decides it).
     ``base_dir``: where relative data paths are read (default: the current directory, as README
     says and ``submit``/``validate`` do; not the spec file's folder).
+    ``given``: per spec, the path fields as the user wrote them (``{"data.path": "data/x.jsonl"}``)
+    when the client rewrote them to its upload names; by default the spec's own values. Errors that
+    name a staged copy (the controller's refusals here, a worker's data error later) name these.
     """
     from orchestrator.client import call
     from orchestrator.spec import SpecError, load_spec
@@ -195,16 +198,37 @@ def register(owner: str | None, specs: list[str], api_key: str | None = None,
     info = call("ping")
     uploads = call("uploads_root", me["name"])
     root = Path(base_dir if base_dir is not None else Path.cwd()).resolve()
-    docs = []
-    for _path, spec in parsed:
+    docs, shown = [], []
+    for i, (_path, spec) in enumerate(parsed):
         doc = spec.model_dump(mode="json", exclude_none=True)
-        doc = stage_data(doc, root, uploads,
-                         allowed_prefixes=[p for p in info.get("allowed_prefixes", []) if "://" not in p],
-                         limit=info.get("max_upload_bytes"))  # fmt: skip
-        doc.pop("output", None)  # the controller places outputs under the storage root
-        docs.append(doc)
-    records = call("submit_many", docs, owner, api_key=api_key, timeout=60.0 + 0.5 * len(docs))
+        staged = stage_data(doc, root, uploads,
+                            allowed_prefixes=[p for p in info.get("allowed_prefixes", []) if "://" not in p],
+                            limit=info.get("max_upload_bytes"))  # fmt: skip
+        staged.pop("output", None)  # the controller places outputs under the storage root
+        docs.append(staged)
+        shown.append(staged_names(doc, staged, given[i] if given and i < len(given) else None))
+    try:
+        records = call("submit_many", docs, owner, api_key=api_key, sources=shown, timeout=60.0 + 0.5 * len(docs))
+    except ValueError as err:  # a refusal naming an upload names the user's file instead
+        raise type(err)(user_paths(str(err), {k: v for s in shown for k, v in s.items()})) from None
     return [{"id": r["id"], "name": r["name"], "state": r["state"]} for r in records]
+
+
+def staged_names(doc: dict, staged: dict, given: dict[str, str] | None = None) -> dict[str, str]:
+    """``{staged copy: what the user wrote}`` for each path field that staging rewrote."""
+    out = {}
+    for section, key in PATH_SECTIONS:
+        before, after = (doc.get(section) or {}).get(key), (staged.get(section) or {}).get(key)
+        if isinstance(before, str) and isinstance(after, str) and before != after:
+            out[after] = str((given or {}).get(f"{section}.{key}") or before)
+    return out
+
+
+def user_paths(text: str, sources: dict[str, str]) -> str:
+    """``text`` with every staged copy's path (longest first) replaced by the path the user gave."""
+    for staged in sorted(sources, key=len, reverse=True):
+        text = text.replace(staged, sources[staged])
+    return text
 
 
 def fetch(owner: str | None, job: str, api_key: str | None = None) -> dict:
@@ -241,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="action", required=True)
     reg = sub.add_parser("register")
     reg.add_argument("--owner", default=None)
+    reg.add_argument("--given", default=None, help="JSON file: per spec, its path fields as the user wrote them")
     reg.add_argument("specs", nargs="+")
     c = sub.add_parser("call")
     c.add_argument("method", choices=sorted(ALLOWED_CALLS))
@@ -256,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         connect("auto")
         if args.action == "register":
-            emit(True, register(args.owner, args.specs, api_key))
+            given = json.loads(Path(args.given).read_text()) if args.given else None
+            emit(True, register(args.owner, args.specs, api_key, given=given))
         elif args.action == "call":
             from orchestrator.client import call
 

@@ -715,17 +715,20 @@ class Controller:
         return self._public(self._create(parsed, doc, job_owner))
 
     def submit_many(self, specs: list[Mapping[str, Any]], owner: str | None = None,
-                    api_key: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
+                    api_key: str | None = None, sources: list[dict[str, str]] | None = None) -> list[dict[str, Any]]:  # fmt: skip
         """Admit every spec of ``specs`` first, then queue them all; returns their records in order.
 
         Nothing is queued if one is refused (as ``submit`` refuses it), if two of them give one
         owner the same name, or if a name is already that of the owner's live job. Should a job
         still fail to be queued after the checks (a job of that name submitted meanwhile), the
-        ``ValueError`` names the jobs of the batch queued before it.
+        ``ValueError`` names the jobs of the batch queued before it. ``sources`` (the agent's): per
+        spec, ``{staged copy: path as the user gave it}``; a worker's error naming a copy names the
+        user's path instead.
         """
         ident = self.identify(api_key, owner)
         if not isinstance(specs, list | tuple) or not specs:
             raise ValueError("specs: a non-empty list of job specs is needed")
+        sources = _check_sources(sources, len(specs))
         admitted = []
         for i, spec in enumerate(specs):
             try:
@@ -752,9 +755,9 @@ class Controller:
                                      f"{rec.state.value}; cancel it or wait for it to finish, or choose another "
                                      "name. Nothing was queued")  # fmt: skip
         out: list[dict[str, Any]] = []
-        for parsed, doc, job_owner in admitted:
+        for i, (parsed, doc, job_owner) in enumerate(admitted):
             try:
-                out.append(self._public(self._create(parsed, doc, job_owner)))
+                out.append(self._public(self._create(parsed, doc, job_owner, sources[i])))
             except ValueError as err:
                 if not out:
                     raise
@@ -786,13 +789,18 @@ class Controller:
         doc["owner"], doc["output"] = owner, None  # outputs always go under <storage>/jobs/<job id>
         return parsed, doc, owner
 
-    def _create(self, parsed: JobSpec, doc: dict[str, Any], owner: str) -> JobRecord:
-        """Store an admitted job as QUEUED (``ValueError`` for a duplicate live name) and stamp it."""
+    def _create(self, parsed: JobSpec, doc: dict[str, Any], owner: str,
+                sources: dict[str, str] | None = None) -> JobRecord:  # fmt: skip
+        """Store an admitted job as QUEUED (``ValueError`` for a duplicate live name) and stamp it.
+        ``sources``: ``{staged copy: the user's path}`` for the job's uploaded inputs."""
         try:
             rec = self.store.create_job(spec=doc, name=parsed.name, owner=owner, priority=parsed.priority,
                                         total_steps=parsed.train.max_steps)  # fmt: skip
         except JobStoreError as err:
             raise ValueError(str(err)) from None
+        if sources:
+            self.store.update_progress(rec.id, step=0, extra={"sources": sources})
+            rec = self.store.get(rec.id)
         self._stamp_fair_start(rec)
         self._log(rec.id, f"submitted by {owner}")
         return rec
@@ -1396,9 +1404,15 @@ class Controller:
                                       reason="finished")  # fmt: skip
                 self._log(job_id, f"succeeded: adapter in {ev.get('output')}")
             elif kind == "failed":
+                message = str(ev.get("message") or "failed")
+                sources = self.store.get(job_id).extra.get("sources")
+                if isinstance(sources, dict):  # name the user's files, not their uploaded copies
+                    from orchestrator.agent import user_paths
+
+                    message = user_paths(message, sources)
                 self.store.transition(job_id, JobState.FAILED, expect=(JobState.RUNNING, JobState.PROFILING),
-                                      error=ev.get("message") or "failed", reason="failed on worker")  # fmt: skip
-                self._log(job_id, f"failed: {ev.get('message')}")
+                                      error=message, reason="failed on worker")  # fmt: skip
+                self._log(job_id, f"failed: {message}")
             elif kind == "oom":
                 self._on_oom(w, job_id, ev)
             elif kind in ("preempted", "stopped"):
@@ -1849,6 +1863,27 @@ def _uri_char(value: str, segment: str, field_name: str) -> PathError:
     return PathError(f"{field_name}: {value!r} contains {what}, which the storage layer cannot parse in a URI; "
                      f"percent-encode it as {urllib.parse.quote(char, safe='')!r} (UTF-8), as in "
                      "'s3://bucket/team%20a/donn%C3%A9es.jsonl'")  # fmt: skip
+
+
+MAX_SOURCE_CHARS = 4096  # one path as the user gave it, or its staged copy
+
+
+def _check_sources(sources: Any, count: int) -> list[dict[str, str] | None]:
+    """``submit_many``'s ``sources`` checked (a list of ``count`` maps of path strings, or None)."""
+    if sources is None:
+        return [None] * count
+    if not isinstance(sources, list | tuple) or len(sources) != count:
+        raise ValueError(f"sources: a list with one entry per spec ({count}) is needed")
+    out: list[dict[str, str] | None] = []
+    for i, entry in enumerate(sources):
+        ok = isinstance(entry, dict) and len(entry) <= len(PATH_FIELDS) and all(
+            isinstance(k, str) and isinstance(v, str) and 0 < len(k) <= MAX_SOURCE_CHARS and len(v) <= MAX_SOURCE_CHARS
+            for k, v in entry.items())  # fmt: skip
+        if not ok:
+            raise ValueError(f"sources[{i}]: a map of at most {len(PATH_FIELDS)} staged paths to the paths the user "
+                             f"gave (strings of at most {MAX_SOURCE_CHARS} characters)")  # fmt: skip
+        out.append(dict(entry) or None)
+    return out
 
 
 def confine_uri(value: object, prefixes: Iterable[str], field_name: str) -> str:

@@ -313,10 +313,12 @@ class Client:
             raise RemoteError("submit_many: no specs given (pass one or more spec files, paths or mappings)")
         workdir = tempfile.mkdtemp(prefix="lorafleet-submit-")
         try:
-            names, spec_errors, local_errors = [], [], []
+            names, given, spec_errors, local_errors = [], [], [], []
             for i, spec in enumerate(specs):
                 try:
-                    names.append(self._stage(spec, Path(workdir), i))
+                    name, paths = self._stage(spec, Path(workdir), i)
+                    names.append(name)
+                    given.append(paths)
                 except SpecError as err:  # its lines already name the file (and the line)
                     spec_errors.extend(err.errors)
                 except RemoteError as err:
@@ -325,18 +327,22 @@ class Client:
                 raise RemoteError("\n".join([*spec_errors, *local_errors]))
             if spec_errors:
                 raise SpecError(spec_errors)
-            result = self._agent(["register", *self._owner_args(), *names], workdir=workdir)
+            (Path(workdir) / "given.json").write_text(json.dumps(given))  # so errors name these paths
+            result = self._agent(["register", *self._owner_args(), "--given", "given.json", *names], workdir=workdir)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         return [Job(self, r["id"], r["name"]) for r in result]
 
     @staticmethod
-    def _stage(spec: str | os.PathLike[str] | Mapping[str, Any], workdir: Path, index: int) -> str:
+    def _stage(spec: str | os.PathLike[str] | Mapping[str, Any], workdir: Path,
+               index: int) -> tuple[str, dict[str, str]]:  # fmt: skip
         """Copy one spec (rewritten) and its local inputs into the upload directory: its data files
-        and its ``adapter.init_from`` adapter directory (only the adapter files)."""
+        and its ``adapter.init_from`` adapter directory (only the adapter files). Returns the spec's
+        name there and ``{field: path as the user gave it}`` for each input copied."""
         parsed: JobSpec = (parse_spec(dict(spec), source=f"spec {index + 1} ({spec.get('name', 'unnamed')})")
                            if isinstance(spec, Mapping) else load_spec(spec))  # fmt: skip
         doc = parsed.model_dump(mode="json", exclude_none=True)
+        given: dict[str, str] = {}
         for section, key in (("data", "path"), ("eval", "data")):
             value = (doc.get(section) or {}).get(key)
             if not value or is_uri(value):
@@ -355,12 +361,15 @@ class Client:
                 raise RemoteError(f"{section}.{key}: cannot read {value} on this machine: "
                                   f"{exc.strerror or exc}") from None  # fmt: skip
             doc[section][key] = upload
+            given[f"{section}.{key}"] = value
         init = (doc.get("adapter") or {}).get("init_from")
         if init:
             doc["adapter"]["init_from"] = _stage_adapter(init, workdir / f"{index}-init_from")
+            if doc["adapter"]["init_from"] != init:
+                given["adapter.init_from"] = init
         name = f"{index}-spec.yaml"
         (workdir / name).write_text(yaml.safe_dump(doc, sort_keys=False))
-        return name
+        return name, given
 
     def _owner_args(self) -> list[str]:
         return ["--owner", self.owner] if self.owner else []

@@ -75,8 +75,8 @@ def submit(ctl: Controller, spec: Path, tmp_path: Path) -> dict:
     """``Client.submit`` minus the Ray transport: the laptop's staging, then the agent's register."""
     workdir = tmp_path / f"upload-{spec.stem}"
     workdir.mkdir()
-    name = Client._stage(str(spec), workdir, 0)
-    return agent.register("alice", [str(workdir / name)], base_dir=workdir)[0]
+    name, given = Client._stage(str(spec), workdir, 0)
+    return agent.register("alice", [str(workdir / name)], base_dir=workdir, given=[given])[0]
 
 
 def start(worker: TrainingWorker, ctl: Controller, job: dict, tmp_path: Path) -> tuple[dict, str | None]:
@@ -218,3 +218,54 @@ def test_unreadable_or_directory_data_and_bad_fetch_targets_are_one_line_errors(
         client.submit_many([])
     with pytest.raises(RemoteError, match=rf"^fetch: {data} is a file; give a directory"):
         client.fetch("lf-x", data)
+
+
+def test_a_data_error_names_the_users_file_not_its_uploaded_copy(laptop, worker, tmp_path, monkeypatch):
+    """A bad line in an uploaded data file failed the job with '.../uploads/alice/<id>/data-0-data-d.jsonl
+    line 3: ...': the user's file is ``data/bad d.jsonl``, and that is what the error names now."""
+    from types import SimpleNamespace
+
+    from orchestrator.store import JobState
+
+    ctl = controller(tmp_path, str(tmp_path / "storage"), monkeypatch)
+    try:
+        (laptop / "data").mkdir()
+        lines = (laptop / "d.jsonl").read_text().splitlines()
+        lines[2] = '{"input_ids": [1, 2'  # line 3 is cut short
+        (laptop / "data" / "bad d.jsonl").write_text("\n".join(lines) + "\n")
+        spec = write_spec(laptop, "bad", worker.base_model, init_from=None)
+        doc = yaml.safe_load(spec.read_text())
+        doc["data"]["path"] = "data/bad d.jsonl"
+        spec.write_text(yaml.safe_dump(doc))
+        job = submit(ctl, spec, tmp_path)
+        stored = ctl.store.get(job["id"])
+        copy = stored.spec["data"]["path"]
+        assert Path(copy).is_relative_to(tmp_path / "storage" / "uploads" / "alice")
+        assert stored.extra["sources"] == {copy: "data/bad d.jsonl"}
+        rec = ctl.store.get(job["id"])
+        config = replace(effective_spec(rec).to_job_config(), name=rec.id, output=job_output(ctl.storage, rec.id))
+        worker.assign(rec.id, config)
+        ev = wait_events(worker, {rec.id: "failed"})[rec.id]
+        assert copy in ev["message"] and "line 3" in ev["message"]  # the worker only knows the copy
+        ctl.store.transition(rec.id, JobState.RUNNING, expect=JobState.QUEUED, worker="w-up", reason="test")
+        ctl._on_event(SimpleNamespace(worker_id="w-up", assigned=set()), ev)
+        failed = ctl.store.get(rec.id)
+        assert failed.state is JobState.FAILED
+        assert "data/bad d.jsonl line 3" in failed.error and "uploads" not in failed.error, failed.error
+        assert failed.error == ev["message"].replace(copy, "data/bad d.jsonl")
+    finally:
+        ctl.store.close()
+
+
+def test_a_refusal_at_submit_names_the_users_file(laptop, worker, tmp_path, monkeypatch):
+    """The controller's refusals of an uploaded file (here: over its upload limit) name the user's path."""
+    ctl = controller(tmp_path, str(tmp_path / "storage"), monkeypatch)
+    try:
+        spec = write_spec(laptop, "big", worker.base_model, init_from=None)
+        ctl.max_upload_bytes = 10  # the agent's staging reads the limit from ping(); refuse on the controller side
+        monkeypatch.setattr(ctl, "ping", lambda: {"allowed_prefixes": [], "max_upload_bytes": None})
+        with pytest.raises(ValueError) as err:
+            submit(ctl, spec, tmp_path)
+        assert "d.jsonl" in str(err.value) and "uploads" not in str(err.value), str(err.value)
+    finally:
+        ctl.store.close()
