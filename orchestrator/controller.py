@@ -75,7 +75,7 @@ from policies import (
     parse_policy_config,
 )
 from policies.fairstart import FifoClock, clock_settings
-from policies.framework import Cycle
+from policies.framework import alone_bytes
 from policies.memory_model import (
     adapter_bytes,
     canonical_targets,
@@ -1628,13 +1628,14 @@ class Controller:
         found: dict[str, str] = {}
         margin = getattr(self.policy, "margin", 0.0)
         margin = float(margin) if isinstance(margin, int | float) and math.isfinite(margin) and margin >= 0 else 0.0
-        if view.queued and view.workers:
-            cycle = Cycle(view, margin)
+        if view.queued and view.workers:  # the policy's own test (Cycle.fits_nowhere), without a Cycle
+            largest = max(w.memory_bytes for w in view.workers)
             for job in view.queued:
-                if not cycle.fits_nowhere(job):
+                alone = alone_bytes(job, margin)
+                if alone <= largest:
                     continue
-                why = (f"fits no worker even alone: predicted peak {cycle.alone_bytes(job) / GIB:.1f} GiB with "
-                       f"the policy's margin, the largest worker has {cycle.largest_memory / GIB:.1f} GiB; "
+                why = (f"fits no worker even alone: predicted peak {alone / GIB:.1f} GiB with "
+                       f"the policy's margin, the largest worker has {largest / GIB:.1f} GiB; "
                        "it waits for a larger worker (cancel it and submit with a smaller micro_batch_size "
                        "or max_seq_len)")  # fmt: skip
                 if job.job_id not in self._unplaceable:  # logged once; status shows today's numbers

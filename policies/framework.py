@@ -96,6 +96,13 @@ def fifo_wait_s(view: ClusterView) -> float:
     return queue / accepting
 
 
+def alone_bytes(job: JobView, margin: float) -> float:
+    """``job``'s predicted peak alone on an emptied worker, its dynamic part raised by ``margin``."""
+    b0, c, d, e = job_terms(job)
+    seq = job.seq_len
+    return job.static_bytes + (1.0 + margin) * (b0 + c + d * seq + e * seq * seq)
+
+
 def _deadline(job: JobView) -> tuple[float, float, str]:
     """Urgent jobs' order: FIFO-fair start (the submit time when not stamped), then submit, id."""
     fair = job.fair_start_s
@@ -356,9 +363,7 @@ class Cycle:
 
     def alone_bytes(self, job: JobView) -> float:
         """``job``'s predicted peak alone on an emptied worker, with the margin."""
-        b0, c, d, e = job_terms(job)
-        seq = job.seq_len
-        return job.static_bytes + (1.0 + self.margin) * (b0 + c + d * seq + e * seq * seq)
+        return alone_bytes(job, self.margin)
 
     def fits_nowhere(self, job: JobView) -> bool:
         """True when ``job`` would not fit even alone on the largest worker: waiting cannot help it."""
@@ -547,14 +552,16 @@ class ProfilePolicy:
             return None
         now = view.now_s
         best = now + GRADUAL_S  # also the only wake-up for a turns rule that cannot say when a job is due
-        backlog = fifo_wait_s(view) if gb is not None or gl is not None else 0.0
+        backlog = None  # the guards' FIFO wait estimate (a pass and a sort of the queue): only if a job needs it
         for j in view.queued:
             times = []
             if st is not None:
                 times.append(j.submit_time_s + st)
             if fs is not None and j.fair_start_s is not None:
                 times.append(j.fair_start_s - fs)
-            else:
+            elif gb is not None or gl is not None:
+                if backlog is None:
+                    backlog = fifo_wait_s(view)
                 if gb is not None:
                     times.append(j.submit_time_s + gb * backlog)
                 if gl is not None and j.remaining_work_s >= backlog:
