@@ -129,8 +129,28 @@ def model_shape_from_config(config: Mapping[str, Any], dtype: str = "float32") -
     return ModelShape(
         num_parameters=params, hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads,
         intermediate_size=inter, vocab_size=vocab, num_key_value_heads=kv, dtype_bytes=DTYPE_BYTES[dtype],
-        head_dim=head_dim if head_dim * heads != h else 0,
+        head_dim=head_dim if head_dim * heads != h else 0, attn_implementation=attention_of(config),
+        attn_logit_softcapping=float(config.get("attn_logit_softcapping") or 0.0),
+        final_logit_softcapping=float(config.get("final_logit_softcapping") or 0.0),
     )  # fmt: skip
+
+
+#: model types whose transformers (5.x) classes have no sdpa attention: actors.models.load_base_model
+#: falls back to eager for them (measured on every family tests/actors/test_architectures.py builds)
+EAGER_MODEL_TYPES = frozenset({"gemma2", "bloom"})
+
+
+def attention_of(config: Mapping[str, Any]) -> str:
+    """The attention the engine will run for a model of this ``config.json``: the one it names
+    (``attn_implementation``), else ``eager`` for :data:`EAGER_MODEL_TYPES` and models with attention
+    soft-capping, else ``sdpa`` (what ``load_base_model`` asks for). A worker reports the attention
+    its loaded model runs, which the controller prefers to this."""
+    named = config.get("attn_implementation") or config.get("_attn_implementation")
+    if isinstance(named, str) and named.strip():
+        return named.strip()
+    if config.get("model_type") in EAGER_MODEL_TYPES or config.get("attn_logit_softcapping"):
+        return "eager"
+    return "sdpa"
 
 
 def adapter_shape_of(settings: AdapterSettings) -> AdapterShape:
@@ -572,7 +592,8 @@ class Profiler:
             log.info("profile %s b=%d L=%d: dynamic %.1f MiB, activation %.1f MiB",
                      adapter_key(adapter), b, seq, m.dynamic_bytes / 2**20, act / 2**20)  # fmt: skip
             samples.append((b, seq, float(act)))
-        fit = fit_activation(samples)
+        # eager attention's (query, key) bytes are counted, not fitted: the grid's short sequences hide them
+        fit = fit_activation(samples, b2_floor=engine_activation(shape, adapter_shape_of(adapter)).b2)
         self.cache.put(self.key(base_model, adapter), fit)
         self._save()
         return fit

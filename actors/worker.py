@@ -308,6 +308,10 @@ class TrainingWorker:
             "dtype_bytes": 4 if dtype == "float32" else 2,
             # 0 where it is hidden / heads, as actors.profiler.model_shape_from_config reads it
             "head_dim": head_dim if head_dim * heads != int(cfg.hidden_size) else 0,
+            # what the loaded model runs (eager keeps (heads, L, L) tensors) and its soft-capping
+            "attn_implementation": str(getattr(cfg, "_attn_implementation", None) or "sdpa"),
+            "attn_logit_softcapping": float(getattr(cfg, "attn_logit_softcapping", None) or 0.0),
+            "final_logit_softcapping": float(getattr(cfg, "final_logit_softcapping", None) or 0.0),
         }
         self.device, self.dtype = device, dtype
         self.engine = FusedEngine(model, tokenizer, base_model_id=self.base_model, settings=self.engine_settings)

@@ -78,7 +78,12 @@ class ModelShape:
     ``num_key_value_heads`` of 0 means "same as num_attention_heads" (no grouped-query attention).
     ``dtype_bytes`` is the storage width of the frozen weights (2 for bf16/fp16). ``head_dim`` of 0
     means ``hidden_size / num_attention_heads``; Qwen3 and Gemma set their own (q/k/v/o are then
-    ``num_attention_heads x head_dim`` wide, not ``hidden_size``).
+    ``num_attention_heads x head_dim`` wide, not ``hidden_size``). ``attn_implementation`` is the
+    attention transformers runs (``sdpa``, ``flash_attention_2``, ``eager``...): ``eager`` keeps each
+    layer's (batch, heads, L, L) probabilities for backward, the others do not (lorafleet loads
+    ``sdpa`` and falls back to ``eager`` where a model has none: Gemma 2, Bloom). The two
+    soft-capping values (Gemma 2's; 0 or None: none) each keep one more tensor: the attention's a
+    (heads, L, L) one per layer, the final logits' a vocabulary-wide one per label token.
     """
 
     num_parameters: int
@@ -90,6 +95,9 @@ class ModelShape:
     num_key_value_heads: int = 0
     dtype_bytes: int = 2
     head_dim: int = 0
+    attn_implementation: str = "sdpa"
+    attn_logit_softcapping: float | None = 0.0
+    final_logit_softcapping: float | None = 0.0
 
     def __post_init__(self) -> None:
         for name in ("num_parameters", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -101,11 +109,24 @@ class ModelShape:
             raise MemoryModelError(f"dtype_bytes: must be one of 1, 2, 4 (got {self.dtype_bytes!r})")
         if not isinstance(self.head_dim, int) or self.head_dim < 0:
             raise MemoryModelError(f"head_dim: must be an integer >= 0 (got {self.head_dim!r})")
+        if not isinstance(self.attn_implementation, str) or not self.attn_implementation.strip():
+            raise MemoryModelError(f"attn_implementation: must be a name such as sdpa or eager "
+                                   f"(got {self.attn_implementation!r})")  # fmt: skip
+        for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                      or not math.isfinite(value) or value < 0):  # fmt: skip
+                raise MemoryModelError(f"{name}: must be a number >= 0 or null (got {value!r})")
         if not self.head_dim and self.hidden_size % self.num_attention_heads:
             raise MemoryModelError(
                 f"hidden_size: must be a multiple of num_attention_heads ({self.num_attention_heads}) "
                 f"(got {self.hidden_size})"
             )
+
+    @property
+    def eager_attention(self) -> bool:
+        """Whether attention materialises its (batch, heads, L, L) scores (``attn_implementation`` eager)."""
+        return self.attn_implementation == "eager"
 
     @property
     def kv_heads(self) -> int:
@@ -348,6 +369,9 @@ def analytic_activation(model: ModelShape, adapter: AdapterShape, *, flash_atten
 # the engine's loss head at its backward peak, per label token: the fp32 log-softmax output kept for
 # backward, its incoming gradient and the gradient it computes (vocab fp32 values each), in every dtype
 ENGINE_HEAD_BYTES_PER_VOCAB = 12
+# eager attention, per (query, key) pair per head, on top of what each layer keeps: the backward's
+# transient gradients of one layer's probabilities and scores (fp32 each)
+EAGER_WORKING_BYTES = 8
 ATTENTION_INPUTS = frozenset({"q_proj", "k_proj", "v_proj"})
 GATED_INPUTS = frozenset({"gate_proj", "up_proj"})
 
@@ -388,8 +412,14 @@ def engine_activation(
     output (``4 * vocab``) and the backward's working set on top of everything kept, the larger of
     the head's two transient fp32 gradients (``8 * vocab``: the head peaks at ``12 * vocab``) and
     one layer's gradients (at most the layer's own count above; it only matters for small
-    vocabularies). b0 is the analytic
-    default's fixed 256 MiB; b2 as :func:`analytic_activation`'s (0 with flash attention).
+    vocabularies). With ``final_logit_softcapping`` the head keeps its tanh output too (``4 * vocab``
+    more). b0 is the analytic default's fixed 256 MiB. b2 is 0 for fused attention kernels (sdpa,
+    flash: they keep a log-sum-exp, counted above); with ``eager`` attention (:attr:`ModelShape.eager_attention`)
+    each layer keeps its probabilities per head per (query, key) pair: the fp32 softmax output
+    (4 bytes), its copy in the base dtype for the product with v (``d``, bf16/fp16 only) and with
+    ``attn_logit_softcapping`` the tanh output (``d``), plus one layer's transient gradients
+    (:data:`EAGER_WORKING_BYTES`); ``flash_attention=False`` on a model of another attention gives
+    :func:`analytic_activation`'s Korthikanti count.
     Measured against the engine's saved tensors and live bytes in docs/memory.md: it keeps no
     margin of its own beyond counting what the engine shares once more (fp32 models).
     """
@@ -438,11 +468,16 @@ def engine_activation(
     # the peak comes in backward, over everything kept: at the loss head (its log-softmax output is
     # kept, its two gradients are transient) or in one layer's backward (its gradients, at most what
     # the layer keeps), whichever is larger
-    head_kept = ADAPTER_COMPUTE_BYTES * model.vocab_size
+    head_kept = ADAPTER_COMPUTE_BYTES * model.vocab_size * (2 if model.final_logit_softcapping else 1)
     working = max((ENGINE_HEAD_BYTES_PER_VOCAB - ADAPTER_COMPUTE_BYTES) * model.vocab_size, per_layer)
     once = 2 * model.attention_head_dim * d + h * f + f  # RoPE's cos and sin; the final norm's fp32 input
     b1 = model.num_hidden_layers * per_layer + head_kept + working + once
-    b2 = 0.0 if flash_attention else model.num_hidden_layers * 5 * model.num_attention_heads * d / 2
+    heads = model.num_attention_heads
+    if model.eager_attention:
+        kept = f + (d if d < f else 0) + (d if model.attn_logit_softcapping else 0)
+        b2 = heads * (model.num_hidden_layers * kept + EAGER_WORKING_BYTES)
+    else:
+        b2 = 0.0 if flash_attention else model.num_hidden_layers * 5 * heads * d / 2
     return ActivationFit(float(ACTIVATION_B0_BYTES), float(b1), float(b2))
 
 
@@ -475,8 +510,10 @@ def group_peak_bytes(
 
 def loss_head_bytes_per_token(model: ModelShape) -> float:
     """Bytes per *label* token of the loss head: ``vocab * (dtype_bytes + 8)`` (logits, fp32
-    log-softmax kept for backward and its gradient), the same term :func:`analytic_activation` uses."""
-    return float(model.vocab_size * (model.dtype_bytes + 8))
+    log-softmax kept for backward and its gradient), the same term :func:`analytic_activation` uses;
+    with ``final_logit_softcapping`` the kept fp32 tanh output too (``4 * vocab`` more)."""
+    cap = ADAPTER_COMPUTE_BYTES if model.final_logit_softcapping else 0
+    return float(model.vocab_size * (model.dtype_bytes + 8 + cap))
 
 
 def fused_group_peak_bytes(
@@ -576,20 +613,29 @@ def _lstsq(columns: Sequence[Sequence[float]], y: Sequence[float]) -> list[float
     return x
 
 
-def fit_activation(samples: Sequence[tuple[int, int, float]]) -> ActivationFit:
+def fit_activation(samples: Sequence[tuple[int, int, float]], b2_floor: float = 0.0) -> ActivationFit:
     """Non-negative least-squares fit of ``bytes = b0 + b1*B*L + b2*B*L*L``.
 
     ``samples``: ``(B, L, bytes)`` measurements. With three unknowns the exact NNLS optimum is
     the best of the least-squares solutions over the 7 non-empty sets of free coefficients (the
     others held at 0) that come out non-negative (and all-zero); columns are scaled to unit
-    size first so B*L*L does not swamp the constant. Raises MemoryModelError for fewer than one
-    sample or a sample with B < 1, L < 1 or negative bytes.
+    size first so B*L*L does not swamp the constant. ``b2_floor``: b2 is at least this (the
+    counted (query, key) bytes of eager attention, :func:`engine_activation`): the fit is of what
+    the samples hold beyond it. A profiling grid of short sequences cannot see the quadratic term
+    under the noise of a peak measurement, and a fit with b2 = 0 moved it into b0 and b1 (Gemma 2:
+    over by 31 % at L = 96, under by 23 % at L = 2,048). Raises MemoryModelError for fewer than
+    one sample, a sample with B < 1, L < 1 or negative bytes, or a negative floor.
     """
     if not samples:
         raise MemoryModelError("samples: need at least one (B, L, bytes) measurement")
     for i, (b, seq, v) in enumerate(samples):
         if b < 1 or seq < 1 or v < 0 or not math.isfinite(v):
             raise MemoryModelError(f"samples[{i}]: need B >= 1, L >= 1, bytes >= 0 (got {(b, seq, v)})")
+    if not math.isfinite(b2_floor) or b2_floor < 0:
+        raise MemoryModelError(f"b2_floor: must be a number >= 0 (got {b2_floor!r})")
+    if b2_floor > 0:
+        rest = fit_activation([(b, seq, max(0.0, v - b2_floor * b * seq * seq)) for b, seq, v in samples])
+        return ActivationFit(rest.b0, rest.b1, rest.b2 + b2_floor)
     raw = [[1.0] * len(samples), [float(b * s) for b, s, _ in samples], [float(b * s * s) for b, s, _ in samples]]
     scale = [max(abs(v) for v in col) for col in raw]
     cols = [[v / sc for v in col] for col, sc in zip(raw, scale, strict=True)]

@@ -95,6 +95,7 @@ def test_group_trains_and_reports(worker, tmp_path):
     assert snap["jobs"] == {} and snap["timing"]["steps"] >= 6
     assert snap["timing"]["step_s"] <= snap["timing"]["wall_s"]
     assert snap["model_shape"]["hidden_size"] == 32
+    assert snap["model_shape"]["attn_implementation"] == "sdpa"  # what the memory model reads: no (L, L) scores
 
 
 def test_missing_data_fails_alone(worker, tmp_path):
