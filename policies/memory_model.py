@@ -352,8 +352,9 @@ def analytic_activation(model: ModelShape, adapter: AdapterShape, *, flash_atten
     up to ``ceil(top_p * num_experts)``; ``switch``: 1). Adapter dropout adds
     :func:`dropout_bytes_per_token` (a mask and a dropped fp32 copy of each adapted input). The
     logits add ``vocab * (dtype_bytes + 8)`` per token (the logits plus fp32 softmax and its
-    gradient). Without flash attention the attention scores add ``5 * heads * dtype_bytes / 2``
-    per token per key per layer (the b2 term); with it, b2 = 0. b0 is a fixed 256 MiB.
+    gradient). Without flash attention (``flash_attention=False``, or a model whose
+    ``attn_implementation`` is eager) the attention scores add ``5 * heads * dtype_bytes / 2`` per
+    token per key per layer (the b2 term); with it, b2 = 0. b0 is a fixed 256 MiB.
     """
     d = model.dtype_bytes
     per_layer = 34 * model.hidden_size * d / 2
@@ -362,7 +363,8 @@ def analytic_activation(model: ModelShape, adapter: AdapterShape, *, flash_atten
     b1 = model.num_hidden_layers * per_layer + model.vocab_size * (d + 8)
     if adapter.dropout > 0 or adapter.expert_dropout > 0:
         b1 += dropout_bytes_per_token(model, adapter)
-    b2 = 0.0 if flash_attention else model.num_hidden_layers * 5 * model.num_attention_heads * d / 2
+    flash = flash_attention and not model.eager_attention  # an eager model materialises its scores
+    b2 = 0.0 if flash else model.num_hidden_layers * 5 * model.num_attention_heads * d / 2
     return ActivationFit(float(ACTIVATION_B0_BYTES), float(b1), float(b2))
 
 

@@ -334,3 +334,12 @@ def test_the_shape_says_which_attention_the_engine_runs():
                        ("final_logit_softcapping", True), ("final_logit_softcapping", float("nan"))):  # fmt: skip
         with pytest.raises(MemoryModelError, match=field):
             gemma2_shape(4, **{field: bad})
+
+
+def test_the_simulators_estimate_counts_scores_for_an_eager_model():
+    """A cluster YAML's model with ``attn_implementation: eager`` gets the Korthikanti score term in
+    the simulator too (its ``analytic_activation``), as ``flash_attention=False`` does."""
+    lora = AdapterShape("lora", 8, ALL_TARGETS)
+    eager, sdpa = gemma2_shape(2), gemma2_shape(2, attn_implementation="sdpa")
+    assert analytic_activation(sdpa, lora).b2 == 0.0
+    assert analytic_activation(eager, lora).b2 == analytic_activation(sdpa, lora, flash_attention=False).b2 > 0
