@@ -111,15 +111,15 @@ def model_shape_from_config(config: Mapping[str, Any], dtype: str = "float32") -
     """
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype: must be one of {', '.join(DTYPE_BYTES)} (got {dtype!r})")
-    try:
-        h = int(config["hidden_size"])
-        layers = int(config["num_hidden_layers"])
-        heads = int(config["num_attention_heads"])
-        inter = int(config["intermediate_size"])
-        vocab = int(config["vocab_size"])
-    except KeyError as err:
-        raise ValueError(f"base model config: field {err.args[0]!r} is missing") from None
-    kv = int(config.get("num_key_value_heads") or heads)
+    h = _config_int(config, "hidden_size")
+    layers = _config_int(config, "num_hidden_layers")
+    heads = _config_int(config, "num_attention_heads")
+    vocab = _config_int(config, "vocab_size")
+    # no intermediate size in the config (Bloom, GPT-J's and GPT-BigCode's n_inner null): 4 x hidden
+    inter = _config_int(config, "intermediate_size", default=4 * h)
+    kv = int(config.get("num_key_value_heads") or config.get("num_kv_heads") or 0)
+    if not kv:  # Falcon-7B and GPT-BigCode: one key/value head for all (multi-query)
+        kv = 1 if config.get("multi_query") and not config.get("new_decoder_architecture") else heads
     head_dim = int(config.get("head_dim") or h // heads)
     q_out, kv_out = heads * head_dim, kv * head_dim
     per_layer = h * q_out + 2 * h * kv_out + q_out * h + 3 * h * inter + 2 * h
@@ -133,6 +133,33 @@ def model_shape_from_config(config: Mapping[str, Any], dtype: str = "float32") -
         attn_logit_softcapping=float(config.get("attn_logit_softcapping") or 0.0),
         final_logit_softcapping=float(config.get("final_logit_softcapping") or 0.0),
     )  # fmt: skip
+
+
+#: the config.json names of the fields ModelShape takes, by family (GPT-2 style n_embd / n_layer /
+#: n_head: GPT-J, GPT-BigCode, Bloom; Falcon's ffn_hidden_size; GPT-J's n_inner)
+CONFIG_ALIASES: dict[str, tuple[str, ...]] = {
+    "hidden_size": ("hidden_size", "n_embd", "d_model"),
+    "num_hidden_layers": ("num_hidden_layers", "n_layer", "num_layers"),
+    "num_attention_heads": ("num_attention_heads", "n_head", "num_heads"),
+    "intermediate_size": ("intermediate_size", "ffn_hidden_size", "n_inner"),
+    "vocab_size": ("vocab_size",),
+}
+
+
+def _config_int(config: Mapping[str, Any], field: str, default: int | None = None) -> int:
+    """``field`` of a config by any of its names (:data:`CONFIG_ALIASES`), or ``default``, or a
+    ValueError naming the field and the names looked for."""
+    for name in CONFIG_ALIASES[field]:
+        value = config.get(name)
+        if value is not None:
+            try:
+                return int(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"base model config: {name} must be an integer (got {value!r})") from None
+    if default is not None:
+        return default
+    names = " / ".join(CONFIG_ALIASES[field])
+    raise ValueError(f"base model config: field {field!r} is missing (looked for {names})")
 
 
 #: model types whose transformers (5.x) classes have no sdpa attention: actors.models.load_base_model

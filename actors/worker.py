@@ -294,24 +294,17 @@ class TrainingWorker:
             dtype = "bfloat16" if device == "cuda" else "float32"
         model, tokenizer = load_base_model(self.base_model, device=device, dtype=getattr(torch, dtype),
                                            trust_remote_code=self.trust_remote_code, hub_ids_only=True)
+        from actors.profiler import DTYPE_BYTES, model_shape_from_config
+
         cfg = model.config
-        heads = int(cfg.num_attention_heads)
-        head_dim = int(getattr(cfg, "head_dim", 0) or 0)  # Qwen3, Gemma: q/k/v/o are heads x head_dim wide
+        # the config's fields by any family's names (GPT-J's n_embd, Falcon's ffn_hidden_size...):
+        # reading cfg.intermediate_size failed the worker for Falcon, Bloom, GPT-J and GPT-BigCode
+        shape = model_shape_from_config(cfg.to_dict(), dtype if dtype in DTYPE_BYTES else "bfloat16")
         self.model_shape = {
+            **dataclasses.asdict(shape),
             "num_parameters": int(sum(p.numel() for p in model.parameters())),
-            "hidden_size": int(cfg.hidden_size),
-            "num_hidden_layers": int(cfg.num_hidden_layers),
-            "num_attention_heads": heads,
-            "intermediate_size": int(cfg.intermediate_size),
-            "vocab_size": int(cfg.vocab_size),
-            "num_key_value_heads": int(getattr(cfg, "num_key_value_heads", 0) or 0),
-            "dtype_bytes": 4 if dtype == "float32" else 2,
-            # 0 where it is hidden / heads, as actors.profiler.model_shape_from_config reads it
-            "head_dim": head_dim if head_dim * heads != int(cfg.hidden_size) else 0,
-            # what the loaded model runs (eager keeps (heads, L, L) tensors) and its soft-capping
-            "attn_implementation": str(getattr(cfg, "_attn_implementation", None) or "sdpa"),
-            "attn_logit_softcapping": float(getattr(cfg, "attn_logit_softcapping", None) or 0.0),
-            "final_logit_softcapping": float(getattr(cfg, "final_logit_softcapping", None) or 0.0),
+            # what the loaded model runs (eager keeps (heads, L, L) tensors)
+            "attn_implementation": str(getattr(cfg, "_attn_implementation", None) or shape.attn_implementation),
         }
         self.device, self.dtype = device, dtype
         self.engine = FusedEngine(model, tokenizer, base_model_id=self.base_model, settings=self.engine_settings)

@@ -40,7 +40,10 @@ FFN_TARGETS = frozenset({"gate_proj", "up_proj", "down_proj"})
 TARGET_EQUIVALENTS: dict[str, tuple[str, ...]] = {
     "qkv_proj": ("q_proj", "k_proj", "v_proj"), "query_key_value": ("q_proj", "k_proj", "v_proj"),
     "gate_up_proj": ("gate_proj", "up_proj"), "dense": ("o_proj",), "fc1": ("up_proj",), "fc2": ("down_proj",),
-    "dense_h_to_4h": ("up_proj",), "dense_4h_to_h": ("down_proj",), "c_fc": ("up_proj",), "c_proj": ("down_proj",),
+    "dense_h_to_4h": ("up_proj",), "dense_4h_to_h": ("down_proj",), "c_fc": ("up_proj",),
+    # GPT-BigCode names both its attention output and its MLP output c_proj (StarCoder2 only the MLP's)
+    "c_proj": ("o_proj", "down_proj"), "c_attn": ("q_proj", "k_proj", "v_proj"),
+    "out_proj": ("o_proj",), "fc_in": ("up_proj",), "fc_out": ("down_proj",),  # GPT-J
     "all-linear": ALL_TARGETS,
 }  # fmt: skip
 

@@ -252,3 +252,39 @@ def test_all_linear_targets_every_decoder_linear_by_the_models_own_names(family,
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert set(json.loads((tmp_path / "mix" / "adapter_config.json").read_text())["target_modules"]) == set(names)
     assert any(".experts." in k for k in mix.adapter.export_state())
+
+
+@pytest.mark.parametrize("family", ["falcon", "bloom", "gptj", "gpt_bigcode", "gemma2", "qwen2"])
+def test_a_worker_loads_the_family_and_reports_its_shape(family, tmp_path):
+    """The worker read ``cfg.intermediate_size`` and failed to load Falcon, Bloom, GPT-J and GPT-BigCode
+    (their configs name it ``ffn_hidden_size`` / ``n_inner`` or leave it out); the controller then
+    sized their jobs with a 135M fallback shape. The report is what the memory model reads."""
+    import time
+
+    from actors.worker import TrainingWorker
+    from policies.memory_model import ModelShape
+
+    model = make_model(family)
+    model.save_pretrained(tmp_path / family)
+    make_tokenizer().save_pretrained(tmp_path / family)
+    worker = TrainingWorker(f"w-{family}", str(tmp_path / family), device="cpu", profile="off")
+    try:
+        deadline = time.time() + 120
+        while worker.progress()["state"] == "loading" and time.time() < deadline:
+            time.sleep(0.05)
+        snap = worker.progress()
+        assert snap["state"] == "ready", snap.get("error")
+        shape = ModelShape(**snap["model_shape"])  # the controller builds it so
+        cfg = model.config
+        assert shape.num_parameters == sum(p.numel() for p in model.parameters())
+        assert (shape.hidden_size, shape.num_hidden_layers, shape.num_attention_heads) == (
+            cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads)  # fmt: skip
+        mlp = max(m.out_features for n, m in model.named_modules()
+                  if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in (
+                      "dense_h_to_4h", "fc_in", "c_fc", "up_proj", "gate_up_proj"))  # fmt: skip
+        assert shape.intermediate_size == (mlp // 2 if family == "phi3" else mlp)
+        want_kv = {"falcon": 1, "gpt_bigcode": 1}.get(family, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+        assert shape.kv_heads == want_kv
+        assert shape.eager_attention == (family in ("gemma2", "bloom"))
+    finally:
+        worker.shutdown(checkpoint=False)

@@ -343,3 +343,32 @@ def test_the_simulators_estimate_counts_scores_for_an_eager_model():
     eager, sdpa = gemma2_shape(2), gemma2_shape(2, attn_implementation="sdpa")
     assert analytic_activation(sdpa, lora).b2 == 0.0
     assert analytic_activation(eager, lora).b2 == analytic_activation(sdpa, lora, flash_attention=False).b2 > 0
+
+
+def test_configs_of_gpt2_style_families_give_their_shapes_not_the_fallback():
+    """config.json of GPT-J, GPT-BigCode, Bloom and Falcon name their fields n_embd / n_layer /
+    n_head / ffn_hidden_size / n_inner (or leave the MLP width out): the shape failed and the
+    controller sized a GPT-J-6B's jobs as a 135M model."""
+    from actors.profiler import model_shape_from_config
+
+    gptj = model_shape_from_config({"model_type": "gptj", "n_embd": 4096, "n_layer": 28, "n_head": 16, "n_inner": None,
+                                    "vocab_size": 50400, "rotary_dim": 64, "tie_word_embeddings": False})  # fmt: skip
+    assert (gptj.hidden_size, gptj.num_hidden_layers, gptj.num_attention_heads, gptj.intermediate_size) == (
+        4096, 28, 16, 4 * 4096)  # fmt: skip
+    assert gptj.num_parameters > 6e9 and gptj.kv_heads == 16
+    bigcode = model_shape_from_config({"model_type": "gpt_bigcode", "n_embd": 6144, "n_layer": 40, "n_head": 48,
+                                       "n_inner": 24576, "multi_query": True, "vocab_size": 49152})  # fmt: skip
+    assert bigcode.intermediate_size == 24576 and bigcode.kv_heads == 1
+    falcon = model_shape_from_config({"model_type": "falcon", "hidden_size": 4544, "num_hidden_layers": 32,
+                                      "num_attention_heads": 71, "ffn_hidden_size": 18176, "multi_query": True,
+                                      "new_decoder_architecture": False, "vocab_size": 65024})  # fmt: skip
+    assert falcon.intermediate_size == 18176 and falcon.kv_heads == 1
+    falcon40 = model_shape_from_config({"model_type": "falcon", "hidden_size": 8192, "num_hidden_layers": 60,
+                                        "num_attention_heads": 128, "num_kv_heads": 8, "new_decoder_architecture": True,
+                                        "vocab_size": 65024})  # fmt: skip
+    assert falcon40.kv_heads == 8 and falcon40.intermediate_size == 4 * 8192
+    bloom = model_shape_from_config({"model_type": "bloom", "hidden_size": 4096, "n_layer": 30, "n_head": 32,
+                                     "vocab_size": 250880})  # fmt: skip
+    assert bloom.num_hidden_layers == 30 and bloom.eager_attention
+    with pytest.raises(ValueError, match=r"num_hidden_layers.*n_layer"):
+        model_shape_from_config({"hidden_size": 64, "num_attention_heads": 4, "vocab_size": 100})
