@@ -299,13 +299,19 @@ class TrainingWorker:
         cfg = model.config
         # the config's fields by any family's names (GPT-J's n_embd, Falcon's ffn_hidden_size...):
         # reading cfg.intermediate_size failed the worker for Falcon, Bloom, GPT-J and GPT-BigCode
-        shape = model_shape_from_config(cfg.to_dict(), dtype if dtype in DTYPE_BYTES else "bfloat16")
-        self.model_shape = {
-            **dataclasses.asdict(shape),
-            "num_parameters": int(sum(p.numel() for p in model.parameters())),
-            # what the loaded model runs (eager keeps (heads, L, L) tensors)
-            "attn_implementation": str(getattr(cfg, "_attn_implementation", None) or shape.attn_implementation),
-        }
+        try:
+            shape = model_shape_from_config(cfg.to_dict(), dtype if dtype in DTYPE_BYTES else "bfloat16")
+        except ValueError as exc:  # an exotic config: train anyway; the controller sizes jobs without the report
+            log.warning("%s: no memory-model shape for %s (%s); the controller uses its fallback",
+                        self.worker_id, self.base_model, exc)  # fmt: skip
+            self.model_shape = None
+        else:
+            self.model_shape = {
+                **dataclasses.asdict(shape),
+                "num_parameters": int(sum(p.numel() for p in model.parameters())),
+                # what the loaded model runs (eager keeps (heads, L, L) tensors)
+                "attn_implementation": str(getattr(cfg, "_attn_implementation", None) or shape.attn_implementation),
+            }
         self.device, self.dtype = device, dtype
         self.engine = FusedEngine(model, tokenizer, base_model_id=self.base_model, settings=self.engine_settings)
         self._packing_max_len = self.engine.packing_max_len  # probes the model once; the controller's memory model reads it
