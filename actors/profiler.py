@@ -619,8 +619,10 @@ class Profiler:
             log.info("profile %s b=%d L=%d: dynamic %.1f MiB, activation %.1f MiB",
                      adapter_key(adapter), b, seq, m.dynamic_bytes / 2**20, act / 2**20)  # fmt: skip
             samples.append((b, seq, float(act)))
-        # eager attention's (query, key) bytes are counted, not fitted: the grid's short sequences hide them
-        fit = fit_activation(samples, b2_floor=engine_activation(shape, adapter_shape_of(adapter)).b2)
+        # eager attention's (query, key) bytes, and a padding mask's, are counted, not fitted: the grid's
+        # short sequences hide them
+        fit = fit_activation(samples, b2_floor=engine_activation(self._engine_shape(base_model),
+                                                                 adapter_shape_of(adapter)).b2)  # fmt: skip
         self.cache.put(self.key(base_model, adapter), fit)
         self._save()
         return fit
@@ -632,7 +634,15 @@ class Profiler:
             return cached, "cache"
         if self.profile_missing:
             return self.profile(base_model, adapter), "profiled"
-        return engine_activation(self.model_shape(base_model), adapter_shape_of(adapter)), "analytic"
+        return engine_activation(self._engine_shape(base_model), adapter_shape_of(adapter)), "analytic"
+
+    def _engine_shape(self, base_model: str) -> ModelShape:
+        """The model's shape with the engine's packing limit where a measurement found it (padded
+        rows keep a mask per layer: :func:`policies.memory_model.padded_mask_bytes`)."""
+        shape = self.model_shape(base_model)
+        if self.packing_measured(base_model):
+            shape = dataclasses.replace(shape, packing_max_len=self.packing_max_len(base_model))
+        return shape
 
     # -- predictions
 

@@ -315,6 +315,8 @@ class TrainingWorker:
         self.device, self.dtype = device, dtype
         self.engine = FusedEngine(model, tokenizer, base_model_id=self.base_model, settings=self.engine_settings)
         self._packing_max_len = self.engine.packing_max_len  # probes the model once; the controller's memory model reads it
+        if self.model_shape is not None:  # where the engine pads, sdpa keeps a copy of the mask (memory_model)
+            self.model_shape["packing_max_len"] = int(self._packing_max_len)
         try:  # warm the data loader's import (about 1-2 s) here, not in the first job's join
             import datasets  # noqa: F401
         except ImportError:

@@ -87,6 +87,10 @@ class ModelShape:
     ``sdpa`` and falls back to ``eager`` where a model has none: Gemma 2, Bloom). The two
     soft-capping values (Gemma 2's; 0 or None: none) each keep one more tensor: the attention's a
     (heads, L, L) one per layer, the final logits' a vocabulary-wide one per label token.
+    ``packing_max_len`` is the longest sequence lorafleet's engine packs on this model, as a worker
+    reports it (None: not known, counted as packing any length; 0: it pads every group, as for
+    StableLM and Falcon; a sliding window, Gemma 3's, bounds it): where the engine pads, sdpa keeps
+    a float copy of the padding mask per layer (:func:`padded_mask_bytes`).
     """
 
     num_parameters: int
@@ -101,6 +105,7 @@ class ModelShape:
     attn_implementation: str = "sdpa"
     attn_logit_softcapping: float | None = 0.0
     final_logit_softcapping: float | None = 0.0
+    packing_max_len: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_parameters", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -120,6 +125,9 @@ class ModelShape:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
                                       or not math.isfinite(value) or value < 0):  # fmt: skip
                 raise MemoryModelError(f"{name}: must be a number >= 0 or null (got {value!r})")
+        if self.packing_max_len is not None and (isinstance(self.packing_max_len, bool)
+                                                 or not isinstance(self.packing_max_len, int) or self.packing_max_len < 0):  # fmt: skip
+            raise MemoryModelError(f"packing_max_len: must be an integer >= 0 or null (got {self.packing_max_len!r})")
         if not self.head_dim and self.hidden_size % self.num_attention_heads:
             raise MemoryModelError(
                 f"hidden_size: must be a multiple of num_attention_heads ({self.num_attention_heads}) "
@@ -483,7 +491,22 @@ def engine_activation(
         b2 = heads * (model.num_hidden_layers * kept + EAGER_WORKING_BYTES)
     else:
         b2 = 0.0 if flash_attention else model.num_hidden_layers * 5 * heads * d / 2
+        b2 += padded_mask_bytes(model, d)
     return ActivationFit(float(ACTIVATION_B0_BYTES), float(b1), float(b2))
+
+
+def padded_mask_bytes(model: ModelShape, dtype_bytes: int | None = None) -> float:
+    """Per row per (query, key) pair: what sdpa keeps of an explicit padding mask where the engine
+    pads this model's rows (``model.packing_max_len`` below :data:`PACK_ANY_LENGTH`): a float
+    (B, 1, L, L) copy in the compute dtype in every layer (measured on Gemma 3, StableLM, Falcon
+    and Qwen2 with padded rows: one per layer). 0 where the engine packs any length (or it is not
+    known), and for eager attention, which adds the mask to its scores without keeping it. Counted
+    in b2, so a model whose engine packs up to a window (Gemma 3) is counted as padded even for
+    groups within the window (the safe side)."""
+    limit = model.packing_max_len
+    if model.eager_attention or limit is None or limit >= PACK_ANY_LENGTH:
+        return 0.0
+    return float(model.num_hidden_layers * (model.dtype_bytes if dtype_bytes is None else dtype_bytes))
 
 
 def job_dynamic_bytes(adapter_bytes_: float, activation: ActivationFit, batch: int, seq_len: int) -> float:

@@ -254,7 +254,8 @@ def test_all_linear_targets_every_decoder_linear_by_the_models_own_names(family,
     assert any(".experts." in k for k in mix.adapter.export_state())
 
 
-@pytest.mark.parametrize("family", ["falcon", "bloom", "gptj", "gpt_bigcode", "gemma2", "qwen2"])
+@pytest.mark.parametrize("family", ["falcon", "bloom", "gptj", "gpt_bigcode", "gemma2", "qwen2", "stablelm",
+                                    "gemma3_text"])  # fmt: skip
 def test_a_worker_loads_the_family_and_reports_its_shape(family, tmp_path):
     """The worker read ``cfg.intermediate_size`` and failed to load Falcon, Bloom, GPT-J and GPT-BigCode
     (their configs name it ``ffn_hidden_size`` / ``n_inner`` or leave it out); the controller then
@@ -286,5 +287,11 @@ def test_a_worker_loads_the_family_and_reports_its_shape(family, tmp_path):
         want_kv = {"falcon": 1, "gpt_bigcode": 1}.get(family, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
         assert shape.kv_heads == want_kv
         assert shape.eager_attention == (family in ("gemma2", "bloom"))
+        # where the engine pads, the memory model counts sdpa's copy of the padding mask per layer
+        assert shape.packing_max_len == snap["packing_max_len"] == worker.engine.packing_max_len
+        from policies.memory_model import PACK_ANY_LENGTH, padded_mask_bytes
+
+        pads = shape.packing_max_len < PACK_ANY_LENGTH and not shape.eager_attention
+        assert padded_mask_bytes(shape) == (cfg.num_hidden_layers * 4 if pads else 0.0)
     finally:
         worker.shutdown(checkpoint=False)

@@ -372,3 +372,24 @@ def test_configs_of_gpt2_style_families_give_their_shapes_not_the_fallback():
     assert bloom.num_hidden_layers == 30 and bloom.eager_attention
     with pytest.raises(ValueError, match=r"num_hidden_layers.*n_layer"):
         model_shape_from_config({"hidden_size": 64, "num_attention_heads": 4, "vocab_size": 100})
+
+
+def test_padded_rows_keep_a_mask_copy_per_layer_where_the_engine_pads():
+    """With an explicit padding mask sdpa keeps a float (B, 1, L, L) copy of it in every layer for
+    backward (the audit's census on Gemma 3, whose sliding window makes the engine pad: 4 fp32 copies,
+    24.6 KB per token at L = 1,536 on 4 layers). Counted where the worker reports that the engine pads."""
+    from policies.memory_model import PACK_ANY_LENGTH, engine_activation, padded_mask_bytes
+
+    lora = AdapterShape("lora", 8, ALL_TARGETS)
+    sdpa = gemma2_shape(4, attn_implementation="sdpa", attn_logit_softcapping=0.0)
+    assert engine_activation(sdpa, lora).b2 == 0.0  # packing not known: counted as packing
+    for limit, want in ((0, 4 * 4), (4096, 4 * 4), (PACK_ANY_LENGTH, 0)):
+        shape = gemma2_shape(4, attn_implementation="sdpa", attn_logit_softcapping=0.0, packing_max_len=limit)
+        assert padded_mask_bytes(shape) == want and engine_activation(shape, lora).b2 == want
+    assert padded_mask_bytes(gemma2_shape(2, attn_implementation="sdpa", packing_max_len=0)) == 4 * 2  # bf16
+    assert 1536 * padded_mask_bytes(gemma2_shape(4, attn_implementation="sdpa", packing_max_len=0)) == 24576
+    eager = gemma2_shape(4, packing_max_len=0)  # eager adds the mask to its scores and keeps no copy
+    assert padded_mask_bytes(eager) == 0.0
+    assert engine_activation(eager, lora).b2 == engine_activation(gemma2_shape(4), lora).b2
+    with pytest.raises(MemoryModelError, match="packing_max_len"):
+        gemma2_shape(4, packing_max_len=-1)
