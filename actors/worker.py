@@ -278,6 +278,29 @@ class TrainingWorker:
             out["total"] = self.memory_budget_bytes
         return out
 
+    def _shape_report(self, model: Any, dtype: str) -> dict[str, Any] | None:
+        """The memory model's shape of the loaded model (``policies.memory_model.ModelShape`` fields),
+        or None for a config it cannot read (training goes on; the controller uses its fallback)."""
+        from actors.profiler import DTYPE_BYTES, model_shape_from_config
+
+        cfg = model.config
+        # the config's fields by any family's names (GPT-J's n_embd, Falcon's ffn_hidden_size...):
+        # reading cfg.intermediate_size failed the worker for Falcon, Bloom, GPT-J and GPT-BigCode
+        try:
+            shape = model_shape_from_config(cfg.to_dict(), dtype if dtype in DTYPE_BYTES else "bfloat16")
+        except ValueError as exc:
+            log.warning("%s: no memory-model shape for %s (%s); the controller uses its fallback",
+                        self.worker_id, self.base_model, exc)  # fmt: skip
+            return None
+        return {
+            **dataclasses.asdict(shape),
+            "num_parameters": int(sum(p.numel() for p in model.parameters())),
+            # what the loaded model runs (eager keeps (heads, L, L) tensors), and where its engine pads
+            # (sdpa then keeps a copy of the mask per layer)
+            "attn_implementation": str(getattr(cfg, "_attn_implementation", None) or shape.attn_implementation),
+            "packing_max_len": int(self._packing_max_len),
+        }
+
     def _load(self) -> None:
         import torch
 
@@ -294,29 +317,10 @@ class TrainingWorker:
             dtype = "bfloat16" if device == "cuda" else "float32"
         model, tokenizer = load_base_model(self.base_model, device=device, dtype=getattr(torch, dtype),
                                            trust_remote_code=self.trust_remote_code, hub_ids_only=True)
-        from actors.profiler import DTYPE_BYTES, model_shape_from_config
-
-        cfg = model.config
-        # the config's fields by any family's names (GPT-J's n_embd, Falcon's ffn_hidden_size...):
-        # reading cfg.intermediate_size failed the worker for Falcon, Bloom, GPT-J and GPT-BigCode
-        try:
-            shape = model_shape_from_config(cfg.to_dict(), dtype if dtype in DTYPE_BYTES else "bfloat16")
-        except ValueError as exc:  # an exotic config: train anyway; the controller sizes jobs without the report
-            log.warning("%s: no memory-model shape for %s (%s); the controller uses its fallback",
-                        self.worker_id, self.base_model, exc)  # fmt: skip
-            self.model_shape = None
-        else:
-            self.model_shape = {
-                **dataclasses.asdict(shape),
-                "num_parameters": int(sum(p.numel() for p in model.parameters())),
-                # what the loaded model runs (eager keeps (heads, L, L) tensors)
-                "attn_implementation": str(getattr(cfg, "_attn_implementation", None) or shape.attn_implementation),
-            }
         self.device, self.dtype = device, dtype
         self.engine = FusedEngine(model, tokenizer, base_model_id=self.base_model, settings=self.engine_settings)
         self._packing_max_len = self.engine.packing_max_len  # probes the model once; the controller's memory model reads it
-        if self.model_shape is not None:  # where the engine pads, sdpa keeps a copy of the mask (memory_model)
-            self.model_shape["packing_max_len"] = int(self._packing_max_len)
+        self.model_shape = self._shape_report(model, dtype)
         try:  # warm the data loader's import (about 1-2 s) here, not in the first job's join
             import datasets  # noqa: F401
         except ImportError:

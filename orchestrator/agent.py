@@ -210,6 +210,8 @@ def register(owner: str | None, specs: list[str], api_key: str | None = None,
     try:
         records = call("submit_many", docs, owner, api_key=api_key, sources=shown, timeout=60.0 + 0.5 * len(docs))
     except ValueError as err:  # a refusal naming an upload names the user's file instead
+        from orchestrator.paths import user_paths
+
         raise type(err)(user_paths(str(err), {k: v for s in shown for k, v in s.items()})) from None
     return [{"id": r["id"], "name": r["name"], "state": r["state"]} for r in records]
 
@@ -222,13 +224,6 @@ def staged_names(doc: dict, staged: dict, given: dict[str, str] | None = None) -
         if isinstance(before, str) and isinstance(after, str) and before != after:
             out[after] = str((given or {}).get(f"{section}.{key}") or before)
     return out
-
-
-def user_paths(text: str, sources: dict[str, str]) -> str:
-    """``text`` with every staged copy's path (longest first) replaced by the path the user gave."""
-    for staged in sorted(sources, key=len, reverse=True):
-        text = text.replace(staged, sources[staged])
-    return text
 
 
 def fetch(owner: str | None, job: str, api_key: str | None = None) -> dict:

@@ -60,6 +60,7 @@ from orchestrator.paths import (
     check_job_name,
     check_upload_size,
     confine,
+    user_paths,
 )
 from orchestrator.spec import MAX_SPEC_BYTES, JobSpec, SpecError, parse_spec
 from orchestrator.store import JobRecord, JobState, JobStore, JobStoreError
@@ -75,7 +76,7 @@ from policies import (
     parse_policy_config,
 )
 from policies.fairstart import FifoClock, clock_settings
-from policies.framework import alone_bytes
+from policies.framework import alone_bytes, largest_memory
 from policies.memory_model import (
     adapter_bytes,
     canonical_targets,
@@ -1407,8 +1408,6 @@ class Controller:
                 message = str(ev.get("message") or "failed")
                 sources = self.store.get(job_id).extra.get("sources")
                 if isinstance(sources, dict):  # name the user's files, not their uploaded copies
-                    from orchestrator.agent import user_paths
-
                     message = user_paths(message, sources)
                 self.store.transition(job_id, JobState.FAILED, expect=(JobState.RUNNING, JobState.PROFILING),
                                       error=message, reason="failed on worker")  # fmt: skip
@@ -1629,7 +1628,7 @@ class Controller:
         margin = getattr(self.policy, "margin", 0.0)
         margin = float(margin) if isinstance(margin, int | float) and math.isfinite(margin) and margin >= 0 else 0.0
         if view.queued and view.workers:  # the policy's own test (Cycle.fits_nowhere), without a Cycle
-            largest = max(w.memory_bytes for w in view.workers)
+            largest = largest_memory(view)
             for job in view.queued:
                 alone = alone_bytes(job, margin)
                 if alone <= largest:

@@ -46,6 +46,7 @@ __all__ = [
     "check_upload_size",
     "confine",
     "job_area",
+    "user_paths",
 ]
 
 _NAME = re.compile(NAME_PATTERN)
@@ -154,3 +155,11 @@ def check_upload_size(path: str | os.PathLike[str], *, field: str, limit: int = 
     if st.st_size > limit:
         raise PathError(f"{field}: {os.fspath(path)!r} is {st.st_size} bytes; the limit is {limit}")
     return st.st_size
+
+
+def user_paths(text: str, sources: dict[str, str]) -> str:
+    """``text`` (an error) with every staged copy's path, longest first, replaced by the path the user
+    gave (``sources``: ``{staged copy: the user's path}``, what the agent stages and the record keeps)."""
+    for staged in sorted(sources, key=len, reverse=True):
+        text = text.replace(staged, sources[staged])
+    return text

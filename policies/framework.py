@@ -96,6 +96,11 @@ def fifo_wait_s(view: ClusterView) -> float:
     return queue / accepting
 
 
+def largest_memory(view: ClusterView) -> int:
+    """The most memory of any worker in ``view``, accepting or not (0 with none)."""
+    return max((w.memory_bytes for w in view.workers), default=0)
+
+
 def alone_bytes(job: JobView, margin: float) -> float:
     """``job``'s predicted peak alone on an emptied worker, its dynamic part raised by ``margin``."""
     b0, c, d, e = job_terms(job)
@@ -359,7 +364,7 @@ class Cycle:
     @cached_property
     def largest_memory(self) -> int:
         """The most memory of any worker in the view, accepting or not (0 with none)."""
-        return max((w.memory_bytes for w in self.view.workers), default=0)
+        return largest_memory(self.view)
 
     def alone_bytes(self, job: JobView) -> float:
         """``job``'s predicted peak alone on an emptied worker, with the margin."""
