@@ -812,7 +812,11 @@ def _act_fn(config: dict[str, Any], source: str) -> str | None:
 def _activation(name: str) -> nn.Module:
     from transformers.activations import ACT2FN
 
-    return ACT2FN[name]
+    from actors.fused_model import fuse_tanh_gelu
+
+    act = ACT2FN[name]
+    fuse_tanh_gelu(act)  # gelu_new / gelu_fast experts keep only their input, as the base MLP's
+    return act
 
 
 def saved_act_fn(settings: AdapterSettings) -> str | None:

@@ -295,3 +295,41 @@ def test_a_worker_loads_the_family_and_reports_its_shape(family, tmp_path):
         assert padded_mask_bytes(shape) == (cfg.num_hidden_layers * 4 if pads else 0.0)
     finally:
         worker.shutdown(checkpoint=False)
+
+
+def saved_tensor_bytes(model: torch.nn.Module, ids: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """Bytes autograd keeps for backward over one forward (each storage once, weights excluded)."""
+    weights = {p.data_ptr() for p in model.parameters()}
+    seen: set[int] = set()
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        if t.data_ptr() not in seen and t.data_ptr() not in weights:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+        return t
+
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model(inputs_embeds=embeds).logits
+    return total, logits
+
+
+@pytest.mark.parametrize("family", ["phi", "gptj"])
+def test_tanh_gelu_runs_as_one_kernel_keeping_three_fewer_intermediate_tensors(family):
+    """``gelu_new`` as transformers writes it keeps 4 intermediate-wide tensors per token per layer for
+    backward; the engine runs the same formula as one kernel, which keeps its input only."""
+    from transformers.activations import NewGELUActivation
+
+    base = make_model(family)
+    assert any(isinstance(m, NewGELUActivation) for m in base.modules())
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    before, want = saved_tensor_bytes(base, ids)
+    fused = FusedModel(copy.deepcopy(base))
+    after, got = saved_tensor_bytes(fused.model, ids)
+    cfg = base.config
+    inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * cfg.hidden_size
+    assert before - after == 3 * inter * 4 * ids.numel() * cfg.num_hidden_layers
+    assert (got - want).abs().max().item() < 1e-5
+    assert fused.activation_name() == "gelu_new"  # the module keeps its class
