@@ -481,7 +481,7 @@ def engine_activation(
     # the peak comes in backward, over everything kept: at the loss head (its log-softmax output is
     # kept, its two gradients are transient) or in one layer's backward (its gradients, at most what
     # the layer keeps), whichever is larger
-    head_kept = ADAPTER_COMPUTE_BYTES * model.vocab_size * (2 if model.final_logit_softcapping else 1)
+    head_kept = (ADAPTER_COMPUTE_BYTES + softcap_head_bytes_per_vocab(model)) * model.vocab_size
     working = max((ENGINE_HEAD_BYTES_PER_VOCAB - ADAPTER_COMPUTE_BYTES) * model.vocab_size, per_layer)
     once = 2 * model.attention_head_dim * d + h * f + f  # RoPE's cos and sin; the final norm's fp32 input
     b1 = model.num_hidden_layers * per_layer + head_kept + working + once
@@ -540,8 +540,13 @@ def loss_head_bytes_per_token(model: ModelShape) -> float:
     """Bytes per *label* token of the loss head: ``vocab * (dtype_bytes + 8)`` (logits, fp32
     log-softmax kept for backward and its gradient), the same term :func:`analytic_activation` uses;
     with ``final_logit_softcapping`` the kept fp32 tanh output too (``4 * vocab`` more)."""
-    cap = ADAPTER_COMPUTE_BYTES if model.final_logit_softcapping else 0
-    return float(model.vocab_size * (model.dtype_bytes + 8 + cap))
+    return float(model.vocab_size * (model.dtype_bytes + 8 + softcap_head_bytes_per_vocab(model)))
+
+
+def softcap_head_bytes_per_vocab(model: ModelShape) -> int:
+    """What ``final_logit_softcapping`` adds to the loss head per vocabulary entry per label token:
+    its kept fp32 tanh output (4 bytes; 0 without the cap)."""
+    return ADAPTER_COMPUTE_BYTES if model.final_logit_softcapping else 0
 
 
 def fused_group_peak_bytes(
