@@ -47,6 +47,10 @@ class Segment:
     real: torch.Tensor | None = None  # (n, length) bool; packed layouts only
 
 
+class TokenLayoutError(RuntimeError):
+    """An adapted linear layer ran on tokens that are not the fused batch's, in its order."""
+
+
 @dataclass
 class BatchLayout:
     """Which rows of a fused batch belong to which job, plus per-forward scratch.
@@ -259,11 +263,30 @@ class MultiLoraLinear(nn.Module):
         layout = self.context.layout
         if layout is None or len(self.adapters) == 0:
             return base_out
+        tokens = x.numel() // x.shape[-1]
         if layout.packed:  # (1, T, in): one token per "row"
+            if layout.segments and tokens != layout.num_rows:
+                raise TokenLayoutError(self._subset_message(tokens, layout.num_rows))
             rows_x = x.reshape(-1, 1, x.shape[-1])  # (T, 1, in)
             rows_out = base_out.reshape(-1, 1, base_out.shape[-1])  # (T, 1, out)
             return apply_segments(rows_x, rows_out, self.base, self.adapters, layout).view(base_out.shape)
+        mask = layout.padding_mask
+        if mask is not None and x.dim() == 2 and x.shape[0] != mask.shape[0]:
+            # a module fed the batch's tokens flattened, (N * L, in): Qwen2-MoE's shared expert
+            if tokens != mask.numel():
+                raise TokenLayoutError(self._subset_message(tokens, mask.numel()))
+            rows_x = x.view(*mask.shape, x.shape[-1])
+            rows_out = base_out.view(*mask.shape, base_out.shape[-1])
+            return apply_segments(rows_x, rows_out, self.base, self.adapters, layout).view(base_out.shape)
+        if mask is not None and tokens != mask.numel():
+            raise TokenLayoutError(self._subset_message(tokens, mask.numel()))
         return apply_segments(x, base_out, self.base, self.adapters, layout)
+
+    def _subset_message(self, tokens: int, expected: int) -> str:
+        return (f"an adapted linear ({self.base.in_features} -> {self.base.out_features}) ran on {tokens} tokens of a "
+                f"batch of {expected}: the model feeds it a subset of the tokens (a mixture-of-experts layer's routed "
+                "experts?), so lorafleet cannot tell which job each token belongs to; leave it out of "
+                "adapter.target_modules (attention projections and shared experts are fine)")
 
 
 def apply_segments(

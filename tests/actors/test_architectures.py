@@ -333,3 +333,72 @@ def test_tanh_gelu_runs_as_one_kernel_keeping_three_fewer_intermediate_tensors(f
     assert before - after == 3 * inter * 4 * ids.numel() * cfg.num_hidden_layers
     assert (got - want).abs().max().item() < 1e-5
     assert fused.activation_name() == "gelu_new"  # the module keeps its class
+
+
+def moe_job(tmp_path, name: str, targets: tuple[str, ...]):
+    from actors.config import DataSettings, JobConfig, TrainSettings
+    from tests.conftest import token_records, write_jsonl
+
+    data = write_jsonl(tmp_path / f"{name}.jsonl", token_records(12, seed=4, min_len=5, max_len=14))
+    return JobConfig(name=name, base_model="moe",
+                     adapter=AdapterSettings("lora", LoraSettings(4, 8, 0.0), targets),
+                     data=DataSettings(str(data), format="tokens", shuffle=False),
+                     train=TrainSettings(max_steps=3, batch_size=4, micro_batch_size=2, learning_rate=5e-2,
+                                         checkpoint_every=100),
+                     output=str(tmp_path / f"out-{name}"))  # fmt: skip
+
+
+def test_lora_on_a_linear_fed_flattened_tokens_pads_and_evaluates_as_it_packs(tmp_path):
+    """Qwen2-MoE's shared expert runs on the batch's tokens flattened to (N * L, H): its adapters must
+    reach each job's own tokens on padded batches (training with packing off, evaluation) too."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    from actors.config import EngineSettings
+
+    config = Qwen2MoeConfig(**SMALL, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                            shared_expert_intermediate_size=16)  # fmt: skip
+    torch.manual_seed(3)
+    base = Qwen2MoeForCausalLM(config).eval()
+    targets = ("q_proj", "shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj")
+    adapters = {}
+    for packing in (True, False):
+        engine = FusedEngine(copy.deepcopy(base), make_tokenizer(), base_model_id="moe",
+                             settings=EngineSettings(packing=packing))  # fmt: skip
+        cfg = moe_job(tmp_path / str(packing), "a", targets)
+        engine.add_job(cfg)
+        engine.run()
+        assert engine.jobs["a"].error is None, engine.jobs["a"].error
+        adapters[packing] = load_file(f"{cfg.output}/adapter_model.safetensors")
+    assert any("shared_expert.down_proj" in k for k in adapters[True])
+    for key, want in adapters[True].items():
+        assert rel_err(adapters[False][key], want) < 1e-5, key
+    # evaluation (padded rows) gives the logits of the adapter merged into the weights
+    merged = copy.deepcopy(base)
+    with torch.no_grad():
+        for key in (k for k in adapters[False] if k.endswith("lora_A.weight")):
+            path = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            merged.get_submodule(path).weight += 2.0 * adapters[False][key.replace("lora_A", "lora_B")] @ adapters[False][key]
+    ids = torch.tensor([[5, 9, 17, 33, 12, 40, 41, 7], [6, 8, 10, 12, 14, 16, 0, 0]])
+    mask = torch.tensor([[1] * 8, [1] * 6 + [0, 0]])
+    with torch.no_grad():
+        want = merged(input_ids=ids, attention_mask=mask).logits
+        got = engine.logits("a", ids, mask)
+        plain = engine.logits(None, ids, mask)
+    real = mask.bool()
+    assert rel_err(plain[real], want[real]) > 1e-2  # the adapter moves the logits
+    assert rel_err(got[real], want[real]) < 1e-5
+
+
+def test_an_adapted_linear_fed_a_subset_of_the_tokens_fails_with_a_clear_error():
+    from actors.lora import BatchLayout, ForwardContext, MultiLoraLinear, Segment, TokenLayoutError
+
+    context = ForwardContext()
+    layer = MultiLoraLinear(torch.nn.Linear(8, 8), context)
+    layer.add_adapter("a", LoraSettings(2, 4, 0.0), None)
+    context.layout = BatchLayout((Segment("a", 0, 2),), training=False, padding_mask=torch.ones(2, 5, dtype=torch.bool))
+    assert layer(torch.randn(10, 8)).shape == (10, 8)  # every token, flattened
+    with pytest.raises(TokenLayoutError, match=r"ran on 7 tokens of a batch of 10.*routed"):
+        layer(torch.randn(7, 8))  # a routed expert's share of the tokens
+    context.layout = BatchLayout((Segment("a", 0, 10),), training=True, packed=True)
+    with pytest.raises(TokenLayoutError, match="ran on 4 tokens of a batch of 10"):
+        layer(torch.randn(1, 4, 8))
