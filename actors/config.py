@@ -52,6 +52,22 @@ class AdapterSettings:
     mixlora: MixLoraSettings | None = None
     init_from: str | None = None
 
+    def micro_batch_dependence(self) -> str | None:
+        """Why this adapter's step gradient depends on ``micro_batch_size`` (None: it does not).
+
+        Plain LoRA sums every micro-batch's token losses, so any split of a step's rows gives its
+        gradient. A MixLoRA router's load-balance loss (and switch routing's capacity and z-loss)
+        is computed per micro-batch, as in the reference package: halving the micro-batch (the
+        controller's OOM back-off, or a resume with another value) changes the steps slightly."""
+        mix = self.mixlora
+        if self.kind != "mixlora" or mix is None:
+            return None
+        if mix.routing == "switch":
+            return "switch routing's expert capacity is set per micro-batch"
+        if mix.router_aux_loss_coef > 0:
+            return "its router's load-balance loss is computed per micro-batch"
+        return None
+
 
 @dataclass(frozen=True)
 class DataSettings:

@@ -8,6 +8,7 @@ accumulation window, writes its metrics and checkpoints, and can be restored fro
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,8 @@ from actors import checkpoint as ckpt
 from actors.adapter import JobAdapter
 from actors.config import JobConfig, TrainSettings
 from actors.data import DataPlan, Example
+
+log = logging.getLogger(__name__)
 
 
 def lr_lambda(train: TrainSettings, total_steps: int):
@@ -91,7 +94,9 @@ class JobFailed(RuntimeError):
 
 # Training settings a checkpoint's optimizer state, schedule and data order depend on: a resume with
 # any of them changed is refused. micro_batch_size may change (the controller halves it after an OOM:
-# the step's gradient is the same); max_steps / epochs may grow (the schedule follows the new length).
+# the step's gradient is the same, except for MixLoRA's per-micro-batch router losses:
+# AdapterSettings.micro_batch_dependence, logged); max_steps / epochs may grow (the schedule follows
+# the new length).
 RESUME_FIXED = ("optimizer", "learning_rate", "weight_decay", "betas", "eps", "momentum", "lr_scheduler",
                 "warmup_steps", "batch_size", "seed")  # fmt: skip
 
@@ -297,7 +302,7 @@ class TrainingJob:
                 "tokens_seen": self.tokens_seen,
                 "last_loss": self.last_loss,
                 "time": time.time(),
-                "train": {key: getattr(self.config.train, key) for key in RESUME_FIXED},
+                "train": {key: getattr(self.config.train, key) for key in (*RESUME_FIXED, "micro_batch_size")},
             },
         )
 
@@ -334,6 +339,11 @@ class TrainingJob:
                 f"train.max_steps above {trainer['step']} to continue, or start over (lorafleet train --no-resume, "
                 "or a new output directory)"
             )
+        micro, why = saved.get("micro_batch_size"), self.config.adapter.micro_batch_dependence()
+        if why and micro is not None and micro != self.config.train.micro_batch_size:
+            log.warning("%s: resuming at train.micro_batch_size %s (was %s at %s): %s, so the steps from here differ "
+                        "slightly from a run at %s", self.name, self.config.train.micro_batch_size, micro, path.name,
+                        why, micro)  # fmt: skip
         self.adapter.load_state(state["adapter_state"], str(path))
         self.optimizer.load_state_dict(state["optimizer_state"])
         self.scheduler.load_state_dict(state["tensors"]["scheduler"])

@@ -305,8 +305,9 @@ def build_view(
 def oom_backoff(record: JobRecord, group_size: int) -> tuple[dict[str, Any] | None, str]:
     """After an OOM: (extra fields to requeue with, reason) or (None, error) when nothing is left to shrink.
 
-    The micro-batch halves (to a divisor of ``batch_size``: the step's gradient is unchanged)
-    and the job's activation estimate doubles, so the policy packs it less tightly.
+    The micro-batch halves (to a divisor of ``batch_size``: the step's gradient is unchanged, except
+    for a MixLoRA router's per-micro-batch losses, which the reason then says) and the job's
+    activation estimate doubles, so the policy packs it less tightly.
     """
     spec = effective_spec(record)
     micro, batch = spec.train.micro_batch_size, spec.train.batch_size
@@ -317,8 +318,10 @@ def oom_backoff(record: JobRecord, group_size: int) -> tuple[dict[str, Any] | No
             return {"activation_scale": scale}, f"out of memory in a group of {group_size}; requeued alone-sized"
         return None, (f"out of memory at train.micro_batch_size {micro} with no other job on the worker; "
                       "lower data.max_seq_len or use a larger GPU")  # fmt: skip
+    why = spec.to_job_config().adapter.micro_batch_dependence()
+    note = f" ({why}: the steps from here differ slightly from a run at {micro})" if why else ""
     return ({"micro_batch_size": smaller, "activation_scale": scale},
-            f"out of memory: requeued with train.micro_batch_size {smaller} (was {micro})")  # fmt: skip
+            f"out of memory: requeued with train.micro_batch_size {smaller} (was {micro}){note}")  # fmt: skip
 
 
 def overhead_share(timing: Mapping[str, float]) -> float:

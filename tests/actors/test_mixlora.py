@@ -519,3 +519,36 @@ def test_an_idle_dora_expert_is_stepped_like_an_idle_lora_expert(tmp_path):
         key = f"mixlora.layers.0.mlp.up_proj.experts.{idle[0]}.lora_B.weight"
         moved[dora] = float((params[key] - before[key]).abs().max())
     assert moved[False] > 1e-3 and moved[True] > 1e-3  # DoRA: was 0.0
+
+
+@pytest.mark.parametrize(
+    "adapter",
+    [AdapterSettings("lora", LoraSettings(4, 8), ALL), mix_settings(aux=0.0), mix_settings(aux=0.05),
+     mix_settings(routing="switch", aux=0.0, z=0.0, capacity=1.0)],
+    ids=["lora", "topk-no-aux", "topk-aux", "switch"],
+)
+def test_micro_batch_dependence_says_when_a_smaller_micro_batch_changes_the_steps(tmp_path, adapter):
+    """What the controller's OOM back-off and a resume at another micro_batch_size promise: the same
+    adapter at any micro-batch, unless ``micro_batch_dependence`` names why not (MixLoRA's router losses)."""
+    import dataclasses
+
+    base = make_tiny_llama(seed=5)
+    ex = examples(12, 40, 4, 14)
+    engine = FusedEngine(copy.deepcopy(base), make_tokenizer(), base_model_id="tiny")
+    init = _export(engine, "s", adapter, tmp_path / "init", seed=13)  # non-zero B: the routers get real gradients
+    adapter = dataclasses.replace(adapter, init_from=str(init))
+    got = {}
+    for micro in (4, 2, 1):  # SGD: Adam would turn float noise in near-zero gradients into lr-sized steps
+        config = job_config("m", adapter, tmp_path / f"micro{micro}", steps=3, batch=4, micro=micro, lr=0.1)
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, optimizer="sgd"))
+        engine = FusedEngine(copy.deepcopy(base), make_tokenizer(), base_model_id="tiny")
+        engine.add_job(config, examples=ex)
+        engine.run()
+        got[micro] = ckpt.read_adapter(tmp_path / f"micro{micro}")[0]
+    start = ckpt.read_adapter(init)[0]
+    assert max(rel_err(got[4][k], start[k]) for k in start) > 0.03  # the steps moved the adapter
+    diff = max(rel_err(got[m][k], got[4][k]) for m in (2, 1) for k in got[4])
+    if adapter.micro_batch_dependence() is None:
+        assert diff < 1e-6  # measured 5e-8
+    else:
+        assert diff > 1e-3  # measured 1.6e-2 (load-balance loss 0.05), 2.6e-2 (switch)

@@ -85,6 +85,17 @@ def test_oom_backoff_halves_micro_batch_then_fails(store):
     assert extra == {"activation_scale": 2.0}
 
 
+def test_oom_backoff_says_when_a_mixlora_job_s_steps_change_with_the_micro_batch(store):
+    mix = spec("m", micro=4, batch=8)
+    mix["adapter"] = {**mix["adapter"], "type": "mixlora", "num_experts": 4}
+    extra, reason = oom_backoff(store.create_job(spec=mix, name="m", owner="u", priority=0), group_size=2)
+    assert extra is not None and "load-balance loss is computed per micro-batch" in reason
+    assert "differ slightly from a run at 4" in reason
+    mix["adapter"]["router_aux_loss_coef"] = 0.0  # no router loss: the same steps at any micro-batch
+    _, reason = oom_backoff(store.create_job(spec=mix, name="n", owner="u", priority=0), group_size=2)
+    assert reason == "out of memory: requeued with train.micro_batch_size 2 (was 4)"
+
+
 def test_overhead_share():
     assert overhead_share({"wall_s": 10.0, "idle_s": 2.0, "step_s": 6.0}) == pytest.approx(0.25)
     assert overhead_share({}) == 0.0
