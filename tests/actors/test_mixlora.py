@@ -552,3 +552,18 @@ def test_micro_batch_dependence_says_when_a_smaller_micro_batch_changes_the_step
         assert diff < 1e-6  # measured 5e-8
     else:
         assert diff > 1e-3  # measured 1.6e-2 (load-balance loss 0.05), 2.6e-2 (switch)
+
+
+def test_a_mixlora_resume_at_another_micro_batch_warns(tmp_path, caplog):
+    base = make_tiny_llama(seed=4)
+    ex = examples(16, 30, 4, 12)
+    settings = mix_settings(targets=("q_proj", *FFN), aux=0.05)
+    first = FusedEngine(copy.deepcopy(base), make_tokenizer())
+    job = first.add_job(job_config("m", settings, tmp_path, steps=4, micro=2, checkpoint_every=2), examples=ex)
+    while job.step < 2:
+        first.step()
+    with caplog.at_level("WARNING", logger="actors.job"):
+        resumed = FusedEngine(copy.deepcopy(base), make_tokenizer()).add_job(
+            job_config("m", settings, tmp_path, steps=4, micro=1, checkpoint_every=2), examples=ex)
+    assert resumed.step == 2
+    assert "resuming at train.micro_batch_size 1 (was 2 at" in caplog.text and "load-balance" in caplog.text
