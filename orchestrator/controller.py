@@ -1020,10 +1020,11 @@ class Controller:
         return {s.value: n for s, n in self.store.counts().items()}
 
     def cancel(self, job: str, owner: str | None = None, api_key: str | None = None) -> dict[str, Any]:
-        """Cancel a live job (durably, then tell its worker). Raises ``LookupError``/``ValueError``/``AccessError``.
+        """Cancel a live job (durably, then tell its worker). Raises ``LookupError``/``AccessError``.
 
-        The event names the caller: the key's user, or in single-user mode the declared ``owner``
-        (as ``submit`` records it).
+        A job that has already ended is left as it is and returned with ``already_ended: True``
+        (its ``state`` says how it ended), so a script may cancel to be safe. The event names the caller: the key's user, or
+        in single-user mode the declared ``owner`` (as ``submit`` records it).
         """
         ident = self.identify(api_key)
         if not ident.authenticated and owner is not None:
@@ -1031,7 +1032,7 @@ class Controller:
         with self._lock:
             rec = self._find(job, ident, "cancel", owner)
             if rec.state.is_terminal():
-                raise ValueError(f"job {rec.id} ({rec.name}) is already {rec.state.value}")
+                return {**self._public(rec), "already_ended": True}
             rec = self.store.transition(rec.id, JobState.CANCELLED, reason=f"cancelled by {ident.name}", expect=LIVE)
             for w in self._workers.values():
                 if rec.id in w.assigned:

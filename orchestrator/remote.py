@@ -42,7 +42,14 @@ import yaml
 from ray.exceptions import AuthenticationError, RayError
 
 from actors.storage import is_uri
-from orchestrator.agent import ADAPTER_FILES, INIT_FROM_HINT, KEY_FILE, RESULT_PREFIX, adapter_files
+from orchestrator.agent import (
+    ADAPTER_FILES,
+    FETCH_FILES,
+    INIT_FROM_HINT,
+    KEY_FILE,
+    RESULT_PREFIX,
+    adapter_files,
+)
 from orchestrator.auth import client_api_key, write_secret
 from orchestrator.spec import JobSpec, SpecError, load_spec, parse_spec
 
@@ -180,8 +187,8 @@ class Job:
     def cancel(self) -> dict[str, Any]:
         return self.client.cancel(self.id)
 
-    def fetch(self, dest: str | os.PathLike[str]) -> Path:
-        return self.client.fetch(self.id, dest)
+    def fetch(self, dest: str | os.PathLike[str], *, replace: bool = False) -> Path:
+        return self.client.fetch(self.id, dest, replace=replace)
 
 
 class Client:
@@ -427,16 +434,69 @@ class Client:
                 raise RemoteError(f"job {job} still {record['state']} after {timeout_s} s")
             time.sleep(poll_s)
 
-    def fetch(self, job: str, dest: str | os.PathLike[str]) -> Path:
-        """Copy the finished adapter (config, weights, metrics, eval) into ``dest``."""
+    def fetch(self, job: str, dest: str | os.PathLike[str], *, replace: bool = False) -> Path:
+        """Copy the finished adapter (config, weights, metrics, eval) into ``dest``.
+
+        ``dest`` may be new, empty, or hold an earlier fetch of the same job (refreshed in place;
+        other files there stay). Anything else (another job's adapter, other files) is refused
+        unless ``replace``: the old directory then moves to ``DEST.previous-YYYYmmdd-HHMMSS``
+        (nothing is deleted). The files arrive in a sibling temp directory first, so ``dest``
+        never holds a mix of two adapters or half a download.
+        """
         dest = Path(dest)
         if dest.exists() and not dest.is_dir():  # said before the download, not after it
             raise RemoteError(f"fetch: {dest} is a file; give a directory (created if missing)")
+        held = _fetched_job(dest)
+        if held == "other" and not replace:  # not a fetch of any job: refuse before downloading
+            raise RemoteError(_occupied(dest, "files lorafleet did not fetch"))
         result = self._agent(["fetch", *self._owner_args(), job])
-        dest.mkdir(parents=True, exist_ok=True)
-        for name, data in result["files"].items():
-            (dest / name).write_bytes(base64.b64decode(data))
-        return dest
+        same = isinstance(held, dict) and held.get("id") == result["id"]
+        if held not in (None, "other") and not same and not replace:
+            raise RemoteError(_occupied(dest, f"the adapter of job {held.get('id')} ({held.get('name')}), not "
+                                              f"{result['id']} ({result['name']})"))  # fmt: skip
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+        try:
+            for name, data in result["files"].items():
+                (stage / name).write_bytes(base64.b64decode(data))
+            marker = {"id": result["id"], "name": result["name"], "source": result.get("source")}
+            (stage / FETCH_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+            if same:  # the same job again: its files replace theirs, a name it no longer has goes
+                for name in FETCH_FILES:
+                    if not (stage / name).exists():
+                        (dest / name).unlink(missing_ok=True)
+                for path in stage.iterdir():
+                    os.replace(path, dest / path.name)
+                return dest
+            if held is not None:  # an empty directory, or one replaced
+                if any(dest.iterdir()):
+                    os.replace(dest, dest.with_name(f"{dest.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}"))
+                else:
+                    dest.rmdir()
+            os.replace(stage, dest)
+            return dest
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+FETCH_MARKER = ".lorafleet-fetch.json"  # in a fetched directory: which job's adapter it holds
+
+
+def _fetched_job(dest: Path) -> dict[str, Any] | str | None:
+    """What ``dest`` holds: None (missing or empty), the marker of an earlier fetch (``{"id", "name"}``),
+    or ``"other"`` (files of anything else)."""
+    if not dest.is_dir() or not any(dest.iterdir()):
+        return None
+    try:
+        marker = json.loads((dest / FETCH_MARKER).read_text())
+    except (OSError, ValueError):
+        return "other"
+    return marker if isinstance(marker, dict) and isinstance(marker.get("id"), str) else "other"
+
+
+def _occupied(dest: Path, what: str) -> str:
+    return (f"fetch: {dest} already holds {what}; nothing was written. Give a new or empty directory, or "
+            f"--replace (Client.fetch(..., replace=True)) to move the old one to {dest.name}.previous-<time>")
 
 
 def _source(spec: str | os.PathLike[str] | Mapping[str, Any]) -> str:

@@ -16,6 +16,7 @@ import json
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 from rich import box
 from rich.console import Console
@@ -64,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     elif command == "fetch":
         parser.add_argument("job")
         parser.add_argument("dest")
+        parser.add_argument("--replace", action="store_true",
+                            help="DEST holds something else (another job's adapter, other files): move it to "
+                                 "DEST.previous-<time> and fetch into DEST (default: refuse, write nothing)")
     elif command == "plot":
         parser.add_argument("jobs", nargs="+", metavar="JOB")
         parser.add_argument("-o", "--output", default="loss.png")
@@ -278,7 +282,8 @@ def do_logs(client: Client, args: argparse.Namespace, poll_s: float = 3.0) -> in
 
 def do_cancel(client: Client, args: argparse.Namespace) -> int:
     r = client.cancel(args.job)
-    print(f"{r['id']}\t{r['name']}\t{r['state']}")
+    ended = "\t(had already ended: nothing to cancel)" if r.get("already_ended") else ""
+    print(f"{r['id']}\t{r['name']}\t{r['state']}{ended}")
     return 0
 
 
@@ -289,9 +294,21 @@ def do_wait(client: Client, args: argparse.Namespace) -> int:
 
 
 def do_fetch(client: Client, args: argparse.Namespace) -> int:
-    dest = client.fetch(args.job, args.dest)
-    print(f"adapter of {args.job} in {dest} (load with peft.PeftModel.from_pretrained(base, '{dest}'))")
+    dest = client.fetch(args.job, args.dest, replace=args.replace)
+    print(f"adapter of {args.job} in {dest} ({load_hint(dest)})")
     return 0
+
+
+def load_hint(dest: Path) -> str:
+    """How to load the adapter in ``dest``: PEFT for LoRA, lorafleet or the mixlora package for MixLoRA."""
+    try:
+        kind = json.loads((dest / "adapter_config.json").read_text()).get("peft_type")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if kind == "MIXLORA":
+        return (f"MixLoRA: lorafleet eval --adapter {dest} ..., or the mixlora package after saving "
+                "adapter_model.safetensors as adapter_model.bin: docs/mixlora.md")
+    return f"load with peft.PeftModel.from_pretrained(base, '{dest}')"
 
 
 def do_plot(client: Client, args: argparse.Namespace) -> int:
