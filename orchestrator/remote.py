@@ -546,9 +546,23 @@ def _connect_error(address: str, exc: BaseException, source: str | None = None) 
         )
     where = {"local cluster": " (the local cluster `lorafleet up --local` recorded)"}.get(source or "", "")
     return RemoteError(
-        f"cannot reach the Ray dashboard at {address}{where}: {_first_line(exc)}. Check --address "
-        "(or RAY_ADDRESS / RAY_API_SERVER_ADDRESS) and that the cluster is up (`lorafleet up --local`)."
+        f"cannot reach the Ray dashboard at {address}{where}: {_first_line(exc)}. {_gcs_hint(address)}Check "
+        "--address (or RAY_ADDRESS / RAY_API_SERVER_ADDRESS) and that the cluster is up (`lorafleet up --local`)."
     )
+
+
+def _gcs_hint(address: str) -> str:
+    """A sentence when ``address`` is a Ray cluster's GCS address (what ``ray.init`` takes), not its dashboard."""
+    from orchestrator.client import recorded_local_cluster
+
+    hostport = re.sub(r"^[a-z]+://", "", address.strip().lower()).rstrip("/").replace("localhost:", "127.0.0.1:")
+    state = recorded_local_cluster()
+    if state and str(state.get("address", "")).lower() == hostport and state.get("dashboard"):
+        return (f"{hostport} is the local cluster's GCS address (for Ray drivers); its dashboard, which lorafleet "
+                f"talks to, is {state['dashboard']}. ")  # fmt: skip
+    if hostport.endswith(":6379"):
+        return "Port 6379 is Ray's GCS port (for Ray drivers); lorafleet talks to the dashboard (port 8265 by default). "
+    return ""
 
 
 def _first_line(exc: BaseException) -> str:

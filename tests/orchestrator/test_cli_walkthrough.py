@@ -156,6 +156,20 @@ def test_the_error_names_the_local_clusters_dashboard(running_record, monkeypatc
         Client()
 
 
+def test_the_gcs_address_given_as_address_names_the_dashboard(running_record):
+    """``up --local`` prints the GCS address first; given to --address it said only "cannot reach"."""
+    with pytest.raises(RemoteError, match=r"127.0.0.1:1 is the local cluster's GCS address \(for Ray drivers\); its "
+                                          rf"dashboard, which lorafleet talks to, is {running_record['dashboard']}\. "):
+        Client("127.0.0.1:1")
+    import socket
+
+    with socket.socket() as sock:
+        if sock.connect_ex(("127.0.0.1", 6379)) == 0:
+            pytest.skip("something listens on 127.0.0.1:6379 here")
+    with pytest.raises(RemoteError, match=r"Port 6379 is Ray's GCS port .*port 8265 by default"):
+        Client("http://127.0.0.1:6379")
+
+
 def test_a_dashboard_port_with_403_in_it_is_not_an_auth_refusal():
     """Random dashboard ports (``up --local``) like 40311 made "cannot reach" read as "requires a Ray auth token"."""
     import socket
