@@ -122,6 +122,11 @@ class LoraWeights(nn.Module):
     Parameter names follow PEFT (``lora_A``, ``lora_B``, ``lora_magnitude_vector``) so export is a
     rename of prefixes. ``A`` is Kaiming-uniform initialised and ``B`` zero, as PEFT does.
     DoRA keeps a magnitude vector initialised to the row norms of ``W`` (PEFT's definition).
+
+    ``round_once`` (plain LoRA jobs): on a base of lower precision than the adapter's fp32, the update
+    is added to the base output in fp32 and the sum rounded once to the base dtype, as PEFT does
+    (bf16 training then gives PEFT's adapter to the bit on padded batches). False (MixLoRA jobs): the
+    update is rounded to the base dtype first and then added, as the ``mixlora`` package does.
     """
 
     def __init__(
@@ -132,10 +137,12 @@ class LoraWeights(nn.Module):
         *,
         base_weight: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        round_once: bool = True,
     ):
         super().__init__()
         self.settings = settings
         self.scaling = settings.scaling
+        self.round_once = round_once
         self.lora_A = nn.Parameter(torch.empty(settings.r, in_features))  # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(out_features, settings.r))  # (out, r)
         bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5)) on an (r, in) matrix
@@ -160,17 +167,19 @@ class LoraWeights(nn.Module):
     ) -> torch.Tensor:
         """The update to add to ``base_out`` (= ``base(x)``) for these rows.
 
-        ``x``: (n, L, in) in the base dtype; the adapter computes in fp32 and returns the
-        base dtype. Dropout applies in training only, with masks drawn for ``length`` positions
+        ``x``: (n, L, in) in the base dtype; the adapter computes in fp32 and returns fp32 when
+        ``round_once`` (the caller rounds the sum: ``(base_out + delta).to(base_out.dtype)``), else
+        the base dtype. Dropout applies in training only, with masks drawn for ``length`` positions
         (``real``: see ``dropout_with``).
         """
         p = self.settings.dropout if training else 0.0
         xf = x.to(self.lora_A.dtype)
         dropped = dropout_with(xf, p, generator, length, real=real)
         lora = F.linear(F.linear(dropped, self.lora_A), self.lora_B)  # (n, ..., out)
+        out_dtype = lora.dtype if self.round_once else base_out.dtype
         if self.lora_magnitude_vector is None:
-            return (lora * self.scaling).to(base_out.dtype)
-        return self._dora_delta(xf, dropped, p, lora, base_out, base).to(base_out.dtype)
+            return (lora * self.scaling).to(out_dtype)
+        return self._dora_delta(xf, dropped, p, lora, base_out, base).to(out_dtype)
 
     def _dora_delta(
         self,
@@ -241,7 +250,9 @@ class MultiLoraLinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
 
-    def add_adapter(self, job: str, settings: LoraSettings, generator: torch.Generator | None) -> LoraWeights:
+    def add_adapter(
+        self, job: str, settings: LoraSettings, generator: torch.Generator | None, *, round_once: bool = True
+    ) -> LoraWeights:
         if job in self.adapters:
             raise KeyError(f"job {job!r} already has an adapter on this layer")
         weights = LoraWeights(
@@ -250,6 +261,7 @@ class MultiLoraLinear(nn.Module):
             settings,
             base_weight=self.base.weight if settings.use_dora else None,
             generator=generator,
+            round_once=round_once,
         ).to(self.base.weight.device)
         self.adapters[job] = weights
         return weights
@@ -320,9 +332,8 @@ def apply_segments(
         weights = adapters[seg.job] if seg.job in adapters else None
         if weights is not None:
             gen = layout.generators.get(seg.job)
-            rows_out = rows_out + weights.delta(
-                rows_x, rows_out, base, gen, layout.training, seg.length, real=seg.real
-            )
+            delta = weights.delta(rows_x, rows_out, base, gen, layout.training, seg.length, real=seg.real)
+            rows_out = (rows_out + delta).to(rows_out.dtype)  # round_once: fp32 sum, rounded once
         pieces.append(rows_out)
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
 
@@ -339,7 +350,7 @@ def segments_tile(segments: Sequence[Segment], num_rows: int) -> bool:
 
 def stackable(segments: Sequence[Segment], adapters: nn.ModuleDict, num_rows: int) -> bool:
     """Whether ``stacked_update`` applies: segments tiling all rows in equal runs, each with a
-    plain (non-DoRA) adapter, all of one rank."""
+    plain (non-DoRA) adapter, all of one rank and one rounding (``LoraWeights.round_once``)."""
     if not segments or segments[0].start != 0 or segments[-1].stop != num_rows:
         return False
     size = segments[0].stop - segments[0].start
@@ -349,6 +360,8 @@ def stackable(segments: Sequence[Segment], adapters: nn.ModuleDict, num_rows: in
             return False
         weights = adapters[seg.job]
         if weights.lora_magnitude_vector is not None or (rank is not None and weights.settings.r != rank):
+            return False
+        if weights.round_once != adapters[segments[0].job].round_once:
             return False
         rank = weights.settings.r
     return True
@@ -388,7 +401,8 @@ def stacked_update(
         values = torch.tensor([w.scaling for w in weights], dtype=lora_a.dtype)
         alpha, scale = 1.0, values.to(x.device, non_blocking=True).view(n, 1, 1)
     base3 = base_out.reshape(n, -1, base_out.shape[-1])  # (n, m, out)
-    return _StackedLora.apply(base3, rows, lora_a, lora_b, scale, alpha).view(base_out.shape)  # (N, L, out)
+    round_once = weights[0].round_once
+    return _StackedLora.apply(base3, rows, lora_a, lora_b, scale, alpha, round_once).view(base_out.shape)  # (N, L, out)
 
 
 class _StackedLora(torch.autograd.Function):
@@ -403,7 +417,7 @@ class _StackedLora(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, base3: torch.Tensor, rows: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                scale: torch.Tensor | None, alpha: float) -> torch.Tensor:
+                scale: torch.Tensor | None, alpha: float, round_once: bool = True) -> torch.Tensor:
         device_type = rows.device.type
         ctx.autocast = torch.is_autocast_enabled(device_type)
         ctx.autocast_dtype = torch.get_autocast_dtype(device_type) if ctx.autocast else None
@@ -413,7 +427,9 @@ class _StackedLora(torch.autograd.Function):
             low = low * scale.to(low.dtype)
         if ctx.autocast or base3.dtype == low.dtype:  # the add fused into the second GEMM
             out = torch.baddbmm(base3, low, lora_b.transpose(1, 2), alpha=alpha)  # (n, m, out)
-        else:  # e.g. a bf16 base without autocast: the adapter in fp32, added in the base dtype
+        elif round_once:  # e.g. a bf16 base without autocast: the adapter in fp32, the sum rounded once (PEFT)
+            out = (base3 + torch.bmm(low, lora_b.transpose(1, 2)) * alpha).to(base3.dtype)
+        else:  # the update rounded to the base dtype, then added (the mixlora package)
             out = base3 + (torch.bmm(low, lora_b.transpose(1, 2)) * alpha).to(base3.dtype)
         ctx.save_for_backward(rows, lora_a, lora_b, low, scale)
         return out
@@ -438,6 +454,7 @@ class _StackedLora(torch.autograd.Function):
             None if grad_rows is None else grad_rows.to(rows.dtype),
             None if grad_a is None else grad_a.to(lora_a.dtype),
             None if grad_b is None else grad_b.to(lora_b.dtype),
+            None,
             None,
             None,
         )

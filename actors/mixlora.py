@@ -214,6 +214,7 @@ class MixLoraLayer(nn.Module):
                     settings.expert,
                     base_weight=base.weight if settings.expert.use_dora else None,
                     generator=generator,
+                    round_once=False,
                 )
             self.experts.append(expert)
         self.to(getattr(ffn, shape.inputs[0]).weight.device)
@@ -508,7 +509,8 @@ class MixLoraJobAdapter:
             if attn:
                 self._attn_layers = fused.wrap_targets(attn)
             for path, linear in self._attn_layers.items():
-                self.attention[path] = linear.add_adapter(job, settings.lora, generator)
+                # rounded as the mixlora package rounds its LoRA layers (LoraWeights.round_once)
+                self.attention[path] = linear.add_adapter(job, settings.lora, generator, round_once=False)
             for index, mlp in self._mlps.items():
                 self.layers[index] = mlp.add_job(job, self.mix, experts_on, generator, act)
         except BaseException:

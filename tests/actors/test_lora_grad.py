@@ -98,7 +98,7 @@ def _dora_step(weights, base, x, seed, frozen_path: bool):
             w = base.weight.float()
             norm = (w + weights.scaling * (weights.lora_B @ weights.lora_A)).norm(p=2, dim=1).detach()
             mag = weights.lora_magnitude_vector / norm
-            y = ((mag - 1.0) * F.linear(dropped, w) + mag * lora * weights.scaling).to(x.dtype)
+            y = (mag - 1.0) * F.linear(dropped, w) + mag * lora * weights.scaling  # fp32: round_once
     y.float().square().sum().backward()
     grads = [p.grad.clone() for p in (weights.lora_A, weights.lora_B, weights.lora_magnitude_vector)]
     grads.append(x.grad.clone())
