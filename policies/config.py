@@ -12,11 +12,13 @@
     gpu_quotas: {default: 4, alice: 8} # max distinct workers (GPUs) an owner's jobs occupy
 
 Every field and its default is listed in docs/policies.md. Unknown fields, wrong types and
-out-of-range values raise :class:`PolicyConfigError` naming the field and the allowed values.
+out-of-range values raise one :class:`PolicyConfigError` listing every problem of the document, each
+naming the field and the allowed values (``did you mean`` for a near miss of a name).
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from collections.abc import Mapping
 from dataclasses import replace
@@ -39,7 +41,49 @@ PREEMPTION = ("never", "lower_priority")
 
 
 class PolicyConfigError(ValueError):
-    """An invalid policy configuration; the message names the field and what is allowed."""
+    """An invalid policy configuration; the message names the field and what is allowed.
+
+    ``errors`` holds one ``"source: field: problem"`` line per problem: a configuration is checked
+    whole, so a file with three mistakes lists all three (as ``orchestrator.spec.SpecError`` does);
+    the message is those lines, one per line."""
+
+    def __init__(self, errors: str | list[str]):
+        self.errors = [errors] if isinstance(errors, str) else list(errors)
+        super().__init__("\n".join(self.errors))
+
+    def __reduce__(self) -> tuple[Any, ...]:  # crosses Ray (set_policy) with its lines intact
+        return (type(self), (self.errors,))
+
+
+class _Problems:
+    """Collects every problem of one document, each ``field: problem``, instead of stopping at the first."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+
+    def in_order(self, ranks: list[float]) -> list[str]:
+        """The lines sorted by ``ranks`` (one per line; stable: a field's own lines keep their order)."""
+        return [line for _, _, line in sorted(zip(ranks, range(len(ranks)), self.lines, strict=True))]
+
+    def check(self, check: Any, *args: Any, **kwargs: Any) -> Any:
+        """``check(*args, **kwargs)``; a PolicyConfigError it raises is recorded and ``_BAD`` returned."""
+        try:
+            return check(*args, **kwargs)
+        except PolicyConfigError as err:
+            self.lines.extend(err.errors)
+            return _BAD
+
+
+_BAD = object()  # what _Problems.check returns for a value it recorded a problem for
+
+
+def _hint(word: str, allowed: Any, sep: str = " ") -> str:
+    """``did you mean 'x'?`` and ``sep`` for a near miss among ``allowed``, else empty."""
+    close = difflib.get_close_matches(str(word), [str(a) for a in allowed], n=1)
+    return f"did you mean {close[0]!r}?{sep}" if close else ""
 
 
 def _num(field: str, value: Any, *, lo: float = 0.0, integer: bool = False, nullable: bool = False,
@@ -63,86 +107,116 @@ def _mapping(field: str, value: Any, *, integer: bool = False) -> dict[str, Any]
     passed and their sum overflowed to inf: every worker scored NaN and nothing ever started."""
     if not isinstance(value, Mapping):
         raise PolicyConfigError(f"{field}: must be a mapping (got {type(value).__name__})")
-    return {str(k): _num(f"{field}.{k}", v, integer=integer, hi=MAX_COUNT) for k, v in value.items()}
-
-
-def _common(doc: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if "margin" in doc:
-        out["margin"] = _num("margin", doc["margin"])
-    if "preemption" in doc:
-        if doc["preemption"] not in PREEMPTION:
-            raise PolicyConfigError(f"preemption: must be one of {', '.join(PREEMPTION)} (got {doc['preemption']!r})")
-        out["preemption"] = doc["preemption"]
-    if "backfill" in doc:
-        if not isinstance(doc["backfill"], bool):
-            raise PolicyConfigError(f"backfill: must be true or false (got {doc['backfill']!r})")
-        out["backfill"] = doc["backfill"]
-    for key in ("queue_depth", "max_candidates"):  # counts of jobs: 1e19 passed and broke every pass
-        if key in doc:
-            out[key] = _num(key, doc[key], integer=True, hi=MAX_COUNT)
+    problems = _Problems()
+    out = {str(k): problems.check(_num, f"{field}.{k}", v, integer=integer, hi=MAX_COUNT) for k, v in value.items()}
+    if problems.lines:
+        raise PolicyConfigError(problems.lines)
     return out
 
 
-def _aspen(doc: Mapping[str, Any]) -> AspenSettings:
-    s = AspenSettings()
-    out = _common(doc)
-    if "weights" in doc:
-        weights = _mapping("weights", doc["weights"])
-        allowed = PRIORITY_FACTORS + WORKER_SCORES
-        for key in weights:
-            if key not in allowed:
-                raise PolicyConfigError(f"weights.{key}: unknown weight (allowed: {', '.join(allowed)})")
-        merged = {**s.weights, **weights}
-        if not any(merged[k] for k in WORKER_SCORES):
-            raise PolicyConfigError(f"weights: at least one of {', '.join(WORKER_SCORES)} must be > 0")
-        out["weights"] = merged
-    for key in ("max_age_s", "size_half_s"):
-        if key in doc:
-            out[key] = _num(key, doc[key], positive=True)
-    for key in ("starvation_s", "guard_backlog", "guard_long", "fusion_max_cost", "fair_slack_s", "tail_delay_s"):
-        if key in doc:
-            out[key] = _num(key, doc[key], nullable=True)
-    for key in ("max_slowdown", "pressure_slowdown"):
-        if key in doc:
-            out[key] = _num(key, doc[key], lo=1.0, nullable=True)
-    if "half_tokens" in doc:
-        out["half_tokens"] = _num("half_tokens", doc["half_tokens"])
-    if "tail_ceiling" in doc:
-        out["tail_ceiling"] = _num("tail_ceiling", doc["tail_ceiling"], nullable=True)
-    if "turn_max_s" in doc:
-        out["turn_max_s"] = _num("turn_max_s", doc["turn_max_s"], positive=True, nullable=True)
-    if "turn_min_wait_s" in doc:
-        out["turn_min_wait_s"] = _num("turn_min_wait_s", doc["turn_min_wait_s"])
-    if "turn_own_slack" in doc:
-        out["turn_own_slack"] = _num("turn_own_slack", doc["turn_own_slack"], positive=True)
-    if "tail_jobs" in doc:
-        out["tail_jobs"] = _num("tail_jobs", doc["tail_jobs"], lo=1, integer=True)
-    if "reservations" in doc:
-        out["reservations"] = _num("reservations", doc["reservations"], integer=True)
-    if "max_group_tokens" in doc:
-        out["max_group_tokens"] = _num("max_group_tokens", doc["max_group_tokens"], lo=1, integer=True,
-                                       nullable=True)  # fmt: skip
-    if "fair_clock" in doc:
-        out["fair_clock"] = _fair_clock(doc["fair_clock"])
-    if "shares" in doc:
-        out["shares"] = _mapping("shares", doc["shares"])
-    if "quotas" in doc:
-        out["quotas"] = _mapping("quotas", doc["quotas"], integer=True)
-    if "gpu_quotas" in doc:
-        out["gpu_quotas"] = _mapping("gpu_quotas", doc["gpu_quotas"], integer=True)
-    return replace(s, **out)
+def _choice(field: str, value: Any, *, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        hint = _hint(value, allowed, "") if isinstance(value, str) else ""
+        raise PolicyConfigError(f"{field}: must be one of {', '.join(allowed)} (got {value!r}{'; ' if hint else ''}{hint})")
+    return value
 
 
-def _fair_clock(value: Any) -> dict[str, Any]:
-    """aspen's ``fair_clock``: settings of the FIFO clock behind its deadlines, checked by the
-    clock's own rules (:func:`policies.fairstart.check_clock_setting`)."""
+def _bool(field: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise PolicyConfigError(f"{field}: must be true or false (got {value!r})")
+    return value
+
+
+class _Fields:
+    """One document's settings as they are checked: ``out`` holds each good value, ``problems``
+    every bad one (a bad field is left out of ``out`` and checking goes on)."""
+
+    def __init__(self, doc: Mapping[str, Any], problems: _Problems):
+        self.doc, self.problems = doc, problems
+        self.out: dict[str, Any] = {}
+        self._position = {key: i for i, key in enumerate(doc)}
+        self.ranks: list[float] = []  # per problem line: its field's position in the document
+
+    def rank(self, key: Any) -> None:
+        """Mark the problem lines added since the last call as ``key``'s."""
+        self.ranks += [self._position.get(key, len(self._position))] * (len(self.problems.lines) - len(self.ranks))
+
+    def take(self, key: str, check: Any, **kwargs: Any) -> None:
+        if key in self.doc:
+            value = self.problems.check(check, key, self.doc[key], **kwargs)
+            self.rank(key)
+            if value is not _BAD:
+                self.out[key] = value
+
+
+def _common(fields: _Fields) -> None:
+    fields.take("margin", _num)
+    fields.take("preemption", _choice, allowed=PREEMPTION)
+    fields.take("backfill", _bool)
+    for key in ("queue_depth", "max_candidates"):  # counts of jobs: 1e19 passed and broke every pass
+        fields.take(key, _num, integer=True, hi=MAX_COUNT)
+
+
+def _weights(field: str, value: Any) -> dict[str, float]:
+    """aspen's ``weights`` merged over the defaults: every unknown name and bad value is reported."""
     if not isinstance(value, Mapping):
-        raise PolicyConfigError(f"fair_clock: must be a mapping (got {type(value).__name__})")
-    try:
-        return {str(key): check_clock_setting(str(key), v) for key, v in value.items()}
-    except ValueError as err:
-        raise PolicyConfigError(str(err)) from None
+        raise PolicyConfigError(f"{field}: must be a mapping (got {type(value).__name__})")
+    allowed = PRIORITY_FACTORS + WORKER_SCORES
+    problems = _Problems()
+    weights: dict[str, float] = {}
+    for key, v in value.items():
+        if key not in allowed:
+            problems.add(f"{field}.{key}: unknown weight ({_hint(key, allowed)}allowed: {', '.join(allowed)})")
+            continue
+        number = problems.check(_num, f"{field}.{key}", v, hi=MAX_COUNT)
+        if number is not _BAD:
+            weights[key] = number
+    if problems.lines:
+        raise PolicyConfigError(problems.lines)
+    merged = {**AspenSettings().weights, **weights}
+    if not any(merged[k] for k in WORKER_SCORES):
+        raise PolicyConfigError(f"{field}: at least one of {', '.join(WORKER_SCORES)} must be > 0")
+    return merged
+
+
+def _aspen(fields: _Fields) -> None:
+    _common(fields)
+    fields.take("weights", _weights)
+    for key in ("max_age_s", "size_half_s"):
+        fields.take(key, _num, positive=True)
+    for key in ("starvation_s", "guard_backlog", "guard_long", "fusion_max_cost", "fair_slack_s", "tail_delay_s"):
+        fields.take(key, _num, nullable=True)
+    for key in ("max_slowdown", "pressure_slowdown"):
+        fields.take(key, _num, lo=1.0, nullable=True)
+    fields.take("half_tokens", _num)
+    fields.take("tail_ceiling", _num, nullable=True)
+    fields.take("turn_max_s", _num, positive=True, nullable=True)
+    fields.take("turn_min_wait_s", _num)
+    fields.take("turn_own_slack", _num, positive=True)
+    fields.take("tail_jobs", _num, lo=1, integer=True)
+    fields.take("reservations", _num, integer=True)
+    fields.take("max_group_tokens", _num, lo=1, integer=True, nullable=True)
+    fields.take("fair_clock", _fair_clock)
+    fields.take("shares", _mapping)
+    fields.take("quotas", _mapping, integer=True)
+    fields.take("gpu_quotas", _mapping, integer=True)
+
+
+def _fair_clock(field: str, value: Any) -> dict[str, Any]:
+    """aspen's ``fair_clock``: settings of the FIFO clock behind its deadlines, checked by the
+    clock's own rules (:func:`policies.fairstart.check_clock_setting`), every bad one reported."""
+    if not isinstance(value, Mapping):
+        raise PolicyConfigError(f"{field}: must be a mapping (got {type(value).__name__})")
+    problems = _Problems()
+    out: dict[str, Any] = {}
+    for key, v in value.items():
+        try:
+            out[str(key)] = check_clock_setting(str(key), v)
+        except ValueError as err:
+            problems.add(str(err))
+    if problems.lines:
+        raise PolicyConfigError(problems.lines)
+    return out
 
 
 def _custom(path: str, options: Any) -> Policy:
@@ -177,50 +251,92 @@ def _custom(path: str, options: Any) -> Policy:
     return policy
 
 
-def parse_policy_config(doc: Any, source: str = "<policy>") -> Policy:
-    """Build a policy from a parsed YAML document. Raises PolicyConfigError ``source: field: problem``."""
+def parse_policy_config(doc: Any, source: str = "<policy>", warnings: list[str] | None = None) -> Policy:
+    """Build a policy from a parsed YAML document. Raises PolicyConfigError listing every problem,
+    one ``source: field: problem`` line each. ``warnings``, when given, receives one ``source: field:
+    ...`` line per setting that is valid but probably not meant (:func:`config_warnings`)."""
     try:
-        return _parse(doc)
+        policy, settings = _parse(doc)
     except PolicyConfigError as err:
-        raise PolicyConfigError(f"{source}: {err}") from None
+        raise PolicyConfigError([f"{source}: {line}" for line in err.errors]) from None
+    if warnings is not None and settings is not None:
+        warnings.extend(f"{source}: {line}" for line in config_warnings(settings))
+    return policy
 
 
-def _parse(doc: Any) -> Policy:
+def config_warnings(settings: AspenSettings) -> list[str]:
+    """What a valid aspen configuration allows but an admin probably did not mean: a quota of 0
+    (``quotas`` or ``gpu_quotas``) lets no job of that owner (``default``: of every owner not listed)
+    start. It stays allowed (it is how an admin pauses an owner); callers print these as warnings."""
+    out = []
+    for field, unit in (("quotas", "running jobs"), ("gpu_quotas", "workers (GPUs)")):
+        caps = getattr(settings, field)
+        for owner, cap in caps.items():
+            if cap != 0:
+                continue
+            if owner == "default":
+                listed = sorted(k for k in caps if k != "default")
+                who = f"any owner not listed in {field} ({', '.join(listed)} are)" if listed else "any owner"
+            else:
+                who = f"owner {owner}"
+            out.append(f"{field}.{owner}: 0 {unit}: no job of {who} will start; each stays queued (`lorafleet "
+                       f"status JOB` says why) until the quota is raised. Give at least 1 to limit rather "
+                       f"than block, or leave the entry out for no limit")  # fmt: skip
+    return out
+
+
+def _parse(doc: Any) -> tuple[Policy, AspenSettings | None]:
+    """The policy and, for aspen, its settings (for :func:`config_warnings`)."""
     if not isinstance(doc, Mapping):
         raise PolicyConfigError("must be a mapping with at least 'policy'")
     name = doc.get("policy")
     if not isinstance(name, str) or not name:
         raise PolicyConfigError(f"policy: required: one of {', '.join(builtin.BUILTINS)} or 'module:Class'")
+    problems = _Problems()
+    fields = _Fields(doc, problems)
     if ":" in name:
-        extra = sorted(set(doc) - {"policy", "options"}, key=str)
-        if extra:
-            raise PolicyConfigError(f"{extra[0]}: not used by a custom policy (pass it in options)")
-        return _custom(name, doc.get("options"))
+        for key in sorted(set(doc) - {"policy", "options"}, key=str):
+            problems.add(f"{key}: not used by a custom policy (pass it in options)")
+        policy = problems.check(_custom, name, doc.get("options"))
+        if problems.lines:
+            raise PolicyConfigError(problems.lines)
+        return policy, None
     if name not in builtin.BUILTINS:
-        raise PolicyConfigError(f"policy: must be one of {', '.join(builtin.BUILTINS)} or 'module:Class' (got {name!r})")
+        hint = _hint(name, builtin.BUILTINS, "")
+        raise PolicyConfigError(f"policy: must be one of {', '.join(builtin.BUILTINS)} or 'module:Class' "
+                                f"(got {name!r}{'; ' if hint else ''}{hint})")  # fmt: skip
     allowed = {"policy", *COMMON_FIELDS} | (set(ASPEN_FIELDS) if name == "aspen" else set())
     for key in doc:
         if key not in allowed:
-            where = "only for aspen" if key in ASPEN_FIELDS else f"allowed: {', '.join(sorted(allowed))}"
-            raise PolicyConfigError(f"{key}: unknown field for policy {name} ({where})")
+            where = "only for aspen" if key in ASPEN_FIELDS else f"{_hint(key, sorted(allowed))}allowed: {', '.join(sorted(allowed))}"
+            problems.add(f"{key}: unknown field for policy {name} ({where})")
+            fields.rank(key)
     if name == "aspen":
-        return builtin.aspen(_aspen(doc))
+        _aspen(fields)
+    else:
+        _common(fields)
+    if problems.lines:  # in the document's order
+        raise PolicyConfigError(problems.in_order(fields.ranks))
+    if name == "aspen":
+        settings = replace(AspenSettings(), **fields.out)
+        return builtin.aspen(settings), settings
     defaults = CommonSettings(preemption="lower_priority") if name == "priority" else CommonSettings()
-    settings = replace(defaults, **_common(doc))
-    return getattr(builtin, name)(settings)
+    return getattr(builtin, name)(replace(defaults, **fields.out)), None
 
 
-def load_policy_config(path: str | Path) -> Policy:
-    """Read an admin YAML file and build its policy. Raises PolicyConfigError."""
-    return parse_policy_config(read_yaml(path, PolicyConfigError), str(path))
+def load_policy_config(path: str | Path, warnings: list[str] | None = None) -> Policy:
+    """Read an admin YAML file and build its policy. Raises PolicyConfigError; ``warnings``: as
+    :func:`parse_policy_config`'s."""
+    return parse_policy_config(read_yaml(path, PolicyConfigError), str(path), warnings)
 
 
-def resolve_policy(spec: str) -> Policy:
-    """A built-in name, a ``module:Class`` path, or a path to a policy YAML file."""
+def resolve_policy(spec: str, warnings: list[str] | None = None) -> Policy:
+    """A built-in name, a ``module:Class`` path, or a path to a policy YAML file (``warnings``: as
+    :func:`parse_policy_config`'s)."""
     if spec in builtin.BUILTINS:
         return getattr(builtin, spec)()
     if spec.endswith((".yaml", ".yml")):
-        return load_policy_config(spec)
+        return load_policy_config(spec, warnings)
     if ":" in spec:
         return _custom(spec, None)
     raise PolicyConfigError(
@@ -228,4 +344,4 @@ def resolve_policy(spec: str) -> Policy:
     )
 
 
-__all__ = ["PolicyConfigError", "load_policy_config", "parse_policy_config", "resolve_policy"]
+__all__ = ["PolicyConfigError", "config_warnings", "load_policy_config", "parse_policy_config", "resolve_policy"]

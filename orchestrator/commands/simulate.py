@@ -43,9 +43,18 @@ def run(args: argparse.Namespace) -> int:
     try:
         trace = read_trace(args.trace)
         cluster = load_cluster(args.cluster)
-        policies = [resolve_policy(s) for s in specs]
-    except (TraceError, ClusterError, PolicyConfigError) as err:
+    except (TraceError, ClusterError) as err:
         raise UserError(str(err)) from None
+    policies, problems, warnings = [], [], []
+    for spec in specs:  # every policy's every problem at once
+        try:
+            policies.append(resolve_policy(spec, warnings))
+        except PolicyConfigError as err:
+            problems.append(str(err))
+    if problems:
+        raise UserError("\n".join(problems))
+    for line in warnings:  # e.g. a quota of 0: that owner's jobs never start, and the replay stalls
+        print(f"warning: {line}", file=sys.stderr)
     results, ran, failed = [], [], []
     for policy, spec in zip(policies, specs, strict=True):
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 
 from actors.config import EngineSettings
 from orchestrator.cli import UserError
@@ -49,15 +50,20 @@ def read_policy(path: str) -> dict:
 
     Read as ``lorafleet simulate --policy`` reads one (``policies.values.read_yaml``): a missing file,
     bytes that are not UTF-8, bad YAML, a huge integer or deep nesting are one-line errors naming the file.
+    An invalid one is refused with every problem at once; warnings (``policies.config.config_warnings``)
+    are printed to stderr.
     """
     from policies import PolicyConfigError, parse_policy_config
     from policies.values import read_yaml
 
+    warnings: list[str] = []
     try:
         doc = read_yaml(path, PolicyConfigError)
-        parse_policy_config(doc, source=path)
-    except PolicyConfigError as exc:  # its message already names the file (and the field)
+        parse_policy_config(doc, source=path, warnings=warnings)
+    except PolicyConfigError as exc:  # its lines already name the file and the field, every problem one line
         raise UserError(str(exc)) from None
+    for line in warnings:  # valid but probably not meant (a quota of 0 blocks an owner): said, not refused
+        print(f"warning: {line}", file=sys.stderr)
     return doc  # a mapping: parse_policy_config refuses anything else
 
 

@@ -372,3 +372,84 @@ def test_yaml_merge_keys_and_trailing_commas_still_read(tmp_path):
     assert dict(load_policy_config(policy).order.factors[1][0].shares) == {"size": 1000, "fairshare": 10, "alice": 2}
     rows = parse_trace(HEADER + "\na,0,alice,smollm2-135m,lora,8,0,4,4,512,10,0,\n", source="t.csv")
     assert [j.job_id for j in rows] == ["a"]
+
+
+THREE_MISTAKES = "policy: aspen\nmargn: 0.2\nweights: {age: lots}\npreemption: sometimes\n"
+THREE_LINES = [
+    "margn: unknown field for policy aspen (did you mean 'margin'? allowed: backfill, ",
+    "weights.age: must be a number >= 0 and <= 1,000,000,000 (got 'lots')",
+    "preemption: must be one of never, lower_priority (got 'sometimes')",
+]
+
+
+def test_every_problem_of_a_policy_config_is_reported_at_once():
+    """A file with three mistakes needed three rounds: the first problem stopped the check. Now every
+    problem is one line of one PolicyConfigError, in the document's order, each naming the field."""
+    with pytest.raises(PolicyConfigError) as info:
+        parse_policy_config(yaml.safe_load(THREE_MISTAKES), "pol.yaml")
+    lines = str(info.value).splitlines()
+    assert info.value.errors == lines and len(lines) == 3
+    for line, expected in zip(lines, THREE_LINES, strict=True):
+        assert line.startswith(f"pol.yaml: {expected}"), line
+    # within a mapping too: every bad weight, share, quota and fair_clock setting, with near misses named
+    doc = {"policy": "aspen", "weights": {"agee": 1, "size": -1}, "quotas": {"a": 1.5, "b": "x"},
+           "fair_clock": {"wait_scale": -1, "tail_rnk": 1}, "backfill": "yes", "preemption": "lower_priorty"}
+    with pytest.raises(PolicyConfigError) as info:
+        parse_policy_config(doc, "p.yaml")
+    assert info.value.errors == [
+        "p.yaml: weights.agee: unknown weight (did you mean 'age'? allowed: age, fairshare, size, priority, "
+        "locality, length, load, free_memory, fusion)",
+        "p.yaml: weights.size: must be a number >= 0 and <= 1,000,000,000 (got -1)",
+        "p.yaml: quotas.a: must be an integer >= 0 and <= 1,000,000,000 (got 1.5)",
+        "p.yaml: quotas.b: must be an integer >= 0 and <= 1,000,000,000 (got 'x')",
+        "p.yaml: fair_clock.wait_scale: must be a number > 0 (got -1)",
+        "p.yaml: fair_clock.tail_rnk: unknown setting (allowed: wait_scale, tight_wait_scale, tight_below, "
+        "tail_share, tail_quantile, tail_rank)",
+        "p.yaml: backfill: must be true or false (got 'yes')",
+        "p.yaml: preemption: must be one of never, lower_priority (got 'lower_priorty'; did you mean "
+        "'lower_priority'?)",
+    ]  # fmt: skip
+    # a custom policy: every field it does not use, and its own problem
+    with pytest.raises(PolicyConfigError) as info:
+        parse_policy_config({"policy": "tests.policies.custom_policy:Nope", "margin": 1, "backfill": True}, "c.yaml")
+    assert info.value.errors == ["c.yaml: backfill: not used by a custom policy (pass it in options)",
+                                 "c.yaml: margin: not used by a custom policy (pass it in options)",
+                                 "c.yaml: policy: module 'tests.policies.custom_policy' has no attribute 'Nope'"]
+
+
+def test_policy_config_error_keeps_its_lines_across_pickling():
+    """set_policy's refusal crosses Ray pickled; its lines must survive."""
+    import pickle
+
+    err = PolicyConfigError(["p: a: bad", "p: b: bad"])
+    again = pickle.loads(pickle.dumps(err))
+    assert type(again) is PolicyConfigError and again.errors == err.errors and str(again) == "p: a: bad\np: b: bad"
+    assert PolicyConfigError("p: one").errors == ["p: one"]
+
+
+@pytest.mark.parametrize("argv", [("policy", "set"), ("up", "--policy")], ids=["policy-set", "up"])
+def test_policy_set_lists_every_problem_before_connecting(tmp_path, capsys, monkeypatch, argv):
+    from orchestrator import client
+
+    monkeypatch.setattr(client, "connect", lambda address: pytest.fail("connected despite a bad policy"))
+    path = tmp_path / "pol.yaml"
+    path.write_text(THREE_MISTAKES)
+    assert main([*argv, str(path)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith(f"lorafleet {argv[0]}: error: {path}: {THREE_LINES[0]}")
+    assert [line.startswith(f"{path}: {expected}") for line, expected in zip(lines[1:], THREE_LINES[1:],
+                                                                             strict=True)] == [True, True]
+
+
+def test_simulate_lists_every_problem_of_every_policy_file(tmp_path, capsys):
+    trace, cluster = synth_files(tmp_path, 5, 1)
+    bad = tmp_path / "pol.yaml"
+    bad.write_text(THREE_MISTAKES)
+    other = tmp_path / "other.yaml"
+    other.write_text("policy: fifo\nmargin: -1\n")
+    capsys.readouterr()
+    assert main(["simulate", "--trace", str(trace), "--cluster", str(cluster),
+                 "--policy", f"{bad},fifo,{other}"]) == 2  # fmt: skip
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 4 and lines[0].startswith(f"lorafleet simulate: error: {bad}: margn: unknown field")
+    assert lines[3] == f"{other}: margin: must be a number >= 0 (got -1)"
