@@ -472,7 +472,8 @@ class Controller:
         self._samples: dict[str, _Samples] = {}  # job id -> polled step/loss samples (job_metrics)
         self._preempting: set[str] = set()
         self._run_starts: dict[str, float] = {}  # job id -> when its current run was placed (see build_view)
-        self._unplaceable: dict[str, str] = {}  # queued job id -> why no worker can run it even alone
+        self._waiting: dict[str, str] = {}  # queued job id -> why it waits (no worker could hold it, a quota)
+        self._waiting_logged: dict[str, str] = {}  # queued job id -> the kind of reason last written to its log
         self._usage_file = Path(store_path).expanduser().parent / "usage.json"
         self._usage: dict[str, float] = self._load_usage()  # owner -> GPU-seconds used (fair share)
         self._usage_at: float | None = None  # when usage was last accounted
@@ -494,7 +495,10 @@ class Controller:
             self.policy_doc = saved
         else:
             self.policy_doc = dict(policy)
-        self.policy = parse_policy_config(self.policy_doc, source="policy")
+        warnings: list[str] = []
+        self.policy = parse_policy_config(self.policy_doc, source="policy", warnings=warnings)
+        for line in warnings:  # a quota of 0: that owner's jobs wait for good (their status says why)
+            log.warning("%s", line)
         self._follow_clock_settings(clock_settings(self.policy))
         self._save_policy()
         self._metrics = _Metrics()
@@ -987,7 +991,7 @@ class Controller:
         """
         rec = self._find(job, self.identify(api_key), "see the details of", owner)
         out = self._public(rec)
-        waiting = self._unplaceable.get(rec.id)
+        waiting = self._waiting.get(rec.id)
         if waiting is not None and rec.state == JobState.QUEUED:
             out["waiting"] = waiting
         out["events"] = [
@@ -1149,14 +1153,17 @@ class Controller:
     def set_policy(self, doc: Mapping[str, Any], api_key: str | None = None) -> dict[str, Any]:
         """Swap the policy at run time (admin-only; jobs keep running); raises ``ValueError`` for a bad config."""
         self._require_admin(api_key, "set the policy")
-        policy = parse_policy_config(dict(doc), source="policy")  # PolicyConfigError is a ValueError
+        warnings: list[str] = []
+        policy = parse_policy_config(dict(doc), source="policy", warnings=warnings)  # PolicyConfigError: a ValueError
         settings = clock_settings(policy)  # a custom policy's fair_clock too; checked before the swap
         with self._lock:
             self.policy, self.policy_doc = policy, dict(doc)
             self._follow_clock_settings(settings)
             self._save_policy()
         log.info("policy set to %s", policy.name)
-        return self.get_policy()
+        for line in warnings:  # valid, so set; the CLI printed them too (orchestrator.commands.up.read_policy)
+            log.warning("%s", line)
+        return {**self.get_policy(), "warnings": warnings}
 
     def _follow_clock_settings(self, settings: dict[str, Any]) -> None:
         """Other FIFO clock settings (the policy's ``fair_clock``) get a new clock: jobs booked on
@@ -1566,10 +1573,8 @@ class Controller:
     def _schedule(self, now: float) -> None:
         view = self._view(now)
         self._account_usage(view)
-        self._note_unplaceable(view)
-        if not view.queued:
-            return
-        decisions = self.policy.schedule(view)
+        decisions = self.policy.schedule(view) if view.queued else []
+        self._note_waiting(view, {d.job_id for d in decisions if isinstance(d, Start)})
         created: dict[str, str] = {}  # free-gpu slot -> new worker id, within this batch
         for d in decisions:
             if isinstance(d, Preempt):
@@ -1624,10 +1629,42 @@ class Controller:
             except OSError as exc:
                 log.warning("cannot save %s: %s", self._usage_file, exc)
 
-    def _note_unplaceable(self, view: ClusterView) -> None:
-        """Find the queued jobs no worker could run even alone (every built-in policy passes them
-        over); log each once in the job's log and keep the reason for ``status``. The margin is the
-        policy's (0 for a custom policy without one). A larger worker joining clears it."""
+    def _note_waiting(self, view: ClusterView, started: set[str]) -> None:
+        """Why queued jobs wait, for ``status`` (``waiting``) and, once per reason, the job's log:
+
+        * no worker could run it even alone (every built-in policy passes it over; the margin is the
+          policy's, 0 for a custom policy without one); a larger worker joining clears it;
+        * else, a rule of the policy that names its workers up front keeps it off workers: aspen's
+          ``quotas`` and ``gpu_quotas`` (the policy's own ``held``, the reasons ``policy explain``
+          shows), for the jobs this pass did not start (``started``).
+
+        Linear in the queue (one pass, then one ``held`` call); scheduling is not changed."""
+        found = self._unplaceable(view)
+        kinds = dict.fromkeys(found, "memory")
+        held = getattr(self.policy, "held", None)
+        if callable(held) and view.queued:
+            try:
+                rules = held(view)
+            except Exception as err:  # a custom policy's held(): never fail the pass over a note
+                log.warning("policy %s: held() failed: %s", self.policy.name, err)
+                rules = {}
+            for job_id, (rule, reason) in rules.items():
+                if job_id in found or job_id in started:
+                    continue
+                found[job_id] = (f"held by the policy's {rule} rule: {reason}; it starts once that changes "
+                                 f"(`lorafleet policy explain {job_id}` shows every worker's verdict)")  # fmt: skip
+                kinds[job_id] = rule
+        queued = {j.job_id for j in view.queued}
+        logged = {k: v for k, v in self._waiting_logged.items() if k in queued}
+        for job_id, kind in kinds.items():
+            if logged.get(job_id) != kind:  # logged once per reason while queued; status shows today's numbers
+                self._log(job_id, f"waiting: {found[job_id]}")
+                logged[job_id] = kind
+        self._waiting_logged = logged
+        self._waiting = found
+
+    def _unplaceable(self, view: ClusterView) -> dict[str, str]:
+        """The queued jobs no worker could run even alone, each with why."""
         found: dict[str, str] = {}
         margin = getattr(self.policy, "margin", 0.0)
         margin = float(margin) if isinstance(margin, int | float) and math.isfinite(margin) and margin >= 0 else 0.0
@@ -1641,10 +1678,8 @@ class Controller:
                        f"the policy's margin, the largest worker has {largest / GIB:.1f} GiB; "
                        "it waits for a larger worker (cancel it and submit with a smaller micro_batch_size "
                        "or max_seq_len)")  # fmt: skip
-                if job.job_id not in self._unplaceable:  # logged once; status shows today's numbers
-                    self._log(job.job_id, f"waiting: {why}")
                 found[job.job_id] = why
-        self._unplaceable = found
+        return found
 
     def _preempt(self, job_id: str) -> None:
         for w in self._workers.values():

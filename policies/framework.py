@@ -808,6 +808,35 @@ class ProfilePolicy:
             lines.append(WorkerLine(slot.worker.worker_id, None, scores, self._score(job, slot, cycle)))
         return tuple(lines)
 
+    def held(self, view: ClusterView) -> dict[str, tuple[str, str]]:
+        """The queued jobs a filter that names its workers up front (a
+        :class:`~policies.interface.WorkerSubset`: aspen's ``quotas`` and ``gpu_quotas``) keeps off
+        some worker as the view stands, each as ``job id -> (filter name, reason)``: the reason is
+        the filter's own, the one :meth:`explain` shows for such a worker. Whether the job could
+        have started elsewhere is not asked (the caller notes only jobs the cycle left queued); the
+        decisions are not changed. Cost: one :class:`Cycle` of the view, then per queued job one
+        ``allowed_workers`` call per such filter (and for a job held to some workers, at most that
+        many more slots looked at for one it may not use): linear in the queue. A controller pass
+        with 10,000 queued jobs can afford it; :meth:`explain` per job could not."""
+        subset = self._subset_filters
+        if not subset or not view.queued or not view.workers:
+            return {}
+        cycle = Cycle(view, self.margin)
+        cycle.fair_slack_s = self.fair_slack_s
+        cycle.filters = self.filters
+        out: dict[str, tuple[str, str]] = {}
+        for job in view.queued:
+            for f in subset:
+                allowed = f.allowed_workers(job, cycle)
+                if allowed is None:
+                    continue
+                slot = next((s for s in cycle.slots if s.worker.worker_id not in allowed), None)
+                reason = f.filter(job, slot, cycle) if slot is not None else None
+                if reason:
+                    out[job.job_id] = (getattr(f, "name", type(f).__name__), reason)
+                    break
+        return out
+
     def explain(self, view: ClusterView, job_id: str) -> Explanation:
         """The job's priority factors, queue position and, if queued, every worker's verdict as
         this cycle stands when the job's turn comes, and what the cycle decides for it."""

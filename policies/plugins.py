@@ -204,7 +204,10 @@ class OwnerQuota:
         if cap is None:
             return None
         running = cycle.running_by_owner.get(job.owner, 0)
-        return f"owner {job.owner} at quota ({running}/{cap} running)" if running >= cap else None
+        if running < cap:
+            return None
+        blocked = "; a quota of 0 lets none start until an admin raises it" if cap == 0 else ""
+        return f"owner {job.owner} at quota ({running}/{cap} running{blocked})"
 
     def allowed_workers(self, job: JobView, cycle: Cycle) -> frozenset[str] | None:
         """No worker when the owner is at quota, else any."""
@@ -230,7 +233,8 @@ class OwnerGpuQuota:
         occupied = cycle.workers_by_owner.get(job.owner, ())
         if slot.worker.worker_id in occupied or len(occupied) < cap:
             return None
-        return f"owner {job.owner} at GPU quota ({len(occupied)}/{cap} workers)"
+        blocked = "; a GPU quota of 0 lets none start until an admin raises it" if cap == 0 else ""
+        return f"owner {job.owner} at GPU quota ({len(occupied)}/{cap} workers{blocked})"
 
     def allowed_workers(self, job: JobView, cycle: Cycle) -> frozenset[str] | None:
         """At quota: only the workers the owner occupies; else any."""

@@ -3,6 +3,7 @@ and the command against a real controller in this process (its calls answered wi
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,40 @@ def test_prune_uploads_flag(ctl: Controller, monkeypatch, capsys):
     assert not area.exists()
     assert cli.main(["admin", "users", "--uploads"]) == 2
     assert "--uploads applies only to prune" in capsys.readouterr().err
+
+
+def test_policy_set_warns_of_a_quota_of_zero_and_status_says_why_the_job_waits(
+        ctl: Controller, fake_workers, monkeypatch, capsys, tmp_path: Path):  # fmt: skip
+    """The audit: `quotas: {default: 0}` was set without a word, then every job stayed QUEUED and
+    `status` showed only "submitted". Now `policy set` warns (and still sets it: 0 pauses owners),
+    and `status JOB` says which rule holds the job, in the words `policy explain` uses."""
+    ctl.num_gpus = 1
+    path = tmp_path / "pol.yaml"
+    path.write_text("policy: aspen\nquotas: {default: 0}\n")
+    assert cli.main(["policy", "set", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("policy: aspen\n")
+    assert err == (f"warning: {path}: quotas.default: 0 running jobs: no job of any owner will start; each stays "
+                   "queued (`lorafleet status JOB` says why) until the quota is raised. Give at least 1 to limit "
+                   "rather than block, or leave the entry out for no limit\n")  # fmt: skip
+    job = ctl.submit(spec("held"), owner="root")["id"]
+    for _ in range(3):
+        ctl.tick()
+    from types import SimpleNamespace
+
+    from orchestrator.commands.jobs import do_status
+
+    stub = SimpleNamespace(status=lambda job_id: json.loads(json.dumps(ctl.status(job_id))))  # as over Ray
+    assert do_status(stub, SimpleNamespace(job=job, json=False, limit=20)) == 0  # `lorafleet status JOB`
+    why = ("held by the policy's quota rule: owner root at quota (0/0 running; a quota of 0 lets none start until "
+           f"an admin raises it); it starts once that changes (`lorafleet policy explain {job}` shows every "
+           "worker's verdict)")  # fmt: skip
+    assert f"  waiting: {why}\n" in capsys.readouterr().out
+    assert cli.main(["policy", "explain", job]) == 0
+    assert "owner root at quota (0/0 running; a quota of 0 lets none start" in capsys.readouterr().out
+    assert [line.split(" ", 1)[1] for line in ctl.logs(job) if "waiting:" in line] == [f"waiting: {why}"]  # once
+    path.write_text("policy: aspen\n")
+    assert cli.main(["policy", "set", str(path)]) == 0
+    assert capsys.readouterr().err == ""
+    ctl.tick()
+    assert ctl.status(job)["state"] == "PROFILING" and "waiting" not in ctl.status(job)

@@ -589,3 +589,48 @@ def test_fair_share_usage_is_accounted_saved_and_reaches_the_policy(tmp_path):
     assert policy.schedule(ClusterView(100.0, queued, (), free))[0] == Start("a", "w0")  # who goes first
     busy = ClusterView(100.0, queued, (), free, {"alice": 175.0, "bob": 25.0})
     assert policy.schedule(busy)[0] == Start("b", "w0")
+
+
+def test_a_job_held_by_a_quota_says_why_in_status_and_once_in_its_log(tmp_path, fake_workers):
+    """aspen with quotas {alice: 1}: alice's second job waits for her first, with free GPUs. Its
+    status said nothing; now ``waiting`` names the rule and its reason (the words of ``policy
+    explain``), its log says so once, and both go when the job starts."""
+    from tests.orchestrator.test_tenancy import spec as small_spec
+
+    c = Controller(str(tmp_path / "jobs.db"), str(tmp_path / "storage"), {"policy": "aspen", "quotas": {"alice": 1}},
+                   start_loop=False, num_gpus=3)  # fmt: skip
+    try:
+        first, second = (c.submit(small_spec(n), "alice")["id"] for n in ("a1", "a2"))
+        bob = c.submit(small_spec("b1"), "bob")["id"]
+        for _ in range(4):
+            c.tick()
+        assert [c.store.get(j).state for j in (first, second, bob)] == [JobState.PROFILING, JobState.QUEUED,
+                                                                       JobState.PROFILING]  # fmt: skip
+        waiting = c.status(second)["waiting"]
+        assert waiting.startswith("held by the policy's quota rule: owner alice at quota (1/1 running); it starts "
+                                  "once that changes")  # fmt: skip
+        assert "owner alice at quota (1/1 running)" in c.explain(second)
+        assert "waiting" not in c.status(first) and "waiting" not in c.status(bob)
+        assert sum("waiting: held by the policy's quota rule" in line for line in c.logs(second)) == 1
+        c.store.transition(first, JobState.RUNNING)
+        c.store.transition(first, JobState.SUCCEEDED)
+        for w in c._workers.values():
+            w.assigned.discard(first)
+        c.tick()
+        assert c.store.get(second).state == JobState.PROFILING and "waiting" not in c.status(second)
+    finally:
+        c.store.close()
+
+
+def test_set_policy_returns_and_logs_the_warnings_of_a_quota_of_zero(tmp_path, caplog):
+    c = Controller(str(tmp_path / "jobs.db"), str(tmp_path / "storage"), {"policy": "fifo"}, start_loop=False,
+                   num_gpus=0)  # fmt: skip
+    try:
+        with caplog.at_level("WARNING", logger="orchestrator.controller"):
+            out = c.set_policy({"policy": "aspen", "gpu_quotas": {"root": 0}})
+        assert out["name"] == "aspen" and len(out["warnings"]) == 1
+        assert out["warnings"][0].startswith("policy: gpu_quotas.root: 0 workers (GPUs): no job of owner root will")
+        assert out["warnings"][0] in caplog.text
+        assert c.set_policy({"policy": "aspen", "gpu_quotas": {"root": 1}})["warnings"] == []
+    finally:
+        c.store.close()

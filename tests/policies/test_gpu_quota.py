@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from policies.builtin import AspenSettings, aspen
-from policies.config import PolicyConfigError, parse_policy_config
+from policies.config import PolicyConfigError, parse_policy_config, resolve_policy
 from policies.interface import Start
 from policies.plugins import OwnerGpuQuota
 from tests.policies.helpers import job, view, worker
@@ -101,3 +101,55 @@ def test_owner_at_quota_finds_its_worker_beyond_the_examined_ones():
     decisions = aspen(AspenSettings(margin=0.0, max_candidates=1)).schedule(
         view([job("a", owner="alice", dyn_gib=5)], running, workers))
     assert decisions == [Start("a", "b0")]
+
+
+@pytest.mark.parametrize(
+    ("field", "caps", "owner", "words"),
+    [
+        ("quotas", {"default": 0}, "default", "0 running jobs: no job of any owner will start"),
+        ("quotas", {"default": 0, "bob": 2, "alice": 1}, "default",
+         "0 running jobs: no job of any owner not listed in quotas (alice, bob are) will start"),
+        ("quotas", {"default": 3, "root": 0}, "root", "0 running jobs: no job of owner root will start"),
+        ("gpu_quotas", {"alice": 0}, "alice", "0 workers (GPUs): no job of owner alice will start"),
+    ],
+)  # fmt: skip
+def test_a_quota_of_zero_is_accepted_with_a_warning(field, caps, owner, words):
+    """A quota of 0 left every job of its owners queued for good, and `policy set` said nothing. It
+    is allowed (an admin may pause an owner) but every loader can now say so."""
+    warnings: list[str] = []
+    policy = parse_policy_config({"policy": "aspen", field: caps}, "p.yaml", warnings=warnings)
+    assert policy.name == "aspen"
+    assert len(warnings) == 1 and warnings[0].startswith(f"p.yaml: {field}.{owner}: {words}; each stays queued "
+                                                         "(`lorafleet status JOB` says why) until the quota is raised")
+    nothing: list[str] = []
+    parse_policy_config({"policy": "aspen", field: {k: v or 1 for k, v in caps.items()}}, "p.yaml", warnings=nothing)
+    assert nothing == []
+
+
+def test_resolve_policy_passes_on_a_yaml_files_warnings(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("policy: aspen\nquotas: {default: 0}\ngpu_quotas: {bob: 0}\n")
+    warnings: list[str] = []
+    resolve_policy(str(path), warnings)
+    assert [w.split(": ")[1] for w in warnings] == ["quotas.default", "gpu_quotas.bob"]
+
+
+def test_held_names_the_quota_that_keeps_each_queued_job_off_workers():
+    """ProfilePolicy.held: per queued job, the quota rule that keeps it off workers and the rule's own
+    reason, the one explain shows for such a worker; jobs under their quotas are not listed."""
+    policy = parse_policy_config({"policy": "aspen", "quotas": {"root": 0, "bob": 1}, "gpu_quotas": {"carol": 1}})
+    running = [job("b1", owner="bob", dyn_gib=5, worker="w0", start=0.0),
+               job("c1", owner="carol", dyn_gib=5, worker="w1", start=0.0)]  # fmt: skip
+    queued = [job(j, owner=o, dyn_gib=5) for j, o in (("r", "root"), ("b2", "bob"), ("c2", "carol"), ("a", "alice"))]
+    workers = [worker("w0", model="m", running=("b1",)), worker("w1", model="m", running=("c1",)), worker("w2")]
+    snapshot = view(queued, running, workers)
+    held = policy.held(snapshot)
+    assert held == {
+        "r": ("quota", "owner root at quota (0/0 running; a quota of 0 lets none start until an admin raises it)"),
+        "b2": ("quota", "owner bob at quota (1/1 running)"),
+        "c2": ("gpu_quota", "owner carol at GPU quota (1/1 workers)"),
+    }
+    for job_id, (_, reason) in held.items():  # explain's verdict for a worker the rule excludes: the same words
+        verdicts = {line.worker_id: line.rejected_by for line in policy.explain(snapshot, job_id).workers}
+        assert verdicts["w2"] == reason
+    assert parse_policy_config({"policy": "aspen"}).held(snapshot) == {}  # no quotas, nothing held
