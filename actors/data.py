@@ -84,7 +84,7 @@ def _load_records(path: str) -> list[dict[str, Any]]:
     if kind == "parquet":
         records: list[dict[str, Any]] | None = _read_parquet_records(file, path)
     else:
-        records = _read_json_records(file) if kind == "json" else None
+        records = _read_json_records(file, path) if kind == "json" else None
     if records is None:
         import datasets
 
@@ -155,15 +155,16 @@ def _decoded_nbytes(batch) -> int:
     return total
 
 
-def _read_json_records(file: Path) -> list[dict[str, Any]] | None:
+def _read_json_records(file: Path, path: str) -> list[dict[str, Any]] | None:
     """Records of a JSON Lines file or a JSON list of objects; None for other JSON (left to ``datasets``).
 
-    Raises DataError naming the line of a malformed JSON Lines record.
+    Raises DataError naming ``path`` as the spec gives it (``./data/x.jsonl``, not ``data/x.jsonl``) and
+    the line of a malformed JSON Lines record.
     """
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise DataError(f"data.path: {file} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise DataError(f"data.path: {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if not text.strip():
         return []
     try:
@@ -173,7 +174,7 @@ def _read_json_records(file: Path) -> list[dict[str, Any]] | None:
     if isinstance(doc, list):
         for number, item in enumerate(doc):
             if not isinstance(item, dict):
-                raise DataError(f"data.path: {file}: item {number} of the JSON list is {_short(item)}, "
+                raise DataError(f"data.path: {path}: item {number} of the JSON list is {_short(item)}, "
                                 "not a record (a JSON object)")  # fmt: skip
         records = doc
     elif isinstance(doc, dict):
@@ -186,9 +187,9 @@ def _read_json_records(file: Path) -> list[dict[str, Any]] | None:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"data.path: cannot read {file} line {number} as JSON: {exc.msg}") from None
+                raise DataError(f"data.path: cannot read {path} line {number} as JSON: {exc.msg}") from None
             if not isinstance(record, dict):
-                raise DataError(f"data.path: {file} line {number}: expected a JSON object, got {type(record).__name__}")
+                raise DataError(f"data.path: {path} line {number}: expected a JSON object, got {type(record).__name__}")
             records.append(record)
     if records:
         columns = list(dict.fromkeys(key for record in records for key in record))

@@ -51,6 +51,7 @@ from orchestrator.agent import (
     adapter_files,
 )
 from orchestrator.auth import client_api_key, write_secret
+from orchestrator.checks import data_problems
 from orchestrator.spec import JobSpec, SpecError, load_spec, parse_spec
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -312,8 +313,9 @@ class Client:
 
         Raises:
             SpecError: a spec is invalid (file, line, field).
-            RemoteError: a data file or ``init_from`` adapter missing (with the spec errors, if any), no
-                controller, or the cluster refused.
+            RemoteError: a local data file missing or failing the checks of ``lorafleet validate``, an
+                ``init_from`` adapter missing (with the spec errors, if any), no controller, or the
+                cluster refused.
         """
         specs = list(specs)
         if not specs:
@@ -328,8 +330,8 @@ class Client:
                     given.append(paths)
                 except SpecError as err:  # its lines already name the file (and the line)
                     spec_errors.extend(err.errors)
-                except RemoteError as err:
-                    local_errors.append(f"{_source(spec)}: {err}")
+                except RemoteError as err:  # one line per problem, each naming the spec
+                    local_errors.extend(f"{_source(spec)}: {line}" for line in str(err).splitlines())
             if local_errors:
                 raise RemoteError("\n".join([*spec_errors, *local_errors]))
             if spec_errors:
@@ -345,7 +347,12 @@ class Client:
                index: int) -> tuple[str, dict[str, str]]:  # fmt: skip
         """Copy one spec (rewritten) and its local inputs into the upload directory: its data files
         and its ``adapter.init_from`` adapter directory (only the adapter files). Returns the spec's
-        name there and ``{field: path as the user gave it}`` for each input copied."""
+        name there and ``{field: path as the user gave it}`` for each input copied.
+
+        An uploaded ``data.path`` gets the checks ``lorafleet validate`` runs (``checks.data_problems``:
+        every record read, its format's fields; the ``eval:`` section when its data is uploaded too or
+        held out of it): a bad file raises ``RemoteError`` here, one line per problem, rather than
+        failing the job after its base model loaded. Paths on the cluster are the cluster's to check."""
         parsed: JobSpec = (parse_spec(dict(spec), source=f"spec {index + 1} ({spec.get('name', 'unnamed')})")
                            if isinstance(spec, Mapping) else load_spec(spec))  # fmt: skip
         doc = parsed.model_dump(mode="json", exclude_none=True)
@@ -369,6 +376,11 @@ class Client:
                                   f"{exc.strerror or exc}") from None  # fmt: skip
             doc[section][key] = upload
             given[f"{section}.{key}"] = value
+        if "data.path" in given:  # the checks `lorafleet validate` runs, on the files as the user has them
+            uploaded_eval = parsed.eval is None or parsed.eval.data is None or "eval.data" in given
+            problems = data_problems(parsed, with_eval=uploaded_eval)
+            if problems:
+                raise RemoteError("\n".join(problems))
         init = (doc.get("adapter") or {}).get("init_from")
         if init:
             doc["adapter"]["init_from"] = _stage_adapter(init, workdir / f"{index}-init_from")

@@ -7,9 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
-from actors.data import DataError, record_problems
-from actors.evaluate import check_eval
 from actors.models import check_base_model
+from orchestrator.checks import data_problems
 from orchestrator.spec import SpecError, load_spec
 
 HELP = "check job spec files and print every error"
@@ -28,21 +27,8 @@ def run(args: argparse.Namespace) -> int:
             bad += 1
             print("\n".join(err.errors))
             continue
-        problems = []
-        try:  # files, formats, fields (no tokenizer needed); every bad record, up to ten
-            records, record_errors = record_problems(spec.to_job_config().data)
-            problems += [f"{path}: {line}" for line in record_errors]
-        except DataError as exc:
-            problems.append(f"{path}: {exc}")
-            records = 0
-        except OSError as exc:  # unreadable (permissions), a directory, a device error
-            problems.append(f"{path}: data.path: cannot read {spec.data.path}: {exc.strerror or exc}")
-            records = 0
-        if records and not problems and spec.eval is not None:
-            try:
-                check_eval(spec.to_job_config())
-            except DataError as exc:
-                problems.append(f"{path}: {exc}")
+        # files, formats, fields (no tokenizer needed), every bad record up to ten; then the eval: section
+        problems = [f"{path}: {line}" for line in data_problems(spec)]
         try:
             check_base_model(spec.base_model)  # a builtin name, a local model directory (nothing is loaded)
         except ValueError as exc:

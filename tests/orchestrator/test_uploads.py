@@ -221,8 +221,10 @@ def test_unreadable_or_directory_data_and_bad_fetch_targets_are_one_line_errors(
 
 
 def test_a_data_error_names_the_users_file_not_its_uploaded_copy(laptop, worker, tmp_path, monkeypatch):
-    """A bad line in an uploaded data file failed the job with '.../uploads/alice/<id>/data-0-data-d.jsonl
-    line 3: ...': the user's file is ``data/bad d.jsonl``, and that is what the error names now."""
+    """A bad record in an uploaded data file failed the job with '.../uploads/alice/<id>/data-0-data-d.jsonl:
+    record 2: ...': the user's file is ``data/bad d.jsonl``, and that is what the error names now. (The
+    record's token id is past the model's vocabulary: only the worker, with the model, can tell; a line
+    that is no JSON is refused at submit.)"""
     from types import SimpleNamespace
 
     from orchestrator.store import JobState
@@ -231,7 +233,7 @@ def test_a_data_error_names_the_users_file_not_its_uploaded_copy(laptop, worker,
     try:
         (laptop / "data").mkdir()
         lines = (laptop / "d.jsonl").read_text().splitlines()
-        lines[2] = '{"input_ids": [1, 2'  # line 3 is cut short
+        lines[2] = '{"input_ids": [1, 2, 3, 4, 100000]}'  # record 2: a token id the tiny model does not have
         (laptop / "data" / "bad d.jsonl").write_text("\n".join(lines) + "\n")
         spec = write_spec(laptop, "bad", worker.base_model, init_from=None)
         doc = yaml.safe_load(spec.read_text())
@@ -246,12 +248,12 @@ def test_a_data_error_names_the_users_file_not_its_uploaded_copy(laptop, worker,
         config = replace(effective_spec(rec).to_job_config(), name=rec.id, output=job_output(ctl.storage, rec.id))
         worker.assign(rec.id, config)
         ev = wait_events(worker, {rec.id: "failed"})[rec.id]
-        assert copy in ev["message"] and "line 3" in ev["message"]  # the worker only knows the copy
+        assert copy in ev["message"] and "record 2" in ev["message"]  # the worker only knows the copy
         ctl.store.transition(rec.id, JobState.RUNNING, expect=JobState.QUEUED, worker="w-up", reason="test")
         ctl._on_event(SimpleNamespace(worker_id="w-up", assigned=set()), ev)
         failed = ctl.store.get(rec.id)
         assert failed.state is JobState.FAILED
-        assert "data/bad d.jsonl line 3" in failed.error and "uploads" not in failed.error, failed.error
+        assert "data/bad d.jsonl: record 2" in failed.error and "uploads" not in failed.error, failed.error
         assert failed.error == ev["message"].replace(copy, "data/bad d.jsonl")
     finally:
         ctl.store.close()
@@ -269,3 +271,49 @@ def test_a_refusal_at_submit_names_the_users_file(laptop, worker, tmp_path, monk
         assert "d.jsonl" in str(err.value) and "uploads" not in str(err.value), str(err.value)
     finally:
         ctl.store.close()
+
+
+def test_submit_refuses_the_data_validate_refuses_and_queues_nothing(tmp_path, monkeypatch, capsys):
+    """A JSON Lines file with a non-JSON line 2, an empty file, records without their format's fields:
+    ``lorafleet validate`` refused them, ``submit`` queued them and the job failed once its base model
+    had loaded. Now submit runs validate's checks on the local files it uploads, prints the same lines
+    and sends nothing; a data file on the cluster (an absolute path not on this machine) is not read."""
+    from types import SimpleNamespace
+
+    from orchestrator.commands import validate
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "badline.jsonl").write_text('{"text": "a"}\nnot json\n{"text": "b"}\n')
+    (tmp_path / "data" / "empty.jsonl").write_text("")
+    (tmp_path / "data" / "columns.jsonl").write_text('{"question": "a"}\n{"question": "b"}\n')
+    specs = []
+    for name, fmt in (("badline", "auto"), ("empty", "auto"), ("columns", "text")):
+        spec = tmp_path / f"{name}.yaml"
+        spec.write_text(yaml.safe_dump({"name": name, "data": {"path": f"./data/{name}.jsonl", "format": fmt}}))
+        specs.append(str(spec.name))
+    client = object.__new__(Client)  # no cluster: refused before anything is sent
+    client._agent = lambda *a, **k: pytest.fail("sent to the cluster")
+    client.owner = None
+    with pytest.raises(RemoteError) as err:
+        client.submit_many(specs)
+    lines = str(err.value).splitlines()
+    assert lines[0] == "badline.yaml: data.path: cannot read ./data/badline.jsonl line 2 as JSON: Expecting value"
+    assert lines[1] == "empty.yaml: data.path: ./data/empty.jsonl has no records"
+    assert lines[2].startswith("columns.yaml: ./data/columns.jsonl: record 0: "), lines
+    assert validate.run(SimpleNamespace(specs=specs)) == 1
+    printed = capsys.readouterr().out.splitlines()
+    assert [line for line in printed if "base_model" not in line] == lines  # the lines validate prints
+    with pytest.raises(RemoteError, match="record 0"):
+        client.submit(specs[2])  # one spec alone: the same
+
+    good = tmp_path / "good.yaml"  # local data fine; eval data on the cluster, which checks it
+    (tmp_path / "data" / "good.jsonl").write_text('{"text": "a b c"}\n{"text": "d e f"}\n')
+    good.write_text(yaml.safe_dump({"name": "good", "data": {"path": "data/good.jsonl"},
+                                    "eval": {"data": "/cluster/held.jsonl", "metrics": ["loss"]}}))  # fmt: skip
+    (tmp_path / "w").mkdir()
+    _name, given = Client._stage(str(good), tmp_path / "w", 0)
+    assert given == {"data.path": "data/good.jsonl"}
+    remote = tmp_path / "remote.yaml"  # the training data itself on the cluster: nothing read here
+    remote.write_text(yaml.safe_dump({"name": "remote", "data": {"path": "/cluster/badline.jsonl"}}))
+    assert Client._stage(str(remote), tmp_path / "w", 1)[1] == {}
