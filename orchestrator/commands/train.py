@@ -2,7 +2,9 @@
 
 Jobs that share a base model train fused on one copy of it; jobs on different base models
 train one group after another. A job whose spec, data or adapter is broken fails alone with
-its error; the others still finish, and the exit code is 1. Rerunning the same command resumes
+its error; the others still finish, and the exit code is 1. Every job's data gets the checks of
+``lorafleet validate`` before any base model loads: a job they refuse fails at once, and when
+every job fails them no model is loaded. Rerunning the same command resumes
 every job from its newest checkpoint (``--no-resume`` starts over); finished jobs are skipped.
 """
 
@@ -16,6 +18,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from orchestrator.checks import data_problems
 from orchestrator.commands.engine_flags import add_engine_arguments, engine_options
 from orchestrator.progress import JobProgress, ProgressView, log_console, summary_table
 from orchestrator.spec import JobSpec, SpecError, load_spec
@@ -165,6 +168,13 @@ def _run(args: argparse.Namespace) -> int:
             results.append(JobProgress(spec.name, 0, state="failed", message=msg))
             continue
         seen[spec.name], outputs[output] = path, f"{spec.name} ({path})"
+        problems = data_problems(spec) if args.no_resume or finished_before(spec) is None else []
+        if problems:  # before any base model loads; the jobs beside it go on
+            for line in problems:
+                console.print(f"[red]data error[/] {path}: {line}", highlight=False)
+            more = f" (and {len(problems) - 1} more line(s) above)" if len(problems) > 1 else ""
+            results.append(JobProgress(spec.name, 0, state="failed", message=problems[0] + more))
+            continue
         groups[(spec.base_model, spec.trust_remote_code)].append(spec)  # no job shares a model it did not trust
 
     with ProgressView(console, live=False if args.plain else None) as view:

@@ -391,3 +391,38 @@ def test_the_summary_shows_no_step_count_for_a_job_that_failed_before_its_steps_
     rows = {line.split("│")[1].strip(): line.split("│")[3].strip() for line in console.export_text().splitlines()
             if line.count("│") > 3 and line.split("│")[1].strip() in ("early", "ran")}  # fmt: skip
     assert rows == {"early": "-", "ran": "3/7"}
+
+
+def test_bad_data_fails_its_job_before_the_base_model_loads(tmp_path, capsys, monkeypatch):
+    """An empty file, records without their format's fields, a missing file: `train` loaded the base
+    model before failing those jobs. Now it runs validate's data checks first: each bad job fails at
+    once with its error, a good one goes on to the model, and with no good job no model is loaded."""
+    import actors.models
+
+    loads = []
+
+    def load(name, **_kwargs):
+        loads.append(name)
+        raise OSError("stopped here: the test loads no model")
+
+    monkeypatch.setattr(actors.models, "load_base_model", load)
+    monkeypatch.chdir(tmp_path)  # data paths relative to it: short enough for one console line
+    (tmp_path / "empty.jsonl").write_text("")
+    write_jsonl(tmp_path / "columns.jsonl", [{"question": "a"}, {"question": "b"}])
+    model = tmp_path / "model"
+    empty = write_spec(tmp_path, "empty", model, "empty.jsonl")
+    wrong = write_spec(tmp_path, "wrong", model, "columns.jsonl")
+    missing = write_spec(tmp_path, "missing", model, "missing.jsonl")
+    assert main(["train", str(empty), str(wrong), str(missing), "--plain"]) == 1
+    err = capsys.readouterr().err
+    assert loads == [], "a model was loaded for jobs that could not train"
+    assert "empty.yaml: data.path: empty.jsonl has no records" in err
+    assert "wrong.yaml: columns.jsonl: record 0: " in err and "instruction" in err
+    assert "missing.yaml: data.path: file not found: missing.jsonl" in err
+
+    write_jsonl(tmp_path / "good.jsonl", alpaca_records(4, seed=1))
+    good = write_spec(tmp_path, "good", model, "good.jsonl")
+    assert main(["train", str(empty), str(good), "--plain"]) == 1
+    err = capsys.readouterr().err
+    assert loads == [str(model)]  # the good job alone went on to load its model
+    assert err.index("has no records") < err.index("stopped here")
