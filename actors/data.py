@@ -489,12 +489,16 @@ POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")  # learned a
 
 
 def model_max_positions(model: Any) -> int | None:
-    """The longest sequence a model with a learned position table takes (GPT-2, GPT-BigCode, OPT:
-    a longer one fails with an index error deep in torch); None for rotary or ALiBi models, whose
-    ``max_position_embeddings`` is no hard limit."""
+    """The longest sequence a model with a fixed position table takes (learned: GPT-2, GPT-BigCode,
+    OPT; precomputed sinusoids indexed by position: GPT-J, CodeGen): a longer one fails with an index
+    error deep in torch. None for rotary or ALiBi models, whose ``max_position_embeddings`` is no hard
+    limit."""
     for name, module in model.named_modules():
         if name.rsplit(".", 1)[-1] in POSITION_TABLES and isinstance(module, torch.nn.Embedding):
             return int(module.num_embeddings) - int(getattr(module, "offset", 0))  # OPT's table starts at 2
+    for name, buffer in model.named_buffers():
+        if name.rsplit(".", 1)[-1] == "embed_positions":  # GPT-J, CodeGen: (positions, rotary dims)
+            return int(buffer.shape[0])
     return None
 
 

@@ -155,6 +155,15 @@ def test_a_record_longer_than_a_learned_position_table_is_refused_when_its_job_j
         engine.add_job(job(tmp_path, data, None, fmt="tokens"))
 
 
+def test_gptj_precomputed_positions_are_a_hard_limit_too():
+    """GPT-J (and CodeGen) index a buffer of precomputed sinusoids by position: a longer sequence is an
+    IndexError (on CUDA a device-side assert); the engine's record check missed it (no nn.Embedding)."""
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    config = GPTJConfig(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2, rotary_dim=8)
+    assert model_max_positions(GPTJForCausalLM(config)) == 16
+
+
 def test_validate_reports_data_and_eval_problems(tmp_path, capsys):
     import yaml
 
