@@ -104,6 +104,69 @@ def check_hub_id_here(name: str) -> None:
                      "transformers would load instead; give the model's absolute path, or remove that entry")  # fmt: skip
 
 
+def local_model_config(name: str) -> dict | None:
+    """The ``config.json`` of ``base_model`` when it can be read here without loading or converting
+    anything: a local model directory, a ``builtin:`` model already converted into the cache, or a hub
+    id already in the Hugging Face cache (never the network). None otherwise, or when unreadable."""
+    import json
+
+    if is_builtin(name):
+        file: Path | None = cache_root() / "models" / name[len(BUILTIN_PREFIX) :] / "config.json"
+    elif looks_local(name) or Path(name).expanduser().exists():
+        file = Path(name).expanduser() / "config.json"
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(name, "config.json")
+        except Exception:  # an id the hub library refuses (its own validation error types)
+            found = None
+        file = Path(found) if isinstance(found, str) else None
+    try:
+        config = json.loads(file.read_text(encoding="utf-8")) if file is not None and file.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+#: model types whose position ids index a fixed table: learned (GPT-2, GPT-Neo, GPT-BigCode, OPT,
+#: BioGPT) or precomputed sinusoids (GPT-J, CodeGen). A longer sequence fails with an index error
+#: (on CUDA a device-side assert, which breaks the process for the jobs beside it too).
+FIXED_POSITION_TYPES = frozenset({"gpt2", "gpt_neo", "gpt_bigcode", "opt", "biogpt", "gptj", "codegen"})
+POSITION_FIELDS = ("max_position_embeddings", "n_positions")  # the first one a config has
+
+
+@dataclass(frozen=True)
+class PositionLimit:
+    """The longest sequence a model's config states (:func:`position_limit`)."""
+
+    field: str  # the config.json field it comes from (with its RoPE scaling, if any)
+    positions: int
+    fixed: bool  # True: positions index a table (past it: an error); False: RoPE etc. (past it: extrapolated)
+
+
+def position_limit(config: dict) -> PositionLimit | None:
+    """The positions a model takes, from its ``config.json``: ``max_position_embeddings`` (GPT-2 style
+    configs: ``n_positions``), times a RoPE scaling ``factor`` over ``original_max_position_embeddings``
+    where the config has one. None for a config that states none (ALiBi models: Bloom, MPT, Falcon
+    with ``alibi``), or a value that is no positive integer."""
+    if config.get("alibi") or config.get("position_embedding_type") == "alibi":
+        return None
+    field = next((f for f in POSITION_FIELDS if config.get(f) is not None), None)
+    value = config.get(field) if field else None
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        return None
+    fixed = config.get("model_type") in FIXED_POSITION_TYPES
+    scaling = config.get("rope_scaling") or config.get("rope_parameters")
+    factor = scaling.get("factor") if isinstance(scaling, dict) and not fixed else None
+    if isinstance(factor, int | float) and not isinstance(factor, bool) and factor > 1:
+        original = scaling.get("original_max_position_embeddings")
+        scaled = int((original if isinstance(original, int) and original > 0 else value) * factor)
+        if scaled > value:
+            return PositionLimit(f"{field} with its rope scaling factor {factor:g}", scaled, fixed)
+    return PositionLimit(field, value, fixed)
+
+
 def resolve_base_model(name: str) -> str:
     """Return a path or hub id that ``from_pretrained`` accepts for ``name``.
 

@@ -8,7 +8,13 @@ loads a base model, failing the jobs they refuse alone. One code path, so the th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from orchestrator.spec import JobSpec
+
+
+class SpecWarning(UserWarning):
+    """A spec that will run, but likely not as meant (``Client.submit`` warns with it; the CLI prints it)."""
 
 
 def data_problems(spec: JobSpec, *, with_eval: bool = True) -> list[str]:
@@ -38,3 +44,39 @@ def data_problems(spec: JobSpec, *, with_eval: bool = True) -> list[str]:
         except OSError as exc:
             problems.append(f"eval.data: cannot read {spec.eval.data}: {exc.strerror or exc}")
     return problems
+
+
+@dataclass(frozen=True)
+class LengthCheck:
+    """``data.max_seq_len`` beyond the base model's positions (:func:`max_seq_len_check`)."""
+
+    message: str  # names data.max_seq_len, its value, the model's limit and its config field
+    refuse: bool  # True: a record that long fails the job (a fixed position table); False: a warning
+
+
+def max_seq_len_check(spec: JobSpec) -> LengthCheck | None:
+    """``data.max_seq_len`` against the positions of the base model, when its ``config.json`` is
+    readable here without loading it (``actors.models.local_model_config``: a local directory, a
+    converted ``builtin:`` model, a hub id in the local cache); None when within them, or unknown.
+
+    Past a fixed position table (GPT-2, OPT, GPT-J, ...: ``actors.models.FIXED_POSITION_TYPES``) a
+    record that long fails its job once the model is loaded, so this is a refusal; past a RoPE
+    model's ``max_position_embeddings`` nothing fails (positions are extrapolated, and quality usually
+    drops), so it is a warning.
+    """
+    from actors.models import local_model_config, position_limit
+
+    config = local_model_config(spec.base_model)
+    limit = position_limit(config) if config is not None else None
+    value = spec.data.max_seq_len
+    if limit is None or value <= limit.positions:
+        return None
+    head = (f"data.max_seq_len: {value} is more than the {limit.positions} positions of base model "
+            f"{spec.base_model} ({limit.field} in its config.json)")  # fmt: skip
+    if limit.fixed:
+        return LengthCheck(f"{head}; its positions index a fixed table ({config.get('model_type')}), so a record "
+                           f"that long would fail the job; set data.max_seq_len: {limit.positions} or less",
+                           refuse=True)  # fmt: skip
+    return LengthCheck(f"{head}; records longer than that run past the positions it was trained on (no error, "
+                       f"but quality usually drops); set data.max_seq_len: {limit.positions} or less unless you "
+                       "mean to", refuse=False)  # fmt: skip

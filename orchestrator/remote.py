@@ -34,6 +34,7 @@ import shutil
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,7 @@ from orchestrator.agent import (
     adapter_files,
 )
 from orchestrator.auth import client_api_key, write_secret
-from orchestrator.checks import data_problems
+from orchestrator.checks import SpecWarning, data_problems, max_seq_len_check
 from orchestrator.spec import JobSpec, SpecError, load_spec, parse_spec
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -352,7 +353,10 @@ class Client:
         An uploaded ``data.path`` gets the checks ``lorafleet validate`` runs (``checks.data_problems``:
         every record read, its format's fields; the ``eval:`` section when its data is uploaded too or
         held out of it): a bad file raises ``RemoteError`` here, one line per problem, rather than
-        failing the job after its base model loaded. Paths on the cluster are the cluster's to check."""
+        failing the job after its base model loaded. Paths on the cluster are the cluster's to check.
+        A ``data.max_seq_len`` past the base model's positions (``checks.max_seq_len_check``, where its
+        ``config.json`` is on this machine) raises ``RemoteError`` for a fixed position table (GPT-2,
+        OPT, GPT-J) and warns (``SpecWarning``) for a RoPE model."""
         parsed: JobSpec = (parse_spec(dict(spec), source=f"spec {index + 1} ({spec.get('name', 'unnamed')})")
                            if isinstance(spec, Mapping) else load_spec(spec))  # fmt: skip
         doc = parsed.model_dump(mode="json", exclude_none=True)
@@ -381,6 +385,11 @@ class Client:
             problems = data_problems(parsed, with_eval=uploaded_eval)
             if problems:
                 raise RemoteError("\n".join(problems))
+        length = max_seq_len_check(parsed)  # against the model's positions, where its config.json is here
+        if length is not None and length.refuse:
+            raise RemoteError(length.message)
+        if length is not None:
+            warnings.warn(f"{_source(spec)}: {length.message}", SpecWarning, stacklevel=2)
         init = (doc.get("adapter") or {}).get("init_from")
         if init:
             doc["adapter"]["init_from"] = _stage_adapter(init, workdir / f"{index}-init_from")

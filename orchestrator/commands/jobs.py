@@ -180,7 +180,20 @@ def print_jobs(records: list[dict], console: Console | None = None) -> None:
 
 
 def do_submit(client: Client, args: argparse.Namespace) -> int:
-    jobs = client.submit_many(args.specs)
+    import warnings
+
+    from orchestrator.checks import SpecWarning
+
+    with warnings.catch_warnings(record=True) as caught:  # printed once each, as a line (not Python's form)
+        warnings.simplefilter("always", SpecWarning)
+        try:
+            jobs = client.submit_many(args.specs)
+        finally:
+            for warning in caught:
+                if issubclass(warning.category, SpecWarning):
+                    print(f"lorafleet submit: warning: {warning.message}", file=sys.stderr)
+                else:
+                    warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     for job in jobs:
         print(f"{job.id}\t{job.name}")
     if not args.wait:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from orchestrator.checks import data_problems
+from orchestrator.checks import data_problems, max_seq_len_check
 from orchestrator.commands.engine_flags import add_engine_arguments, engine_options
 from orchestrator.progress import JobProgress, ProgressView, log_console, summary_table
 from orchestrator.spec import JobSpec, SpecError, load_spec
@@ -175,6 +175,13 @@ def _run(args: argparse.Namespace) -> int:
             more = f" (and {len(problems) - 1} more line(s) above)" if len(problems) > 1 else ""
             results.append(JobProgress(spec.name, 0, state="failed", message=problems[0] + more))
             continue
+        length = max_seq_len_check(spec)  # against the model's positions, where its config.json is here
+        if length is not None and length.refuse:
+            console.print(f"[red]spec error[/] {path}: {length.message}", highlight=False)
+            results.append(JobProgress(spec.name, 0, state="failed", message=length.message))
+            continue
+        if length is not None:
+            console.print(f"[yellow]warning[/] {path}: {length.message}", highlight=False)
         groups[(spec.base_model, spec.trust_remote_code)].append(spec)  # no job shares a model it did not trust
 
     with ProgressView(console, live=False if args.plain else None) as view:

@@ -1,5 +1,6 @@
 """``lorafleet validate A.yaml ...``: check job specs, their data files' records and their ``eval:`` sections
-without a model (tokenisation is checked when a job joins)."""
+without a model (tokenisation is checked when a job joins), and ``data.max_seq_len`` against the base
+model's positions where its ``config.json`` is on this machine (``orchestrator.checks``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 from pathlib import Path
 
 from actors.models import check_base_model
-from orchestrator.checks import data_problems
+from orchestrator.checks import data_problems, max_seq_len_check
 from orchestrator.spec import SpecError, load_spec
 
 HELP = "check job spec files and print every error"
@@ -37,6 +38,11 @@ def run(args: argparse.Namespace) -> int:
             problem = _init_from_problem(spec)
             if problem:
                 problems.append(f"{path}: {problem}")
+        length = max_seq_len_check(spec)  # against the model's positions, where its config.json is here
+        if length is not None and length.refuse:
+            problems.append(f"{path}: {length.message}")
+        elif length is not None:
+            print(f"{path}: warning: {length.message}")
         if problems:
             bad += 1
             print("\n".join(problems))
