@@ -61,6 +61,57 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     return parser, subs
 
 
+def setup_logging(verbose: bool = False) -> None:
+    """One stderr handler on the root logger (``HH:MM:SS LEVEL logger: message``), and every message
+    printed once.
+
+    huggingface_hub gives its logger its own stderr handler and still lets records propagate to the
+    root: each of its warnings came out twice, raw and in our format. Its handler is removed, so its
+    records (at its own level, WARNING unless ``HF_HUB_VERBOSITY`` says otherwise) print once, in our
+    format. Any other library that prints a record itself and also propagates it (transformers with
+    ``CI=1``) is skipped by our handler (:func:`_printed_by_library`).
+    """
+    root = logging.getLogger()
+    before = list(root.handlers)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for handler in root.handlers:
+        if handler not in before:
+            handler.addFilter(_printed_by_library)
+    try:  # light (~15 ms); transformers' logging module is not imported here (~1 s)
+        from huggingface_hub.utils import logging as hub_logging
+    except ImportError:
+        return
+    hub = hub_logging.get_logger()
+    for handler in list(hub.handlers):
+        if _prints_to_console(handler):
+            hub.removeHandler(handler)
+    hub.propagate = True
+
+
+def _prints_to_console(handler: logging.Handler) -> bool:
+    stream = getattr(handler, "stream", None)
+    return type(handler) is logging.StreamHandler and stream is not None and stream in (
+        sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)  # fmt: skip
+
+
+def _printed_by_library(record: logging.LogRecord) -> bool:
+    """False for a record that a console handler of its own logger (or of a parent below the root)
+    has already printed; True for everything else (file and null handlers print nothing here)."""
+    logger: logging.Logger | None = logging.getLogger(record.name)
+    root = logging.getLogger()
+    while logger is not None and logger is not root:
+        if any(_prints_to_console(h) and record.levelno >= h.level for h in logger.handlers):
+            return False
+        if not logger.propagate:
+            break
+        logger = logger.parent
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lorafleet`` console script; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -74,11 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[command][0])
     module.add_arguments(subs[command])
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    setup_logging(args.verbose)
     try:
         return int(module.run(args) or 0)
     except UserError as err:
