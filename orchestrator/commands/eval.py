@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         model, tokenizer = load_base_model(args.base_model, device=device, dtype=getattr(torch, args.dtype))
     except (OSError, ValueError, RuntimeError) as exc:
-        raise UserError(f"--base-model: cannot load {args.base_model}: {exc}") from None
+        raise UserError(f"--base-model: cannot load {args.base_model}: {str(exc).removeprefix('base_model: ')}") from None
     settings = DataSettings(
         path=args.data, format=args.format, max_seq_len=args.max_seq_len, train_on_inputs=args.train_on_inputs
     )
