@@ -59,8 +59,10 @@ class JobAdapter(Protocol):
         """The ``adapter_config.json`` of the exported format."""
         ...
 
-    def load_state(self, state: dict[str, torch.Tensor], source: str) -> None:
-        load_exact(self.named_parameters(), state, source)
+    def load_state(self, state: dict[str, torch.Tensor], source: str, trained_on: str | None = None) -> None:
+        """Copy ``state`` (read from ``source``) into this adapter; ``trained_on``: the base model its
+        ``adapter_config.json`` names (``base_model_name_or_path``), said in the error when it does not fit."""
+        ...
 
     def aux_loss(self, layout: BatchLayout) -> torch.Tensor | None:
         """Extra loss terms of this job from the forward that just ran (MixLoRA's router loss)."""
@@ -97,6 +99,7 @@ class LoraJobAdapter:
         self.settings = settings
         self.modules: dict[str, LoraWeights] = {}
         self._fused = fused
+        self.base_model = fused.name  # the job's base_model as written (said when a loaded adapter does not fit)
         self._layers = fused.wrap_targets(settings.target_modules)
         for path, layer in self._layers.items():
             self.modules[path] = layer.add_adapter(job, settings.lora, generator)
@@ -135,10 +138,11 @@ class LoraJobAdapter:
             "revision": None,
         }
 
-    def load_state(self, state: dict[str, torch.Tensor], source: str) -> None:
+    def load_state(self, state: dict[str, torch.Tensor], source: str, trained_on: str | None = None) -> None:
         if not isinstance(self.settings, ExportedSettings):
             self._check_targets(state, source)
-        load_exact(self.named_parameters(), state, source, adapter_description(self.job, self.settings, source))
+        load_exact(self.named_parameters(), state, source, adapter_description(self.job, self.settings, source),
+                   trained_on=trained_on, base_model=self.base_model)  # fmt: skip
 
     def _check_targets(self, state: dict[str, torch.Tensor], source: str) -> None:
         """Refuse a job's ``init_from`` adapter (or checkpoint) that adapts other linear layers than the
@@ -199,9 +203,18 @@ def adapter_description(job: str, settings: AdapterSettings, source: str) -> str
 
 
 def load_exact(
-    params: dict[str, nn.Parameter], state: dict[str, torch.Tensor], source: str, what: str = "the adapter"
+    params: dict[str, nn.Parameter],
+    state: dict[str, torch.Tensor],
+    source: str,
+    what: str = "the adapter",
+    *,
+    trained_on: str | None = None,
+    base_model: str | None = None,
 ) -> None:
     """Copy ``state`` into ``params`` by name; every name must match and every shape agree.
+
+    ``trained_on``: the base model ``source``'s ``adapter_config.json`` names; ``base_model``: the one
+    loaded here. When they differ the error says so (``other_base_model``).
 
     Raises:
         AdapterLoadError: naming ``source`` and ``what`` it was loaded into (see ``adapter_description``).
@@ -209,11 +222,12 @@ def load_exact(
     state = {_strip_adapter_name(k): v for k, v in state.items()}
     missing = sorted(set(params) - set(state))
     extra = sorted(set(state) - set(params))
+    other = other_base_model(trained_on, base_model)
     if missing or extra:
         raise AdapterLoadError(
             f"{source} does not match {what}: "
             f"{len(missing)} tensors missing (first: {missing[:2]}), {len(extra)} unexpected (first: {extra[:2]}); "
-            "check r, target_modules and the base model"
+            + (other or "check r, target_modules and the base model")
         )
     with torch.no_grad():
         for name, param in params.items():
@@ -221,9 +235,35 @@ def load_exact(
             if tuple(value.shape) != tuple(param.shape):
                 raise AdapterLoadError(
                     f"{source}: tensor {name} has shape {tuple(value.shape)}, "
-                    f"{what} expects {tuple(param.shape)} (check r and the base model)"
+                    f"{what} expects {tuple(param.shape)} ({other or 'check r and the base model'})"
                 )
             param.copy_(value.to(param.dtype))
+
+
+def other_base_model(trained_on: str | None, base_model: str | None) -> str:
+    """Says that the adapter was trained on A and the base model here is B, when A and B name different
+    models; else "". Compared as what they load: a ``builtin:`` name also as its converted directory, a local
+    path resolved (``~``, ``..``, symlinks), a hub id without regard to case."""
+    if not isinstance(trained_on, str) or not trained_on or not base_model or _same_model(trained_on, base_model):
+        return ""
+    return (f"the adapter was trained on {trained_on} (adapter_config.json: base_model_name_or_path), and the "
+            f"base model here is {base_model}: load it on the base model it was trained on")  # fmt: skip
+
+
+def _same_model(a: str, b: str) -> bool:
+    from pathlib import Path
+
+    from actors.models import BUILTIN_PREFIX, cache_root, is_builtin, looks_local
+
+    def forms(name: str) -> set[str]:
+        name = name.strip()
+        if is_builtin(name):
+            return {name, str((cache_root() / "models" / name[len(BUILTIN_PREFIX) :]).resolve())}
+        if looks_local(name) or Path(name).expanduser().exists():
+            return {str(Path(name).expanduser().resolve())}
+        return {name.casefold()}
+
+    return bool(forms(a) & forms(b))
 
 
 def peft_selects(path: str, targets: str | Sequence[str], exclude: str | Sequence[str] | None) -> bool:

@@ -199,7 +199,7 @@ class FusedEngine:
                 check_finite(state, f"adapter.init_from: {config.adapter.init_from}")
                 check_init_settings(config.adapter, settings_from_export(saved, config.adapter.init_from),
                                     config.adapter.init_from)  # fmt: skip
-                adapter.load_state(state, config.adapter.init_from)
+                adapter.load_state(state, config.adapter.init_from, trained_on=saved.get("base_model_name_or_path"))
             job = TrainingJob(
                 config,
                 adapter,
@@ -473,7 +473,7 @@ class FusedEngine:
         settings = settings_from_export(config, str(directory))
         adapter = ADAPTER_KINDS[settings.kind](self.fused, name, settings, seeded_generator(0))
         try:
-            adapter.load_state(state, str(directory))
+            adapter.load_state(state, str(directory), trained_on=config.get("base_model_name_or_path"))
         except BaseException:
             adapter.detach()
             raise

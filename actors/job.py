@@ -344,7 +344,8 @@ class TrainingJob:
             log.warning("%s: resuming at train.micro_batch_size %s (was %s at %s): %s, so the steps from here differ "
                         "slightly from a run at %s", self.name, self.config.train.micro_batch_size, micro, path.name,
                         why, micro)  # fmt: skip
-        self.adapter.load_state(state["adapter_state"], str(path))
+        self.adapter.load_state(state["adapter_state"], str(path),
+                                trained_on=(state.get("adapter_config") or {}).get("base_model_name_or_path"))
         self.optimizer.load_state_dict(state["optimizer_state"])
         self.scheduler.load_state_dict(state["tensors"]["scheduler"])
         self.dropout_generator.set_state(state["tensors"]["dropout_rng"])

@@ -489,6 +489,7 @@ class MixLoraJobAdapter:
             raise ValueError(f"adapter.routing: must be one of {', '.join(ROUTING_STRATEGIES)}")
         self.job = job
         self.settings = settings
+        self.base_model = fused.name  # the job's base_model as written (said when a loaded adapter does not fit)
         self.mix = settings.mixlora
         self.layers: dict[int, MixLoraLayer] = {}
         self.attention: dict[str, LoraWeights] = {}
@@ -590,8 +591,9 @@ class MixLoraJobAdapter:
             config["router_z_loss_coef"] = float(mix.router_z_loss_coef)
         return config
 
-    def load_state(self, state: dict[str, torch.Tensor], source: str) -> None:
-        load_exact(self.named_parameters(), state, source, adapter_description(self.job, self.settings, source))
+    def load_state(self, state: dict[str, torch.Tensor], source: str, trained_on: str | None = None) -> None:
+        load_exact(self.named_parameters(), state, source, adapter_description(self.job, self.settings, source),
+                   trained_on=trained_on, base_model=self.base_model)  # fmt: skip
 
     def aux_loss(self, layout: BatchLayout) -> torch.Tensor | None:
         """``router_aux_loss_coef * load_balance_loss`` over all layers of this job's real tokens

@@ -378,3 +378,40 @@ def test_tensor_mismatch_on_init_from_names_the_job(tmp_path):
         f"{directory}: tensor mixlora.layers.0.mlp.moe_gate.weight has shape (4, 48), the adapter of job 'j' "
         "(its adapter.init_from) expects (4, 32) (check r and the base model)"
     )
+
+
+def test_tensor_mismatch_says_the_adapter_was_trained_on_another_base_model(tmp_path):
+    """An adapter of a 2-layer model attached to (or continued from on) a 3-layer one: tensors are
+    missing, and its adapter_config.json names the base model it was trained on."""
+    maker = FusedEngine(make_tiny_llama(seed=SEED), make_tokenizer(), base_model_id="/models/tiny-2-layers")
+    job = maker.add_job(job_config("m", mix_settings(), tmp_path / "m"), examples=examples(4, 1, 5, 9))
+    directory = ckpt.write_adapter(tmp_path / "other", job.adapter.export_state(),
+                                   job.adapter.export_config("/models/tiny-2-layers"))  # fmt: skip
+    here = FusedEngine(make_tiny_llama(seed=SEED, num_hidden_layers=3), make_tokenizer(),
+                       base_model_id="builtin:smollm2-135m-instruct")  # fmt: skip
+    said = ("the adapter was trained on /models/tiny-2-layers (adapter_config.json: base_model_name_or_path), and "
+            "the base model here is builtin:smollm2-135m-instruct: load it on the base model it was trained on")  # fmt: skip
+    with pytest.raises(AdapterLoadError) as info:
+        here.attach_adapter("a", directory)
+    assert str(info.value).startswith(f"{directory} does not match the adapter its adapter_config.json describes")
+    assert str(info.value).endswith(f" 0 unexpected (first: []); {said}")
+    with pytest.raises(AdapterLoadError) as info:
+        here.add_job(job_config("j", mix_settings(init_from=str(directory)), tmp_path / "j"),
+                     examples=examples(4, 1, 5, 9))  # fmt: skip
+    assert str(info.value).endswith(said)
+
+
+def test_the_same_base_model_written_two_ways_is_not_called_another(tmp_path, monkeypatch):
+    from actors.adapter import other_base_model
+
+    monkeypatch.setenv("LORAFLEET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m").mkdir()
+    converted = str(tmp_path / "cache" / "models" / "smollm2-135m-instruct")
+    assert other_base_model("builtin:smollm2-135m-instruct", converted) == ""
+    assert other_base_model(converted, "builtin:smollm2-135m-instruct") == ""
+    assert other_base_model("./m", str(tmp_path / "m")) == ""
+    assert other_base_model("Org/Model", "org/model") == ""
+    assert other_base_model(None, "org/model") == "" and other_base_model("org/model", "") == ""
+    assert other_base_model("org/a", "org/b").startswith("the adapter was trained on org/a")
+    assert other_base_model(str(tmp_path / "m"), "builtin:smollm2-135m-instruct") != ""

@@ -78,6 +78,19 @@ def test_eval_errors_name_the_adapter(adapters, tiny_model_dir, tmp_path, capsys
     assert mix_dir in err and "shape" in err
 
 
+def test_eval_on_another_base_model_says_which_the_adapter_was_trained_on(adapters, tiny_model_dir, tmp_path, capsys):
+    """An adapter of the 2-layer model on a 3-layer one: its tensors are missing, and the error names both models."""
+    _engine, (lora_dir, _mix_dir), data = adapters
+    deeper = tmp_path / "deeper"
+    make_tiny_llama(num_hidden_layers=3).save_pretrained(deeper)
+    make_tokenizer().save_pretrained(deeper)
+    assert main(["eval", "--base-model", str(deeper), "--adapter", lora_dir, "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert f"--adapter: {lora_dir}: {lora_dir} does not match" in err and "tensors missing" in err
+    assert (f"the adapter was trained on {tiny_model_dir} (adapter_config.json: base_model_name_or_path), and the "
+            f"base model here is {deeper}") in err  # fmt: skip
+
+
 def test_eval_data_errors_name_the_flag_before_the_model_loads(tmp_path, capsys, monkeypatch):
     """A missing --data was reported after the model had loaded, as ``data.path: ...`` (a spec field)."""
     import actors.models
