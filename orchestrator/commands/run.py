@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from orchestrator.cli import UserError
-from orchestrator.progress import fmt_float
+from orchestrator.progress import eval_summary, fmt_float
 
 HELP = "register one job and follow it to the end (inside `ray job submit`)"
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
@@ -127,5 +127,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"[{r['name']}] error: {r['error']}", flush=True)
             if r.get("output") and r["state"] == "SUCCEEDED":  # a failed or cancelled job has no adapter there
                 print(f"[{r['name']}] adapter: {r['output']}", flush=True)
+            evaluation = (r.get("extra") or {}).get("eval")  # the spec's eval: section, as `submit --wait` shows it
+            if evaluation:
+                print(f"[{r['name']}] eval: {evaluation.get('error') or eval_summary(evaluation)}", flush=True)
             return 0 if r["state"] == "SUCCEEDED" else 1
         time.sleep(args.poll)
