@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -88,6 +89,8 @@ def run_cluster(num_gpus: int) -> int:
         code = follow(client, [j.id for j in jobs], poll_s=2.0)
         console.rule("3. fetch the adapters; held-out evaluation (each spec's eval:, run on the workers)")
         adapters, records = {}, {}
+        # the copies an earlier demo fetched (their originals stay in storage/jobs/): fetch refuses to mix two
+        shutil.rmtree(OUT / "adapters", ignore_errors=True)
         for job in jobs:
             records[job.name] = client.status(job.id)
             if records[job.name]["state"] == "SUCCEEDED":
