@@ -341,7 +341,7 @@ class FusedEngine:
                     loss = loss + aux_share
                 value = float(loss.detach())
                 if not torch.isfinite(loss):
-                    self._fail(job, f"loss is {value} at step {job.step + 1}; lower train.learning_rate", events)
+                    self._fail(job, f"loss is {value} at step {job.step + 1}; {_non_finite_hint(job)}", events)
                     continue
                 total = loss if total is None else total + loss
                 aux_info["label_tokens"] = count
@@ -525,3 +525,15 @@ class FusedEngine:
 
     def output_of(self, name: str) -> Path:
         return Path(self.jobs[name].config.output)
+
+
+def _non_finite_hint(job: TrainingJob) -> str:
+    """What to change when a job's loss is not finite: its learning rate, or the adapter it started from."""
+    hint = "lower train.learning_rate"
+    init_from = job.config.adapter.init_from
+    if init_from:
+        with torch.no_grad():
+            largest = max((float(p.detach().abs().max()) for group in job.optimizer.param_groups
+                           for p in group["params"] if p.numel()), default=0.0)  # fmt: skip
+        hint += f", or check adapter.init_from ({init_from}: training started from its weights; the largest is now {largest:.3g})"
+    return hint

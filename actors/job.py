@@ -253,10 +253,28 @@ class TrainingJob:
         self._step_micro_batches = None
         self.micro = 0
         if self.step % self.config.train.log_every == 0 or self.step == self.total_steps:
-            self._append_metrics(report)
+            try:
+                self._append_metrics(report)
+            except OSError as exc:
+                raise JobFailed(f"output: cannot append step {self.step} to {self.output / 'metrics.jsonl'}: "
+                                f"{exc.strerror or exc}") from exc  # fmt: skip
         if self.step % self.config.train.checkpoint_every == 0 and self.step < self.total_steps:
-            self.save_checkpoint()
+            try:
+                self.save_checkpoint()
+            except OSError as exc:
+                raise JobFailed(self._checkpoint_failure(exc)) from exc
         return report
+
+    def _checkpoint_failure(self, exc: OSError) -> str:
+        """Why a checkpoint write failed, and what of the earlier ones is left."""
+        try:
+            kept = ckpt.list_checkpoints(self.output)
+        except OSError:
+            kept = []
+        left = (f"the checkpoints before it are intact (newest: {kept[-1].name})" if kept
+                else "no earlier checkpoint was written")  # fmt: skip
+        return (f"output: cannot write the step-{self.step} checkpoint in {self.output / 'checkpoints'}: "
+                f"{exc.strerror or exc} ({type(exc).__name__}); {left}")
 
     # ---------------------------------------------------------------- files
 

@@ -396,7 +396,10 @@ class TrainingWorker:
             if kind == "assign":
                 self._join(*args)
             elif kind == "cancel":
-                if self._leave(args[0]) is not None:
+                info = self._jobs.get(args[0])
+                job = self._leave(args[0])
+                if job is not None:
+                    self._write_cancelled(job, info)
                     self._emit(args[0], "cancelled")
             elif kind == "preempt":
                 self._preempt(args[0])
@@ -542,6 +545,15 @@ class TrainingWorker:
         if job_id not in self.engine.jobs:
             return None
         return self.engine.remove_job(job_id)
+
+    def _write_cancelled(self, job, info) -> None:
+        """``job.json`` of a cancelled job (state ``cancelled``, the step it reached), as every output has one."""
+        try:
+            job.write_summary("cancelled")
+            if info is not None and info.remote_output is not None:
+                self._upload(info)
+        except OSError as exc:
+            log.error("%s: cannot write job.json of cancelled %s: %s", self.worker_id, job.name, exc)
 
     def _preempt(self, job_id: str, kind: str = "preempted") -> bool:
         job = self.engine.jobs.get(job_id)

@@ -181,3 +181,53 @@ def test_when_every_job_fails_alone_no_message_says_the_others_train_on(tmp_path
     assert [(e.job, e.kind) for e in events] == [("lora", "failed"), ("mix", "failed")]
     assert all(e.message == "training step 1 failed: RuntimeError: CUDA error: device-side assert triggered"
                for e in events)  # fmt: skip
+
+
+def test_a_checkpoint_that_cannot_be_written_fails_its_job_saying_what_is_left(tmp_path, monkeypatch):
+    """A disk error at a checkpoint was a bare ``[Errno 28] ...``: now which checkpoint, where, and what is intact."""
+    import dataclasses
+
+    from actors import checkpoint as ckpt
+
+    cfg = configs(tmp_path, "disk")
+    bad = dataclasses.replace(cfg["bad"], train=dataclasses.replace(cfg["bad"].train, checkpoint_every=2))
+    engine = FusedEngine(copy.deepcopy(BASE), make_tokenizer())
+    engine.add_job(cfg["lora"])
+    engine.add_job(bad)
+    real = ckpt.save_checkpoint
+
+    def full_disk(output, *args, **kwargs):
+        if str(output).endswith("bad") and engine.jobs["bad"].step == 4:
+            raise OSError(28, "No space left on device")
+        return real(output, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", full_disk)
+    events = []
+    while any(not job.done for job in engine.jobs.values()):
+        events += engine.step().events
+    (failed,) = [e for e in events if e.kind == "failed"]
+    assert failed.job == "bad" and failed.message == (
+        f"output: cannot write the step-4 checkpoint in {tmp_path / 'disk' / 'bad' / 'checkpoints'}: No space left "
+        "on device (OSError); the checkpoints before it are intact (newest: step-000002)")
+    assert {e.job for e in events if e.kind == "finished"} == {"lora"}
+
+
+def test_a_non_finite_loss_from_an_init_from_adapter_names_it(tmp_path):
+    import dataclasses
+
+    from actors import checkpoint as ckpt
+
+    cfg = configs(tmp_path, "nan")["bad"]
+    cfg = dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, target_modules=("q_proj", "v_proj", "down_proj")))
+    engine = FusedEngine(copy.deepcopy(BASE), make_tokenizer())
+    seed = engine.add_job(cfg)
+    with torch.no_grad():
+        for name, p in seed.adapter.named_parameters().items():
+            p.add_(1.0).mul_(1e30) if "lora_B" in name else p.mul_(1e6)  # finite, but the activations overflow
+    init = ckpt.write_adapter(tmp_path / "huge", seed.adapter.export_state(), seed.adapter.export_config("tiny"))
+    engine.remove_job("bad")
+    job = engine.add_job(dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, init_from=str(init)),
+                                             output=str(tmp_path / "nan-out")))  # fmt: skip
+    while not job.done:
+        engine.step()
+    assert "lower train.learning_rate, or check adapter.init_from (" in job.error and str(init) in job.error

@@ -355,6 +355,8 @@ def test_commands_apply_during_an_evaluation(worker, tmp_path, monkeypatch):
     assert kinds.index(("late", "joined")) < kinds.index(("short", "finished")), events
     assert ("short", "cancelled") not in events  # it had finished training: the late cancel finds nothing
     assert ("victim", "finished") not in events and ("late", "finished") in events
+    summary = json.loads(Path(victim.output, "job.json").read_text())  # every output has one, a cancelled one too
+    assert summary["state"] == "cancelled" and summary["name"] == "victim"
 
 
 def test_keep_checkpoints_0_deletes_them_after_the_finished_event(worker, tmp_path):
