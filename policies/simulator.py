@@ -45,8 +45,9 @@ from dataclasses import dataclass, field, replace
 from policies.catalogue import canonical, known_names
 from policies.cluster import ClusterSpec
 from policies.costmodel import Member
+from policies.decisions import InvalidSchedule, check_decisions, decision_list, raised_at
 from policies.fairstart import FifoClock, clock_settings
-from policies.interface import Policy, Preempt, Start
+from policies.interface import Policy, Start
 from policies.memory_model import (
     PACK_ANY_LENGTH,
     ActivationFit,
@@ -326,39 +327,29 @@ class Simulator:
     # --- decisions ----------------------------------------------------------------------------
 
     def _apply(self, decisions: list) -> None:
+        """Apply decisions that :func:`policies.decisions.check_decisions` passed on this instant's view."""
         touched: list[_Worker] = []
         for d in decisions:
             if isinstance(d, Start):
-                j, w = self.queued.get(d.job_id), self.by_wid.get(d.worker_id)
-                if j is None or w is None:
-                    raise SimulationError(f"{self.policy.name}: {d}: job not queued or worker unknown")
-                if w.down_until > self.now:
-                    raise SimulationError(f"{self.policy.name}: {d}: worker is restarting")
-                if w.jobs and w.jobs[0].t.base_model != j.t.base_model:
-                    raise SimulationError(f"{self.policy.name}: {d}: worker runs {w.jobs[0].t.base_model}")
+                j, w = self.queued.pop(d.job_id), self.by_wid[d.worker_id]
                 if not w.jobs:
                     w.ready_at = self.now
                     if w.loaded != j.t.base_model:
                         w.loaded = j.t.base_model
                         w.ready_at = self.now + self.cost.load_time_s(j.model)
-                del self.queued[d.job_id]
                 j.worker, j.start = w, self.now
                 if j.first_start is None:
                     j.first_start = self.now
                 w.jobs.append(j)
                 if w not in touched:
                     touched.append(w)
-            elif isinstance(d, Preempt):
-                j = self.jobs.get(d.job_id)
-                if j is None or j.worker is None:
-                    raise SimulationError(f"{self.policy.name}: {d}: job is not running")
+            else:  # Preempt
+                j = self.jobs[d.job_id]
                 if not j.preempt_pending:
                     j.preempt_pending = True
                     self.preemptions += 1
                     if j.worker not in touched:
                         touched.append(j.worker)
-            else:
-                raise SimulationError(f"{self.policy.name}: {d!r} is not a decision (Start or Preempt)")
         for w in touched:
             self._check_memory(w)
             self._reschedule(w)
@@ -449,7 +440,7 @@ class Simulator:
                     next_wake = wake(view) if wake is not None else None
                 except Exception as err:  # a custom policy's bug: one clear line, not a traceback
                     raise SimulationError(f"{self.policy.name}: {call} raised at t={self.now:.0f}s: "
-                                          f"{_where(err)}{type(err).__name__}: {err}") from err  # fmt: skip
+                                          f"{raised_at(err)}{type(err).__name__}: {err}") from err  # fmt: skip
                 if next_wake is not None and (isinstance(next_wake, bool) or not isinstance(next_wake, int | float)
                                               or math.isnan(next_wake)):  # fmt: skip
                     raise SimulationError(f"{self.policy.name}: wake_at() returned {next_wake!r}; it must return a "
@@ -461,17 +452,20 @@ class Simulator:
                     idle_wakes = 0
                 if time_decisions:
                     timings.append(time.perf_counter() - start)
-                if not isinstance(decisions, (list, tuple)):
-                    raise SimulationError(
-                        f"{self.policy.name}: schedule() returned {type(decisions).__name__}; it must return a list "
-                        f"of Start and Preempt decisions (an empty list leaves everything as it is)")
+                try:
+                    decisions = decision_list(decisions)
+                except InvalidSchedule as err:
+                    raise SimulationError(f"{self.policy.name}: {err}") from None
                 if instant_cycles > instant_limit:
                     shown = ", ".join(map(repr, decisions[:4])) or "none"
                     raise SimulationError(
                         f"{self.policy.name}: {instant_cycles} scheduling cycles at t={self.now:.0f}s without time "
                         f"passing: the policy keeps starting and preempting jobs that have not run (last decisions: "
                         f"{shown})")  # fmt: skip
-                self._apply(decisions)
+                valid, problems = check_decisions(decisions, view)
+                if problems:  # a policy under test must be exact (the controller skips these and goes on)
+                    raise SimulationError(f"{self.policy.name}: {problems[0]}")
+                self._apply(valid)
                 if self.oom_count - ooms_at_finish > oom_limit:
                     raise SimulationError(
                         f"{self.policy.name}: {self.oom_count - ooms_at_finish} OOMs in a row with no job finishing "
@@ -495,14 +489,6 @@ class Simulator:
         more = "..." if len(self.queued) > len(stuck) else ""
         return (f"{self.policy.name}: stalled at t={self.now:.0f}s with {len(self.queued)} job(s) queued "
                 f"({', '.join(stuck)}{more}) and nothing running or arriving" + (f"; {detail}" if detail else ""))  # fmt: skip
-
-
-def _where(err: BaseException) -> str:
-    """``file:line: `` of the innermost frame of ``err``'s traceback (where a policy's code raised)."""
-    tb = err.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}: " if tb is not None else ""
 
 
 def simulate(trace: Sequence[TraceJob], cluster: ClusterSpec, policy: Policy, *, seed: int = 0,
