@@ -92,7 +92,7 @@ def check_decisions(decisions: Sequence[Decision], view: ClusterView) -> tuple[l
                 where = "running" if d.job_id in running else "not in the view (unknown or ended)"
                 bad(i, d, f"job not queued: it is {where}")
             elif w is None:
-                bad(i, d, f"worker unknown: not in the view (workers: {_some(workers)})")
+                bad(i, d, "worker unknown: not in the view")
             elif not w.accepting:
                 bad(i, d, "worker is not accepting jobs (restarting, loading or draining)")
             elif runs.get(d.worker_id, job.base_model) != job.base_model:
@@ -122,7 +122,3 @@ def raised_at(err: BaseException) -> str:
         tb = tb.tb_next
     return f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}: " if tb is not None else ""
 
-
-def _some(ids: dict[str, object], limit: int = 5) -> str:
-    names = sorted(ids)
-    return (", ".join(names[:limit]) + (", ..." if len(names) > limit else "")) or "none"
