@@ -75,6 +75,8 @@ from policies import (
     WorkerView,
     parse_policy_config,
 )
+from policies.builtin import fifo
+from policies.decisions import DecisionProblem, InvalidSchedule, check_decisions, decision_list, raised_at
 from policies.fairstart import FifoClock, clock_settings
 from policies.framework import alone_bytes, largest_memory
 from policies.memory_model import (
@@ -111,6 +113,10 @@ LOG_TRIM_BATCH = 100  # _trim_logs works once this many ended jobs are over ENDE
 METRIC_SAMPLES_KEPT = 512  # step/loss samples kept per job for job_metrics (thinned by half when full)
 MAX_METRIC_RECORDS = 5000  # most records job_metrics returns (evenly thinned, the last one kept)
 METRICS_READ_LIMIT = 4 << 20  # bytes of a URI output's metrics.jsonl logs and job_metrics read (its end)
+FALLBACK_POLICY = "fifo"  # what schedules a pass whose policy's schedule() failed (Controller._decide)
+STILL_FAILING_LOG_S = 300.0  # a failing policy's "still failing" log line, at most this often
+DISTINCT_ERRORS_LOGGED = 20  # a failing policy's distinct errors logged in full (each once) before only the reminder
+SKIPPED_SHOWN = 5  # skipped decisions of the last pass that get_policy returns
 
 
 class SpecRejected(ValueError):
@@ -484,6 +490,12 @@ class Controller:
         self._ticks = 0
         self._last_error: str | None = None
         self._started = time.time()
+        # A policy whose schedule() fails (raises, or returns no list of decisions): the pass falls back
+        # to fifo and this says since when and why (policy show, status's waiting note); None: it works.
+        self._fallback = fifo()
+        self._failure: dict[str, Any] | None = None
+        self._skipped: dict[str, DecisionProblem] = {}  # the last pass's skipped decisions, by their text
+        self._apply_failed: dict[str, DecisionProblem] = {}  # the last pass's decisions that raised when applied
         # The policy: the saved one (policy.json: the last set_policy survives restarts), unless this
         # start names another. Ray replays the constructor's arguments when it restarts the actor,
         # so a policy given at start that equals the one given when policy.json was written is no
@@ -514,6 +526,7 @@ class Controller:
         return {"pid": os.getpid(), "started": self._started, "policy": self.policy.name,
                 "store": str(self.store.path), "storage": self.storage, "ticks": self._ticks,
                 "recovered": len(self.recovered), "last_error": self._last_error,
+                "policy_failing": self._failure_text(),
                 "auth": "api-keys" if self.store.has_users() else "single-user",
                 "allowed_prefixes": list(self.allowed_prefixes), "allow_remote_code": self.allow_remote_code,
                 "max_upload_bytes": self.max_upload_bytes,
@@ -1151,15 +1164,41 @@ class Controller:
         return records
 
     def set_policy(self, doc: Mapping[str, Any], api_key: str | None = None) -> dict[str, Any]:
-        """Swap the policy at run time (admin-only; jobs keep running); raises ``ValueError`` for a bad config."""
+        """Swap the policy at run time (admin-only; jobs keep running); raises ``ValueError`` for a bad config.
+
+        With jobs queued, the new policy's ``schedule()`` first runs once on the current view (a dry run:
+        it is pure, and the loop would call it on this very view within a pass): a policy that raises or
+        returns no list of decisions there is refused, naming the error, and the current one stays; its
+        decisions that would be skipped come back as warnings. A dry run cannot prove a policy right on
+        every state: the loop's fallback to fifo (:meth:`_decide`) stays."""
         self._require_admin(api_key, "set the policy")
         warnings: list[str] = []
         policy = parse_policy_config(dict(doc), source="policy", warnings=warnings)  # PolicyConfigError: a ValueError
         settings = clock_settings(policy)  # a custom policy's fair_clock too; checked before the swap
+        label = _policy_label(doc, policy)
         with self._lock:
+            try:
+                view = self._view(time.time())
+            except Exception as exc:  # no dry run then; the loop's fallback still covers the policy
+                log.warning("policy %s: no dry run, the current view could not be built: %s", label, exc)
+                view = ClusterView(time.time(), (), (), ())
+            if view.queued:
+                try:
+                    decisions = decision_list(policy.schedule(view))
+                except Exception as err:  # whatever a custom policy raises
+                    raise ValueError(
+                        f"policy {label}: schedule() failed on the current queue ({len(view.queued)} queued, "
+                        f"{len(view.running)} running jobs): {_error_text(err)}; not set, policy "
+                        f"{_policy_label(self.policy_doc, self.policy)} stays") from None  # fmt: skip
+                warnings += [f"policy {label}: on the current queue, {p} (such a decision is skipped)"
+                             for p in check_decisions(decisions, view)[1][:SKIPPED_SHOWN]]  # fmt: skip
             self.policy, self.policy_doc = policy, dict(doc)
             self._follow_clock_settings(settings)
             self._save_policy()
+            if self._failure is not None:
+                log.info("policy %s replaced by %s: the fallback to %s ends", self._failure["policy"], label,
+                         FALLBACK_POLICY)  # fmt: skip
+            self._failure, self._skipped = None, {}
         log.info("policy set to %s", policy.name)
         for line in warnings:  # valid, so set; the CLI printed them too (orchestrator.commands.up.read_policy)
             log.warning("%s", line)
@@ -1174,7 +1213,11 @@ class Controller:
                 self._clock_settings = settings
 
     def get_policy(self) -> dict[str, Any]:
-        return {"name": self.policy.name, "config": self.policy_doc}
+        """The policy's name and config; ``failing``: why its ``schedule()`` fails and that fifo schedules
+        meanwhile (None while it works); ``skipped``: its invalid decisions of the last pass."""
+        with self._lock:
+            return {"name": self.policy.name, "config": self.policy_doc, "failing": self._failure_text(),
+                    "skipped": [str(p) for p in list(self._skipped.values())[:SKIPPED_SHOWN]]}  # fmt: skip
 
     def explain(self, job: str, api_key: str | None = None) -> str:
         """The policy's breakdown for a job in the current view (its owner or an admin).
@@ -1299,15 +1342,27 @@ class Controller:
     # ------------------------------------------------------------------ loop
 
     def tick(self) -> None:
-        """One policy-loop iteration (the loop thread calls this every ``loop_interval_s``)."""
+        """One policy-loop iteration (the loop thread calls this every ``loop_interval_s``).
+
+        Housekeeping (log trimming, metrics) runs even when the pass failed; the first error is raised
+        after it."""
         with self._lock:
             now = time.time()
-            self._poll(now)
-            self._reap(now)
-            self._schedule(now)
-            self._trim_logs()
-            self._export_metrics()
+            failure: Exception | None = None
+            for step in (lambda: self._poll(now), lambda: self._reap(now), lambda: self._schedule(now)):
+                try:
+                    step()
+                except Exception as exc:  # the rest of the pass is skipped, housekeeping is not
+                    failure = exc
+                    break
+            for chore in (self._trim_logs, self._export_metrics):
+                try:
+                    chore()
+                except Exception as exc:
+                    failure = failure or exc
             self._ticks += 1
+            if failure is not None:
+                raise failure
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -1315,8 +1370,10 @@ class Controller:
                 self.tick()
                 self._last_error = None
             except Exception as exc:  # the loop must survive anything; the error is kept for ping()
-                self._last_error = f"{type(exc).__name__}: {exc}"
-                log.exception("policy loop iteration failed")
+                text = f"{type(exc).__name__}: {exc}"
+                if text != self._last_error:  # its traceback once, not every loop_interval_s
+                    log.exception("policy loop iteration failed (logged once while it repeats)")
+                self._last_error = text
             self._stop.wait(self.loop_interval_s)
 
     def _recover(self) -> list[str]:
@@ -1573,17 +1630,96 @@ class Controller:
     def _schedule(self, now: float) -> None:
         view = self._view(now)
         self._account_usage(view)
-        decisions = self.policy.schedule(view) if view.queued else []
+        if view.queued:
+            decisions = self._decide(view)
+        else:  # the policy is not asked (nothing to place): its failure, if any, stays until it is
+            decisions, self._skipped = [], {}
         self._note_waiting(view, {d.job_id for d in decisions if isinstance(d, Start)})
         created: dict[str, str] = {}  # free-gpu slot -> new worker id, within this batch
+        failed: dict[str, DecisionProblem] = {}
         for d in decisions:
-            if isinstance(d, Preempt):
-                self._preempt(d.job_id)
-            elif isinstance(d, Start):
-                wid = created.get(d.worker_id, d.worker_id)
-                wid = self._start(d.job_id, wid)
-                if wid and d.worker_id.startswith(FREE_PREFIX):
-                    created[d.worker_id] = wid
+            try:
+                if isinstance(d, Preempt):
+                    self._preempt(d.job_id)
+                else:
+                    wid = created.get(d.worker_id, d.worker_id)
+                    wid = self._start(d.job_id, wid)
+                    if wid and d.worker_id.startswith(FREE_PREFIX):
+                        created[d.worker_id] = wid
+            except Exception as exc:  # one decision that cannot be carried out does not stop the others
+                problem = DecisionProblem(-1, d, f"could not be applied: {_error_text(exc)}")
+                if str(problem) not in self._apply_failed:  # once while it repeats
+                    log.warning("policy %s: %s", _policy_label(self.policy_doc, self.policy), problem, exc_info=exc)
+                failed[str(problem)] = problem
+        self._apply_failed = failed
+        self._skipped.update(failed)
+
+    def _decide(self, view: ClusterView) -> list[Start | Preempt]:
+        """The policy's valid decisions for ``view``.
+
+        * ``schedule()`` raises or returns no list of decisions (:func:`policies.decisions.decision_list`):
+          the built-in fifo policy decides this pass instead, so jobs keep being placed; the error is
+          logged with its traceback once per distinct error (then a "still failing" line at most every
+          ``STILL_FAILING_LOG_S``) and kept for ``policy show``, ``ping`` and the queued jobs' waiting
+          note until a pass of the policy works or another policy is set.
+        * an invalid decision (:func:`policies.decisions.check_decisions`: unknown or not queued job,
+          unknown or busy worker, preempting a job not running, a duplicate) is skipped with one log
+          line while it repeats; the valid decisions of the pass still apply."""
+        policy, label = self.policy, _policy_label(self.policy_doc, self.policy)
+        try:
+            decisions = decision_list(policy.schedule(view))
+        except Exception as err:  # whatever a custom policy raises
+            self._policy_failed(label, err)
+            policy, label = self._fallback, FALLBACK_POLICY
+            try:
+                decisions = decision_list(policy.schedule(view))
+            except Exception as again:  # the fallback itself (the failing policy was fifo): nothing this pass
+                if self._failure is not None and self._failure.get("fallback_error") != _error_text(again):
+                    log.error("fallback policy %s failed too: nothing is scheduled", FALLBACK_POLICY, exc_info=again)
+                    self._failure["fallback_error"] = _error_text(again)
+                return []
+        else:
+            self._policy_works(label)
+        valid, problems = check_decisions(decisions, view)
+        skipped = {str(p): p for p in problems}
+        for text in skipped.keys() - self._skipped.keys():  # once while the same decision keeps being made
+            log.warning("policy %s: skipped %s", label, text)
+        self._skipped = skipped
+        return valid
+
+    def _policy_failed(self, label: str, err: BaseException) -> None:
+        now, text = time.time(), _error_text(err)
+        f = self._failure
+        if f is None or f["policy"] != label:
+            f = self._failure = {"policy": label, "since": now, "passes": 0, "error": text, "logged": set(),
+                                 "reminded": now}  # fmt: skip
+        f["passes"] += 1
+        f["error"] = text
+        if text not in f["logged"] and len(f["logged"]) < DISTINCT_ERRORS_LOGGED:
+            f["logged"].add(text)
+            log.error("policy %s: schedule() failed: %s; scheduling falls back to %s until it works or is replaced "
+                      "(lorafleet policy set)", label, text, FALLBACK_POLICY, exc_info=err)  # fmt: skip
+            f["reminded"] = now
+        elif now - f["reminded"] >= STILL_FAILING_LOG_S:
+            log.warning("policy %s still failing (%d passes since %s, on %s): %s", label, f["passes"],
+                        time.strftime("%H:%M:%S", time.localtime(f["since"])), FALLBACK_POLICY, text)  # fmt: skip
+            f["reminded"] = now
+
+    def _policy_works(self, label: str) -> None:
+        f = self._failure
+        if f is not None:
+            log.info("policy %s works again after %d failed passes; the fallback to %s ends", label, f["passes"],
+                     FALLBACK_POLICY)  # fmt: skip
+            self._failure = None
+
+    def _failure_text(self) -> str | None:
+        """``policy X FAILING since HH:MM:SS: error; ...`` while the policy's schedule() fails, else None."""
+        f = self._failure
+        if f is None:
+            return None
+        since = time.strftime("%H:%M:%S", time.localtime(f["since"]))
+        return (f"policy {f['policy']} FAILING since {since}: {f['error']}; scheduling falls back to "
+                f"{FALLBACK_POLICY} until it is fixed or replaced (lorafleet policy set)")  # fmt: skip
 
     def _load_usage(self) -> dict[str, float]:
         """``usage.json`` (``{"at": time, "usage": {owner: GPU-seconds}}``), decayed for the time since it
@@ -1636,12 +1772,29 @@ class Controller:
           policy's, 0 for a custom policy without one); a larger worker joining clears it;
         * else, a rule of the policy that names its workers up front keeps it off workers: aspen's
           ``quotas`` and ``gpu_quotas`` (the policy's own ``held``, the reasons ``policy explain``
-          shows), for the jobs this pass did not start (``started``).
+          shows), for the jobs this pass did not start (``started``);
+        * the policy's ``schedule()`` fails (:meth:`_decide`): fifo places jobs meanwhile, and the note
+          says so (the policy's own rules are not applied then);
+        * the policy's Start of the job was skipped as invalid (:func:`policies.decisions.check_decisions`).
 
         Linear in the queue (one pass, then one ``held`` call); scheduling is not changed."""
         found = self._unplaceable(view)
         kinds = dict.fromkeys(found, "memory")
-        held = getattr(self.policy, "held", None)
+        failing = self._failure_text()
+        held = getattr(self.policy, "held", None) if failing is None else None
+        if failing is not None:
+            for job in view.queued:
+                if job.job_id not in started:
+                    also = f"; also, it {found[job.job_id]}" if job.job_id in found else ""
+                    found[job.job_id] = f"{failing}{also}"
+                    kinds[job.job_id] = "policy failing"
+        for problem in self._skipped.values():
+            job_id = problem.decision.job_id
+            if (isinstance(problem.decision, Start) and isinstance(job_id, str) and job_id not in found
+                    and job_id not in started):  # fmt: skip
+                found[job_id] = (f"the policy's decision {problem} was skipped; it waits for a valid one "
+                                 f"(`lorafleet policy show` lists the skipped decisions)")  # fmt: skip
+                kinds[job_id] = "decision skipped"
         if callable(held) and view.queued:
             try:
                 rules = held(view)
@@ -1691,14 +1844,17 @@ class Controller:
     def _start(self, job_id: str, worker_id: str) -> str | None:
         rec = self.store.get(job_id)
         if rec.state != JobState.QUEUED:
+            log.warning("start of %s on %s skipped: the job is %s, not QUEUED", job_id, worker_id, rec.state)
             return None
         spec = effective_spec(rec)
         w = self._workers.get(worker_id)
         if w is None and not worker_id.startswith(FREE_PREFIX):
-            return None  # a worker that left since the view was built
+            log.warning("start of %s skipped: worker %s is gone", job_id, worker_id)
+            return None  # a worker that left since the view was built (check_decisions saw it in the view)
         if w is not None and w.base_model != spec.base_model:
-            if w.assigned:
-                return None  # the policy should not do this; wait for the worker to drain
+            if w.assigned:  # check_decisions refuses this; wait for the worker to drain
+                log.warning("start of %s skipped: worker %s runs %s", job_id, worker_id, w.base_model)
+                return None
             self._stop_worker(w, f"switching to base model {spec.base_model}")
             w = None
         if w is None:
@@ -1834,6 +1990,19 @@ class Controller:
 
         atomic_write_json(self._policy_file, self.policy_doc)
         atomic_write_json(self._policy_start_file, self._start_policy)
+
+
+def _policy_label(doc: Mapping[str, Any], policy: Any) -> str:
+    """How the admin named the policy: ``mymod:MyPolicy`` or a built-in's name."""
+    named = doc.get("policy") if isinstance(doc, Mapping) else None
+    return named if isinstance(named, str) and named else str(getattr(policy, "name", "?"))
+
+
+def _error_text(err: BaseException) -> str:
+    """A policy's error in one line of at most 300 characters: where its code raised, the type and message."""
+    text = str(err) if isinstance(err, InvalidSchedule) else f"{raised_at(err)}{type(err).__name__}: {err}"
+    text = " ".join(text.split())
+    return text if len(text) <= 300 else f"{text[:297]}..."
 
 
 def _norm_prefix(prefix: str) -> str:
