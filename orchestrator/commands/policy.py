@@ -39,5 +39,9 @@ def run(args: argparse.Namespace) -> int:
     except (client.ClusterError, client.NoControllerError, ValueError, PermissionError, LookupError) as exc:
         raise UserError(str(exc)) from None
     print(f"policy: {out['name']}")
+    if out.get("failing"):  # its schedule() fails: fifo places jobs meanwhile (the controller's _decide)
+        print(out["failing"])
+    for line in out.get("skipped") or ():  # its invalid decisions of the last pass, each skipped
+        print(f"skipped decision: {line}")
     print(json.dumps(out["config"], indent=1, sort_keys=True))
     return 0

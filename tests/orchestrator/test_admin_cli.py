@@ -151,3 +151,35 @@ def test_policy_set_warns_of_a_quota_of_zero_and_status_says_why_the_job_waits(
     assert capsys.readouterr().err == ""
     ctl.tick()
     assert ctl.status(job)["state"] == "PROFILING" and "waiting" not in ctl.status(job)
+
+
+def test_policy_show_prints_a_failing_policy_and_policy_set_refuses_one_that_raises_on_the_queue(
+        ctl: Controller, fake_workers, capsys, tmp_path: Path):  # fmt: skip
+    """The audit: `policy set` took a policy whose schedule() raises (exit 0), `policy show` showed it as
+    normal while no job was placed. Now show prints the failure and the fallback to fifo, and set
+    refuses such a policy while jobs are queued (its schedule() is dry-run on the current queue)."""
+    import re
+
+    from tests.orchestrator.test_controller_logic import HERE
+
+    path = tmp_path / "pol.yaml"
+    path.write_text(f"policy: {HERE}:Failing\n")
+    assert cli.main(["policy", "set", str(path)]) == 0  # nothing queued: nothing to dry-run on
+    capsys.readouterr()
+    job = ctl.submit(spec("j"), owner="root")["id"]
+    ctl.tick()
+    assert cli.main(["policy", "show"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "policy: failing"
+    assert re.fullmatch(rf"policy {HERE}:Failing FAILING since \d\d:\d\d:\d\d: \S+: RuntimeError: boom; scheduling "
+                        r"falls back to fifo until it is fixed or replaced \(lorafleet policy set\)", out[1])  # fmt: skip
+    assert ctl.status(job)["waiting"] == out[1]
+    path.write_text("policy: fifo\n")
+    assert cli.main(["policy", "set", str(path)]) == 0  # replaced: the failure goes
+    assert capsys.readouterr().out.splitlines()[:2] == ["policy: fifo", "{"]
+    path.write_text(f"policy: {HERE}:Failing\n")
+    assert cli.main(["policy", "set", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"lorafleet policy: error: policy {HERE}:Failing: schedule\(\) failed on the current queue \(1 queued, 0 "
+                        r"running jobs\): \S+: RuntimeError: boom; not set, policy fifo stays\n", err)  # fmt: skip
+    assert ctl.get_policy()["name"] == "fifo"
