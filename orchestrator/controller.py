@@ -1176,6 +1176,7 @@ class Controller:
         policy = parse_policy_config(dict(doc), source="policy", warnings=warnings)  # PolicyConfigError: a ValueError
         settings = clock_settings(policy)  # a custom policy's fair_clock too; checked before the swap
         label = _policy_label(doc, policy)
+        dry_run: list[str] = []  # its invalid decisions on the current queue (the CLI prints them)
         with self._lock:
             try:
                 view = self._view(time.time())
@@ -1190,8 +1191,8 @@ class Controller:
                         f"policy {label}: schedule() failed on the current queue ({len(view.queued)} queued, "
                         f"{len(view.running)} running jobs): {_error_text(err)}; not set, policy "
                         f"{_policy_label(self.policy_doc, self.policy)} stays") from None  # fmt: skip
-                warnings += [f"policy {label}: on the current queue, {p} (such a decision is skipped)"
-                             for p in check_decisions(decisions, view)[1][:SKIPPED_SHOWN]]  # fmt: skip
+                dry_run = [f"policy {label}: on the current queue, {p} (such a decision is skipped)"
+                           for p in check_decisions(decisions, view)[1][:SKIPPED_SHOWN]]  # fmt: skip
             self.policy, self.policy_doc = policy, dict(doc)
             self._follow_clock_settings(settings)
             self._save_policy()
@@ -1200,9 +1201,9 @@ class Controller:
                          FALLBACK_POLICY)  # fmt: skip
             self._failure, self._skipped = None, {}
         log.info("policy set to %s", policy.name)
-        for line in warnings:  # valid, so set; the CLI printed them too (orchestrator.commands.up.read_policy)
+        for line in warnings + dry_run:  # valid, so set; the CLI printed them too (orchestrator.commands.up.read_policy)
             log.warning("%s", line)
-        return {**self.get_policy(), "warnings": warnings}
+        return {**self.get_policy(), "warnings": warnings, "dry_run": dry_run}
 
     def _follow_clock_settings(self, settings: dict[str, Any]) -> None:
         """Other FIFO clock settings (the policy's ``fair_clock``) get a new clock: jobs booked on

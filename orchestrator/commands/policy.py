@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from orchestrator.cli import UserError
 
@@ -38,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
             out = client.call("get_policy")
     except (client.ClusterError, client.NoControllerError, ValueError, PermissionError, LookupError) as exc:
         raise UserError(str(exc)) from None
+    for line in out.get("dry_run") or ():  # set: its invalid decisions on the current queue (skipped when live)
+        print(f"warning: {line}", file=sys.stderr)
     print(f"policy: {out['name']}")
     if out.get("failing"):  # its schedule() fails: fifo places jobs meanwhile (the controller's _decide)
         print(out["failing"])

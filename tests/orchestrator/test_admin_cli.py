@@ -183,3 +183,9 @@ def test_policy_show_prints_a_failing_policy_and_policy_set_refuses_one_that_rai
     assert re.fullmatch(rf"lorafleet policy: error: policy {HERE}:Failing: schedule\(\) failed on the current queue \(1 queued, 0 "
                         r"running jobs\): \S+: RuntimeError: boom; not set, policy fifo stays\n", err)  # fmt: skip
     assert ctl.get_policy()["name"] == "fifo"
+    path.write_text(f"policy: {HERE}:BadDecisions\n")  # invalid decisions on the queue: set, each a warning
+    assert cli.main(["policy", "set", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("policy: failing\n") and err.startswith(
+        f"warning: policy {HERE}:BadDecisions: on the current queue, Start(job_id='no-such-job', worker_id='free-gpu-0'): "
+        "job not queued: it is not in the view (unknown or ended) (such a decision is skipped)\n")  # fmt: skip

@@ -861,6 +861,9 @@ def test_policy_set_dry_runs_the_new_policy_on_the_current_queue(tmp_path, fake_
         assert c.get_policy()["name"] == "fifo" and c.policy_doc == {"policy": "fifo"}
         c.num_gpus = 1
         out = c.set_policy({"policy": f"{HERE}:BadDecisions"})  # invalid decisions: set, with warnings
-        assert out["name"] == "failing" and any("no-such-job" in w and "skipped" in w for w in out["warnings"])
+        assert out["name"] == "failing" and out["warnings"] == []
+        assert out["dry_run"][0] == (f"policy {HERE}:BadDecisions: on the current queue, Start(job_id='no-such-job', "
+                                     "worker_id='free-gpu-0'): job not queued: it is not in the view (unknown or "
+                                     "ended) (such a decision is skipped)")  # fmt: skip
     finally:
         c.store.close()
