@@ -32,7 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "admin": ("orchestrator.commands.admin", "users and API keys on a shared cluster: add-user, remove-user, users, whoami; prune old jobs"),
     "submit": ("orchestrator.commands.jobs", "submit job specs (and their data) to a cluster; --wait follows them"),
     "run": ("orchestrator.commands.run", "register one job and follow it to the end (inside `ray job submit`)"),
-    "list": ("orchestrator.commands.jobs", "your jobs on the cluster"),
+    "list": ("orchestrator.commands.jobs", "your jobs on the cluster (--all: every owner's)"),
     "status": ("orchestrator.commands.jobs", "state, step/total, loss, tokens/s, ETA of jobs (--json)"),
     "logs": ("orchestrator.commands.jobs", "a job's progress lines (-f follows)"),
     "cancel": ("orchestrator.commands.jobs", "cancel a job"),

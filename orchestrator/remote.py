@@ -413,8 +413,13 @@ class Client:
         """One job (id or name) with its state history."""
         return self._call("status", job=job, owner=self.owner)
 
-    def list(self, *, states: Sequence[str] | None = None, limit: int | None = None) -> list[dict[str, Any]]:
-        """This owner's jobs, newest first (at most ``limit``; None: all)."""
+    def list(self, *, states: Sequence[str] | None = None, limit: int | None = None,
+             all: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+        """This owner's jobs, newest first (at most ``limit``; None: all). ``all``: every owner's
+        jobs; another owner's show only the controller's public fields (``PUBLIC_FIELDS``, with
+        ``redacted: True``) unless the caller is an admin (single-user mode: everyone is)."""
+        if all:
+            return self._call("list_jobs", states=list(states) if states else None, limit=limit)
         if self.api_key and not self.owner:  # the key decides who "this owner" is
             return self._call("list_jobs", states=list(states) if states else None, mine=True, limit=limit)
         return self._call("list_jobs", states=list(states) if states else None, owner=self.owner, limit=limit)

@@ -46,11 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--wait", action="store_true", help="follow the jobs; exit 1 if one fails")
     elif command == "list":
         parser.add_argument("--json", action="store_true")
+        parser.add_argument("--all", action="store_true", help=ALL_HELP)
         parser.add_argument("--limit", type=_count, default=LIST_LIMIT,
                             help=f"the newest N jobs (default {LIST_LIMIT}; 0: all, slow on a store of 10^4 jobs)")
     elif command == "status":
         parser.add_argument("job", nargs="?", help="job id or name (default: your newest jobs)")
         parser.add_argument("--json", action="store_true")
+        parser.add_argument("--all", action="store_true", help="without a job: " + ALL_HELP)
         parser.add_argument("--limit", type=_count, default=LIST_LIMIT,
                             help=f"without a job: the newest N (default {LIST_LIMIT}; 0: all)")
     elif command == "logs":
@@ -71,6 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     elif command == "plot":
         parser.add_argument("jobs", nargs="+", metavar="JOB")
         parser.add_argument("-o", "--output", default="loss.png")
+
+
+ALL_HELP = ("every owner's jobs, not only yours (another owner's job shows only its public fields: id, name, "
+            "owner, state, priority, times, worker; an admin sees everything)")
 
 
 def _count(text: str) -> int:
@@ -99,6 +105,9 @@ def _row(record: dict) -> dict:
     row = {k: record.get(k) for k in ("id", "name", "state", "step", "total_steps", "loss", "tokens_per_s",
                                        "worker", "priority", "owner", "error", "output")}  # fmt: skip
     row["eval"] = (record.get("extra") or {}).get("eval")
+    if record.get("redacted"):  # `--all`: another owner's job, its private fields withheld (not unknown)
+        row = {k: v for k, v in row.items() if k in record}
+        row["redacted"] = True
     if record.get("waiting"):  # only `status JOB` has it: why a queued job cannot start anywhere
         row["waiting"] = record["waiting"]
     return row
@@ -134,6 +143,9 @@ COLUMNS = ("id", "name", "state", "step", "loss", "tok/s", "ETA", "worker", "pri
 
 
 def _cells(r: dict) -> list[str]:
+    if r.get("redacted"):  # another owner's job (`--all`): its progress is not shown to you
+        return [str(r["id"]), str(r["name"]), str(r["state"]), "-", "-", "-", "-", str(r.get("worker") or "-"),
+                str(r.get("priority", 0)), str(r.get("owner") or "-")]  # fmt: skip
     return [str(r["id"]), str(r["name"]), str(r["state"]), f"{r.get('step') or 0}/{r.get('total_steps') or '?'}",
             fmt_float(r.get("loss")), fmt_float(r.get("tokens_per_s"), 0), _eta(r), str(r.get("worker") or "-"),
             str(r.get("priority", 0)), str(r.get("owner") or "-")]  # fmt: skip
@@ -231,9 +243,10 @@ def follow(client: Client, job_ids: list[str], poll_s: float = 3.0) -> int:
 LIST_LIMIT = 100  # the store keeps every job: listing 10^4 took ~1 s, 10^5 ~10 s
 
 
-def _newest(client: Client, limit: int) -> list[dict]:
-    """The caller's newest ``limit`` jobs (0: all); a note on stderr when there are more."""
-    records = client.list(limit=limit + 1 if limit else None)
+def _newest(client: Client, limit: int, all_owners: bool = False) -> list[dict]:
+    """The caller's (``all_owners``: everyone's) newest ``limit`` jobs (0: all); a note on stderr
+    when there are more."""
+    records = client.list(limit=limit + 1 if limit else None, all=all_owners)
     if limit and len(records) > limit:
         records = records[:limit]
         print(f"(the newest {limit} jobs; --limit 0 lists all)", file=sys.stderr)
@@ -241,7 +254,7 @@ def _newest(client: Client, limit: int) -> list[dict]:
 
 
 def do_list(client: Client, args: argparse.Namespace) -> int:
-    records = _newest(client, args.limit)
+    records = _newest(client, args.limit, args.all)
     if args.json:
         print(json.dumps([_row(r) for r in records], indent=2))
     else:
@@ -250,7 +263,10 @@ def do_list(client: Client, args: argparse.Namespace) -> int:
 
 
 def do_status(client: Client, args: argparse.Namespace) -> int:
-    records = [client.status(args.job)] if args.job else _newest(client, args.limit)
+    if args.job and args.all:
+        raise UserError(f"--all: lists every owner's jobs, so it takes no JOB (got {args.job!r}); "
+                        "drop one of them")  # fmt: skip
+    records = [client.status(args.job)] if args.job else _newest(client, args.limit, args.all)
     if args.json:
         print(json.dumps([_row(r) for r in records], indent=2))
         return 0
