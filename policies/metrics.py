@@ -4,11 +4,13 @@
   order statistics, as numpy's default).
 * queueing delay = first start - submit (mean).
 * makespan = last finish - first submit.
-* utilisation = worker-seconds spent computing / (workers * makespan); loading, restarting and
-  idle time count as not utilised.
+* utilisation = worker-seconds spent computing / (usable workers * makespan); loading, restarting
+  and idle time count as not utilised. A worker too small for every job of the trace, even alone
+  (``SimResult.unusable_workers``), is not counted: it could never run anything (listed in
+  ``unusable_workers``; before 2026-12-08 it counted as idle).
 * finish-time fairness (Themis) rho = JCT / solo time, where solo time is the job alone on the
-  fastest worker including its model load: mean and max (1 is running alone; larger is worse; a
-  job that finds its model already loaded can come in under 1, by its load time).
+  fastest worker it fits on, including its model load: mean and max (1 is running alone; larger is
+  worse; a job that finds its model already loaded can come in under 1, by its load time).
 * per priority: count, mean, p50 and p99 JCT of the jobs of that priority.
 """
 
@@ -56,6 +58,7 @@ class Metrics:
     ftf_mean: float
     ftf_max: float
     per_priority: dict[int, ClassMetrics]
+    unusable_workers: tuple[str, ...] = ()  # too small for every job of the trace: not in utilisation
 
     def as_dict(self) -> dict:
         """JSON-ready; ``per_priority`` keys become strings."""
@@ -84,10 +87,11 @@ def summarise(result: SimResult) -> Metrics:
         p99_jct_s=percentile(jct, 99),
         mean_queue_s=sum(j.queue_s for j in jobs) / len(jobs),
         makespan_s=makespan,
-        utilisation=result.busy_s / (result.num_workers * makespan) if makespan > 0 else 0.0,
+        utilisation=result.busy_s / (result.usable_workers * makespan) if makespan > 0 else 0.0,
         oom_count=result.oom_count,
         preemptions=result.preemptions,
         ftf_mean=sum(rho) / len(rho) if rho else 0.0,
         ftf_max=max(rho) if rho else 0.0,
         per_priority=classes,
+        unusable_workers=tuple(result.unusable_workers),
     )

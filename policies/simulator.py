@@ -86,8 +86,8 @@ class JobRecord:
     submit_s: float
     first_start_s: float
     finish_s: float
-    solo_s: float  # load + all iterations alone on the fastest worker
-    run_s: float = 0.0  # all iterations alone on the fastest worker, no load: no policy finishes the job sooner
+    solo_s: float  # load + all iterations alone on the fastest worker it fits on
+    run_s: float = 0.0  # all iterations alone on that worker, no load: no policy finishes the job sooner
 
     @property
     def jct_s(self) -> float:
@@ -109,11 +109,19 @@ class SimResult:
     useful_tokens: float = 0.0  # tokens of real rows processed (per iteration summed)
     padded_tokens: float = 0.0  # tokens including padding to the group's longest row
     decisions_s: list[float] = field(default_factory=list)
+    #: workers with too little memory for every job of the trace, even alone: they run nothing
+    #: (left out of utilisation and the SRPT reference; ``lorafleet simulate`` names them)
+    unusable_workers: tuple[str, ...] = ()
+
+    @property
+    def usable_workers(self) -> int:
+        """Workers at least one job of the trace fits on alone."""
+        return self.num_workers - len(self.unusable_workers)
 
 
 class _Job:
     __slots__ = ("adapter_bytes", "adapter_params", "ckpt_iters", "done", "fifo_wait", "finish", "first_start", "head",
-                 "iter_ref_s", "model", "pred_act", "pred_adapter", "preempt_pending", "solo_need", "solo_s", "start",
+                 "iter_ref_s", "model", "pred_act", "pred_adapter", "preempt_pending", "solo_need", "solo_peak", "solo_s", "start",
                  "static", "t", "total", "true_act", "true_adapter", "view_memo", "worker")  # fmt: skip
 
 
@@ -144,8 +152,6 @@ class Simulator:
         self.tick_s = tick_s
         self.workers = [_Worker(*w) for w in cluster.worker_list()]
         self.by_wid = {w.wid: w for w in self.workers}
-        fastest = max(w.tflops for w in self.workers)
-        biggest = max(w.memory for w in self.workers)
         # Times run from the first submission (Unix-epoch submit times keep their precision: at 1.7e9 s
         # the spacing of floats is 2.4e-7 s) and are given back in the trace's own time in the records.
         self.t0 = min((t.submit_time_s for t in trace), default=0.0)
@@ -157,7 +163,10 @@ class Simulator:
                     f"job {t.job_id}: base_model {t.base_model!r} is neither in the cluster's models nor in the "
                     f"catalogue (known: {', '.join(known_names(cluster.models))}; hub ids of these are aliases)")
             t = replace(t, submit_time_s=t.submit_time_s - self.t0, base_model=name)
-            self.jobs[t.job_id] = self._make_job(t, seed, memory_noise, fastest, biggest)
+            self.jobs[t.job_id] = self._make_job(t, seed, memory_noise)
+        # a worker smaller than every job's peak alone never runs anything (the same test as above)
+        smallest = min((j.solo_peak for j in self.jobs.values()), default=None)
+        self.unusable = tuple(w.wid for w in self.workers if smallest is not None and w.memory < smallest)
         # books arrivals (each on a server with the memory for it alone) and gives each job its
         # FIFO-fair start deadline
         self.clock = FifoClock.of_servers([w.memory for w in self.workers], **clock_settings(policy))
@@ -173,7 +182,7 @@ class Simulator:
         self.preemptions = 0
         self.finished: list[JobRecord] = []
 
-    def _make_job(self, t: TraceJob, seed: int, noise: float, fastest: float, biggest: int) -> _Job:
+    def _make_job(self, t: TraceJob, seed: int, noise: float) -> _Job:
         model = self.cluster.model(t.base_model)
         assert model is not None  # canonical names only (__init__)
         shape = t.adapter_shape()
@@ -197,13 +206,18 @@ class Simulator:
         j.start = j.first_start = j.finish = None
         j.preempt_pending = False
         j.view_memo = None  # (what the view depends on, the view): a queued job's view is rebuilt only on change
-        member = Member(t.micro_batch_size, t.seq_len, j.adapter_params)
-        j.iter_ref_s = self.cost.iteration_time_s(model, [member], fastest)
-        j.solo_s = self.cost.load_time_s(model) + j.total * j.iter_ref_s
         solo_peak = fused_group_peak_bytes(j.static, [(j.true_adapter, j.true_act, t.micro_batch_size, t.seq_len)], 0.0)
+        j.solo_peak = solo_peak
+        biggest = max(w.memory for w in self.workers)
         if solo_peak > biggest:
             raise SimulationError(f"job {t.job_id}: needs {solo_peak / 2**30:.1f} GiB alone, more than any "
                                   f"worker has ({biggest / 2**30:.1f} GiB)")  # fmt: skip
+        # its reference speed (solo time, the floor, finish-time fairness): the fastest worker it fits on
+        # alone, not a faster one too small to hold it
+        fastest = max(w.tflops for w in self.workers if solo_peak <= w.memory)
+        member = Member(t.micro_batch_size, t.seq_len, j.adapter_params)
+        j.iter_ref_s = self.cost.iteration_time_s(model, [member], fastest)
+        j.solo_s = self.cost.load_time_s(model) + j.total * j.iter_ref_s
         # the prediction alone with the policy's margin: every built-in policy passes over a job it says
         # fits nowhere, so the replay would only end in a stall
         margin = getattr(self.policy, "margin", 0.0)
@@ -475,7 +489,8 @@ class Simulator:
                 finished_before, ooms_at_finish = len(self.finished), self.oom_count
         self.finished.sort(key=lambda r: r.job_id)
         return SimResult(self.policy.name, self.finished, len(self.workers), self.busy_s, self.oom_count,
-                         self.preemptions, self.useful_tokens, self.padded_tokens, timings)  # fmt: skip
+                         self.preemptions, self.useful_tokens, self.padded_tokens, timings,
+                         self.unusable)  # fmt: skip
 
     def _stall_message(self) -> str:
         stuck = sorted(self.queued)[:3]

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from orchestrator.cli import UserError
+
+if TYPE_CHECKING:
+    from policies.cluster import ClusterSpec
 
 HELP = "replay a job trace on a simulated cluster under several scheduling policies and compare them"
 
@@ -71,13 +77,17 @@ def run(args: argparse.Namespace) -> int:
             r.policy = f"{r.policy} ({spec})"
     metrics = [summarise(r) for r in results]
     # Every run of one trace shares its jobs' submit and solo times: the references are the trace's.
-    ref = reference([(j.submit_s, j.run_s) for j in results[0].jobs], results[0].num_workers)
+    # (on the workers a job fits on: one too small for every job of the trace would run nothing)
+    ref = reference([(j.submit_s, j.run_s) for j in results[0].jobs], results[0].usable_workers)
     if args.json:
         for m in metrics:
             print(json.dumps({**m.as_dict(), "floor_mean_jct_s": ref.floor_mean_jct_s,
                               "srpt_mean_jct_s": ref.srpt_mean_jct_s}))  # fmt: skip
     else:
         _print_tables(metrics, len(trace), cluster.packing, ref)
+        note = unusable_note(results[0].unusable_workers, cluster)
+        if note:
+            print(note)
     if plot:
         _plot(results, plot)
         if not args.json:
@@ -137,17 +147,32 @@ def _print_tables(metrics: list, jobs: int, packing: bool = False, ref: object =
                           highlight=False, soft_wrap=True)  # fmt: skip
 
 
+def unusable_note(unusable: Sequence[str], cluster: ClusterSpec) -> str:
+    """A line naming the workers too small for every job of the trace (they run nothing), or ''."""
+    if not unusable:
+        return ""
+    memory = {wid: mem for wid, mem, _, _ in cluster.worker_list()}
+    shown = [f"{wid} ({memory[wid] / 2**30:.3g} GiB)" for wid in unusable[:8]]
+    more = f" and {len(unusable) - 8} more" if len(unusable) > 8 else ""
+    return (f"Note: {len(unusable)} of {len(memory)} workers fit no job of this trace even alone and ran nothing: "
+            f"{', '.join(shown)}{more}; util and the SRPT reference leave them out (JSON: unusable_workers).")
+
+
 PLOT_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 
 
 def _plot_path(path: str) -> str:
     """``--plot``'s file: a known image suffix, or ``.png`` added where there is none."""
     suffix = Path(path).suffix.lower()
-    if not suffix:
-        return path + ".png"
-    if suffix not in PLOT_FORMATS:
+    if suffix and suffix not in PLOT_FORMATS:
         raise UserError(f"--plot: {path}: cannot draw a {suffix} file; use one of {', '.join(PLOT_FORMATS)}")
-    return path
+    folder = Path(path).parent
+    if not folder.is_dir():  # found now, not after the whole replay
+        what = "is not a directory" if folder.exists() else "does not exist"
+        raise UserError(f"--plot: {path}: folder {folder} {what}; create it or name a file in an existing folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"--plot: {path}: folder {folder} is not writable by you; name a file in a writable folder")
+    return path if suffix else path + ".png"
 
 
 def _plot(results: list, path: str) -> None:
