@@ -246,7 +246,8 @@ LIST_LIMIT = 100  # the store keeps every job: listing 10^4 took ~1 s, 10^5 ~10 
 def _newest(client: Client, limit: int, all_owners: bool = False) -> list[dict]:
     """The caller's (``all_owners``: everyone's) newest ``limit`` jobs (0: all); a note on stderr
     when there are more."""
-    records = client.list(limit=limit + 1 if limit else None, all=all_owners)
+    limit_arg = limit + 1 if limit else None
+    records = client.list(limit=limit_arg, all=True) if all_owners else client.list(limit=limit_arg)
     if limit and len(records) > limit:
         records = records[:limit]
         print(f"(the newest {limit} jobs; --limit 0 lists all)", file=sys.stderr)
@@ -254,7 +255,7 @@ def _newest(client: Client, limit: int, all_owners: bool = False) -> list[dict]:
 
 
 def do_list(client: Client, args: argparse.Namespace) -> int:
-    records = _newest(client, args.limit, args.all)
+    records = _newest(client, args.limit, getattr(args, "all", False))
     if args.json:
         print(json.dumps([_row(r) for r in records], indent=2))
     else:
@@ -263,10 +264,10 @@ def do_list(client: Client, args: argparse.Namespace) -> int:
 
 
 def do_status(client: Client, args: argparse.Namespace) -> int:
-    if args.job and args.all:
+    if args.job and getattr(args, "all", False):
         raise UserError(f"--all: lists every owner's jobs, so it takes no JOB (got {args.job!r}); "
                         "drop one of them")  # fmt: skip
-    records = [client.status(args.job)] if args.job else _newest(client, args.limit, args.all)
+    records = [client.status(args.job)] if args.job else _newest(client, args.limit, getattr(args, "all", False))
     if args.json:
         print(json.dumps([_row(r) for r in records], indent=2))
         return 0
