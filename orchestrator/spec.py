@@ -557,6 +557,10 @@ def load_spec(path: str | Path) -> JobSpec:
         also = f" (first on line {dup.first})" if dup.first else ""
         raise SpecError([f"{where}: {dup.field}: key given twice{also}; give each key once (the second "
                          f"would replace the first)"]) from None  # fmt: skip
+    except yaml.MarkedYAMLError as exc:  # one line naming the file and the line, not "<unicode string>"
+        from policies.values import yaml_problem
+
+        raise SpecError([f"{path}: {yaml_problem(exc)}"]) from None
     except (yaml.YAMLError, ValueError, RecursionError) as exc:
         # ValueError: JSON syntax, or an integer literal past Python's 4300-digit limit (JSON and
         # YAML); RecursionError: thousands of nested brackets.

@@ -48,13 +48,33 @@ def read_yaml(path: str | Path, error: type[Exception]) -> object:
     a missing file, bytes that are not UTF-8, bad YAML, an integer past Python's 4,300 digits, or
     nesting too deep to parse."""
     try:
-        return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_Loader)  # _Loader is a SafeLoader
+        loader = _Loader(Path(path).read_text(encoding="utf-8"))  # a SafeLoader
+        loader.name = str(path)  # marks name the file, not "<unicode string>"
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
     except OSError as err:
         raise error(f"{path}: cannot read: {err.strerror or err}") from None
     except UnicodeDecodeError as err:
         raise error(f"{path}: not valid UTF-8: {err.reason} at byte {err.start}") from None
+    except yaml.MarkedYAMLError as err:
+        raise error(f"{path}: {yaml_problem(err)}") from None
     except (yaml.YAMLError, ValueError, RecursionError) as err:
-        raise error(f"{path}: not valid YAML: {err or type(err).__name__}") from None
+        text = " ".join(str(err).split()) or type(err).__name__
+        raise error(f"{path}: not valid YAML: {text}") from None
+
+
+def yaml_problem(err: yaml.MarkedYAMLError) -> str:
+    """One line for PyYAML's multi-line error: ``line L, column C: not valid YAML: problem (context
+    at line K)``, without its quote of the text and its caret."""
+    mark = err.problem_mark or err.context_mark
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = " ".join(str(err.problem or err.context or "").split())
+    if err.problem and err.context:
+        at = f" at line {err.context_mark.line + 1}" if err.context_mark is not None else ""
+        problem += f" ({' '.join(err.context.split())}{at})"
+    return f"{where}not valid YAML: {problem or type(err).__name__}"
 
 
 def finite_number(value: object) -> float | None:
