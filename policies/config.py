@@ -237,7 +237,11 @@ def _custom(path: str, options: Any) -> Policy:
     try:
         policy = cls(**options)
     except Exception as err:  # the class's own code judges its options: any refusal is a config error
-        raise PolicyConfigError(f"options: {path} rejected them: {type(err).__name__}: {err}") from None
+        if options:
+            raise PolicyConfigError(f"options: {path}'s constructor raised {type(err).__name__} with options "
+                                    f"{', '.join(map(str, options))}: {err}") from None  # fmt: skip
+        raise PolicyConfigError(f"policy: {path}'s constructor raised {type(err).__name__} (no options "
+                                f"given): {err}") from None  # fmt: skip
     if not isinstance(policy, Policy):
         raise PolicyConfigError(f"policy: {path} does not implement the Policy protocol "
                                 f"(name, schedule(view), explain(view, job_id))")  # fmt: skip
@@ -290,10 +294,26 @@ def _parse(doc: Any) -> tuple[Policy, AspenSettings | None]:
     if not isinstance(doc, Mapping):
         raise PolicyConfigError("must be a mapping with at least 'policy'")
     name = doc.get("policy")
-    if not isinstance(name, str) or not name:
-        raise PolicyConfigError(f"policy: required: one of {', '.join(builtin.BUILTINS)} or 'module:Class'")
     problems = _Problems()
     fields = _Fields(doc, problems)
+    if "policy" not in doc:
+        problems.add(f"policy: required: one of {', '.join(builtin.BUILTINS)} or 'module:Class'")
+        fields.ranks.append(-1)  # first: what the rest is checked against
+    elif not isinstance(name, str) or (name not in builtin.BUILTINS and ":" not in name):
+        hint = _hint(name, builtin.BUILTINS, "") if isinstance(name, str) and name else ""
+        problems.add(f"policy: must be one of {', '.join(builtin.BUILTINS)} or 'module:Class' "
+                     f"(got {name!r}{'; ' if hint else ''}{hint})")  # fmt: skip
+        fields.rank("policy")
+    if problems.lines:  # no policy to check the rest against: every field any built-in takes, all at once
+        known = {"policy", "options", *COMMON_FIELDS, *ASPEN_FIELDS}
+        for key in doc:
+            if key not in known:
+                problems.add(f"{key}: unknown field ({_hint(key, sorted(known))}allowed: "
+                             f"{', '.join(sorted(known))})")  # fmt: skip
+                fields.rank(key)
+        _aspen(fields)
+        raise PolicyConfigError(problems.in_order(fields.ranks))
+    assert isinstance(name, str)
     if ":" in name:
         for key in sorted(set(doc) - {"policy", "options"}, key=str):
             problems.add(f"{key}: not used by a custom policy (pass it in options)")
@@ -301,10 +321,6 @@ def _parse(doc: Any) -> tuple[Policy, AspenSettings | None]:
         if problems.lines:
             raise PolicyConfigError(problems.lines)
         return policy, None
-    if name not in builtin.BUILTINS:
-        hint = _hint(name, builtin.BUILTINS, "")
-        raise PolicyConfigError(f"policy: must be one of {', '.join(builtin.BUILTINS)} or 'module:Class' "
-                                f"(got {name!r}{'; ' if hint else ''}{hint})")  # fmt: skip
     allowed = {"policy", *COMMON_FIELDS} | (set(ASPEN_FIELDS) if name == "aspen" else set())
     for key in doc:
         if key not in allowed:

@@ -28,3 +28,12 @@ class BadClock(FirstIdle):
     """Asks for a FIFO clock setting out of range: refused when the policy is loaded."""
 
     fair_clock: ClassVar[dict] = {"wait_scale": -1}
+
+
+class NeedsSetup:
+    """A constructor that raises with no options: the error must say the constructor raised, and why."""
+
+    def __init__(self, path: str | None = None):
+        if path is None:
+            raise RuntimeError("set LORAFLEET_POLICY_DB first")
+        self.name = "needs-setup"
