@@ -368,6 +368,25 @@ class Simulator:
             self._check_memory(w)
             self._reschedule(w)
 
+    def _start_problem(self, job_id: str, worker_id: str) -> str:
+        """Why a Start names no queued job or no worker: each part that is wrong."""
+        problems = []
+        if job_id not in self.queued:
+            j = self.jobs.get(job_id)
+            if j is None:
+                problems.append(f"no job {job_id!r} in the trace")
+            elif j.worker is not None:
+                problems.append(f"job {job_id} is already running on {j.worker.wid}")
+            elif j.finish is not None:
+                problems.append(f"job {job_id} has finished")
+            else:
+                problems.append(f"job {job_id} has not arrived yet (submit time {j.t.submit_time_s:.0f}s)")
+        if worker_id not in self.by_wid:
+            ids = list(self.by_wid)
+            shown = ", ".join(ids[:3]) + (f", ..., {ids[-1]}" if len(ids) > 3 else "")
+            problems.append(f"no worker {worker_id!r} (workers: {shown})")
+        return "; ".join(problems)
+
     def _check_memory(self, w: _Worker) -> None:
         if not w.jobs:
             return
@@ -478,7 +497,10 @@ class Simulator:
                         f"{shown})")  # fmt: skip
                 valid, problems = check_decisions(decisions, view)
                 if problems:  # a policy under test must be exact (the controller skips these and goes on)
-                    raise SimulationError(f"{self.policy.name}: {problems[0]}")
+                    first, detail = problems[0], ""
+                    if isinstance(first.decision, Start):
+                        detail = self._start_problem(first.decision.job_id, first.decision.worker_id)
+                    raise SimulationError(f"{self.policy.name}: {first}" + (f" ({detail})" if detail else ""))
                 self._apply(valid)
                 if self.oom_count - ooms_at_finish > oom_limit:
                     raise SimulationError(

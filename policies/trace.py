@@ -76,6 +76,10 @@ LIMITS = {"rank": 4096, "batch_size": 1_000_000, "micro_batch_size": 1_000_000, 
           "steps": 1_000_000_000}  # fmt: skip
 
 
+#: A job's priority: a job spec's own range (``JobSpec.priority``).
+PRIORITY_LIMIT = 1000
+
+
 def _check(job: TraceJob) -> str | None:
     if job.adapter not in ("lora", "mixlora"):
         return f"adapter: must be one of lora, mixlora (got {job.adapter!r})"
@@ -90,8 +94,11 @@ def _check(job: TraceJob) -> str | None:
         return f"num_experts: must be in [2, 64] for adapter mixlora (got {job.num_experts})"
     if job.batch_size % job.micro_batch_size:
         return f"batch_size: must be a multiple of micro_batch_size ({job.micro_batch_size}) (got {job.batch_size})"
-    if not job.job_id or not job.owner or not job.base_model:
-        return "job_id, owner, base_model: must not be empty"
+    empty = [name for name in ("job_id", "owner", "base_model") if not getattr(job, name)]
+    if empty:
+        return f"{', '.join(empty)}: must not be empty"
+    if not -PRIORITY_LIMIT <= job.priority <= PRIORITY_LIMIT:
+        return f"priority: must be an integer in [-{PRIORITY_LIMIT}, {PRIORITY_LIMIT}] (got {job.priority})"
     return None
 
 

@@ -212,7 +212,7 @@ class _Idle(_Bad):
 
 
 def test_invalid_decision_and_stall_are_reported():
-    with pytest.raises(SimulationError, match="worker unknown"):
+    with pytest.raises(SimulationError, match=r"no worker 'nowhere' \(workers: w000, w001, w002, ..., w007\)"):
         simulate([tj()], default_cluster(), _Bad())
     with pytest.raises(SimulationError, match="stalled"):
         simulate([tj()], default_cluster(), _Idle())
