@@ -146,7 +146,9 @@ def aspen(settings: AspenSettings | None = None) -> ProfilePolicy:
     w = {**DEFAULT_WEIGHTS, **s.weights}
     factors = (
         (AgeFactor(s.max_age_s), w["age"]),
-        (FairShareFactor(dict(s.shares)), w["fairshare"]),
+        # `default`: every unlisted owner's share, as quotas' `default` is their cap (else 1)
+        (FairShareFactor({k: v for k, v in s.shares.items() if k != "default"}, s.shares.get("default", 1.0)),
+         w["fairshare"]),
         (SizeFactor(s.size_half_s), w["size"]),
         (PriorityClassFactor(), w["priority"]),
     )

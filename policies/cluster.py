@@ -84,6 +84,25 @@ def _unknown(where: str, given: Mapping, allowed: tuple[str, ...]) -> None:
         raise ClusterError(f"{where}: unknown key(s) {', '.join(map(str, extra))} (allowed: {', '.join(allowed)})")
 
 
+#: transformers' attention implementations (``attn_implementation``); only ``eager`` keeps its scores
+ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def _attention(where: str, value: Any) -> str:
+    """A model's ``attn_implementation``, case and spaces normalised (``Eager`` is eager, whose
+    memory differs), one of :data:`ATTENTION`: a misspelt ``eagr`` counted as sdpa silently."""
+    name = value.strip().lower() if isinstance(value, str) else value
+    if name not in ATTENTION:
+        raise ClusterError(f"{where}: must be one of {', '.join(ATTENTION)} (got {value!r})")
+    return name
+
+
+def _device_kind(where: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ClusterError(f"{where}: must be a non-empty name such as A100-80GB (got {value!r})")
+    return value.strip()
+
+
 def parse_cluster(doc: Any, source: str = "<cluster>") -> ClusterSpec:
     """Validate a parsed YAML document. Raises ClusterError ``source: field: problem``."""
     if not isinstance(doc, Mapping):
@@ -105,12 +124,12 @@ def parse_cluster(doc: Any, source: str = "<cluster>") -> ClusterSpec:
             int(_number(f"{where}.count", w["count"], integer=True, maximum=MAX_WORKERS)),
             float(_number(f"{where}.gpu_memory_gib", w["gpu_memory_gib"], maximum=2**20)),  # 1 PiB
             float(_number(f"{where}.tflops", w["tflops"], maximum=1e9)),
-            str(w.get("device_kind", "gpu")),
+            _device_kind(f"{where}.device_kind", w.get("device_kind", "gpu")),
         ))  # fmt: skip
     models: dict[str, ModelShape] = {}
-    raw_models = doc.get("models") or {}
+    raw_models = {} if doc.get("models") is None else doc["models"]  # `models:` with nothing under it: none
     if not isinstance(raw_models, Mapping):
-        raise ClusterError(f"{source}: models: must be a mapping from model name to its shape")
+        raise ClusterError(f"{source}: models: must be a mapping from model name to its shape (got {raw_models!r})")
     for name, m in raw_models.items():
         where = f"{source}: models.{name}"
         if not isinstance(m, Mapping):
@@ -120,16 +139,19 @@ def parse_cluster(doc: Any, source: str = "<cluster>") -> ClusterSpec:
         if missing:
             raise ClusterError(f"{where}: missing {', '.join(missing)} (required: "
                                f"{', '.join(f.name for f in fields(ModelShape) if f.default is MISSING)})")  # fmt: skip
+        values = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in m.items()}
+        if "attn_implementation" in values:
+            values["attn_implementation"] = _attention(f"{where}.attn_implementation", values["attn_implementation"])
         try:
-            models[str(name)] = ModelShape(**{k: int(v) if isinstance(v, float) and v.is_integer() else v
-                                              for k, v in m.items()})  # fmt: skip
+            models[str(name)] = ModelShape(**values)
         except TypeError as err:
             raise ClusterError(f"{where}: {err}") from None
         except MemoryModelError as err:
             raise ClusterError(f"{where}.{err}") from None
-    raw_cost = doc.get("cost_model") or {}
+    raw_cost = {} if doc.get("cost_model") is None else doc["cost_model"]  # `cost_model:` alone: the defaults
     if not isinstance(raw_cost, Mapping):
-        raise ClusterError(f"{source}: cost_model: must be a mapping of {', '.join(COST_KEYS)}")
+        raise ClusterError(f"{source}: cost_model: must be a mapping of {', '.join(COST_KEYS)} "
+                           f"(got {raw_cost!r})")  # fmt: skip
     _unknown(f"{source}: cost_model", raw_cost, COST_KEYS)
     values = {k: float(_number(f"{source}: cost_model.{k}", v, minimum=-math.inf)) for k, v in raw_cost.items()}
     try:

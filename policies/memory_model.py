@@ -137,7 +137,7 @@ class ModelShape:
     @property
     def eager_attention(self) -> bool:
         """Whether attention materialises its (batch, heads, L, L) scores (``attn_implementation`` eager)."""
-        return self.attn_implementation == "eager"
+        return self.attn_implementation.strip().lower() == "eager"
 
     @property
     def kv_heads(self) -> int:

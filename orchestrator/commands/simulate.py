@@ -40,9 +40,12 @@ def run(args: argparse.Namespace) -> int:
     from policies.simulator import SimulationError, simulate
     from policies.trace import TraceError, read_trace
 
-    specs = [s.strip() for s in args.policy.split(",") if s.strip()]
-    if not specs:
+    specs = [s.strip() for s in args.policy.split(",")]
+    if not any(specs):
         raise UserError("--policy: name at least one policy")
+    if not all(specs):  # `fifo,,aspen`: a slip (a name left out?), not two policies
+        raise UserError(f"--policy: {args.policy!r} has an empty entry (position {specs.index('') + 1}); give "
+                        "comma-separated names with nothing between two commas or at either end")  # fmt: skip
     if not 0 <= args.memory_noise < 1:
         raise UserError(f"--memory-noise: must be in [0, 1) (got {args.memory_noise})")
     plot = _plot_path(args.plot) if args.plot else None  # checked before minutes of simulation
