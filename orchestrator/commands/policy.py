@@ -5,7 +5,6 @@ policy's per-factor breakdown for one job, like Slurm's ``sprio``."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from orchestrator.cli import UserError
@@ -21,10 +20,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from orchestrator import client
-    from orchestrator.commands.up import read_policy
+    from orchestrator.commands.up import head_policy_error, read_policy
+    from policies import PolicyConfigError
 
     if args.action in ("set", "explain") and not args.file:
         raise UserError("policy set: give the policy YAML file" if args.action == "set" else "policy explain: give a job")
+    if args.action == "show" and args.file:
+        raise UserError(f"policy show: takes no argument (got {args.file!r}); it prints the controller's policy")
     doc = read_policy(args.file) if args.action == "set" else None
     from orchestrator.auth import client_api_key
 
@@ -37,14 +39,26 @@ def run(args: argparse.Namespace) -> int:
             out = client.call("set_policy", doc, api_key=client_api_key())
         else:
             out = client.call("get_policy")
+    except PolicyConfigError as exc:  # the head parses it again and may not import what this machine does
+        raise head_policy_error(exc, args.file) from None
     except (client.ClusterError, client.NoControllerError, ValueError, PermissionError, LookupError) as exc:
         raise UserError(str(exc)) from None
     for line in out.get("dry_run") or ():  # set: its invalid decisions on the current queue (skipped when live)
         print(f"warning: {line}", file=sys.stderr)
-    print(f"policy: {out['name']}")
-    if out.get("failing"):  # its schedule() fails: fifo places jobs meanwhile (the controller's _decide)
-        print(out["failing"])
-    for line in out.get("skipped") or ():  # its invalid decisions of the last pass, each skipped
-        print(f"skipped decision: {line}")
-    print(json.dumps(out["config"], indent=1, sort_keys=True))
+    notes = [out["failing"]] if out.get("failing") else []  # its schedule() fails: fifo places jobs meanwhile
+    notes += [f"skipped decision: {line}" for line in out.get("skipped") or ()]  # the last pass's invalid ones
+    print(policy_yaml(out["name"], out["config"]) + "".join(f"# {note}\n" for note in notes), end="")
     return 0
+
+
+def policy_yaml(name: str, config: dict | None) -> str:
+    """The controller's policy as YAML ``lorafleet policy set`` reads back (the configuration as given,
+    ``policy:`` first); a custom policy's own name, where it differs, as a comment."""
+    import yaml
+
+    doc = dict(config or {"policy": name})
+    doc = {"policy": doc.pop("policy", name), **doc}
+    text = yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
+    if doc["policy"] != name:
+        text += f"# its name: {name}\n"
+    return text

@@ -67,6 +67,20 @@ def read_policy(path: str) -> dict:
     return doc  # a mapping: parse_policy_config refuses anything else
 
 
+def head_policy_error(exc: ValueError, path: str) -> UserError:
+    """The controller's refusal of a policy this machine accepted (``set_policy`` parses it again
+    on the head, its lines prefixed ``policy: ``): each line names ``path`` instead, once, and a
+    module the head cannot import says where it must be importable."""
+    lines = getattr(exc, "errors", None) or str(exc).splitlines()
+    out = []
+    for line in lines:
+        line = line.removeprefix("policy: ")  # the controller's source name (Controller.set_policy)
+        if "cannot import module" in line:
+            line += " (this machine imports it, the head does not: install it on the head or put it on the head's PYTHONPATH)"
+        out.append(f"{path}: on the head: {line}")
+    return UserError("\n".join(out))
+
+
 def worker_options_from(args: argparse.Namespace) -> dict:
     """The ``TrainingWorker`` keyword arguments ``up``'s flags ask for (only those that differ from the defaults)."""
     options: dict = {}
@@ -121,6 +135,12 @@ def run(args: argparse.Namespace) -> int:
         )
     except PermissionError as exc:  # reattaching with --policy needs an admin key once users exist
         raise UserError(str(exc)) from None
+    except ValueError as exc:  # reattaching with --policy: the head refused what this machine accepted
+        from policies import PolicyConfigError
+
+        if isinstance(exc, PolicyConfigError) and args.policy:
+            raise head_policy_error(exc, args.policy) from None
+        raise
     info = client.call("ping")
     verb = "started" if started else "reattached to"
     print(f"{verb} controller (policy {info['policy']}, store {info['store']}, storage {info['storage']}, "

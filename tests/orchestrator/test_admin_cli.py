@@ -170,13 +170,13 @@ def test_policy_show_prints_a_failing_policy_and_policy_set_refuses_one_that_rai
     ctl.tick()
     assert cli.main(["policy", "show"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "policy: failing"
-    assert re.fullmatch(rf"policy {HERE}:Failing FAILING since \d\d:\d\d:\d\d: \S+: RuntimeError: boom; scheduling "
-                        r"falls back to fifo until it is fixed or replaced \(lorafleet policy set\)", out[1])  # fmt: skip
-    assert ctl.status(job)["waiting"] == out[1]
+    assert out[:2] == [f"policy: {HERE}:Failing", "# its name: failing"]  # YAML that policy set reads back
+    assert re.fullmatch(rf"# policy {HERE}:Failing FAILING since \d\d:\d\d:\d\d: \S+: RuntimeError: boom; scheduling "
+                        r"falls back to fifo until it is fixed or replaced \(lorafleet policy set\)", out[2])  # fmt: skip
+    assert "# " + ctl.status(job)["waiting"] == out[2]
     path.write_text("policy: fifo\n")
     assert cli.main(["policy", "set", str(path)]) == 0  # replaced: the failure goes
-    assert capsys.readouterr().out.splitlines()[:2] == ["policy: fifo", "{"]
+    assert capsys.readouterr().out == "policy: fifo\n"
     path.write_text(f"policy: {HERE}:Failing\n")
     assert cli.main(["policy", "set", str(path)]) == 2
     err = capsys.readouterr().err
@@ -186,6 +186,6 @@ def test_policy_show_prints_a_failing_policy_and_policy_set_refuses_one_that_rai
     path.write_text(f"policy: {HERE}:BadDecisions\n")  # invalid decisions on the queue: set, each a warning
     assert cli.main(["policy", "set", str(path)]) == 0
     out, err = capsys.readouterr()
-    assert out.startswith("policy: failing\n") and err.startswith(
+    assert out.startswith(f"policy: {HERE}:BadDecisions\n") and err.startswith(
         f"warning: policy {HERE}:BadDecisions: on the current queue, Start(job_id='no-such-job', worker_id='free-gpu-0'): "
         "job not queued: it is not in the view (unknown or ended) (such a decision is skipped)\n")  # fmt: skip
