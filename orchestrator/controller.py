@@ -37,6 +37,7 @@ refuses ``trust_remote_code`` unless the admin enabled it. See docs/admin.md.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -76,6 +77,7 @@ from policies import (
     parse_policy_config,
 )
 from policies.builtin import fifo
+from policies.catalogue import lookup
 from policies.decisions import DecisionProblem, InvalidSchedule, check_decisions, decision_list, raised_at
 from policies.fairstart import FifoClock, clock_settings
 from policies.framework import alone_bytes, largest_memory
@@ -134,17 +136,37 @@ class SpecRejected(ValueError):
 
 
 def model_shape_for(base_model: str, reported: Mapping[str, Mapping[str, Any]] | None = None) -> ModelShape:
-    """The memory model's shape of ``base_model``: a worker's report, a local ``config.json``, or a fallback."""
+    """The memory model's shape of ``base_model``, from the first of: a worker's report (``reported``,
+    the shape of the model it loaded), a ``config.json`` readable here without loading anything
+    (:func:`actors.models.local_model_config`: a local directory, a converted ``builtin:`` model, a hub
+    id in the local Hugging Face cache), the catalogue (:mod:`policies.catalogue`, by name or hub-id
+    alias: ``meta-llama/Llama-2-7b-hf`` is LLaMA-2 7B), else :data:`FALLBACK_SHAPE` (a ~135M model,
+    logged once per base model). All but the report are looked up once per base model (:func:`_unreported_shape`):
+    every pass views up to 10,000 queued jobs."""
     if reported and base_model in reported:
         return ModelShape(**reported[base_model])
-    cfg_path = Path(base_model).expanduser() / "config.json"
-    if cfg_path.is_file():
-        from actors.profiler import model_shape_from_config  # no torch import
+    return _unreported_shape(base_model)
 
+
+@functools.lru_cache(maxsize=4096)
+def _unreported_shape(base_model: str) -> ModelShape:
+    """:func:`model_shape_for` before a worker has loaded ``base_model`` (cached: a model a worker
+    loads is reported from then on, so a config that appears later is not missed for long)."""
+    from actors.models import local_model_config  # no torch import
+    from actors.profiler import model_shape_from_config  # no torch import
+
+    config = local_model_config(base_model)
+    if config is not None:
         try:
-            return model_shape_from_config(json.loads(cfg_path.read_text()), "bfloat16")
+            return model_shape_from_config(config, "bfloat16")
         except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):  # MemoryModelError: a ValueError
             pass
+    known = lookup(base_model)
+    if known is not None:
+        return known
+    log.warning("base model %r: no config.json readable on the controller and not in the catalogue; its memory "
+                "predictions (and remaining-work estimates) are a ~135M-parameter guess until a worker loads it",
+                base_model)  # fmt: skip
     return FALLBACK_SHAPE
 
 
