@@ -78,11 +78,13 @@ from policies import (
 )
 from policies.builtin import fifo
 from policies.catalogue import lookup
+from policies.costmodel import CostModel, Member
 from policies.decisions import DecisionProblem, InvalidSchedule, check_decisions, decision_list, raised_at
 from policies.fairstart import FifoClock, clock_settings
 from policies.framework import alone_bytes, largest_memory
 from policies.memory_model import (
     adapter_bytes,
+    adapter_param_count,
     canonical_targets,
     engine_activation,
     fused_group_peak_bytes,
@@ -99,7 +101,15 @@ GIB = 1 << 30
 USAGE_HALF_LIFE_S = 7 * 86400.0  # fair-share usage decay (Controller._account_usage)
 # A ~135M-parameter Llama (SmolLM2-135M) when the base model's config cannot be read.
 FALLBACK_SHAPE = ModelShape(134_515_008, 576, 30, 9, 1536, 49152, 3, 2)
-NOMINAL_TOKENS_PER_S = 2000.0  # for remaining-work estimates before a job has reported
+# Peak TFLOP/s the policy's view gives every worker (``WorkerView.tflops``) and the cost model's rate
+# for a job's work before it reports (``Controller(worker_tflops=...)``, ``lorafleet up --worker-tflops``):
+# workers do not report their device's speed. Only ratios matter to the built-in policies' order, but
+# aspen's thresholds are in seconds, so set it to your GPUs' (bf16 dense: A100 312, H100 SXM 989).
+DEFAULT_WORKER_TFLOPS = 100.0
+# The cost model the simulator runs by default (policies.costmodel): remaining work of a job that has
+# not reported, as the simulator estimates it (docs/policies.md, "The live controller's view").
+COST_MODEL = CostModel()
+UNKNOWN_STEPS = 100  # steps of a job whose count is unknown until a worker reports (an epochs spec, unread data)
 FREE_PREFIX = "free-gpu-"
 LIVE = (JobState.QUEUED, JobState.PROFILING, JobState.RUNNING, JobState.PREEMPTED)
 # What anyone may see of another owner's job in a listing; the spec (data paths, hyperparameters),
@@ -203,12 +213,14 @@ def effective_spec(record: JobRecord, base: JobSpec | None = None) -> JobSpec:
 
 
 def job_view(record: JobRecord, now: float, shapes: Mapping[str, Mapping[str, Any]] | None = None,
-             worker_id: str | None = None, *, base_spec: JobSpec | None = None) -> JobView:  # fmt: skip
+             worker_id: str | None = None, *, base_spec: JobSpec | None = None,
+             tflops: float = DEFAULT_WORKER_TFLOPS) -> JobView:  # fmt: skip
     """One store record as the policy sees it (memory predictions from the memory model).
 
     Until a worker reports a measured fit the activation is :func:`engine_activation`, counted from
     what the engine keeps for backward: the trace simulator's :func:`analytic_activation` under-predicts
-    bf16 jobs on the engine by about a third (docs/memory.md, "The analytic default")."""
+    bf16 jobs on the engine by about a third (docs/memory.md, "The analytic default"). Remaining and
+    total work: :func:`work_estimate` (``tflops``: the rate of the cost model before the job reports)."""
     spec = effective_spec(record, base_spec)
     shape = model_shape_for(spec.base_model, shapes)
     adapter = adapter_shape_of(spec)
@@ -217,8 +229,7 @@ def job_view(record: JobRecord, now: float, shapes: Mapping[str, Mapping[str, An
     scale = float(record.extra.get("activation_scale", 1.0))
     if scale != 1.0:
         fit = fit.scaled(scale)
-    total = record.total_steps or spec.train.max_steps or 100
-    per_step_s = spec.train.batch_size * spec.data.max_seq_len / NOMINAL_TOKENS_PER_S
+    remaining_s, total_s = work_estimate(record, spec, shape, adapter_param_count(shape, adapter), tflops)
     return JobView(
         job_id=record.id,
         owner=record.owner,
@@ -230,13 +241,45 @@ def job_view(record: JobRecord, now: float, shapes: Mapping[str, Mapping[str, An
         activation=fit,
         micro_batch_size=spec.train.micro_batch_size,
         seq_len=spec.data.max_seq_len,
-        remaining_work_s=max(0, total - record.step) * per_step_s,
-        total_work_s=total * per_step_s,
+        remaining_work_s=remaining_s,
+        total_work_s=total_s,
         worker_id=worker_id,
         start_time_s=record.start_time if worker_id else None,
         fair_start_s=_fair_start(record),
         loss_head_per_token=loss_head_bytes_per_token(shape),
     )
+
+
+def total_steps_of(record: JobRecord, spec: JobSpec) -> int:
+    """The job's optimizer steps as far as known: the worker's report (or ``train.max_steps``, stored at
+    submission), else the count planned from its data at submission (``extra.planned_steps``: an
+    ``epochs`` spec, :func:`orchestrator.checks.planned_steps`), else :data:`UNKNOWN_STEPS`."""
+    planned = record.extra.get("planned_steps")
+    if not (isinstance(planned, int) and not isinstance(planned, bool) and planned > 0):
+        planned = None
+    return record.total_steps or spec.train.max_steps or planned or UNKNOWN_STEPS
+
+
+def work_estimate(record: JobRecord, spec: JobSpec, shape: ModelShape, adapter_params: int,
+                  tflops: float) -> tuple[float, float]:  # fmt: skip
+    """``(remaining, total)`` seconds of the job's work, alone on a worker.
+
+    A step is ``batch_size`` rows of ``data.max_seq_len`` tokens. Before the job reports it is the
+    simulator's estimate (``Simulator._make_job``): the cost model's time of one ``micro_batch_size`` x
+    ``max_seq_len`` iteration on a worker of ``tflops``, ``batch_size / micro_batch_size`` iterations a
+    step. Once it reports (a step and its measured tokens/s) a step takes those tokens over the measured
+    rate, in the group it runs in: rows shorter than ``max_seq_len`` make this an upper bound, as the
+    cost model's is."""
+    train = spec.train
+    total = total_steps_of(record, spec)
+    measured = record.tokens_per_s
+    if record.step > 0 and measured is not None and math.isfinite(measured) and measured > 0:
+        per_step_s = train.batch_size * spec.data.max_seq_len / measured
+    else:
+        member = Member(train.micro_batch_size, spec.data.max_seq_len, adapter_params)
+        iterations = train.batch_size // train.micro_batch_size
+        per_step_s = iterations * COST_MODEL.iteration_time_s(shape, [member], tflops)
+    return max(0, total - record.step) * per_step_s, total * per_step_s
 
 
 def _json_safe(value: Any) -> Any:
@@ -270,6 +313,7 @@ def build_view(
     fair_starts: Mapping[str, float] | None = None,
     cache: dict[str, tuple[tuple, JobView]] | None = None,
     owner_usage_s: Mapping[str, float] | None = None,
+    worker_tflops: float = DEFAULT_WORKER_TFLOPS,
 ) -> ClusterView:
     """The snapshot the policy decides on.
 
@@ -284,7 +328,8 @@ def build_view(
     pass (the caller's dict, updated here), reused while the record (its ``updated_time``), its worker
     and its model's reported shape are the same: at 10,000 queued jobs a pass built 10,000 views.
     ``owner_usage_s``: GPU-seconds each owner has used (:meth:`Controller._account_usage`), for
-    fair share.
+    fair share. ``worker_tflops``: each free GPU's TFLOP/s, and the cost model's rate for the work of
+    jobs that have not reported (the fastest worker's, as the simulator has it).
     """
     workers = list(workers)
     known = {w.worker_id for w in workers}
@@ -292,18 +337,19 @@ def build_view(
     specs = specs or {}
     fair_starts = fair_starts or {}
     shape_keys = {m: tuple(sorted(d.items())) for m, d in (shapes or {}).items()}
+    tflops = max([worker_tflops, *(w.tflops for w in workers)])
     live: set[str] = set()
 
     def view_of(rec: JobRecord, worker_id: str | None) -> JobView:
         spec = specs.get(rec.id)
         model = spec.base_model if spec is not None else rec.spec.get("base_model")
-        key = (rec.updated_time, rec.state, worker_id, shape_keys.get(model))
+        key = (rec.updated_time, rec.state, worker_id, shape_keys.get(model), tflops)
         if cache is not None:
             live.add(rec.id)
             hit = cache.get(rec.id)
             if hit is not None and hit[0] == key:
                 return hit[1]
-        view = job_view(rec, now, shapes, worker_id=worker_id, base_spec=spec)
+        view = job_view(rec, now, shapes, worker_id=worker_id, base_spec=spec, tflops=tflops)
         if cache is not None:
             cache[rec.id] = (key, view)
         return view
@@ -324,7 +370,7 @@ def build_view(
     if cache is not None:
         for gone in [job_id for job_id in cache if job_id not in live]:
             del cache[gone]
-    free = [WorkerView(f"{FREE_PREFIX}{i}", free_memory_bytes, 100.0) for i in range(max(0, free_gpus))]
+    free = [WorkerView(f"{FREE_PREFIX}{i}", free_memory_bytes, worker_tflops) for i in range(max(0, free_gpus))]
     queued.sort(key=lambda j: (j.submit_time_s, j.job_id))
     return ClusterView(now_s=now, queued=tuple(queued), running=tuple(running), workers=tuple(workers + free),
                        owner_usage_s=dict(owner_usage_s or {}))  # fmt: skip
@@ -432,6 +478,9 @@ class Controller:
             next to the store by the last ``set_policy``, else ``fifo``.
         num_gpus: GPUs to use (None: the cluster's ``GPU`` resource total, re-read every loop).
         worker_memory_bytes: memory of a worker when its device does not say (fake GPUs, CPU).
+        worker_tflops: peak TFLOP/s of every worker as the policy sees it, and the cost model's rate for
+            a job's work until it reports tokens/s (:data:`DEFAULT_WORKER_TFLOPS`; workers do not
+            report their device's speed).
         worker_options: keyword arguments for each ``TrainingWorker`` (device, dtype,
             memory_budget_bytes, profile, staging_dir).
         max_attempts: times a job may lose its worker; the last makes it FAILED (drains, restarts and
@@ -457,6 +506,7 @@ class Controller:
         *,
         num_gpus: int | None = None,
         worker_memory_bytes: int = 80 * GIB,
+        worker_tflops: float = DEFAULT_WORKER_TFLOPS,
         worker_options: Mapping[str, Any] | None = None,
         max_attempts: int = 5,
         loop_interval_s: float = 0.5,
@@ -474,6 +524,9 @@ class Controller:
         self.storage = storage
         self.num_gpus = num_gpus
         self.worker_memory_bytes = worker_memory_bytes
+        if not (isinstance(worker_tflops, int | float) and 0 < worker_tflops < float("inf")):
+            raise ValueError(f"worker_tflops: must be a number > 0 (got {worker_tflops!r})")
+        self.worker_tflops = float(worker_tflops)
         self.worker_options = dict(worker_options or {})
         self.max_attempts = max_attempts
         self.loop_interval_s = loop_interval_s
@@ -551,7 +604,7 @@ class Controller:
                 "policy_failing": self._failure_text(),
                 "auth": "api-keys" if self.store.has_users() else "single-user",
                 "allowed_prefixes": list(self.allowed_prefixes), "allow_remote_code": self.allow_remote_code,
-                "max_upload_bytes": self.max_upload_bytes,
+                "max_upload_bytes": self.max_upload_bytes, "worker_tflops": self.worker_tflops,
                 "worker_engine": {k: self.worker_options[k] for k in ("packing", "autocast", "activation_checkpointing")
                                   if k in self.worker_options}}  # fmt: skip
 
@@ -1003,7 +1056,7 @@ class Controller:
         Its servers are the GPUs with their memory (:meth:`_clock_memories`): on GPUs of unequal
         memory a job is booked only on those with the memory to run it alone, as the simulator does."""
         try:
-            view = job_view(rec, time.time(), dict(self._shapes))
+            view = job_view(rec, time.time(), dict(self._shapes), tflops=self.worker_tflops)
             work = view.total_work_s
             need = fused_group_peak_bytes(view.static_bytes, [(view.adapter_bytes, view.activation,
                                                                view.micro_batch_size, view.seq_len)],
@@ -1601,7 +1654,7 @@ class Controller:
         out = []
         for w in self._workers.values():
             state = w.last.get("state", "loading")
-            out.append(WorkerView(w.worker_id, int(self._worker_memory(w)), 100.0, loaded_model=w.base_model,
+            out.append(WorkerView(w.worker_id, int(self._worker_memory(w)), self.worker_tflops, loaded_model=w.base_model,
                                   running=tuple(sorted(w.assigned)), accepting=state in ("ready", "loading"),
                                   packing_max_len=int(w.last.get("packing_max_len") or 0)))  # fmt: skip
         return out
@@ -1634,7 +1687,8 @@ class Controller:
                           free_memory_bytes=self.worker_memory_bytes, shapes=self._shapes,
                           preempting=self._preempting, specs=self._spec_cache,
                           run_starts=self._run_starts, fair_starts=self._fair_starts(records),
-                          cache=self._view_cache, owner_usage_s=self._usage)  # fmt: skip
+                          cache=self._view_cache, owner_usage_s=self._usage,
+                          worker_tflops=self.worker_tflops)  # fmt: skip
 
     def _fair_starts(self, records: Iterable[JobRecord]) -> dict[str, float]:
         """Each booked job's FIFO-fair deadline with its class's tail as estimated now. Jobs booked

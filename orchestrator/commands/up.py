@@ -3,7 +3,7 @@
 ``lorafleet up --local --num-gpus 2`` first starts a single-machine Ray cluster bound to
 127.0.0.1 (fake GPUs allowed); ``--auth token`` turns on Ray token authentication for it.
 Admission settings (``--allow-path-prefix``, ``--allow-remote-code``, ``--max-upload-bytes``)
-apply when the controller starts. See docs/cluster.md and docs/admin.md.
+and ``--worker-tflops`` (the workers' speed the policy assumes) apply when the controller starts. See docs/cluster.md and docs/admin.md.
 """
 
 from __future__ import annotations
@@ -43,6 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="admit specs with trust_remote_code: true (runs Python shipped with models)")
     parser.add_argument("--max-upload-bytes", type=int, default=None, metavar="BYTES",
                         help="largest uploaded data file [1 GiB]")
+    parser.add_argument("--worker-tflops", type=float, default=None, metavar="TFLOPS",
+                        help="peak bf16 TFLOP/s of each GPU, as the policy sees workers and estimates the work of "
+                        "jobs that have not reported yet (A100 312, H100 989; as in `lorafleet simulate`'s "
+                        "cluster YAML) [100]")
 
 
 def read_policy(path: str) -> dict:
@@ -126,6 +130,10 @@ def run(args: argparse.Namespace) -> int:
         options["allow_remote_code"] = True
     if args.max_upload_bytes is not None:
         options["max_upload_bytes"] = args.max_upload_bytes
+    if args.worker_tflops is not None:
+        if not 0 < args.worker_tflops < float("inf"):
+            raise UserError(f"--worker-tflops: must be a number > 0 (got {args.worker_tflops:g})")
+        options["worker_tflops"] = args.worker_tflops
     from orchestrator.auth import client_api_key
 
     try:
@@ -147,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
           f"{info['recovered']} jobs recovered)")  # fmt: skip
     print(f"admission: {info['auth']} mode, path prefixes {info['allowed_prefixes'] or 'none'}, "
           f"remote code {'allowed' if info['allow_remote_code'] else 'refused'}, "
-          f"uploads up to {info['max_upload_bytes']} bytes"
+          f"uploads up to {info['max_upload_bytes']} bytes, workers at {info.get('worker_tflops', 100.0):g} TFLOP/s"
           + ("" if started else " (a running controller keeps its settings)"))  # fmt: skip
     engine = {**dataclasses.asdict(EngineSettings()), **info.get("worker_engine", {})}
     print("workers' fused step: " + ", ".join(f"{k.replace('_', ' ')} {'on' if v else 'off'}" for k, v in engine.items()))

@@ -867,3 +867,90 @@ def test_policy_set_dry_runs_the_new_policy_on_the_current_queue(tmp_path, fake_
                                      "ended) (such a decision is skipped)")  # fmt: skip
     finally:
         c.store.close()
+
+
+# --- the policy's view of a job's size: the simulator's cost model, the catalogue, the data's records
+
+
+def _solo_step_s(shape, doc: dict, tflops: float) -> float:
+    """One step of ``doc`` alone at ``tflops``, as the simulator estimates it (Simulator._make_job)."""
+    from orchestrator.controller import COST_MODEL
+    from orchestrator.spec import parse_spec
+    from policies.costmodel import Member
+    from policies.memory_model import adapter_param_count
+
+    parsed = parse_spec(doc)
+    train = parsed.train
+    member = Member(train.micro_batch_size, parsed.data.max_seq_len,
+                    adapter_param_count(shape, adapter_shape_of(parsed)))  # fmt: skip
+    return train.batch_size // train.micro_batch_size * COST_MODEL.iteration_time_s(shape, [member], tflops)
+
+
+def test_a_hub_id_base_model_is_sized_from_the_catalogue_and_an_unknown_one_is_warned_once(caplog):
+    from orchestrator.controller import FALLBACK_SHAPE, _unreported_shape
+    from policies.catalogue import CATALOGUE
+
+    _unreported_shape.cache_clear()
+    assert model_shape_for("meta-llama/Llama-2-7b-hf") == CATALOGUE["llama-2-7b"]  # an alias, any case
+    assert model_shape_for("mistralai/Mistral-7B-v0.1") == CATALOGUE["mistral-7b"]
+    assert model_shape_for("llama-3-8b") == CATALOGUE["llama-3-8b"]  # a catalogue name
+    with caplog.at_level("WARNING", logger="orchestrator.controller"):
+        for _ in range(3):
+            assert model_shape_for("someone/not-a-known-model") == FALLBACK_SHAPE
+    warned = [r.getMessage() for r in caplog.records if "not-a-known-model" in r.getMessage()]
+    assert len(warned) == 1 and "135M" in warned[0] and "until a worker loads it" in warned[0]
+    # a worker's report comes first
+    reported = {"meta-llama/Llama-2-7b-hf": {**CATALOGUE["smollm2-135m"].__dict__}}
+    assert model_shape_for("meta-llama/Llama-2-7b-hf", reported) == CATALOGUE["smollm2-135m"]
+
+
+def test_job_view_of_a_7b_hub_id_job_against_a_135m_one(store):
+    from orchestrator.controller import DEFAULT_WORKER_TFLOPS
+    from policies.catalogue import CATALOGUE
+    from policies.memory_model import static_bytes
+
+    big_doc, small_doc = spec("big", base="meta-llama/Llama-2-7b-hf"), spec("small")
+    big = store.create_job(spec=big_doc, name="big", owner="u", priority=0, total_steps=10)
+    small = store.create_job(spec=small_doc, name="small", owner="u", priority=0, total_steps=10)
+    view = build_view(store.list(), [], now=1e9, free_gpus=1)
+    jobs = {j.job_id: j for j in view.queued}
+    assert jobs[big.id].static_bytes == static_bytes(CATALOGUE["llama-2-7b"])  # not the 135M fallback's
+    assert jobs[small.id].static_bytes == static_bytes(CATALOGUE["smollm2-135m"])
+    assert jobs[big.id].static_bytes > 10 * jobs[small.id].static_bytes  # 13.6 GiB against 1.25
+    for job_id, shape, doc in ((big.id, CATALOGUE["llama-2-7b"], big_doc), (small.id, CATALOGUE["smollm2-135m"], small_doc)):
+        want = 10 * _solo_step_s(shape, doc, DEFAULT_WORKER_TFLOPS)
+        assert jobs[job_id].total_work_s == pytest.approx(want) and jobs[job_id].remaining_work_s == pytest.approx(want)
+    assert jobs[big.id].remaining_work_s > 10 * jobs[small.id].remaining_work_s
+    # the workers' TFLOP/s is a setting: the free GPU shows it and the cost model runs at it
+    fast = build_view(store.list(), [], now=1e9, free_gpus=1, worker_tflops=4 * DEFAULT_WORKER_TFLOPS)
+    assert fast.workers[0].tflops == 4 * DEFAULT_WORKER_TFLOPS
+    big_fast = next(j for j in fast.queued if j.job_id == big.id)
+    assert big_fast.remaining_work_s == pytest.approx(10 * _solo_step_s(CATALOGUE["llama-2-7b"], big_doc, 4 * DEFAULT_WORKER_TFLOPS))
+    assert big_fast.remaining_work_s < jobs[big.id].remaining_work_s / 3
+
+
+def test_a_reporting_job_s_remaining_work_follows_its_measured_tokens_per_s(store):
+    rec = store.create_job(spec=spec("a", micro=2, batch=4), name="a", owner="u", priority=0, total_steps=50)
+    store.transition(rec.id, JobState.PROFILING, worker="w-1")
+    store.transition(rec.id, JobState.RUNNING)
+    workers = [WorkerView("w-1", 80 << 30, 100.0, loaded_model="builtin:smollm2-135m-instruct", running=(rec.id,))]
+    before = build_view(store.list(), workers, now=1e9).running[0]
+    store.update_progress(rec.id, step=10, total_steps=50, tokens_per_s=32.0)
+    after = build_view(store.list(), workers, now=1e9).running[0]
+    per_step = 4 * 64 / 32.0  # batch_size x max_seq_len tokens at the measured rate
+    assert after.remaining_work_s == pytest.approx(40 * per_step) and after.total_work_s == pytest.approx(50 * per_step)
+    assert after.remaining_work_s != pytest.approx(before.remaining_work_s * 40 / 50)  # not the cost model's
+    store.update_progress(rec.id, step=20, tokens_per_s=64.0)  # twice as fast now: half the time per step
+    assert build_view(store.list(), workers, now=1e9).running[0].remaining_work_s == pytest.approx(30 * per_step / 2)
+
+
+def test_the_workers_tflops_is_a_controller_setting(tmp_path):
+    c = Controller(str(tmp_path / "jobs.db"), str(tmp_path / "storage"), None, start_loop=False, num_gpus=2,
+                   worker_tflops=312.0)  # fmt: skip
+    try:
+        assert [w.tflops for w in c._view(1e9).workers] == [312.0, 312.0]
+        assert c.ping()["worker_tflops"] == 312.0
+    finally:
+        c.store.close()
+    with pytest.raises(ValueError, match="worker_tflops"):
+        Controller(str(tmp_path / "j2.db"), str(tmp_path / "storage"), None, start_loop=False, worker_tflops=0)
