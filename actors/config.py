@@ -102,6 +102,14 @@ class TrainSettings:
     def accumulation(self) -> int:
         return self.batch_size // self.micro_batch_size
 
+    def total_steps(self, num_examples: int) -> int:
+        """Optimizer steps over ``num_examples`` training examples: ``max_steps`` when set, else
+        ``epochs * ceil(num_examples / batch_size)`` (an epoch's last step takes what is left, so a
+        partial batch is a step). ``actors.data.DataPlan`` and the controller's estimate use this."""
+        if self.max_steps is not None:
+            return self.max_steps
+        return self.epochs * math.ceil(num_examples / self.batch_size)
+
 
 @dataclass(frozen=True)
 class EvalSettings:
@@ -114,6 +122,14 @@ class EvalSettings:
     normalize: str = "exact"  # exact | squad
     max_examples: int | None = None
     batch_size: int = 8
+
+
+def held_out_count(num_records: int, fraction: float) -> int:
+    """Records of a training file held out for evaluation (``eval.held_out_fraction`` with no
+    ``eval.data``): that fraction of them, at least 1 and at most all but one; 0 for no fraction."""
+    if fraction <= 0:
+        return 0
+    return min(num_records - 1, max(1, round(num_records * fraction)))
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from actors.config import DataSettings, TrainSettings
+from actors.config import DataSettings, TrainSettings, held_out_count
 
 IGNORE_INDEX = -100
 SUPPORTED_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -517,9 +517,9 @@ def model_vocab_size(model: Any) -> int | None:
 
 def held_out_indices(num_records: int, fraction: float, seed: int) -> list[int]:
     """Indices of the records held out of training for evaluation (a seeded sample, sorted)."""
-    if fraction <= 0:
+    count = held_out_count(num_records, fraction)
+    if count <= 0:
         return []
-    count = min(num_records - 1, max(1, round(num_records * fraction)))
     return sorted(random.Random(seed * 7_919 + 17).sample(range(num_records), count))
 
 
@@ -540,8 +540,7 @@ class DataPlan:
 
     @classmethod
     def create(cls, num_examples: int, train: TrainSettings, shuffle: bool) -> DataPlan:
-        per_epoch = math.ceil(num_examples / train.batch_size)
-        total = train.max_steps if train.max_steps is not None else train.epochs * per_epoch
+        total = train.total_steps(num_examples)
         return cls(num_examples, train.batch_size, train.micro_batch_size, total, shuffle, train.seed)
 
     @property

@@ -80,3 +80,57 @@ def max_seq_len_check(spec: JobSpec) -> LengthCheck | None:
     return LengthCheck(f"{head}; records longer than that run past the positions it was trained on (no error, "
                        f"but quality usually drops); set data.max_seq_len: {limit.positions} or less unless you "
                        "mean to", refuse=False)  # fmt: skip
+
+
+def record_count(path: str) -> int | None:
+    """The records of a local data file, counted cheaply (no tokenizer, no ``datasets``, no torch): a
+    JSON Lines file's non-blank lines, a JSON list's items, a parquet file's row count (its footer), a
+    CSV file's non-blank rows after the header. None for a URI, a file that cannot be read or counted
+    so (a pretty-printed JSON object), or any error: the count only sizes an estimate
+    (:func:`planned_steps`); the worker reads the file itself and reports the real step count."""
+    import csv
+    import json
+    from pathlib import Path
+
+    if "://" in path:
+        return None
+    file = Path(path)
+    suffix = file.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return int(pq.ParquetFile(file).metadata.num_rows) or None
+        if suffix == ".csv":
+            with file.open(newline="", encoding="utf-8") as fh:
+                rows = sum(1 for row in csv.reader(fh) if any(cell.strip() for cell in row))
+            return rows - 1 if rows > 1 else None
+        if suffix not in (".json", ".jsonl"):
+            return None
+        with file.open("rb") as fh:
+            if fh.read(4096).lstrip().startswith(b"["):  # a JSON list of records
+                doc = json.loads(file.read_bytes())
+                return len(doc) if isinstance(doc, list) and doc else None
+            fh.seek(0)
+            count, first = 0, None
+            for line in fh:
+                if line.strip():
+                    count += 1
+                    first = line if first is None else first
+        # JSON Lines when its first line is a whole record (else a pretty-printed object: datasets reads it)
+        return count if first is not None and isinstance(json.loads(first), dict) else None
+    except Exception:  # OSError, a bad JSON record, csv.Error, pyarrow's errors for a damaged file: not counted
+        return None
+
+
+def planned_steps(spec: JobSpec, num_records: int) -> int:
+    """Optimizer steps the worker will plan for ``spec`` over a data file of ``num_records`` records:
+    the records less those ``eval.held_out_fraction`` holds out, then ``TrainSettings.total_steps``
+    (``max_steps``, else ``epochs * ceil(examples / batch_size)``), the arithmetic of ``DataPlan``."""
+    from actors.config import held_out_count
+
+    config = spec.to_job_config()
+    examples = num_records
+    if config.eval is not None and config.eval.data is None:
+        examples -= held_out_count(num_records, config.eval.held_out_fraction)
+    return max(1, config.train.total_steps(max(1, examples)))

@@ -894,12 +894,30 @@ class Controller:
                                         total_steps=parsed.train.max_steps)  # fmt: skip
         except JobStoreError as err:
             raise ValueError(str(err)) from None
-        if sources:
-            self.store.update_progress(rec.id, step=0, extra={"sources": sources})
+        extra: dict[str, Any] = {"sources": sources} if sources else {}
+        planned = self._planned_steps(parsed, doc)
+        if planned is not None:
+            extra["planned_steps"] = planned
+        if extra:
+            self.store.update_progress(rec.id, step=0, extra=extra)
             rec = self.store.get(rec.id)
         self._stamp_fair_start(rec)
         self._log(rec.id, f"submitted by {owner}")
         return rec
+
+    @staticmethod
+    def _planned_steps(parsed: JobSpec, doc: Mapping[str, Any]) -> int | None:
+        """An ``epochs`` spec's step count from its admitted data file (``extra.planned_steps``, what
+        :func:`total_steps_of` uses until the worker reports its own), or None: a ``max_steps`` spec
+        (stored as ``total_steps``), or a file not counted here (a URI, :func:`orchestrator.checks.record_count`).
+        Counted once, at submission: a pass views every queued job and reads no file."""
+        from orchestrator.checks import planned_steps, record_count
+
+        path = (doc.get("data") or {}).get("path")
+        if parsed.train.max_steps is not None or not isinstance(path, str):
+            return None
+        records = record_count(path)
+        return planned_steps(parsed, records) if records else None
 
     def uploads_root(self, owner: str) -> str:
         """Where the agent stages ``owner``'s uploaded data: ``<storage>/uploads/<owner>``."""

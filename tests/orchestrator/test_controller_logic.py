@@ -944,6 +944,80 @@ def test_a_reporting_job_s_remaining_work_follows_its_measured_tokens_per_s(stor
     assert build_view(store.list(), workers, now=1e9).running[0].remaining_work_s == pytest.approx(30 * per_step / 2)
 
 
+@pytest.mark.parametrize(("records", "held_out", "want"), [(1000, None, 750), (1001, None, 753), (1000, 0.1, 675)])
+def test_an_epochs_spec_s_work_counts_its_data_records(tmp_path, records, held_out, want):
+    from orchestrator.controller import DEFAULT_WORKER_TFLOPS
+    from policies.catalogue import CATALOGUE
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"r{i}"}) + "\n" for i in range(records)) + "\n")
+    doc = spec("ep", micro=2, batch=4)
+    doc["data"]["path"] = str(data)
+    doc["train"] = {"epochs": 3, "batch_size": 4, "micro_batch_size": 2}  # no max_steps
+    if held_out is not None:
+        doc["eval"] = {"held_out_fraction": held_out}
+    c = Controller(str(tmp_path / "jobs.db"), str(tmp_path / "storage"), {"policy": "sjf"}, start_loop=False,
+                   num_gpus=1, allowed_prefixes=[str(tmp_path)])  # fmt: skip
+    try:
+        job = c.submit(doc, "alice")
+        rec = c.store.get(job["id"])
+        # 3 epochs of ceil(examples / 4) steps, the last batch of an epoch partial (DataPlan's arithmetic)
+        assert rec.extra["planned_steps"] == want and rec.total_steps is None
+        view = c._view(1e9).queued[0]
+        assert view.total_work_s == pytest.approx(want * _solo_step_s(CATALOGUE["smollm2-135m"], doc, DEFAULT_WORKER_TFLOPS))
+    finally:
+        c.store.close()
+
+
+def test_planned_steps_agree_with_the_worker_s_data_plan():
+    from actors.data import DataPlan, held_out_indices
+    from orchestrator.checks import planned_steps
+    from orchestrator.spec import parse_spec
+
+    for n, fraction, epochs, batch in ((10, 0.0, 1, 4), (9, 0.2, 2, 4), (1000, 0.05, 3, 16), (2, 0.5, 1, 8)):
+        doc = spec("p", micro=2, batch=batch)
+        doc["train"] = {"epochs": epochs, "batch_size": batch, "micro_batch_size": 2}
+        if fraction:
+            doc["eval"] = {"held_out_fraction": fraction}
+        parsed = parse_spec(doc)
+        examples = n - len(held_out_indices(n, fraction, parsed.train.seed))
+        assert planned_steps(parsed, n) == DataPlan.create(examples, parsed.to_job_config().train, True).total_steps
+
+
+def test_record_count_is_cheap_and_says_none_when_it_cannot_tell(tmp_path):
+    from orchestrator.checks import record_count
+
+    lines = tmp_path / "a.jsonl"
+    lines.write_text('{"text": "a"}\n\n{"text": "b"}\n')
+    listed = tmp_path / "b.json"
+    listed.write_text(json.dumps([{"text": "a"}, {"text": "b"}, {"text": "c"}], indent=2))
+    pretty = tmp_path / "c.json"
+    pretty.write_text(json.dumps({"text": "a"}, indent=2))
+    table = tmp_path / "d.csv"
+    table.write_text('text,label\n"multi\nline",1\n\nb,2\n')
+    assert [record_count(str(p)) for p in (lines, listed, pretty, table)] == [2, 3, None, 2]
+    assert record_count(str(tmp_path / "missing.jsonl")) is None and record_count("s3://bucket/x.jsonl") is None
+
+
+def test_an_epochs_spec_whose_data_is_not_counted_keeps_the_documented_fallback(tmp_path):
+    from orchestrator.controller import DEFAULT_WORKER_TFLOPS, UNKNOWN_STEPS
+    from policies.catalogue import CATALOGUE
+
+    doc = spec("ep")
+    doc["data"]["path"] = str(tmp_path / "later.jsonl")  # not there (yet) at submission: not counted
+    doc["train"] = {"epochs": 3, "batch_size": 4, "micro_batch_size": 2}
+    c = Controller(str(tmp_path / "jobs.db"), str(tmp_path / "storage"), {"policy": "sjf"}, start_loop=False,
+                   num_gpus=1, allowed_prefixes=[str(tmp_path)])  # fmt: skip
+    try:
+        job = c.submit(doc, "alice")
+        assert "planned_steps" not in c.store.get(job["id"]).extra
+        view = c._view(1e9).queued[0]
+        step_s = _solo_step_s(CATALOGUE["smollm2-135m"], doc, DEFAULT_WORKER_TFLOPS)
+        assert view.total_work_s == pytest.approx(UNKNOWN_STEPS * step_s)
+    finally:
+        c.store.close()
+
+
 def test_the_workers_tflops_is_a_controller_setting(tmp_path):
     c = Controller(str(tmp_path / "jobs.db"), str(tmp_path / "storage"), None, start_loop=False, num_gpus=2,
                    worker_tflops=312.0)  # fmt: skip
