@@ -82,9 +82,33 @@ def max_seq_len_check(spec: JobSpec) -> LengthCheck | None:
                        "mean to", refuse=False)  # fmt: skip
 
 
+JSON_LIST_COUNT_LIMIT = 64 << 20  # bytes: a larger JSON list is not parsed on the head just to count it
+_COUNTS: dict[tuple[str, int, int], int | None] = {}  # (path, size, mtime_ns) -> record_count's answer
+
+
 def record_count(path: str) -> int | None:
+    """:func:`count_records`, once per version of a file (its size and modification time): many specs
+    naming one shared dataset count it once."""
+    import os
+
+    if "://" in path:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (path, st.st_size, st.st_mtime_ns)
+    if key not in _COUNTS:
+        if len(_COUNTS) >= 1024:
+            _COUNTS.clear()
+        _COUNTS[key] = count_records(path)
+    return _COUNTS[key]
+
+
+def count_records(path: str) -> int | None:
     """The records of a local data file, counted cheaply (no tokenizer, no ``datasets``, no torch): a
-    JSON Lines file's non-blank lines, a JSON list's items, a parquet file's row count (its footer), a
+    JSON Lines file's non-blank lines, a JSON list's items (up to :data:`JSON_LIST_COUNT_LIMIT` bytes), a
+    parquet file's row count (its footer), a
     CSV file's non-blank rows after the header. None for a URI, a file that cannot be read or counted
     so (a pretty-printed JSON object), or any error: the count only sizes an estimate
     (:func:`planned_steps`); the worker reads the file itself and reports the real step count."""
@@ -109,6 +133,8 @@ def record_count(path: str) -> int | None:
             return None
         with file.open("rb") as fh:
             if fh.read(4096).lstrip().startswith(b"["):  # a JSON list of records
+                if file.stat().st_size > JSON_LIST_COUNT_LIMIT:  # parsed whole: held in the head's memory
+                    return None
                 doc = json.loads(file.read_bytes())
                 return len(doc) if isinstance(doc, list) and doc else None
             fh.seek(0)

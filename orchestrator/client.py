@@ -168,7 +168,9 @@ def start_controller(
         started = False
         if policy is not None:
             try:
-                ray.get(handle.set_policy.remote(policy, api_key=api_key), timeout=wait_s)
+                answer = ray.get(handle.set_policy.remote(policy, api_key=api_key), timeout=wait_s)
+                for line in (answer.get("dry_run") or ()) if isinstance(answer, dict) else ():
+                    print(f"warning: {line}", file=sys.stderr)  # as `lorafleet policy set` prints them
             except ray.exceptions.RayTaskError as err:
                 raise (err.cause if getattr(err, "cause", None) is not None else err) from None
     except NoControllerError:

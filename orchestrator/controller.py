@@ -1729,7 +1729,10 @@ class Controller:
             decisions = self._decide(view)
         else:  # the policy is not asked (nothing to place): its failure, if any, stays until it is
             decisions, self._skipped = [], {}
-        self._note_waiting(view, {d.job_id for d in decisions if isinstance(d, Start)})
+        try:  # a note never keeps the pass from placing jobs
+            self._note_waiting(view, {d.job_id for d in decisions if isinstance(d, Start)})
+        except Exception:
+            log.exception("waiting notes failed this pass; scheduling goes on")
         created: dict[str, str] = {}  # free-gpu slot -> new worker id, within this batch
         failed: dict[str, DecisionProblem] = {}
         for d in decisions:
@@ -1772,6 +1775,7 @@ class Controller:
                 if self._failure is not None and self._failure.get("fallback_error") != _error_text(again):
                     log.error("fallback policy %s failed too: nothing is scheduled", FALLBACK_POLICY, exc_info=again)
                     self._failure["fallback_error"] = _error_text(again)
+                self._skipped = {}  # no decision this pass: none skipped either
                 return []
         else:
             self._policy_works(label)
@@ -1891,17 +1895,16 @@ class Controller:
                                  f"(`lorafleet policy show` lists the skipped decisions)")  # fmt: skip
                 kinds[job_id] = "decision skipped"
         if callable(held) and view.queued:
-            try:
-                rules = held(view)
-            except Exception as err:  # a custom policy's held(): never fail the pass over a note
-                log.warning("policy %s: held() failed: %s", self.policy.name, err)
-                rules = {}
-            for job_id, (rule, reason) in rules.items():
-                if job_id in found or job_id in started:
-                    continue
-                found[job_id] = (f"held by the policy's {rule} rule: {reason}; it starts once that changes "
-                                 f"(`lorafleet policy explain {job_id}` shows every worker's verdict)")  # fmt: skip
-                kinds[job_id] = rule
+            try:  # a custom policy's held(), its result included: never fail the pass over a note
+                for job_id, (rule, reason) in dict(held(view)).items():
+                    if job_id in found or job_id in started:
+                        continue
+                    found[job_id] = (f"held by the policy's {rule} rule: {reason}; it starts once that changes "
+                                     f"(`lorafleet policy explain {job_id}` shows every worker's verdict)")  # fmt: skip
+                    kinds[job_id] = str(rule)
+            except Exception as err:
+                log.warning("policy %s: held() failed or gave no {job id: (rule, reason)}: %s",
+                            getattr(self.policy, "name", "?"), err)  # fmt: skip
         queued = {j.job_id for j in view.queued}
         logged = {k: v for k, v in self._waiting_logged.items() if k in queued}
         for job_id, kind in kinds.items():
@@ -1914,7 +1917,10 @@ class Controller:
     def _unplaceable(self, view: ClusterView) -> dict[str, str]:
         """The queued jobs no worker could run even alone, each with why."""
         found: dict[str, str] = {}
-        margin = getattr(self.policy, "margin", 0.0)
+        try:
+            margin = getattr(self.policy, "margin", 0.0)  # a custom policy's property may raise
+        except Exception:
+            margin = 0.0
         margin = float(margin) if isinstance(margin, int | float) and math.isfinite(margin) and margin >= 0 else 0.0
         if view.queued and view.workers:  # the policy's own test (Cycle.fits_nowhere), without a Cycle
             largest = largest_memory(view)

@@ -473,15 +473,16 @@ class Client:
         if dest.exists() and not dest.is_dir():  # said before the download, not after it
             raise RemoteError(f"fetch: {dest} is a file; give a directory (created if missing)")
         held = _fetched_job(dest)
-        if held == "other" and not replace:  # not a fetch of any job: refuse before downloading
-            raise RemoteError(_occupied(dest, "files lorafleet did not fetch"))
+        if isinstance(held, str) and not replace:  # no marker of a fetch: refuse before downloading
+            raise RemoteError(_occupied(dest, held))
         result = self._agent(["fetch", *self._owner_args(), job])
         same = isinstance(held, dict) and held.get("id") == result["id"]
-        if held not in (None, "other") and not same and not replace:
+        if isinstance(held, dict) and not same and not replace:
             raise RemoteError(_occupied(dest, f"the adapter of job {held.get('id')} ({held.get('name')}), not "
                                               f"{result['id']} ({result['name']})"))  # fmt: skip
         dest.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+        stage = dest.with_name(f".{dest.name}.partial-{os.getpid()}-{time.monotonic_ns()}")
+        stage.mkdir()  # not mkdtemp: the folder becomes dest, with the umask's mode as mkdir gives it
         try:
             for name, data in result["files"].items():
                 (stage / name).write_bytes(base64.b64decode(data))
@@ -496,11 +497,14 @@ class Client:
                 return dest
             if held is not None:  # an empty directory, or one replaced
                 if any(dest.iterdir()):
-                    os.replace(dest, dest.with_name(f"{dest.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}"))
+                    os.replace(dest, _previous_name(dest))
                 else:
                     dest.rmdir()
             os.replace(stage, dest)
             return dest
+        except OSError as exc:
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise RemoteError(f"fetch: cannot write the adapter into {dest}: {exc.strerror or exc}{where}") from None
         finally:
             shutil.rmtree(stage, ignore_errors=True)
 
@@ -510,14 +514,32 @@ FETCH_MARKER = ".lorafleet-fetch.json"  # in a fetched directory: which job's ad
 
 def _fetched_job(dest: Path) -> dict[str, Any] | str | None:
     """What ``dest`` holds: None (missing or empty), the marker of an earlier fetch (``{"id", "name"}``),
-    or ``"other"`` (files of anything else)."""
+    or what else it holds, in words (an adapter fetched before fetches were marked, other files)."""
     if not dest.is_dir() or not any(dest.iterdir()):
         return None
     try:
         marker = json.loads((dest / FETCH_MARKER).read_text())
     except (OSError, ValueError):
-        return "other"
-    return marker if isinstance(marker, dict) and isinstance(marker.get("id"), str) else "other"
+        marker = None
+    if isinstance(marker, dict) and isinstance(marker.get("id"), str):
+        return marker
+    if {p.name for p in dest.iterdir()} <= set(FETCH_FILES):  # fetched before the marker (no job id to compare)
+        try:
+            name = json.loads((dest / "job.json").read_text()).get("name")
+        except (OSError, ValueError, AttributeError):
+            name = None
+        return f"an adapter fetched before lorafleet marked its fetches{f' (job {name})' if name else ''}"
+    return "files lorafleet did not fetch"
+
+
+def _previous_name(dest: Path) -> Path:
+    """``DEST.previous-YYYYmmdd-HHMMSS`` (``-2``, ``-3``... when that is taken): where ``--replace`` moves ``dest``."""
+    base = dest.with_name(f"{dest.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
 
 
 def _occupied(dest: Path, what: str) -> str:

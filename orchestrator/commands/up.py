@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
 
         if isinstance(exc, PolicyConfigError) and args.policy:
             raise head_policy_error(exc, args.policy) from None
-        raise
+        raise UserError(f"{args.policy}: {exc}" if args.policy else str(exc)) from None  # e.g. its dry run
     info = client.call("ping")
     verb = "started" if started else "reattached to"
     print(f"{verb} controller (policy {info['policy']}, store {info['store']}, storage {info['storage']}, "

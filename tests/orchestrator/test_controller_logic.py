@@ -999,6 +999,27 @@ def test_record_count_is_cheap_and_says_none_when_it_cannot_tell(tmp_path):
     assert record_count(str(tmp_path / "missing.jsonl")) is None and record_count("s3://bucket/x.jsonl") is None
 
 
+def test_record_count_reads_a_file_once_per_version_and_no_large_json_list(tmp_path, monkeypatch):
+    """The review: every submission re-read a shared dataset, and a JSON list was parsed whole on the head."""
+    import os
+
+    from orchestrator import checks
+
+    calls = []
+    real = checks.count_records
+    monkeypatch.setattr(checks, "count_records", lambda path: calls.append(path) or real(path))
+    data = tmp_path / "shared.jsonl"
+    data.write_text('{"text": "a"}\n{"text": "b"}\n')
+    assert [checks.record_count(str(data)) for _ in range(3)] == [2, 2, 2] and len(calls) == 1
+    data.write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c"}\n')
+    os.utime(data, ns=(1, 1))  # another version: counted again
+    assert checks.record_count(str(data)) == 3 and len(calls) == 2
+    listed = tmp_path / "big.json"
+    listed.write_text(json.dumps([{"text": "a"}] * 3))
+    monkeypatch.setattr(checks, "JSON_LIST_COUNT_LIMIT", 10)
+    assert checks.record_count(str(listed)) is None  # the documented fallback rather than a parse
+
+
 def test_an_epochs_spec_whose_data_is_not_counted_keeps_the_documented_fallback(tmp_path):
     from orchestrator.controller import DEFAULT_WORKER_TFLOPS, UNKNOWN_STEPS
     from policies.catalogue import CATALOGUE
@@ -1028,3 +1049,31 @@ def test_the_workers_tflops_is_a_controller_setting(tmp_path):
         c.store.close()
     with pytest.raises(ValueError, match="worker_tflops"):
         Controller(str(tmp_path / "j2.db"), str(tmp_path / "storage"), None, start_loop=False, worker_tflops=0)
+
+
+class BadHeld(FailsLater):
+    """Schedules as fifo, but its held() (the waiting notes' hook) answers garbage; its margin raises."""
+
+    answer: object = ["not", "a", "dict"]
+
+    @property
+    def margin(self) -> float:
+        raise RuntimeError("margin boom")
+
+    def held(self, view):
+        return self.answer
+
+
+@pytest.mark.parametrize("answer", [["not", "a", "dict"], {"x": "no pair"}, None])
+def test_a_custom_policys_broken_held_costs_only_its_notes(tmp_path, fake_workers, answer):
+    """The review: held()'s result was unpacked outside its try, so a bad one failed every pass."""
+    from tests.orchestrator.test_tenancy import spec as small_spec
+
+    c = _failing_controller(tmp_path, "BadHeld", num_gpus=1)
+    try:
+        c.policy.answer = answer
+        job = c.submit(small_spec("a"), "alice")["id"]
+        c.tick()
+        assert c.status(job)["state"] == "PROFILING"  # placed by the policy as if held() were absent
+    finally:
+        c.store.close()

@@ -63,3 +63,24 @@ def test_fetch_refuses_another_jobs_adapter_and_foreign_files_unless_replace(tmp
     empty.mkdir()
     client._agent = lambda args, **kw: adapter("lf-1", "a")  # type: ignore[method-assign]
     assert (client.fetch("lf-1", empty) / "job.json").exists()
+
+
+def test_fetch_keeps_the_umask_mode_renames_twice_a_second_and_names_an_unmarked_adapter(tmp_path):
+    """The review: the fetched folder came out 0700 (mkdtemp), a second --replace within one second
+    failed with a raw OSError, and a folder fetched before fetches were marked read as foreign files."""
+    import os
+
+    client = fake_client({"lf-1": adapter("lf-1", "a"), "lf-2": adapter("lf-2", "b")})
+    old = os.umask(0o022)
+    try:
+        dest = client.fetch("lf-1", tmp_path / "a")
+        assert dest.stat().st_mode & 0o777 == 0o755
+        for job in ("lf-2", "lf-1", "lf-2"):  # three moves aside within a second or two
+            client.fetch(job, dest, replace=True)
+    finally:
+        os.umask(old)
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith("a.previous-")]) == 3
+    (dest / FETCH_MARKER).unlink()  # as lorafleet before the marker left it
+    with pytest.raises(RemoteError, match=r"already holds an adapter fetched before lorafleet marked its "
+                                          r"fetches \(job b\); nothing was written"):  # fmt: skip
+        client.fetch("lf-2", dest)

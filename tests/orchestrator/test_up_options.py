@@ -62,3 +62,22 @@ def test_a_local_clusters_processes_include_the_children_of_its_marked_ones(tmp_
             p.wait()
         if child is not None:
             subprocess.run(["kill", "-9", str(child)], check=False)
+
+
+def test_up_policy_refused_by_the_running_controller_is_one_line(tmp_path, monkeypatch, capsys):
+    """The review: the head's dry-run refusal (a ValueError, not a PolicyConfigError) escaped as a traceback."""
+    from orchestrator import cli, client
+
+    path = tmp_path / "p.yaml"
+    path.write_text("policy: fifo\n")
+
+    def refuse(*args, **kwargs):
+        raise ValueError("policy fifo: schedule() failed on the current queue (3 queued, 0 running jobs): boom; "
+                         "not set, policy aspen stays")  # fmt: skip
+
+    monkeypatch.setattr(client, "connect", lambda address: None)
+    monkeypatch.setattr(client, "start_controller", refuse)
+    assert cli.main(["up", "--policy", str(path)]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"{path}: policy fifo: schedule() failed on the current queue (3 queued, 0 running jobs): boom; not set, "
+        "policy aspen stays")  # fmt: skip
