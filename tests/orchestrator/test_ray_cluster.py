@@ -77,22 +77,22 @@ def data_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("lf-data")
 
 
-def spec(name: str, model_dir: Path, data: Path, *, seed: int, steps: int = 8) -> dict:
+def spec(name: str, model_dir: Path, data: Path, *, seed: int, steps: int = 8, checkpoint_every: int = 2) -> dict:
     return {
         "name": name,
         "base_model": str(model_dir),
         "adapter": {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
         "data": {"path": str(data), "format": "tokens", "max_seq_len": 32},
         "train": {"max_steps": steps, "batch_size": 4, "micro_batch_size": 2, "learning_rate": 1e-2,
-                  "seed": seed, "checkpoint_every": 2},
+                  "seed": seed, "checkpoint_every": checkpoint_every},
     }  # fmt: skip
 
 
-def make_specs(prefix: str, n: int, model_dir: Path, data_dir: Path, steps: int = 8) -> list[dict]:
+def make_specs(prefix: str, n: int, model_dir: Path, data_dir: Path, steps: int = 8, checkpoint_every: int = 2) -> list[dict]:
     out = []
     for i in range(n):
         data = write_jsonl(data_dir / f"{prefix}-{i}.jsonl", token_records(24, 100 + i, 6, 14))
-        out.append(spec(f"{prefix}-{i}", model_dir, data, seed=i, steps=steps))
+        out.append(spec(f"{prefix}-{i}", model_dir, data, seed=i, steps=steps, checkpoint_every=checkpoint_every))
     return out
 
 
@@ -197,19 +197,20 @@ def test_killed_worker_costs_only_work_since_checkpoint(controller, tiny_model_d
 
     from orchestrator import client
 
-    # enough steps that the worker is still mid-training when the kill lands (10 steps could finish first)
-    specs = make_specs("kw", 2, tiny_model_dir, data_dir, steps=60)
+    # A step of these jobs takes 5-20 ms, and the controller and this test each poll every 0.3 s: the
+    # window the kill must land in is hundreds of steps wide so no machine runs through it between polls.
+    specs = make_specs("kw", 2, tiny_model_dir, data_dir, steps=600, checkpoint_every=10)
     ref = reference_adapters(specs, tmp_path / "ref")
     ids = submit_all(specs)
 
     def running_past_step_3():
         for i in ids:
             rec = client.call("status", i)
-            if rec["state"] == "RUNNING" and 3 <= (rec["step"] or 0) <= 30:
+            if rec["state"] == "RUNNING" and 3 <= (rec["step"] or 0) <= 400:
                 return rec
         return None
 
-    victim = wait_until(running_past_step_3, what="a running job between steps 3 and 30")
+    victim = wait_until(running_past_step_3, what="a running job between steps 3 and 400")
     handle = client.call("worker_handle", victim["worker"])
     ray.kill(handle, no_restart=True)
     recs = wait_terminal(ids)
@@ -249,7 +250,8 @@ def _ping_pid():
 def test_forced_oom_evicts_one_job_group_mates_finish(controller, tiny_model_dir, data_dir):
     from orchestrator import client
 
-    specs = make_specs("oom", 4, tiny_model_dir, data_dir, steps=60)  # long enough to hit mid-run on a fast machine
+    # long enough that the forced OOM lands mid-run on a fast machine (see the killed-worker test)
+    specs = make_specs("oom", 4, tiny_model_dir, data_dir, steps=600, checkpoint_every=50)
     ids = submit_all(specs)
 
     def crowded():
