@@ -159,7 +159,7 @@ def test_a_job_on_s3_reads_its_data_from_s3_and_resumes_on_a_clean_node(s3_root:
     data_uri = f"{s3_root}/uploads/alice/u2/data-train.jsonl"
     upload_file(write_jsonl(tmp_path / "train.jsonl", token_records(32, 1, 6, 12)), data_uri)
     uri = job_output(s3_root, "lf-r")
-    cfg = job_config(tmp_path, "r", steps=12, checkpoint_every=2, output=tmp_path / "stage1" / "r")
+    cfg = job_config(tmp_path, "r", steps=40, checkpoint_every=2, output=tmp_path / "stage1" / "r")  # room to preempt
     cfg = replace(cfg, base_model=worker.base_model, data=replace(cfg.data, path=data_uri))
     worker.assign("r", cfg, uri)
     step = preempt_after(worker, "r", 3)["r"]["checkpoint_step"]

@@ -176,10 +176,11 @@ def test_simulated_oom_evicts_newest_only(worker, tmp_path):
     a, b = job_config(tmp_path, "a", steps=6), job_config(tmp_path, "b", steps=6)
     worker.assign("a", a)
     worker.assign("b", b)
-    wait_events(worker, {"a": "joined", "b": "joined"})
+    # queued behind the two joins, so it lands on their first fused step whatever the machine's speed
+    # (waiting for `joined` first let a fast machine finish both 6-step jobs before the OOM was sent)
     worker.simulate_oom()
     ev = wait_events(worker, {"b": "oom", "a": "finished"})
-    assert ev["b"]["micro_batch_size"] == 2 and worker.progress()["ooms"] == 1
+    assert ev["b"]["group_size"] == 2 and ev["b"]["micro_batch_size"] == 2 and worker.progress()["ooms"] == 1
 
 
 def test_cpu_budget_counts_as_oom(tiny_model_dir, tmp_path):
