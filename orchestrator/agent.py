@@ -14,8 +14,8 @@ Actions:
   directory into the caller's uploads area (``<storage>/uploads/<owner>/``, a directory or a
   storage URI; a path under an admin-allowed prefix, or a URI, is kept as is), queue the jobs all
   or none (``Controller.submit_many``); result: ``[{id, name}, ...]``.
-* ``call METHOD JSON_KWARGS``: a read-or-cancel controller call (``status``, ``list_jobs``,
-  ``logs``, ``logs_since``, ``job_metrics``, ``cancel``, ``counts``, ``whoami``).
+* ``call METHOD JSON_KWARGS``: a read, cancel or retry controller call (``status``, ``list_jobs``,
+  ``logs``, ``logs_since``, ``job_metrics``, ``cancel``, ``retry``, ``counts``, ``whoami``).
 * ``fetch [--owner O] JOB``: the finished adapter's small files, base64-encoded.
 
 The caller's API key (``orchestrator.auth``) travels as the file ``KEY_FILE`` in the job's
@@ -36,8 +36,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 RESULT_PREFIX = "LORAFLEET-RESULT "
-ALLOWED_CALLS = {"status", "list_jobs", "logs", "logs_since", "job_metrics", "cancel", "counts", "ping", "whoami"}
-KEYED_CALLS = {"status", "list_jobs", "logs", "logs_since", "job_metrics", "cancel", "whoami"}  # take the api_key
+ALLOWED_CALLS = {"status", "list_jobs", "logs", "logs_since", "job_metrics", "cancel", "retry", "counts", "ping",
+                 "whoami"}  # fmt: skip
+KEYED_CALLS = {"status", "list_jobs", "logs", "logs_since", "job_metrics", "cancel", "retry", "whoami"}  # take the api_key
 KEY_FILE = "lorafleet-key"
 FETCH_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "job.json", "eval.json")
 MAX_FETCH_BYTES = 512 << 20

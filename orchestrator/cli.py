@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("orchestrator.commands.jobs", "state, step/total, loss, tokens/s, ETA of jobs (--json)"),
     "logs": ("orchestrator.commands.jobs", "a job's progress lines (-f follows)"),
     "cancel": ("orchestrator.commands.jobs", "cancel a job"),
+    "retry": ("orchestrator.commands.jobs", "queue a failed or cancelled job again; it resumes from its newest checkpoint"),
     "wait": ("orchestrator.commands.jobs", "wait for a job to end; exit 1 unless it succeeded"),
     "fetch": ("orchestrator.commands.jobs", "copy a finished job's adapter to a local directory"),
     "plot": ("orchestrator.commands.jobs", "loss curves of jobs on one chart (PNG)"),

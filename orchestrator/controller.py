@@ -119,6 +119,7 @@ PUBLIC_FIELDS = ("id", "name", "owner", "state", "priority", "submit_time", "sta
 PATH_FIELDS = (("data", "path"), ("eval", "data"), ("adapter", "init_from"))
 UPLOADS_DIR = "uploads"
 WORKER_LOST = "worker lost"  # the reason of a requeue (or failure) because the job's worker was lost
+RETRIED = "retried by"  # the reason of a FAILED/CANCELLED -> QUEUED event (retry): worker losses count from there
 LOG_LINES_KEPT = 200  # progress lines the controller keeps per job (a sliding window; see logs_since)
 ENDED_LOGS_KEPT = 1000  # ended jobs whose lines and samples stay in memory; older ones read their metrics.jsonl
 LOG_TRIM_BATCH = 100  # _trim_logs works once this many ended jobs are over ENDED_LOGS_KEPT
@@ -552,6 +553,7 @@ class Controller:
         self._log_epoch = uuid.uuid4().hex[:12]  # names this incarnation's sequence numbers
         self._samples: dict[str, _Samples] = {}  # job id -> polled step/loss samples (job_metrics)
         self._preempting: set[str] = set()
+        self._cancelling: dict[str, tuple[str, float]] = {}  # cancelled job id -> (its worker, when), until it leaves
         self._run_starts: dict[str, float] = {}  # job id -> when its current run was placed (see build_view)
         self._waiting: dict[str, str] = {}  # queued job id -> why it waits (no worker could hold it, a quota)
         self._waiting_logged: dict[str, str] = {}  # queued job id -> the kind of reason last written to its log
@@ -1085,7 +1087,7 @@ class Controller:
                 wait = self._fifo_clock.book(rec.submit_time, work, rec.priority, need)
                 fair = self._fifo_clock.deadline(rec.submit_time, wait, work, rec.priority)
             # The wait and work let each pass move the deadline with the class's tail (_fair_starts).
-            self.store.update_progress(rec.id, step=0, extra={"fair_start_s": fair, "fifo_wait_s": wait,
+            self.store.update_progress(rec.id, step=rec.step, extra={"fair_start_s": fair, "fifo_wait_s": wait,
                                                               "fifo_work_s": work})  # fmt: skip
         except Exception as err:  # never fail a submission over the stamp
             self._log(rec.id, f"no FIFO-fair start deadline ({err})")
@@ -1147,9 +1149,77 @@ class Controller:
             for w in self._workers.values():
                 if rec.id in w.assigned:
                     w.assigned.discard(rec.id)
+                    self._cancelling[rec.id] = (w.worker_id, time.time())
                     w.handle.cancel.remote(rec.id)
             self._log(rec.id, f"cancelled by {ident.name}")
             return self._public(rec)
+
+    def retry(self, job: str, owner: str | None = None, api_key: str | None = None) -> dict[str, Any]:
+        """Queue a FAILED or CANCELLED job again under its id (owner or admin); it resumes from its
+        newest checkpoint (at most ``checkpoint_every`` steps lost), or starts over if it has none.
+
+        Its spec is the stored one, admitted again (paths, ``trust_remote_code``) as ``submit`` would,
+        and a local data file that is missing refuses the retry (the job would fail the same way). It
+        queues behind the jobs already waiting, with a fresh count of lost workers (``max_attempts``).
+        A live job is returned as it is with ``already_live: True``. Raises ``LookupError``,
+        ``AccessError``, and ``ValueError`` for a SUCCEEDED job, a refused spec, or another live job
+        of the owner with the same name.
+        """
+        ident = self.identify(api_key)
+        if not ident.authenticated and owner is not None:
+            ident = self.identify(api_key, owner)
+        with self._lock:
+            rec = self._find(job, ident, "retry", owner)
+            if rec.state not in (JobState.FAILED, JobState.CANCELLED):
+                if rec.state == JobState.SUCCEEDED:
+                    raise ValueError(f"job {rec.id} ({rec.name}) SUCCEEDED: nothing to retry; to train it further, "
+                                     "submit a new job with adapter.init_from set to its adapter")  # fmt: skip
+                return {**self._public(rec), "already_live": True}
+            stopping = self._still_stopping(rec.id)
+            if stopping:
+                raise ValueError(f"job {rec.id} ({rec.name}) is still leaving worker {stopping} (cancelled moments "
+                                 "ago; it stops after its current step): retry in a few seconds")  # fmt: skip
+            parsed = parse_spec(dict(rec.spec), source=rec.id)
+            if parsed.trust_remote_code and not self.allow_remote_code:
+                raise ValueError("trust_remote_code: this cluster no longer runs code shipped with models; an admin "
+                                 "enables it with `lorafleet up --allow-remote-code`")  # fmt: skip
+            doc = self._admit_paths(json.loads(json.dumps(rec.spec)), rec.owner, confine_model=ident.authenticated)
+            missing = _missing_input(doc)
+            if missing:
+                sources = rec.extra.get("sources")  # name the user's file, not its uploaded copy
+                raise ValueError(user_paths(missing, sources) if isinstance(sources, dict) else missing)
+            total = rec.total_steps or 0
+            if rec.checkpoint_step and total and rec.checkpoint_step >= total:
+                why = rec.error or rec.state.value
+                raise ValueError(f"job {rec.id} ({rec.name}) trained all {total} steps before it ended ({why}); its "
+                                 f"checkpoint at step {total} is in {rec.output}: submit a new job with "
+                                 "adapter.init_from set to it")  # fmt: skip
+            resume = rec.checkpoint_step or 0
+            extra = {k: v for k, v in rec.extra.items() if k not in ("fair_start_s", "fifo_wait_s", "fifo_work_s")}
+            extra["retries"] = int(extra.get("retries", 0)) + 1
+            error = (rec.error or "").splitlines()[0][:300] if rec.error else ""
+            was = f"{rec.state.value}: {error}" if error else rec.state.value
+            try:
+                rec = self.store.reopen(rec.id, reason=f"{RETRIED} {ident.name} (was {was})", step=resume, extra=extra)
+            except JobStoreError as err:
+                raise ValueError(str(err)) from None
+            self._stamp_fair_start(rec)
+            where = f"resumes from checkpoint step {resume}" if resume else "starts from step 0 (no checkpoint)"
+            self._log(rec.id, f"retried by {ident.name}: queued again, {where}")
+            return {**self._public(self.store.get(rec.id)), "resume_step": resume}
+
+    def _still_stopping(self, job_id: str) -> str | None:
+        """The worker a cancelled job has not left yet (it has not reported it), or None: a retry placed
+        elsewhere meanwhile would write to the output the old run still writes. A worker gone since,
+        or silent past ``worker_timeout_s``, no longer counts."""
+        entry = self._cancelling.get(job_id)
+        if entry is None:
+            return None
+        worker_id, since = entry
+        if worker_id not in self._workers or time.time() - since > self.worker_timeout_s:
+            self._cancelling.pop(job_id, None)
+            return None
+        return worker_id
 
     def logs(self, job: str, lines: int = 50, owner: str | None = None, api_key: str | None = None) -> list[str]:
         """The last ``lines`` progress lines of a job (from memory, else the tail of its metrics.jsonl,
@@ -1541,6 +1611,8 @@ class Controller:
         job_id, kind = ev["job"], ev["kind"]
         if kind not in ("joined",):
             w.assigned.discard(job_id)
+            if self._cancelling.get(job_id, ("",))[0] == w.worker_id:  # it has left the worker
+                self._cancelling.pop(job_id, None)
         try:
             if kind == "joined":
                 extra = {"profile_source": ev.get("profile_source"), "setup_s": ev.get("setup_s")}
@@ -1625,7 +1697,7 @@ class Controller:
                 continue
             # Only lost workers count: drains, controller restarts and preemptions requeue a job too
             # (each starts a run), and four of those made one worker loss fatal.
-            losses = 1 + sum((e.reason or "").startswith(WORKER_LOST) for e in self.store.events(rec.id))
+            losses = 1 + _losses_since_retry(self.store.events(rec.id))
             if losses >= self.max_attempts:
                 try:
                     self.store.transition(rec.id, JobState.FAILED, expect=rec.state,
@@ -2175,6 +2247,31 @@ def _uri_char(value: str, segment: str, field_name: str) -> PathError:
 
 
 MAX_SOURCE_CHARS = 4096  # one path as the user gave it, or its staged copy
+
+
+def _missing_input(doc: Mapping[str, Any]) -> str | None:
+    """What ``retry`` says of an admitted spec's local data file that is gone (the job would fail the
+    same way), or None. URIs are not checked here; the worker reports those."""
+    from actors.storage import is_uri
+
+    for section, key in (("data", "path"), ("eval", "data")):
+        value = (doc.get(section) or {}).get(key)
+        if isinstance(value, str) and not is_uri(value) and not Path(value).is_file():
+            return (f"{section}.{key}: {value} does not exist (or is not a file), so the job would fail the same "
+                    "way: put the file back, or submit the job again (which uploads its data)")  # fmt: skip
+    return None
+
+
+def _losses_since_retry(events: Iterable[Any]) -> int:
+    """How many times a job lost its worker since it was last retried (or ever): ``max_attempts`` counts these."""
+    losses = 0
+    for e in events:
+        reason = e.reason or ""
+        if reason.startswith(RETRIED):
+            losses = 0
+        elif reason.startswith(WORKER_LOST):
+            losses += 1
+    return losses
 
 
 def _check_sources(sources: Any, count: int) -> list[dict[str, str] | None]:

@@ -189,6 +189,9 @@ class Job:
     def cancel(self) -> dict[str, Any]:
         return self.client.cancel(self.id)
 
+    def retry(self) -> dict[str, Any]:
+        return self.client.retry(self.id)
+
     def fetch(self, dest: str | os.PathLike[str], *, replace: bool = False) -> Path:
         return self.client.fetch(self.id, dest, replace=replace)
 
@@ -439,6 +442,11 @@ class Client:
 
     def cancel(self, job: str) -> dict[str, Any]:
         return self._call("cancel", job=job, owner=self.owner)
+
+    def retry(self, job: str) -> dict[str, Any]:
+        """Queue a FAILED or CANCELLED job again under its id (``Controller.retry``): it resumes from its
+        newest checkpoint. The record has ``resume_step``, or ``already_live: True`` for a live job."""
+        return self._call("retry", job=job, owner=self.owner)
 
     def wait(
         self,

@@ -18,7 +18,9 @@ Job lifecycle (``ALLOWED_TRANSITIONS``; anything not listed is refused)::
     CANCELLED   -                                             terminal
 
 No state transitions to itself. PREEMPTED is not terminal: the scheduler requeues the
-job (PREEMPTED -> QUEUED), or the user cancels it meanwhile.
+job (PREEMPTED -> QUEUED), or the user cancels it meanwhile. One way out of FAILED and
+CANCELLED is not a ``transition``: ``reopen`` (``lorafleet retry``) queues the job again under
+its id, so it resumes from its own checkpoints.
 
 Side effects of ``transition`` (in the same transaction as the state and its event row):
 entering RUNNING increments ``attempts`` and sets ``start_time`` the first time; entering
@@ -414,6 +416,46 @@ class JobStore:
                       (*sets.values(), job_id))
             c.execute("INSERT INTO events (job_id, time, from_state, to_state, reason) "
                       "VALUES (?,?,?,?,?)", (job_id, now, cur.state.value, target.value, reason))
+            return self._get(c, job_id)
+
+    def reopen(self, job_id: str, *, reason: str, step: int | None = None,
+               extra: dict[str, Any] | None = None) -> JobRecord:
+        """Queue a FAILED or CANCELLED job again under its id, durably, and return it.
+
+        The job keeps its spec, output, step and checkpoint step (it resumes from its own
+        checkpoints); its ``submit_time`` becomes now (it queues behind the jobs already waiting),
+        ``start_time``, ``end_time``, ``error`` and ``worker`` are cleared, ``step`` and ``extra``
+        (when given) replace the stored ones, and the event row records ``reason``.
+        Raises ``UnknownJobError``; ``InvalidTransitionError`` for a job that is not FAILED or
+        CANCELLED (a SUCCEEDED job is done; a live one needs nothing); ``DuplicateJobError`` when
+        the owner has another live job of the same name.
+        """
+        _opt_str("reason", reason)
+        step = _opt_int("step", step, 0)
+        extra_json = None if extra is None else _json("extra", extra)
+        with self._tx() as c:
+            now = time.time()
+            cur = self._get(c, job_id)
+            if cur.state not in (JobState.FAILED, JobState.CANCELLED):
+                raise InvalidTransitionError(
+                    f"job {job_id}: only a FAILED or CANCELLED job can be queued again; it is {cur.state.value}")
+            live = c.execute(
+                "SELECT id, state FROM jobs WHERE owner=? AND name=? AND id<>? AND state NOT IN (?,?,?)",
+                (cur.owner, cur.name, job_id, *sorted(s.value for s in TERMINAL_STATES))).fetchone()
+            if live is not None:
+                raise DuplicateJobError(
+                    f"owner {cur.owner!r} already has job {live[0]} named {cur.name!r} in state {live[1]}; "
+                    f"cancel it or wait for it to finish before queueing {job_id} again")
+            sets: dict[str, Any] = {"state": JobState.QUEUED.value, "submit_time": now, "start_time": None,
+                                    "end_time": None, "error": None, "worker": None, "updated_time": now}
+            if step is not None:
+                sets["step"] = step
+            if extra_json is not None:
+                sets["extra"] = extra_json
+            c.execute(f"UPDATE jobs SET {', '.join(f'{k}=?' for k in sets)} WHERE id=?",
+                      (*sets.values(), job_id))
+            c.execute("INSERT INTO events (job_id, time, from_state, to_state, reason) "
+                      "VALUES (?,?,?,?,?)", (job_id, now, cur.state.value, JobState.QUEUED.value, reason))
             return self._get(c, job_id)
 
     def update_progress(self, job_id: str, *, step: int, total_steps: int | None = None,

@@ -1,4 +1,4 @@
-"""Laptop commands over Ray Job Submission: submit, list, status, logs, cancel, wait, fetch, plot.
+"""Laptop commands over Ray Job Submission: submit, list, status, logs, cancel, retry, wait, fetch, plot.
 
 One module serves these subcommands (``COMMANDS`` maps each to it); the subcommand's name is the
 last word of its parser's ``prog``. Every one takes ``--address`` (else ``RAY_API_SERVER_ADDRESS`` /
@@ -64,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                  "ones; the controller keeps the last 200)")
     elif command in ("cancel", "wait"):
         parser.add_argument("job")
+    elif command == "retry":
+        parser.add_argument("job", help="a FAILED or CANCELLED job (id or name): queued again under its id, it "
+                            "resumes from its newest checkpoint (at most train.checkpoint_every steps are lost)")
     elif command == "fetch":
         parser.add_argument("job")
         parser.add_argument("dest")
@@ -317,6 +320,17 @@ def do_cancel(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def do_retry(client: Client, args: argparse.Namespace) -> int:
+    r = client.retry(args.job)
+    if r.get("already_live"):
+        print(f"{r['id']}\t{r['name']}\t{r['state']}\t(still live: nothing to retry)")
+        return 0
+    step = r.get("resume_step") or 0
+    where = f"resumes from checkpoint step {step}" if step else "starts from step 0 (it wrote no checkpoint)"
+    print(f"{r['id']}\t{r['name']}\t{r['state']}\t{where}; follow it with `lorafleet logs -f {r['id']}`")
+    return 0
+
+
 def do_wait(client: Client, args: argparse.Namespace) -> int:
     r = client.wait(args.job)
     print(f"{r['id']}\t{r['name']}\t{r['state']}" + (f"\t{r['error']}" if r.get("error") else ""))
@@ -363,4 +377,4 @@ def do_plot(client: Client, args: argparse.Namespace) -> int:
 
 
 HANDLERS = {"submit": do_submit, "list": do_list, "status": do_status, "logs": do_logs, "cancel": do_cancel,
-            "wait": do_wait, "fetch": do_fetch, "plot": do_plot}  # fmt: skip
+            "retry": do_retry, "wait": do_wait, "fetch": do_fetch, "plot": do_plot}  # fmt: skip

@@ -142,6 +142,17 @@ def test_cancel_and_bad_spec(cluster, tmp_path):
     state = json.loads(lorafleet(home, "status", "long-job", "--json", "--address", url).stdout)[0]["state"]
     assert state == "CANCELLED"
 
+    # retried under its id (refused for the seconds its worker takes to drop it), then live: nothing to do
+    deadline = time.monotonic() + 60
+    while "still leaving worker" in (res := lorafleet(home, "retry", "long-job", "--address", url)).stderr:
+        assert time.monotonic() < deadline, res.stderr[-2000:]
+        time.sleep(1)
+    assert res.returncode == 0 and "\tlong-job\tQUEUED\t" in res.stdout, res.stderr[-2000:]
+    assert "follow it with `lorafleet logs -f lf-" in res.stdout
+    again = lorafleet(home, "retry", "long-job", "--address", url)
+    assert again.returncode == 0 and "nothing to retry" in again.stdout, again.stderr[-2000:]
+    assert lorafleet(home, "cancel", "long-job", "--address", url).returncode == 0
+
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\ndata: {path: x.jsonl}\ntrain:\n  optimizer: adam\n")
     res = lorafleet(home, "submit", str(bad), "--address", url)

@@ -219,23 +219,61 @@ def test_killed_worker_costs_only_work_since_checkpoint(controller, tiny_model_d
     assert any("died" in (e["reason"] or "") for e in events), events
 
 
+def _retry_once_it_has_left(job_id: str) -> dict:
+    """``retry`` as a user would call it right after a cancel: refused while the worker still has the job."""
+    from orchestrator import client
+
+    def attempt():
+        try:
+            return client.call("retry", job_id)
+        except ValueError as err:
+            if "still leaving worker" not in str(err):
+                raise
+            return None
+
+    return wait_until(attempt, timeout=60, what=f"retry of {job_id} (its worker to drop it)")
+
+
+def test_cancelled_job_retried_resumes_to_the_uninterrupted_adapter(controller, tiny_model_dir, data_dir, tmp_path):
+    from orchestrator import client
+
+    specs = make_specs("rt", 1, tiny_model_dir, data_dir, steps=600, checkpoint_every=10)  # see the killed-worker test
+    ref = reference_adapters(specs, tmp_path / "ref")
+    [job] = submit_all(specs)
+    wait_until(lambda: client.call("status", job)["state"] == "RUNNING" and 20 <= client.call("status", job)["step"]
+               <= 400, what="the job between steps 20 and 400")  # fmt: skip
+    assert client.call("cancel", job)["state"] == "CANCELLED"
+    out = _retry_once_it_has_left(job)
+    assert out["id"] == job and out["state"] == "QUEUED" and out["resume_step"] >= 10
+    recs = wait_terminal([job])
+    assert_same_adapters(recs, ref)  # the steps before the checkpoint are kept, the rest redone: same adapter
+    events = client.call("status", job)["events"]
+    assert [e["to"] for e in events].count("RUNNING") == 2
+    joined = [e["reason"] for e in events if e["to"] == "RUNNING"][-1]
+    assert int(joined.split("at step ")[1]) >= out["resume_step"] > 0  # resumed, not started over
+
+
 def test_killed_controller_recovers_every_job(controller, tiny_model_dir, data_dir, tmp_path):
     import ray
 
     from orchestrator import client
 
-    specs = make_specs("kc", 2, tiny_model_dir, data_dir, steps=10)
+    # long enough that the kill lands mid-run on a fast machine (see the killed-worker test): recovery is exercised
+    specs = make_specs("kc", 2, tiny_model_dir, data_dir, steps=600, checkpoint_every=10)
     ref = reference_adapters(specs, tmp_path / "ref")
     ids = submit_all(specs)
-    wait_until(lambda: any(client.call("status", i)["step"] >= 3 for i in ids), what="progress")
+    wait_until(lambda: any(3 <= client.call("status", i)["step"] <= 400 for i in ids), what="progress")
     before = client.call("ping")["pid"]
     ray.kill(client.get_controller(), no_restart=False)  # Ray restarts it; it recovers from the store
     wait_until(lambda: _ping_pid() not in (None, before), timeout=120, what="controller restart")
     recs = wait_terminal(ids)
     assert_same_adapters(recs, ref)
+    restarted = 0
     for i in ids:
         reasons = [e["reason"] or "" for e in client.call("status", i)["events"]]
         assert any("controller restart" in r for r in reasons) or reasons[-1] == "finished"
+        restarted += any("controller restart" in r for r in reasons)
+    assert restarted >= 1  # at least the job seen mid-run was recovered, not finished before the kill
 
 
 def _ping_pid():
@@ -287,3 +325,7 @@ def test_broken_spec_and_missing_data_fail_alone(controller, tiny_model_dir, dat
     recs = wait_terminal(ids)
     assert recs[ids[0]]["state"] == "SUCCEEDED"
     assert recs[ids[1]]["state"] == "FAILED" and "missing.jsonl" in recs[ids[1]]["error"]
+    # the user puts the file in place and retries the failed job: it runs under its id
+    write_jsonl(data_dir / "missing.jsonl", token_records(24, 300, 6, 14))
+    assert _retry_once_it_has_left(ids[1])["state"] == "QUEUED"
+    assert wait_terminal([ids[1]])[ids[1]]["state"] == "SUCCEEDED"
