@@ -55,6 +55,14 @@ _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
+def _resumable_step(info: _JobInfo | None) -> int | None:
+    """The newest checkpoint a job that leaves now would resume from: its last one, or for a remote output
+    the last one uploaded (``cancelled`` and ``failed`` events carry it; ``lorafleet retry`` says it)."""
+    if info is None:
+        return None
+    return info.checkpoint_step if info.remote_output is None else info.uploaded_step
+
+
 class SimulatedOOM(RuntimeError):
     """Raised in place of a real out-of-memory error by ``simulate_oom`` and the CPU budget."""
 
@@ -222,7 +230,7 @@ class TrainingWorker:
         model, once loaded), ``packing_max_len`` (the longest sequence the engine packs for this
         model, 0: padded; :attr:`actors.engine.FusedEngine.packing_max_len`), ``jobs`` (job id -> step, total_steps, loss, tokens_per_s,
         checkpoint_step), ``events`` (list of dicts with ``job``, ``kind`` and kind-specific
-        fields), ``memory`` (current/peak/budget/total bytes), ``timing`` (``wall_s`` since the
+        fields; ``cancelled`` and ``failed`` carry the ``checkpoint_step`` a retry resumes from), ``memory`` (current/peak/budget/total bytes), ``timing`` (``wall_s`` since the
         model was loaded, ``step_s`` inside ``engine.step()``, ``idle_s`` with nothing to train,
         ``steps``), ``ooms``.
         """
@@ -400,7 +408,7 @@ class TrainingWorker:
                 job = self._leave(args[0])
                 if job is not None:
                     self._write_cancelled(job, info)
-                    self._emit(args[0], "cancelled")
+                    self._emit(args[0], "cancelled", checkpoint_step=_resumable_step(info))
             elif kind == "preempt":
                 self._preempt(args[0])
             elif kind == "oom":
@@ -592,8 +600,9 @@ class TrainingWorker:
             message = f"fused step failed: {type(exc).__name__}: {exc}"
             log.error("%s: %s\n%s", self.worker_id, message, traceback.format_exc())
             for job_id in [j for j, job in self.engine.jobs.items() if not job.done]:
+                step = _resumable_step(self._jobs.get(job_id))
                 self._leave(job_id)
-                self._emit(job_id, "failed", message=message)
+                self._emit(job_id, "failed", message=message, checkpoint_step=step)
             return
         t1 = time.perf_counter()
         self._step_s += t1 - t0
@@ -641,7 +650,7 @@ class TrainingWorker:
                 if info is not None and info.config.train.keep_checkpoints == 0:
                     self._drop_checkpoints(info)
             else:
-                self._emit(event.job, "failed", message=event.message)
+                self._emit(event.job, "failed", message=event.message, checkpoint_step=_resumable_step(info))
 
     def _evaluate(self, info: _JobInfo) -> dict[str, Any] | None:
         """The spec's held-out ``eval:`` of a finished job, run before it leaves the engine.

@@ -1077,7 +1077,7 @@ class Controller:
         memory a job is booked only on those with the memory to run it alone, as the simulator does."""
         try:
             view = job_view(rec, time.time(), dict(self._shapes), tflops=self.worker_tflops)
-            work = view.total_work_s
+            work = view.remaining_work_s  # a retried job books only the steps it has left
             need = fused_group_peak_bytes(view.static_bytes, [(view.adapter_bytes, view.activation,
                                                                view.micro_batch_size, view.seq_len)],
                                           0.0, view.loss_head_per_token)  # fmt: skip
@@ -1177,23 +1177,17 @@ class Controller:
                 return {**self._public(rec), "already_live": True}
             stopping = self._still_stopping(rec.id)
             if stopping:
-                raise ValueError(f"job {rec.id} ({rec.name}) is still leaving worker {stopping} (cancelled moments "
-                                 "ago; it stops after its current step): retry in a few seconds")  # fmt: skip
+                raise ValueError(f"job {rec.id} ({rec.name}) is still leaving worker {stopping}: it was cancelled, "
+                                 "and the worker drops it after its current step (or once it has loaded its model); "
+                                 "retry when it has, usually within seconds")  # fmt: skip
             parsed = parse_spec(dict(rec.spec), source=rec.id)
             if parsed.trust_remote_code and not self.allow_remote_code:
                 raise ValueError("trust_remote_code: this cluster no longer runs code shipped with models; an admin "
                                  "enables it with `lorafleet up --allow-remote-code`")  # fmt: skip
             doc = self._admit_paths(json.loads(json.dumps(rec.spec)), rec.owner, confine_model=ident.authenticated)
-            missing = _missing_input(doc)
+            missing = _missing_input(doc, rec.extra.get("sources"))
             if missing:
-                sources = rec.extra.get("sources")  # name the user's file, not its uploaded copy
-                raise ValueError(user_paths(missing, sources) if isinstance(sources, dict) else missing)
-            total = rec.total_steps or 0
-            if rec.checkpoint_step and total and rec.checkpoint_step >= total:
-                why = rec.error or rec.state.value
-                raise ValueError(f"job {rec.id} ({rec.name}) trained all {total} steps before it ended ({why}); its "
-                                 f"checkpoint at step {total} is in {rec.output}: submit a new job with "
-                                 "adapter.init_from set to it")  # fmt: skip
+                raise ValueError(missing)
             resume = rec.checkpoint_step or 0
             extra = {k: v for k, v in rec.extra.items() if k not in ("fair_start_s", "fifo_wait_s", "fifo_work_s")}
             extra["retries"] = int(extra.get("retries", 0)) + 1
@@ -1643,9 +1637,14 @@ class Controller:
                 sources = self.store.get(job_id).extra.get("sources")
                 if isinstance(sources, dict):  # name the user's files, not their uploaded copies
                     message = user_paths(message, sources)
+                saved = ev.get("checkpoint_step")  # where a retry resumes: perhaps newer than the last poll saw
                 self.store.transition(job_id, JobState.FAILED, expect=(JobState.RUNNING, JobState.PROFILING),
-                                      error=message, reason="failed on worker")  # fmt: skip
+                                      error=message, reason="failed on worker",
+                                      **({"checkpoint_step": saved} if saved else {}))  # fmt: skip
                 self._log(job_id, f"failed: {message}")
+            elif kind == "cancelled":
+                if ev.get("checkpoint_step"):  # the job trained on until its worker dropped it
+                    self.store.record_checkpoint(job_id, int(ev["checkpoint_step"]))
             elif kind == "oom":
                 self._on_oom(w, job_id, ev)
             elif kind in ("preempted", "stopped"):
@@ -2104,7 +2103,7 @@ class Controller:
         ended = set()
         for job_id in old:  # not live in the view: ended, or submitted since the pass read the store
             try:
-                if self.store.get(job_id).state.is_terminal:
+                if self.store.get(job_id).state.is_terminal():
                     ended.add(job_id)
             except LookupError:  # pruned
                 ended.add(job_id)
@@ -2249,16 +2248,22 @@ def _uri_char(value: str, segment: str, field_name: str) -> PathError:
 MAX_SOURCE_CHARS = 4096  # one path as the user gave it, or its staged copy
 
 
-def _missing_input(doc: Mapping[str, Any]) -> str | None:
+def _missing_input(doc: Mapping[str, Any], sources: Any = None) -> str | None:
     """What ``retry`` says of an admitted spec's local data file that is gone (the job would fail the
-    same way), or None. URIs are not checked here; the worker reports those."""
+    same way), or None: a copy uploaded at submission (``sources``: copy -> the user's path) by the
+    user's name for it. URIs are not checked here; the worker reports those."""
     from actors.storage import is_uri
 
     for section, key in (("data", "path"), ("eval", "data")):
         value = (doc.get(section) or {}).get(key)
         if isinstance(value, str) and not is_uri(value) and not Path(value).is_file():
+            yours = sources.get(value) if isinstance(sources, dict) else None
+            if isinstance(yours, str):
+                return (f"{section}.{key}: the copy of {yours} uploaded when the job was submitted is gone from the "
+                        "cluster (an admin pruned uploads?), so the job would fail the same way: submit it again, "
+                        "which uploads the file again")  # fmt: skip
             return (f"{section}.{key}: {value} does not exist (or is not a file), so the job would fail the same "
-                    "way: put the file back, or submit the job again (which uploads its data)")  # fmt: skip
+                    "way: put the file back there, or submit the job again")  # fmt: skip
     return None
 
 

@@ -423,7 +423,8 @@ class JobStore:
         """Queue a FAILED or CANCELLED job again under its id, durably, and return it.
 
         The job keeps its spec, output, step and checkpoint step (it resumes from its own
-        checkpoints); its ``submit_time`` becomes now (it queues behind the jobs already waiting),
+        checkpoints); it becomes the newest job (``find`` by name, ``list``) and its ``submit_time``
+        becomes now (it queues behind the jobs already waiting),
         ``start_time``, ``end_time``, ``error`` and ``worker`` are cleared, ``step`` and ``extra``
         (when given) replace the stored ones, and the event row records ``reason``.
         Raises ``UnknownJobError``; ``InvalidTransitionError`` for a job that is not FAILED or
@@ -446,8 +447,12 @@ class JobStore:
                 raise DuplicateJobError(
                     f"owner {cur.owner!r} already has job {live[0]} named {cur.name!r} in state {live[1]}; "
                     f"cancel it or wait for it to finish before queueing {job_id} again")
+            # the newest job again (``seq``): ``find`` by name and ``list`` (newest first) show it, not a
+            # job of that name submitted after it and ended since
+            newest = c.execute("SELECT MAX(seq) FROM jobs").fetchone()[0]
             sets: dict[str, Any] = {"state": JobState.QUEUED.value, "submit_time": now, "start_time": None,
-                                    "end_time": None, "error": None, "worker": None, "updated_time": now}
+                                    "end_time": None, "error": None, "worker": None, "updated_time": now,
+                                    "seq": newest + 1}
             if step is not None:
                 sets["step"] = step
             if extra_json is not None:
@@ -487,6 +492,18 @@ class JobStore:
             sets["updated_time"] = time.time()
             c.execute(f"UPDATE jobs SET {', '.join(f'{k}=?' for k in sets)} WHERE id=?",
                       (*sets.values(), job_id))
+            return True
+
+    def record_checkpoint(self, job_id: str, step: int) -> bool:
+        """Record the newest checkpoint a worker reported for a job, also once it has ended (a cancelled
+        job's worker reports it when it drops the job, after the cancel was committed): where a retry
+        resumes. Never moves the step back; writes no event. Returns True if stored."""
+        step = _int("checkpoint_step", step, 0)
+        with self._tx() as c:
+            cur = self._get(c, job_id)
+            if cur.checkpoint_step is not None and cur.checkpoint_step >= step:
+                return False
+            c.execute("UPDATE jobs SET checkpoint_step=?, updated_time=? WHERE id=?", (step, time.time(), job_id))
             return True
 
     # ---- reads --------------------------------------------------------------------------

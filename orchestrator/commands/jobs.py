@@ -66,7 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("job")
     elif command == "retry":
         parser.add_argument("job", help="a FAILED or CANCELLED job (id or name): queued again under its id, it "
-                            "resumes from its newest checkpoint (at most train.checkpoint_every steps are lost)")
+                            "resumes from its newest checkpoint (at most train.checkpoint_every steps are lost). "
+                            "It runs the same spec on the same files: data you uploaded from this machine is the "
+                            "copy made at submission (to change data or any field, submit a new job)")
     elif command == "fetch":
         parser.add_argument("job")
         parser.add_argument("dest")
@@ -240,7 +242,18 @@ def follow(client: Client, job_ids: list[str], poll_s: float = 3.0) -> int:
             if len(final) < len(job_ids):
                 time.sleep(poll_s)
     console.print(summary_table(list(view.jobs.values())))
+    failed = [job_id for job_id in job_ids if final[job_id]["state"] == "FAILED"]
+    if failed:
+        console.print(retry_hint(failed))
     return 0 if all(r["state"] == "SUCCEEDED" for r in final.values()) else 1
+
+
+def retry_hint(job_ids: list[str]) -> str:
+    """What the follow and wait commands print after failed jobs."""
+    jobs = " ".join(job_ids) if len(job_ids) <= 3 else "JOB"
+    return (f"once the cause is fixed, `lorafleet retry {jobs}` queues a failed job again; it resumes from its "
+            "newest checkpoint with the same spec and files (data uploaded from a laptop is the copy made at "
+            "submission: to change it, submit the job again)")
 
 
 LIST_LIMIT = 100  # the store keeps every job: listing 10^4 took ~1 s, 10^5 ~10 s
@@ -334,6 +347,8 @@ def do_retry(client: Client, args: argparse.Namespace) -> int:
 def do_wait(client: Client, args: argparse.Namespace) -> int:
     r = client.wait(args.job)
     print(f"{r['id']}\t{r['name']}\t{r['state']}" + (f"\t{r['error']}" if r.get("error") else ""))
+    if r["state"] == "FAILED":
+        print(retry_hint([r["id"]]), file=sys.stderr)
     return 0 if r["state"] == "SUCCEEDED" else 1
 
 

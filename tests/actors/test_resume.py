@@ -45,13 +45,16 @@ def test_resume_equals_uninterrupted_run_with_dropout(tmp_path):
     while first.step < 3:
         eng.step()
     assert latest_checkpoint(tmp_path / "resumed").name == "step-000002"
+    first.write_summary("cancelled")  # as a cancel (or a failure) leaves the output
     del eng
 
     eng = FusedEngine(copy.deepcopy(base), tok)
     again = eng.add_job(job(tmp_path, "a", "resumed", data))
     assert again.step == 2
+    assert not (tmp_path / "resumed" / "job.json").exists()  # the stopped run's summary no longer holds
     eng.run()
     resumed = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
+    assert '"state": "succeeded"' in (tmp_path / "resumed" / "job.json").read_text()
     for key in full:
         torch.testing.assert_close(resumed[key], full[key], rtol=1e-6, atol=1e-7)
     # The metrics log has each step once, even though steps 3 was run twice.

@@ -348,6 +348,28 @@ def test_ended_jobs_progress_lines_are_trimmed_oldest_first(tmp_path, monkeypatc
         c.store.close()
 
 
+def test_a_job_queued_since_the_last_pass_keeps_its_lines_when_they_are_trimmed(tmp_path, monkeypatch):
+    """The trim runs between passes: a job submitted (or retried) since the pass read the store is not in
+    its live view yet, and must not lose its lines for it (``is_terminal`` was read without calling it)."""
+    import orchestrator.controller as controller_mod
+
+    monkeypatch.setattr(controller_mod, "ENDED_LOGS_KEPT", 0)
+    monkeypatch.setattr(controller_mod, "LOG_TRIM_BATCH", 1)
+    c = Controller(str(tmp_path / "jobs.db"), str(tmp_path / "storage"), {"policy": "fifo"}, start_loop=False,
+                   num_gpus=0)  # fmt: skip
+    try:
+        ended = c.store.create_job(spec=spec("e"), name="e", owner="u", priority=0).id
+        c.cancel(ended, owner="u")
+        c.tick()
+        fresh = c.store.create_job(spec=spec("f"), name="f", owner="u", priority=0).id
+        c._log(fresh, "submitted by u")
+        assert fresh not in c._live
+        c._trim_logs()
+        assert ended not in c._logs and c.logs(fresh)[-1].endswith("submitted by u")
+    finally:
+        c.store.close()
+
+
 def test_trimmed_jobs_read_their_metrics_through_the_storage_layer(tmp_path, monkeypatch):
     """With ``file://`` (or ``s3://``) storage, a job whose lines were trimmed had empty logs and plot data:
     only a local output's metrics.jsonl was read. A URI output's is read through the storage layer, its

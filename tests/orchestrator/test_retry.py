@@ -78,6 +78,28 @@ def test_reopen_refuses_while_the_owner_has_a_live_job_of_that_name(store):
     assert store.reopen(job, reason="retried by u").state == JobState.QUEUED
 
 
+def test_a_reopened_job_is_the_newest_for_names_and_lists(store):
+    """Retried after a later job of the same name ended: the name and the newest-first list reach the
+    retried job, which is the live one."""
+    old = _failed(store, "x")
+    later = store.create_job(spec={}, name="x", owner="u", priority=0).id
+    store.transition(later, JobState.CANCELLED)
+    assert store.find("x", owner="u").id == later
+    store.reopen(old, reason="retried by u")
+    assert store.find("x", owner="u").id == old
+    assert [r.id for r in store.list(owner="u")] == [old, later]
+    assert store.list(owner="u", limit=1)[0].state == JobState.QUEUED
+    fresh = store.create_job(spec={}, name="y", owner="u", priority=0).id  # ids after it still count up
+    assert [r.id for r in store.list(owner="u")] == [fresh, old, later]
+
+
+def test_a_checkpoint_reported_after_the_job_ended_is_recorded_never_moved_back(store):
+    job = _failed(store)  # checkpoint step 30
+    assert store.record_checkpoint(job, 40) and store.get(job).checkpoint_step == 40
+    assert not store.record_checkpoint(job, 20) and store.get(job).checkpoint_step == 40
+    assert store.get(job).state == JobState.FAILED and store.events(job)[-1].to_state == JobState.FAILED
+
+
 def test_worker_losses_count_from_the_last_retry():
     def ev(reason: str) -> Event:
         return Event("j", 0.0, None, JobState.QUEUED, reason)
@@ -141,6 +163,19 @@ def test_a_failed_job_is_retried_under_its_id_and_placed_with_its_own_output(ctl
     assert ctl.store.get(job).state == JobState.SUCCEEDED
 
 
+def test_a_failed_job_resumes_from_the_checkpoint_its_failed_event_names(ctl):
+    job = ctl.submit(tenancy_spec("a"), "alice")["id"]
+    w, _ = _placed(ctl, job)
+    _run_to(ctl, w, job, 3, 2)  # the last poll saw checkpoint 2; the worker wrote 6 before it failed at 7
+    ctl._on_event(w, {"job": job, "kind": "failed", "message": "step 7: loss is nan", "checkpoint_step": 6})
+    assert ctl.store.get(job).checkpoint_step == 6
+    booked = ctl.store.get(job).extra["fifo_work_s"]
+    out = ctl.retry(job, "alice")
+    assert out["resume_step"] == 6
+    # the FIFO-fair clock books the 4 steps left of 10, not the whole job again
+    assert out["extra"]["fifo_work_s"] == pytest.approx(booked * 4 / 10)
+
+
 def test_what_retry_refuses_and_what_it_leaves_as_it_is(ctl):
     job = ctl.submit(tenancy_spec("a"), "alice")["id"]
     assert ctl.retry(job, "alice")["already_live"] is True  # queued: nothing to do
@@ -150,23 +185,23 @@ def test_what_retry_refuses_and_what_it_leaves_as_it_is(ctl):
     with pytest.raises(ValueError, match=r"SUCCEEDED: nothing to retry; .* adapter.init_from"):
         ctl.retry(job, "alice")
 
-    # a job whose training completed before it failed (its eval, say) has no step left to resume
-    done = ctl.submit(tenancy_spec("b"), "alice")["id"]
-    w, _ = _placed(ctl, done)
-    _run_to(ctl, w, done, 10, 10)
-    ctl._on_event(w, {"job": done, "kind": "failed", "message": "eval.data: gone"})
-    with pytest.raises(ValueError, match=r"trained all 10 steps before it ended \(eval.data: gone\)"):
-        ctl.retry(done, "alice")
-    assert ctl.store.get(done).state == JobState.FAILED
-
     # its data file is gone: it would fail the same way (named as the user named it, not its uploaded copy)
     copy = Path(ctl.uploads_root("alice")) / "d.jsonl"
     gone = ctl.submit_many([tenancy_spec("c")], "alice", sources=[{str(copy): "laptop/d.jsonl"}])[0]["id"]
     ctl.cancel(gone, "alice")
     copy.unlink()
-    with pytest.raises(ValueError, match=r"^data.path: laptop/d.jsonl does not exist .* submit the job again"):
+    with pytest.raises(ValueError, match=r"^data.path: the copy of laptop/d.jsonl uploaded when the job was submitted "
+                                         r"is gone from the cluster .* submit it again"):
         ctl.retry(gone, "alice")
     assert ctl.store.get(gone).state == JobState.CANCELLED
+    # a file the spec names in place (an admin-allowed prefix, the uploads area) is named as it is
+    in_place = Path(ctl.uploads_root("alice")) / "e.jsonl"
+    in_place.write_text('{"text": "x"}\n')
+    other = ctl.submit(tenancy_spec("d", data="e.jsonl"), "alice")["id"]
+    ctl.cancel(other, "alice")
+    in_place.unlink()
+    with pytest.raises(ValueError, match=r"^data.path: .*/uploads/alice/e.jsonl does not exist .* put the file back"):
+        ctl.retry(other, "alice")
 
 
 def test_a_cancelled_job_is_retried_only_once_it_has_left_its_worker(ctl):
@@ -174,11 +209,12 @@ def test_a_cancelled_job_is_retried_only_once_it_has_left_its_worker(ctl):
     w, _ = _placed(ctl, job)
     _run_to(ctl, w, job, 5, 4)
     ctl.cancel(job, "alice")
-    with pytest.raises(ValueError, match=f"still leaving worker {w.worker_id} .* retry in a few seconds"):
+    with pytest.raises(ValueError, match=f"still leaving worker {w.worker_id}: .* retry when it has"):
         ctl.retry(job, "alice")
-    ctl._on_event(w, {"job": job, "kind": "cancelled"})  # the worker dropped it between two steps
+    # the worker dropped it between two steps, two checkpoints after the last poll: that is where it resumes
+    ctl._on_event(w, {"job": job, "kind": "cancelled", "checkpoint_step": 8})
     out = ctl.retry(job, "alice")
-    assert (out["state"], out["resume_step"]) == ("QUEUED", 4)
+    assert (out["state"], out["resume_step"], out["step"]) == ("QUEUED", 8, 8)
     assert ctl.status(job)["events"][-1]["reason"] == "retried by alice (was CANCELLED)"
 
 
