@@ -289,3 +289,16 @@ def test_the_agent_passes_retry_with_the_callers_key():
     from orchestrator.agent import ALLOWED_CALLS, KEYED_CALLS
 
     assert "retry" in ALLOWED_CALLS and "retry" in KEYED_CALLS
+
+
+def test_wait_on_a_failed_job_says_how_to_retry_it(capsys):
+    from orchestrator.commands.jobs import do_wait
+
+    class Waits:
+        def wait(self, job: str) -> dict[str, Any]:
+            return {"id": "lf-9", "name": "a", "state": "FAILED", "error": "step 7: loss is nan"}
+
+    assert do_wait(Waits(), argparse.Namespace(job="a")) == 1
+    out = capsys.readouterr()
+    assert out.out.strip() == "lf-9\ta\tFAILED\tstep 7: loss is nan"
+    assert "`lorafleet retry lf-9` queues a failed job again; it resumes from its newest checkpoint" in out.err
