@@ -210,6 +210,7 @@ class FusedEngine:
             restored = self._restore_newest(job) if resume else None
             if restored is None:
                 job._truncate_metrics(0)  # a run stopped before its first checkpoint: start the log over
+                (Path(config.output) / "job.json").unlink(missing_ok=True)  # and the summary it left
         except BaseException:
             adapter.detach()
             raise

@@ -1069,7 +1069,7 @@ class Controller:
         gpus = max(self.num_gpus or self._gpu_total or 1, len(reported))
         return reported + [float(self.worker_memory_bytes)] * (gpus - len(reported))
 
-    def _stamp_fair_start(self, rec: JobRecord) -> None:
+    def _stamp_fair_start(self, rec: JobRecord, work_s: float | None = None) -> None:
         """Stamp the job's FIFO-fair start deadline (policies.fairstart) in ``extra``; best effort:
         a job left unstamped falls back to aspen's stateless tail guard. The virtual FIFO
         cluster lives in memory (after a restart it starts empty; stamped deadlines are kept).
@@ -1077,7 +1077,7 @@ class Controller:
         memory a job is booked only on those with the memory to run it alone, as the simulator does."""
         try:
             view = job_view(rec, time.time(), dict(self._shapes), tflops=self.worker_tflops)
-            work = view.remaining_work_s  # a retried job books only the steps it has left
+            work = view.total_work_s if work_s is None else work_s
             need = fused_group_peak_bytes(view.static_bytes, [(view.adapter_bytes, view.activation,
                                                                view.micro_batch_size, view.seq_len)],
                                           0.0, view.loss_head_per_token)  # fmt: skip
@@ -1168,27 +1168,36 @@ class Controller:
         ident = self.identify(api_key)
         if not ident.authenticated and owner is not None:
             ident = self.identify(api_key, owner)
+        rec = self._find(job, ident, "retry", owner)
+        if rec.state == JobState.SUCCEEDED:
+            raise ValueError(f"job {rec.id} ({rec.name}) SUCCEEDED: nothing to retry; to train it further, "
+                             "submit a new job with adapter.init_from set to its adapter")  # fmt: skip
+        if rec.state not in (JobState.FAILED, JobState.CANCELLED):
+            return {**self._public(rec), "already_live": True}
+        # Admission reads files (perhaps on a slow mount): before the lock the policy loop holds for a pass.
+        parsed = parse_spec(dict(rec.spec), source=rec.id)
+        if parsed.trust_remote_code and not self.allow_remote_code:
+            raise ValueError("trust_remote_code: this cluster no longer runs code shipped with models; an admin "
+                             "enables it with `lorafleet up --allow-remote-code`")  # fmt: skip
+        doc = self._admit_paths(json.loads(json.dumps(rec.spec)), rec.owner, confine_model=ident.authenticated)
+        missing = _missing_input(doc, rec.extra.get("sources"))
+        if missing:
+            raise ValueError(missing)
         with self._lock:
-            rec = self._find(job, ident, "retry", owner)
+            rec = self.store.get(rec.id)  # as it is now: another retry may have queued it meanwhile
             if rec.state not in (JobState.FAILED, JobState.CANCELLED):
-                if rec.state == JobState.SUCCEEDED:
-                    raise ValueError(f"job {rec.id} ({rec.name}) SUCCEEDED: nothing to retry; to train it further, "
-                                     "submit a new job with adapter.init_from set to its adapter")  # fmt: skip
                 return {**self._public(rec), "already_live": True}
             stopping = self._still_stopping(rec.id)
             if stopping:
                 raise ValueError(f"job {rec.id} ({rec.name}) is still leaving worker {stopping}: it was cancelled, "
-                                 "and the worker drops it after its current step (or once it has loaded its model); "
-                                 "retry when it has, usually within seconds")  # fmt: skip
-            parsed = parse_spec(dict(rec.spec), source=rec.id)
-            if parsed.trust_remote_code and not self.allow_remote_code:
-                raise ValueError("trust_remote_code: this cluster no longer runs code shipped with models; an admin "
-                                 "enables it with `lorafleet up --allow-remote-code`")  # fmt: skip
-            doc = self._admit_paths(json.loads(json.dumps(rec.spec)), rec.owner, confine_model=ident.authenticated)
-            missing = _missing_input(doc, rec.extra.get("sources"))
-            if missing:
-                raise ValueError(missing)
+                                 "and the worker drops it after its current step (or once it has loaded its model, "
+                                 "or after the evaluation it is running); retry when it has, usually within "
+                                 "seconds")  # fmt: skip
             resume = rec.checkpoint_step or 0
+            total = rec.total_steps or 0
+            booked = rec.extra.get("fifo_work_s")  # the submission's booking, cost model alone: the steps left of it
+            work_s = (float(booked) * max(0, total - resume) / total
+                      if isinstance(booked, int | float) and total > 0 else None)  # fmt: skip
             extra = {k: v for k, v in rec.extra.items() if k not in ("fair_start_s", "fifo_wait_s", "fifo_work_s")}
             extra["retries"] = int(extra.get("retries", 0)) + 1
             error = (rec.error or "").splitlines()[0][:300] if rec.error else ""
@@ -1197,23 +1206,23 @@ class Controller:
                 rec = self.store.reopen(rec.id, reason=f"{RETRIED} {ident.name} (was {was})", step=resume, extra=extra)
             except JobStoreError as err:
                 raise ValueError(str(err)) from None
-            self._stamp_fair_start(rec)
+            self._stamp_fair_start(rec, work_s)
             where = f"resumes from checkpoint step {resume}" if resume else "starts from step 0 (no checkpoint)"
             self._log(rec.id, f"retried by {ident.name}: queued again, {where}")
             return {**self._public(self.store.get(rec.id)), "resume_step": resume}
 
     def _still_stopping(self, job_id: str) -> str | None:
         """The worker a cancelled job has not left yet (it has not reported it), or None: a retry placed
-        elsewhere meanwhile would write to the output the old run still writes. A worker gone since,
-        or silent past ``worker_timeout_s``, no longer counts."""
+        elsewhere meanwhile would write to the output the old run still writes. Only the worker's report
+        or the worker's end (lost, reaped, stopped) clears it: a worker running the job's long
+        evaluation still holds the job, however long that takes."""
         entry = self._cancelling.get(job_id)
         if entry is None:
             return None
-        worker_id, since = entry
-        if worker_id not in self._workers or time.time() - since > self.worker_timeout_s:
+        if entry[0] not in self._workers:
             self._cancelling.pop(job_id, None)
             return None
-        return worker_id
+        return entry[0]
 
     def logs(self, job: str, lines: int = 50, owner: str | None = None, api_key: str | None = None) -> list[str]:
         """The last ``lines`` progress lines of a job (from memory, else the tail of its metrics.jsonl,
@@ -1608,6 +1617,12 @@ class Controller:
             if self._cancelling.get(job_id, ("",))[0] == w.worker_id:  # it has left the worker
                 self._cancelling.pop(job_id, None)
         try:
+            if kind != "cancelled":
+                placed_on = self.store.get(job_id).worker
+                if placed_on is not None and placed_on != w.worker_id:  # an old run's late event (cancel, retry)
+                    log.info("event %s of %s from %s ignored: the job runs on %s now", kind, job_id, w.worker_id,
+                             placed_on)  # fmt: skip
+                    return
             if kind == "joined":
                 extra = {"profile_source": ev.get("profile_source"), "setup_s": ev.get("setup_s")}
                 if ev.get("activation"):
@@ -1642,8 +1657,8 @@ class Controller:
                                       error=message, reason="failed on worker",
                                       **({"checkpoint_step": saved} if saved else {}))  # fmt: skip
                 self._log(job_id, f"failed: {message}")
-            elif kind == "cancelled":
-                if ev.get("checkpoint_step"):  # the job trained on until its worker dropped it
+            elif kind == "cancelled":  # the job trained on until its worker dropped it: where a retry resumes
+                if ev.get("checkpoint_step") and self.store.get(job_id).state == JobState.CANCELLED:
                     self.store.record_checkpoint(job_id, int(ev["checkpoint_step"]))
             elif kind == "oom":
                 self._on_oom(w, job_id, ev)

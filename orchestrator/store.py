@@ -449,7 +449,10 @@ class JobStore:
                     f"cancel it or wait for it to finish before queueing {job_id} again")
             # the newest job again (``seq``): ``find`` by name and ``list`` (newest first) show it, not a
             # job of that name submitted after it and ended since
-            newest = c.execute("SELECT MAX(seq) FROM jobs").fetchone()[0]
+            # past every seq ever used, as AUTOINCREMENT's inserts go (its counter moves with it: never reused)
+            counter = c.execute("SELECT seq FROM sqlite_sequence WHERE name='jobs'").fetchone()
+            newest = max(c.execute("SELECT MAX(seq) FROM jobs").fetchone()[0], counter[0] if counter else 0)
+            c.execute("UPDATE sqlite_sequence SET seq=? WHERE name='jobs'", (newest + 1,))
             sets: dict[str, Any] = {"state": JobState.QUEUED.value, "submit_time": now, "start_time": None,
                                     "end_time": None, "error": None, "worker": None, "updated_time": now,
                                     "seq": newest + 1}

@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     elif command in ("cancel", "wait"):
         parser.add_argument("job")
     elif command == "retry":
-        parser.add_argument("job", help="a FAILED or CANCELLED job (id or name): queued again under its id, it "
+        parser.add_argument("jobs", nargs="+", metavar="JOB", help="FAILED or CANCELLED jobs (ids or names), each queued again under its id: it "
                             "resumes from its newest checkpoint (at most train.checkpoint_every steps are lost). "
                             "It runs the same spec on the same files: data you uploaded from this machine is the "
                             "copy made at submission (to change data or any field, submit a new job)")
@@ -250,8 +250,8 @@ def follow(client: Client, job_ids: list[str], poll_s: float = 3.0) -> int:
 
 def retry_hint(job_ids: list[str]) -> str:
     """What the follow and wait commands print after failed jobs."""
-    jobs = " ".join(job_ids) if len(job_ids) <= 3 else "JOB"
-    return (f"once the cause is fixed, `lorafleet retry {jobs}` queues a failed job again; it resumes from its "
+    jobs = " ".join(job_ids) if len(job_ids) <= 3 else "JOB..."
+    return (f"once the cause is fixed, `lorafleet retry {jobs}` queues each failed job again; it resumes from its "
             "newest checkpoint with the same spec and files (data uploaded from a laptop is the copy made at "
             "submission: to change it, submit the job again)")
 
@@ -334,14 +334,24 @@ def do_cancel(client: Client, args: argparse.Namespace) -> int:
 
 
 def do_retry(client: Client, args: argparse.Namespace) -> int:
-    r = client.retry(args.job)
-    if r.get("already_live"):
-        print(f"{r['id']}\t{r['name']}\t{r['state']}\t(still live: nothing to retry)")
-        return 0
-    step = r.get("resume_step") or 0
-    where = f"resumes from checkpoint step {step}" if step else "starts from step 0 (it wrote no checkpoint)"
-    print(f"{r['id']}\t{r['name']}\t{r['state']}\t{where}; follow it with `lorafleet logs -f {r['id']}`")
-    return 0
+    """Each job in turn; one that is refused is reported (stderr) and the others are still retried."""
+    refused = 0
+    for job in args.jobs:
+        try:
+            r = client.retry(job)
+        except RemoteError as err:
+            if len(args.jobs) == 1:
+                raise
+            print(f"{job}: {err}", file=sys.stderr)
+            refused += 1
+            continue
+        if r.get("already_live"):
+            print(f"{r['id']}\t{r['name']}\t{r['state']}\t(still live: nothing to retry)")
+            continue
+        step = r.get("resume_step") or 0
+        where = f"resumes from checkpoint step {step}" if step else "starts from step 0 (it wrote no checkpoint)"
+        print(f"{r['id']}\t{r['name']}\t{r['state']}\t{where}; follow it with `lorafleet logs -f {r['id']}`")
+    return 2 if refused else 0
 
 
 def do_wait(client: Client, args: argparse.Namespace) -> int:

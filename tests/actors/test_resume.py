@@ -110,3 +110,19 @@ def test_keep_checkpoints(tmp_path):
     assert drop_checkpoints(tmp_path / "k0") == 1
     assert list_checkpoints(tmp_path / "k0") == [] and (tmp_path / "k0" / "checkpoints").is_dir()
     assert (tmp_path / "k0" / "adapter_model.safetensors").is_file()
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_over_without_its_summary(tmp_path):
+    """Cancelled (or failed) before step ``checkpoint_every``: the retried run starts from step 0, and the
+    stopped run's job.json ("cancelled") goes; the new run writes its own at the end."""
+    data = write_jsonl(tmp_path / "d.jsonl", token_records(8, seed=1, min_len=5, max_len=9))
+    eng = FusedEngine(make_tiny_llama(seed=2), make_tokenizer())
+    first = eng.add_job(job(tmp_path, "a", "out", data, steps=4, dropout=0.0))
+    eng.step()  # step 1: no checkpoint yet (every 2)
+    first.write_summary("cancelled")
+    eng.remove_job("a")
+    assert (tmp_path / "out" / "job.json").exists()
+    again = eng.add_job(job(tmp_path, "a", "out", data, steps=4, dropout=0.0))
+    assert again.step == 0 and not (tmp_path / "out" / "job.json").exists()
+    eng.run()
+    assert '"state": "succeeded"' in (tmp_path / "out" / "job.json").read_text()

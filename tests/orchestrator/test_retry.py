@@ -91,6 +91,17 @@ def test_a_reopened_job_is_the_newest_for_names_and_lists(store):
     assert store.list(owner="u", limit=1)[0].state == JobState.QUEUED
     fresh = store.create_job(spec={}, name="y", owner="u", priority=0).id  # ids after it still count up
     assert [r.id for r in store.list(owner="u")] == [fresh, old, later]
+    # a retried job pruned before the next submission: its seq is never handed out again (AUTOINCREMENT)
+    store.transition(old, JobState.CANCELLED)
+    with store._read() as c:
+        retried_seq = c.execute("SELECT seq FROM jobs WHERE id=?", (old,)).fetchone()[0]
+    store.reopen(old, reason="retried by u")
+    with store._read() as c:
+        bumped = c.execute("SELECT seq FROM jobs WHERE id=?", (old,)).fetchone()[0]
+        c.execute("DELETE FROM jobs WHERE id=?", (old,))
+    after = store.create_job(spec={}, name="z", owner="u", priority=0).id
+    with store._read() as c:
+        assert c.execute("SELECT seq FROM jobs WHERE id=?", (after,)).fetchone()[0] == bumped + 1 > retried_seq
 
 
 def test_a_checkpoint_reported_after_the_job_ended_is_recorded_never_moved_back(store):
@@ -170,9 +181,11 @@ def test_a_failed_job_resumes_from_the_checkpoint_its_failed_event_names(ctl):
     ctl._on_event(w, {"job": job, "kind": "failed", "message": "step 7: loss is nan", "checkpoint_step": 6})
     assert ctl.store.get(job).checkpoint_step == 6
     booked = ctl.store.get(job).extra["fifo_work_s"]
+    ctl.store.update_progress(job, step=3, tokens_per_s=0.5)  # measured in a group: far slower than alone
     out = ctl.retry(job, "alice")
     assert out["resume_step"] == 6
-    # the FIFO-fair clock books the 4 steps left of 10, not the whole job again
+    # the FIFO-fair clock books the 4 steps left of 10 of its booking alone, not the whole job again, nor
+    # the steps left at the rate measured in its group
     assert out["extra"]["fifo_work_s"] == pytest.approx(booked * 4 / 10)
 
 
@@ -216,6 +229,28 @@ def test_a_cancelled_job_is_retried_only_once_it_has_left_its_worker(ctl):
     out = ctl.retry(job, "alice")
     assert (out["state"], out["resume_step"], out["step"]) == ("QUEUED", 8, 8)
     assert ctl.status(job)["events"][-1]["reason"] == "retried by alice (was CANCELLED)"
+
+
+def test_the_old_runs_late_events_change_nothing_once_the_job_runs_elsewhere(ctl):
+    """A cancelled job whose worker is gone (lost, reaped) can be retried at once; should the old run
+    still report (a late poll), its events neither end the new run nor move its checkpoint."""
+    job = ctl.submit(tenancy_spec("a"), "alice")["id"]
+    old, _ = _placed(ctl, job)
+    _run_to(ctl, old, job, 5, 4)
+    ctl.cancel(job, "alice")
+    with pytest.raises(ValueError, match="still leaving worker"):
+        ctl.retry(job, "alice")
+    ctl._workers.pop(old.worker_id)  # the worker ended before it reported the cancel
+    assert ctl.retry(job, "alice")["state"] == "QUEUED"
+    new, _ = _placed(ctl, job)
+    assert new.worker_id != old.worker_id
+    ctl._on_event(old, {"job": job, "kind": "finished", "step": 10, "output": "/o"})
+    ctl._on_event(old, {"job": job, "kind": "failed", "message": "late", "checkpoint_step": 9})
+    ctl._on_event(old, {"job": job, "kind": "cancelled", "checkpoint_step": 9})
+    rec = ctl.store.get(job)
+    assert (rec.state, rec.worker, rec.checkpoint_step, rec.error) == (JobState.PROFILING, new.worker_id, 4, None)
+    ctl._on_event(new, {"job": job, "kind": "joined", "step": 4, "total_steps": 10})
+    assert ctl.store.get(job).state == JobState.RUNNING
 
 
 def test_a_retried_job_gets_max_attempts_worker_losses_again(ctl):
@@ -281,7 +316,7 @@ def test_the_retry_command_says_where_the_job_resumes(capsys, answer, line):
     _parser, subs = build_parser()
     assert "resumes from its newest checkpoint" in subs["retry"].format_help()
     client = _Client(answer)
-    assert do_retry(client, argparse.Namespace(job="a")) == 0
+    assert do_retry(client, argparse.Namespace(jobs=["a"])) == 0
     assert client.asked == ["a"] and capsys.readouterr().out.strip() == line
 
 
@@ -289,6 +324,27 @@ def test_the_agent_passes_retry_with_the_callers_key():
     from orchestrator.agent import ALLOWED_CALLS, KEYED_CALLS
 
     assert "retry" in ALLOWED_CALLS and "retry" in KEYED_CALLS
+
+
+def test_retry_of_several_jobs_reports_each_refusal_and_retries_the_rest(capsys):
+    from orchestrator.commands.jobs import do_retry
+    from orchestrator.remote import RemoteError
+
+    class Some(_Client):
+        def retry(self, job: str) -> dict[str, Any]:
+            self.asked.append(job)
+            if job == "b":
+                raise RemoteError("job lf-2 (b) SUCCEEDED: nothing to retry")
+            return {"id": f"lf-{job}", "name": job, "state": "QUEUED", "resume_step": 10}
+
+    client = Some({})
+    assert do_retry(client, argparse.Namespace(jobs=["a", "b", "c"])) == 2
+    out = capsys.readouterr()
+    assert client.asked == ["a", "b", "c"]
+    assert [line.split("\t")[0] for line in out.out.splitlines()] == ["lf-a", "lf-c"]
+    assert out.err.strip() == "b: job lf-2 (b) SUCCEEDED: nothing to retry"
+    with pytest.raises(RemoteError, match="SUCCEEDED"):  # one job: the CLI's one-line error, exit 2
+        do_retry(client, argparse.Namespace(jobs=["b"]))
 
 
 def test_wait_on_a_failed_job_says_how_to_retry_it(capsys):
@@ -301,4 +357,4 @@ def test_wait_on_a_failed_job_says_how_to_retry_it(capsys):
     assert do_wait(Waits(), argparse.Namespace(job="a")) == 1
     out = capsys.readouterr()
     assert out.out.strip() == "lf-9\ta\tFAILED\tstep 7: loss is nan"
-    assert "`lorafleet retry lf-9` queues a failed job again; it resumes from its newest checkpoint" in out.err
+    assert "`lorafleet retry lf-9` queues each failed job again; it resumes from its newest checkpoint" in out.err
