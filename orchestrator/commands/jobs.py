@@ -294,6 +294,10 @@ def do_status(client: Client, args: argparse.Namespace) -> int:
             print(f"  {stamp} {event['from'] or '-'} -> {event['to']}  {event.get('reason') or ''}")
         if records[0].get("error"):
             print(f"  error: {records[0]['error']}")
+        if records[0]["state"] in ("FAILED", "CANCELLED"):
+            step = records[0].get("checkpoint_step")
+            where = f"from checkpoint step {step}" if step else "from step 0 (no checkpoint)"
+            print(f"  retry: `lorafleet retry {records[0]['id']}` queues it again, {where}")
         if records[0].get("waiting"):
             print(f"  waiting: {records[0]['waiting']}")
         for line in eval_lines((records[0].get("extra") or {}).get("eval")):

@@ -347,6 +347,24 @@ def test_retry_of_several_jobs_reports_each_refusal_and_retries_the_rest(capsys)
         do_retry(client, argparse.Namespace(jobs=["b"]))
 
 
+@pytest.mark.parametrize(("state", "checkpoint", "line"), [
+    ("FAILED", 40, "  retry: `lorafleet retry lf-9` queues it again, from checkpoint step 40"),
+    ("CANCELLED", None, "  retry: `lorafleet retry lf-9` queues it again, from step 0 (no checkpoint)"),
+    ("SUCCEEDED", 40, None),
+])  # fmt: skip
+def test_status_of_an_ended_job_says_how_to_retry_it(capsys, state, checkpoint, line):
+    from orchestrator.commands.jobs import do_status
+
+    class One:
+        def status(self, job: str) -> dict[str, Any]:
+            return {"id": "lf-9", "name": "a", "state": state, "checkpoint_step": checkpoint, "step": 45,
+                    "total_steps": 100, "events": [], "error": "x" if state == "FAILED" else None}
+
+    assert do_status(One(), argparse.Namespace(job="a", json=False, all=False, limit=100)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [x for x in lines if x.startswith("  retry:")] == ([line] if line else [])
+
+
 def test_wait_on_a_failed_job_says_how_to_retry_it(capsys):
     from orchestrator.commands.jobs import do_wait
 
