@@ -61,7 +61,8 @@ class JobState(str, Enum):
     PREEMPTED = "PREEMPTED"
 
     def is_terminal(self) -> bool:
-        """True for SUCCEEDED, FAILED and CANCELLED: no transition leaves them."""
+        """True for SUCCEEDED, FAILED and CANCELLED: no transition leaves them (``reopen``, the retry of a
+        FAILED or CANCELLED job, is the one way out)."""
         return self in TERMINAL_STATES
 
 
