@@ -210,7 +210,9 @@ class FusedEngine:
             restored = self._restore_newest(job) if resume else None
             if restored is None:
                 job._truncate_metrics(0)  # a run stopped before its first checkpoint: start the log over
-                (Path(config.output) / "job.json").unlink(missing_ok=True)  # and the summary it left
+            # the summary a stopped run left (cancelled, failed) no longer says how this job stands; this
+            # run writes its own when it ends
+            (Path(config.output) / "job.json").unlink(missing_ok=True)
         except BaseException:
             adapter.detach()
             raise

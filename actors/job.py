@@ -371,9 +371,6 @@ class TrainingJob:
         self.tokens_seen = int(trainer.get("tokens_seen", 0))
         self.last_loss = trainer.get("last_loss")
         self._truncate_metrics(self.step)
-        # the summary of the run that stopped (cancelled, failed) no longer says how this job stands;
-        # the run resumed here writes its own when it ends
-        (self.output / "job.json").unlink(missing_ok=True)
 
     def export(self) -> Path:
         """Write the final adapter and ``job.json`` into the output directory."""

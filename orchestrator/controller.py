@@ -119,6 +119,8 @@ PUBLIC_FIELDS = ("id", "name", "owner", "state", "priority", "submit_time", "sta
 PATH_FIELDS = (("data", "path"), ("eval", "data"), ("adapter", "init_from"))
 UPLOADS_DIR = "uploads"
 WORKER_LOST = "worker lost"  # the reason of a requeue (or failure) because the job's worker was lost
+REMOTE_CODE_OFF = ("trust_remote_code: this cluster does not run code shipped with models; an admin enables it "
+                   "with `lorafleet up --allow-remote-code`")  # submit and retry refuse such a spec with it
 RETRIED = "retried by"  # the reason of a FAILED/CANCELLED -> QUEUED event (retry): worker losses count from there
 LOG_LINES_KEPT = 200  # progress lines the controller keeps per job (a sliding window; see logs_since)
 ENDED_LOGS_KEPT = 1000  # ended jobs whose lines and samples stay in memory; older ones read their metrics.jsonl
@@ -879,8 +881,7 @@ class Controller:
         except SpecError as err:
             raise SpecRejected(err.errors) from None
         if parsed.trust_remote_code and not self.allow_remote_code:
-            raise ValueError("trust_remote_code: this cluster does not run code shipped with models; an admin "
-                             "enables it with `lorafleet up --allow-remote-code`")  # fmt: skip
+            raise ValueError(REMOTE_CODE_OFF)
         owner = ident.name if ident.authenticated else (owner or parsed.owner or "default")
         check_job_name(owner, field="owner")
         doc = self._admit_paths(parsed.model_dump(mode="json"), owner, confine_model=ident.authenticated)
@@ -1177,8 +1178,7 @@ class Controller:
         # Admission reads files (perhaps on a slow mount): before the lock the policy loop holds for a pass.
         parsed = parse_spec(dict(rec.spec), source=rec.id)
         if parsed.trust_remote_code and not self.allow_remote_code:
-            raise ValueError("trust_remote_code: this cluster no longer runs code shipped with models; an admin "
-                             "enables it with `lorafleet up --allow-remote-code`")  # fmt: skip
+            raise ValueError(REMOTE_CODE_OFF)
         doc = self._admit_paths(json.loads(json.dumps(rec.spec)), rec.owner, confine_model=ident.authenticated)
         missing = _missing_input(doc, rec.extra.get("sources"))
         if missing:
