@@ -128,6 +128,11 @@ class ModelShape:
         if self.packing_max_len is not None and (isinstance(self.packing_max_len, bool)
                                                  or not isinstance(self.packing_max_len, int) or self.packing_max_len < 0):  # fmt: skip
             raise MemoryModelError(f"packing_max_len: must be an integer >= 0 or null (got {self.packing_max_len!r})")
+        if self.num_key_value_heads and self.num_attention_heads % self.num_key_value_heads:
+            raise MemoryModelError(
+                f"num_key_value_heads: must divide num_attention_heads ({self.num_attention_heads}): each "
+                f"key/value head serves a whole group of query heads (got {self.num_key_value_heads})"
+            )
         if not self.head_dim and self.hidden_size % self.num_attention_heads:
             raise MemoryModelError(
                 f"hidden_size: must be a multiple of num_attention_heads ({self.num_attention_heads}) "

@@ -218,18 +218,19 @@ class Simulator:
         member = Member(t.micro_batch_size, t.seq_len, j.adapter_params)
         j.iter_ref_s = self.cost.iteration_time_s(model, [member], fastest)
         j.solo_s = self.cost.load_time_s(model) + j.total * j.iter_ref_s
-        # the prediction alone with the policy's margin: every built-in policy passes over a job it says
-        # fits nowhere, so the replay would only end in a stall
+        # the prediction alone with the policy's margin (0 for fifo, priority, sjf and a policy without
+        # one): every built-in policy passes over a job it says fits nowhere, so the replay would only
+        # end in a stall (the true peak above may fit where the prediction does not)
         margin = getattr(self.policy, "margin", 0.0)
-        if isinstance(margin, int | float) and margin > 0:
+        if isinstance(margin, int | float) and not isinstance(margin, bool) and margin >= 0:
             need = j.static + (1.0 + margin) * (j.solo_need - j.static)
             if need > biggest:
                 name = self.policy.name
+                with_margin, lower = (f" with {name}'s margin {margin:g}", "the policy's margin, or ") if margin else ("", "")
                 raise SimulationError(
-                    f"job {t.job_id}: predicted peak alone {need / 2**30:.1f} GiB with {name}'s margin {margin:g}, "
-                    f"more than any worker has ({biggest / 2**30:.1f} GiB): {name} would pass it over for good (a "
-                    f"live cluster leaves it queued); lower the policy's margin, or the job's micro_batch_size or "
-                    f"seq_len")  # fmt: skip
+                    f"job {t.job_id}: predicted peak alone {need / 2**30:.1f} GiB{with_margin}, more than any worker "
+                    f"has ({biggest / 2**30:.1f} GiB): {name} would pass it over for good (a live cluster leaves it "
+                    f"queued); lower {lower}the job's micro_batch_size or seq_len")  # fmt: skip
         return j
 
     # --- views ----------------------------------------------------------------------------------

@@ -74,6 +74,10 @@ def test_model_shape_errors():
         ModelShape(10, 64, 2, 4, 128, 100, dtype_bytes=3)
     with pytest.raises(MemoryModelError, match="hidden_size"):
         ModelShape(10, 65, 2, 4, 128, 100)
+    for kv in (3, 8):  # 4 query heads cannot share 3 key/value heads evenly, nor 8
+        with pytest.raises(MemoryModelError, match=rf"^num_key_value_heads: must divide num_attention_heads \(4\).*got {kv}"):
+            ModelShape(10, 64, 2, 4, 128, 100, num_key_value_heads=kv)
+    assert ModelShape(10, 64, 2, 4, 128, 100, num_key_value_heads=2).kv_heads == 2
 
 
 def _samples(b0, b1, b2, noise=0.0, seed=0):
