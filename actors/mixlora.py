@@ -731,6 +731,40 @@ def _module_names(value: Any, key: str, source: str) -> str | tuple[str, ...]:
     )
 
 
+def _number(config: dict[str, Any], key: str, default: float | None, source: str, *, integer: bool = False,
+            low: float | None = None, low_open: bool = False, high: float | None = None, high_open: bool = False,
+            prefix: str = "") -> Any:
+    """An adapter config's number ``key`` (``default`` when absent; None: required), checked for type and
+    range so a hand-edited file fails at load naming the field, not at the first forward in torch."""
+    value = config.get(key, default)
+    kind = "an integer" if integer else "a number"
+    if value is None:
+        raise AdapterLoadError(f"{source}: adapter_config.json: {prefix}{key}: missing (must be {kind})")
+    if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+            or (integer and not float(value).is_integer())):  # fmt: skip
+        raise AdapterLoadError(f"{source}: adapter_config.json: {prefix}{key}: must be {kind} (got {value!r})")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    if too_low or (high is not None and (value >= high if high_open else value > high)):
+        bounds = [f"{'>' if low_open else '>='} {low:g}"] if low is not None else []
+        bounds += [f"{'<' if high_open else '<='} {high:g}"] if high is not None else []
+        raise AdapterLoadError(f"{source}: adapter_config.json: {prefix}{key}: must be {' and '.join(bounds)} "
+                               f"(got {value!r})")  # fmt: skip
+    return int(value) if integer else float(value)
+
+
+def _lora_fields(config: dict[str, Any], source: str, prefix: str) -> LoraSettings:
+    """The LoRA settings (rank, alpha, dropout, rsLoRA, DoRA) of a PEFT or MixLoRA config, checked."""
+    dropout = config.get("lora_dropout") or 0.0
+    return LoraSettings(
+        r=_number(config, "r", None, source, integer=True, low=1, prefix=prefix),
+        alpha=_number(config, "lora_alpha", None, source, prefix=prefix),
+        dropout=_number({"lora_dropout": dropout}, "lora_dropout", None, source, low=0, high=1, high_open=True,
+                        prefix=prefix),
+        use_rslora=bool(config.get("use_rslora", False)),
+        use_dora=bool(config.get("use_dora", False)),
+    )
+
+
 def settings_from_export(config: dict[str, Any], source: str) -> ExportedSettings:
     """The settings of an exported adapter directory's ``adapter_config.json``.
 
@@ -744,16 +778,7 @@ def settings_from_export(config: dict[str, Any], source: str) -> ExportedSetting
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type not in ("LORA", "MIXLORA"):
         raise AdapterLoadError(f"{source}: adapter_config.json: peft_type {peft_type!r}; expected LORA or MIXLORA")
-    try:
-        lora = LoraSettings(
-            r=int(config["r"]),
-            alpha=float(config["lora_alpha"]),
-            dropout=float(config.get("lora_dropout") or 0.0),
-            use_rslora=bool(config.get("use_rslora", False)),
-            use_dora=bool(config.get("use_dora", False)),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise AdapterLoadError(f"{source}: adapter_config.json: missing or bad field {exc}") from None
+    lora = _lora_fields(config, source, "")
     if peft_type == "LORA":
         _peft_unsupported(config, source)
         targets = _module_names(config.get("target_modules"), "target_modules", source)
@@ -770,23 +795,24 @@ def settings_from_export(config: dict[str, Any], source: str) -> ExportedSetting
     strategy = config.get("routing_strategy", "mixlora")
     if strategy not in strategies:
         raise AdapterLoadError(f"{source}: adapter_config.json: unknown routing_strategy {strategy!r}")
-    expert_cfg = {**config, **(config.get("expert_lora") or {})}
-    expert = LoraSettings(
-        r=int(expert_cfg["r"]),
-        alpha=float(expert_cfg["lora_alpha"]),
-        dropout=float(expert_cfg.get("lora_dropout") or 0.0),
-        use_rslora=bool(expert_cfg.get("use_rslora", False)),
-        use_dora=bool(expert_cfg.get("use_dora", False)),
-    )
+    expert_lora = config.get("expert_lora") or {}
+    if not isinstance(expert_lora, dict):
+        raise AdapterLoadError(f"{source}: adapter_config.json: expert_lora: must be a mapping (got {expert_lora!r})")
+    expert = _lora_fields({**config, **expert_lora}, source, "expert_lora." if expert_lora else "")
+    num_experts = _number(config, "num_experts", None, source, integer=True, low=1)
+    top_k = _number(config, "top_k", 2, source, integer=True, low=1)
+    if top_k > num_experts:
+        raise AdapterLoadError(f"{source}: adapter_config.json: top_k: must be <= num_experts ({num_experts}) "
+                               f"(got {top_k})")  # fmt: skip
     mix = MixLoraSettings(
-        num_experts=int(config["num_experts"]),
-        top_k=int(config.get("top_k", 2)),
+        num_experts=num_experts,
+        top_k=top_k,
         routing=strategies[strategy],
-        top_p=float(config.get("top_p", 0.8)),
-        capacity_factor=float(config.get("capacity_factor", 1.0)),
-        router_z_loss_coef=float(config.get("router_z_loss_coef", 0.001)),
-        router_aux_loss_coef=float(config.get("router_aux_loss_coef", 0.001)),
-        router_init_range=float(config.get("router_init_range", 0.02)),
+        top_p=_number(config, "top_p", 0.8, source, low=0, low_open=True, high=1),
+        capacity_factor=_number(config, "capacity_factor", 1.0, source, low=0, low_open=True),
+        router_z_loss_coef=_number(config, "router_z_loss_coef", 0.001, source, low=0),
+        router_aux_loss_coef=_number(config, "router_aux_loss_coef", 0.001, source, low=0),
+        router_init_range=_number(config, "router_init_range", 0.02, source, low=0, low_open=True),
         expert=expert,
     )
     return ExportedSettings("mixlora", lora, tuple(targets), mixlora=mix, source=source,

@@ -415,3 +415,39 @@ def test_the_same_base_model_written_two_ways_is_not_called_another(tmp_path, mo
     assert other_base_model(None, "org/model") == "" and other_base_model("org/model", "") == ""
     assert other_base_model("org/a", "org/b").startswith("the adapter was trained on org/a")
     assert other_base_model(str(tmp_path / "m"), "builtin:smollm2-135m-instruct") != ""
+
+
+MIX_CONFIG = {"peft_type": "MIXLORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.05, "num_experts": 4, "top_k": 2,
+              "routing_strategy": "mixlora", "target_modules": ["gate_proj", "up_proj", "down_proj"]}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [({"top_k": 5}, r"top_k: must be <= num_experts \(4\) \(got 5\)"),
+     ({"top_k": 0}, r"top_k: must be >= 1 \(got 0\)"),
+     ({"top_k": 2.5}, r"top_k: must be an integer \(got 2.5\)"),
+     ({"num_experts": True}, r"num_experts: must be an integer \(got True\)"),
+     ({"num_experts": None}, r"num_experts: missing \(must be an integer\)"),
+     ({"r": 0}, r"r: must be >= 1 \(got 0\)"),
+     ({"lora_alpha": "16"}, r"lora_alpha: must be a number \(got '16'\)"),
+     ({"lora_dropout": 1.0}, r"lora_dropout: must be >= 0 and < 1 \(got 1.0\)"),
+     ({"top_p": 0}, r"top_p: must be > 0 and <= 1 \(got 0\)"),
+     ({"router_aux_loss_coef": -0.1}, r"router_aux_loss_coef: must be >= 0 \(got -0.1\)"),
+     ({"router_init_range": float("nan")}, r"router_init_range: must be a number \(got nan\)"),
+     ({"expert_lora": {"r": 0}}, r"expert_lora.r: must be >= 1 \(got 0\)"),
+     ({"expert_lora": [8]}, r"expert_lora: must be a mapping \(got \[8\]\)")],
+)  # fmt: skip
+def test_a_hand_edited_mixlora_config_fails_at_load_naming_the_field(patch, message):
+    """A MixLoRA export edited by hand (top_k above the experts, a zero rank...) was accepted at
+    attach and failed at the first forward inside torch (``selected index k out of range``) or with
+    a ZeroDivisionError; it is an AdapterLoadError naming the file and the field."""
+    from actors.mixlora import settings_from_export
+
+    settings = settings_from_export(MIX_CONFIG, "/adapters/x")  # the unedited config loads
+    assert (settings.mixlora.num_experts, settings.mixlora.top_k, settings.lora.r) == (4, 2, 4)
+    with pytest.raises(AdapterLoadError, match=r"^/adapters/x: adapter_config.json: " + message + "$"):
+        settings_from_export({**MIX_CONFIG, **patch}, "/adapters/x")
+    if set(patch) <= {"r", "lora_alpha", "lora_dropout"}:  # the same fields of a PEFT LoRA config
+        lora = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], **patch}
+        with pytest.raises(AdapterLoadError, match=r"^/adapters/x: adapter_config.json: " + message + "$"):
+            settings_from_export(lora, "/adapters/x")
