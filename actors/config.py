@@ -53,20 +53,26 @@ class AdapterSettings:
     init_from: str | None = None
 
     def micro_batch_dependence(self) -> str | None:
-        """Why this adapter's step gradient depends on ``micro_batch_size`` (None: it does not).
+        """Why this adapter's steps depend on ``micro_batch_size`` (None: they do not).
 
         Plain LoRA sums every micro-batch's token losses, so any split of a step's rows gives its
-        gradient. A MixLoRA router's load-balance loss (and switch routing's capacity and z-loss)
-        is computed per micro-batch, as in the reference package: halving the micro-batch (the
-        controller's OOM back-off, or a resume with another value) changes the steps slightly."""
-        mix = self.mixlora
-        if self.kind != "mixlora" or mix is None:
-            return None
-        if mix.routing == "switch":
-            return "switch routing's expert capacity is set per micro-batch"
-        if mix.router_aux_loss_coef > 0:
-            return "its router's load-balance loss is computed per micro-batch"
-        return None
+        gradient. What is drawn or computed per micro-batch is not: dropout masks (drawn for each
+        micro-batch's rows from the job's generator: other masks from the same distribution), a
+        MixLoRA router's jitter noise, its load-balance loss and switch routing's capacity and
+        z-loss (per micro-batch, as in the reference package). Halving the micro-batch (the
+        controller's OOM back-off, or a resume with another value) then changes the steps slightly."""
+        mix = self.mixlora if self.kind == "mixlora" else None
+        reasons = []
+        if self.lora.dropout > 0 or (mix is not None and mix.expert.dropout > 0):
+            reasons.append("its dropout masks are drawn per micro-batch")
+        if mix is not None:
+            if mix.jitter_noise > 0:
+                reasons.append("its router's jitter noise is drawn per micro-batch")
+            if mix.routing == "switch":
+                reasons.append("switch routing's expert capacity is set per micro-batch")
+            elif mix.router_aux_loss_coef > 0:
+                reasons.append("its router's load-balance loss is computed per micro-batch")
+        return "; ".join(reasons) or None
 
 
 @dataclass(frozen=True)

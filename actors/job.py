@@ -94,9 +94,9 @@ class JobFailed(RuntimeError):
 
 # Training settings a checkpoint's optimizer state, schedule and data order depend on: a resume with
 # any of them changed is refused. micro_batch_size may change (the controller halves it after an OOM:
-# the step's gradient is the same, except for MixLoRA's per-micro-batch router losses:
-# AdapterSettings.micro_batch_dependence, logged); max_steps / epochs may grow (the schedule follows
-# the new length).
+# the step's gradient is the same, except for what is drawn or computed per micro-batch: dropout masks,
+# MixLoRA's router jitter and losses: AdapterSettings.micro_batch_dependence, logged); max_steps / epochs
+# may grow (the schedule follows the new length from the first resumed step).
 RESUME_FIXED = ("optimizer", "learning_rate", "weight_decay", "betas", "eps", "momentum", "lr_scheduler",
                 "warmup_steps", "batch_size", "seed")  # fmt: skip
 
@@ -366,6 +366,12 @@ class TrainingJob:
                                 trained_on=(state.get("adapter_config") or {}).get("base_model_name_or_path"))
         self.optimizer.load_state_dict(state["optimizer_state"])
         self.scheduler.load_state_dict(state["tensors"]["scheduler"])
+        # The optimizer saved the rate its schedule gave for the next step; with max_steps grown since,
+        # the schedule is longer, so the next step's rate is this schedule's (as every later one is).
+        for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                       self.scheduler.lr_lambdas, strict=True):  # fmt: skip
+            group["lr"] = base * factor(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # get_last_lr()
         self.dropout_generator.set_state(state["tensors"]["dropout_rng"])
         self.step = int(trainer["step"])
         self.tokens_seen = int(trainer.get("tokens_seen", 0))

@@ -523,13 +523,14 @@ def test_an_idle_dora_expert_is_stepped_like_an_idle_lora_expert(tmp_path):
 
 @pytest.mark.parametrize(
     "adapter",
-    [AdapterSettings("lora", LoraSettings(4, 8), ALL), mix_settings(aux=0.0), mix_settings(aux=0.05),
-     mix_settings(routing="switch", aux=0.0, z=0.0, capacity=1.0)],
-    ids=["lora", "topk-no-aux", "topk-aux", "switch"],
+    [AdapterSettings("lora", LoraSettings(4, 8), ALL), AdapterSettings("lora", LoraSettings(4, 8, dropout=0.1), ALL),
+     mix_settings(aux=0.0), mix_settings(aux=0.05), mix_settings(routing="switch", aux=0.0, z=0.0, capacity=1.0)],
+    ids=["lora", "lora-dropout", "topk-no-aux", "topk-aux", "switch"],
 )
 def test_micro_batch_dependence_says_when_a_smaller_micro_batch_changes_the_steps(tmp_path, adapter):
     """What the controller's OOM back-off and a resume at another micro_batch_size promise: the same
-    adapter at any micro-batch, unless ``micro_batch_dependence`` names why not (MixLoRA's router losses)."""
+    adapter at any micro-batch, unless ``micro_batch_dependence`` names why not (dropout masks, MixLoRA's
+    router losses)."""
     import dataclasses
 
     base = make_tiny_llama(seed=5)
@@ -551,7 +552,7 @@ def test_micro_batch_dependence_says_when_a_smaller_micro_batch_changes_the_step
     if adapter.micro_batch_dependence() is None:
         assert diff < 1e-6  # measured 5e-8
     else:
-        assert diff > 1e-3  # measured 1.6e-2 (load-balance loss 0.05), 2.6e-2 (switch)
+        assert diff > 1e-3  # measured 1.6e-2 (load-balance loss 0.05), 2.6e-2 (switch), dropout: see the test
 
 
 def test_a_mixlora_resume_at_another_micro_batch_warns(tmp_path, caplog):

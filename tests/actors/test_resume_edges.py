@@ -7,7 +7,8 @@
 * a run stopped before its first checkpoint left its steps twice in ``metrics.jsonl``;
 * a torn last line of ``metrics.jsonl`` made resuming fail with a JSON error naming no file;
 * a changed learning rate or weight decay was silently ignored on resume (the optimizer state wins);
-* a damaged newest checkpoint blocked resuming, with an error naming no file, while an older one was intact.
+* a damaged newest checkpoint blocked resuming, with an error naming no file, while an older one was intact;
+* (2026-12-08) with ``max_steps`` grown, the first resumed step ran at the old schedule's rate.
 """
 
 from __future__ import annotations
@@ -151,3 +152,26 @@ def test_a_checkpoint_write_cut_off_by_kill_leaves_nothing_behind_once_the_next_
     save_checkpoint(tmp_path / "o", 2, adapter_state={"w": torch.zeros(2)}, adapter_config={"r": 1},
                     optimizer_state={}, tensors={}, trainer_state={"job": "a", "step": 2})  # fmt: skip
     assert sorted(p.name for p in (tmp_path / "o" / "checkpoints").iterdir()) == ["step-000002"]
+
+
+def test_a_resume_with_more_steps_takes_the_new_schedules_rate_from_its_first_step(tmp_path):
+    """max_steps 6 -> 10 at a checkpoint of step 2 (linear, 1 warmup step): the optimizer's saved rate
+    was the 6-step schedule's for step 3 (0.008), and the resumed step 3 ran at it; every step from
+    the resume takes the 10-step schedule's rate, as transformers' schedule gives it."""
+    from transformers import get_linear_schedule_with_warmup
+
+    interrupted(tmp_path, "o", 3, max_steps=6, checkpoint_every=2, warmup_steps=1)
+    engine = FusedEngine(copy.deepcopy(BASE), make_tokenizer())
+    job = engine.add_job(config(tmp_path, "o", max_steps=10, checkpoint_every=2, warmup_steps=1))
+    assert job.step == 2
+    engine.run()
+    rates = {json.loads(line)["step"]: json.loads(line)["lr"] for line in (tmp_path / "o" / "metrics.jsonl").open()}
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-2)
+    schedule = get_linear_schedule_with_warmup(optimizer, 1, 10)
+    want = []
+    for _ in range(10):
+        want.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert [rates[s] for s in range(3, 11)] == pytest.approx(want[2:], rel=1e-9)  # step 3: 0.008889, was 0.008
+    assert [rates[1], rates[2]] == pytest.approx([0.0, 1e-2])  # the first run's warmup, as it ran

@@ -91,8 +91,12 @@ def test_oom_backoff_says_when_a_mixlora_job_s_steps_change_with_the_micro_batch
     extra, reason = oom_backoff(store.create_job(spec=mix, name="m", owner="u", priority=0), group_size=2)
     assert extra is not None and "load-balance loss is computed per micro-batch" in reason
     assert "differ slightly from a run at 4" in reason
-    mix["adapter"]["router_aux_loss_coef"] = 0.0  # no router loss: the same steps at any micro-batch
+    mix["adapter"]["router_aux_loss_coef"] = 0.0  # no router loss, but dropout (0.05 by default)
     _, reason = oom_backoff(store.create_job(spec=mix, name="n", owner="u", priority=0), group_size=2)
+    assert reason == ("out of memory: requeued with train.micro_batch_size 2 (was 4) (its dropout masks are drawn "
+                      "per micro-batch: the steps from here differ slightly from a run at 4)")  # fmt: skip
+    mix["adapter"]["dropout"] = 0.0  # nothing drawn or computed per micro-batch: the same steps
+    _, reason = oom_backoff(store.create_job(spec=mix, name="o", owner="u", priority=0), group_size=2)
     assert reason == "out of memory: requeued with train.micro_batch_size 2 (was 4)"
 
 
