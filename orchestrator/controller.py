@@ -1124,6 +1124,9 @@ class Controller:
         for r in self.store.list(states=states, owner=owner, limit=limit):
             if ident.admin or r.owner == ident.name:
                 out.append(self._public(r))
+                waiting = self._waiting.get(r.id) if r.state == JobState.QUEUED else None
+                if waiting is not None:  # why it cannot start anywhere (as status JOB has it)
+                    out[-1]["waiting"] = waiting
             else:
                 public = self._public(r)
                 out.append({**{k: public.get(k) for k in PUBLIC_FIELDS}, "redacted": True})

@@ -113,7 +113,7 @@ def _row(record: dict) -> dict:
     if record.get("redacted"):  # `--all`: another owner's job, its private fields withheld (not unknown)
         row = {k: v for k, v in row.items() if k in record}
         row["redacted"] = True
-    if record.get("waiting"):  # only `status JOB` has it: why a queued job cannot start anywhere
+    if record.get("waiting"):  # why a queued job of the caller's cannot start anywhere
         row["waiting"] = record["waiting"]
     return row
 
@@ -179,11 +179,12 @@ def _table(records: list[dict]) -> tuple[Table, int]:
 SOFT_MIN_WIDTH = 4
 
 
-def print_jobs(records: list[dict], console: Console | None = None) -> None:
+def print_jobs(records: list[dict], console: Console | None = None, notes: bool = False) -> None:
     """The jobs table on a terminal; elsewhere (a pipe, a file) a header and one tab-separated line
     per job, never wrapped nor cut. On a terminal narrower than the id and name columns and the
     narrowest other columns, lines run past its edge (it wraps them) rather than cut an id
-    (``console``'s width is raised to what the table needs)."""
+    (``console``'s width is raised to what the table needs). ``notes``: on a terminal, a line under
+    the table for each queued job that says why it waits (the tab-separated form stays one line per job)."""
     console = console or Console()
     if not console.is_terminal:
         for row in [list(COLUMNS), *(_cells(r) for r in records)]:
@@ -194,6 +195,10 @@ def print_jobs(records: list[dict], console: Console | None = None) -> None:
     if console.width < need:
         console.width = need  # print() caps a table at the console's width
     console.print(table, crop=False)
+    for r in records if notes else ():  # `status JOB` prints its job's note with its events
+        if r.get("waiting"):
+            console.print(f"{r['id']} ({r.get('name')}) waiting: {r['waiting']}", markup=False, highlight=False,
+                          crop=False, soft_wrap=True)  # fmt: skip
 
 
 def do_submit(client: Client, args: argparse.Namespace) -> int:
@@ -275,7 +280,7 @@ def do_list(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([_row(r) for r in records], indent=2))
     else:
-        print_jobs(records)
+        print_jobs(records, notes=True)
     return 0
 
 
@@ -287,7 +292,7 @@ def do_status(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([_row(r) for r in records], indent=2))
         return 0
-    print_jobs(records)
+    print_jobs(records, notes=not args.job)
     if args.job:
         for event in records[0].get("events", []):
             stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))

@@ -143,6 +143,19 @@ def test_policy_set_warns_of_a_quota_of_zero_and_status_says_why_the_job_waits(
            f"an admin raises it); it starts once that changes (`lorafleet policy explain {job}` shows every "
            "worker's verdict)")  # fmt: skip
     assert f"  waiting: {why}\n" in capsys.readouterr().out
+    import io
+
+    from rich.console import Console
+
+    from orchestrator.commands.jobs import do_list, print_jobs
+
+    listed = json.loads(json.dumps(ctl.list_jobs()))  # `lorafleet list` has it too (README), as over Ray
+    assert [r.get("waiting") for r in listed] == [why]
+    assert do_list(SimpleNamespace(list=lambda **kw: listed), SimpleNamespace(json=True, limit=20, all=False)) == 0
+    assert [r["waiting"] for r in json.loads(capsys.readouterr().out)] == [why]
+    screen = io.StringIO()
+    print_jobs(listed, Console(file=screen, force_terminal=True, width=100), notes=True)
+    assert screen.getvalue().splitlines()[-1] == f"{job} (held) waiting: {why}"
     assert cli.main(["policy", "explain", job]) == 0
     assert "owner root at quota (0/0 running; a quota of 0 lets none start" in capsys.readouterr().out
     assert [line.split(" ", 1)[1] for line in ctl.logs(job) if "waiting:" in line] == [f"waiting: {why}"]  # once
