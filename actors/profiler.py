@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -343,7 +344,12 @@ def measure_groups(
         raise ProfileError(f"memory measurement of {names} timed out after {timeout:.0f} s") from err
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("[")]
     if proc.returncode != 0 or not lines:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
+        output = (proc.stderr or proc.stdout).strip().splitlines()
+        last = output[-1] if output else ""
+        user = re.match(r"(?:[\w.]+\.)?(TargetError|DataError|AdapterLoadError|SpecError|ValueError): (.+)", last)
+        if user:  # the spec's own fault (a target the model lacks, bad data): its message says it all
+            raise ProfileError(f"memory measurement of {names} failed: {user.group(2)}")
+        tail = "\n".join(output[-8:])
         raise ProfileError(f"memory measurement of {names} failed (exit {proc.returncode}):\n{tail}")
     return [GroupMeasurement(**doc) for doc in json.loads(lines[-1])]
 

@@ -37,8 +37,9 @@ from typing import Any
 
 RESULT_PREFIX = "LORAFLEET-RESULT "
 ALLOWED_CALLS = {"status", "list_jobs", "logs", "logs_since", "job_metrics", "cancel", "retry", "counts", "ping",
-                 "whoami"}  # fmt: skip
-KEYED_CALLS = {"status", "list_jobs", "logs", "logs_since", "job_metrics", "cancel", "retry", "whoami"}  # take the api_key
+                 "whoami", "explain", "get_policy"}  # fmt: skip
+KEYED_CALLS = {"status", "list_jobs", "logs", "logs_since", "job_metrics", "cancel", "retry", "whoami",
+               "explain"}  # take the api_key  # fmt: skip
 KEY_FILE = "lorafleet-key"
 FETCH_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "job.json", "eval.json")
 MAX_FETCH_BYTES = 512 << 20

@@ -62,6 +62,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     return parser, subs
 
 
+#: Ray loggers whose INFO lines every client call printed in Ray's own format ("Uploading package gcs://...",
+#: "Creating a file package for local module ...")
+RAY_CHATTER = ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging")
+
+
 def setup_logging(verbose: bool = False) -> None:
     """One stderr handler on the root logger (``HH:MM:SS LEVEL logger: message``), and every message
     printed once.
@@ -82,6 +87,9 @@ def setup_logging(verbose: bool = False) -> None:
     for handler in root.handlers:
         if handler not in before:
             handler.addFilter(_printed_by_library)
+    if not verbose:  # Ray's INFO lines for every call's package (the API key rides in it): not the user's news
+        for name in RAY_CHATTER:
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:  # light (~15 ms); transformers' logging module is not imported here (~1 s)
         from huggingface_hub.utils import logging as hub_logging
     except ImportError:

@@ -93,8 +93,18 @@ def _is_loopback(address: str | None) -> bool:
     return bool(address) and address.split(":")[0] in ("127.0.0.1", "localhost")
 
 
+GCS_ONLY = ("`lorafleet up`, `down`, `policy set` and `admin` talk to Ray itself (its GCS, HOST:6379), not to the "
+            "dashboard: run them on the head node (--address auto finds its cluster) or pass --address HEAD:6379; "
+            "a dashboard URL serves submit, status, list, logs, fetch, cancel, retry and `policy show` / `explain`")
+
+
 def connect(address: str | None = "auto") -> None:
-    """``ray.init`` to a running cluster (no-op when already connected). Raises ``ClusterError``."""
+    """``ray.init`` to a running cluster (no-op when already connected). Raises ``ClusterError``.
+
+    A dashboard URL is refused with what to use instead; ``RAY_ADDRESS`` set to one (as a laptop exports
+    it for the other commands) is ignored, so ``auto`` finds the cluster this machine runs."""
+    if address and address.startswith(("http://", "https://")):
+        raise ClusterError(f"--address {address} is a Ray dashboard URL: {GCS_ONLY}")
     if address in (None, "auto") and LOCAL_STATE.is_file():
         state = json.loads(LOCAL_STATE.read_text())
         address = state["address"]
@@ -103,12 +113,22 @@ def connect(address: str | None = "auto") -> None:
 
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = {"address": address or "auto", "namespace": NAMESPACE, "log_to_driver": False}
+    kwargs: dict[str, Any] = {"address": address or "auto", "namespace": NAMESPACE, "log_to_driver": False,
+                              "logging_level": "WARNING"}  # fmt: skip
     if _is_loopback(address):
         use_loopback()
         kwargs["_node_ip_address"] = "127.0.0.1"
+    dashboard = os.environ.get("RAY_ADDRESS", "").strip()
+    if not dashboard.startswith(("http://", "https://")):
+        dashboard = ""
     try:
-        ray.init(**kwargs)
+        if dashboard:  # ray.init reads RAY_ADDRESS over "auto", and refuses a URL
+            os.environ.pop("RAY_ADDRESS")
+        try:
+            ray.init(**kwargs)
+        finally:
+            if dashboard:
+                os.environ["RAY_ADDRESS"] = dashboard
     except ray.exceptions.AuthenticationError as exc:
         raise ClusterError(f"the Ray cluster at {address or 'auto'} refused this process: {str(exc).splitlines()[0]} "
                            "Set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the "
@@ -117,6 +137,8 @@ def connect(address: str | None = "auto") -> None:
         hint = "" if os.environ.get("RAY_AUTH_MODE") == "token" else (
             "; if the cluster uses Ray token auth, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or "
             "RAY_AUTH_TOKEN_PATH)")  # fmt: skip
+        if dashboard:
+            hint += f"; RAY_ADDRESS={dashboard} is a dashboard URL, which this command does not use: {GCS_ONLY}"
         raise ClusterError(f"cannot reach a Ray cluster at {address or 'auto'}: {exc}; "
                            f"start one (`lorafleet up --local`) or pass --address{hint}") from None  # fmt: skip
 

@@ -448,6 +448,14 @@ class Client:
         newest checkpoint. The record has ``resume_step``, or ``already_live: True`` for a live job."""
         return self._call("retry", job=job, owner=self.owner)
 
+    def explain(self, job: str) -> str:
+        """The scheduling policy's per-factor breakdown for a queued or running job (``lorafleet policy explain``)."""
+        return self._call("explain", job=job)
+
+    def policy(self) -> dict[str, Any]:
+        """The controller's policy: ``name``, ``config`` (as set), ``failing`` and ``skipped`` (``policy show``)."""
+        return self._call("get_policy")
+
     def wait(
         self,
         job: str,

@@ -5,6 +5,7 @@ policy's per-factor breakdown for one job, like Slurm's ``sprio``."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from orchestrator.cli import UserError
@@ -15,7 +16,9 @@ HELP = "show the controller's scheduling policy, set a new one at run time, or e
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["set", "show", "explain"])
     parser.add_argument("file", nargs="?", help="policy YAML (for set); job id or name (for explain)")
-    parser.add_argument("--address", default="auto", help="Ray cluster address [auto]")
+    parser.add_argument("--address", default="auto",
+                        help="Ray cluster address [auto]; show and explain also take the dashboard's "
+                             "http://HOST:8265 (or RAY_ADDRESS set to it), as the laptop commands do")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,14 +34,26 @@ def run(args: argparse.Namespace) -> int:
     from orchestrator.auth import client_api_key
 
     try:
-        client.connect(args.address)
-        if args.action == "explain":  # the job's owner or an admin
-            print(client.call("explain", args.file, api_key=client_api_key()))
-            return 0
-        if doc is not None:  # admin-only once users exist
-            out = client.call("set_policy", doc, api_key=client_api_key())
+        if args.action != "set" and _dashboard(args.address):  # a laptop: through the dashboard, as `status`
+            from orchestrator.remote import Client, RemoteError
+
+            try:
+                remote = Client(None if args.address == "auto" else args.address)
+                if args.action == "explain":
+                    print(remote.explain(args.file))
+                    return 0
+                out = remote.policy()
+            except RemoteError as err:
+                raise UserError(str(err)) from None
         else:
-            out = client.call("get_policy")
+            client.connect(args.address)
+            if args.action == "explain":  # the job's owner or an admin
+                print(client.call("explain", args.file, api_key=client_api_key()))
+                return 0
+            if doc is not None:  # admin-only once users exist
+                out = client.call("set_policy", doc, api_key=client_api_key())
+            else:
+                out = client.call("get_policy")
     except PolicyConfigError as exc:  # the head parses it again and may not import what this machine does
         raise head_policy_error(exc, args.file) from None
     except (client.ClusterError, client.NoControllerError, ValueError, PermissionError, LookupError) as exc:
@@ -49,6 +64,16 @@ def run(args: argparse.Namespace) -> int:
     notes += [f"skipped decision: {line}" for line in out.get("skipped") or ()]  # the last pass's invalid ones
     print(policy_yaml(out["name"], out["config"]) + "".join(f"# {note}\n" for note in notes), end="")
     return 0
+
+
+def _dashboard(address: str | None) -> bool:
+    """Whether ``show`` / ``explain`` go through a Ray dashboard URL: ``--address http(s)://...``, or with
+    ``auto`` a ``RAY_ADDRESS`` (or ``RAY_API_SERVER_ADDRESS``) URL as a laptop exports it."""
+    from orchestrator.remote import ADDRESS_VARIABLES
+
+    if address and address != "auto":
+        return address.startswith(("http://", "https://"))
+    return any(os.environ.get(name, "").strip().startswith(("http://", "https://")) for name in ADDRESS_VARIABLES)
 
 
 def policy_yaml(name: str, config: dict | None) -> str:

@@ -250,3 +250,26 @@ def test_adapter_bytes_count_dora_magnitudes_and_a_models_own_head_dim(kind, dor
     job = engine.add_job(job_config("j", settings, "unused"), examples=examples(4, 1, 5, 9))
     trained = sum(p.numel() for p in job.adapter.parameters())
     assert adapter_param_count(shape, adapter_shape_of(settings)) == trained > 0
+
+
+def test_a_measurement_failed_by_the_spec_is_one_line_and_a_crash_keeps_its_traceback(monkeypatch):
+    """`estimate --measure` of a spec whose target the model lacks printed the child's 8-line traceback
+    tail; the spec's own errors are their message, anything else keeps the tail to debug it."""
+    import subprocess
+
+    from actors import profiler
+
+    def child(stderr):
+        return lambda *a, **k: subprocess.CompletedProcess(a, 1, stdout="", stderr=stderr)
+
+    trace = "Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n    boom()\n"
+    monkeypatch.setattr(profiler.subprocess, "run", child(
+        trace + "actors.fused_model.TargetError: adapter.target_modules: 'foo' matches no linear layer of m\n"))
+    with pytest.raises(profiler.ProfileError) as info:
+        profiler.measure_groups("m", [[]])
+    assert str(info.value) == ("memory measurement of [[]] failed: adapter.target_modules: 'foo' matches no linear "
+                               "layer of m")  # fmt: skip
+    monkeypatch.setattr(profiler.subprocess, "run", child(trace + "KeyError: 'weight'\n"))
+    with pytest.raises(profiler.ProfileError) as info:
+        profiler.measure_groups("m", [[]])
+    assert str(info.value) == "memory measurement of [[]] failed (exit 1):\n" + trace + "KeyError: 'weight'"

@@ -121,3 +121,48 @@ def test_losing_the_dashboard_mid_call_is_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err == ("lorafleet logs: error: lost the connection to the cluster: ConnectionError: "
                    "HTTPConnectionPool(host='127.0.0.1', port=8265): Max retries exceeded\n")
+
+
+def test_policy_show_and_explain_go_through_a_dashboard_url_and_gcs_commands_say_where_they_run(
+        monkeypatch, capsys, tmp_path):  # fmt: skip
+    """From a laptop (RAY_ADDRESS=http://HOST:PORT, as the README says to export) `policy explain` and
+    `policy show` failed with Ray's multi-line 'Invalid Ray address'; they now go through the dashboard
+    as `status` does, and the commands that need Ray's GCS refuse a dashboard URL in one line."""
+    from orchestrator import cli, remote
+    from orchestrator.client import ClusterError, connect
+
+    asked = []
+
+    class Dashboard:
+        def __init__(self, address=None):
+            asked.append(("address", address))
+
+        def explain(self, job):
+            asked.append(("explain", job))
+            return f"job {job}: waits (fits no worker even alone)"
+
+        def policy(self):
+            return {"name": "aspen", "config": {"policy": "aspen", "margin": 0.2}, "failing": None, "skipped": []}
+
+    monkeypatch.setattr(remote, "Client", Dashboard)
+    monkeypatch.setenv("LORAFLEET_HOME", str(tmp_path))
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:1")
+    assert cli.main(["policy", "explain", "a"]) == 0
+    assert capsys.readouterr().out == "job a: waits (fits no worker even alone)\n"
+    assert cli.main(["policy", "show", "--address", "http://127.0.0.1:2"]) == 0
+    assert capsys.readouterr().out == "policy: aspen\nmargin: 0.2\n"
+    assert asked == [("address", None), ("explain", "a"), ("address", "http://127.0.0.1:2")]
+    with pytest.raises(ClusterError, match=r"^--address http://127.0.0.1:2 is a Ray dashboard URL: `lorafleet up`, "
+                                           r"`down`, `policy set` and `admin` talk to Ray itself"):  # fmt: skip
+        connect("http://127.0.0.1:2")
+    policy = tmp_path / "p.yaml"
+    policy.write_text("policy: fifo\n")
+    assert cli.main(["policy", "set", str(policy), "--address", "http://127.0.0.1:2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a Ray dashboard URL" in err[0] and "run them on the head node" in err[0]
+
+
+def test_the_agent_serves_policy_show_and_explain_with_the_callers_key():
+    from orchestrator.agent import ALLOWED_CALLS, KEYED_CALLS
+
+    assert {"explain", "get_policy"} <= ALLOWED_CALLS and "explain" in KEYED_CALLS and "get_policy" not in KEYED_CALLS

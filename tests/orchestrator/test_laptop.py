@@ -79,6 +79,7 @@ def test_cli_submit_wait_status_logs_fetch_plot(cluster, tmp_path):
         state = lorafleet(home, "status", "--json", "--address", url)
         pytest.fail(f"submit --wait hung; cluster says: {state.stdout}\n{state.stderr[-2000:]}\n{exc.stderr!r}"[-6000:])
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "Uploading package" not in res.stderr and "Creating a file package" not in res.stderr  # Ray's INFO lines
     ids = [line.split("\t")[0] for line in res.stdout.splitlines() if line.startswith("lf-")]
     assert len(ids) == 2
 
@@ -91,6 +92,16 @@ def test_cli_submit_wait_status_logs_fetch_plot(cluster, tmp_path):
 
     logs = lorafleet(home, "logs", "cli-a", "--address", url)
     assert logs.returncode == 0 and logs.stdout.strip()
+
+    # `policy show` / `explain` through the dashboard (they needed Ray's GCS); `policy set` says where it runs
+    shown = lorafleet(home, "policy", "show", "--address", url)
+    assert shown.returncode == 0 and shown.stdout.startswith("policy: "), shown.stderr[-2000:]
+    explained = lorafleet(home, "policy", "explain", "cli-a", "--address", url)
+    assert explained.returncode == 2 and f"job {ids[0]} is SUCCEEDED: explain covers" in explained.stderr
+    assert len(explained.stderr.strip().splitlines()) == 1, explained.stderr
+    refused = lorafleet(home, "policy", "set", str(ROOT / "examples" / "policy.yaml"), "--address", url)
+    assert refused.returncode == 2 and "is a Ray dashboard URL: `lorafleet up`, `down`, `policy set` and `admin` " \
+        "talk to Ray itself" in refused.stderr, refused.stderr
 
     dest = tmp_path / "fetched"
     res = lorafleet(home, "fetch", "cli-a", str(dest), "--address", url)
