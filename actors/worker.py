@@ -442,8 +442,11 @@ class TrainingWorker:
             config = self._stage_inputs(job_id, config)  # URI data / eval data / init_from -> local copies
             job = self.engine.add_job(config, resume=True)
         except (ValueError, OSError, RuntimeError) as exc:  # DataError, TargetError, AdapterLoadError, I/O
+            from actors.fused_model import TargetError
+
             self._drop_inputs(job_id)
-            self._emit(job_id, "failed", message=str(exc))
+            # spec_error: the spec itself cannot run on its base model (a retry would fail the same way)
+            self._emit(job_id, "failed", message=str(exc), spec_error=isinstance(exc, TargetError))
             return
         except Exception as exc:  # anything else (a library's own error type): this job fails, the worker goes on
             log.error("%s: %s could not join\n%s", self.worker_id, job_id, traceback.format_exc())

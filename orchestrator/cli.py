@@ -64,7 +64,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
 #: Ray loggers whose INFO lines every client call printed in Ray's own format ("Uploading package gcs://...",
 #: "Creating a file package for local module ...")
-RAY_CHATTER = ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging")
+RAY_CHATTER = ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk", "ray._private.runtime_env.packaging")
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -88,8 +88,8 @@ def setup_logging(verbose: bool = False) -> None:
         if handler not in before:
             handler.addFilter(_printed_by_library)
     if not verbose:  # Ray's INFO lines for every call's package (the API key rides in it): not the user's news
-        for name in RAY_CHATTER:
-            logging.getLogger(name).setLevel(logging.WARNING)
+        for name in RAY_CHATTER:  # a filter, not a level: Ray's modules set their loggers' level when imported
+            logging.getLogger(name).addFilter(_warnings_and_up)
     try:  # light (~15 ms); transformers' logging module is not imported here (~1 s)
         from huggingface_hub.utils import logging as hub_logging
     except ImportError:
@@ -99,6 +99,10 @@ def setup_logging(verbose: bool = False) -> None:
         if _prints_to_console(handler):
             hub.removeHandler(handler)
     hub.propagate = True
+
+
+def _warnings_and_up(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
 
 
 def _prints_to_console(handler: logging.Handler) -> bool:

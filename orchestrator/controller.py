@@ -1178,6 +1178,9 @@ class Controller:
                              "submit a new job with adapter.init_from set to its adapter")  # fmt: skip
         if rec.state not in (JobState.FAILED, JobState.CANCELLED):
             return {**self._public(rec), "already_live": True}
+        if rec.state == JobState.FAILED and rec.extra.get("spec_error"):
+            raise ValueError(f"job {rec.id} ({rec.name}) failed on its spec ({rec.error}): a retry runs the same "
+                             "spec and would fail the same way; submit a corrected spec as a new job")  # fmt: skip
         # Admission reads files (perhaps on a slow mount): before the lock the policy loop holds for a pass.
         parsed = parse_spec(dict(rec.spec), source=rec.id)
         if parsed.trust_remote_code and not self.allow_remote_code:
@@ -1656,6 +1659,9 @@ class Controller:
                 if isinstance(sources, dict):  # name the user's files, not their uploaded copies
                     message = user_paths(message, sources)
                 saved = ev.get("checkpoint_step")  # where a retry resumes: perhaps newer than the last poll saw
+                if ev.get("spec_error"):  # its target_modules do not exist in its base model: retry refuses it
+                    rec = self.store.get(job_id)
+                    self.store.update_progress(job_id, step=rec.step, extra={"spec_error": True})
                 self.store.transition(job_id, JobState.FAILED, expect=(JobState.RUNNING, JobState.PROFILING),
                                       error=message, reason="failed on worker",
                                       **({"checkpoint_step": saved} if saved else {}))  # fmt: skip

@@ -247,18 +247,27 @@ def follow(client: Client, job_ids: list[str], poll_s: float = 3.0) -> int:
             if len(final) < len(job_ids):
                 time.sleep(poll_s)
     console.print(summary_table(list(view.jobs.values())))
-    failed = [job_id for job_id in job_ids if final[job_id]["state"] == "FAILED"]
-    if failed:
-        console.print(retry_hint(failed))
+    failed = [final[job_id] for job_id in job_ids if final[job_id]["state"] == "FAILED"]
+    for line in retry_hints(failed):
+        console.print(line)
     return 0 if all(r["state"] == "SUCCEEDED" for r in final.values()) else 1
 
 
-def retry_hint(job_ids: list[str]) -> str:
-    """What the follow and wait commands print after failed jobs."""
-    jobs = " ".join(job_ids) if len(job_ids) <= 3 else "JOB..."
-    return (f"once the cause is fixed, `lorafleet retry {jobs}` queues each failed job again; it resumes from its "
-            "newest checkpoint with the same spec and files (data uploaded from a laptop is the copy made at "
-            "submission: to change it, submit the job again)")
+def retry_hints(failed: list[dict]) -> list[str]:
+    """What the follow and wait commands print after failed jobs: how to retry those a retry can
+    help, and that a job failed on its own spec (a target its base model lacks) needs a corrected one."""
+    spec = [r["id"] for r in failed if (r.get("extra") or {}).get("spec_error")]
+    rest = [r["id"] for r in failed if r["id"] not in spec]
+    lines = []
+    if rest:
+        jobs = " ".join(rest) if len(rest) <= 3 else "JOB..."
+        lines.append(f"once the cause is fixed, `lorafleet retry {jobs}` queues each failed job again; it resumes "
+                     "from its newest checkpoint with the same spec and files (data uploaded from a laptop is the "
+                     "copy made at submission: to change it, submit the job again)")  # fmt: skip
+    if spec:
+        lines.append(f"{' '.join(spec)}: failed on the spec itself (see the error); a retry would run the same spec: "
+                     "fix it and submit it as a new job")  # fmt: skip
+    return lines
 
 
 LIST_LIMIT = 100  # the store keeps every job: listing 10^4 took ~1 s, 10^5 ~10 s
@@ -299,7 +308,9 @@ def do_status(client: Client, args: argparse.Namespace) -> int:
             print(f"  {stamp} {event['from'] or '-'} -> {event['to']}  {event.get('reason') or ''}")
         if records[0].get("error"):
             print(f"  error: {records[0]['error']}")
-        if records[0]["state"] in ("FAILED", "CANCELLED"):
+        if (records[0].get("extra") or {}).get("spec_error") and records[0]["state"] == "FAILED":
+            print("  retry: none; it failed on the spec itself: fix it and submit it as a new job")
+        elif records[0]["state"] in ("FAILED", "CANCELLED"):
             step = records[0].get("checkpoint_step")
             where = f"from checkpoint step {step}" if step else "from step 0 (no checkpoint)"
             print(f"  retry: `lorafleet retry {records[0]['id']}` queues it again, {where}")
@@ -367,7 +378,8 @@ def do_wait(client: Client, args: argparse.Namespace) -> int:
     r = client.wait(args.job)
     print(f"{r['id']}\t{r['name']}\t{r['state']}" + (f"\t{r['error']}" if r.get("error") else ""))
     if r["state"] == "FAILED":
-        print(retry_hint([r["id"]]), file=sys.stderr)
+        for line in retry_hints([r]):
+            print(line, file=sys.stderr)
     return 0 if r["state"] == "SUCCEEDED" else 1
 
 

@@ -105,6 +105,19 @@ def test_missing_data_fails_alone(worker, tmp_path):
     worker.assign("good", good)
     ev = wait_events(worker, {"bad": "failed", "good": "finished"})
     assert "nope.jsonl" in ev["bad"]["message"]
+    assert ev["bad"]["spec_error"] is False  # a file can be written and the job retried
+
+
+def test_a_target_the_model_lacks_fails_alone_as_a_spec_error(worker, tmp_path):
+    """The spec itself cannot run on its base model: the event says so, and retry refuses it."""
+    import dataclasses
+
+    bad = job_config(tmp_path, "bad")
+    bad = dataclasses.replace(bad, adapter=dataclasses.replace(bad.adapter, target_modules=("q_proj", "zzz_proj")))
+    worker.assign("bad", bad)
+    worker.assign("good", job_config(tmp_path, "good"))
+    ev = wait_events(worker, {"bad": "failed", "good": "finished"})
+    assert "'zzz_proj' matches no linear layer" in ev["bad"]["message"] and ev["bad"]["spec_error"] is True
 
 
 def test_a_job_that_cannot_join_fails_alone_whatever_it_raises(worker, tmp_path, monkeypatch):

@@ -56,3 +56,17 @@ def test_transformers_in_ci_prints_once(tmp_path):
     err = run_cli(tmp_path, CI="1")
     assert sum("transformers says hello" in line for line in err.splitlines()) == 1, err
     assert sum("hub says retry" in line for line in err.splitlines()) == 1, err
+
+
+def test_rays_per_call_package_lines_are_quiet_and_its_warnings_are_not(capfd):
+    """Every client call printed Ray's `INFO dashboard_sdk.py:371 -- Uploading package gcs://...` (its
+    modules set their loggers to INFO when imported, after the CLI set up logging)."""
+    from orchestrator import cli
+
+    cli.setup_logging(False)
+    from ray.dashboard.modules import dashboard_sdk
+
+    dashboard_sdk.logger.info("Uploading package gcs://_ray_pkg_x.zip.")
+    dashboard_sdk.logger.warning("a warning of Ray's")
+    err = capfd.readouterr().err
+    assert "Uploading package" not in err and "a warning of Ray's" in err

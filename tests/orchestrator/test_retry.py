@@ -8,6 +8,7 @@ cancelled job on a real cluster and checks it ends with the adapter of an uninte
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -376,3 +377,29 @@ def test_wait_on_a_failed_job_says_how_to_retry_it(capsys):
     out = capsys.readouterr()
     assert out.out.strip() == "lf-9\ta\tFAILED\tstep 7: loss is nan"
     assert "`lorafleet retry lf-9` queues each failed job again; it resumes from its newest checkpoint" in out.err
+
+
+def test_a_job_failed_on_its_own_spec_is_not_retried_and_the_hints_say_to_resubmit(ctl, capsys):
+    """A target its base model lacks fails at join with the worker's spec_error: a retry runs the same
+    spec, so it would fail the same way; the hints pointed at retry (an audit's finding)."""
+    from orchestrator.commands.jobs import do_status, do_wait
+
+    job = ctl.submit(tenancy_spec("a"), "alice")["id"]
+    w, _ = _placed(ctl, job)
+    error = "adapter.target_modules: 'zzz_proj' matches no linear layer of m; available: q_proj, v_proj"
+    ctl._on_event(w, {"job": job, "kind": "failed", "message": error, "spec_error": True})
+    rec = ctl.store.get(job)
+    assert rec.state == JobState.FAILED and rec.extra["spec_error"] is True
+    with pytest.raises(ValueError, match=rf"^job {job} \(a\) failed on its spec \(adapter.target_modules: 'zzz_proj' "
+                                         r"matches .*\): a retry runs the same spec and would fail the same way; "
+                                         r"submit a corrected spec as a new job$"):  # fmt: skip
+        ctl.retry(job, "alice")
+    assert ctl.store.get(job).state == JobState.FAILED
+
+    status = json.loads(json.dumps(ctl.status(job)))
+    assert do_status(type("C", (), {"status": lambda self, j: status})(),
+                     argparse.Namespace(job=job, json=False, all=False, limit=100)) == 0  # fmt: skip
+    assert "  retry: none; it failed on the spec itself: fix it and submit it as a new job" in capsys.readouterr().out
+    assert do_wait(type("C", (), {"wait": lambda self, j: status})(), argparse.Namespace(job=job)) == 1
+    assert capsys.readouterr().err.strip() == (f"{job}: failed on the spec itself (see the error); a retry would run "
+                                               "the same spec: fix it and submit it as a new job")  # fmt: skip
