@@ -90,7 +90,8 @@ def _load_records(path: str) -> list[dict[str, Any]]:
 
         datasets.disable_progress_bars()
         try:
-            ds = datasets.load_dataset(kind, data_files=str(file), split="train", keep_in_memory=True)
+            ds = datasets.load_dataset(kind, data_files=str(file), split="train", keep_in_memory=True,
+                                       **(_csv_as_text(file) if kind == "csv" else {}))  # fmt: skip
         except Exception as exc:  # datasets raises many types for a malformed file
             root = exc  # its message is often generic ("An error occurred while generating the dataset")
             while (root.__cause__ or root.__context__) is not None and root is not (root.__cause__ or root.__context__):
@@ -101,6 +102,25 @@ def _load_records(path: str) -> list[dict[str, Any]]:
     if not records:
         raise DataError(f"data.path: {path} has no records")
     return records
+
+
+def _csv_as_text(file: Path) -> dict[str, Any]:
+    """``load_dataset("csv")`` options that keep every cell as written: pandas would read ``02108`` as
+    the number 2108.0, ``2.50`` as 2.5 and ``NA`` or ``null`` as missing, so targets and answers
+    changed silently. Every column is text and only an empty cell is missing (None)."""
+    import csv
+
+    import datasets
+
+    try:
+        with file.open(newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f), None)
+    except (UnicodeDecodeError, csv.Error):  # not UTF-8 text, or not CSV: datasets' own error names it
+        return {}
+    if not header or len(set(header)) != len(header):  # empty, or a header pandas renames: let it say so
+        return {}
+    features = datasets.Features({name: datasets.Value("string") for name in header})
+    return {"features": features, "keep_default_na": False, "na_values": [""]}
 
 
 def max_decoded_bytes() -> int:
@@ -361,11 +381,17 @@ def _tokenize_chat(messages: list[dict[str, str]], tokenizer: Any, settings: Dat
                 "conversation (it rewrites earlier turns), so the assistant turns cannot be located; "
                 "give each assistant turn its own record, or use format: tokens"
             )
-        try:
-            head = render(messages[:i], True) if i else ""
+        try:  # for a first turn: the template's own opening (a default system prompt) and the header
+            head = render(messages[:i], True)
         except Exception:  # a template that refuses a conversation of this shape: train the header too
             head = ""
-        start = len(head) if upto.startswith(head) else len(render(messages[:i], False)) if i else 0
+        if head and upto.startswith(head):
+            start = len(head)
+        elif i:
+            start = len(render(messages[:i], False))
+        else:  # a conversation that opens with the assistant: from its content on, where it can be found
+            found = upto.find(msg["content"]) if msg.get("content") else -1
+            start = found if found >= 0 else 0
         spans.append((start, len(upto)))
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)

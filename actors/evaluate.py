@@ -97,9 +97,10 @@ def generate_greedy(
     return out
 
 
-def normalize_answer(text: str, mode: str = "exact") -> str:
-    """First line, whitespace collapsed; ``squad`` also lowercases and drops punctuation and articles."""
-    text = text.strip().split("\n", 1)[0] if text.strip() else ""
+def normalize_answer(text: str, mode: str = "exact", lines: int = 1) -> str:
+    """The first ``lines`` lines, whitespace collapsed; ``squad`` also lowercases and drops punctuation
+    and articles."""
+    text = "\n".join(text.strip().split("\n")[:lines]) if text.strip() else ""
     if mode == "squad":
         text = text.lower()
         text = "".join(ch for ch in text if ch not in set(string.punctuation))
@@ -110,7 +111,11 @@ def normalize_answer(text: str, mode: str = "exact") -> str:
 
 
 def exact_match(prediction: str, answer: str, mode: str = "exact") -> bool:
-    return normalize_answer(prediction, mode) == normalize_answer(answer, mode)
+    """Whether the completion's first lines, as many as the answer has (what a model writes after its
+    answer, e.g. a next ``### Instruction:``, is not held against it), equal the whole answer once both
+    are normalised: a multi-line answer (code, a list) is compared whole, not by its first line."""
+    lines = answer.strip().count("\n") + 1
+    return normalize_answer(prediction, mode, lines) == normalize_answer(answer, mode, lines)
 
 
 @dataclass(frozen=True)
@@ -215,6 +220,12 @@ def check_eval(config) -> None:
         return
     records, fmt = _eval_records(config)
     source = "eval.data" if ev.data is not None else "eval (held out of data.path)"
+    if ev.data is not None:  # held-out records are data.path's, checked as training reads them
+        from actors.data import _check_fields
+
+        for i, r in enumerate(records):
+            if r.get("choices") is None:  # a multiple-choice record's fields are checked below
+                _check_fields(r, fmt, i, f"eval.data: {ev.data}")
     if "exact_match" in ev.metrics and fmt == "tokens":
         raise DataError("eval.metrics: exact_match needs text records (data.format is tokens); use loss")
     if "exact_match" in ev.metrics and fmt == "text":

@@ -157,6 +157,20 @@ def test_a_multi_turn_chatml_conversation_trains_each_answer_and_its_end_of_turn
     assert with_inputs.labels == with_inputs.input_ids
 
 
+@pytest.mark.parametrize("system", [None, "You are a helpful assistant."])
+def test_a_conversation_that_opens_with_the_assistant_trains_its_content_not_the_opening(system):
+    """The first turn's span started at character 0: a conversation opening with an assistant
+    greeting trained its header and a template's default system prompt too."""
+    tok = bpe_chatml_tokenizer()
+    if system:  # a template that writes a default system turn when the conversation has none (as SmolLM2's)
+        tok.chat_template = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\n" + system +
+                             "<|im_end|>\n{% endif %}" + CHATML)  # fmt: skip
+    turns = [{"role": "assistant", "content": "the quick answer"}, {"role": "user", "content": "What is two?"},
+             {"role": "assistant", "content": "Four."}]  # fmt: skip
+    ex = tokenize_record({"messages": turns}, "chat", tok, DataSettings("x", format="chat", max_seq_len=512))
+    assert trained_runs(tok, ex) == ["the quick answer<|im_end|>\n", "Four.<|im_end|>\n"]
+
+
 def test_a_template_that_rewrites_earlier_turns_is_refused_by_record(tmp_path):
     """A template that renders earlier assistant turns differently once the conversation goes on
     (here: it drops their reasoning, as Qwen3's does) has no token bound for the earlier turns:

@@ -182,3 +182,25 @@ def test_validate_reports_data_and_eval_problems(tmp_path, capsys):
     assert "a.yaml: " in out and "d.jsonl: record 1: field 'text' (or 'prompt' and 'completion') is missing" in out
     assert "b.yaml: eval.data: record 0: choices must be a list of at least two texts" in out
     assert json.loads(data.read_text().splitlines()[0]) == {"text": "w1"}  # nothing rewritten
+
+
+@pytest.mark.parametrize(("fmt", "records", "words"), [
+    ("alpaca", [{"instruction": "w1", "output": "w2"}, {"instruction": "w3"}],
+     r"record 1: field 'output' is missing or null \(data.format: alpaca\)"),  # it was scored against "None"
+    ("alpaca", [{"messages": [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"}]}],
+     r"record 0: field 'instruction' is missing or null \(data.format: alpaca\)"),  # chat records read as empty
+    ("chat", [{"messages": [{"role": "user", "content": "w1"}, {"role": "assistant", "content": None}]}],
+     r"record 0: messages\[1\] must be an object with a string 'role' and a string 'content'"),  # failed after training
+    ("chat", [{"messages": [{"role": "assistant", "content": "w1"}, {"role": "user", "content": "w2"}]}],
+     r"record 0: 'messages' must end with an assistant turn"),
+])  # fmt: skip
+def test_eval_data_records_are_checked_against_the_jobs_format_before_training(tmp_path, fmt, records, words):
+    """eval.data's records were never checked: a missing answer was scored as the text 'None', chat
+    records under an alpaca job as empty prompts, and a malformed chat record failed the evaluation
+    only after training."""
+    train = [{"instruction": "w1", "output": "w2"}] * 3 if fmt == "alpaca" else [
+        {"messages": [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"}]}] * 3
+    data = write_jsonl(tmp_path / "d.jsonl", train)
+    ev = write_jsonl(tmp_path / "ev.jsonl", records)
+    with pytest.raises(DataError, match=rf"^eval.data: {ev}: {words}"):
+        check_eval(job(tmp_path, data, EvalSettings(data=str(ev), metrics=("loss", "exact_match")), fmt=fmt))

@@ -120,3 +120,17 @@ def test_parquet_dictionary_columns_count_their_decoded_rows(tmp_path, monkeypat
     monkeypatch.setenv("LORAFLEET_MAX_DATA_GIB", "0.01")  # 10 MiB: they do not
     with pytest.raises(DataError, match=r"decodes to more than the 0\.01 GiB"):
         load_records(str(path))
+
+
+def test_csv_cells_are_read_as_written(tmp_path):
+    """pandas' type inference turned the answer 02108 into 2108.0, 2.50 into 2.5 and the text NA into a
+    missing value (the no-input template), silently; every cell is text, only an empty one is missing."""
+    path = tmp_path / "d.csv"
+    path.write_text("\ufeffinstruction,input,output\nZip of,Boston,02108\nPrice of,NA,2.50\nCount,,3\nnull,x,null\n",
+                    encoding="utf-8")  # fmt: skip
+    assert load_records(str(path)) == [
+        {"instruction": "Zip of", "input": "Boston", "output": "02108"},
+        {"instruction": "Price of", "input": "NA", "output": "2.50"},
+        {"instruction": "Count", "input": None, "output": "3"},
+        {"instruction": "null", "input": "x", "output": "null"},
+    ]

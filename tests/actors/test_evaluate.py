@@ -31,6 +31,9 @@ EXACT_CASES = [
     ("The Eiffel Tower", "eiffel tower", "squad", True),
     ("", "x", "exact", False),
     ("RED APPLE", "RED APPLE", "exact", True),
+    ("def f():\n    return 1", "def f():\n    return 2", "exact", False),  # a multi-line answer is compared whole
+    ("1. eggs", "1. eggs\n2. milk", "exact", False),
+    ("1. eggs\n2.  milk\n### Instruction: next", "1. eggs\n2. milk", "exact", True),  # then what follows it
 ]
 
 
