@@ -243,6 +243,36 @@ def check_eval(config) -> None:
                         "add multiple_choice to eval.metrics")  # fmt: skip
 
 
+def check_eval_fits(config, tokenizer, vocab_size: int | None, max_positions: int) -> None:
+    """On a model with a learned position table (GPT-2, OPT, GPT-BigCode), the evaluation's records
+    fit it, checked when the job joins: a loss record as training truncates it, and an exact_match
+    prompt together with ``eval.max_new_tokens`` (generation past the table failed in torch with an
+    IndexError after the whole training, losing every metric of the evaluation).
+
+    Raises:
+        DataError: naming the record and what to change.
+    """
+    from actors.data import DataError, check_examples, prompt_ids, tokenize_record
+
+    ev = config.eval
+    if ev is None:
+        return
+    records, fmt = _eval_records(config)
+    source = "eval.data" if ev.data is not None else "eval (held out of data.path)"
+    usable = [(i, r) for i, r in enumerate(records) if r.get("choices") is None]
+    if "loss" in ev.metrics:
+        check_examples([tokenize_record(r, fmt, tokenizer, config.data) for _, r in usable], vocab_size, source,
+                       max_positions)  # fmt: skip
+    if "exact_match" in ev.metrics and fmt != "tokens":
+        for i, r in usable:
+            need = len(prompt_ids(r, fmt, tokenizer)) + ev.max_new_tokens
+            if need > max_positions:
+                raise DataError(f"{source}: record {i}: its prompt ({need - ev.max_new_tokens} tokens) and "
+                                f"eval.max_new_tokens ({ev.max_new_tokens}) need {need} positions, more than the "
+                                f"{max_positions} of the model's position table; shorten the prompt or lower "
+                                "eval.max_new_tokens")  # fmt: skip
+
+
 def _choice_fields(record: dict, index: int, source: str) -> tuple[str, list[str], int]:
     """(question, choices, index of the right choice) of a multiple-choice record: ``choices`` a list
     of at least two texts, ``answer`` the text of the right one or its 0-based index (an integer, or

@@ -9,6 +9,7 @@ GPT-2-style position table were found only mid-training or after it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -153,6 +154,26 @@ def test_a_record_longer_than_a_learned_position_table_is_refused_when_its_job_j
     with pytest.raises(DataError, match=r"d.jsonl: record 4: 20 tokens, more than the 16 positions of the model's "
                                         r"position table; set data.max_seq_len: 16 or less"):  # fmt: skip
         engine.add_job(job(tmp_path, data, None, fmt="tokens"))
+
+
+def test_an_exact_match_prompt_that_generation_would_run_past_the_position_table_is_refused_at_join(tmp_path):
+    """A prompt of 9 tokens and max_new_tokens 8 on 16 positions: generation failed in torch with an
+    IndexError after the whole training, and every metric of that evaluation was lost."""
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+
+    model = GPTBigCodeForCausalLM(GPTBigCodeConfig(vocab_size=128, n_positions=16, n_embd=32, n_layer=2, n_head=2)).eval()
+    data = write_jsonl(tmp_path / "d.jsonl", TEXT)
+    long = {"prompt": " ".join(["w1"] * 9), "completion": "w2"}  # 9 tokens (this tokenizer adds no BOS)
+    ev = write_jsonl(tmp_path / "ev.jsonl", [TEXT[0], long])
+    engine = FusedEngine(model, make_tokenizer())
+    with pytest.raises(DataError, match=r"^eval.data: record 1: its prompt \(9 tokens\) and eval.max_new_tokens \(8\) "
+                                        r"need 17 positions, more than the 16 of the model's position table"):  # fmt: skip
+        engine.add_job(job(tmp_path, data, EvalSettings(data=str(ev), metrics=("exact_match",), max_new_tokens=8),
+                           fmt="text"))  # fmt: skip
+    assert not engine.jobs
+    fits = job(tmp_path, data, EvalSettings(data=str(ev), metrics=("exact_match",), max_new_tokens=6), fmt="text")
+    fits = dataclasses.replace(fits, adapter=dataclasses.replace(fits.adapter, target_modules=("c_attn",)))
+    assert engine.add_job(fits).name == "j"  # 15 positions: fits
 
 
 def test_gptj_precomputed_positions_are_a_hard_limit_too():
