@@ -182,7 +182,7 @@ def _read_json_records(file: Path, path: str) -> list[dict[str, Any]] | None:
     the line of a malformed JSON Lines record.
     """
     try:
-        text = file.read_text(encoding="utf-8")
+        text = file.read_text(encoding="utf-8-sig")  # a BOM (as Windows editors write) is not JSON
     except UnicodeDecodeError as exc:
         raise DataError(f"data.path: {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if not text.strip():
@@ -269,11 +269,23 @@ def _check_fields(record: dict[str, Any], fmt: str, index: int, path: str) -> No
         if record.get("text") is None and (record.get("prompt") is None or record.get("completion") is None):
             raise DataError(f"{path}: record {index}: field 'text' (or 'prompt' and 'completion') is missing "
                             "or null (data.format: text)")  # fmt: skip
+        for key in ("text", "prompt", "completion"):
+            _text_field(record, key, index, path)
         return
     required = {"alpaca": ("instruction", "output"), "chat": ("messages",), "tokens": ("input_ids",)}.get(fmt, ())
     for key in required:
         if record.get(key) is None:
             raise DataError(f"{path}: record {index}: field {key!r} is missing or null (data.format: {fmt})")
+    if fmt == "alpaca":
+        for key in ("instruction", "input", "output"):
+            _text_field(record, key, index, path)
+    if fmt == "tokens":  # validate reads records without tokenising: the types are checked here
+        for key in ("input_ids", "labels"):
+            if record.get(key) is not None:
+                try:
+                    _token_ids(record[key], key)
+                except DataError as exc:
+                    raise DataError(f"{path}: record {index}: {exc}") from None
     if fmt == "chat":
         msgs = record["messages"]
         if not isinstance(msgs, list) or not msgs:
@@ -288,6 +300,14 @@ def _check_fields(record: dict[str, Any], fmt: str, index: int, path: str) -> No
                             f"(the last role is {msgs[-1]['role']!r})")  # fmt: skip
 
 
+def _text_field(record: dict[str, Any], key: str, index: int, path: str) -> None:
+    """A text field is text (a number is its digits: an answer of 4 is "4"); a list, an object or a
+    boolean was trained as its Python repr (``['red', 'blue']``)."""
+    value = record.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, str | int | float)):
+        raise DataError(f"{path}: record {index}: field {key!r} must be text (got {_short(value)})")
+
+
 def _short(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -297,12 +317,12 @@ def tokenize_record(record: dict[str, Any], fmt: str, tokenizer: Any, settings: 
     """One record as input ids and labels, truncated to ``max_seq_len``."""
     max_len = settings.max_seq_len
     if fmt == "tokens":
-        ids = _token_ids(record["input_ids"], "input_ids")[:max_len]
+        ids = _token_ids(record["input_ids"], "input_ids")
         labels_src = record.get("labels")
-        labels = list(ids) if labels_src is None else _token_ids(labels_src, "labels")[:max_len]
-        if len(labels) != len(ids):
+        labels = list(ids) if labels_src is None else _token_ids(labels_src, "labels")
+        if len(labels) != len(ids):  # before truncation: cut to one length, misaligned labels would pass
             raise DataError(f"labels has {len(labels)} tokens but input_ids has {len(ids)}")
-        return Example(ids, labels)
+        return Example(ids[:max_len], labels[:max_len])
     if fmt == "chat":
         return _tokenize_chat(record["messages"], tokenizer, settings)
     prompt, completion = build_prompt(record, fmt, tokenizer)

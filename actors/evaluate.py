@@ -352,7 +352,7 @@ def evaluate_job(engine, name: str | None, config, between: Callable[[], None] |
 
 
 def _multiple_choice(engine, names, records, fmt, ev, between=None) -> dict:
-    from actors.data import build_prompt
+    from actors.data import build_prompt, prompt_ids
 
     tok = engine.tokenizer
     items = []
@@ -360,10 +360,14 @@ def _multiple_choice(engine, names, records, fmt, ev, between=None) -> dict:
         question, choices, answer = _choice_fields(r, i, "eval.data")
         if fmt == "alpaca":  # the job's own prompt template
             prompt, _ = build_prompt({"instruction": question, "input": ""}, "alpaca")
+            ids = tok(prompt, add_special_tokens=True)["input_ids"]
+        elif fmt == "chat":  # the question as a user turn, as training renders one (template, generation prompt)
+            turns = [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
+            ids = prompt_ids({"messages": turns}, "chat", tok)
         else:
-            prompt = question
+            ids = tok(question, add_special_tokens=True)["input_ids"]
         items.append(ChoiceItem(
-            tok(prompt, add_special_tokens=True)["input_ids"],
+            ids,
             [tok(c, add_special_tokens=False)["input_ids"] for c in choices],
             answer,
         ))

@@ -190,3 +190,22 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_by_record(tmp_path):
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}, {"messages": turns}])
     with pytest.raises(DataError, match=r"record 1: the chat template renders the first 2 messages differently"):
         load_examples(DataSettings(str(path), format="chat"), tok)
+
+
+def test_multiple_choice_on_a_chat_job_asks_the_question_as_the_template_renders_a_user_turn(monkeypatch):
+    """Alpaca jobs got their template around the question; chat jobs were scored on the raw question,
+    not the conversation form their adapter was trained on."""
+    from types import SimpleNamespace
+
+    from actors import evaluate
+
+    tok = bpe_chatml_tokenizer()
+    seen = []
+    monkeypatch.setattr(evaluate, "choice_logprobs",
+                        lambda engine, names, items, **kw: seen.extend(items) or [[[0.0, 1.0]], [[0.0, 1.0]]])  # fmt: skip
+    record = {"question": "What is two plus two?", "choices": ["Four.", "Six."], "answer": 0}
+    ev = SimpleNamespace(batch_size=2)
+    evaluate._multiple_choice(SimpleNamespace(tokenizer=tok), [None, "a"], [record], "chat", ev)
+    want = tok.apply_chat_template([{"role": "user", "content": record["question"]}], tokenize=True,
+                                   add_generation_prompt=True)["input_ids"]  # fmt: skip
+    assert seen[0].prompt == list(want) and tok.decode(seen[0].prompt).endswith("<|im_start|>assistant\n")

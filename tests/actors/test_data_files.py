@@ -134,3 +134,34 @@ def test_csv_cells_are_read_as_written(tmp_path):
         {"instruction": "Count", "input": None, "output": "3"},
         {"instruction": "null", "input": "x", "output": "null"},
     ]
+
+
+def test_field_types_and_label_lengths_are_checked_as_validate_reads_them(tmp_path):
+    """What an audit found passing: a list trained as its repr (``['red', 'blue']``), token ids given
+    as text (validate said ok, train failed), and labels longer than input_ids when both were cut to
+    max_seq_len first (misaligned labels). A number is still text (an answer of 4 is "4")."""
+    from actors.config import DataSettings
+    from actors.data import check_records, tokenize_record
+
+    def refused(records, fmt, words):
+        path = tmp_path / f"{fmt}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        with pytest.raises(DataError, match=words):
+            check_records(DataSettings(str(path), format=fmt, max_seq_len=3))
+
+    refused([{"instruction": "w1", "output": ["red", "blue"]}], "alpaca",
+            r"record 0: field 'output' must be text \(got \['red', 'blue'\]\)")  # fmt: skip
+    refused([{"prompt": {"q": 1}, "completion": "w2"}], "text", r"record 0: field 'prompt' must be text")
+    refused([{"input_ids": "hello"}], "tokens", r"record 0: input_ids must be a list of integer token ids \(got str\)")
+    path = tmp_path / "ok.jsonl"
+    path.write_text(json.dumps({"instruction": "2+2", "output": 4}) + "\n")
+    assert check_records(DataSettings(str(path), format="alpaca")) == 1
+    with pytest.raises(DataError, match=r"labels has 6 tokens but input_ids has 4"):
+        tokenize_record({"input_ids": [5, 6, 7, 8], "labels": [5, 6, 7, 8, 9, 9]}, "tokens", None,
+                        DataSettings("x", format="tokens", max_seq_len=3))  # fmt: skip
+
+
+def test_a_json_file_with_a_byte_order_mark_reads(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"text": "w1 w2"}\n{"text": "w3"}\n')
+    assert load_records(str(path)) == [{"text": "w1 w2"}, {"text": "w3"}]
