@@ -18,6 +18,7 @@ step number alone: resume needs no iterator state.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import numbers
 import os
@@ -30,6 +31,8 @@ from typing import Any
 import torch
 
 from actors.config import DataSettings, TrainSettings, held_out_count
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 SUPPORTED_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -461,6 +464,12 @@ def load_examples(
         examples.append(example)
     if not any(ex.num_label_tokens for ex in examples):
         raise DataError(f"{settings.path}: no record has a token to train on (check data.format / max_seq_len)")
+    empty = [i for i, ex in zip((i for i in range(len(records)) if i not in skip), examples, strict=True)
+             if not ex.num_label_tokens]  # fmt: skip
+    if empty:  # they cost a step's share and teach nothing: a prompt that fills max_seq_len, labels all -100
+        log.warning("%s: %d of %d records have no token to train on (e.g. record %d: its prompt fills "
+                    "data.max_seq_len %d, or every label is -100); raise max_seq_len or drop them",
+                    settings.path, len(empty), len(examples), empty[0], settings.max_seq_len)  # fmt: skip
     return examples
 
 

@@ -165,3 +165,17 @@ def test_a_json_file_with_a_byte_order_mark_reads(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + b'{"text": "w1 w2"}\n{"text": "w3"}\n')
     assert load_records(str(path)) == [{"text": "w1 w2"}, {"text": "w3"}]
+
+
+def test_records_left_with_nothing_to_train_are_counted_in_a_warning(tmp_path, caplog):
+    """A record whose labels are all -100 (or whose prompt fills max_seq_len) was kept in silence."""
+    from actors.config import DataSettings
+    from actors.data import load_examples
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"input_ids": [5, 6, 7]}, {"input_ids": [5, 6], "labels": [-100, -100]}, {"input_ids": [8, 9]}]))  # fmt: skip
+    with caplog.at_level("WARNING", logger="actors.data"):
+        examples = load_examples(DataSettings(str(path), format="tokens"), None)
+    assert len(examples) == 3
+    assert "1 of 3 records have no token to train on (e.g. record 1:" in caplog.text
