@@ -682,8 +682,12 @@ class ProfilePolicy:
             # slot.peak_with(job, margin), inlined: this line runs ~100 times per job
             if slot.jobs:
                 lp = seq if seq > slot.lmax else slot.lmax
-                peak = slot.static + scale * ((slot.b0 if slot.b0 > jb0 else jb0) + slot.sc + jc
-                                              + lp * (slot.sd + jd) + lp * lp * (slot.se + je))  # fmt: skip
+                if 0 < lp <= slot.worker.packing_max_len:  # packed: each job's rows at its own length
+                    peak = slot.static + scale * ((slot.b0 if slot.b0 > jb0 else jb0) + slot.sown + jc
+                                                  + seq * jd + seq * seq * je)  # fmt: skip
+                else:
+                    peak = slot.static + scale * ((slot.b0 if slot.b0 > jb0 else jb0) + slot.sc + jc
+                                                  + lp * (slot.sd + jd) + lp * lp * (slot.se + je))  # fmt: skip
             else:
                 peak = alone
             if peak > slot.worker.memory_bytes:

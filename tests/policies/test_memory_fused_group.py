@@ -112,3 +112,26 @@ def test_scheduler_sums_pack_where_the_worker_packs_the_longest_row():
     packed_peak = Slot(WorkerView("w", 80 * gib, 1.0, packing_max_len=4096), 0, [short]).peak_with(long, 0.0)
     assert packed_peak / gib == pytest.approx(10 + 0.5 + 2 + (256 + 4096) / 1024)
     assert Slot(WorkerView("w", 80 * gib, 1.0), 0, [short]).peak_with(long, 0.0) > packed_peak + 4 * gib
+
+
+def test_placement_charges_a_packed_group_as_explain_and_peak_with_do():
+    """The placement loop inlined the padded formula only: on a worker that packs, a 2048-token job
+    beside a 64-token one was charged as padded and waited, while `policy explain` (peak_with) said
+    the worker accepts it. 17.5 GiB worker: packed 16.75 GiB fits, padded (> 20.75 GiB) does not."""
+    from policies.builtin import fifo
+    from policies.decisions import Start
+    from policies.framework import Slot
+    from policies.snapshot import ClusterView, JobView, WorkerView
+
+    gib = 1024 * MIB
+    fit = ActivationFit(0.5 * gib, MIB, 0.0)
+    short = JobView("s", "o", 0, 0.0, "m", 10 * gib, gib, fit, 4, 64, 1.0, 1.0, "w", 0.0, loss_head_per_token=HEAD)
+    long = JobView("l", "o", 0, 1.0, "m", 10 * gib, gib, fit, 2, 2048, 1.0, 1.0, loss_head_per_token=HEAD)
+    for limit, starts in ((4096, True), (0, False)):
+        worker = WorkerView("w", int(17.5 * gib), 312.0, "m", ("s",), True, packing_max_len=limit)
+        view = ClusterView(100.0, (long,), (short,), (worker,), {})
+        policy = fifo()
+        assert (Slot(worker, 0, [short]).peak_with(long, 0.0) <= worker.memory_bytes) is starts
+        assert policy.schedule(view) == ([Start("l", "w")] if starts else []), limit
+        verdict = policy.explain(view, "l").format()
+        assert ("this cycle: waits" in verdict) is not starts, verdict
