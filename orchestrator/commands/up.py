@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", default=None,
                         help="artifact root: a path, or a pyarrow URI (s3://, gs://, file://) [~/.lorafleet/storage]")
     parser.add_argument("--memory-budget", type=int, default=None, metavar="BYTES",
-                        help="CPU workers: peak RSS above this counts as an OOM")
+                        help="CPU workers: peak RSS above this counts as an OOM, and the scheduler sizes "
+                             "each worker (also one not started yet) at it")  # fmt: skip
     add_engine_arguments(parser, "workers: ")
     parser.add_argument("--auth", choices=["disabled", "token"], default="disabled",
                         help="with --local: Ray token authentication; token: a fresh token in "
@@ -124,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
     worker_options = worker_options_from(args)
     if worker_options:
         options["worker_options"] = worker_options
+    if args.memory_budget is not None:  # the GPUs without a worker yet are sized as their workers will report
+        options["worker_memory_bytes"] = args.memory_budget
     if args.allow_path_prefix:
         options["allowed_prefixes"] = list(args.allow_path_prefix)
     if args.allow_remote_code:

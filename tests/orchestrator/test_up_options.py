@@ -81,3 +81,27 @@ def test_up_policy_refused_by_the_running_controller_is_one_line(tmp_path, monke
     assert capsys.readouterr().err.strip().endswith(
         f"{path}: policy fifo: schedule() failed on the current queue (3 queued, 0 running jobs): boom; not set, "
         "policy aspen stays")  # fmt: skip
+
+
+def test_a_memory_budget_sizes_the_gpus_no_worker_runs_on_yet(monkeypatch, capsys):
+    """`up --memory-budget 3 GiB`: the controller sized a GPU without a worker at its 80 GiB default,
+    so a job over every budget got a fresh worker and groups past the budget were formed there."""
+    from orchestrator import cli, client
+    from orchestrator.controller import Controller
+
+    seen = {}
+
+    def start(*args, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("seen")  # stops `up` here (one line, exit 2)
+
+    monkeypatch.setattr(client, "connect", lambda address: None)
+    monkeypatch.setattr(client, "start_controller", start)
+    assert cli.main(["up", "--memory-budget", str(3 << 30)]) == 2
+    assert seen["worker_memory_bytes"] == 3 << 30 and seen["worker_options"]["memory_budget_bytes"] == 3 << 30
+    c = Controller(":memory:", "/tmp/unused-storage", {"policy": "fifo"}, start_loop=False, num_gpus=2,
+                   worker_memory_bytes=seen["worker_memory_bytes"])  # fmt: skip
+    try:
+        assert c._clock_memories() == [float(3 << 30)] * 2  # the FIFO clock's servers and the free GPUs alike
+    finally:
+        c.store.close()
