@@ -262,6 +262,8 @@ def start_local_cluster(num_gpus: int = 0, num_cpus: int | None = None, port: in
     env = loopback_env()
     for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):  # a client's `export RAY_ADDRESS=http://...`
         env.pop(name, None)  # names a dashboard, not this cluster: its processes must not inherit it
+    for name in ("LORAFLEET_API_KEY", "LORAFLEET_API_KEY_FILE"):  # this shell's identity (an admin's):
+        env.pop(name, None)  # every Ray job would inherit it, and a keyless `lorafleet run` act as its owner
     env["RAY_TMPDIR"] = tmp
     env["RAY_AUTH_MODE"] = auth
     token_path = None
@@ -290,6 +292,8 @@ def start_local_cluster(num_gpus: int = 0, num_cpus: int | None = None, port: in
         cmd.append(f"--num-cpus={num_cpus}")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
+        if not _pids_under(tmp):  # nothing of this cluster runs: its temp dir goes too
+            shutil.rmtree(tmp, ignore_errors=True)
         raise ClusterError(f"`{' '.join(cmd)}` failed:\n{proc.stderr.strip() or proc.stdout.strip()}")
     pids = sorted(_pids_under(tmp))  # only processes of OUR temp dir: never another user's Ray
     # temp_dir_created: `down --local` may delete it (and only it) once the cluster's processes are gone

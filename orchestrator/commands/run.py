@@ -12,6 +12,7 @@ or in the job's runtime environment (``LORAFLEET_API_KEY``); see :func:`job_api_
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -57,7 +58,23 @@ def job_api_key(key_file: str | None) -> str | None:
         return key
     if key_file:
         raise UserError(f"--api-key-file: {key_file} is not in the job's working directory")
-    return os.environ.get("LORAFLEET_API_KEY", "").strip() or None
+    return _runtime_env_key()
+
+
+def _runtime_env_key() -> str | None:
+    """``LORAFLEET_API_KEY`` as the Ray job's own runtime environment sets it (``--runtime-env-json
+    '{"env_vars": ...}'``), read from the job config Ray gives its entrypoint: the process's own
+    variable may be the head's, inherited from the shell that ran ``ray start`` (an admin with the
+    key exported), and would run a keyless submission as the admin. Outside a Ray job (no job
+    config), the process's own environment is its user's."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if raw is None:
+        return os.environ.get("LORAFLEET_API_KEY", "").strip() or None
+    try:
+        env_vars = (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
+    except (ValueError, AttributeError):
+        return None
+    return str(env_vars.get("LORAFLEET_API_KEY") or "").strip() or None
 
 
 def key_file_in_working_dir(name: str, *, given: bool = True) -> Path:

@@ -4,6 +4,7 @@ drives ``tick()`` with a fake worker class in place of the Ray actor."""
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import stat
@@ -462,8 +463,15 @@ def test_lorafleet_run_never_takes_the_heads_own_key(tmp_path: Path, monkeypatch
     with pytest.raises(UserError, match="--api-key-file: nope is not in the job's working directory"):
         job_api_key("nope")
     (work / "api_key").unlink()
-    monkeypatch.setenv("LORAFLEET_API_KEY", "env-key")  # set in the job's runtime_env env_vars
+    monkeypatch.setenv("LORAFLEET_API_KEY", "env-key")  # outside a Ray job: this process's user's own
     assert job_api_key(None) == "env-key"
+    # In a Ray job the variable may be the head's, inherited from the shell that ran `ray start` (an
+    # admin with the key exported): only the job's own runtime_env env_vars count.
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://x"}}))
+    assert job_api_key(None) is None
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
+                       json.dumps({"runtime_env": {"env_vars": {"LORAFLEET_API_KEY": "alice-env"}}}))  # fmt: skip
+    assert job_api_key(None) == "alice-env"
 
 
 def test_single_user_mode_finds_another_owners_job_by_id(ctl: Controller):

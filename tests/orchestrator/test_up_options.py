@@ -105,3 +105,26 @@ def test_a_memory_budget_sizes_the_gpus_no_worker_runs_on_yet(monkeypatch, capsy
         assert c._clock_memories() == [float(3 << 30)] * 2  # the FIFO clock's servers and the free GPUs alike
     finally:
         c.store.close()
+
+
+def test_a_local_cluster_does_not_inherit_this_shells_api_key(tmp_path, monkeypatch):
+    """`ray start` got the whole environment: an admin's exported LORAFLEET_API_KEY reached every Ray
+    job, and `ray job submit -- lorafleet run` with no key ran as the admin."""
+    import subprocess
+
+    from orchestrator import client
+
+    seen = {}
+
+    def ray_start(cmd, env=None, **kwargs):
+        seen.update(env)
+        return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="stopped here")
+
+    monkeypatch.setattr(client, "LOCAL_STATE", tmp_path / "local-cluster.json")
+    monkeypatch.setattr(client.subprocess, "run", ray_start)
+    monkeypatch.setenv("LORAFLEET_API_KEY", "lfk_admin")
+    monkeypatch.setenv("LORAFLEET_API_KEY_FILE", "/root/.lorafleet/api_key")
+    with pytest.raises(client.ClusterError, match="stopped here"):
+        client.start_local_cluster(num_gpus=0)
+    assert seen and "LORAFLEET_API_KEY" not in seen and "LORAFLEET_API_KEY_FILE" not in seen
+    assert not Path(seen["RAY_TMPDIR"]).exists()  # a failed start leaves no temp dir behind
