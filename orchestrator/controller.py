@@ -1772,6 +1772,20 @@ class Controller:
                                   packing_max_len=int(w.last.get("packing_max_len") or 0)))  # fmt: skip
         return out
 
+    def _fail_unparsable(self, rec: JobRecord, exc: Exception) -> None:
+        """A live job whose stored spec this version refuses (queued before an upgrade tightened a
+        check) fails alone with the reason; it used to stop every scheduling pass."""
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        message = f"its stored spec is refused by this version of lorafleet: {reason}; submit it again, corrected"
+        self._live.pop(rec.id, None)
+        try:
+            self.store.transition(rec.id, JobState.FAILED, error=message, reason="stored spec refused")
+        except JobStoreError as err:  # ended meanwhile
+            log.info("%s: not failed over its spec: %s", rec.id, err)
+            return
+        self._log(rec.id, f"failed: {message}")
+        log.warning("%s: %s", rec.id, message)
+
     def _live_records(self) -> list[JobRecord]:
         """The QUEUED, PROFILING and RUNNING jobs, newest first, read incrementally: the jobs written
         since the last read (``JobStore.changed_since``, less ``LIVE_REREAD_S`` for clock steps) update
@@ -1793,7 +1807,15 @@ class Controller:
     def _view(self, now: float) -> ClusterView:
         records = self._live_records()
         # Parsed specs of live jobs, kept between passes (a stored spec never changes); ended jobs drop out.
-        self._spec_cache = {r.id: self._spec_cache.get(r.id) or parse_spec(r.spec, source=r.id) for r in records}
+        specs: dict[str, JobSpec] = {}
+        for r in records:
+            try:
+                specs[r.id] = self._spec_cache.get(r.id) or parse_spec(r.spec, source=r.id)
+            except Exception as exc:  # e.g. queued under an older version whose checks were looser
+                self._fail_unparsable(r, exc)
+        if len(specs) < len(records):
+            records = [r for r in records if r.id in specs]
+        self._spec_cache = specs
         running = {r.id for r in records if r.state != JobState.QUEUED}
         self._run_starts = {k: v for k, v in self._run_starts.items() if k in running}
         return build_view(records, self._worker_views(), now=now, free_gpus=self._free_gpus(now),

@@ -1103,3 +1103,24 @@ def test_a_custom_policys_broken_held_costs_only_its_notes(tmp_path, fake_worker
         assert c.status(job)["state"] == "PROFILING"  # placed by the policy as if held() were absent
     finally:
         c.store.close()
+
+
+def test_a_stored_spec_this_version_refuses_fails_that_job_alone(tmp_path, fake_workers):
+    """A job queued under an older version whose checks were looser (`max_steps: true` parsed as 1
+    before it was refused) made every scheduling pass raise after the upgrade: nothing was placed."""
+    db = str(tmp_path / "jobs.db")
+    with JobStore(db) as s:
+        old = s.create_job(spec={**spec("old"), "train": {"max_steps": True, "batch_size": 4, "micro_batch_size": 2}},
+                           name="old", owner="u", priority=0).id  # fmt: skip
+    c = Controller(db, str(tmp_path / "storage"), {"policy": "fifo"}, start_loop=False, num_gpus=1,
+                   allowed_prefixes=["/data"])  # fmt: skip
+    try:
+        good = c.submit(spec("good"), "u")["id"]
+        c.tick()
+        rec = c.store.get(old)
+        assert rec.state == JobState.FAILED
+        assert rec.error.startswith("its stored spec is refused by this version of lorafleet: ") and "max_steps" in rec.error
+        assert c.store.get(good).state == JobState.PROFILING  # the pass went on
+        assert any("failed: its stored spec is refused" in line for line in c.logs(old))
+    finally:
+        c.store.close()
