@@ -274,9 +274,9 @@ class JobStore:
         self._conn = sqlite3.connect(target, timeout=timeout_s, isolation_level=None,
                                      check_same_thread=False)
         try:
-            self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
-            self._init_schema()
+            self._init_schema()  # first: a file it refuses (another application's) is left as it was
+            self._conn.execute("PRAGMA journal_mode=WAL")  # persistent: written into the file's header
         except sqlite3.OperationalError:
             self._conn.close()
             raise
@@ -557,6 +557,8 @@ class JobStore:
         """Jobs newest first, filtered by ``states`` and ``owner``, at most ``limit`` of them."""
         where, args = [], []
         if states is not None:
+            if isinstance(states, str | JobState):  # one state (a string was read letter by letter: 'Q')
+                states = [states]
             wanted = sorted({_state(s, "states").value for s in states})
             where.append(f"state IN ({','.join('?' * len(wanted))})")
             args += wanted

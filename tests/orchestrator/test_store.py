@@ -564,11 +564,14 @@ def test_another_applications_meta_table_is_refused_and_left_alone(tmp_path: Pat
     with sqlite3.connect(path) as c:
         c.execute(f"CREATE TABLE meta ({columns})")
         c.execute("CREATE TABLE customers (id INTEGER)")
+    before = path.read_bytes()
     with pytest.raises(SchemaVersionError, match="has a meta table without a lorafleet schema_version; not a lorafleet"):
         JobStore(path)
+    assert path.read_bytes() == before  # not a byte: its journal mode was switched to WAL before the refusal
     with sqlite3.connect(path) as c:
         assert {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")} == {"meta", "customers"}
         assert c.execute("SELECT COUNT(*) FROM meta").fetchone() == (0,)
+        assert c.execute("PRAGMA journal_mode").fetchone() == ("delete",)
 
 
 def test_transition_times_are_taken_once_the_write_lock_is_held(tmp_path: Path):
@@ -759,3 +762,10 @@ def test_spec_matches_finds_overlapping_marks_in_one_paged_pass(tmp_path):
         assert s.spec_matches(mark, page=1) == s.spec_matches(mark, page=2) == every
         assert s.spec_matches(mark, exclude=[a], page=2) == {"/v/0123/", "/w/4567/"}
         assert s.spec_matches(r"y%z") == {"y%z"} and s.spec_matches("/nothing/") == set()
+
+
+def test_list_takes_one_state_as_prune_does(tmp_path: Path):
+    with JobStore(tmp_path / "jobs.db") as s:
+        job = make(s, "j")
+        assert [r.id for r in s.list(states="QUEUED")] == [job.id] == [r.id for r in s.list(states=JobState.QUEUED)]
+        assert s.list(states="FAILED") == []
