@@ -941,8 +941,14 @@ class Controller:
         the jobs' output area (``<storage>/jobs/``) or another owner's uploads. ``confine_model``
         (a cluster with users): ``base_model`` too, when it is a local path (``_admit_base_model``).
         """
+        from actors.models import BUILTIN_MODELS, BUILTIN_PREFIX
         from actors.storage import is_uri
 
+        model = doc.get("base_model")
+        if isinstance(model, str) and model.startswith(BUILTIN_PREFIX) and model[len(BUILTIN_PREFIX):] not in BUILTIN_MODELS:
+            # never a path: the controller reads <cache>/models/NAME/config.json to size the job
+            raise PathError(f"base_model: unknown builtin model {model[len(BUILTIN_PREFIX):]!r}; available: "
+                            + ", ".join(BUILTIN_PREFIX + k for k in sorted(BUILTIN_MODELS)))  # fmt: skip
         uploads = self.uploads_root(owner)
         for section, key in PATH_FIELDS:
             value = (doc.get(section) or {}).get(key)

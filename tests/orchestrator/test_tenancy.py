@@ -483,3 +483,12 @@ def test_single_user_mode_finds_another_owners_job_by_id(ctl: Controller):
         ctl.status("shared", owner="root")
     with pytest.raises(LookupError, match="no job of owner 'root' with id or name 'lf-nope'"):
         ctl.status("lf-nope", owner="root")
+
+
+def test_an_unknown_builtin_name_is_refused_at_submit(ctl: Controller):
+    """`builtin:../../x` was admitted as given, and the controller then read
+    <cache>/models/../../x/config.json to size the job: a file read outside every prefix."""
+    with pytest.raises(PathError, match=r"^base_model: unknown builtin model '\.\./\.\./secret-model'; available: "
+                                        r"builtin:smollm2-135m-instruct"):  # fmt: skip
+        ctl.submit({**spec("a"), "base_model": "builtin:../../secret-model"}, "alice")
+    assert ctl.store.list() == []
