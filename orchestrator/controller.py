@@ -1404,11 +1404,20 @@ class Controller:
         Raises ``LookupError`` for an unknown job, or a job neither queued nor running, and ``ValueError`` naming the policy when its ``explain`` fails otherwise (a custom
         policy's bug must not reach the user as a traceback).
         """
-        rec = self._find(job, self.identify(api_key), "explain")
+        ident = self.identify(api_key)
+        rec = self._find(job, ident, "explain")
         with self._lock:
             view, policy = self._view(time.time()), self.policy
             try:
-                return policy.explain(view, rec.id).format()
+                text = policy.explain(view, rec.id).format()
+                if ident.admin:
+                    return text
+                # as `workers` shows them: another owner's base model (a local path can name it) is not said
+                own = {j.base_model for j in (*view.queued, *view.running) if j.owner == ident.name}
+                for model in sorted({w.loaded_model for w in view.workers if w.loaded_model} - own, key=len,
+                                    reverse=True):  # fmt: skip
+                    text = text.replace(model, "<another owner's model>")
+                return text
             except Exception as exc:  # whatever a custom policy raises
                 if isinstance(exc, KeyError) and view.find_job(rec.id) is None:  # a LookupError, not KeyError,
                     state = rec.state.value if isinstance(rec.state, JobState) else rec.state  # whose str() quotes

@@ -492,3 +492,25 @@ def test_an_unknown_builtin_name_is_refused_at_submit(ctl: Controller):
                                         r"builtin:smollm2-135m-instruct"):  # fmt: skip
         ctl.submit({**spec("a"), "base_model": "builtin:../../secret-model"}, "alice")
     assert ctl.store.list() == []
+
+
+def test_explain_does_not_name_another_owners_base_model(tmp_path, fake_workers):
+    """`workers` withholds the base model of a worker running only another owner's jobs (a local path
+    can say a lot); `policy explain` of the caller's own job said it ('busy with /models/...')."""
+    models = tmp_path / "models"
+    (models / "bob-secret-7b").mkdir(parents=True)
+    c = Controller(str(tmp_path / "store" / "jobs.db"), str(tmp_path / "storage"), {"policy": "fifo"},
+                   start_loop=False, num_gpus=1, allowed_prefixes=[str(models)])  # fmt: skip
+    try:
+        root = c.add_user("root", admin=True)["key"]
+        keys = {u: c.add_user(u, api_key=root)["key"] for u in ("alice", "bob")}
+        c.submit({**spec("b"), "base_model": str(models / "bob-secret-7b")}, api_key=keys["bob"])
+        c.tick()
+        mine = c.submit(spec("a"), api_key=keys["alice"])["id"]
+        c.tick()
+        assert c.workers(api_key=keys["alice"])[0]["base_model"] is None
+        text = c.explain(mine, api_key=keys["alice"])
+        assert "bob-secret-7b" not in text and "busy with <another owner's model>" in text, text
+        assert "bob-secret-7b" in c.explain(mine, api_key=root)  # an admin sees everything
+    finally:
+        c.store.close()
