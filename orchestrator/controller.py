@@ -119,6 +119,10 @@ PUBLIC_FIELDS = ("id", "name", "owner", "state", "priority", "submit_time", "sta
 PATH_FIELDS = (("data", "path"), ("eval", "data"), ("adapter", "init_from"))
 UPLOADS_DIR = "uploads"
 WORKER_LOST = "worker lost"  # the reason of a requeue (or failure) because the job's worker was lost
+#: What the policy's view adds to a base model a worker runs with the model's own code (trust_remote_code),
+#: and to the jobs that ask for it: a different model to every policy, so such a worker never takes a job
+#: that did not ask to run that code, nor the reverse (docs/admin.md)
+REMOTE_CODE_MARK = " (remote code)"
 REMOTE_CODE_OFF = ("trust_remote_code: this cluster does not run code shipped with models; an admin enables it "
                    "with `lorafleet up --allow-remote-code`")  # submit and retry refuse such a spec with it
 RETRIED = "retried by"  # the reason of a FAILED/CANCELLED -> QUEUED event (retry): worker losses count from there
@@ -238,7 +242,7 @@ def job_view(record: JobRecord, now: float, shapes: Mapping[str, Mapping[str, An
         owner=record.owner,
         priority=record.priority,
         submit_time_s=record.submit_time,
-        base_model=spec.base_model,
+        base_model=spec.base_model + (REMOTE_CODE_MARK if spec.trust_remote_code else ""),
         static_bytes=static_bytes(shape),
         adapter_bytes=adapter_bytes(shape, adapter),
         activation=fit,
@@ -448,6 +452,7 @@ class _Worker:
     handle: Any
     base_model: str
     created: float
+    trust_remote_code: bool = False  # it runs the model's own code (started for a job that asked)
     pending: Any = None  # the outstanding progress() ObjectRef
     last: dict[str, Any] = field(default_factory=dict)
     last_seen: float = 0.0
@@ -1782,7 +1787,7 @@ class Controller:
         out = []
         for w in self._workers.values():
             state = w.last.get("state", "loading")
-            out.append(WorkerView(w.worker_id, int(self._worker_memory(w)), self.worker_tflops, loaded_model=w.base_model,
+            out.append(WorkerView(w.worker_id, int(self._worker_memory(w)), self.worker_tflops, loaded_model=w.base_model + (REMOTE_CODE_MARK if w.trust_remote_code else ""),
                                   running=tuple(sorted(w.assigned)), accepting=state in ("ready", "loading"),
                                   packing_max_len=int(w.last.get("packing_max_len") or 0)))  # fmt: skip
         return out
@@ -2084,14 +2089,16 @@ class Controller:
         if w is None and not worker_id.startswith(FREE_PREFIX):
             log.warning("start of %s skipped: worker %s is gone", job_id, worker_id)
             return None  # a worker that left since the view was built (check_decisions saw it in the view)
-        if w is not None and w.base_model != spec.base_model:
+        trust = spec.trust_remote_code and self.allow_remote_code
+        if w is not None and (w.base_model != spec.base_model or w.trust_remote_code != trust):
             if w.assigned:  # check_decisions refuses this; wait for the worker to drain
-                log.warning("start of %s skipped: worker %s runs %s", job_id, worker_id, w.base_model)
+                log.warning("start of %s skipped: worker %s runs %s%s", job_id, worker_id, w.base_model,
+                            REMOTE_CODE_MARK if w.trust_remote_code else "")  # fmt: skip
                 return None
-            self._stop_worker(w, f"switching to base model {spec.base_model}")
+            self._stop_worker(w, f"switching to base model {spec.base_model}{REMOTE_CODE_MARK if trust else ''}")
             w = None
         if w is None:
-            w = self._new_worker(spec.base_model, trust_remote_code=spec.trust_remote_code and self.allow_remote_code)
+            w = self._new_worker(spec.base_model, trust_remote_code=trust)
         from actors.storage import is_uri, job_output
 
         remote = job_output(self.storage, job_id) if is_uri(self.storage) else None
@@ -2120,7 +2127,7 @@ class Controller:
         if trust_remote_code:  # admitted only when the admin enabled it (submit checks)
             options["trust_remote_code"] = True
         handle = worker_actor_class().options(name=None).remote(wid, base_model, **options)
-        w = _Worker(wid, handle, base_model, time.time())
+        w = _Worker(wid, handle, base_model, time.time(), trust_remote_code=trust_remote_code)
         self._workers[wid] = w
         log.info("started worker %s for %s", wid, base_model)
         return w

@@ -358,6 +358,27 @@ def test_trust_remote_code_needs_the_admin_switch(tmp_path: Path, fake_workers: 
         on.store.close()
 
 
+@pytest.mark.parametrize("first_trusts", [True, False])
+def test_a_worker_running_a_models_code_takes_only_jobs_that_asked_for_it(tmp_path: Path, fake_workers, first_trusts):
+    """Placement compared base models only: on one GPU, bob's job (no trust_remote_code) joined the
+    worker started with the model's code for alice's, and the reverse; docs/admin.md says only the
+    workers started for such jobs run it. A job like the first still joins it."""
+    c = Controller(str(tmp_path / "a.db"), str(tmp_path / "s"), {"policy": "fifo"}, start_loop=False, num_gpus=1,
+                   allow_remote_code=True)  # fmt: skip
+    try:
+        a = c.submit(spec("a", trust_remote_code=first_trusts), "alice")["id"]
+        c.tick()
+        like = c.submit(spec("c", trust_remote_code=first_trusts), "carol")["id"]
+        b = c.submit(spec("b", trust_remote_code=not first_trusts), "bob")["id"]
+        c.tick()
+        (handle,) = fake_workers.handles
+        assert handle.options.get("trust_remote_code", False) is first_trusts
+        assert c.store.get(a).worker == c.store.get(like).worker == handle.worker_id
+        assert c.store.get(b).state == JobState.QUEUED  # waits for a worker of its own kind
+    finally:
+        c.store.close()
+
+
 # ---------------------------------------------------------------------------------- untrusted files
 
 
