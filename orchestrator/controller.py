@@ -963,6 +963,8 @@ class Controller:
             if isinstance(value, str) and is_uri(value):
                 uri_prefixes = [uploads + "/", *(p for p in self.allowed_prefixes if is_uri(p))]
                 doc[section][key] = confine_uri(value, uri_prefixes, field_name)
+                if value.lower().startswith("file://"):  # a local path: a symlink in it may lead out
+                    confine_file_uri(doc[section][key], uri_prefixes, field_name)
                 self._refuse_storage_areas(field_name, value, owner)
                 continue
             if is_uri(uploads):
@@ -2363,6 +2365,27 @@ def _check_sources(sources: Any, count: int) -> list[dict[str, str] | None]:
                              f"gave (strings of at most {MAX_SOURCE_CHARS} characters)")  # fmt: skip
         out.append(dict(entry) or None)
     return out
+
+
+def _file_uri_path(uri: str) -> str:
+    return urllib.parse.unquote(urllib.parse.urlsplit(uri).path)
+
+
+def confine_file_uri(value: str, prefixes: Iterable[str], field_name: str) -> None:
+    """A ``file://`` URI that :func:`confine_uri` admitted must still lie under one of the ``file://``
+    ``prefixes`` once symlinks are resolved, as a plain path must (a link inside an allowed folder
+    pointing at the job store was admitted as a URI and refused as a path).
+
+    Raises:
+        PathError: naming the field and where the path leads.
+    """
+    target = os.path.realpath(_file_uri_path(value))
+    for prefix in prefixes:
+        if prefix.lower().startswith("file://"):
+            root = os.path.realpath(_file_uri_path(prefix).rstrip("/") or "/")
+            if target == root or target.startswith(root.rstrip("/") + "/"):
+                return
+    raise PathError(f"{field_name}: {value!r} leaves the allowed prefixes through a symlink (it leads to {target})")
 
 
 def confine_uri(value: object, prefixes: Iterable[str], field_name: str) -> str:

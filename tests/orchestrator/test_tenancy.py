@@ -232,6 +232,25 @@ def test_symlink_escape_is_refused(ctl: Controller, tmp_path: Path):
         ctl.submit(spec("a", data="link.jsonl"), "alice")
 
 
+def test_a_file_uri_under_an_allowed_prefix_may_not_leave_it_through_a_symlink(tmp_path: Path):
+    """The same path was refused as a path ("through a symlink") and admitted as a file:// URI."""
+    datasets = tmp_path / "datasets"
+    datasets.mkdir()
+    (tmp_path / "private").mkdir()
+    (tmp_path / "private" / "jobs.db").write_text("x")
+    (datasets / "link").symlink_to(tmp_path / "private")
+    (datasets / "d.jsonl").write_text('{"text": "x"}\n')
+    c = Controller(str(tmp_path / "jobs.db"), str(tmp_path / "storage"), {"policy": "fifo"}, start_loop=False,
+                   allowed_prefixes=[f"file://{datasets}"])  # fmt: skip
+    try:
+        with pytest.raises(PathError, match=rf"^data.path: 'file://{datasets}/link/jobs.db' leaves the allowed "
+                                            rf"prefixes through a symlink \(it leads to {tmp_path}/private/jobs.db\)"):  # fmt: skip
+            c.submit(spec("a", data=f"file://{datasets}/link/jobs.db"), "alice")
+        assert c.submit(spec("b", data=f"file://{datasets}/d.jsonl"), "alice")["state"] == "QUEUED"
+    finally:
+        c.store.close()
+
+
 def test_admin_prefix_is_allowed(tmp_path: Path):
     datasets = tmp_path / "datasets"
     datasets.mkdir()
