@@ -800,7 +800,7 @@ def settings_from_export(config: dict[str, Any], source: str) -> ExportedSetting
         raise AdapterLoadError(f"{source}: adapter_config.json: expert_lora: must be a mapping (got {expert_lora!r})")
     expert = _lora_fields({**config, **expert_lora}, source, "expert_lora." if expert_lora else "")
     num_experts = _number(config, "num_experts", None, source, integer=True, low=1)
-    top_k = _number(config, "top_k", 2, source, integer=True, low=1)
+    top_k = _number(config, "top_k", min(2, num_experts), source, integer=True, low=1)  # absent: dynamic, switch
     if top_k > num_experts:
         raise AdapterLoadError(f"{source}: adapter_config.json: top_k: must be <= num_experts ({num_experts}) "
                                f"(got {top_k})")  # fmt: skip
