@@ -1789,7 +1789,8 @@ class Controller:
         out = []
         for w in self._workers.values():
             state = w.last.get("state", "loading")
-            out.append(WorkerView(w.worker_id, int(self._worker_memory(w)), self.worker_tflops, loaded_model=w.base_model + (REMOTE_CODE_MARK if w.trust_remote_code else ""),
+            model = w.base_model + (REMOTE_CODE_MARK if w.trust_remote_code else "")
+            out.append(WorkerView(w.worker_id, int(self._worker_memory(w)), self.worker_tflops, loaded_model=model,
                                   running=tuple(sorted(w.assigned)), accepting=state in ("ready", "loading"),
                                   packing_max_len=int(w.last.get("packing_max_len") or 0)))  # fmt: skip
         return out
