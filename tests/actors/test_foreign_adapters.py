@@ -445,6 +445,8 @@ def test_a_hand_edited_mixlora_config_fails_at_load_naming_the_field(patch, mess
 
     settings = settings_from_export(MIX_CONFIG, "/adapters/x")  # the unedited config loads
     assert (settings.mixlora.num_experts, settings.mixlora.top_k, settings.lora.r) == (4, 2, 4)
+    one = {k: v for k, v in MIX_CONFIG.items() if k != "top_k"} | {"num_experts": 1, "routing_strategy": "mixlora-dynamic"}
+    assert settings_from_export(one, "/adapters/x").mixlora.top_k == 1  # no top_k (dynamic routing): not 2 > 1
     with pytest.raises(AdapterLoadError, match=r"^/adapters/x: adapter_config.json: " + message + "$"):
         settings_from_export({**MIX_CONFIG, **patch}, "/adapters/x")
     if set(patch) <= {"r", "lora_alpha", "lora_dropout"}:  # the same fields of a PEFT LoRA config
