@@ -179,11 +179,11 @@ class FusedEngine:
         if config.eval is not None:
             from actors.evaluate import check_eval
 
-            check_eval(config)  # refused now, not after the whole training
+            records, fmt = check_eval(config)  # refused now, not after the whole training
             if self.max_positions is not None:
                 from actors.evaluate import check_eval_fits
 
-                check_eval_fits(config, self.tokenizer, self.vocab_size, self.max_positions)
+                check_eval_fits(config, records, fmt, self.tokenizer, self.vocab_size, self.max_positions)
         if examples is None:
             held_out = []
             if config.eval is not None and config.eval.data is None:

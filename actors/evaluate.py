@@ -205,10 +205,11 @@ def _eval_records(config) -> tuple[list[dict], str]:
     return records, fmt
 
 
-def check_eval(config) -> None:
+def check_eval(config) -> tuple[list[dict], str]:
     """What ``config.eval`` needs of its records, checked before training (``add_job``, ``lorafleet
     validate``) rather than found after it: the file, a held-out share that holds a record out,
-    metrics the data format allows, and well-formed multiple-choice records.
+    metrics the data format allows, and well-formed multiple-choice records. Returns the records and
+    the data format it checked (``[]`` without an ``eval:`` section), for :func:`check_eval_fits`.
 
     Raises:
         DataError: naming the field (``eval.data``, ``eval.held_out_fraction``, ``eval.metrics``).
@@ -217,7 +218,7 @@ def check_eval(config) -> None:
 
     ev = config.eval
     if ev is None:
-        return
+        return [], config.data.format
     records, fmt = _eval_records(config)
     source = "eval.data" if ev.data is not None else "eval (held out of data.path)"
     if ev.data is not None:  # held-out records are data.path's, checked as training reads them
@@ -241,13 +242,17 @@ def check_eval(config) -> None:
                                                                             for r in records):  # fmt: skip
         raise DataError(f"{source}: every record is a multiple-choice record (loss skips them); "
                         "add multiple_choice to eval.metrics")  # fmt: skip
+    return records, fmt
 
 
-def check_eval_fits(config, tokenizer, vocab_size: int | None, max_positions: int) -> None:
+def check_eval_fits(config, records: list[dict], fmt: str, tokenizer, vocab_size: int | None,
+                    max_positions: int) -> None:  # fmt: skip
     """On a model with a learned position table (GPT-2, OPT, GPT-BigCode), the evaluation's records
     fit it, checked when the job joins: a loss record as training truncates it, and an exact_match
     prompt together with ``eval.max_new_tokens`` (generation past the table failed in torch with an
     IndexError after the whole training, losing every metric of the evaluation).
+
+    ``records`` and ``fmt``: what :func:`check_eval` read and checked.
 
     Raises:
         DataError: naming the record and what to change.
@@ -257,7 +262,6 @@ def check_eval_fits(config, tokenizer, vocab_size: int | None, max_positions: in
     ev = config.eval
     if ev is None:
         return
-    records, fmt = _eval_records(config)
     source = "eval.data" if ev.data is not None else "eval (held out of data.path)"
     usable = [(i, r) for i, r in enumerate(records) if r.get("choices") is None]
     if "loss" in ev.metrics:

@@ -67,6 +67,19 @@ def looks_local(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or name in (".", "..")
 
 
+def check_builtin_name(name: str) -> None:
+    """A ``builtin:NAME`` names a model of :data:`BUILTIN_MODELS` (never a path: its NAME is a folder
+    under the cache, whose ``config.json`` the controller reads).
+
+    Raises:
+        ValueError: naming ``base_model`` and the builtin models there are.
+    """
+    key = name[len(BUILTIN_PREFIX) :]
+    if key not in BUILTIN_MODELS:
+        raise ValueError(f"base_model: unknown builtin model {key!r}; available: "
+                         + ", ".join(BUILTIN_PREFIX + k for k in sorted(BUILTIN_MODELS)))  # fmt: skip
+
+
 def check_base_model(name: str) -> None:
     """What can be told of ``base_model`` without loading anything: a known ``builtin:`` name, and a
     local path that is a model directory (a missing one was sent to the hub, which answered with a
@@ -76,10 +89,7 @@ def check_base_model(name: str) -> None:
         ValueError: naming ``base_model`` and what is wrong.
     """
     if is_builtin(name):
-        key = name[len(BUILTIN_PREFIX) :]
-        if key not in BUILTIN_MODELS:
-            raise ValueError(f"base_model: unknown builtin model {key!r}; available: "
-                             + ", ".join(BUILTIN_PREFIX + k for k in sorted(BUILTIN_MODELS)))  # fmt: skip
+        check_builtin_name(name)
         return
     path = Path(name).expanduser()
     if looks_local(name) or path.exists():

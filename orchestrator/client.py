@@ -19,6 +19,7 @@ Functions the CLI (``up``, ``down``, ``policy``) and the laptop client build on:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -121,14 +122,14 @@ def connect(address: str | None = "auto") -> None:
     dashboard = os.environ.get("RAY_ADDRESS", "").strip()
     if not dashboard.startswith(("http://", "https://")):
         dashboard = ""
+    hidden: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if dashboard:  # ray.init reads RAY_ADDRESS over "auto", and refuses a dashboard URL: hidden while it connects
+        from orchestrator.remote import without_address_variables
+
+        hidden = without_address_variables()
     try:
-        if dashboard:  # ray.init reads RAY_ADDRESS over "auto", and refuses a URL
-            os.environ.pop("RAY_ADDRESS")
-        try:
+        with hidden:
             ray.init(**kwargs)
-        finally:
-            if dashboard:
-                os.environ["RAY_ADDRESS"] = dashboard
     except ray.exceptions.AuthenticationError as exc:
         raise ClusterError(f"the Ray cluster at {address or 'auto'} refused this process: {str(exc).splitlines()[0]} "
                            "Set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the "

@@ -61,6 +61,7 @@ from orchestrator.paths import (
     check_job_name,
     check_upload_size,
     confine,
+    is_within,
     user_paths,
 )
 from orchestrator.spec import MAX_SPEC_BYTES, JobSpec, SpecError, parse_spec
@@ -123,6 +124,12 @@ WORKER_LOST = "worker lost"  # the reason of a requeue (or failure) because the 
 #: and to the jobs that ask for it: a different model to every policy, so such a worker never takes a job
 #: that did not ask to run that code, nor the reverse (docs/admin.md)
 REMOTE_CODE_MARK = " (remote code)"
+
+
+def view_model(base_model: str, trust_remote_code: bool) -> str:
+    """The base model as the policy's view names it for a job or a worker (:data:`REMOTE_CODE_MARK`)."""
+    return base_model + (REMOTE_CODE_MARK if trust_remote_code else "")
+
 REMOTE_CODE_OFF = ("trust_remote_code: this cluster does not run code shipped with models; an admin enables it "
                    "with `lorafleet up --allow-remote-code`")  # submit and retry refuse such a spec with it
 RETRIED = "retried by"  # the reason of a FAILED/CANCELLED -> QUEUED event (retry): worker losses count from there
@@ -242,7 +249,7 @@ def job_view(record: JobRecord, now: float, shapes: Mapping[str, Mapping[str, An
         owner=record.owner,
         priority=record.priority,
         submit_time_s=record.submit_time,
-        base_model=spec.base_model + (REMOTE_CODE_MARK if spec.trust_remote_code else ""),
+        base_model=view_model(spec.base_model, spec.trust_remote_code),
         static_bytes=static_bytes(shape),
         adapter_bytes=adapter_bytes(shape, adapter),
         activation=fit,
@@ -946,14 +953,15 @@ class Controller:
         the jobs' output area (``<storage>/jobs/``) or another owner's uploads. ``confine_model``
         (a cluster with users): ``base_model`` too, when it is a local path (``_admit_base_model``).
         """
-        from actors.models import BUILTIN_MODELS, BUILTIN_PREFIX
+        from actors.models import check_builtin_name, is_builtin
         from actors.storage import is_uri
 
         model = doc.get("base_model")
-        if isinstance(model, str) and model.startswith(BUILTIN_PREFIX) and model[len(BUILTIN_PREFIX):] not in BUILTIN_MODELS:
-            # never a path: the controller reads <cache>/models/NAME/config.json to size the job
-            raise PathError(f"base_model: unknown builtin model {model[len(BUILTIN_PREFIX):]!r}; available: "
-                            + ", ".join(BUILTIN_PREFIX + k for k in sorted(BUILTIN_MODELS)))  # fmt: skip
+        if isinstance(model, str) and is_builtin(model):
+            try:
+                check_builtin_name(model)
+            except ValueError as exc:
+                raise PathError(str(exc)) from None
         uploads = self.uploads_root(owner)
         for section, key in PATH_FIELDS:
             value = (doc.get(section) or {}).get(key)
@@ -1789,7 +1797,7 @@ class Controller:
         out = []
         for w in self._workers.values():
             state = w.last.get("state", "loading")
-            model = w.base_model + (REMOTE_CODE_MARK if w.trust_remote_code else "")
+            model = view_model(w.base_model, w.trust_remote_code)
             out.append(WorkerView(w.worker_id, int(self._worker_memory(w)), self.worker_tflops, loaded_model=model,
                                   running=tuple(sorted(w.assigned)), accepting=state in ("ready", "loading"),
                                   packing_max_len=int(w.last.get("packing_max_len") or 0)))  # fmt: skip
@@ -2095,10 +2103,10 @@ class Controller:
         trust = spec.trust_remote_code and self.allow_remote_code
         if w is not None and (w.base_model != spec.base_model or w.trust_remote_code != trust):
             if w.assigned:  # check_decisions refuses this; wait for the worker to drain
-                log.warning("start of %s skipped: worker %s runs %s%s", job_id, worker_id, w.base_model,
-                            REMOTE_CODE_MARK if w.trust_remote_code else "")  # fmt: skip
+                log.warning("start of %s skipped: worker %s runs %s", job_id, worker_id,
+                            view_model(w.base_model, w.trust_remote_code))  # fmt: skip
                 return None
-            self._stop_worker(w, f"switching to base model {spec.base_model}{REMOTE_CODE_MARK if trust else ''}")
+            self._stop_worker(w, f"switching to base model {view_model(spec.base_model, trust)}")
             w = None
         if w is None:
             w = self._new_worker(spec.base_model, trust_remote_code=trust)
@@ -2380,12 +2388,10 @@ def confine_file_uri(value: str, prefixes: Iterable[str], field_name: str) -> No
     Raises:
         PathError: naming the field and where the path leads.
     """
-    target = os.path.realpath(_file_uri_path(value))
+    target = Path(_file_uri_path(value)).resolve()
     for prefix in prefixes:
-        if prefix.lower().startswith("file://"):
-            root = os.path.realpath(_file_uri_path(prefix).rstrip("/") or "/")
-            if target == root or target.startswith(root.rstrip("/") + "/"):
-                return
+        if prefix.lower().startswith("file://") and is_within(target, Path(_file_uri_path(prefix)).resolve()):
+            return
     raise PathError(f"{field_name}: {value!r} leaves the allowed prefixes through a symlink (it leads to {target})")
 
 

@@ -87,7 +87,7 @@ def job_area(storage_root: str | os.PathLike[str], owner: str, job_id: str) -> P
     return Path(os.path.abspath(storage_root)) / JOBS_DIR / owner / job_id
 
 
-def _is_within(path: Path, root: Path) -> bool:
+def is_within(path: Path, root: Path) -> bool:
     return path == root or path.is_relative_to(root)
 
 
@@ -125,8 +125,8 @@ def confine(
         for prefix in allowed_prefixes:
             base = Path(prefix).resolve()
             target = Path(relative).resolve()
-            if _is_within(Path(os.path.abspath(relative)), Path(os.path.abspath(prefix))):
-                if not _is_within(target, base):
+            if is_within(Path(os.path.abspath(relative)), Path(os.path.abspath(prefix))):
+                if not is_within(target, base):
                     raise PathError(f"{field}: {relative!r} leaves the allowed prefix {os.fspath(prefix)!r} "
                                     "through a symlink")  # fmt: skip
                 return target
@@ -135,7 +135,7 @@ def confine(
         raise PathError(f"{field}: {relative!r} is an absolute path outside the job area{hint}")
     base = Path(root).resolve()
     target = (base / pure).resolve()
-    if not _is_within(target, base):
+    if not is_within(target, base):
         raise PathError(f"{field}: {relative!r} escapes the job area through a symlink")
     return target
 

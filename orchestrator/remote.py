@@ -141,7 +141,7 @@ def _local_cluster_token(address: str) -> str | None:
 
 
 @contextlib.contextmanager
-def _without_address_variables() -> Iterator[None]:
+def without_address_variables() -> Iterator[None]:
     """Ray's JobSubmissionClient takes ``RAY_API_SERVER_ADDRESS`` / ``RAY_ADDRESS`` over the address it
     is given (and treats one without ``http://`` as a GCS address to look the dashboard up from, ~35 s
     of retries): hide both while it is built, so the address :func:`resolve_address` chose is the one used."""
@@ -235,7 +235,7 @@ class Client:
         token = token or _local_cluster_token(self.address)
         headers = {"Authorization": f"Bearer {token}"} if token else None
         try:
-            with _without_address_variables():
+            with without_address_variables():
                 self._ray = JobSubmissionClient(self.address, headers=headers)
         except (ConnectionError, RuntimeError, ValueError, OSError, RayError) as exc:  # RayError: RpcError, auth
             raise _connect_error(self.address, exc, self.address_source) from None

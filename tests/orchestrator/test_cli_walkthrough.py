@@ -344,7 +344,7 @@ def test_an_address_resolved_while_another_client_connects_still_sees_ray_addres
 
     t = threading.Thread(target=other)
     t.start()
-    with remote._without_address_variables():
+    with remote.without_address_variables():
         inside.set()
         t.join(0.3)  # the other thread waits for the variables to come back
         assert t.is_alive()
